@@ -1,0 +1,37 @@
+# make run   - install what is missing, then serve on 127.0.0.1:8000
+# make test  - install what is missing, then run the test suite
+# make setup - only install: .venv with requirements, and poppler-utils + ffmpeg via apt-get
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup system-packages run test samples clean
+
+setup: system-packages $(VENV)/.installed
+
+system-packages:
+	@if ! command -v pdftoppm >/dev/null || ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null; then \
+		echo "Installing poppler-utils and ffmpeg with apt-get"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq poppler-utils ffmpeg; \
+	fi
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+run: setup
+	$(PY) src/main.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+samples: setup
+	$(PY) data/make_samples.py
+
+clean:
+	rm -rf $(VENV) out/*/ out/*.db*

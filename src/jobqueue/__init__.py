@@ -1,0 +1,1 @@
+"""jobqueue: slow work behind HTTP, on worker threads behind bounded queues."""

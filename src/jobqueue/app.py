@@ -1,0 +1,60 @@
+"""The application factory: settings, the queue engine's lifespan, error handlers and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from . import ratelimit
+from .engine import Engine, QueueFull
+from .kinds import KINDS
+from .routes import files, health, put
+from .settings import Settings
+
+log = logging.getLogger("jobqueue.app")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    engine = Engine(settings, KINDS)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Threads start here, never at import time, so importing the app has no side effects.
+        engine.start()
+        log.info("workers started: %s", {name: p.limits.workers for name, p in engine.pools.items()})
+        yield
+        await asyncio.to_thread(engine.stop)
+        log.info("workers stopped")
+
+    app = FastAPI(
+        title="jobqueue",
+        summary="Slow work behind HTTP: bounded queues per job kind, served by worker threads.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    ratelimit.configure(app, settings.rate_limit)
+    app.add_exception_handler(QueueFull, queue_full)
+    app.add_exception_handler(Exception, internal_error)
+    app.include_router(health.router)
+    app.include_router(put.router)
+    app.include_router(files.router)
+    return app
+
+
+def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=503,
+                        headers={"Retry-After": str(exc.retry_after)})
+
+
+def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": "Internal server error; the server log has the details."},
+                        status_code=500)

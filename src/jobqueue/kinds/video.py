@@ -1,0 +1,94 @@
+"""`video`: resizes a video with ffmpeg (H.264 + AAC in MP4), keeping its audio track."""
+
+from __future__ import annotations
+
+import ffmpeg
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .. import processes
+from ..jobs import BadInput, Job, JobKind, Output
+from ..settings import DATA_DIR
+
+DEFAULT_WIDTH = 640
+OUTPUT_NAME = "video.mp4"
+
+
+class VideoOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    width: int | None = Field(None, ge=2, le=7680,
+                              description="Output width; default 640 when height is not given either.")
+    height: int | None = Field(None, ge=2, le=4320,
+                               description="Output height; missing sides keep the aspect ratio.")
+
+    @field_validator("width", "height")
+    @classmethod
+    def even(cls, value: int | None) -> int | None:
+        if value is not None and value % 2:
+            raise ValueError("must be an even number (H.264 needs even sizes)")
+        return value
+
+    def scale(self) -> tuple[int, int]:
+        """The scale filter's width and height; -2 keeps the aspect ratio at an even size."""
+        if self.width is None and self.height is None:
+            return DEFAULT_WIDTH, -2
+        return self.width or -2, self.height or -2
+
+
+def probe(path: str) -> dict:
+    try:
+        return ffmpeg.probe(path)
+    except ffmpeg.Error as error:
+        lines = error.stderr.decode(errors="replace").replace(f"{path}: ", "").strip().splitlines()
+        reason = lines[-1] if lines else "unknown format"
+        raise BadInput(f"The file is not a video ffprobe can read ({reason}). "
+                       "Send a video file such as MP4, MOV, MKV or WebM.") from None
+
+
+def resize_video(job: Job) -> Output:
+    options: VideoOptions = job.options
+    info = probe(str(job.input_path))
+    kinds = {stream.get("codec_type") for stream in info["streams"]}
+    if "video" not in kinds:
+        raise BadInput("The file has no video stream. Send a video file such as MP4, MOV, MKV or WebM.")
+    duration = float(info.get("format", {}).get("duration") or 0)
+    has_audio = "audio" in kinds
+
+    source = ffmpeg.input(str(job.input_path))
+    streams = [source.video.filter("scale", *options.scale())]
+    if has_audio:
+        streams.append(source.audio)
+    target = job.out_dir / OUTPUT_NAME
+    args = (
+        ffmpeg.output(*streams, str(target), vcodec="libx264", preset="veryfast", crf=23,
+                      pix_fmt="yuv420p", acodec="aac", movflags="+faststart")
+        .global_args("-nostdin", "-nostats", "-loglevel", "error", "-progress", "pipe:1")
+        .overwrite_output()
+        .compile()
+    )
+
+    def on_progress(line: str) -> None:
+        # ffmpeg -progress prints key=value lines; out_time_us is the encoded position.
+        key, _, value = line.partition("=")
+        if key == "out_time_us" and value.isdigit():
+            job.set_progress(round(min(int(value) / 1e6, duration), 2), round(duration, 2), "seconds")
+
+    job.set_progress(0, round(duration, 2), "seconds")
+    processes.run(job, args, on_line=on_progress)
+    job.set_progress(round(duration, 2), round(duration, 2), "seconds")
+
+    result = next(s for s in probe(str(target))["streams"] if s.get("codec_type") == "video")
+    return Output(
+        data={"width": result["width"], "height": result["height"],
+              "durationSeconds": round(duration, 3), "audio": has_audio},
+        files=[target],
+    )
+
+
+KIND = JobKind(
+    name="video",
+    description="Resizes a video to `width` x `height` (H.264/AAC MP4), keeping its audio.",
+    options=VideoOptions,
+    handler=resize_video,
+    sample=DATA_DIR / "sample.mp4",
+)

@@ -1,0 +1,39 @@
+"""Per-client rate limit on job submission, through slowapi.
+
+slowapi's decorator needs its Limiter when the routes are defined, before `create_app` has
+settings, so the limiter is module-level and `configure` gives it the app's limit.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from slowapi import Limiter
+from slowapi.errors import RateLimitExceeded
+from slowapi.util import get_remote_address
+
+limiter = Limiter(key_func=get_remote_address, headers_enabled=True)
+_submit_limit = "60/minute"
+
+
+def submit_limit() -> str:
+    """The limit on job submissions per client (`JOBQUEUE_RATE_LIMIT`); slowapi asks per request."""
+    return _submit_limit
+
+
+def configure(app: FastAPI, rate_limit: str) -> None:
+    global _submit_limit
+    _submit_limit = rate_limit
+    limiter.reset()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, rate_limited)
+
+
+def rate_limited(request: Request, exc: RateLimitExceeded) -> JSONResponse:
+    response = JSONResponse(
+        {"detail": f"Rate limit exceeded: {exc.detail} per client. "
+                   "Wait the number of seconds in the Retry-After header, then try again."},
+        status_code=429,
+    )
+    # Adds Retry-After and X-RateLimit-Limit/-Remaining/-Reset, as slowapi's own handler does.
+    return request.app.state.limiter._inject_headers(response, request.state.view_rate_limit)

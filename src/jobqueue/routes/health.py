@@ -1,0 +1,19 @@
+"""`GET /` and `GET /health`: is the server up, and how busy is each queue."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ..schemas import Health
+
+router = APIRouter(tags=["server"])
+
+
+@router.get("/", summary="Say hello and point to the docs")
+async def root() -> dict[str, str]:
+    return {"message": "Hello from jobqueue. The API is described at /docs.", "docs": "/docs"}
+
+
+@router.get("/health", summary="Queue sizes and busy workers per job kind", response_model=Health)
+async def health(request: Request) -> Health:
+    return Health(status="ok", queues=request.app.state.engine.stats())

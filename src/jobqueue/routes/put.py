@@ -1,0 +1,120 @@
+"""`POST /put`: run a job and answer with its result, waiting at most the kind's timeout."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, HTTPException, Request, Response
+
+from ..engine import Engine
+from ..jobs import BadInput, Job, JobStatus
+from ..ratelimit import limiter, submit_limit
+from ..schemas import JobResult, PutData, PutResponse, error_responses
+from ..submission import read_submission, start_job
+
+router = APIRouter(tags=["jobs"])
+
+REQUEST_EXAMPLES = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "jobType": {"type": "string", "enum": ["message", "pdf2image", "video"],
+                            "default": "message"},
+                "data": {"type": "string"},
+                "seconds": {"type": "number", "default": 3},
+                "dpi": {"type": "integer", "default": 200},
+                "width": {"type": "integer"},
+                "height": {"type": "integer"},
+            },
+        },
+        "examples": {
+            "message": {"value": {"data": "hello xdata team"}},
+            "pdf2image": {"summary": "Convert the bundled sample PDF",
+                          "value": {"data": "sample", "jobType": "pdf2image", "dpi": 100}},
+            "video": {"summary": "Resize the bundled sample video",
+                      "value": {"jobType": "video", "width": 320}},
+        },
+    },
+    "multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "file": {"type": "string", "format": "binary"},
+                "jobType": {"type": "string", "enum": ["pdf2image", "video"]},
+                "dpi": {"type": "integer"},
+                "width": {"type": "integer"},
+                "height": {"type": "integer"},
+            },
+            "required": ["file", "jobType"],
+        },
+    },
+}
+
+
+@router.post(
+    "/put",
+    summary="Run a job and wait for its result",
+    description="JSON runs a job on the bundled sample (or a message job); multipart/form-data "
+                "with a `file` field processes the upload. Waits at most the kind's timeout.",
+    response_model=PutResponse,
+    responses=error_responses(409, 415, 422, 429, 500, 503, 504),
+    openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
+)
+@limiter.limit(submit_limit)
+async def put(request: Request, response: Response) -> PutResponse:
+    engine: Engine = request.app.state.engine
+    submission = await read_submission(request)
+    job = await start_job(engine, submission)
+    timeout = request.app.state.settings.limits(job.kind.name).timeout
+    await wait_for_job(request, engine, job, timeout)
+    return PutResponse(data=PutData(id=job.id, result=job_result(request, job)))
+
+
+async def wait_for_job(request: Request, engine: Engine, job: Job, timeout: float) -> None:
+    """Wait until the job finishes; a timeout or a client that hangs up cancels it."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, engine, job))
+    try:
+        async with asyncio.timeout(timeout):
+            # shield: the timeout must not cancel `done`, which other waiters may share.
+            await asyncio.shield(job.done)
+    except TimeoutError:
+        raise HTTPException(
+            504, f"Job {job.id} did not finish within the {job.kind.name} timeout of "
+                 f"{timeout:g} s and was cancelled. Send smaller input or raise "
+                 f"JOBQUEUE_{job.kind.name.upper()}_TIMEOUT.",
+        ) from None
+    finally:
+        watcher.cancel()
+        if not job.done.done():
+            engine.cancel(job, "the /put request ended first")
+    raise_for_failure(job)
+
+
+async def _cancel_on_disconnect(request: Request, engine: Engine, job: Job) -> None:
+    # The body is already read, so the next message the server sends is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    engine.cancel(job, "client disconnected")
+
+
+def raise_for_failure(job: Job) -> None:
+    if job.status is JobStatus.CANCELLED:
+        raise HTTPException(409, f"Job {job.id} was cancelled before it finished.")
+    if job.status is JobStatus.FAILED:
+        if isinstance(job.error, BadInput):
+            raise HTTPException(422, str(job.error))
+        raise HTTPException(500, f"Job {job.id} failed with an internal error; "
+                                 "the server log has the details.")
+
+
+def job_result(request: Request, job: Job) -> JobResult:
+    return JobResult(
+        worker_name=job.worker_name,
+        dequeue_elapsed_ms=round((job.started_at - job.created_at) * 1000, 3),
+        process_elapsed_ms=round((job.finished_at - job.started_at) * 1000, 3),
+        total_elapsed_ms=round((job.finished_at - job.created_at) * 1000, 3),
+        data=job.output.data,
+        files=[str(request.url_for("job_file", job_id=job.id, name=path.name))
+               for path in job.output.files],
+    )

@@ -1,0 +1,63 @@
+"""JSON shapes of the API, with camelCase field names on the wire."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class CamelModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+
+class JobResult(CamelModel):
+    worker_name: str = Field(examples=["message-worker-1"])
+    dequeue_elapsed_ms: float = Field(description="Time the job waited in its queue.")
+    process_elapsed_ms: float = Field(description="Time the worker spent on the job.")
+    total_elapsed_ms: float = Field(description="From accepted to finished.")
+    data: dict[str, Any] = Field(description="Kind-specific summary.",
+                                 examples=[{"message": "hello xdata team", "length": 16, "seconds": 3}])
+    files: list[str] = Field(description="URL of each output file.")
+
+
+class PutData(CamelModel):
+    id: str = Field(examples=["0b8f5f6e-3f0a-4c1e-9a57-1f2d3c4b5a69"])
+    result: JobResult
+
+
+class PutResponse(CamelModel):
+    data: PutData
+
+
+class QueueStats(CamelModel):
+    workers: int
+    busy: int
+    queued: int
+    capacity: int
+
+
+class Health(CamelModel):
+    status: str = Field(examples=["ok"])
+    queues: dict[str, QueueStats]
+
+
+class ErrorResponse(BaseModel):
+    detail: Any = Field(examples=["The message queue is full (10 jobs waiting); retry in 3 s."])
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error status codes a route can answer."""
+    meaning = {
+        404: "Unknown job or file.",
+        409: "The job was cancelled before it finished.",
+        413: "The upload is too large.",
+        415: "The body is neither JSON nor multipart/form-data.",
+        422: "Bad options, unknown jobType, or input the job kind cannot process.",
+        429: "Rate limit exceeded; see Retry-After.",
+        500: "The job failed unexpectedly; the detail names the job id.",
+        503: "The kind's queue is full; see Retry-After.",
+        504: "The job did not finish within its kind's timeout and was cancelled.",
+    }
+    return {code: {"model": ErrorResponse, "description": meaning[code]} for code in codes}

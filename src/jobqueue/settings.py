@@ -1,0 +1,62 @@
+"""All configuration, read from `JOBQUEUE_*` environment variables (see the README table)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from limits import parse_many
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+@dataclass(frozen=True)
+class KindLimits:
+    """How many threads serve a job kind, how many jobs may wait, and how long `/put` waits."""
+
+    workers: int = 1
+    queue_size: int = 10
+    timeout: float = 60.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="JOBQUEUE_")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    out_dir: Path = Path("out")
+    rate_limit: str = "60/minute"
+
+    message_workers: int = Field(1, ge=1)
+    message_queue_size: int = Field(10, ge=1)
+    message_timeout: float = Field(5, gt=0)
+
+    pdf2image_workers: int = Field(2, ge=1)
+    pdf2image_queue_size: int = Field(20, ge=1)
+    pdf2image_timeout: float = Field(60, gt=0)
+
+    video_workers: int = Field(1, ge=1)
+    video_queue_size: int = Field(10, ge=1)
+    video_timeout: float = Field(300, gt=0)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def valid_rate_limit(cls, value: str) -> str:
+        parse_many(value)  # raises ValueError for text slowapi would not understand
+        return value
+
+    def limits(self, kind_name: str) -> KindLimits:
+        """The `<kind>_workers`, `<kind>_queue_size` and `<kind>_timeout` settings of a kind.
+
+        A kind without its own fields here gets the `KindLimits` defaults.
+        """
+        default = KindLimits()
+        return KindLimits(
+            workers=getattr(self, f"{kind_name}_workers", default.workers),
+            queue_size=getattr(self, f"{kind_name}_queue_size", default.queue_size),
+            timeout=getattr(self, f"{kind_name}_timeout", default.timeout),
+        )
+
+
+# The bundled sample inputs (data/ at the repository root), used when a request uploads no file.
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"

@@ -1,0 +1,35 @@
+"""Start the jobqueue server: python src/main.py [--host H] [--port P]."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from jobqueue.app import create_app
+from jobqueue.settings import Settings
+
+# Seconds uvicorn lets open requests finish on Ctrl-C before it cancels them (which cancels
+# the jobs they wait for).
+GRACEFUL_SHUTDOWN_SECONDS = 3
+
+
+def main() -> None:
+    settings = Settings()
+    parser = argparse.ArgumentParser(description="Run the jobqueue server.")
+    parser.add_argument("--host", default=settings.host,
+                        help="address to listen on (env JOBQUEUE_HOST, default %(default)s)")
+    parser.add_argument("--port", type=int, default=settings.port,
+                        help="port to listen on (env JOBQUEUE_PORT, default %(default)s)")
+    args = parser.parse_args()
+    settings = settings.model_copy(update={"host": args.host, "port": args.port})
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+
+
+if __name__ == "__main__":
+    main()
