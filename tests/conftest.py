@@ -1,0 +1,107 @@
+"""Fixtures that start the real server the way a user does: python src/main.py --port P."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+STARTUP_SECONDS = 20
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    out_dir: Path
+    log_path: Path
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self, name: str) -> list[int]:
+        """Pids of the server's live child processes called `name` (pdftoppm, ffmpeg, ...)."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            comm, _, rest = text.partition("(")[2].rpartition(")")
+            fields = rest.split()
+            # fields[0] is the state, fields[1] the parent pid; a zombie is not alive.
+            if comm == name and int(fields[1]) == self.process.pid and fields[0] != "Z":
+                pids.append(int(stat.parent.name))
+        return pids
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def run_server(tmp_path: Path, **settings: object) -> Iterator[Server]:
+    """Start `python src/main.py` on a free loopback port with JOBQUEUE_* settings."""
+    port = free_port()
+    out_dir = tmp_path / "out"
+    log_path = tmp_path / "server.log"
+    env = {**os.environ, "JOBQUEUE_OUT_DIR": str(out_dir), "JOBQUEUE_RATE_LIMIT": "100000/minute"}
+    env.update({f"JOBQUEUE_{key.upper()}": str(value) for key, value in settings.items()})
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "src/main.py", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, out_dir, log_path)
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited at start:\n{server.log()}")
+            try:
+                if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{server.log()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Iterator[Server]:
+    """A server with room for the concurrency tests."""
+    with run_server(tmp_path_factory.mktemp("server"),
+                    message_workers=4, message_queue_size=64) as server:
+        yield server
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[httpx.Client]:
+    with server.client() as client:
+        yield client

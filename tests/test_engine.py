@@ -1,0 +1,110 @@
+"""The queue engine on its own, with job kinds made for the test (no HTTP server)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from pydantic import BaseModel
+
+from jobqueue.engine import Engine
+from jobqueue.jobs import Job, JobKind, JobStatus, Output
+from jobqueue.settings import Settings
+
+
+class NoOptions(BaseModel):
+    pass
+
+
+def fail(job: Job) -> Output:
+    raise RuntimeError("handler bug")
+
+
+def record_thread(job: Job) -> Output:
+    return Output(data={"thread": threading.current_thread().name})
+
+
+def block_until_cancelled(job: Job) -> Output:
+    job.cancel_requested.wait(10)
+    job.raise_if_cancelled()
+    return Output(data={})
+
+
+KINDS = {
+    "fail": JobKind("fail", "always raises", NoOptions, fail),
+    "ok": JobKind("ok", "names its thread", NoOptions, record_thread),
+    "block": JobKind("block", "runs until cancelled", NoOptions, block_until_cancelled),
+}
+
+
+def run_engine(tmp_path, scenario) -> Engine:
+    engine = Engine(Settings(out_dir=tmp_path), KINDS)
+
+    async def main() -> None:
+        engine.start()
+        try:
+            await scenario(engine)
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    asyncio.run(main())
+    return engine
+
+
+def test_a_raising_handler_never_kills_its_worker(tmp_path):
+    async def scenario(engine: Engine) -> None:
+        for _ in range(100):
+            job = engine.new_job(KINDS["fail"], NoOptions())
+            engine.submit(job)
+            await asyncio.wait_for(job.done, 5)
+            assert job.status is JobStatus.FAILED
+            assert str(job.error) == "handler bug"
+        assert all(thread.is_alive() for thread in engine.pools["fail"].threads)
+
+    run_engine(tmp_path, scenario)
+
+
+def test_results_come_from_the_worker_thread_through_the_loop(tmp_path):
+    async def scenario(engine: Engine) -> None:
+        job = engine.new_job(KINDS["ok"], NoOptions())
+        engine.submit(job)
+        await asyncio.wait_for(job.done, 5)
+        assert job.status is JobStatus.SUCCEEDED
+        assert job.output.data == {"thread": "ok-worker-1"}
+        assert job.started_at >= job.created_at and job.finished_at >= job.started_at
+
+    run_engine(tmp_path, scenario)
+
+
+def test_a_cancelled_queued_job_never_starts_and_frees_its_slot(tmp_path):
+    async def scenario(engine: Engine) -> None:
+        running = engine.new_job(KINDS["block"], NoOptions())
+        engine.submit(running)
+        waiting = engine.new_job(KINDS["block"], NoOptions())
+        engine.submit(waiting)
+        assert engine.stats()["block"]["queued"] in (1, 2)
+        engine.cancel(waiting, "test")
+        await asyncio.wait_for(waiting.done, 5)
+        assert waiting.status is JobStatus.CANCELLED and waiting.started_at is None
+        assert engine.stats()["block"]["queued"] == 0
+        assert not waiting.out_dir.exists()
+        engine.cancel(running, "test")
+        await asyncio.wait_for(running.done, 5)
+        assert running.status is JobStatus.CANCELLED and running.started_at is not None
+
+    run_engine(tmp_path, scenario)
+
+
+def test_stop_cancels_queued_and_running_jobs_and_joins_threads(tmp_path):
+    jobs: list[Job] = []
+
+    async def scenario(engine: Engine) -> None:
+        for _ in range(3):
+            job = engine.new_job(KINDS["block"], NoOptions())
+            engine.submit(job)
+            jobs.append(job)
+        await asyncio.sleep(0.1)
+
+    engine = run_engine(tmp_path, scenario)
+    assert [job.status for job in jobs] == [JobStatus.CANCELLED] * 3
+    assert not any(thread.is_alive() for thread in engine.pools["block"].threads)

@@ -1,0 +1,94 @@
+"""503 when a queue is full, 504 that really stops the job, cancel on disconnect, 429."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import pytest
+
+from conftest import DATA, Server, run_server
+
+MESSAGE_TIMEOUT = 2
+VIDEO_TIMEOUT = 1
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory) -> Server:
+    """One message worker with two queue slots, and short timeouts."""
+    with run_server(tmp_path_factory.mktemp("tight"), message_workers=1, message_queue_size=2,
+                    message_timeout=MESSAGE_TIMEOUT, video_timeout=VIDEO_TIMEOUT) as server:
+        yield server
+
+
+def test_full_queue_answers_503_with_retry_after(tight):
+    def put(_: int) -> httpx.Response:
+        with tight.client() as client:
+            return client.post("/put", json={"data": "x", "seconds": 0.4})
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(put, range(10)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 3 and codes.count(503) >= 1, codes
+    refused = next(r for r in responses if r.status_code == 503)
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert "message queue is full (2 jobs waiting)" in refused.json()["detail"]
+
+
+def test_timeout_is_504_and_the_worker_is_free_again_within_a_second(tight):
+    with tight.client() as client:
+        started = time.monotonic()
+        response = client.post("/put", json={"data": "slow", "seconds": 30})
+        assert response.status_code == 504
+        assert time.monotonic() - started < MESSAGE_TIMEOUT + 1
+        assert "cancelled" in response.json()["detail"]
+        after_504 = time.monotonic()
+        response = client.post("/put", json={"data": "next", "seconds": 0})
+        assert response.status_code == 200
+        assert time.monotonic() - after_504 < 1.0
+        assert response.json()["data"]["result"]["workerName"] == "message-worker-1"
+        assert client.get("/health").json()["queues"]["message"]["busy"] == 0
+
+
+def test_client_disconnect_cancels_the_job(tight):
+    with tight.client(timeout=0.5) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/put", json={"data": "abandoned", "seconds": 30})
+    hung_up = time.monotonic()
+    with tight.client() as client:
+        response = client.post("/put", json={"data": "next", "seconds": 0})
+    assert response.status_code == 200
+    # Without the cancel, this job would wait for the abandoned one's 2 s timeout.
+    assert time.monotonic() - hung_up < 1.0
+    assert "client disconnected" in tight.log()
+
+
+def test_video_timeout_kills_ffmpeg(tight):
+    with tight.client() as client, open(DATA / "sample.mp4", "rb") as video:
+        # Upscaling to 4K takes several seconds: far past the 1 s video timeout.
+        response = client.post("/put", data={"jobType": "video", "width": "3840"},
+                               files={"file": ("clip.mp4", video, "video/mp4")})
+        assert response.status_code == 504, response.text
+        job_id = response.json()["detail"].split()[1]
+        deadline = time.monotonic() + 1.0
+        while tight.children("ffmpeg") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tight.children("ffmpeg") == []
+        assert not (tight.out_dir / job_id).exists(), "a cancelled job's folder is removed"
+        assert client.get("/health").json()["queues"]["video"]["busy"] == 0
+
+
+def test_rate_limit_answers_429_with_headers(tmp_path):
+    with run_server(tmp_path, rate_limit="3/minute") as server, server.client() as client:
+        for _ in range(3):
+            ok = client.post("/put", json={"data": "x", "seconds": 0})
+            assert ok.status_code == 200
+            assert ok.headers["X-RateLimit-Limit"] == "3"
+        limited = client.post("/put", json={"data": "x", "seconds": 0})
+        assert limited.status_code == 429
+        assert int(limited.headers["Retry-After"]) > 0
+        assert limited.headers["X-RateLimit-Remaining"] == "0"
+        assert "Rate limit exceeded" in limited.json()["detail"]
+        assert client.get("/health").status_code == 200, "only job submission is limited"

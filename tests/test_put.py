@@ -1,0 +1,174 @@
+"""POST /put for each job kind, as JSON and as upload, plus files, validation and concurrency."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import uuid
+
+import httpx
+
+from conftest import DATA, Server
+from media import pdf_page_points, png_size, probe_streams
+
+
+def result_of(response: httpx.Response) -> dict:
+    assert response.status_code == 200, response.text
+    body = response.json()["data"]
+    assert uuid.UUID(body["id"]).version == 4
+    result = body["result"]
+    for field in ("dequeueElapsedMs", "processElapsedMs", "totalElapsedMs"):
+        assert result[field] >= 0
+    assert result["totalElapsedMs"] >= result["processElapsedMs"]
+    return {"id": body["id"], **result}
+
+
+def expected_page_size(dpi: int) -> tuple[int, int]:
+    _, width_pt, height_pt = pdf_page_points(DATA / "sample.pdf")
+    return round(width_pt / 72 * dpi), round(height_pt / 72 * dpi)
+
+
+def assert_pages(client: httpx.Client, result: dict, dpi: int) -> None:
+    pages, _, _ = pdf_page_points(DATA / "sample.pdf")
+    assert result["data"] == {"pages": pages, "dpi": dpi}
+    assert [url.rsplit("/", 1)[1] for url in result["files"]] == [
+        f"page-{n:03d}.png" for n in range(1, pages + 1)]
+    want_w, want_h = expected_page_size(dpi)
+    for url in result["files"]:
+        page = client.get(url)
+        assert page.headers["content-type"] == "image/png"
+        width, height = png_size(page.content)
+        assert abs(width - want_w) <= 1 and abs(height - want_h) <= 1, (width, height)
+
+
+def assert_video(client: httpx.Client, result: dict, tmp_path, width: int, height: int) -> None:
+    [url] = result["files"]
+    download = client.get(url)
+    assert download.headers["content-type"] == "video/mp4"
+    path = tmp_path / "out.mp4"
+    path.write_bytes(download.content)
+    streams = probe_streams(path)
+    assert (streams["video"]["width"], streams["video"]["height"]) == (width, height)
+    assert streams["video"]["codec_name"] == "h264"
+    assert "audio" in streams, "the audio track was dropped"
+    assert result["data"]["audio"] is True
+
+
+def test_message_json_is_the_default_kind(client):
+    result = result_of(client.post("/put", json={"data": "hello xdata team", "seconds": 0.2}))
+    assert result["data"] == {"message": "hello xdata team", "length": 16, "seconds": 0.2}
+    assert result["processElapsedMs"] >= 200
+    assert result["workerName"].startswith("message-worker-")
+    assert result["files"] == []
+
+
+def test_pdf2image_json_converts_the_bundled_sample(client):
+    result = result_of(client.post("/put", json={"data": "x", "jobType": "pdf2image"}))
+    assert_pages(client, result, dpi=200)
+
+
+def test_pdf2image_upload_honours_dpi(client):
+    with open(DATA / "sample.pdf", "rb") as pdf:
+        response = client.post("/put", data={"jobType": "pdf2image", "dpi": "72"},
+                               files={"file": ("scan.pdf", pdf, "application/pdf")})
+    assert_pages(client, result_of(response), dpi=72)
+
+
+def test_video_json_resizes_the_bundled_sample_to_640_wide(client, tmp_path):
+    result = result_of(client.post("/put", json={"jobType": "video"}))
+    # sample.mp4 is 1280x720, so 640 wide keeps 16:9 at 360 high.
+    assert_video(client, result, tmp_path, 640, 360)
+
+
+def test_video_upload_with_height_only_keeps_aspect_ratio_at_an_even_width(client, tmp_path):
+    with open(DATA / "sample.mp4", "rb") as video:
+        response = client.post("/put", data={"jobType": "video", "height": "240"},
+                               files={"file": ("clip.mp4", video, "video/mp4")})
+    assert_video(client, result_of(response), tmp_path, 426, 240)  # 1280*240/720 = 426.7 -> even
+
+
+def test_unknown_job_type_is_422_listing_the_valid_ones(client):
+    response = client.post("/put", json={"data": "x", "jobType": "ocr"})
+    assert response.status_code == 422
+    assert "message, pdf2image, video" in response.json()["detail"]
+
+
+def test_bad_options_are_422_naming_the_field(client):
+    response = client.post("/put", json={"jobType": "video", "width": 641})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "width"]
+    response = client.post("/put", json={"seconds": "soon"})
+    assert response.status_code == 422
+
+
+def test_non_pdf_upload_is_422_and_the_worker_lives_on(client, server):
+    response = client.post("/put", data={"jobType": "pdf2image"},
+                           files={"file": ("notes.pdf", b"just some text\n" * 100, "application/pdf")})
+    assert response.status_code == 422
+    assert "not a PDF" in response.json()["detail"]
+    # The handler raised on both pdf2image workers' watch; both still take work.
+    for _ in range(3):
+        result_of(client.post("/put", json={"jobType": "pdf2image", "dpi": 20}))
+    assert client.get("/health").json()["queues"]["pdf2image"]["workers"] == 2
+
+
+def test_non_video_upload_is_422_without_server_paths(client):
+    response = client.post("/put", data={"jobType": "video"},
+                           files={"file": ("clip.mp4", b"not a video at all", "video/mp4")})
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert "not a video" in detail and "/input/" not in detail
+
+
+def test_upload_name_cannot_escape_the_job_folder(client, server):
+    with open(DATA / "sample.pdf", "rb") as pdf:
+        response = client.post("/put", data={"jobType": "pdf2image", "dpi": "20"},
+                               files={"file": ("../../../evil.pdf", pdf, "application/pdf")})
+    job_id = result_of(response)["id"]
+    stored = server.out_dir / job_id / "input" / "evil.pdf"
+    assert list(server.out_dir.parent.rglob("evil.pdf")) == [stored]
+
+
+def test_files_unknown_and_traversal_are_404(client):
+    result = result_of(client.post("/put", json={"jobType": "pdf2image", "dpi": 20}))
+    job_id = result["id"]
+    assert client.get(f"/jobs/{job_id}/files/page-001.png").status_code == 200
+    assert client.get(f"/jobs/{job_id}/files/page-999.png").status_code == 404
+    assert client.get(f"/jobs/{uuid.uuid4()}/files/page-001.png").status_code == 404
+    assert client.get(f"/jobs/{job_id}/files/input").status_code == 404
+    for path in (f"/jobs/{job_id}/files/..%2F..%2Fpyproject.toml",
+                 f"/jobs/..%2F..%2F/files/pyproject.toml",
+                 f"/jobs/{job_id}/files/%2E%2E",
+                 "/jobs/not-a-uuid/files/page-001.png"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+
+
+def test_fifty_concurrent_puts_each_get_their_own_result(server):
+    def put(number: int) -> dict:
+        with server.client() as client:
+            return result_of(client.post("/put", json={"data": f"job {number}", "seconds": 0.05}))
+
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(put, range(50)))
+    assert [r["data"]["message"] for r in results] == [f"job {n}" for n in range(50)]
+    assert len({r["id"] for r in results}) == 50
+    assert {r["workerName"] for r in results} <= {f"message-worker-{n}" for n in range(1, 5)}
+
+
+def test_health_and_root(client):
+    health = client.get("/health").json()
+    assert health["status"] == "ok"
+    assert set(health["queues"]) == {"message", "pdf2image", "video"}
+    assert health["queues"]["message"] == {"workers": 4, "busy": 0, "queued": 0, "capacity": 64}
+    assert health["queues"]["video"]["capacity"] == 10
+    assert "/docs" in client.get("/").json()["docs"]
+
+
+def test_docs_give_every_route_a_summary_and_put_examples(client):
+    spec = client.get("/openapi.json").json()
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            assert operation.get("summary"), f"{method.upper()} {path} has no summary"
+    put = spec["paths"]["/put"]["post"]
+    assert {"application/json", "multipart/form-data"} <= set(put["requestBody"]["content"])
+    assert {"503", "504", "429", "422"} <= set(put["responses"])
