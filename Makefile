@@ -15,7 +15,7 @@ system-packages:
 	@if ! command -v pdftoppm >/dev/null || ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null; then \
 		echo "Installing poppler-utils and ffmpeg with apt-get"; \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq poppler-utils ffmpeg; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq poppler-utils ffmpeg; \
 	fi
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt

@@ -172,3 +172,39 @@ def test_docs_give_every_route_a_summary_and_put_examples(client):
     put = spec["paths"]["/put"]["post"]
     assert {"application/json", "multipart/form-data"} <= set(put["requestBody"]["content"])
     assert {"503", "504", "429", "422"} <= set(put["responses"])
+
+
+def test_malformed_bodies_are_4xx_never_5xx(client):
+    cases = {
+        "NaN": (b'{"seconds": NaN}', "application/json"),
+        "deep nesting": (b"[" * 100_000 + b"]" * 100_000, "application/json"),
+        "a list": (b"[1, 2]", "application/json"),
+        "broken JSON": (b'{"data": ', "application/json"),
+        "plain text": (b"hello", "text/plain"),
+    }
+    for name, (body, content_type) in cases.items():
+        response = client.post("/put", content=body, headers={"Content-Type": content_type})
+        assert 400 <= response.status_code < 500, (name, response.status_code)
+        assert response.json()["detail"], name
+
+
+def test_multipart_mistakes_are_4xx(client):
+    pdf = (DATA / "sample.pdf").read_bytes()
+    two_files = client.post("/put", data={"jobType": "pdf2image"},
+                            files=[("file", ("a.pdf", pdf)), ("file", ("b.pdf", pdf))])
+    assert 400 <= two_files.status_code < 500
+    job_type_as_file = client.post("/put", files={"jobType": ("t.txt", b"pdf2image")})
+    assert job_type_as_file.status_code == 422
+    file_for_message = client.post("/put", data={"data": "x"}, files={"file": ("a.txt", b"x")})
+    assert file_for_message.status_code == 422
+    twice = client.post("/put", files=[("dpi", (None, "100")), ("dpi", (None, "200")),
+                                       ("jobType", (None, "pdf2image"))])
+    assert twice.status_code == 422 and "twice" in twice.json()["detail"]
+
+
+def test_content_type_is_matched_case_insensitively(client):
+    request = client.build_request("POST", "/put", data={"jobType": "pdf2image", "dpi": "20"},
+                                   files={"file": ("a.pdf", (DATA / "sample.pdf").read_bytes())})
+    request.headers["Content-Type"] = request.headers["Content-Type"].replace(
+        "multipart/form-data", "Multipart/Form-Data")
+    assert client.send(request).status_code == 200

@@ -65,9 +65,6 @@ class WorkerPool:
             "capacity": self.limits.queue_size,
         }
 
-    def full(self) -> bool:
-        return self.closed or self.queue.full()
-
     def submit(self, job: Job) -> None:
         """Queue a job without ever blocking; QueueFull when there is no room."""
         try:
@@ -120,15 +117,15 @@ class WorkerPool:
             job = self.queue.get()
             if job is None:
                 return
-            if not job.start(worker_name):
-                continue  # cancelled while it waited
-            with self._lock:
+            with self._lock:  # so stop() sees every job that has started
+                if not job.start(worker_name):
+                    continue  # cancelled while it waited
                 self.running.add(job)
             try:
                 self._run(job)
-            except Exception:  # only a bug in the engine gets here; keep serving
+            except BaseException as error:  # only a bug gets here; the thread keeps serving
                 log.exception("job %s: engine error", job.id)
-                job.finish(JobStatus.FAILED, error=RuntimeError("engine error"))
+                job.finish(JobStatus.FAILED, error=error)
             finally:
                 with self._lock:
                     self.running.discard(job)
@@ -142,7 +139,7 @@ class WorkerPool:
         except BadInput as error:
             log.info("job %s: bad input: %s", job.id, error)
             job.finish(JobStatus.FAILED, error=error)
-        except Exception as error:  # a job's failure must never end its worker thread
+        except BaseException as error:  # a job's failure must never end its worker thread
             log.exception("job %s: failed", job.id)
             job.finish(JobStatus.FAILED, error=error)
         else:
@@ -185,12 +182,6 @@ class Engine:
         return Job(id=job_id, kind=kind, options=options, out_dir=out_dir,
                    input_path=kind.sample, loop=loop, done=loop.create_future())
 
-    def check_room(self, kind_name: str) -> None:
-        """Raise QueueFull early, before a request's upload is stored for nothing."""
-        pool = self.pools[kind_name]
-        if pool.full():
-            raise QueueFull(kind_name, pool.limits.queue_size, pool.retry_after())
-
     def submit(self, job: Job) -> None:
         try:
             self.pools[job.kind.name].submit(job)
@@ -201,13 +192,14 @@ class Engine:
 
     def cancel(self, job: Job, reason: str) -> None:
         """Stop a job wherever it is; a queued one gives its queue slot back at once."""
-        was_queued = job.status is JobStatus.QUEUED
-        if not job.cancel():
+        found = job.cancel()
+        if found.finished:
             return
-        log.info("job %s: cancelled (%s)", job.id, reason)
-        if was_queued and job.status is JobStatus.CANCELLED:
+        log.info("job %s: cancelling %s job (%s)", job.id, found.value, reason)
+        if found is JobStatus.QUEUED:
             self.pools[job.kind.name].discard(job)
             storage.remove_job_dir(self.out_dir, job.id)
+        # A running job's worker removes its folder once the handler has stopped.
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {name: pool.stats() for name, pool in self.pools.items()}

@@ -106,19 +106,18 @@ class Job:
         with self._lock:
             return self._finish_locked(status, output, error)
 
-    def cancel(self) -> bool:
+    def cancel(self) -> JobStatus:
         """Ask the job to stop: a queued job ends now, a running one has its child processes
-        killed and it stops at its handler's next check. False if it had already finished."""
+        killed and it stops at its handler's next check. Returns the status it found."""
         self.cancel_requested.set()
         with self._lock:
-            if self.status.finished:
-                return False
-            if self.status is JobStatus.QUEUED:
+            found = self.status
+            if found is JobStatus.QUEUED:
                 self._finish_locked(JobStatus.CANCELLED)
             processes = list(self._processes)
         for process in processes:
             process.kill()
-        return True
+        return found
 
     def _finish_locked(self, status: JobStatus, output: Output | None = None,
                        error: BaseException | None = None) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pdf2image import convert_from_path, pdfinfo_from_path
-from pdf2image.exceptions import PDFPageCountError
+from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..jobs import BadInput, Job, JobKind, Output
@@ -25,6 +25,9 @@ def page_count(job: Job) -> int:
         reason = str(error).strip().splitlines()[-1]
         raise BadInput(f"The file is not a PDF that poppler can read ({reason}). "
                        "Send an unencrypted PDF document.") from None
+    except PDFPopplerTimeoutError:
+        raise BadInput(f"poppler could not read the PDF's page count within "
+                       f"{PDFINFO_TIMEOUT_SECONDS} s; the file may be damaged.") from None
     return info["Pages"]
 
 

@@ -11,6 +11,12 @@ from ..settings import DATA_DIR
 
 DEFAULT_WIDTH = 640
 OUTPUT_NAME = "video.mp4"
+# An upload may be a playlist that points ffmpeg at URLs or other jobs' files: read only the
+# upload itself, and only as one of these containers.
+INPUT_OPTIONS = {
+    "protocol_whitelist": "file",
+    "format_whitelist": "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,ogg,asf,nut",
+}
 
 
 class VideoOptions(BaseModel):
@@ -37,7 +43,7 @@ class VideoOptions(BaseModel):
 
 def probe(path: str) -> dict:
     try:
-        return ffmpeg.probe(path)
+        return ffmpeg.probe(path, **INPUT_OPTIONS)
     except ffmpeg.Error as error:
         lines = error.stderr.decode(errors="replace").replace(f"{path}: ", "").strip().splitlines()
         reason = lines[-1] if lines else "unknown format"
@@ -54,7 +60,7 @@ def resize_video(job: Job) -> Output:
     duration = float(info.get("format", {}).get("duration") or 0)
     has_audio = "audio" in kinds
 
-    source = ffmpeg.input(str(job.input_path))
+    source = ffmpeg.input(str(job.input_path), **INPUT_OPTIONS)
     streams = [source.video.filter("scale", *options.scale())]
     if has_audio:
         streams.append(source.audio)

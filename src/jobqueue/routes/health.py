@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from ..kinds import KINDS
 from ..schemas import Health
 
 router = APIRouter(tags=["server"])
 
 
-@router.get("/", summary="Say hello and point to the docs")
-async def root() -> dict[str, str]:
-    return {"message": "Hello from jobqueue. The API is described at /docs.", "docs": "/docs"}
+@router.get("/", summary="Say hello, list the job types and point to the docs")
+async def root() -> dict[str, str | dict[str, str]]:
+    return {
+        "message": "Hello from jobqueue. The API is described at /docs.",
+        "docs": "/docs",
+        "jobTypes": {name: kind.description for name, kind in KINDS.items()},
+    }
 
 
 @router.get("/health", summary="Queue sizes and busy workers per job kind", response_model=Health)

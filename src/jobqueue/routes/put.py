@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from fastapi import APIRouter, HTTPException, Request, Response
 
@@ -79,14 +80,17 @@ async def wait_for_job(request: Request, engine: Engine, job: Job, timeout: floa
             # shield: the timeout must not cancel `done`, which other waiters may share.
             await asyncio.shield(job.done)
     except TimeoutError:
-        raise HTTPException(
-            504, f"Job {job.id} did not finish within the {job.kind.name} timeout of "
-                 f"{timeout:g} s and was cancelled. Send smaller input or raise "
-                 f"JOBQUEUE_{job.kind.name.upper()}_TIMEOUT.",
-        ) from None
+        if not job.status.finished:  # it may have finished just as the timeout fired
+            raise HTTPException(
+                504, f"Job {job.id} did not finish within the {job.kind.name} timeout of "
+                     f"{timeout:g} s and was cancelled. Send smaller input or raise "
+                     f"JOBQUEUE_{job.kind.name.upper()}_TIMEOUT.",
+            ) from None
     finally:
         watcher.cancel()
-        if not job.done.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        if not job.status.finished:
             engine.cancel(job, "the /put request ended first")
     raise_for_failure(job)
 
