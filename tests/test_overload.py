@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -93,3 +95,29 @@ def test_rate_limit_answers_429_with_headers(tmp_path):
         assert limited.headers["X-RateLimit-Remaining"] == "0"
         assert "Rate limit exceeded" in limited.json()["detail"]
         assert client.get("/health").status_code == 200, "only job submission is limited"
+
+
+def test_ctrl_c_stops_running_jobs_and_leaves_no_ffmpeg(tmp_path):
+    with run_server(tmp_path, video_timeout=60) as server:
+        def put_slow_video() -> int:
+            with server.client() as client, open(DATA / "sample.mp4", "rb") as video:
+                try:
+                    return client.post("/put", data={"jobType": "video", "width": "3840"},
+                                       files={"file": ("clip.mp4", video)}).status_code
+                except httpx.TransportError:
+                    return 0
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(put_slow_video)
+            deadline = time.monotonic() + 10
+            while not server.children("ffmpeg") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            [ffmpeg_pid] = server.children("ffmpeg")
+            server.process.send_signal(signal.SIGINT)
+            server.process.wait(15)
+            assert answer.result() != 200
+    deadline = time.monotonic() + 2
+    while Path(f"/proc/{ffmpeg_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{ffmpeg_pid}").exists(), "ffmpeg outlived the server"
+    assert "workers stopped" in server.log()

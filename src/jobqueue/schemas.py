@@ -40,7 +40,11 @@ class QueueStats(CamelModel):
 
 class Health(CamelModel):
     status: str = Field(examples=["ok"])
-    queues: dict[str, QueueStats]
+    queues: dict[str, QueueStats] = Field(examples=[{
+        "message": {"workers": 1, "busy": 1, "queued": 3, "capacity": 10},
+        "pdf2image": {"workers": 2, "busy": 0, "queued": 0, "capacity": 20},
+        "video": {"workers": 1, "busy": 0, "queued": 0, "capacity": 10},
+    }])
 
 
 class ErrorResponse(BaseModel):
