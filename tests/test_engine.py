@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from jobqueue.engine import Engine
 from jobqueue.jobs import Job, JobKind, JobStatus, Output
 from jobqueue.settings import Settings
+from jobqueue.store import JobStore
 
 
 class NoOptions(BaseModel):
@@ -38,7 +39,7 @@ KINDS = {
 
 
 def run_engine(tmp_path, scenario) -> Engine:
-    engine = Engine(Settings(out_dir=tmp_path), KINDS)
+    engine = Engine(Settings(out_dir=tmp_path), KINDS, JobStore(tmp_path / "jobs.db"))
 
     async def main() -> None:
         engine.start()
@@ -95,7 +96,7 @@ def test_a_cancelled_queued_job_never_starts_and_frees_its_slot(tmp_path):
     run_engine(tmp_path, scenario)
 
 
-def test_stop_cancels_queued_and_running_jobs_and_joins_threads(tmp_path):
+def test_stop_leaves_queued_and_running_jobs_to_run_again_and_joins_threads(tmp_path):
     jobs: list[Job] = []
 
     async def scenario(engine: Engine) -> None:
@@ -106,5 +107,7 @@ def test_stop_cancels_queued_and_running_jobs_and_joins_threads(tmp_path):
         await asyncio.sleep(0.1)
 
     engine = run_engine(tmp_path, scenario)
-    assert [job.status for job in jobs] == [JobStatus.CANCELLED] * 3
+    assert jobs[0].status is JobStatus.CANCELLED, "the running job was told to stop"
+    assert [r.id for r in engine.store.unfinished()] == [job.id for job in jobs]
+    assert all(job.out_dir.exists() for job in jobs), "kept for the run after a restart"
     assert not any(thread.is_alive() for thread in engine.pools["block"].threads)

@@ -10,26 +10,33 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from . import ratelimit
+from . import ratelimit, retention
 from .engine import Engine, QueueFull
 from .kinds import KINDS
 from .routes import files, health, put
 from .settings import Settings
+from .store import JobStore
 
 log = logging.getLogger("jobqueue.app")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    engine = Engine(settings, KINDS)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Threads start here, never at import time, so importing the app has no side effects.
+        # The store opens and threads start here, never at import time.
+        store = JobStore(settings.job_db)
+        engine = Engine(settings, KINDS, store)
+        app.state.store = store
+        app.state.engine = engine
         engine.start()
         log.info("workers started: %s", {name: p.limits.workers for name, p in engine.pools.items()})
+        sweeper = asyncio.create_task(retention.sweep_forever(store, settings))
         yield
+        sweeper.cancel()
         await asyncio.to_thread(engine.stop)
+        store.close()
         log.info("workers stopped")
 
     app = FastAPI(
@@ -39,7 +46,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.engine = engine
     ratelimit.configure(app, settings.rate_limit)
     app.add_exception_handler(QueueFull, queue_full)
     app.add_exception_handler(Exception, internal_error)

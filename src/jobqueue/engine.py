@@ -6,15 +6,17 @@ import asyncio
 import logging
 import math
 import queue
+import shutil
 import threading
 import time
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from . import storage
 from .jobs import BadInput, Job, JobCancelled, JobKind, JobStatus
 from .settings import KindLimits, Settings
+from .store import JobRecord, JobStore
 
 log = logging.getLogger("jobqueue.engine")
 
@@ -35,10 +37,11 @@ class QueueFull(Exception):
 class WorkerPool:
     """One job kind's bounded queue and the threads that take jobs from it."""
 
-    def __init__(self, kind: JobKind, limits: KindLimits, out_dir: Path):
+    def __init__(self, kind: JobKind, limits: KindLimits, out_dir: Path, store: JobStore):
         self.kind = kind
         self.limits = limits
         self.out_dir = out_dir
+        self.store = store
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=limits.queue_size)
         self.threads: list[threading.Thread] = []
         self.running: set[Job] = set()
@@ -74,13 +77,28 @@ class WorkerPool:
         except queue.Full:
             raise QueueFull(self.kind.name, self.limits.queue_size, self.retry_after()) from None
 
+    def requeue(self, job: Job) -> None:
+        """Queue a job recovered after a restart, even past capacity: it was accepted already."""
+        # queue.Queue has no such call; its mutex and deque are the documented way in.
+        with self.queue.mutex:
+            self.queue.queue.append(job)
+            self.queue.unfinished_tasks += 1
+            self.queue.not_empty.notify()
+
+    def position(self, job: Job) -> int | None:
+        """1 for the next job to start; None when the job is not waiting."""
+        with self.queue.mutex:
+            try:
+                return self.queue.queue.index(job) + 1
+            except ValueError:
+                return None
+
     def retry_after(self) -> int:
         """Seconds until a queue slot is likely to free up: one average job per worker."""
         return max(1, math.ceil(self._average_seconds / self.limits.workers))
 
     def discard(self, job: Job) -> None:
         """Take a cancelled job out of the queue so its slot is free at once."""
-        # queue.Queue has no remove(); its mutex and deque are the documented way in.
         with self.queue.mutex:
             try:
                 self.queue.queue.remove(job)
@@ -89,16 +107,14 @@ class WorkerPool:
             self.queue.not_full.notify()
 
     def stop(self) -> None:
-        """Cancel queued jobs, tell running ones to stop, and join the threads."""
+        """Stop the threads. Queued jobs stay queued in the store and running ones are told to
+        stop and left as they were, so both run again after a restart."""
         self.closed = True
         while True:
             try:
-                job = self.queue.get_nowait()
+                self.queue.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
-                job.cancel()
-                storage.remove_job_dir(self.out_dir, job.id)
         with self._lock:
             running = list(self.running)
         for job in running:
@@ -118,9 +134,10 @@ class WorkerPool:
             if job is None:
                 return
             with self._lock:  # so stop() sees every job that has started
-                if not job.start(worker_name):
-                    continue  # cancelled while it waited
+                if self.closed or not job.start(worker_name):
+                    continue  # cancelled while it waited, or left for after a restart
                 self.running.add(job)
+            self.store.save(job.record())
             try:
                 self._run(job)
             except BaseException as error:  # only a bug gets here; the thread keeps serving
@@ -147,25 +164,35 @@ class WorkerPool:
                 job.finish(JobStatus.CANCELLED)
             else:
                 job.finish(JobStatus.SUCCEEDED, output=output)
+        seconds = job.finished_at - job.started_at
+        if job.status is JobStatus.CANCELLED and self.closed:
+            log.info("job %s: stopped by shutdown; it runs again after a restart", job.id)
+            return
         if job.status is JobStatus.CANCELLED:
             storage.remove_job_dir(self.out_dir, job.id)
-        seconds = job.finished_at - job.started_at
+        self.store.save(job.record())
         self._average_seconds = 0.8 * self._average_seconds + 0.2 * seconds
         log.info("job %s: %s after %.3f s", job.id, job.status.value, seconds)
 
 
 class Engine:
-    """All worker pools, keyed by job kind name."""
+    """All worker pools, keyed by job kind name, and the jobs that have not finished yet."""
 
-    def __init__(self, settings: Settings, kinds: dict[str, JobKind]):
+    def __init__(self, settings: Settings, kinds: dict[str, JobKind], store: JobStore):
         self.out_dir = settings.out_dir
+        self.kinds = kinds
+        self.store = store
         self.pools = {
-            name: WorkerPool(kind, settings.limits(name), settings.out_dir)
+            name: WorkerPool(kind, settings.limits(name), settings.out_dir, store)
             for name, kind in kinds.items()
         }
+        self.active: dict[str, Job] = {}
 
     def start(self) -> None:
+        """Queue again what a previous run accepted but did not finish, then start the threads."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        for record in self.store.unfinished():
+            self._recover(record)
         for pool in self.pools.values():
             pool.start()
 
@@ -173,21 +200,26 @@ class Engine:
         for pool in self.pools.values():
             pool.stop()
 
-    def new_job(self, kind: JobKind, options: BaseModel) -> Job:
-        """A queued job with its own empty folder; call from the event loop."""
+    def new_job(self, kind: JobKind, options: BaseModel, job_id: str | None = None,
+                input_path: Path | None = None) -> Job:
+        """A job not yet queued; call from the event loop."""
         loop = asyncio.get_running_loop()
-        job_id = storage.new_job_id()
+        job_id = job_id or storage.new_job_id()
         out_dir = storage.job_dir(self.out_dir, job_id)
-        out_dir.mkdir(parents=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         return Job(id=job_id, kind=kind, options=options, out_dir=out_dir,
-                   input_path=kind.sample, loop=loop, done=loop.create_future())
+                   input_path=input_path or kind.sample, loop=loop, done=loop.create_future())
 
     def submit(self, job: Job) -> None:
+        """Record and queue the job; QueueFull (and its folder removed) when there is no room."""
+        self.store.save(job.record())  # before the queue, so a worker's update comes after it
         try:
             self.pools[job.kind.name].submit(job)
         except QueueFull:
+            self.store.delete(job.id)
             storage.remove_job_dir(self.out_dir, job.id)
             raise
+        self._track(job)
         log.info("job %s: %s queued", job.id, job.kind.name)
 
     def cancel(self, job: Job, reason: str) -> None:
@@ -199,7 +231,38 @@ class Engine:
         if found is JobStatus.QUEUED:
             self.pools[job.kind.name].discard(job)
             storage.remove_job_dir(self.out_dir, job.id)
-        # A running job's worker removes its folder once the handler has stopped.
+            self.store.save(job.record())
+        # A running job's worker removes its folder and records it once the handler stopped.
+
+    def queue_position(self, job: Job) -> int | None:
+        return self.pools[job.kind.name].position(job)
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {name: pool.stats() for name, pool in self.pools.items()}
+
+    def _track(self, job: Job) -> None:
+        self.active[job.id] = job
+        job.done.add_done_callback(lambda _: self.active.pop(job.id, None))
+
+    def _recover(self, record: JobRecord) -> None:
+        """Queue a job again from its start, its partial output discarded."""
+        kind = self.kinds.get(record.job_type)
+        try:
+            options = kind.options.model_validate(record.options) if kind else None
+        except ValidationError:
+            options = None
+        if kind is None or options is None:
+            record.status, record.error = JobStatus.FAILED.value, "unknown job type after restart"
+            record.finished_at = time.time()
+            self.store.save(record)
+            return
+        job = self.new_job(kind, options, record.id,
+                           Path(record.input_path) if record.input_path else None)
+        job.created_at = record.created_at
+        for path in job.out_dir.iterdir():
+            if path.name != storage.INPUT_DIR:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.store.save(job.record())
+        self.pools[kind.name].requeue(job)
+        self._track(job)
+        log.info("job %s: %s queued again after a restart", job.id, kind.name)

@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .store import JobRecord
+
 
 class JobStatus(str, Enum):
     QUEUED = "queued"
@@ -29,6 +31,10 @@ class JobStatus(str, Enum):
 
 class BadInput(Exception):
     """The job's input cannot be processed; the message tells the user what to send instead."""
+
+
+class UnsupportedInput(BadInput):
+    """The upload is not the kind of file the job kind takes (found before it is queued)."""
 
 
 class JobCancelled(Exception):
@@ -64,6 +70,8 @@ class JobKind:
     handler: Callable[[Job], Output]
     # Bundled file used when a request uploads none; None when the kind takes no file.
     sample: Path | None = None
+    # Quick look at an upload before it is queued; raises UnsupportedInput.
+    check_input: Callable[[Path], None] | None = None
 
 
 @dataclass(eq=False)  # compared and hashed by identity
@@ -89,6 +97,8 @@ class Job:
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     _processes: set[subprocess.Popen] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # One queue per event-stream listener; touched only on the loop.
+    _listeners: set[asyncio.Queue[None]] = field(default_factory=set)
 
     def start(self, worker_name: str) -> bool:
         """Mark the job running; False when it was cancelled while it waited in the queue."""
@@ -98,7 +108,8 @@ class Job:
             self.status = JobStatus.RUNNING
             self.started_at = time.time()
             self.worker_name = worker_name
-            return True
+        self._changed()
+        return True
 
     def finish(self, status: JobStatus, output: Output | None = None,
                error: BaseException | None = None) -> bool:
@@ -127,14 +138,52 @@ class Job:
         self.finished_at = time.time()
         self.output = output
         self.error = error
-        try:
-            self.loop.call_soon_threadsafe(_set_done, self.done)
-        except RuntimeError:  # the loop is closed: the server is gone and nobody is waiting
-            pass
+        self._changed()
         return True
 
     def set_progress(self, done: float, total: float, unit: str) -> None:
         self.progress = Progress(done, total, unit)
+        self._changed()
+
+    def listen(self) -> asyncio.Queue[None]:
+        """A queue that gets an item whenever the job changes; call on the loop, then `unlisten`."""
+        changes: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
+        self._listeners.add(changes)
+        return changes
+
+    def unlisten(self, changes: asyncio.Queue[None]) -> None:
+        self._listeners.discard(changes)
+
+    def _changed(self) -> None:
+        """Wake the loop side from any thread: the `done` future and event-stream listeners."""
+        try:
+            self.loop.call_soon_threadsafe(self._notify_loop)
+        except RuntimeError:  # the loop is closed: the server is gone and nobody is waiting
+            pass
+
+    def _notify_loop(self) -> None:
+        if self.status.finished and not self.done.done():
+            self.done.set_result(None)
+        for changes in self._listeners:
+            if changes.empty():
+                changes.put_nowait(None)
+
+    def record(self) -> JobRecord:
+        """The job as the store keeps it."""
+        output, error = self.output, self.error
+        return JobRecord(
+            id=self.id, job_type=self.kind.name, status=self.status.value,
+            options=self.options.model_dump(mode="json"),
+            input_path=str(self.input_path) if self.input_path else None,
+            created_at=self.created_at, started_at=self.started_at,
+            finished_at=self.finished_at, worker_name=self.worker_name,
+            progress={"done": self.progress.done, "total": self.progress.total,
+                      "unit": self.progress.unit},
+            error=str(error) if error is not None else None,
+            bad_input=isinstance(error, BadInput),
+            result={"data": output.data, "files": [path.name for path in output.files]}
+            if output else None,
+        )
 
     def raise_if_cancelled(self) -> None:
         if self.cancel_requested.is_set():
@@ -151,7 +200,3 @@ class Job:
         with self._lock:
             self._processes.discard(process)
 
-
-def _set_done(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     out_dir: Path = Path("out")
     rate_limit: str = "60/minute"
+    db_path: Path | None = Field(None, description="Job records; default <out_dir>/jobs.db")
+    max_upload_mb: float = Field(1024, gt=0)
+    result_ttl: float = Field(86400, gt=0, description="Seconds finished jobs are kept")
 
     message_workers: int = Field(1, ge=1)
     message_queue_size: int = Field(10, ge=1)
@@ -44,6 +47,10 @@ class Settings(BaseSettings):
     def valid_rate_limit(cls, value: str) -> str:
         parse_many(value)  # raises ValueError for text slowapi would not understand
         return value
+
+    @property
+    def job_db(self) -> Path:
+        return self.db_path or self.out_dir / "jobs.db"
 
     def limits(self, kind_name: str) -> KindLimits:
         """The `<kind>_workers`, `<kind>_queue_size` and `<kind>_timeout` settings of a kind.

@@ -4,80 +4,67 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import FormData, UploadFile
 
 from . import storage
 from .engine import Engine
-from .jobs import Job, JobKind
+from .jobs import Job, JobKind, UnsupportedInput
 from .kinds import KINDS
+from .settings import Settings
+from .uploads import read_multipart
 
 DEFAULT_JOB_TYPE = "message"
-MAX_FORM_FIELDS = 20
-UNSUPPORTED = ("send application/json, or multipart/form-data with a `file` field "
-               "and the options as text fields.")
+MAX_JSON_BYTES = 1024 * 1024
 
 
 @dataclass
 class Submission:
+    job_id: str
     kind: JobKind
     options: BaseModel
-    upload: UploadFile | None
-    form: FormData | None = None  # closed by start_job, which removes its temporary files
+    upload: Path | None  # already stored in out/<job_id>/input/
 
 
-async def read_submission(request: Request) -> Submission:
-    """Parse `{"jobType": ..., <options>}` from a JSON body or from multipart form fields."""
+async def read_submission(request: Request, settings: Settings) -> Submission:
+    """Parse `{"jobType": ..., <options>}` from a JSON body, or from multipart fields with the
+    upload streamed into the new job's folder (removed again if anything is wrong)."""
+    job_id = storage.new_job_id()
     content_type = request.headers.get("content-type", "").lower()
-    form = None
-    upload = None
-    if content_type.startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=MAX_FORM_FIELDS)
-        fields = read_form(form)
-        upload = form.get("file")
-    else:
-        fields = await read_json(request, content_type)
-
-    kind_name = fields.pop("jobType", DEFAULT_JOB_TYPE)
-    kind = KINDS.get(kind_name) if isinstance(kind_name, str) else None
     try:
-        if kind is None:
-            raise HTTPException(422, f"Unknown jobType {kind_name!r}; valid job types: "
-                                     f"{', '.join(KINDS)}.")
+        upload = None
+        if content_type.startswith("multipart/form-data"):
+            fields, upload = await read_multipart(
+                request, storage.job_dir(settings.out_dir, job_id) / storage.INPUT_DIR,
+                int(settings.max_upload_mb * 2**20))
+        else:
+            fields = await read_json(request, content_type)
+        kind, options = parse_options(fields)
         if upload is not None and kind.sample is None:
             raise HTTPException(422, f"{kind.name} jobs take no file; send only the options.")
-        try:
-            options = kind.options.model_validate(fields)
-        except ValidationError as error:
-            raise RequestValidationError(
-                [{**e, "loc": ("body", *e["loc"])}
-                 for e in error.errors(include_url=False, include_context=False)]
-            ) from None
     except BaseException:
-        if form is not None:
-            await form.close()
+        storage.remove_job_dir(settings.out_dir, job_id)
         raise
-    return Submission(kind, options, upload, form)
+    return Submission(job_id, kind, options, upload)
 
 
-def read_form(form: FormData) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    for key, value in form.multi_items():
-        if key in fields:
-            raise HTTPException(422, f"The form field {key!r} is given twice; send it once.")
-        if key == "file":
-            if not isinstance(value, UploadFile):
-                raise HTTPException(422, "The `file` field must be a file upload, not text.")
-            continue
-        if not isinstance(value, str):
-            raise HTTPException(422, f"The form field {key!r} must be text; only `file` "
-                                     "may be a file.")
-        fields[key] = value
-    return fields
+def parse_options(fields: dict) -> tuple[JobKind, BaseModel]:
+    kind_name = fields.pop("jobType", DEFAULT_JOB_TYPE)
+    kind = KINDS.get(kind_name) if isinstance(kind_name, str) else None
+    if kind is None:
+        raise HTTPException(422, f"Unknown jobType {kind_name!r}; valid job types: "
+                                 f"{', '.join(KINDS)}.")
+    try:
+        return kind, kind.options.model_validate(fields)
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])}
+             for e in error.errors(include_url=False, include_context=False)]
+        ) from None
 
 
 def _reject_constant(name: str) -> None:
@@ -86,33 +73,34 @@ def _reject_constant(name: str) -> None:
 
 async def read_json(request: Request, content_type: str) -> dict:
     body = await request.body()
+    if len(body) > MAX_JSON_BYTES:
+        raise HTTPException(413, f"The JSON body is larger than {MAX_JSON_BYTES // 1024} KB; "
+                                 "send files as multipart/form-data.")
     try:
         fields = json.loads(body, parse_constant=_reject_constant) if body.strip() else {}
     except (ValueError, RecursionError) as error:
         if content_type and not content_type.startswith("application/json"):
-            raise HTTPException(415, f"Unsupported Content-Type {content_type!r}: "
-                                     + UNSUPPORTED) from None
+            raise HTTPException(415, f"Unsupported Content-Type {content_type!r}: send "
+                                     "application/json, or multipart/form-data with a `file` "
+                                     "field and the options as text fields.") from None
         raise HTTPException(422, f"The body is not valid JSON ({str(error)[:200]}).") from None
     if not isinstance(fields, dict):
         raise HTTPException(422, 'The JSON body must be an object, such as {"data": "hello"}.')
     return fields
 
 
-async def start_job(engine: Engine, submission: Submission) -> Job:
-    """Create the job, store its upload in `out/<id>/input/`, and queue it (QueueFull: 503)."""
-    job = engine.new_job(submission.kind, submission.options)
-    upload = submission.upload
+async def start_job(engine: Engine, submission: Submission, check_input: bool = False) -> Job:
+    """Queue the job (QueueFull: 503). With `check_input`, an upload of the wrong type is 415."""
+    kind = submission.kind
     try:
-        if upload is not None:
-            job.input_path = await run_in_threadpool(
-                storage.save_upload, upload.file, job.out_dir / storage.INPUT_DIR,
-                upload.filename or "upload",
-            )
+        if check_input and submission.upload and kind.check_input:
+            await run_in_threadpool(kind.check_input, submission.upload)
+        job = engine.new_job(kind, submission.options, submission.job_id, submission.upload)
+        engine.submit(job)
+    except UnsupportedInput as error:
+        storage.remove_job_dir(engine.out_dir, submission.job_id)
+        raise HTTPException(415, str(error)) from None
     except BaseException:
-        storage.remove_job_dir(engine.out_dir, job.id)
+        storage.remove_job_dir(engine.out_dir, submission.job_id)
         raise
-    finally:
-        if submission.form is not None:
-            await submission.form.close()
-    engine.submit(job)
     return job

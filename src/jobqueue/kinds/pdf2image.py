@@ -6,7 +6,9 @@ from pdf2image import convert_from_path, pdfinfo_from_path
 from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..jobs import BadInput, Job, JobKind, Output
+from pathlib import Path
+
+from ..jobs import BadInput, Job, JobKind, Output, UnsupportedInput
 from ..settings import DATA_DIR
 
 PDFINFO_TIMEOUT_SECONDS = 30
@@ -18,9 +20,9 @@ class PdfOptions(BaseModel):
     dpi: int = Field(200, ge=10, le=600, description="Resolution of the PNG pages.")
 
 
-def page_count(job: Job) -> int:
+def page_count(path: Path) -> int:
     try:
-        info = pdfinfo_from_path(str(job.input_path), timeout=PDFINFO_TIMEOUT_SECONDS)
+        info = pdfinfo_from_path(str(path), timeout=PDFINFO_TIMEOUT_SECONDS)
     except PDFPageCountError as error:
         reason = str(error).strip().splitlines()[-1]
         raise BadInput(f"The file is not a PDF that poppler can read ({reason}). "
@@ -31,9 +33,20 @@ def page_count(job: Job) -> int:
     return info["Pages"]
 
 
+def check_pdf(path: Path) -> None:
+    with path.open("rb") as file:
+        if file.read(5) != b"%PDF-":
+            raise UnsupportedInput("The upload is not a PDF (it does not start with %PDF-). "
+                                   "Send a PDF document.")
+    try:
+        page_count(path)
+    except BadInput as error:
+        raise UnsupportedInput(str(error)) from None
+
+
 def convert_pdf(job: Job) -> Output:
     options: PdfOptions = job.options
-    pages = page_count(job)
+    pages = page_count(job.input_path)
     digits = max(3, len(str(pages)))
     files = []
     # One page per pdftoppm run, so a cancel is noticed within a page's time.
@@ -60,4 +73,5 @@ KIND = JobKind(
     options=PdfOptions,
     handler=convert_pdf,
     sample=DATA_DIR / "sample.pdf",
+    check_input=check_pdf,
 )

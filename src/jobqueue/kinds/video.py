@@ -6,7 +6,9 @@ import ffmpeg
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import processes
-from ..jobs import BadInput, Job, JobKind, Output
+from pathlib import Path
+
+from ..jobs import BadInput, Job, JobKind, Output, UnsupportedInput
 from ..settings import DATA_DIR
 
 DEFAULT_WIDTH = 640
@@ -51,12 +53,28 @@ def probe(path: str) -> dict:
                        "Send a video file such as MP4, MOV, MKV or WebM.") from None
 
 
+def stream_types(info: dict) -> set[str]:
+    return {stream.get("codec_type") for stream in info["streams"]}
+
+
+NO_VIDEO = "The file has no video stream. Send a video file such as MP4, MOV, MKV or WebM."
+
+
+def check_video(path: Path) -> None:
+    try:
+        info = probe(str(path))
+    except BadInput as error:
+        raise UnsupportedInput(str(error)) from None
+    if "video" not in stream_types(info):
+        raise UnsupportedInput(NO_VIDEO)
+
+
 def resize_video(job: Job) -> Output:
     options: VideoOptions = job.options
     info = probe(str(job.input_path))
-    kinds = {stream.get("codec_type") for stream in info["streams"]}
+    kinds = stream_types(info)
     if "video" not in kinds:
-        raise BadInput("The file has no video stream. Send a video file such as MP4, MOV, MKV or WebM.")
+        raise BadInput(NO_VIDEO)
     duration = float(info.get("format", {}).get("duration") or 0)
     has_audio = "audio" in kinds
 
@@ -97,4 +115,5 @@ KIND = JobKind(
     options=VideoOptions,
     handler=resize_video,
     sample=DATA_DIR / "sample.mp4",
+    check_input=check_video,
 )

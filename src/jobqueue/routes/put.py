@@ -65,9 +65,10 @@ REQUEST_EXAMPLES = {
 @limiter.limit(submit_limit)
 async def put(request: Request, response: Response) -> PutResponse:
     engine: Engine = request.app.state.engine
-    submission = await read_submission(request)
+    settings = request.app.state.settings
+    submission = await read_submission(request, settings)
     job = await start_job(engine, submission)
-    timeout = request.app.state.settings.limits(job.kind.name).timeout
+    timeout = settings.limits(job.kind.name).timeout
     await wait_for_job(request, engine, job, timeout)
     return PutResponse(data=PutData(id=job.id, result=job_result(request, job)))
 

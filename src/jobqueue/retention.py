@@ -1,0 +1,34 @@
+"""Deleting finished jobs and their files once they are older than JOBQUEUE_RESULT_TTL."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from . import storage
+from .settings import Settings
+from .store import JobStore
+
+log = logging.getLogger("jobqueue.retention")
+
+
+def sweep(store: JobStore, settings: Settings) -> int:
+    """Delete expired jobs now; returns how many."""
+    expired = store.finished_before(time.time() - settings.result_ttl)
+    for record in expired:
+        storage.remove_job_dir(settings.out_dir, record.id)
+        store.delete(record.id)
+        log.info("job %s: deleted after the %g s retention", record.id, settings.result_ttl)
+    return len(expired)
+
+
+async def sweep_forever(store: JobStore, settings: Settings) -> None:
+    # A tenth of the TTL keeps expired jobs from lingering long; a minute at most.
+    interval = min(60.0, max(0.5, settings.result_ttl / 10))
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(sweep, store, settings)
+        except Exception:
+            log.exception("retention sweep failed; trying again in %g s", interval)
