@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from . import ratelimit, retention
 from .engine import Engine, QueueFull
 from .kinds import KINDS
-from .routes import files, health, put
+from .routes import files, health, jobs, put
 from .settings import Settings
 from .store import JobStore
 
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, internal_error)
     app.include_router(health.router)
     app.include_router(put.router)
+    app.include_router(jobs.router)
     app.include_router(files.router)
     return app
 

@@ -179,7 +179,9 @@ class Job:
             finished_at=self.finished_at, worker_name=self.worker_name,
             progress={"done": self.progress.done, "total": self.progress.total,
                       "unit": self.progress.unit},
-            error=str(error) if error is not None else None,
+            error=(str(error) if isinstance(error, BadInput) else
+                   f"Job {self.id} failed with an internal error; the server log has the details."
+                   if error is not None else None),
             bad_input=isinstance(error, BadInput),
             result={"data": output.data, "files": [path.name for path in output.files]}
             if output else None,

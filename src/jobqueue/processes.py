@@ -6,13 +6,14 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 
-from .jobs import Job
+from .jobs import BadInput, Job
 
 STDERR_TAIL_BYTES = 2000
 
 
-class ProcessFailed(Exception):
-    """A child process exited with an error; the message carries the tail of its stderr."""
+class ProcessFailed(BadInput):
+    """A child process exited with an error, most often over its input; the message carries
+    the tail of its stderr."""
 
     def __init__(self, program: str, returncode: int, stderr_tail: str):
         super().__init__(f"{program} exited with code {returncode}: {stderr_tail.strip()}")

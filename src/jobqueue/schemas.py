@@ -31,6 +31,49 @@ class PutResponse(CamelModel):
     data: PutData
 
 
+class Links(CamelModel):
+    self_: str = Field(alias="self", examples=["/jobs/0b8f5f6e-3f0a-4c1e-9a57-1f2d3c4b5a69"])
+    events: str
+    result: str
+    cancel: str
+
+
+class Accepted(CamelModel):
+    id: str
+    job_type: str = Field(examples=["pdf2image"])
+    status: str = Field(examples=["queued"])
+    links: Links
+
+
+class ProgressView(CamelModel):
+    done: float = Field(examples=[2])
+    total: float = Field(examples=[4])
+    unit: str = Field(examples=["pages"])
+
+
+class ResultView(CamelModel):
+    data: dict[str, Any]
+    files: list[str] = Field(description="URL of each output file.")
+
+
+class JobView(CamelModel):
+    id: str
+    job_type: str
+    status: str = Field(description="queued, running, succeeded, failed or cancelled")
+    progress: ProgressView
+    queue_position: int | None = Field(None, description="1 = next to start; only while queued")
+    created_at: str = Field(examples=["2026-11-23T10:15:00.123456+00:00"])
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: str | None = Field(None, description="Only when failed")
+    result: ResultView | None = Field(None, description="Only when succeeded")
+
+
+class JobList(CamelModel):
+    items: list[JobView]
+    next: str | None = Field(None, description="URL of the next page; null on the last page")
+
+
 class QueueStats(CamelModel):
     workers: int
     busy: int
@@ -55,7 +98,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error status codes a route can answer."""
     meaning = {
         404: "Unknown job or file.",
-        409: "The job was cancelled before it finished.",
+        409: "The job has not succeeded (yet).",
         413: "The upload is too large.",
         415: "The body is neither JSON nor multipart/form-data.",
         422: "Bad options, unknown jobType, or input the job kind cannot process.",

@@ -1,0 +1,228 @@
+"""Asynchronous jobs: submit (202), status, list, live events, result download and cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.sse import EventSourceResponse
+
+from .. import storage
+from ..engine import Engine
+from ..jobs import Job, JobStatus
+from ..kinds import KINDS
+from ..ratelimit import limiter, submit_limit
+from ..schemas import (Accepted, JobList, JobView, Links, ProgressView, ResultView,
+                       error_responses)
+from ..store import JobRecord
+from ..submission import read_submission, start_job
+from .put import REQUEST_EXAMPLES
+
+router = APIRouter(tags=["async jobs"])
+
+# How long DELETE waits for a running job to stop before it answers.
+CANCEL_WAIT_SECONDS = 5
+
+
+class Found:
+    """A job looked up by id: its record, and the live Job while it has not finished."""
+
+    def __init__(self, record: JobRecord, job: Job | None):
+        self.record = record
+        self.job = job
+
+
+def find_job(job_id: str, request: Request) -> Found:
+    engine: Engine = request.app.state.engine
+    job = engine.active.get(job_id)
+    if job is not None:
+        return Found(job.record(), job)
+    record = request.app.state.store.get(job_id) if storage.is_job_id(job_id) else None
+    if record is None:
+        raise HTTPException(404, f"There is no job {job_id!r}; it may have been deleted.")
+    return Found(record, None)
+
+
+def _time(timestamp: float | None) -> str | None:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat() if timestamp else None
+
+
+def job_view(request: Request, record: JobRecord, job: Job | None = None) -> JobView:
+    engine: Engine = request.app.state.engine
+    succeeded = record.status == JobStatus.SUCCEEDED.value
+    return JobView(
+        id=record.id,
+        job_type=record.job_type,
+        status=record.status,
+        progress=ProgressView(**{"done": 0, "total": 0, "unit": "", **record.progress}),
+        queue_position=engine.queue_position(job) if job else None,
+        created_at=_time(record.created_at),
+        started_at=_time(record.started_at),
+        finished_at=_time(record.finished_at),
+        error=record.error if record.status == JobStatus.FAILED.value else None,
+        result=ResultView(
+            data=record.result["data"],
+            files=[str(request.url_for("job_file", job_id=record.id, name=name))
+                   for name in record.result["files"]],
+        ) if succeeded and record.result else None,
+    )
+
+
+@router.post(
+    "/jobs",
+    status_code=202,
+    summary="Submit a job and come back for it",
+    description="Same body as `POST /put`. Answers at once with the job's id and links; "
+                "an upload of the wrong type is refused with 415 before it is queued.",
+    response_model=Accepted,
+    responses=error_responses(413, 415, 422, 429, 503),
+    openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
+)
+@limiter.limit(submit_limit)
+async def submit_job(request: Request, response: Response) -> Accepted:
+    submission = await read_submission(request, request.app.state.settings)
+    job = await start_job(request.app.state.engine, submission, check_input=True)
+    url = f"/jobs/{job.id}"
+    response.headers["Location"] = url
+    # "queued" even if a worker picked it up meanwhile: that is what was accepted.
+    return Accepted(id=job.id, job_type=job.kind.name, status=JobStatus.QUEUED.value,
+                    links=Links(self_=url, events=f"{url}/events", result=f"{url}/result",
+                                cancel=url))
+
+
+@router.get("/jobs", summary="List jobs, newest first", response_model=JobList,
+            response_model_exclude_none=True, responses=error_responses(422))
+async def list_jobs(
+    request: Request,
+    status: JobStatus | None = Query(None, description="Only jobs with this status"),
+    job_type: str | None = Query(None, alias="jobType", description="Only jobs of this kind"),
+    limit: int = Query(20, ge=1, le=100),
+    offset: int = Query(0, ge=0),
+) -> JobList:
+    if job_type is not None and job_type not in KINDS:
+        raise HTTPException(422, f"Unknown jobType {job_type!r}; valid job types: "
+                                 f"{', '.join(KINDS)}.")
+    records = request.app.state.store.list(status.value if status else None, job_type,
+                                           limit, offset)
+    active = request.app.state.engine.active
+    items = [job_view(request, active[r.id].record(), active[r.id]) if r.id in active
+             else job_view(request, r) for r in records]
+    next_page = None
+    if len(records) == limit:
+        next_page = str(request.url.include_query_params(offset=offset + limit))
+    return JobList(items=items, next=next_page)
+
+
+@router.get("/jobs/{job_id}", summary="A job's status, progress and result",
+            response_model=JobView, response_model_exclude_none=True,
+            responses=error_responses(404))
+async def get_job(request: Request, found: Found = Depends(find_job)) -> JobView:
+    return job_view(request, found.record, found.job)
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    summary="Cancel a job, or delete a finished one and its files",
+    description="A queued job never starts; a running one has its child process killed and "
+                "its partial output removed. A finished job is deleted with its files.",
+    response_model=JobView, response_model_exclude_none=True, responses=error_responses(404),
+)
+async def delete_job(request: Request, found: Found = Depends(find_job)) -> JobView:
+    engine: Engine = request.app.state.engine
+    if found.job is not None:
+        engine.cancel(found.job, "DELETE request")
+        try:
+            async with asyncio.timeout(CANCEL_WAIT_SECONDS):
+                await asyncio.shield(found.job.done)
+        except TimeoutError:
+            pass
+        return job_view(request, found.job.record(), found.job)
+    await run_in_threadpool(storage.remove_job_dir, engine.out_dir, found.record.id)
+    request.app.state.store.delete(found.record.id)
+    return job_view(request, found.record)
+
+
+@router.get("/jobs/{job_id}/events", response_class=EventSourceResponse,
+            summary="Live status and progress as Server-Sent Events",
+            description="One `data:` line of JSON (the same shape as `GET /jobs/{id}`) per "
+                        "change, starting with the current state and ending after the final one.",
+            responses=error_responses(404))
+async def job_events(request: Request, found: Found = Depends(find_job)) -> AsyncIterator[dict]:
+    job = found.job
+    if job is None:
+        yield job_view(request, found.record).model_dump(by_alias=True, exclude_none=True)
+        return
+    changes = job.listen()
+    try:
+        while True:
+            finished = job.status.finished
+            yield job_view(request, job.record(), job).model_dump(by_alias=True,
+                                                                  exclude_none=True)
+            if finished:
+                return
+            await changes.get()
+    finally:
+        job.unlisten(changes)
+
+
+@router.get(
+    "/jobs/{job_id}/result",
+    summary="Download the result",
+    description="Several output files (pdf2image pages) come as one zip, a single file "
+                "(video) as itself, both as attachments; a job without files (message) "
+                "answers its JSON result. 409 until the job has succeeded.",
+    responses={200: {"content": {"application/zip": {}, "video/mp4": {},
+                                 "application/json": {}}},
+               **error_responses(404, 409)},
+)
+async def job_result(request: Request, found: Found = Depends(find_job)) -> Response:
+    record = found.record
+    if record.status != JobStatus.SUCCEEDED.value or record.result is None:
+        reason = f": {record.error}" if record.error else ""
+        raise HTTPException(409, f"Job {record.id} is {record.status}{reason}; the result "
+                                 "is ready once it has succeeded.")
+    folder = storage.job_dir(request.app.state.settings.out_dir, record.id)
+    files = [folder / name for name in record.result["files"]]
+    if not files:
+        return JSONResponse(record.result["data"])
+    if len(files) == 1:
+        return FileResponse(files[0], filename=f"{record.job_type}-{record.id}{files[0].suffix}")
+    return StreamingResponse(
+        zip_stream(files), media_type="application/zip",
+        headers={"Content-Disposition":
+                 f'attachment; filename="{record.job_type}-{record.id}.zip"'},
+    )
+
+
+class _Chunks:
+    """A write-only file for zipfile that hands back what was written since the last take()."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data, self._parts = b"".join(self._parts), []
+        return data
+
+
+def zip_stream(files: list[Path]) -> Iterator[bytes]:
+    """A zip of `files`, produced one file at a time (PNGs are compressed already: stored)."""
+    chunks = _Chunks()
+    with zipfile.ZipFile(chunks, "w", zipfile.ZIP_STORED) as archive:
+        for path in files:
+            archive.write(path, path.name)
+            yield chunks.take()
+    yield chunks.take()
