@@ -1,0 +1,45 @@
+"""How long a job-store write holds the event loop: p50/p99/max of JobStore.save, get and list.
+
+Run: .venv/bin/python bench/store_writes.py
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from jobqueue.store import JobRecord, JobStore  # noqa: E402
+
+ROUNDS = 2000
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    return sorted(samples)[int(fraction * (len(samples) - 1))] * 1e6
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        store = JobStore(Path(folder) / "jobs.db")
+        saves, gets, lists = [], [], []
+        for _ in range(ROUNDS):
+            record = JobRecord(id=str(uuid.uuid4()), job_type="message", status="queued",
+                               options={"data": "x" * 100, "seconds": 3}, input_path=None,
+                               created_at=time.time())
+            for samples, call in ((saves, lambda: store.save(record)),
+                                  (gets, lambda: store.get(record.id)),
+                                  (lists, lambda: store.list(limit=20))):
+                started = time.perf_counter()
+                call()
+                samples.append(time.perf_counter() - started)
+        print("| call | p50 µs | p99 µs | max µs |\n|---|---|---|---|")
+        for name, samples in (("save", saves), ("get", gets), ("list 20", lists)):
+            print(f"| {name} | {percentile(samples, .5):.0f} | {percentile(samples, .99):.0f} "
+                  f"| {max(samples) * 1e6:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
