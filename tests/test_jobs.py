@@ -218,3 +218,21 @@ def test_restart_after_kill_9_runs_every_accepted_job(tmp_path):
         assert starts == sorted(starts), "recovered in their original order"
         assert finished[3]["result"]["data"]["pages"] == 4
         assert "queued again after a restart" in server.log()
+
+
+def test_bad_ids_params_and_bodies_are_4xx(client):
+    unknown = "8d3c4a5e-2f1b-4c6d-9e7f-0a1b2c3d4e5f"
+    for path in (f"/jobs/{unknown}", f"/jobs/{unknown}/events", f"/jobs/{unknown}/result",
+                 "/jobs/not-a-uuid", "/jobs/not-a-uuid/events"):
+        assert client.get(path).status_code == 404, path
+    assert client.delete(f"/jobs/{unknown}").status_code == 404
+    for query in ("offset=99999999999999999999", "limit=0", "limit=101", "jobType=ocr"):
+        assert client.get(f"/jobs?{query}").status_code == 422, query
+    cut_off = (b"--b\r\nContent-Disposition: form-data; name=\"jobType\"\r\n\r\nvideo\r\n"
+               b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.mp4\"\r\n\r\n"
+               b"half a vid")
+    response = client.post("/jobs", content=cut_off,
+                           headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 400 and "cut off" in response.json()["detail"]
+    too_big = client.post("/jobs", json={"data": "x" * 2 * 1024 * 1024})
+    assert too_big.status_code == 413

@@ -37,10 +37,9 @@ class QueueFull(Exception):
 class WorkerPool:
     """One job kind's bounded queue and the threads that take jobs from it."""
 
-    def __init__(self, kind: JobKind, limits: KindLimits, out_dir: Path, store: JobStore):
+    def __init__(self, kind: JobKind, limits: KindLimits, store: JobStore):
         self.kind = kind
         self.limits = limits
-        self.out_dir = out_dir
         self.store = store
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=limits.queue_size)
         self.threads: list[threading.Thread] = []
@@ -105,6 +104,14 @@ class WorkerPool:
             except ValueError:
                 return
             self.queue.not_full.notify()
+        self._tell_waiting_jobs()
+
+    def _tell_waiting_jobs(self) -> None:
+        """The queue moved: event streams of waiting jobs show their new position."""
+        with self.queue.mutex:
+            waiting = [job for job in self.queue.queue if job is not None]
+        for job in waiting:
+            job.changed()
 
     def stop(self) -> None:
         """Stop the threads. Queued jobs stay queued in the store and running ones are told to
@@ -118,6 +125,8 @@ class WorkerPool:
         with self._lock:
             running = list(self.running)
         for job in running:
+            if not job.cancel_requested.is_set():  # not cancelled by a client: run it again
+                job.rerun_after_restart = True
             job.cancel()
         for _ in self.threads:
             self.queue.put(None)
@@ -137,8 +146,9 @@ class WorkerPool:
                 if self.closed or not job.start(worker_name):
                     continue  # cancelled while it waited, or left for after a restart
                 self.running.add(job)
-            self.store.save(job.record())
+            self._tell_waiting_jobs()
             try:
+                self.store.save(job.record())
                 self._run(job)
             except BaseException as error:  # only a bug gets here; the thread keeps serving
                 log.exception("job %s: engine error", job.id)
@@ -165,12 +175,6 @@ class WorkerPool:
             else:
                 job.finish(JobStatus.SUCCEEDED, output=output)
         seconds = job.finished_at - job.started_at
-        if job.status is JobStatus.CANCELLED and self.closed:
-            log.info("job %s: stopped by shutdown; it runs again after a restart", job.id)
-            return
-        if job.status is JobStatus.CANCELLED:
-            storage.remove_job_dir(self.out_dir, job.id)
-        self.store.save(job.record())
         self._average_seconds = 0.8 * self._average_seconds + 0.2 * seconds
         log.info("job %s: %s after %.3f s", job.id, job.status.value, seconds)
 
@@ -183,7 +187,7 @@ class Engine:
         self.kinds = kinds
         self.store = store
         self.pools = {
-            name: WorkerPool(kind, settings.limits(name), settings.out_dir, store)
+            name: WorkerPool(kind, settings.limits(name), store)
             for name, kind in kinds.items()
         }
         self.active: dict[str, Job] = {}
@@ -201,14 +205,24 @@ class Engine:
             pool.stop()
 
     def new_job(self, kind: JobKind, options: BaseModel, job_id: str | None = None,
-                input_path: Path | None = None) -> Job:
+                input_path: Path | None = None, origin: str = "jobs") -> Job:
         """A job not yet queued; call from the event loop."""
         loop = asyncio.get_running_loop()
         job_id = job_id or storage.new_job_id()
         out_dir = storage.job_dir(self.out_dir, job_id)
         out_dir.mkdir(parents=True, exist_ok=True)
         return Job(id=job_id, kind=kind, options=options, out_dir=out_dir,
-                   input_path=input_path or kind.sample, loop=loop, done=loop.create_future())
+                   input_path=input_path or kind.sample, loop=loop, done=loop.create_future(),
+                   origin=origin, on_finish=self._record_end)
+
+    def _record_end(self, job: Job) -> None:
+        """Store how a job ended (on whichever thread ended it) before waiters hear of it."""
+        if job.rerun_after_restart:
+            log.info("job %s: stopped by shutdown; it runs again after a restart", job.id)
+            return
+        if job.status is JobStatus.CANCELLED:
+            storage.remove_job_dir(self.out_dir, job.id)  # partial output is no use to anyone
+        self.store.save(job.record())
 
     def submit(self, job: Job) -> None:
         """Record and queue the job; QueueFull (and its folder removed) when there is no room."""
@@ -230,9 +244,6 @@ class Engine:
         log.info("job %s: cancelling %s job (%s)", job.id, found.value, reason)
         if found is JobStatus.QUEUED:
             self.pools[job.kind.name].discard(job)
-            storage.remove_job_dir(self.out_dir, job.id)
-            self.store.save(job.record())
-        # A running job's worker removes its folder and records it once the handler stopped.
 
     def queue_position(self, job: Job) -> int | None:
         return self.pools[job.kind.name].position(job)
@@ -246,6 +257,11 @@ class Engine:
 
     def _recover(self, record: JobRecord) -> None:
         """Queue a job again from its start, its partial output discarded."""
+        if record.origin == "put":  # its client was answered or dropped when the server went
+            record.status, record.finished_at = JobStatus.CANCELLED.value, time.time()
+            storage.remove_job_dir(self.out_dir, record.id)
+            self.store.save(record)
+            return
         kind = self.kinds.get(record.job_type)
         try:
             options = kind.options.model_validate(record.options) if kind else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import threading
 import time
@@ -15,6 +16,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from .store import JobRecord
+
+log = logging.getLogger("jobqueue.jobs")
 
 
 class JobStatus(str, Enum):
@@ -94,7 +97,13 @@ class Job:
     progress: Progress = field(default_factory=Progress)
     output: Output | None = None
     error: BaseException | None = None
+    # "put" for a client waiting on /put, "jobs" for POST /jobs.
+    origin: str = "jobs"
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    # Set when shutdown stops the job: it is left as it was, to run again after a restart.
+    rerun_after_restart: bool = False
+    # Called from whichever thread finishes the job, before the loop side hears of it.
+    on_finish: Callable[[Job], None] | None = None
     _processes: set[subprocess.Popen] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # One queue per event-stream listener; touched only on the loop.
@@ -108,14 +117,17 @@ class Job:
             self.status = JobStatus.RUNNING
             self.started_at = time.time()
             self.worker_name = worker_name
-        self._changed()
+        self.changed()
         return True
 
     def finish(self, status: JobStatus, output: Output | None = None,
                error: BaseException | None = None) -> bool:
         """Move to a finished status once; later calls change nothing and return False."""
         with self._lock:
-            return self._finish_locked(status, output, error)
+            if not self._finish_locked(status, output, error):
+                return False
+        self._finished()
+        return True
 
     def cancel(self) -> JobStatus:
         """Ask the job to stop: a queued job ends now, a running one has its child processes
@@ -123,11 +135,12 @@ class Job:
         self.cancel_requested.set()
         with self._lock:
             found = self.status
-            if found is JobStatus.QUEUED:
-                self._finish_locked(JobStatus.CANCELLED)
+            ended_here = found is JobStatus.QUEUED and self._finish_locked(JobStatus.CANCELLED)
             processes = list(self._processes)
         for process in processes:
             process.kill()
+        if ended_here:
+            self._finished()
         return found
 
     def _finish_locked(self, status: JobStatus, output: Output | None = None,
@@ -138,12 +151,19 @@ class Job:
         self.finished_at = time.time()
         self.output = output
         self.error = error
-        self._changed()
         return True
+
+    def _finished(self) -> None:
+        if self.on_finish is not None:
+            try:
+                self.on_finish(self)
+            except Exception:  # recording must not keep waiters from hearing the job ended
+                log.exception("job %s: could not record its end", self.id)
+        self.changed()
 
     def set_progress(self, done: float, total: float, unit: str) -> None:
         self.progress = Progress(done, total, unit)
-        self._changed()
+        self.changed()
 
     def listen(self) -> asyncio.Queue[None]:
         """A queue that gets an item whenever the job changes; call on the loop, then `unlisten`."""
@@ -154,7 +174,7 @@ class Job:
     def unlisten(self, changes: asyncio.Queue[None]) -> None:
         self._listeners.discard(changes)
 
-    def _changed(self) -> None:
+    def changed(self) -> None:
         """Wake the loop side from any thread: the `done` future and event-stream listeners."""
         try:
             self.loop.call_soon_threadsafe(self._notify_loop)
@@ -170,6 +190,10 @@ class Job:
 
     def record(self) -> JobRecord:
         """The job as the store keeps it."""
+        with self._lock:
+            return self._record_locked()
+
+    def _record_locked(self) -> JobRecord:
         output, error = self.output, self.error
         return JobRecord(
             id=self.id, job_type=self.kind.name, status=self.status.value,
@@ -185,6 +209,7 @@ class Job:
             bad_input=isinstance(error, BadInput),
             result={"data": output.data, "files": [path.name for path in output.files]}
             if output else None,
+            origin=self.origin,
         )
 
     def raise_if_cancelled(self) -> None:

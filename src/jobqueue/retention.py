@@ -17,8 +17,8 @@ def sweep(store: JobStore, settings: Settings) -> int:
     """Delete expired jobs now; returns how many."""
     expired = store.finished_before(time.time() - settings.result_ttl)
     for record in expired:
+        store.delete(record.id)  # first, so nobody is sent to missing files
         storage.remove_job_dir(settings.out_dir, record.id)
-        store.delete(record.id)
         log.info("job %s: deleted after the %g s retention", record.id, settings.result_ttl)
     return len(expired)
 

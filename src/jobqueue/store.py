@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress TEXT,
     error TEXT,
     bad_input INTEGER NOT NULL DEFAULT 0,
-    result TEXT
+    result TEXT,
+    origin TEXT NOT NULL DEFAULT 'jobs'
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
@@ -53,6 +54,7 @@ class JobRecord:
     error: str | None = None
     bad_input: bool = False
     result: dict[str, Any] | None = None
+    origin: str = "jobs"  # "put" when a client waited on /put for it
 
 
 class JobStore:

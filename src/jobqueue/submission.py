@@ -72,10 +72,12 @@ def _reject_constant(name: str) -> None:
 
 
 async def read_json(request: Request, content_type: str) -> dict:
-    body = await request.body()
-    if len(body) > MAX_JSON_BYTES:
-        raise HTTPException(413, f"The JSON body is larger than {MAX_JSON_BYTES // 1024} KB; "
-                                 "send files as multipart/form-data.")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_JSON_BYTES:
+            raise HTTPException(413, f"The JSON body is larger than {MAX_JSON_BYTES // 1024} KB;"
+                                     " send files as multipart/form-data.")
     try:
         fields = json.loads(body, parse_constant=_reject_constant) if body.strip() else {}
     except (ValueError, RecursionError) as error:
@@ -89,13 +91,16 @@ async def read_json(request: Request, content_type: str) -> dict:
     return fields
 
 
-async def start_job(engine: Engine, submission: Submission, check_input: bool = False) -> Job:
-    """Queue the job (QueueFull: 503). With `check_input`, an upload of the wrong type is 415."""
+async def start_job(engine: Engine, submission: Submission, origin: str,
+                    check_input: bool = False) -> Job:
+    """Queue the job (QueueFull: 503). With `check_input`, an upload of the wrong type is 415.
+    `origin` is "put" for a client that waits for the result, "jobs" for one that comes back."""
     kind = submission.kind
     try:
         if check_input and submission.upload and kind.check_input:
             await run_in_threadpool(kind.check_input, submission.upload)
-        job = engine.new_job(kind, submission.options, submission.job_id, submission.upload)
+        job = engine.new_job(kind, submission.options, submission.job_id, submission.upload,
+                             origin)
         engine.submit(job)
     except UnsupportedInput as error:
         storage.remove_job_dir(engine.out_dir, submission.job_id)

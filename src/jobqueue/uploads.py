@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import HTTPException, Request
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from . import storage
 
@@ -116,6 +116,9 @@ async def read_multipart(request: Request, folder: Path,
         async for chunk in stream:
             parser.write(chunk)
         parser.finalize()
+        if parser.state != MultipartState.END:
+            raise HTTPException(400, "The multipart body ends before its closing boundary; "
+                                     "the upload was cut off.")
     except UploadTooLarge:
         form.close()  # before the unlink
         if form.file_path:

@@ -87,7 +87,7 @@ def job_view(request: Request, record: JobRecord, job: Job | None = None) -> Job
 @limiter.limit(submit_limit)
 async def submit_job(request: Request, response: Response) -> Accepted:
     submission = await read_submission(request, request.app.state.settings)
-    job = await start_job(request.app.state.engine, submission, check_input=True)
+    job = await start_job(request.app.state.engine, submission, origin="jobs", check_input=True)
     url = f"/jobs/{job.id}"
     response.headers["Location"] = url
     # "queued" even if a worker picked it up meanwhile: that is what was accepted.
@@ -103,7 +103,7 @@ async def list_jobs(
     status: JobStatus | None = Query(None, description="Only jobs with this status"),
     job_type: str | None = Query(None, alias="jobType", description="Only jobs of this kind"),
     limit: int = Query(20, ge=1, le=100),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=2**62),
 ) -> JobList:
     if job_type is not None and job_type not in KINDS:
         raise HTTPException(422, f"Unknown jobType {job_type!r}; valid job types: "
@@ -143,8 +143,8 @@ async def delete_job(request: Request, found: Found = Depends(find_job)) -> JobV
         except TimeoutError:
             pass
         return job_view(request, found.job.record(), found.job)
+    request.app.state.store.delete(found.record.id)  # first, so nobody is sent to missing files
     await run_in_threadpool(storage.remove_job_dir, engine.out_dir, found.record.id)
-    request.app.state.store.delete(found.record.id)
     return job_view(request, found.record)
 
 
@@ -189,6 +189,8 @@ async def job_result(request: Request, found: Found = Depends(find_job)) -> Resp
                                  "is ready once it has succeeded.")
     folder = storage.job_dir(request.app.state.settings.out_dir, record.id)
     files = [folder / name for name in record.result["files"]]
+    if not all(path.is_file() for path in files):
+        raise HTTPException(404, f"The files of job {record.id} have been deleted.")
     if not files:
         return JSONResponse(record.result["data"])
     if len(files) == 1:

@@ -67,7 +67,7 @@ async def put(request: Request, response: Response) -> PutResponse:
     engine: Engine = request.app.state.engine
     settings = request.app.state.settings
     submission = await read_submission(request, settings)
-    job = await start_job(engine, submission)
+    job = await start_job(engine, submission, origin="put")
     timeout = settings.limits(job.kind.name).timeout
     await wait_for_job(request, engine, job, timeout)
     return PutResponse(data=PutData(id=job.id, result=job_result(request, job)))
