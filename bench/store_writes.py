@@ -29,11 +29,11 @@ def main() -> None:
             record = JobRecord(id=str(uuid.uuid4()), job_type="message", status="queued",
                                options={"data": "x" * 100, "seconds": 3}, input_path=None,
                                created_at=time.time())
-            for samples, call in ((saves, lambda: store.save(record)),
-                                  (gets, lambda: store.get(record.id)),
-                                  (lists, lambda: store.list(limit=20))):
+            for samples, call, args in ((saves, store.save, (record,)),
+                                        (gets, store.get, (record.id,)),
+                                        (lists, store.list, ())):
                 started = time.perf_counter()
-                call()
+                call(*args)
                 samples.append(time.perf_counter() - started)
         print("| call | p50 µs | p99 µs | max µs |\n|---|---|---|---|")
         for name, samples in (("save", saves), ("get", gets), ("list 20", lists)):

@@ -7,7 +7,7 @@ import uuid
 
 import httpx
 
-from conftest import DATA, Server
+from conftest import DATA
 from media import pdf_page_points, png_size, probe_streams
 
 
@@ -136,7 +136,7 @@ def test_files_unknown_and_traversal_are_404(client):
     assert client.get(f"/jobs/{uuid.uuid4()}/files/page-001.png").status_code == 404
     assert client.get(f"/jobs/{job_id}/files/input").status_code == 404
     for path in (f"/jobs/{job_id}/files/..%2F..%2Fpyproject.toml",
-                 f"/jobs/..%2F..%2F/files/pyproject.toml",
+                 "/jobs/..%2F..%2F/files/pyproject.toml",
                  f"/jobs/{job_id}/files/%2E%2E",
                  "/jobs/not-a-uuid/files/page-001.png"):
         response = client.get(path)

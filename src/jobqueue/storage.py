@@ -12,7 +12,6 @@ import shutil
 import unicodedata
 import uuid
 from pathlib import Path
-from typing import BinaryIO
 
 INPUT_DIR = "input"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -54,15 +53,6 @@ def output_file(out_dir: Path, job_id: str, name: str) -> Path | None:
         return None
     path = out_dir / job_id / name
     return path if path.is_file() else None
-
-
-def save_upload(source: BinaryIO, folder: Path, filename: str) -> Path:
-    """Copy an uploaded file into `folder` under a sanitized name and return its path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / safe_name(filename)
-    with path.open("wb") as target:
-        shutil.copyfileobj(source, target, 1024 * 1024)
-    return path
 
 
 def remove_job_dir(out_dir: Path, job_id: str) -> None:
