@@ -1,5 +1,6 @@
 # make run   - install what is missing, then serve on 127.0.0.1:8000
 # make test  - install what is missing, then run the test suite
+# make bench - run the benchmarks, write bench/results/latest.md and latest.png
 # make setup - only install: .venv with requirements, and poppler-utils + ffmpeg via apt-get
 
 PYTHON ?= python3
@@ -7,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages run test samples clean
+.PHONY: setup system-packages run test bench samples clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -29,6 +30,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m pip install -q -r requirements-bench.txt
+	cd bench && ../$(PY) run.py $(BENCH_ARGS)
 
 samples: setup
 	$(PY) data/make_samples.py

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import subprocess
 import uuid
 
 import httpx
@@ -51,6 +52,7 @@ def assert_video(client: httpx.Client, result: dict, tmp_path, width: int, heigh
     assert streams["video"]["codec_name"] == "h264"
     assert "audio" in streams, "the audio track was dropped"
     assert result["data"]["audio"] is True
+    assert (result["data"]["width"], result["data"]["height"]) == (width, height)
 
 
 def test_message_json_is_the_default_kind(client):
@@ -208,3 +210,20 @@ def test_content_type_is_matched_case_insensitively(client):
     request.headers["Content-Type"] = request.headers["Content-Type"].replace(
         "multipart/form-data", "Multipart/Form-Data")
     assert client.send(request).status_code == 200
+
+
+def test_reported_size_matches_ffmpeg_for_odd_aspect_ratios(client, tmp_path):
+    """The summary's width and height are computed, not probed: check them against ffprobe."""
+    clip = tmp_path / "odd.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
+                    "testsrc2=size=718x404:rate=10:duration=1", "-pix_fmt", "yuv420p",
+                    "-metadata:s:v", "rotate=90", str(clip)], check=True)
+    for options in ({"width": "300"}, {"height": "202"}, {"width": "100", "height": "60"}):
+        with open(clip, "rb") as video:
+            result = result_of(client.post("/put", data={"jobType": "video", **options},
+                                           files={"file": ("odd.mp4", video)}))
+        path = tmp_path / "out.mp4"
+        path.write_bytes(client.get(result["files"][0]).content)
+        probed = probe_streams(path)["video"]
+        assert (result["data"]["width"], result["data"]["height"]) == (
+            probed["width"], probed["height"]), options

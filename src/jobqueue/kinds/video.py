@@ -36,6 +36,16 @@ class VideoOptions(BaseModel):
             raise ValueError("must be an even number (H.264 needs even sizes)")
         return value
 
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size ffmpeg's scale filter gives a `width` x `height` frame: -2 is the other side
+        times the aspect ratio, rounded to the nearest even number (scale_eval.c)."""
+        out_w, out_h = self.scale()
+        if out_w < 0:
+            out_w = round(out_h * width / (height * 2)) * 2
+        if out_h < 0:
+            out_h = round(out_w * height / (width * 2)) * 2
+        return out_w, out_h
+
     def scale(self) -> tuple[int, int]:
         """The scale filter's width and height; -2 keeps the aspect ratio at an even size."""
         if self.width is None and self.height is None:
@@ -69,6 +79,28 @@ def check_video(path: Path) -> None:
         raise UnsupportedInput(NO_VIDEO)
 
 
+def _rotation(video: dict) -> int:
+    for side_data in video.get("side_data_list", []):
+        if "rotation" in side_data:
+            return int(side_data["rotation"]) % 360
+    return int(video.get("tags", {}).get("rotate", 0)) % 360
+
+
+def ffmpeg_command(source: str, target: str, scale: tuple[int, int], audio: bool) -> list[str]:
+    """The ffmpeg command line of a resize (bench/video.py runs the same one)."""
+    stream = ffmpeg.input(source, **INPUT_OPTIONS)
+    streams = [stream.video.filter("scale", *scale)]
+    if audio:
+        streams.append(stream.audio)
+    return (
+        ffmpeg.output(*streams, target, vcodec="libx264", preset="veryfast", crf=23,
+                      pix_fmt="yuv420p", acodec="aac", movflags="+faststart")
+        .global_args("-nostdin", "-nostats", "-loglevel", "error")
+        .overwrite_output()
+        .compile()
+    )
+
+
 def resize_video(job: Job) -> Output:
     options: VideoOptions = job.options
     info = probe(str(job.input_path))
@@ -77,19 +109,14 @@ def resize_video(job: Job) -> Output:
         raise BadInput(NO_VIDEO)
     duration = float(info.get("format", {}).get("duration") or 0)
     has_audio = "audio" in kinds
+    video = next(s for s in info["streams"] if s.get("codec_type") == "video")
+    width, height = video["width"], video["height"]
+    if _rotation(video) in (90, 270):  # ffmpeg turns the frames upright before scaling
+        width, height = height, width
 
-    source = ffmpeg.input(str(job.input_path), **INPUT_OPTIONS)
-    streams = [source.video.filter("scale", *options.scale())]
-    if has_audio:
-        streams.append(source.audio)
     target = job.out_dir / OUTPUT_NAME
-    args = (
-        ffmpeg.output(*streams, str(target), vcodec="libx264", preset="veryfast", crf=23,
-                      pix_fmt="yuv420p", acodec="aac", movflags="+faststart")
-        .global_args("-nostdin", "-nostats", "-loglevel", "error", "-progress", "pipe:1")
-        .overwrite_output()
-        .compile()
-    )
+    args = ffmpeg_command(str(job.input_path), str(target), options.scale(), has_audio)
+    args[1:1] = ["-progress", "pipe:1"]
 
     def on_progress(line: str) -> None:
         # ffmpeg -progress prints key=value lines; out_time_us is the encoded position.
@@ -101,9 +128,9 @@ def resize_video(job: Job) -> Output:
     processes.run(job, args, on_line=on_progress)
     job.set_progress(round(duration, 2), round(duration, 2), "seconds")
 
-    result = next(s for s in probe(str(target))["streams"] if s.get("codec_type") == "video")
+    out_width, out_height = options.output_size(width, height)
     return Output(
-        data={"width": result["width"], "height": result["height"],
+        data={"width": out_width, "height": out_height,
               "durationSeconds": round(duration, 3), "audio": has_audio},
         files=[target],
     )

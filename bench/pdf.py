@@ -1,0 +1,61 @@
+"""pdf: 4 concurrent /put pdf2image uploads against pdftoppm alone, 4 runs two at a time."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import subprocess
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from statistics import median
+
+from common import SHARED, server, spread, table, timed
+
+CONCURRENT = 4
+DPI = 200
+
+
+def engine_alone(pdf: Path) -> None:
+    """pdftoppm on the same file CONCURRENT times, two at a time (one per core)."""
+    with tempfile.TemporaryDirectory() as folder:
+        def convert(n: int) -> None:
+            subprocess.run(["pdftoppm", "-r", str(DPI), "-png", str(pdf), f"{folder}/run{n}"],
+                           check=True)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(convert, range(CONCURRENT)))
+
+
+def through_server(url: str, pdf: Path) -> None:
+    def put(_: int) -> None:
+        with open(pdf, "rb") as file:
+            response = httpx.post(f"{url}/put", data={"jobType": "pdf2image", "dpi": str(DPI)},
+                                  files={"file": (pdf.name, file)}, timeout=600)
+        response.raise_for_status()
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENT) as pool:
+        list(pool.map(put, range(CONCURRENT)))
+
+
+def page_count(pdf: Path) -> int:
+    info = subprocess.run(["pdfinfo", str(pdf)], capture_output=True, text=True, check=True)
+    return int(next(l.split()[1] for l in info.stdout.splitlines() if l.startswith("Pages:")))
+
+
+def run(runs: int, pdf: Path = SHARED / "regal-17pages.pdf") -> dict:
+    pages = page_count(pdf) * CONCURRENT
+    with server(pdf2image_timeout=3600) as srv:
+        served = [timed(through_server, srv.url, pdf) for _ in range(runs)]
+    alone = [timed(engine_alone, pdf) for _ in range(runs)]
+    ratio = median(served) / median(alone)
+    text = table(
+        ["pdf: 4 × " + pdf.name + f" at {DPI} dpi", "wall s, median (min–max)", "pages/s"],
+        [["jobqueue /put", spread(served), f"{pages / median(served):.2f}"],
+         ["pdftoppm alone, 2 at a time", spread(alone), f"{pages / median(alone):.2f}"],
+         ["ratio server / engine (target ≤ 1.35)", f"{ratio:.2f}", ""]])
+    return {"name": "pdf", "text": text, "ratio": ratio,
+            "chart": ("pdf wall s", median(served), median(alone))}
+
+
+if __name__ == "__main__":
+    print(run(3)["text"])

@@ -1,0 +1,77 @@
+"""Run every benchmark, print the tables and write bench/results/latest.md and latest.png.
+
+Run: make bench   (or .venv/bin/python bench/run.py [--runs N] [--smoke])
+--smoke runs each benchmark once on tiny input, only to prove the scripts still work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import overhead
+import pdf
+import responsiveness
+import upload
+import video
+from common import ROOT
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def chart(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = [r["chart"] for r in results if "chart" in r]
+    figure, axes = plt.subplots(1, len(pairs), figsize=(4 * len(pairs), 3.5))
+    for axis, (label, served, alone) in zip(list(figure.axes) or [axes], pairs):
+        axis.bar(["jobqueue", "engine alone"], [served, alone], color=["#3b6ea5", "#9aa5b1"])
+        axis.set_title(f"{label} (ratio {served / alone:.2f})")
+        axis.set_ylabel("seconds, median")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
+    parser.add_argument("--smoke", action="store_true", help="tiny inputs, one run each")
+    args = parser.parse_args()
+
+    if args.smoke:
+        sample = ROOT / "data" / "sample.pdf"
+        plan = [lambda: pdf.run(1, pdf=sample), lambda: video.run(1, seconds=2),
+                lambda: overhead.run(1, requests=64),
+                lambda: responsiveness.run(1, seconds=1, pdf=sample, clip_seconds=2),
+                lambda: upload.run(1, megabytes=8)]
+    else:
+        plan = [lambda: pdf.run(args.runs), lambda: video.run(args.runs),
+                lambda: overhead.run(args.runs), lambda: responsiveness.run(args.runs),
+                lambda: upload.run(args.runs)]
+    results = []
+    for benchmark in plan:
+        started = time.monotonic()
+        result = benchmark()
+        print(result["text"], f"\n\n({result['name']}: {time.monotonic() - started:.0f} s)\n",
+              flush=True)
+        results.append(result)
+
+    heading = (f"# Benchmarks\n\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+               f"{platform.python_version()}, runs per measurement: {1 if args.smoke else args.runs}"
+               f"{' (smoke run: tiny inputs)' if args.smoke else ''}\n")
+    RESULTS.mkdir(exist_ok=True)
+    name = "smoke" if args.smoke else "latest"
+    (RESULTS / f"{name}.md").write_text(
+        heading + "\n" + "\n\n".join(r["text"] for r in results) + "\n")
+    chart(results, RESULTS / f"{name}.png")
+    print(f"wrote {RESULTS / (name + '.md')} and {RESULTS / (name + '.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""The benchmark scripts still run: each once, on tiny input (timings are not checked here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_every_benchmark_runs_on_tiny_input():
+    result = subprocess.run([sys.executable, "run.py", "--smoke"], cwd=ROOT / "bench",
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (ROOT / "bench" / "results" / "smoke.md").read_text()
+    for heading in ("pdf: 4 ×", "video:", "clients", "responsiveness:", "upload memory:"):
+        assert heading in report, heading
+    assert "| answer | 415 |" in report, "the upload benchmark streamed its whole body"
+    assert (ROOT / "bench" / "results" / "smoke.png").stat().st_size > 1000
