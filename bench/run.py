@@ -29,8 +29,8 @@ def chart(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     pairs = [r["chart"] for r in results if "chart" in r]
-    figure, axes = plt.subplots(1, len(pairs), figsize=(4 * len(pairs), 3.5))
-    for axis, (label, served, alone) in zip(list(figure.axes) or [axes], pairs):
+    figure, _ = plt.subplots(1, len(pairs), figsize=(4 * len(pairs), 3.5))
+    for axis, (label, served, alone) in zip(figure.axes, pairs, strict=True):
         axis.bar(["jobqueue", "engine alone"], [served, alone], color=["#3b6ea5", "#9aa5b1"])
         axis.set_title(f"{label} (ratio {served / alone:.2f})")
         axis.set_ylabel("seconds, median")
@@ -51,7 +51,7 @@ def main() -> None:
                 lambda: responsiveness.run(1, seconds=1, pdf=sample, clip_seconds=2),
                 lambda: upload.run(1, megabytes=8)]
     else:
-        plan = [lambda: pdf.run(args.runs), lambda: video.run(args.runs),
+        plan = [lambda: pdf.run(args.runs), lambda: video.run(max(args.runs, 7)),
                 lambda: overhead.run(args.runs), lambda: responsiveness.run(args.runs),
                 lambda: upload.run(args.runs)]
     results = []

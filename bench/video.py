@@ -17,7 +17,7 @@ WIDTH = 640
 
 def engine_alone(clip: Path) -> None:
     with tempfile.TemporaryDirectory() as folder:
-        subprocess.run(ffmpeg_command(str(clip), f"{folder}/out.mp4", (WIDTH, -2), True),
+        subprocess.run(ffmpeg_command(str(clip), f"{folder}/out.mp4", (WIDTH, -2)),
                        check=True)
 
 

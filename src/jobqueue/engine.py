@@ -147,8 +147,9 @@ class WorkerPool:
                     continue  # cancelled while it waited, or left for after a restart
                 self.running.add(job)
             self._tell_waiting_jobs()
+            # Not stored as running: the loop serves live jobs from memory, and after a crash
+            # queued and running jobs are recovered alike. One write less per job.
             try:
-                self.store.save(job.record())
                 self._run(job)
             except BaseException as error:  # only a bug gets here; the thread keeps serving
                 log.exception("job %s: engine error", job.id)
@@ -183,6 +184,7 @@ class Engine:
     """All worker pools, keyed by job kind name, and the jobs that have not finished yet."""
 
     def __init__(self, settings: Settings, kinds: dict[str, JobKind], store: JobStore):
+        self.settings = settings
         self.out_dir = settings.out_dir
         self.kinds = kinds
         self.store = store
@@ -213,7 +215,7 @@ class Engine:
         out_dir.mkdir(parents=True, exist_ok=True)
         return Job(id=job_id, kind=kind, options=options, out_dir=out_dir,
                    input_path=input_path or kind.sample, loop=loop, done=loop.create_future(),
-                   origin=origin, on_finish=self._record_end)
+                   origin=origin, settings=self.settings, on_finish=self._record_end)
 
     def _record_end(self, job: Job) -> None:
         """Store how a job ended (on whichever thread ended it) before waiters hear of it."""
@@ -234,7 +236,7 @@ class Engine:
             storage.remove_job_dir(self.out_dir, job.id)
             raise
         self._track(job)
-        log.info("job %s: %s queued", job.id, job.kind.name)
+        log.debug("job %s: %s queued", job.id, job.kind.name)
 
     def cancel(self, job: Job, reason: str) -> None:
         """Stop a job wherever it is; a queued one gives its queue slot back at once."""

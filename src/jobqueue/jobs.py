@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .settings import Settings
 from .store import JobRecord
 
 log = logging.getLogger("jobqueue.jobs")
@@ -99,6 +100,8 @@ class Job:
     error: BaseException | None = None
     # "put" for a client waiting on /put, "jobs" for POST /jobs.
     origin: str = "jobs"
+    # The server's settings, for handlers with server-wide choices (pdf2image's engine).
+    settings: Settings | None = None
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     # Set when shutdown stops the job: it is left as it was, to run again after a restart.
     rerun_after_restart: bool = False

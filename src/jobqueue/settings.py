@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from limits import parse_many
 from pydantic import Field, field_validator
@@ -41,6 +42,10 @@ class Settings(BaseSettings):
     video_workers: int = Field(1, ge=1)
     video_queue_size: int = Field(10, ge=1)
     video_timeout: float = Field(300, gt=0)
+
+    pdf_engine: Literal["poppler", "pdfium"] = "poppler"
+    png_compression: int = Field(3, ge=0, le=9, description="zlib level of PNGs the pdfium "
+                                 "engine writes (poppler's pdftoppm writes its own)")
 
     @field_validator("rate_limit")
     @classmethod

@@ -1,12 +1,17 @@
-"""`pdf2image`: a PDF becomes one PNG per page (`page-001.png`, ...) through pdf2image and poppler."""
+"""`pdf2image`: a PDF becomes one PNG per page (`page-001.png`, ...).
+
+Rendered by poppler's pdftoppm through pdf2image (the default), or by PDFium through pypdfium2
+(JOBQUEUE_PDF_ENGINE=pdfium: about three times faster on scanned pages, see bench/).
+"""
 
 from __future__ import annotations
+
+import threading
+from pathlib import Path
 
 from pdf2image import convert_from_path, pdfinfo_from_path
 from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError
 from pydantic import BaseModel, ConfigDict, Field
-
-from pathlib import Path
 
 from ..jobs import BadInput, Job, JobKind, Output, UnsupportedInput
 from ..settings import DATA_DIR
@@ -44,22 +49,51 @@ def check_pdf(path: Path) -> None:
         raise UnsupportedInput(str(error)) from None
 
 
+def render_with_poppler(job: Job, page: int, path: Path) -> None:
+    """pdftoppm writes the PNG itself: no round trip of the pixels through Python."""
+    convert_from_path(
+        str(job.input_path), dpi=job.options.dpi, first_page=page, last_page=page,
+        output_folder=str(path.parent), output_file=path.stem, single_file=True,
+        fmt="png", paths_only=True,
+    )
+
+
+# PDFium may not be called from two threads at once; the PNG encoding needs no lock.
+_pdfium_lock = threading.Lock()
+
+
+def render_with_pdfium(job: Job, page: int, path: Path) -> None:
+    import pypdfium2
+
+    with _pdfium_lock:
+        document = pypdfium2.PdfDocument(str(job.input_path))
+        try:
+            bitmap = document[page - 1].render(scale=job.options.dpi / 72)
+            image = bitmap.to_pil().copy()  # own the pixels before PDFium frees its bitmap
+            bitmap.close()
+        except pypdfium2.PdfiumError as error:
+            raise BadInput(f"Page {page} could not be rendered ({error}); the PDF may be "
+                           "damaged.") from None
+        finally:
+            document.close()
+    image.save(path, "PNG", compress_level=job.settings.png_compression)
+
+
+ENGINES = {"poppler": render_with_poppler, "pdfium": render_with_pdfium}
+
+
 def convert_pdf(job: Job) -> Output:
     options: PdfOptions = job.options
+    render = ENGINES[job.settings.pdf_engine if job.settings else "poppler"]
     pages = page_count(job.input_path)
     digits = max(3, len(str(pages)))
     files = []
-    # One page per pdftoppm run, so a cancel is noticed within a page's time.
+    # One page at a time, so a cancel is noticed within a page's time.
     for page in range(1, pages + 1):
         job.raise_if_cancelled()
         job.set_progress(page - 1, pages, "pages")
-        name = f"page-{page:0{digits}d}"
-        convert_from_path(
-            str(job.input_path), dpi=options.dpi, first_page=page, last_page=page,
-            output_folder=str(job.out_dir), output_file=name, single_file=True,
-            fmt="png", paths_only=True,
-        )
-        path = job.out_dir / f"{name}.png"
+        path = job.out_dir / f"page-{page:0{digits}d}.png"
+        render(job, page, path)
         if not path.is_file():
             raise BadInput(f"Page {page} of {pages} could not be rendered; the PDF may be damaged.")
         files.append(path)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
+
 import ffmpeg
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import processes
-from pathlib import Path
-
 from ..jobs import BadInput, Job, JobKind, Output, UnsupportedInput
 from ..settings import DATA_DIR
 
@@ -19,6 +21,8 @@ INPUT_OPTIONS = {
     "protocol_whitelist": "file",
     "format_whitelist": "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,ogg,asf,nut",
 }
+SEND_A_VIDEO = "Send a video file such as MP4, MOV, MKV or WebM."
+NO_VIDEO = "The file has no video stream. " + SEND_A_VIDEO
 
 
 class VideoOptions(BaseModel):
@@ -53,30 +57,60 @@ class VideoOptions(BaseModel):
         return self.width or -2, self.height or -2
 
 
-def probe(path: str) -> dict:
-    try:
-        return ffmpeg.probe(path, **INPUT_OPTIONS)
-    except ffmpeg.Error as error:
-        lines = error.stderr.decode(errors="replace").replace(f"{path}: ", "").strip().splitlines()
+def probe_command(path: str) -> list[str]:
+    flags = [arg for key, value in INPUT_OPTIONS.items() for arg in (f"-{key}", value)]
+    return ["ffprobe", "-v", "error", *flags, "-show_format", "-show_streams", "-of", "json", path]
+
+
+def probe_result(path: str, returncode: int, out: bytes, err: bytes) -> dict:
+    """ffprobe's JSON, or BadInput with the reason it gave and what to send instead."""
+    if returncode != 0:
+        lines = err.decode(errors="replace").replace(f"{path}: ", "").strip().splitlines()
         reason = lines[-1] if lines else "unknown format"
-        raise BadInput(f"The file is not a video ffprobe can read ({reason}). "
-                       "Send a video file such as MP4, MOV, MKV or WebM.") from None
+        raise BadInput(f"The file is not a video ffprobe can read ({reason}). " + SEND_A_VIDEO)
+    info = json.loads(out)
+    if not any(stream.get("codec_type") == "video" for stream in info.get("streams", [])):
+        raise BadInput(NO_VIDEO)
+    return info
 
 
-def stream_types(info: dict) -> set[str]:
-    return {stream.get("codec_type") for stream in info["streams"]}
-
-
-NO_VIDEO = "The file has no video stream. Send a video file such as MP4, MOV, MKV or WebM."
+def probe(path: str) -> dict:
+    done = subprocess.run(probe_command(path), capture_output=True, stdin=subprocess.DEVNULL)
+    return probe_result(path, done.returncode, done.stdout, done.stderr)
 
 
 def check_video(path: Path) -> None:
     try:
-        info = probe(str(path))
+        probe(str(path))
     except BadInput as error:
         raise UnsupportedInput(str(error)) from None
-    if "video" not in stream_types(info):
-        raise UnsupportedInput(NO_VIDEO)
+
+
+class BackgroundProbe:
+    """ffprobe running beside ffmpeg rather than before it, which saves its start-up time."""
+
+    def __init__(self, job: Job, path: str):
+        self.job = job
+        self.path = path
+        self.process = subprocess.Popen(probe_command(path), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        job.attach_process(self.process)
+        self._output: tuple[bytes, bytes] | None = None
+
+    def ready(self) -> bool:
+        return self._output is not None or self.process.poll() is not None
+
+    def info(self) -> dict:
+        """The probe's result, waiting for it if need be; BadInput for a file that is no video."""
+        if self._output is None:
+            self._output = self.process.communicate()
+        return probe_result(self.path, self.process.returncode, *self._output)
+
+    def close(self) -> None:
+        self.job.detach_process(self.process)
+        if self._output is None:
+            self.process.kill()
+            self._output = self.process.communicate()
 
 
 def _rotation(video: dict) -> int:
@@ -86,15 +120,13 @@ def _rotation(video: dict) -> int:
     return int(video.get("tags", {}).get("rotate", 0)) % 360
 
 
-def ffmpeg_command(source: str, target: str, scale: tuple[int, int], audio: bool) -> list[str]:
+def ffmpeg_command(source: str, target: str, scale: tuple[int, int]) -> list[str]:
     """The ffmpeg command line of a resize (bench/video.py runs the same one)."""
     stream = ffmpeg.input(source, **INPUT_OPTIONS)
-    streams = [stream.video.filter("scale", *scale)]
-    if audio:
-        streams.append(stream.audio)
     return (
-        ffmpeg.output(*streams, target, vcodec="libx264", preset="veryfast", crf=23,
-                      pix_fmt="yuv420p", acodec="aac", movflags="+faststart")
+        ffmpeg.output(stream.video.filter("scale", *scale), stream["a?"], target,
+                      vcodec="libx264", preset="veryfast", crf=23, pix_fmt="yuv420p",
+                      acodec="aac", movflags="+faststart")
         .global_args("-nostdin", "-nostats", "-loglevel", "error")
         .overwrite_output()
         .compile()
@@ -103,37 +135,45 @@ def ffmpeg_command(source: str, target: str, scale: tuple[int, int], audio: bool
 
 def resize_video(job: Job) -> Output:
     options: VideoOptions = job.options
-    info = probe(str(job.input_path))
-    kinds = stream_types(info)
-    if "video" not in kinds:
-        raise BadInput(NO_VIDEO)
-    duration = float(info.get("format", {}).get("duration") or 0)
-    has_audio = "audio" in kinds
-    video = next(s for s in info["streams"] if s.get("codec_type") == "video")
-    width, height = video["width"], video["height"]
-    if _rotation(video) in (90, 270):  # ffmpeg turns the frames upright before scaling
-        width, height = height, width
-
-    target = job.out_dir / OUTPUT_NAME
-    args = ffmpeg_command(str(job.input_path), str(target), options.scale(), has_audio)
+    source, target = str(job.input_path), job.out_dir / OUTPUT_NAME
+    args = ffmpeg_command(source, str(target), options.scale())
     args[1:1] = ["-progress", "pipe:1"]
+    background = BackgroundProbe(job, source)
 
     def on_progress(line: str) -> None:
         # ffmpeg -progress prints key=value lines; out_time_us is the encoded position.
         key, _, value = line.partition("=")
-        if key == "out_time_us" and value.isdigit():
-            job.set_progress(round(min(int(value) / 1e6, duration), 2), round(duration, 2), "seconds")
+        if key == "out_time_us" and value.isdigit() and background.ready():
+            duration = _duration(background.info())
+            job.set_progress(round(min(int(value) / 1e6, duration), 2), round(duration, 2),
+                             "seconds")
 
-    job.set_progress(0, round(duration, 2), "seconds")
-    processes.run(job, args, on_line=on_progress)
+    try:
+        try:
+            processes.run(job, args, on_line=on_progress)
+        except processes.ProcessFailed:
+            background.info()  # a clearer message when the file is no video at all
+            raise
+        info = background.info()
+    finally:
+        background.close()
+
+    duration = _duration(info)
     job.set_progress(round(duration, 2), round(duration, 2), "seconds")
-
+    video = next(s for s in info["streams"] if s.get("codec_type") == "video")
+    width, height = video["width"], video["height"]
+    if _rotation(video) in (90, 270):  # ffmpeg turns the frames upright before scaling
+        width, height = height, width
     out_width, out_height = options.output_size(width, height)
     return Output(
-        data={"width": out_width, "height": out_height,
-              "durationSeconds": round(duration, 3), "audio": has_audio},
+        data={"width": out_width, "height": out_height, "durationSeconds": round(duration, 3),
+              "audio": any(s.get("codec_type") == "audio" for s in info["streams"])},
         files=[target],
     )
+
+
+def _duration(info: dict) -> float:
+    return float(info.get("format", {}).get("duration") or 0)
 
 
 KIND = JobKind(
