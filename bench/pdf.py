@@ -48,10 +48,12 @@ def output_megabytes(folder) -> float:
 
 def run(runs: int, pdf: Path = SHARED / "regal-17pages.pdf") -> dict:
     pages = page_count(pdf) * CONCURRENT
+    served, alone = [], []
     with server(pdf2image_timeout=3600) as srv:
-        served = [timed(through_server, srv.url, pdf) for _ in range(runs)]
+        for _ in range(runs):  # interleaved, so a slow spell of the machine hits both
+            served.append(timed(through_server, srv.url, pdf))
+            alone.append(timed(engine_alone, pdf))
         poppler_mb = output_megabytes(srv.out_dir) / runs
-    alone = [timed(engine_alone, pdf) for _ in range(runs)]
     levels = {}
     for level in (1, 3, 6):
         with server(pdf2image_timeout=3600, pdf_engine="pdfium", png_compression=level) as srv:

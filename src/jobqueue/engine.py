@@ -147,9 +147,8 @@ class WorkerPool:
                     continue  # cancelled while it waited, or left for after a restart
                 self.running.add(job)
             self._tell_waiting_jobs()
-            # Not stored as running: the loop serves live jobs from memory, and after a crash
-            # queued and running jobs are recovered alike. One write less per job.
             try:
+                self.store.save(job.record())  # so GET /jobs?status=running finds it
                 self._run(job)
             except BaseException as error:  # only a bug gets here; the thread keeps serving
                 log.exception("job %s: engine error", job.id)

@@ -69,8 +69,10 @@ def render_with_pdfium(job: Job, page: int, path: Path) -> None:
         document = pypdfium2.PdfDocument(str(job.input_path))
         try:
             bitmap = document[page - 1].render(scale=job.options.dpi / 72)
-            image = bitmap.to_pil().copy()  # own the pixels before PDFium frees its bitmap
-            bitmap.close()
+            try:
+                image = bitmap.to_pil().copy()  # own the pixels before PDFium frees its bitmap
+            finally:
+                bitmap.close()  # here, under the lock, not later in a finalizer on any thread
         except pypdfium2.PdfiumError as error:
             raise BadInput(f"Page {page} could not be rendered ({error}); the PDF may be "
                            "damaged.") from None

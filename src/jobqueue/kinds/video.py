@@ -42,12 +42,12 @@ class VideoOptions(BaseModel):
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         """The size ffmpeg's scale filter gives a `width` x `height` frame: -2 is the other side
-        times the aspect ratio, rounded to the nearest even number (scale_eval.c)."""
+        times the aspect ratio, rounded half up to an even number (av_rescale in scale_eval.c)."""
         out_w, out_h = self.scale()
         if out_w < 0:
-            out_w = round(out_h * width / (height * 2)) * 2
+            out_w = (out_h * width + height) // (2 * height) * 2
         if out_h < 0:
-            out_h = round(out_w * height / (width * 2)) * 2
+            out_h = (out_w * height + width) // (2 * width) * 2
         return out_w, out_h
 
     def scale(self) -> tuple[int, int]:
@@ -102,6 +102,7 @@ class BackgroundProbe:
 
     def info(self) -> dict:
         """The probe's result, waiting for it if need be; BadInput for a file that is no video."""
+        self.job.raise_if_cancelled()  # a cancel kills ffprobe too: that is no verdict on the file
         if self._output is None:
             self._output = self.process.communicate()
         return probe_result(self.path, self.process.returncode, *self._output)
