@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 
 from ..engine import Engine
 from ..jobs import BadInput, Job, JobStatus
+from ..kinds import KINDS
 from ..ratelimit import limiter, submit_limit
 from ..schemas import JobResult, PutData, PutResponse, error_responses
 from ..submission import read_submission, start_job
@@ -20,7 +21,7 @@ REQUEST_EXAMPLES = {
         "schema": {
             "type": "object",
             "properties": {
-                "jobType": {"type": "string", "enum": ["message", "pdf2image", "video"],
+                "jobType": {"type": "string", "enum": list(KINDS),
                             "default": "message"},
                 "data": {"type": "string"},
                 "seconds": {"type": "number", "default": 3},
@@ -42,7 +43,8 @@ REQUEST_EXAMPLES = {
             "type": "object",
             "properties": {
                 "file": {"type": "string", "format": "binary"},
-                "jobType": {"type": "string", "enum": ["pdf2image", "video"]},
+                "jobType": {"type": "string",
+                            "enum": [name for name, kind in KINDS.items() if kind.sample]},
                 "dpi": {"type": "integer"},
                 "width": {"type": "integer"},
                 "height": {"type": "integer"},
