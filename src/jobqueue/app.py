@@ -9,11 +9,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from . import ratelimit, retention
 from .engine import Engine, QueueFull
 from .kinds import KINDS
-from .routes import files, health, jobs, put
+from .routes import dashboard, events, files, health, jobs, preview, put
 from .settings import Settings
 from .store import JobStore
 
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.previews = set()  # the ffmpeg processes of /jobs/{id}/preview.mjpg viewers
     ratelimit.configure(app, settings.rate_limit)
     app.add_exception_handler(QueueFull, queue_full)
     app.add_exception_handler(Exception, internal_error)
@@ -53,6 +55,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(put.router)
     app.include_router(jobs.router)
     app.include_router(files.router)
+    app.include_router(preview.router)
+    app.include_router(events.router)
+    app.include_router(dashboard.router)
+    app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     return app
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from . import storage
+from .events import Feed
 from .jobs import BadInput, Job, JobCancelled, JobKind, JobStatus
 from .settings import KindLimits, Settings
 from .store import JobRecord, JobStore
@@ -192,6 +193,7 @@ class Engine:
             for name, kind in kinds.items()
         }
         self.active: dict[str, Job] = {}
+        self.feed = Feed()
 
     def start(self) -> None:
         """Queue again what a previous run accepted but did not finish, then start the threads."""
@@ -214,7 +216,8 @@ class Engine:
         out_dir.mkdir(parents=True, exist_ok=True)
         return Job(id=job_id, kind=kind, options=options, out_dir=out_dir,
                    input_path=input_path or kind.sample, loop=loop, done=loop.create_future(),
-                   origin=origin, settings=self.settings, on_finish=self._record_end)
+                   origin=origin, settings=self.settings, on_finish=self._record_end,
+                   on_change=self.feed.job_changed)
 
     def _record_end(self, job: Job) -> None:
         """Store how a job ended (on whichever thread ended it) before waiters hear of it."""
@@ -235,6 +238,7 @@ class Engine:
             storage.remove_job_dir(self.out_dir, job.id)
             raise
         self._track(job)
+        self.feed.job_changed(job)
         log.debug("job %s: %s queued", job.id, job.kind.name)
 
     def cancel(self, job: Job, reason: str) -> None:

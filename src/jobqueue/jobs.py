@@ -76,6 +76,8 @@ class JobKind:
     sample: Path | None = None
     # Quick look at an upload before it is queued; raises UnsupportedInput.
     check_input: Callable[[Path], None] | None = None
+    # What the dashboard's file picker offers, as in <input accept>: ".pdf", "video/*".
+    accept: str = ""
 
 
 @dataclass(eq=False)  # compared and hashed by identity
@@ -107,6 +109,8 @@ class Job:
     rerun_after_restart: bool = False
     # Called from whichever thread finishes the job, before the loop side hears of it.
     on_finish: Callable[[Job], None] | None = None
+    # Called on the loop after every change (the dashboard's feed).
+    on_change: Callable[[Job], None] | None = None
     _processes: set[subprocess.Popen] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # One queue per event-stream listener; touched only on the loop.
@@ -190,6 +194,8 @@ class Job:
         for changes in self._listeners:
             if changes.empty():
                 changes.put_nowait(None)
+        if self.on_change is not None:
+            self.on_change(self)
 
     def record(self) -> JobRecord:
         """The job as the store keeps it."""

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     video_queue_size: int = Field(10, ge=1)
     video_timeout: float = Field(300, gt=0)
 
+    preview_streams: int = Field(8, ge=1, description="ffmpeg decoders /preview.mjpg may run")
+
     pdf_engine: Literal["poppler", "pdfium"] = "poppler"
     png_compression: int = Field(3, ge=0, le=9, description="zlib level of PNGs the pdfium "
                                  "engine writes (poppler's pdftoppm writes its own)")

@@ -109,5 +109,6 @@ KIND = JobKind(
     options=PdfOptions,
     handler=convert_pdf,
     sample=DATA_DIR / "sample.pdf",
+    accept="application/pdf,.pdf",
     check_input=check_pdf,
 )

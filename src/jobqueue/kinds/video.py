@@ -21,6 +21,7 @@ INPUT_OPTIONS = {
     "protocol_whitelist": "file",
     "format_whitelist": "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,ogg,asf,nut",
 }
+PREVIEW_BOUNDARY = "frame"
 SEND_A_VIDEO = "Send a video file such as MP4, MOV, MKV or WebM."
 NO_VIDEO = "The file has no video stream. " + SEND_A_VIDEO
 
@@ -134,6 +135,21 @@ def ffmpeg_command(source: str, target: str, scale: tuple[int, int]) -> list[str
     )
 
 
+def preview_command(source: str, fps: float | None, width: int | None) -> list[str]:
+    """ffmpeg decoding `source` at its own pace (-re) into multipart JPEG frames on stdout:
+    the body of a `multipart/x-mixed-replace` response, which an <img> tag plays."""
+    stream = ffmpeg.input(source, re=None, **INPUT_OPTIONS)["v:0"]
+    if fps:
+        stream = stream.filter("fps", fps=fps)
+    if width:
+        stream = stream.filter("scale", f"min({width},iw)", -2)
+    return (
+        stream.output("pipe:1", format="mpjpeg", boundary_tag=PREVIEW_BOUNDARY, **{"q:v": 5})
+        .global_args("-nostdin", "-nostats", "-loglevel", "error")
+        .compile()
+    )
+
+
 def resize_video(job: Job) -> Output:
     options: VideoOptions = job.options
     source, target = str(job.input_path), job.out_dir / OUTPUT_NAME
@@ -183,5 +199,6 @@ KIND = JobKind(
     options=VideoOptions,
     handler=resize_video,
     sample=DATA_DIR / "sample.mp4",
+    accept="video/*",
     check_input=check_video,
 )

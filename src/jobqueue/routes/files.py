@@ -2,25 +2,57 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request
+import io
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from PIL import Image
 
 from .. import storage
 from ..schemas import error_responses
 
 router = APIRouter(tags=["jobs"])
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# Output files never change once written.
+CACHE = {"Cache-Control": "private, max-age=3600"}
+
 
 @router.get(
     "/jobs/{job_id}/files/{name}",
     name="job_file",
     summary="Download one output file of a job",
-    description="For example `page-001.png` of a pdf2image job or `video.mp4` of a video job.",
+    description="For example `page-001.png` of a pdf2image job or `video.mp4` of a video job. "
+                "`?w=` turns an image into a JPEG thumbnail at most that many pixels wide.",
     response_class=FileResponse,
-    responses={200: {"content": {"image/png": {}, "video/mp4": {}}}, **error_responses(404)},
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "video/mp4": {}}},
+               **error_responses(404, 422)},
 )
-async def job_file(job_id: str, name: str, request: Request) -> FileResponse:
+async def job_file(job_id: str, name: str, request: Request,
+                   w: int | None = Query(None, ge=16, le=2048,
+                                         description="Thumbnail width in pixels")) -> Response:
     path = storage.output_file(request.app.state.settings.out_dir, job_id, name)
     if path is None:
         raise HTTPException(404, f"Job {job_id!r} has no output file {name!r}.")
-    return FileResponse(path)
+    if w is None:
+        return FileResponse(path, headers=CACHE)
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise HTTPException(422, f"{name!r} is not an image; ?w= makes thumbnails of "
+                                 "PNG and JPEG files only.")
+    try:
+        jpeg = await run_in_threadpool(thumbnail, path, w)
+    except Image.DecompressionBombError:
+        raise HTTPException(422, f"{name!r} is too large to make a thumbnail of; "
+                                 "download it without ?w=.") from None
+    return Response(jpeg, media_type="image/jpeg", headers=CACHE)
+
+
+def thumbnail(path: Path, width: int) -> bytes:
+    """A JPEG at most `width` pixels wide (never enlarged), keeping the aspect ratio."""
+    with Image.open(path) as image:
+        image.thumbnail((width, width * 20))
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, "JPEG", quality=80)
+    return buffer.getvalue()

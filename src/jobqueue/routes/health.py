@@ -13,8 +13,9 @@ router = APIRouter(tags=["server"])
 @router.get("/", summary="Say hello, list the job types and point to the docs")
 async def root() -> dict[str, str | dict[str, str]]:
     return {
-        "message": "Hello from jobqueue. The API is described at /docs.",
+        "message": "Hello from jobqueue. The API is described at /docs; watch it at /dashboard.",
         "docs": "/docs",
+        "dashboard": "/dashboard",
         "jobTypes": {name: kind.description for name, kind in KINDS.items()},
     }
 

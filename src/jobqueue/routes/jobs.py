@@ -74,6 +74,12 @@ def job_view(request: Request, record: JobRecord, job: Job | None = None) -> Job
     )
 
 
+def current_view(request: Request, record: JobRecord) -> JobView:
+    """The view of a stored job, live from the engine while it has not finished."""
+    job = request.app.state.engine.active.get(record.id)
+    return job_view(request, job.record(), job) if job else job_view(request, record)
+
+
 @router.post(
     "/jobs",
     status_code=202,
@@ -110,9 +116,7 @@ async def list_jobs(
                                  f"{', '.join(KINDS)}.")
     records = request.app.state.store.list(status.value if status else None, job_type,
                                            limit, offset)
-    active = request.app.state.engine.active
-    items = [job_view(request, active[r.id].record(), active[r.id]) if r.id in active
-             else job_view(request, r) for r in records]
+    items = [current_view(request, record) for record in records]
     next_page = None
     if len(records) == limit:
         next_page = str(request.url.include_query_params(offset=offset + limit))
@@ -144,6 +148,7 @@ async def delete_job(request: Request, found: Found = Depends(find_job)) -> JobV
             pass
         return job_view(request, found.job.record(), found.job)
     request.app.state.store.delete(found.record.id)  # first, so nobody is sent to missing files
+    engine.feed.job_removed(found.record.id)
     await run_in_threadpool(storage.remove_job_dir, engine.out_dir, found.record.id)
     return job_view(request, found.record)
 

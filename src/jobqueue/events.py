@@ -1,0 +1,52 @@
+"""The change feed behind `GET /events`: which jobs changed since a listener last looked."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .jobs import Job
+
+
+class Listener:
+    """One `/events` stream's pending changes; many changes to a job collapse into one."""
+
+    def __init__(self) -> None:
+        self.changed: dict[str, Job] = {}
+        self.removed: set[str] = set()
+        self.wake = asyncio.Event()
+
+    async def next_batch(self) -> tuple[list[Job], list[str]]:
+        """Wait for at least one change, then hand over everything pending."""
+        await self.wake.wait()
+        self.wake.clear()
+        changed, self.changed = list(self.changed.values()), {}
+        removed, self.removed = sorted(self.removed), set()
+        return changed, removed
+
+
+class Feed:
+    """Fans job changes out to every `/events` listener. Used only on the event loop."""
+
+    def __init__(self) -> None:
+        self._listeners: set[Listener] = set()
+
+    def listen(self) -> Listener:
+        listener = Listener()
+        self._listeners.add(listener)
+        return listener
+
+    def unlisten(self, listener: Listener) -> None:
+        self._listeners.discard(listener)
+
+    def job_changed(self, job: Job) -> None:
+        for listener in self._listeners:
+            listener.changed[job.id] = job
+            listener.wake.set()
+
+    def job_removed(self, job_id: str) -> None:
+        for listener in self._listeners:
+            listener.changed.pop(job_id, None)
+            listener.removed.add(job_id)
+            listener.wake.set()

@@ -1,0 +1,272 @@
+// The jobqueue dashboard: one EventSource on /events keeps the page live; no polling.
+"use strict";
+
+const MAX_JOBS = 50;        // job cards kept on the page
+const MAX_THUMBNAILS = 24;  // page thumbnails shown per pdf2image job
+const THUMBNAIL_WIDTH = 160;
+const PREVIEW = "fps=12&width=480";
+
+const jobs = new Map();     // id -> {view, element}
+const submittedHere = new Set();  // ids of jobs this page submitted: their previews play
+
+function $(selector, root = document) {
+  return root.querySelector(selector);
+}
+
+// ---- live updates ----
+
+function connect() {
+  const connection = $("#connection");
+  const events = new EventSource("/events?limit=" + MAX_JOBS);
+  events.onopen = () => setConnection(connection, "live", "live");
+  events.onerror = () => setConnection(connection, "down", "reconnecting…");
+  events.addEventListener("queues", (event) => showQueues(JSON.parse(event.data)));
+  events.addEventListener("jobs", (event) => {
+    for (const { element } of jobs.values()) element.remove();
+    jobs.clear();
+    for (const view of JSON.parse(event.data)) showJob(view);
+  });
+  events.addEventListener("job", (event) => showJob(JSON.parse(event.data)));
+  events.addEventListener("removed", (event) => removeJob(JSON.parse(event.data).id));
+}
+
+function setConnection(element, state, text) {
+  element.dataset.state = state;
+  element.textContent = text;
+}
+
+function showQueues(queues) {
+  for (const [kind, stats] of Object.entries(queues)) {
+    const row = $(`#queues tr[data-kind="${kind}"]`);
+    if (!row) continue;
+    for (const key of ["workers", "busy", "queued", "capacity"]) {
+      $("." + key, row).textContent = stats[key];
+    }
+    $(".fill", row).style.width = percent(stats.queued, stats.capacity);
+  }
+}
+
+// ---- job cards ----
+
+function showJob(view) {
+  let entry = jobs.get(view.id);
+  if (!entry) {
+    entry = { view, element: newJobElement(view) };
+    jobs.set(view.id, entry);
+    insertByAge(entry.element, view.createdAt);
+    trimJobs();
+  }
+  const card = entry.element;
+  // A video that finishes while the page watches plays its preview at once.
+  const seenRunning = card.dataset.status && !isFinished(card.dataset.status);
+  entry.view = view;
+  card.dataset.status = view.status;
+  $(".status", card).textContent = view.status;
+  $(".fill", card).style.width = view.status === "succeeded"
+    ? "100%" : percent(view.progress.done, view.progress.total);
+  $(".progress-text", card).textContent = progressText(view);
+  const finished = isFinished(view.status);
+  $(".cancel", card).hidden = finished;
+  $(".delete", card).hidden = !finished;
+  const result = $(".result", card);
+  result.hidden = view.status !== "succeeded";
+  result.href = `/jobs/${view.id}/result`;
+  const error = $(".error", card);
+  error.hidden = !view.error;
+  error.textContent = view.error || "";
+  if (view.status === "succeeded" && !card.dataset.media) {
+    card.dataset.media = "shown";
+    showMedia(card, view, seenRunning || submittedHere.has(view.id));
+  }
+  $("#no-jobs").hidden = jobs.size > 0;
+}
+
+function newJobElement(view) {
+  const card = $("#job-template").content.firstElementChild.cloneNode(true);
+  card.dataset.id = view.id;
+  card.dataset.created = view.createdAt;
+  $(".kind", card).textContent = view.jobType;
+  const id = $(".id", card);
+  id.textContent = view.id.slice(0, 8);
+  id.href = `/jobs/${view.id}`;
+  $(".cancel", card).addEventListener("click", () => deleteJob(view.id));
+  $(".delete", card).addEventListener("click", () => deleteJob(view.id));
+  return card;
+}
+
+function insertByAge(card, createdAt) {
+  const list = $("#jobs");
+  const older = [...list.children].find((other) => other.dataset.created < createdAt);
+  list.insertBefore(card, older || null);
+}
+
+function trimJobs() {
+  const list = $("#jobs");
+  while (list.children.length > MAX_JOBS) {
+    const last = list.lastElementChild;
+    jobs.delete(last.dataset.id);
+    last.remove();
+  }
+}
+
+function removeJob(id) {
+  const entry = jobs.get(id);
+  if (entry) entry.element.remove();
+  jobs.delete(id);
+  $("#no-jobs").hidden = jobs.size > 0;
+}
+
+// Thumbnails of a pdf2image job's pages, a preview stream of a video job's output.
+function showMedia(card, view, justFinished) {
+  const media = $(".media", card);
+  const files = view.result.files;
+  if (view.jobType === "video") {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = "▶ preview";
+    button.addEventListener("click", () => playPreview(media, view.id));
+    media.append(button);
+    if (justFinished) playPreview(media, view.id);
+    return;
+  }
+  for (const url of files.slice(0, MAX_THUMBNAILS)) {
+    const name = url.split("/").pop();
+    const link = document.createElement("a");
+    link.href = url;
+    link.title = name;
+    if (/\.(png|jpe?g)$/i.test(name)) {
+      const image = document.createElement("img");
+      image.className = "thumbnail";
+      image.loading = "lazy";
+      image.alt = name;
+      image.src = `${url}?w=${THUMBNAIL_WIDTH}`;
+      link.append(image);
+    } else {
+      link.textContent = name;
+    }
+    media.append(link);
+  }
+  if (files.length > MAX_THUMBNAILS) {
+    media.append(`+${files.length - MAX_THUMBNAILS} more in the result`);
+  }
+}
+
+function playPreview(media, id) {
+  let image = $("img.preview", media);
+  if (!image) {
+    image = document.createElement("img");
+    image.className = "preview";
+    image.alt = "video preview";
+    media.prepend(image);
+  }
+  image.src = `/jobs/${id}/preview.mjpg?${PREVIEW}&t=${Date.now()}`;
+}
+
+// ---- actions ----
+
+async function deleteJob(id) {
+  const response = await fetch(`/jobs/${id}`, { method: "DELETE" });
+  if (!response.ok) showMessage(await errorText(response), true);
+}
+
+async function submitJob(event) {
+  event.preventDefault();
+  const kind = $("#job-type").value;
+  const fieldset = $(`fieldset[data-kind="${kind}"]`);
+  const body = new FormData();
+  body.append("jobType", kind);
+  for (const input of fieldset.querySelectorAll("input")) {
+    if (input.type === "file") {
+      if (input.files.length) body.append(input.name, input.files[0]);
+    } else if (input.value !== "") {
+      body.append(input.name, input.value);  // empty means the option's default
+    }
+  }
+  const button = $("#submit-form button[type=submit]");
+  button.disabled = true;
+  showMessage("Sending…", false);
+  try {
+    const response = await fetch("/jobs", { method: "POST", body });
+    if (response.status === 202) {
+      const accepted = await response.json();
+      submittedHere.add(accepted.id);
+      showMessage(`Accepted ${accepted.jobType} job ${accepted.id.slice(0, 8)}.`, false);
+    } else {
+      showMessage(await errorText(response), true);
+    }
+  } catch (error) {
+    showMessage(`The server could not be reached: ${error.message}`, true);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// The server's {"detail": ...}: a sentence, or a list of validation errors.
+async function errorText(response) {
+  let detail;
+  try {
+    detail = (await response.json()).detail;
+  } catch {
+    return `${response.status} ${response.statusText}`;
+  }
+  if (Array.isArray(detail)) {
+    detail = detail.map((e) => `${e.loc.slice(1).join(".")}: ${e.msg}`).join("; ");
+  }
+  return `${response.status}: ${detail}`;
+}
+
+function showMessage(text, isError) {
+  const message = $("#submit-message");
+  message.textContent = text;
+  message.classList.toggle("failed", isError);
+}
+
+function showKindOptions() {
+  const kind = $("#job-type").value;
+  for (const fieldset of document.querySelectorAll("fieldset.kind-options")) {
+    const chosen = fieldset.dataset.kind === kind;
+    fieldset.hidden = !chosen;
+    fieldset.disabled = !chosen;
+  }
+}
+
+// ---- formatting ----
+
+function isFinished(status) {
+  return ["succeeded", "failed", "cancelled"].includes(status);
+}
+
+function percent(done, total) {
+  return total > 0 ? `${Math.min(100, (100 * done) / total).toFixed(1)}%` : "0%";
+}
+
+function progressText(view) {
+  if (view.status === "queued") {
+    return view.queuePosition ? `waiting, position ${view.queuePosition}` : "waiting";
+  }
+  const { done, total, unit } = view.progress;
+  return total > 0 ? `${done} of ${total} ${unit}` : "";
+}
+
+function age(createdAt) {
+  const seconds = Math.max(0, (Date.now() - Date.parse(createdAt)) / 1000);
+  if (seconds < 60) return `${Math.floor(seconds)} s ago`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ago`;
+  if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ago`;
+  return `${Math.floor(seconds / 86400)} d ago`;
+}
+
+// Ages are worked out here from createdAt; the server is not asked again.
+function refreshAges() {
+  for (const { view, element } of jobs.values()) {
+    $(".age", element).textContent = age(view.createdAt);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#job-type").addEventListener("change", showKindOptions);
+  $("#submit-form").addEventListener("submit", submitJob);
+  showKindOptions();
+  connect();
+  setInterval(refreshAges, 1000);
+});
