@@ -1,14 +1,15 @@
 # make run   - install what is missing, then serve on 127.0.0.1:8000
 # make test  - install what is missing, then run the test suite
 # make bench - run the benchmarks, write bench/results/latest.md and latest.png
-# make setup - only install: .venv with requirements, and poppler-utils + ffmpeg via apt-get
+# make setup - only install: .venv with requirements and the jobqueue package (editable),
+#              poppler-utils + ffmpeg via apt-get; make test adds chromium for the browser tests
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages run test bench samples clean
+.PHONY: setup system-packages browser run test bench samples clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -19,16 +20,25 @@ system-packages:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq poppler-utils ffmpeg; \
 	fi
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# Debian's chromium, driven by playwright in tests/test_dashboard.py (no browser download).
+browser:
+	@if ! command -v chromium >/dev/null; then \
+		echo "Installing chromium with apt-get (for the dashboard tests)"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	fi
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-bench.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 run: setup
 	$(PY) src/main.py $(ARGS)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup

@@ -60,7 +60,9 @@ class WorkerPool:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            busy = len(self.running)
+            # Busy until its status is final (not until the thread lets go of it), so stats
+            # read right after a job's last change already count it as done.
+            busy = sum(1 for job in self.running if not job.status.finished)
         return {
             "workers": len(self.threads),
             "busy": busy,
