@@ -1,0 +1,131 @@
+"""The command-line client against a real server, run the way a user runs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import DATA, Server, run_server
+from media import png_size, probe_streams
+
+
+def cli(server: Server, *args: object, cwd: Path, timeout: float = 120,
+        ) -> subprocess.CompletedProcess:
+    """`python -m jobqueue.client --url <server> ...` from outside the repository, so it only
+    works when make setup has installed the package into the venv."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, "-m", "jobqueue.client", "--url", server.url, *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_submit_wait_out_downloads_every_page(server, tmp_path):
+    other = tmp_path / "other.pdf"
+    shutil.copy(DATA / "sample.pdf", other)
+    done = cli(server, "submit", DATA / "sample.pdf", other, "--type", "pdf2image",
+               "--dpi", "50", "--out", tmp_path / "pages", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for stem in ("sample", "other"):
+        pages = sorted((tmp_path / "pages" / stem).iterdir())
+        assert [page.name for page in pages] == [f"page-00{n}.png" for n in range(1, 5)]
+        # A4 at 50 dpi.
+        assert png_size(pages[0].read_bytes()) == (414, 585)
+    assert done.stdout.count("succeeded") == 2
+    assert "4/4 pages" in done.stderr  # the progress bars
+
+
+def test_submit_video_downloads_the_mp4(server, tmp_path):
+    done = cli(server, "submit", DATA / "sample.mp4", "--type", "video", "--width=320",
+               "--out", tmp_path, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    video = probe_streams(tmp_path / "sample" / "video.mp4")["video"]
+    assert (video["width"], video["height"]) == (320, 180)
+
+
+def test_refused_upload_exits_non_zero_with_the_servers_detail(server, tmp_path):
+    notes = tmp_path / "notes.pdf"
+    notes.write_text("not a PDF at all")
+    done = cli(server, "submit", notes, "--type", "pdf2image", "--wait", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "415" in done.stderr and "not a PDF" in done.stderr
+    bad_option = cli(server, "submit", "--type", "video", "--width", "641", cwd=tmp_path)
+    assert bad_option.returncode == 1
+    assert "width" in bad_option.stderr and "even number" in bad_option.stderr
+
+
+def test_a_job_that_fails_while_running_exits_non_zero(server, tmp_path):
+    clip = tmp_path / "long.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc=duration=20:size=640x360:rate=25", "-preset", "ultrafast",
+                    str(clip)], check=True)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    client = subprocess.Popen(
+        [sys.executable, "-m", "jobqueue.client", "--url", server.url, "submit", str(clip),
+         "--type", "video", "--width", "1280", "--wait"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (encoders := server.children("ffmpeg")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert encoders, "ffmpeg never started"
+    os.kill(encoders[0], signal.SIGKILL)  # the encoder dies mid-job
+    stdout, stderr = client.communicate(timeout=60)
+    assert client.returncode == 1, stdout + stderr
+    assert "failed: ffmpeg exited with code -9" in stderr
+
+
+def test_busy_server_answers_are_retried_until_every_file_is_in(tmp_path):
+    files = []
+    for number in range(4):
+        files.append(tmp_path / f"doc{number}.pdf")
+        shutil.copy(DATA / "sample.pdf", files[-1])
+    (tmp_path / "server").mkdir()
+    with run_server(tmp_path / "server", pdf2image_workers=1, pdf2image_queue_size=1,
+                    rate_limit="3/second") as server:
+        done = cli(server, "submit", *files, "--type", "pdf2image", "--dpi", "30",
+                   "--parallel", "4", "--out", tmp_path / "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "retrying" in done.stderr and ("503" in done.stderr or "429" in done.stderr)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"doc{n}" for n in range(4)]
+    assert all(len(list((tmp_path / "out" / f"doc{n}").iterdir())) == 4 for n in range(4))
+
+
+def test_status_list_cancel_wait_and_download(server, tmp_path):
+    submitted = cli(server, "submit", "--type", "message", "--data", "cli", "--seconds", "30",
+                    cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.split()[0]
+    status = cli(server, "status", job_id, cwd=tmp_path)
+    assert status.returncode == 0 and f'"id": "{job_id}"' in status.stdout
+    listed = cli(server, "list", "--type", "message", cwd=tmp_path)
+    assert listed.returncode == 0 and job_id in listed.stdout
+    cancelled = cli(server, "cancel", job_id, cwd=tmp_path)
+    assert cancelled.returncode == 0 and f"{job_id} cancelled" in cancelled.stdout
+    waited = cli(server, "wait", job_id, cwd=tmp_path)
+    assert waited.returncode == 1 and "cancelled" in waited.stderr
+    missing = cli(server, "status", "no-such-job", cwd=tmp_path)
+    assert missing.returncode == 1 and "404" in missing.stderr
+
+    pdf = cli(server, "submit", "--type", "pdf2image", "--dpi", "20", cwd=tmp_path)
+    pdf_id = pdf.stdout.split()[0]
+    assert cli(server, "wait", pdf_id, cwd=tmp_path).returncode == 0
+    downloaded = cli(server, "download", pdf_id, "--out", tmp_path / "d", cwd=tmp_path)
+    assert downloaded.returncode == 0
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        f"page-00{n}.png" for n in range(1, 5)]
+
+
+def test_unreachable_server_and_usage_errors(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["JOBQUEUE_URL"] = "http://127.0.0.1:9"  # the default comes from JOBQUEUE_URL
+    down = subprocess.run([sys.executable, "-m", "jobqueue.client", "list"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert down.returncode == 1 and "cannot reach http://127.0.0.1:9" in down.stderr
+    usage = subprocess.run([sys.executable, "-m", "jobqueue.client", "submit", "x.pdf"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 2 and "--type" in usage.stderr
