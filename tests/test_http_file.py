@@ -17,6 +17,7 @@ class HttpRequest:
     url: str
     expect: int
     name: str | None = None
+    stream: bool = False  # an endless stream: check its status and first bytes only
     headers: dict[str, str] = field(default_factory=dict)
     body: list[str] = field(default_factory=list)
 
@@ -35,7 +36,8 @@ def parse(text: str) -> tuple[dict[str, str], list[HttpRequest]]:
         method, url = rest.pop(0).split(" ", 1)
         expect = next(int(c.split()[2]) for c in comments if c.startswith("# expect"))
         name = next((c.split()[2] for c in comments if c.startswith("# @name")), None)
-        request = HttpRequest(title, method, url.strip(), expect, name)
+        request = HttpRequest(title, method, url.strip(), expect, name,
+                              stream="# stream" in comments)
         while rest and rest[0].strip():
             key, value = rest.pop(0).split(":", 1)
             request.headers[key.strip()] = value.strip()
@@ -72,6 +74,11 @@ def test_every_request_in_testapi_http(server, client):
 
     assert len(requests) >= 15
     for request in requests:
+        if request.stream:
+            with client.stream(request.method, substitute(request.url)) as response:
+                assert response.status_code == request.expect, request.title
+                assert next(response.iter_bytes()), request.title
+            continue
         response = client.request(request.method, substitute(request.url),
                                   headers=request.headers, content=body_bytes(request) or None)
         assert response.status_code == request.expect, (request.title, response.text)
