@@ -41,6 +41,10 @@ class UnsupportedInput(BadInput):
     """The upload is not the kind of file the job kind takes (found before it is queued)."""
 
 
+class TooLarge(BadInput):
+    """The input is over one of the server's limits (a JOBQUEUE_*_MAX_* setting): 413."""
+
+
 class JobCancelled(Exception):
     """Raised inside a handler when its job was cancelled; the worker stops the job quietly."""
 
@@ -74,8 +78,9 @@ class JobKind:
     handler: Callable[[Job], Output]
     # Bundled file used when a request uploads none; None when the kind takes no file.
     sample: Path | None = None
-    # Quick look at an upload before it is queued; raises UnsupportedInput.
-    check_input: Callable[[Path], None] | None = None
+    # Quick look at an upload before it is queued: UnsupportedInput for the wrong kind of
+    # file, TooLarge for one over the server's limits.
+    check_input: Callable[[Path, Settings], None] | None = None
     # What the dashboard's file picker offers, as in <input accept>: ".pdf", "video/*".
     accept: str = ""
 

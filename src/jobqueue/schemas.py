@@ -99,7 +99,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     meaning = {
         404: "Unknown job or file.",
         409: "The job has not succeeded (yet).",
-        413: "The upload is too large.",
+        413: "The upload is too large, or the input is over a JOBQUEUE_*_MAX_* limit.",
         415: "The body is neither JSON nor multipart/form-data.",
         422: "Bad options, unknown jobType, or input the job kind cannot process.",
         429: "Rate limit exceeded; see Retry-After.",

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import storage
 from .engine import Engine
-from .jobs import Job, JobKind, UnsupportedInput
+from .jobs import Job, JobKind, TooLarge, UnsupportedInput
 from .kinds import KINDS
 from .settings import Settings
 from .uploads import read_multipart
@@ -93,18 +93,19 @@ async def read_json(request: Request, content_type: str) -> dict:
 
 async def start_job(engine: Engine, submission: Submission, origin: str,
                     check_input: bool = False) -> Job:
-    """Queue the job (QueueFull: 503). With `check_input`, an upload of the wrong type is 415.
+    """Queue the job (QueueFull: 503). With `check_input`, an upload of the wrong type is 415
+    and one over the server's limits 413.
     `origin` is "put" for a client that waits for the result, "jobs" for one that comes back."""
     kind = submission.kind
     try:
         if check_input and submission.upload and kind.check_input:
-            await run_in_threadpool(kind.check_input, submission.upload)
+            await run_in_threadpool(kind.check_input, submission.upload, engine.settings)
         job = engine.new_job(kind, submission.options, submission.job_id, submission.upload,
                              origin)
         engine.submit(job)
-    except UnsupportedInput as error:
+    except (UnsupportedInput, TooLarge) as error:
         storage.remove_job_dir(engine.out_dir, submission.job_id)
-        raise HTTPException(415, str(error)) from None
+        raise HTTPException(413 if isinstance(error, TooLarge) else 415, str(error)) from None
     except BaseException:
         storage.remove_job_dir(engine.out_dir, submission.job_id)
         raise

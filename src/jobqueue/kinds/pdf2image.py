@@ -1,7 +1,10 @@
 """`pdf2image`: a PDF becomes one PNG per page (`page-001.png`, ...).
 
-Rendered by poppler's pdftoppm through pdf2image (the default), or by PDFium through pypdfium2
-(JOBQUEUE_PDF_ENGINE=pdfium: about three times faster on scanned pages, see bench/).
+pdf2image reads the page count (pdfinfo). Pages are rendered by poppler's pdftoppm (the default),
+with the command pdf2image's convert_from_path builds, but started through `processes.run` so
+that a cancel kills it and a failure reports its stderr (convert_from_path keeps both to itself).
+Or by PDFium through pypdfium2 (JOBQUEUE_PDF_ENGINE=pdfium: about three times faster on scanned
+pages, see bench/).
 """
 
 from __future__ import annotations
@@ -9,12 +12,13 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from pdf2image import convert_from_path, pdfinfo_from_path
+from pdf2image import pdfinfo_from_path
 from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..jobs import BadInput, Job, JobKind, Output, UnsupportedInput
-from ..settings import DATA_DIR
+from .. import processes
+from ..jobs import BadInput, Job, JobKind, Output, TooLarge, UnsupportedInput
+from ..settings import DATA_DIR, Settings
 
 PDFINFO_TIMEOUT_SECONDS = 30
 
@@ -38,24 +42,31 @@ def page_count(path: Path) -> int:
     return info["Pages"]
 
 
-def check_pdf(path: Path) -> None:
+def check_page_count(pages: int, settings: Settings) -> None:
+    if pages > settings.pdf_max_pages:
+        raise TooLarge(f"The PDF has {pages} pages; this server takes at most "
+                       f"{settings.pdf_max_pages} (JOBQUEUE_PDF_MAX_PAGES). Split it and send "
+                       "the parts.")
+
+
+def check_pdf(path: Path, settings: Settings) -> None:
     with path.open("rb") as file:
         if file.read(5) != b"%PDF-":
             raise UnsupportedInput("The upload is not a PDF (it does not start with %PDF-). "
                                    "Send a PDF document.")
     try:
-        page_count(path)
+        pages = page_count(path)
     except BadInput as error:
         raise UnsupportedInput(str(error)) from None
+    check_page_count(pages, settings)
 
 
 def render_with_poppler(job: Job, page: int, path: Path) -> None:
     """pdftoppm writes the PNG itself: no round trip of the pixels through Python."""
-    convert_from_path(
-        str(job.input_path), dpi=job.options.dpi, first_page=page, last_page=page,
-        output_folder=str(path.parent), output_file=path.stem, single_file=True,
-        fmt="png", paths_only=True,
-    )
+    processes.run(job, [
+        "pdftoppm", "-r", str(job.options.dpi), "-f", str(page), "-l", str(page), "-png",
+        "-singlefile", str(job.input_path), str(path.with_suffix("")),
+    ])
 
 
 # PDFium may not be called from two threads at once; the PNG encoding needs no lock.
@@ -86,8 +97,10 @@ ENGINES = {"poppler": render_with_poppler, "pdfium": render_with_pdfium}
 
 def convert_pdf(job: Job) -> Output:
     options: PdfOptions = job.options
-    render = ENGINES[job.settings.pdf_engine if job.settings else "poppler"]
+    settings = job.settings or Settings()
+    render = ENGINES[settings.pdf_engine]
     pages = page_count(job.input_path)
+    check_page_count(pages, settings)  # also for /put, which skips check_pdf
     digits = max(3, len(str(pages)))
     files = []
     # One page at a time, so a cancel is noticed within a page's time.
@@ -95,7 +108,11 @@ def convert_pdf(job: Job) -> Output:
         job.raise_if_cancelled()
         job.set_progress(page - 1, pages, "pages")
         path = job.out_dir / f"page-{page:0{digits}d}.png"
-        render(job, page, path)
+        try:
+            render(job, page, path)
+        except processes.ProcessFailed as error:
+            raise BadInput(f"Page {page} of {pages} could not be rendered; the PDF may be "
+                           f"damaged. {error}") from None
         if not path.is_file():
             raise BadInput(f"Page {page} of {pages} could not be rendered; the PDF may be damaged.")
         files.append(path)

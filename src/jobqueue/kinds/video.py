@@ -10,8 +10,8 @@ import ffmpeg
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import processes
-from ..jobs import BadInput, Job, JobKind, Output, UnsupportedInput
-from ..settings import DATA_DIR
+from ..jobs import BadInput, Job, JobKind, Output, TooLarge, UnsupportedInput
+from ..settings import DATA_DIR, Settings
 
 DEFAULT_WIDTH = 640
 OUTPUT_NAME = "video.mp4"
@@ -70,8 +70,12 @@ def probe_result(path: str, returncode: int, out: bytes, err: bytes) -> dict:
         reason = lines[-1] if lines else "unknown format"
         raise BadInput(f"The file is not a video ffprobe can read ({reason}). " + SEND_A_VIDEO)
     info = json.loads(out)
-    if not any(stream.get("codec_type") == "video" for stream in info.get("streams", [])):
+    video = next((s for s in info.get("streams", []) if s.get("codec_type") == "video"), None)
+    if video is None:
         raise BadInput(NO_VIDEO)
+    if not (video.get("width") and video.get("height")):
+        raise BadInput("ffprobe cannot tell the video's frame size; the file may be damaged. "
+                       + SEND_A_VIDEO)
     return info
 
 
@@ -80,11 +84,28 @@ def probe(path: str) -> dict:
     return probe_result(path, done.returncode, done.stdout, done.stderr)
 
 
-def check_video(path: Path) -> None:
+def check_size(info: dict, settings: Settings, options: VideoOptions | None = None) -> None:
+    """TooLarge when the video is longer or its frames (in or out) bigger than the limits."""
+    duration = _duration(info)
+    if duration > settings.video_max_seconds:
+        raise TooLarge(f"The video is {duration:.0f} s long; this server takes at most "
+                       f"{settings.video_max_seconds:g} s (JOBQUEUE_VIDEO_MAX_SECONDS).")
+    width, height = _frame_size(info)
+    sizes = [("The video's frames are", width, height)]
+    if options is not None:
+        sizes.append(("The output frames would be", *options.output_size(width, height)))
+    for what, w, h in sizes:
+        if w * h > settings.video_max_pixels:
+            raise TooLarge(f"{what} {w}x{h} = {w * h} pixels; this server takes at most "
+                           f"{settings.video_max_pixels} (JOBQUEUE_VIDEO_MAX_PIXELS).")
+
+
+def check_video(path: Path, settings: Settings) -> None:
     try:
-        probe(str(path))
+        info = probe(str(path))
     except BadInput as error:
         raise UnsupportedInput(str(error)) from None
+    check_size(info, settings)
 
 
 class BackgroundProbe:
@@ -157,10 +178,17 @@ def resize_video(job: Job) -> Output:
     args[1:1] = ["-progress", "pipe:1"]
     background = BackgroundProbe(job, source)
 
+    settings = job.settings or Settings()
+    checked = False
+
     def on_progress(line: str) -> None:
         # ffmpeg -progress prints key=value lines; out_time_us is the encoded position.
+        nonlocal checked
         key, _, value = line.partition("=")
         if key == "out_time_us" and value.isdigit() and background.ready():
+            if not checked:  # /put skips check_video: the limits stop ffmpeg here instead
+                check_size(background.info(), settings, options)
+                checked = True
             duration = _duration(background.info())
             job.set_progress(round(min(int(value) / 1e6, duration), 2), round(duration, 2),
                              "seconds")
@@ -174,19 +202,25 @@ def resize_video(job: Job) -> Output:
         info = background.info()
     finally:
         background.close()
+    check_size(info, settings, options)
 
     duration = _duration(info)
     job.set_progress(round(duration, 2), round(duration, 2), "seconds")
-    video = next(s for s in info["streams"] if s.get("codec_type") == "video")
-    width, height = video["width"], video["height"]
-    if _rotation(video) in (90, 270):  # ffmpeg turns the frames upright before scaling
-        width, height = height, width
-    out_width, out_height = options.output_size(width, height)
+    out_width, out_height = options.output_size(*_frame_size(info))
     return Output(
         data={"width": out_width, "height": out_height, "durationSeconds": round(duration, 3),
               "audio": any(s.get("codec_type") == "audio" for s in info["streams"])},
         files=[target],
     )
+
+
+def _frame_size(info: dict) -> tuple[int, int]:
+    """Width and height of the first video stream, upright as ffmpeg turns it before scaling."""
+    video = next(s for s in info["streams"] if s.get("codec_type") == "video")
+    width, height = int(video["width"]), int(video["height"])
+    if _rotation(video) in (90, 270):
+        width, height = height, width
+    return width, height
 
 
 def _duration(info: dict) -> float:

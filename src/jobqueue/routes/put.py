@@ -8,7 +8,7 @@ import contextlib
 from fastapi import APIRouter, HTTPException, Request, Response
 
 from ..engine import Engine
-from ..jobs import BadInput, Job, JobStatus
+from ..jobs import BadInput, Job, JobStatus, TooLarge
 from ..kinds import KINDS
 from ..ratelimit import limiter, submit_limit
 from ..schemas import JobResult, PutData, PutResponse, error_responses
@@ -61,7 +61,7 @@ REQUEST_EXAMPLES = {
     description="JSON runs a job on the bundled sample (or a message job); multipart/form-data "
                 "with a `file` field processes the upload. Waits at most the kind's timeout.",
     response_model=PutResponse,
-    responses=error_responses(409, 415, 422, 429, 500, 503, 504),
+    responses=error_responses(409, 413, 415, 422, 429, 500, 503, 504),
     openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
 )
 @limiter.limit(submit_limit)
@@ -110,7 +110,7 @@ def raise_for_failure(job: Job) -> None:
         raise HTTPException(409, f"Job {job.id} was cancelled before it finished.")
     if job.status is JobStatus.FAILED:
         if isinstance(job.error, BadInput):
-            raise HTTPException(422, str(job.error))
+            raise HTTPException(413 if isinstance(job.error, TooLarge) else 422, str(job.error))
         raise HTTPException(500, f"Job {job.id} failed with an internal error; "
                                  "the server log has the details.")
 
