@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from pydantic import BaseModel
 
@@ -54,7 +55,7 @@ def run_engine(tmp_path, scenario) -> Engine:
 
 def test_a_raising_handler_never_kills_its_worker(tmp_path):
     async def scenario(engine: Engine) -> None:
-        for _ in range(100):
+        for _ in range(1000):
             job = engine.new_job(KINDS["fail"], NoOptions())
             engine.submit(job)
             await asyncio.wait_for(job.done, 5)
@@ -111,3 +112,56 @@ def test_stop_leaves_queued_and_running_jobs_to_run_again_and_joins_threads(tmp_
     assert [r.id for r in engine.store.unfinished()] == [job.id for job in jobs]
     assert all(job.out_dir.exists() for job in jobs), "kept for the run after a restart"
     assert not any(thread.is_alive() for thread in engine.pools["block"].threads)
+
+
+def hang(job: Job) -> Output:
+    """A handler that ignores cancels (a stuck C call, an endless loop)."""
+    time.sleep(3)
+    return Output(data={})
+
+
+def test_a_hanging_handler_is_cut_and_its_thread_replaced(tmp_path):
+    kinds = {**KINDS, "hang": JobKind("hang", "ignores cancels", NoOptions, hang)}
+    settings = Settings(out_dir=tmp_path, job_max_seconds=0.3)
+    engine = Engine(settings, kinds, JobStore(tmp_path / "jobs.db"))
+    engine.pools["hang"].abandon_after = 0.5
+
+    async def scenario() -> None:
+        engine.start()
+        try:
+            stuck = engine.new_job(kinds["hang"], NoOptions())
+            engine.submit(stuck)
+            await asyncio.wait_for(stuck.done, 5)
+            assert stuck.status is JobStatus.FAILED
+            assert "ran longer than 0.3 s (JOBQUEUE_JOB_MAX_SECONDS)" in str(stuck.error)
+            assert stuck.finished_at - stuck.started_at < 2.5, "not left to run out"
+            pool = engine.pools["hang"]
+            assert len(pool.threads) == 1 and pool.threads[0].name == "hang-worker-1+"
+            assert pool.stats()["busy"] == 0
+            # The new thread serves the queue while the old one is still stuck.
+            after = engine.new_job(kinds["ok"], NoOptions())
+            engine.submit(after)
+            await asyncio.wait_for(after.done, 5)
+            assert after.status is JobStatus.SUCCEEDED
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    asyncio.run(scenario())
+
+
+def test_a_job_that_notices_the_cancel_fails_with_the_timeout(tmp_path):
+    settings = Settings(out_dir=tmp_path, job_max_seconds=0.3)
+    engine = Engine(settings, KINDS, JobStore(tmp_path / "jobs.db"))
+
+    async def scenario() -> None:
+        engine.start()
+        try:
+            job = engine.new_job(KINDS["block"], NoOptions())
+            engine.submit(job)
+            await asyncio.wait_for(job.done, 5)
+            assert job.status is JobStatus.FAILED and "JOBQUEUE_JOB_MAX_SECONDS" in str(job.error)
+            assert engine.pools["block"].threads[0].name == "block-worker-1", "not replaced"
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    asyncio.run(scenario())

@@ -23,6 +23,8 @@ log = logging.getLogger("jobqueue.engine")
 
 # How long stop() waits for a worker thread to finish its job after the job was told to cancel.
 JOIN_SECONDS = 5.0
+# How often the watchdog looks for jobs over their kind's timeout.
+WATCHDOG_SECONDS = 0.5
 
 
 class QueueFull(Exception):
@@ -35,16 +37,29 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class TimedOut(BadInput):
+    """The job ran longer than its kind's timeout and was stopped."""
+
+
 class WorkerPool:
     """One job kind's bounded queue and the threads that take jobs from it."""
 
-    def __init__(self, kind: JobKind, limits: KindLimits, store: JobStore):
+    # A job still running this long after its timeout has a handler that ignores cancels: its
+    # thread is given up on and a new one takes its place, so the pool keeps its workers.
+    abandon_after = 10.0
+
+    def __init__(self, kind: JobKind, limits: KindLimits, store: JobStore,
+                 max_run_seconds: float = 3600):
         self.kind = kind
         self.limits = limits
         self.store = store
+        # How long a POST /jobs job may run; a /put job's deadline is its kind's timeout.
+        self.max_run_seconds = max_run_seconds
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=limits.queue_size)
         self.threads: list[threading.Thread] = []
         self.running: set[Job] = set()
+        # Threads whose job hung past its timeout: they exit if their handler ever returns.
+        self.abandoned: set[threading.Thread] = set()
         self.closed = False
         self._lock = threading.Lock()
         # Moving average of how long a job takes, for the Retry-After of a full queue.
@@ -52,11 +67,49 @@ class WorkerPool:
 
     def start(self) -> None:
         for number in range(1, self.limits.workers + 1):
-            thread = threading.Thread(
-                target=self._serve, name=f"{self.kind.name}-worker-{number}", daemon=True
-            )
-            thread.start()
-            self.threads.append(thread)
+            self._start_thread(f"{self.kind.name}-worker-{number}")
+
+    def _start_thread(self, name: str) -> None:
+        thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def enforce_timeout(self) -> None:
+        """Stop jobs running past their deadline; replace threads whose handler hangs."""
+        now = time.time()
+        with self._lock:
+            running = list(self.running)
+        for job in running:
+            over = now - job.deadline if job.deadline else -1
+            if over < 0 or job.status.finished:
+                continue
+            if not job.timed_out:
+                job.timed_out = True
+                log.warning("job %s: past its deadline; stopping it", job.id)
+                job.cancel()  # kills its child processes; the handler stops at its next check
+            elif over > self.abandon_after:
+                self._abandon(job)
+
+    def _abandon(self, job: Job) -> None:
+        with self._lock:
+            thread = next((t for t in self.threads if t.name == job.worker_name), None)
+            if thread is None or thread in self.abandoned or self.closed:
+                return
+            self.abandoned.add(thread)
+            self.threads.remove(thread)
+            self.running.discard(job)
+            self._start_thread(f"{thread.name}+")
+        log.error("job %s: its handler ignored the cancel for %g s; %s is given up on and a "
+                  "new thread takes its place", job.id, self.abandon_after, thread.name)
+        job.finish(JobStatus.FAILED, error=self._timed_out(job))
+
+    def _timed_out(self, job: Job) -> TimedOut:
+        if job.origin == "put":
+            limit, setting = self.limits.timeout, f"JOBQUEUE_{self.kind.name.upper()}_TIMEOUT"
+        else:
+            limit, setting = self.max_run_seconds, "JOBQUEUE_JOB_MAX_SECONDS"
+        return TimedOut(f"Job {job.id} ran longer than {limit:g} s ({setting}) and was "
+                        "stopped. Send smaller input, or raise the setting.")
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -148,6 +201,8 @@ class WorkerPool:
             with self._lock:  # so stop() sees every job that has started
                 if self.closed or not job.start(worker_name):
                     continue  # cancelled while it waited, or left for after a restart
+                if job.deadline is None:
+                    job.deadline = job.started_at + self.max_run_seconds
                 self.running.add(job)
             self._tell_waiting_jobs()
             try:
@@ -159,24 +214,29 @@ class WorkerPool:
             finally:
                 with self._lock:
                     self.running.discard(job)
+                    if threading.current_thread() in self.abandoned:
+                        self.abandoned.discard(threading.current_thread())
+                        return  # a replacement serves the queue now
 
     def _run(self, job: Job) -> None:
         log.info("job %s: %s started on %s", job.id, self.kind.name, job.worker_name)
         try:
             output = self.kind.handler(job)
         except JobCancelled:
-            job.finish(JobStatus.CANCELLED)
-        except BadInput as error:
-            log.info("job %s: bad input: %s", job.id, error)
-            job.finish(JobStatus.FAILED, error=error)
-        except BaseException as error:  # a job's failure must never end its worker thread
+            status, output, error = JobStatus.CANCELLED, None, None
+        except BadInput as error_:
+            log.info("job %s: bad input: %s", job.id, error_)
+            status, output, error = JobStatus.FAILED, None, error_
+        except BaseException as error_:  # a job's failure must never end its worker thread
             log.exception("job %s: failed", job.id)
-            job.finish(JobStatus.FAILED, error=error)
+            status, output, error = JobStatus.FAILED, None, error_
         else:
+            status, error = JobStatus.SUCCEEDED, None
             if job.cancel_requested.is_set():
-                job.finish(JobStatus.CANCELLED)
-            else:
-                job.finish(JobStatus.SUCCEEDED, output=output)
+                status, output = JobStatus.CANCELLED, None
+        if job.timed_out:  # whatever the handler made of being stopped
+            status, output, error = JobStatus.FAILED, None, self._timed_out(job)
+        job.finish(status, output=output, error=error)
         seconds = job.finished_at - job.started_at
         self._average_seconds = 0.8 * self._average_seconds + 0.2 * seconds
         log.info("job %s: %s after %.3f s", job.id, job.status.value, seconds)
@@ -191,11 +251,13 @@ class Engine:
         self.kinds = kinds
         self.store = store
         self.pools = {
-            name: WorkerPool(kind, settings.limits(name), store)
+            name: WorkerPool(kind, settings.limits(name), store, settings.job_max_seconds)
             for name, kind in kinds.items()
         }
         self.active: dict[str, Job] = {}
         self.feed = Feed()
+        self._stopping = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
 
     def start(self) -> None:
         """Queue again what a previous run accepted but did not finish, then start the threads."""
@@ -204,10 +266,21 @@ class Engine:
             self._recover(record)
         for pool in self.pools.values():
             pool.start()
+        self._watchdog.start()
 
     def stop(self) -> None:
+        self._stopping.set()
         for pool in self.pools.values():
             pool.stop()
+
+    def _watch(self) -> None:
+        """Cut jobs that run past their kind's timeout, on /put and /jobs alike."""
+        while not self._stopping.wait(WATCHDOG_SECONDS):
+            for pool in self.pools.values():
+                try:
+                    pool.enforce_timeout()
+                except Exception:  # the watchdog must outlive any one bad check
+                    log.exception("watchdog: checking %s jobs failed", pool.kind.name)
 
     def new_job(self, kind: JobKind, options: BaseModel, job_id: str | None = None,
                 input_path: Path | None = None, origin: str = "jobs") -> Job:
@@ -216,10 +289,13 @@ class Engine:
         job_id = job_id or storage.new_job_id()
         out_dir = storage.job_dir(self.out_dir, job_id)
         out_dir.mkdir(parents=True, exist_ok=True)
-        return Job(id=job_id, kind=kind, options=options, out_dir=out_dir,
-                   input_path=input_path or kind.sample, loop=loop, done=loop.create_future(),
-                   origin=origin, settings=self.settings, on_finish=self._record_end,
-                   on_change=self.feed.job_changed)
+        job = Job(id=job_id, kind=kind, options=options, out_dir=out_dir,
+                  input_path=input_path or kind.sample, loop=loop, done=loop.create_future(),
+                  origin=origin, settings=self.settings, on_finish=self._record_end,
+                  on_change=self.feed.job_changed)
+        if origin == "put":  # its client stops waiting then: the watchdog makes sure it stops
+            job.deadline = job.created_at + self.pools[kind.name].limits.timeout
+        return job
 
     def _record_end(self, job: Job) -> None:
         """Store how a job ended (on whichever thread ended it) before waiters hear of it."""

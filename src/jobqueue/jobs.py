@@ -112,6 +112,9 @@ class Job:
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     # Set when shutdown stops the job: it is left as it was, to run again after a restart.
     rerun_after_restart: bool = False
+    # When the engine's watchdog stops the job (epoch seconds), and whether it has.
+    deadline: float | None = None
+    timed_out: bool = False
     # Called from whichever thread finishes the job, before the loop side hears of it.
     on_finish: Callable[[Job], None] | None = None
     # Called on the loop after every change (the dashboard's feed).

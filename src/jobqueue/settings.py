@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     video_queue_size: int = Field(10, ge=1)
     video_timeout: float = Field(300, gt=0)
 
+    job_max_seconds: float = Field(3600, gt=0, description="Longest a POST /jobs job may run")
+
     pdf_max_pages: int = Field(500, ge=1, description="Longest PDF, in pages")
     video_max_seconds: float = Field(3600, gt=0, description="Longest video")
     video_max_pixels: int = Field(3840 * 2160, ge=4,
