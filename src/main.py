@@ -9,9 +9,10 @@ import uvicorn
 
 from jobqueue.app import create_app
 from jobqueue.settings import Settings
+from jobqueue.shutdown import GracefulServer
 
-# Seconds uvicorn lets open requests finish on Ctrl-C before it cancels them (which cancels
-# the jobs they wait for).
+# After the drain (JOBQUEUE_SHUTDOWN_GRACE), seconds uvicorn lets open requests, such as event
+# streams, finish before it cancels them.
 GRACEFUL_SHUTDOWN_SECONDS = 3
 
 
@@ -27,8 +28,13 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+    try:
+        GracefulServer(config, app, settings.shutdown_grace).run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down
+        pass
 
 
 if __name__ == "__main__":

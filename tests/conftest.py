@@ -62,7 +62,9 @@ def run_server(tmp_path: Path, **settings: object) -> Iterator[Server]:
     port = free_port()
     out_dir = tmp_path / "out"
     log_path = tmp_path / "server.log"
-    env = {**os.environ, "JOBQUEUE_OUT_DIR": str(out_dir), "JOBQUEUE_RATE_LIMIT": "100000/minute"}
+    # No shutdown grace unless a test asks for one: stopping a test server should not wait.
+    env = {**os.environ, "JOBQUEUE_OUT_DIR": str(out_dir), "JOBQUEUE_RATE_LIMIT": "100000/minute",
+           "JOBQUEUE_SHUTDOWN_GRACE": "0"}
     env.update({f"JOBQUEUE_{key.upper()}": str(value) for key, value in settings.items()})
     with log_path.open("wb") as log:
         process = subprocess.Popen(

@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.draining = False  # set on SIGTERM / Ctrl-C: see shutdown.py
     app.state.previews = set()  # the ffmpeg processes of /jobs/{id}/preview.mjpg viewers
     ratelimit.configure(app, settings.rate_limit)
     app.add_exception_handler(QueueFull, queue_full)

@@ -273,6 +273,18 @@ class Engine:
         for pool in self.pools.values():
             pool.stop()
 
+    def close_intake(self) -> None:
+        """Shutdown begins: start no more queued jobs (they stay queued in the store for the
+        next start) and end the queued /put jobs, whose clients would wait in vain."""
+        for pool in self.pools.values():
+            pool.closed = True
+        for job in list(self.active.values()):
+            if job.origin == "put" and job.status is JobStatus.QUEUED:
+                self.cancel(job, "the server is shutting down")
+
+    def busy(self) -> bool:
+        return any(pool.stats()["busy"] for pool in self.pools.values())
+
     def _watch(self) -> None:
         """Cut jobs that run past their kind's timeout, on /put and /jobs alike."""
         while not self._stopping.wait(WATCHDOG_SECONDS):

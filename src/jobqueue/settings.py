@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     video_max_pixels: int = Field(3840 * 2160, ge=4,
                                   description="Largest video frame, input or output, in pixels")
 
+    shutdown_grace: float = Field(10, ge=0, description="Seconds running jobs get on shutdown")
+
     preview_streams: int = Field(8, ge=1, description="ffmpeg decoders /preview.mjpg may run")
 
     pdf_engine: Literal["poppler", "pdfium"] = "poppler"

@@ -20,6 +20,7 @@ from ..kinds import KINDS
 from ..ratelimit import limiter, submit_limit
 from ..schemas import (Accepted, JobList, JobView, Links, ProgressView, ResultView,
                        error_responses)
+from ..shutdown import refuse_while_draining
 from ..store import JobRecord
 from ..submission import read_submission, start_job
 from .put import REQUEST_EXAMPLES
@@ -89,6 +90,7 @@ def current_view(request: Request, record: JobRecord) -> JobView:
     response_model=Accepted,
     responses=error_responses(413, 415, 422, 429, 503),
     openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
+    dependencies=[Depends(refuse_while_draining)],
 )
 @limiter.limit(submit_limit)
 async def submit_job(request: Request, response: Response) -> Accepted:

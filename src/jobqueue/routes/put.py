@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
 from ..engine import Engine
 from ..jobs import BadInput, Job, JobStatus, TooLarge
 from ..kinds import KINDS
 from ..ratelimit import limiter, submit_limit
 from ..schemas import JobResult, PutData, PutResponse, error_responses
+from ..shutdown import raise_shutting_down, refuse_while_draining
 from ..submission import read_submission, start_job
 
 router = APIRouter(tags=["jobs"])
@@ -63,6 +64,7 @@ REQUEST_EXAMPLES = {
     response_model=PutResponse,
     responses=error_responses(409, 413, 415, 422, 429, 500, 503, 504),
     openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
+    dependencies=[Depends(refuse_while_draining)],
 )
 @limiter.limit(submit_limit)
 async def put(request: Request, response: Response) -> PutResponse:
@@ -95,6 +97,8 @@ async def wait_for_job(request: Request, engine: Engine, job: Job, timeout: floa
             await watcher
         if not job.status.finished:
             engine.cancel(job, "the /put request ended first")
+    if job.status is JobStatus.CANCELLED and request.app.state.draining:
+        raise_shutting_down(request)  # it never started: shutdown came first
     raise_for_failure(job)
 
 
