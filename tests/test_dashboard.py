@@ -109,5 +109,6 @@ def test_refusal_is_shown_and_a_running_job_can_be_cancelled(page):
     page.wait_for_selector(f"{card}[data-status=running]")
     page.click(f"{card} button.cancel")
     page.wait_for_selector(f"{card}[data-status=cancelled]")
+    page.once("dialog", lambda dialog: dialog.accept())  # "Delete this job and its files?"
     page.click(f"{card} button.delete")  # a finished job is deleted, and leaves the page
     page.wait_for_selector(card, state="detached")

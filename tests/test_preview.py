@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import time
 from contextlib import ExitStack
@@ -136,3 +137,29 @@ def test_thumbnail_refusals(client):
     assert "not an image" in response.json()["detail"]
     page = client.post("/put", json={"jobType": "pdf2image", "dpi": 20}).json()["data"]
     assert client.get(page["result"]["files"][0], params={"w": 5000}).status_code == 422
+
+
+def test_many_viewers_at_once_start_no_more_decoders_than_the_limit(tmp_path):
+    with run_server(tmp_path, preview_streams=2) as server, server.client() as client:
+        job_id = video_job(client)
+        answers: list[int] = []
+        most_decoders = 0
+
+        def watch() -> None:
+            with server.client() as own, own.stream(
+                    "GET", f"/jobs/{job_id}/preview.mjpg", params={"width": 64}) as stream:
+                answers.append(stream.status_code)
+                if stream.status_code == 200:
+                    reader = Frames(stream)
+                    reader.take(10)  # held for about 0.4 s
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            viewers = [pool.submit(watch) for _ in range(8)]
+            while not all(viewer.done() for viewer in viewers):
+                most_decoders = max(most_decoders, len(server.children("ffmpeg")))
+                time.sleep(0.01)
+            for viewer in viewers:
+                viewer.result()
+        assert most_decoders <= 2
+        assert answers.count(200) >= 2 and answers.count(503) >= 1
+        assert set(answers) == {200, 503}

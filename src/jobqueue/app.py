@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         engine.start()
         log.info("workers started: %s", {name: p.limits.workers for name, p in engine.pools.items()})
-        sweeper = asyncio.create_task(retention.sweep_forever(store, settings))
+        sweeper = asyncio.create_task(retention.sweep_forever(store, settings, engine.feed))
         yield
         sweeper.cancel()
         await asyncio.to_thread(engine.stop)
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.draining = False  # set on SIGTERM / Ctrl-C: see shutdown.py
-    app.state.previews = set()  # the ffmpeg processes of /jobs/{id}/preview.mjpg viewers
+    app.state.preview_slots = preview.PreviewSlots(settings.preview_streams)
     ratelimit.configure(app, settings.rate_limit)
     app.add_exception_handler(QueueFull, queue_full)
     app.add_exception_handler(Exception, internal_error)

@@ -55,6 +55,13 @@ def check(response: httpx.Response, *ok: int) -> httpx.Response:
     return response
 
 
+async def check_stream(response: httpx.Response) -> None:
+    """`check` for a streamed response, whose error body must be read first."""
+    if response.status_code != 200:
+        await response.aread()
+        raise Refused(detail_of(response))
+
+
 def retry_after(response: httpx.Response) -> float:
     try:
         return max(0.5, float(response.headers.get("Retry-After", 1)))
@@ -104,7 +111,7 @@ async def follow(client: httpx.AsyncClient, job_id: str, progress: Progress,
         try:
             async with aconnect_sse(client, "GET", f"/jobs/{job_id}/events",
                                     timeout=httpx.Timeout(30, read=None)) as events:
-                check(events.response)
+                await check_stream(events.response)
                 async for event in events.aiter_sse():
                     view = event.json()
                     done, total = view["progress"]["done"], view["progress"]["total"]
@@ -133,7 +140,7 @@ async def download(client: httpx.AsyncClient, view: dict, folder: Path) -> list[
             raise Refused(f"the server sent an unusable file name in {url!r}")
         target = folder / name
         async with client.stream("GET", url) as response:
-            check(response)
+            await check_stream(response)
             with target.open("wb") as file:
                 async for chunk in response.aiter_bytes():
                     file.write(chunk)
@@ -300,7 +307,7 @@ def split_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
             continue
         if not equals:
             if not rest:
-                raise SystemExit(f"error: option {arg} needs a value")
+                parser().error(f"option {arg} needs a value")
             value = rest.pop(0)
         options[name[2:]] = value
     return kept, options
@@ -324,7 +331,7 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("--out", type=Path,
                         help="download each job's files into OUT/<file stem>/ (implies --wait)")
     submit.add_argument("--parallel", type=int, default=4,
-                        help="jobs submitted and followed at once (default %(default)s)")
+                        help="uploads at once (default %(default)s); all jobs are followed")
     submit.add_argument("--retry-for", type=float, default=600, metavar="SECONDS",
                         help="keep retrying a 503 or 429 this long (default %(default)s)")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import threading
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
@@ -16,6 +18,10 @@ from ..schemas import error_responses
 router = APIRouter(tags=["jobs"])
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# Thumbnails are kept beside the job's outputs, made once per width.
+THUMBNAIL_DIR = "thumbnails"
+# Decoding a 600 dpi page takes about 100 MB: only this many at once, however many are asked.
+_decoding = threading.BoundedSemaphore(2)
 # Output files never change once written.
 CACHE = {"Cache-Control": "private, max-age=3600"}
 
@@ -50,9 +56,21 @@ async def job_file(job_id: str, name: str, request: Request,
 
 
 def thumbnail(path: Path, width: int) -> bytes:
-    """A JPEG at most `width` pixels wide (never enlarged), keeping the aspect ratio."""
-    with Image.open(path) as image:
+    """A JPEG at most `width` pixels wide (never enlarged), keeping the aspect ratio; cached
+    in the job's `thumbnails/` folder."""
+    cached = path.parent / THUMBNAIL_DIR / f"{width}-{path.stem}.jpg"
+    if cached.is_file():
+        return cached.read_bytes()
+    with _decoding, Image.open(path) as image:
         image.thumbnail((width, width * 20))
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, "JPEG", quality=80)
-    return buffer.getvalue()
+    jpeg = buffer.getvalue()
+    try:
+        cached.parent.mkdir(exist_ok=True)
+        partial = cached.with_suffix(f".{threading.get_ident()}.tmp")
+        partial.write_bytes(jpeg)
+        os.replace(partial, cached)  # whole or not at all, for a request reading it meanwhile
+    except OSError:  # the job was deleted meanwhile, or the disk is full: serve it uncached
+        pass
+    return jpeg

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,32 +22,65 @@ log = logging.getLogger("jobqueue.preview")
 router = APIRouter(tags=["async jobs"])
 
 CHUNK_BYTES = 64 * 1024
+# A slot granted to a viewer whose stream never started (it left at once) frees up after this.
+UNUSED_SLOT_SECONDS = 10.0
+
+
+class PreviewSlots:
+    """Counts the previews playing, and those just granted whose ffmpeg is not up yet, so
+    that many viewers arriving at once cannot start more than `limit` decoders."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.playing = 0
+        self._granted: dict[object, float] = {}
+
+    def grant(self) -> object | None:
+        now = time.monotonic()
+        self._granted = {t: at for t, at in self._granted.items()
+                         if now - at < UNUSED_SLOT_SECONDS}
+        if self.playing + len(self._granted) >= self.limit:
+            return None
+        ticket = object()
+        self._granted[ticket] = now
+        return ticket
+
+    def start(self, ticket: object) -> None:
+        self._granted.pop(ticket, None)
+        self.playing += 1
+
+    def stop(self) -> None:
+        self.playing -= 1
 
 
 def preview_source(request: Request, found: Found) -> Path:
-    """The output video once the job has succeeded, its input before that."""
+    """The output video once the job has succeeded, its uploaded input while it waits or runs."""
     record = found.record
     if record.job_type != video.KIND.name:
         raise HTTPException(404, f"Job {record.id} is a {record.job_type} job; only "
                                  f"{video.KIND.name} jobs have a preview.")
-    if record.status == JobStatus.SUCCEEDED.value and record.result:
-        path = storage.output_file(request.app.state.settings.out_dir, record.id,
-                                   record.result["files"][0])
-    else:
-        path = Path(record.input_path) if record.input_path else None
+    out_dir = request.app.state.settings.out_dir
+    path = None
+    if record.status == JobStatus.SUCCEEDED.value and record.result and record.result["files"]:
+        path = storage.output_file(out_dir, record.id, record.result["files"][0])
+    elif record.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value) and record.input_path:
+        path = Path(record.input_path)
+        if storage.job_dir(out_dir, record.id) not in path.parents:
+            path = None  # the bundled sample, not this job's own file
     if path is None or not path.is_file():
-        raise HTTPException(404, f"Job {record.id} has no video left to preview.")
+        raise HTTPException(404, f"Job {record.id} is {record.status} and has no video of its "
+                                 "own to preview.")
     return path
 
 
 @router.get(
     "/jobs/{job_id}/preview.mjpg",
     summary="Watch a video job: JPEG frames as multipart/x-mixed-replace",
-    description="Plays the output video once the job has succeeded, the input video before "
-                "that, at the video's own frame rate, once. Use it as `<img src>`. `fps` and "
-                "`width` cap the frame rate and the width. Each viewer gets its own ffmpeg, "
-                "killed as soon as the viewer leaves; at most `JOBQUEUE_PREVIEW_STREAMS` run "
-                "at once (503 beyond that).",
+    description="Plays the output video once the job has succeeded, the uploaded input while "
+                "it waits or runs, at the video's own frame rate, once. Use it as `<img src>`. "
+                "`fps` and `width` cap the frame rate and the width. Each viewer gets its own "
+                "ffmpeg, killed as soon as the viewer leaves; at most "
+                "`JOBQUEUE_PREVIEW_STREAMS` play at once (503 beyond that).",
     response_class=StreamingResponse,
     responses={200: {"content": {"multipart/x-mixed-replace": {}}},
                **error_responses(404, 422, 503)},
@@ -57,35 +92,44 @@ async def preview(
     width: int | None = Query(None, ge=16, le=3840, description="Most pixels wide"),
 ) -> StreamingResponse:
     source = preview_source(request, found)
-    playing: set[asyncio.subprocess.Process] = request.app.state.previews
-    limit = request.app.state.settings.preview_streams
-    if len(playing) >= limit:
-        raise HTTPException(503, f"{len(playing)} previews are playing, the most "
+    slots: PreviewSlots = request.app.state.preview_slots
+    ticket = slots.grant()
+    if ticket is None:
+        raise HTTPException(503, f"{slots.limit} previews are playing, the most "
                                  "JOBQUEUE_PREVIEW_STREAMS allows; retry in a few seconds.",
                             headers={"Retry-After": "5"})
     return StreamingResponse(
-        frames(video.preview_command(str(source), fps, width), playing, found.record.id),
+        frames(video.preview_command(str(source), fps, width), slots, ticket, found.record.id),
         media_type=f"multipart/x-mixed-replace;boundary={video.PREVIEW_BOUNDARY}",
         headers={"Cache-Control": "no-store"},
     )
 
 
-async def frames(command: list[str], playing: set[asyncio.subprocess.Process],
+async def frames(command: list[str], slots: PreviewSlots, ticket: object,
                  job_id: str) -> AsyncIterator[bytes]:
     """ffmpeg's output as it comes. ffmpeg starts here, not in the route, so a viewer gone
     before the first byte starts none. When the viewer leaves, Starlette cancels this
     generator and the finally kills ffmpeg; the event loop's child watcher reaps it."""
-    process = await asyncio.create_subprocess_exec(
-        *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL)
-    playing.add(process)
-    log.info("job %s: preview started (ffmpeg %d)", job_id, process.pid)
-    try:
-        while chunk := await process.stdout.read(CHUNK_BYTES):
-            yield chunk
-        await process.wait()
-    finally:
-        playing.discard(process)
-        if process.returncode is None:
-            process.kill()
-            log.info("job %s: preview viewer left; ffmpeg %d killed", job_id, process.pid)
+    slots.start(ticket)
+    # stderr to a file, so a flood of decoding errors can never stall the frames.
+    with tempfile.TemporaryFile() as stderr:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=stderr)
+        except BaseException:
+            slots.stop()
+            raise
+        log.info("job %s: preview started (ffmpeg %d)", job_id, process.pid)
+        try:
+            while chunk := await process.stdout.read(CHUNK_BYTES):
+                yield chunk
+            if await process.wait() != 0:
+                stderr.seek(0)
+                log.warning("job %s: preview ffmpeg exited with code %d: %s", job_id,
+                            process.returncode, stderr.read()[-500:].decode(errors="replace"))
+        finally:
+            slots.stop()
+            if process.returncode is None:
+                process.kill()
+                log.info("job %s: preview viewer left; ffmpeg %d killed", job_id, process.pid)

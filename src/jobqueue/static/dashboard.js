@@ -8,6 +8,7 @@ const PREVIEW = "fps=12&width=480";
 
 const jobs = new Map();     // id -> {view, element}
 const submittedHere = new Set();  // ids of jobs this page submitted: their previews play
+const played = new Set();         // ids whose preview has played by itself once
 
 function $(selector, root = document) {
   return root.querySelector(selector);
@@ -22,9 +23,11 @@ function connect() {
   events.onerror = () => setConnection(connection, "down", "reconnecting…");
   events.addEventListener("queues", (event) => showQueues(JSON.parse(event.data)));
   events.addEventListener("jobs", (event) => {
-    for (const { element } of jobs.values()) element.remove();
+    // Sent again after every reconnect: start over from it.
+    for (const { element } of jobs.values()) dropCard(element);
     jobs.clear();
     for (const view of JSON.parse(event.data)) showJob(view);
+    $("#no-jobs").hidden = jobs.size > 0;
   });
   events.addEventListener("job", (event) => showJob(JSON.parse(event.data)));
   events.addEventListener("removed", (event) => removeJob(JSON.parse(event.data).id));
@@ -89,8 +92,13 @@ function newJobElement(view) {
   const id = $(".id", card);
   id.textContent = view.id.slice(0, 8);
   id.href = `/jobs/${view.id}`;
-  $(".cancel", card).addEventListener("click", () => deleteJob(view.id));
-  $(".delete", card).addEventListener("click", () => deleteJob(view.id));
+  $(".cancel", card).addEventListener("click", (event) => {
+    event.target.hidden = true;  // so a second click cannot delete the job once it ends
+    deleteJob(view.id);
+  });
+  $(".delete", card).addEventListener("click", () => {
+    if (confirm("Delete this job and its files?")) deleteJob(view.id);
+  });
   return card;
 }
 
@@ -105,15 +113,21 @@ function trimJobs() {
   while (list.children.length > MAX_JOBS) {
     const last = list.lastElementChild;
     jobs.delete(last.dataset.id);
-    last.remove();
+    dropCard(last);
   }
 }
 
 function removeJob(id) {
   const entry = jobs.get(id);
-  if (entry) entry.element.remove();
+  if (entry) dropCard(entry.element);
   jobs.delete(id);
   $("#no-jobs").hidden = jobs.size > 0;
+}
+
+// A removed <img> keeps its stream open: end the preview first, so its ffmpeg stops.
+function dropCard(card) {
+  for (const image of card.querySelectorAll("img.preview")) image.removeAttribute("src");
+  card.remove();
 }
 
 // Thumbnails of a pdf2image job's pages, a preview stream of a video job's output.
@@ -126,8 +140,10 @@ function showMedia(card, view, justFinished) {
     button.textContent = "▶ preview";
     button.addEventListener("click", () => playPreview(media, view.id));
     media.append(button);
-    if (justFinished) playPreview(media, view.id);
-    return;
+    if (justFinished && !played.has(view.id)) {
+      played.add(view.id);
+      playPreview(media, view.id);
+    }
   }
   for (const url of files.slice(0, MAX_THUMBNAILS)) {
     const name = url.split("/").pop();
