@@ -9,9 +9,10 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from conftest import DATA, ROOT
+from conftest import DATA, ROOT, run_server
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
+LOADED = "images => images.filter(i => i.complete && i.naturalWidth > 0).length"
 # Without the networking flags Chromium keeps trying to reach Google's hosts from here.
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update",
@@ -44,6 +45,14 @@ def page(browser, server) -> Iterator[Page]:
     assert errors == [], "the page reported errors"
 
 
+def eventually(condition, seconds: float = 15) -> None:
+    """Poll from Python: the page's CSP forbids the eval that page.wait_for_function uses."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the page never got there"
+        time.sleep(0.05)
+
+
 def submit_form(page: Page, kind: str, file: str | None = None, **options: str) -> str:
     """Fill in and send the dashboard's form; the new job's id."""
     page.select_option("#job-type", kind)
@@ -61,7 +70,7 @@ def submit_form(page: Page, kind: str, file: str | None = None, **options: str) 
 
 def test_queues_show_the_servers_workers(page):
     row = "#queues tr[data-kind=message]"
-    page.wait_for_function(f"document.querySelector('{row} .workers').textContent === '4'")
+    eventually(lambda: page.inner_text(f"{row} .workers") == "4")
     assert page.inner_text(f"{row} .capacity") == "64"
 
 
@@ -70,13 +79,12 @@ def test_pdf_through_the_form_shows_progress_and_thumbnails(page):
     card = f".job[data-id='{job_id}']"
     page.wait_for_selector(card)  # it appears at once, from the event stream
     page.wait_for_selector(f"{card}[data-status=succeeded]", timeout=30_000)
-    page.wait_for_function(f"document.querySelector(\"{card} .fill\").style.width === '100%'")
+    eventually(lambda: page.locator(f"{card} .fill").evaluate("e => e.style.width") == "100%")
     assert page.inner_text(f"{card} .progress-text") == "4 of 4 pages"
-    thumbnails = f"{card} img.thumbnail"
-    page.wait_for_function(
-        f"[...document.querySelectorAll(\"{thumbnails}\")].filter(i => i.complete && "
-        "i.naturalWidth === 160).length === 4")
-    first = page.locator(thumbnails).first.evaluate("i => i.src")
+    thumbnails = page.locator(f"{card} img.thumbnail")
+    eventually(lambda: thumbnails.evaluate_all(LOADED) == 4)
+    assert thumbnails.evaluate_all("images => images.map(i => i.naturalWidth)") == [160] * 4
+    first = thumbnails.first.evaluate("i => i.src")
     assert first.endswith("/files/page-001.png?w=160")
     result = page.locator(f"{card} a.result")
     assert result.get_attribute("href") == f"/jobs/{job_id}/result"
@@ -88,7 +96,7 @@ def test_video_through_the_form_plays_its_preview(page):
     page.wait_for_selector(f"{card}[data-status=succeeded]", timeout=60_000)
     preview = page.locator(f"{card} img.preview")
     preview.wait_for()
-    page.wait_for_function(f"document.querySelector(\"{card} img.preview\").naturalWidth > 0")
+    eventually(lambda: preview.evaluate("i => i.naturalWidth") > 0)
     first = preview.screenshot()
     time.sleep(0.6)
     assert preview.screenshot() != first, "the preview should move"
@@ -112,3 +120,26 @@ def test_refusal_is_shown_and_a_running_job_can_be_cancelled(page):
     page.once("dialog", lambda dialog: dialog.accept())  # "Delete this job and its files?"
     page.click(f"{card} button.delete")  # a finished job is deleted, and leaves the page
     page.wait_for_selector(card, state="detached")
+
+
+def test_dashboard_with_api_keys(browser, tmp_path):
+    with run_server(tmp_path, api_keys="dash-key") as keyed:
+        page = browser.new_page()
+        try:
+            page.goto(f"{keyed.url}/dashboard")
+            page.wait_for_selector("#key-form:not([hidden])")
+            page.fill("#api-key", "wrong")
+            page.click("#key-form button")
+            page.wait_for_selector("#key-message:has-text('not valid')")
+            page.fill("#api-key", "dash-key")
+            page.click("#key-form button")
+            page.wait_for_selector("#connection[data-state=live]")
+            assert page.evaluate("sessionStorage.getItem('jobqueue-api-key')") == "dash-key"
+            job_id = submit_form(page, "pdf2image", str(DATA / "sample.pdf"), dpi="30")
+            card = f".job[data-id='{job_id}']"
+            page.wait_for_selector(f"{card}[data-status=succeeded]", timeout=30_000)
+            # Thumbnails are <img> requests: they get in with the key's cookie.
+            thumbnails = page.locator(f"{card} img.thumbnail")
+            eventually(lambda: thumbnails.evaluate_all(LOADED) == 4)
+        finally:
+            page.close()

@@ -7,14 +7,17 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from . import ratelimit, retention
+from . import access, ratelimit, retention
+from .headers import SecurityHeaders
 from .engine import Engine, QueueFull
 from .kinds import KINDS
 from .routes import dashboard, events, files, health, jobs, preview, put
+from .schemas import error_responses
 from .settings import Settings
 from .store import JobStore
 
@@ -53,12 +56,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(QueueFull, queue_full)
     app.add_exception_handler(Exception, internal_error)
     app.include_router(health.router)
-    app.include_router(put.router)
-    app.include_router(jobs.router)
-    app.include_router(files.router)
-    app.include_router(preview.router)
-    app.include_router(events.router)
-    app.include_router(dashboard.router)
+    app.include_router(dashboard.router)  # the page asks for a key itself
+    keyed = [Depends(access.require_key)]  # 401 without a valid key when keys are set
+    for router in (put.router, jobs.router, files.router, preview.router, events.router):
+        app.include_router(router, dependencies=keyed, responses=error_responses(401)
+                           if settings.api_key_list else None)
+    app.add_middleware(SecurityHeaders)
+    if settings.cors_origin_list:  # off unless JOBQUEUE_CORS_ORIGINS names the origins
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=[access.HEADER, "Content-Type"],
+            expose_headers=["Location", "Retry-After", "X-RateLimit-Limit",
+                            "X-RateLimit-Remaining", "X-RateLimit-Reset"])
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     return app
 

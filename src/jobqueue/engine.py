@@ -295,7 +295,7 @@ class Engine:
                     log.exception("watchdog: checking %s jobs failed", pool.kind.name)
 
     def new_job(self, kind: JobKind, options: BaseModel, job_id: str | None = None,
-                input_path: Path | None = None, origin: str = "jobs") -> Job:
+                input_path: Path | None = None, origin: str = "jobs", owner: str = "") -> Job:
         """A job not yet queued; call from the event loop."""
         loop = asyncio.get_running_loop()
         job_id = job_id or storage.new_job_id()
@@ -303,7 +303,8 @@ class Engine:
         out_dir.mkdir(parents=True, exist_ok=True)
         job = Job(id=job_id, kind=kind, options=options, out_dir=out_dir,
                   input_path=input_path or kind.sample, loop=loop, done=loop.create_future(),
-                  origin=origin, settings=self.settings, on_finish=self._record_end,
+                  origin=origin, owner=owner, settings=self.settings,
+                  on_finish=self._record_end,
                   on_change=self.feed.job_changed)
         if origin == "put":  # its client stops waiting then: the watchdog makes sure it stops
             job.deadline = job.created_at + self.pools[kind.name].limits.timeout
@@ -368,7 +369,8 @@ class Engine:
             self.store.save(record)
             return
         job = self.new_job(kind, options, record.id,
-                           Path(record.input_path) if record.input_path else None)
+                           Path(record.input_path) if record.input_path else None,
+                           owner=record.owner)
         job.created_at = record.created_at
         for path in job.out_dir.iterdir():
             if path.name != storage.INPUT_DIR:

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 class Listener:
     """One `/events` stream's pending changes; many changes to a job collapse into one."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "") -> None:
+        self.owner = owner  # only this API key's jobs
         self.changed: dict[str, Job] = {}
         self.removed: set[str] = set()
         self.wake = asyncio.Event()
@@ -32,8 +33,8 @@ class Feed:
     def __init__(self) -> None:
         self._listeners: set[Listener] = set()
 
-    def listen(self) -> Listener:
-        listener = Listener()
+    def listen(self, owner: str = "") -> Listener:
+        listener = Listener(owner)
         self._listeners.add(listener)
         return listener
 
@@ -42,11 +43,14 @@ class Feed:
 
     def job_changed(self, job: Job) -> None:
         for listener in self._listeners:
-            listener.changed[job.id] = job
-            listener.wake.set()
+            if listener.owner == job.owner:
+                listener.changed[job.id] = job
+                listener.wake.set()
 
-    def job_removed(self, job_id: str) -> None:
+    def job_removed(self, job_id: str, owner: str) -> None:
         for listener in self._listeners:
+            if listener.owner != owner:
+                continue
             listener.changed.pop(job_id, None)
             listener.removed.add(job_id)
             listener.wake.set()

@@ -107,6 +107,8 @@ class Job:
     error: BaseException | None = None
     # "put" for a client waiting on /put, "jobs" for POST /jobs.
     origin: str = "jobs"
+    # The API key that submitted it, as `access.owner_of` names it; "" without API keys.
+    owner: str = ""
     # The server's settings, for handlers with server-wide choices (pdf2image's engine).
     settings: Settings | None = None
     cancel_requested: threading.Event = field(default_factory=threading.Event)
@@ -227,6 +229,7 @@ class Job:
             result={"data": output.data, "files": [path.name for path in output.files]}
             if output else None,
             origin=self.origin,
+            owner=self.owner,
         )
 
     def raise_if_cancelled(self) -> None:

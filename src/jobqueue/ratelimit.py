@@ -12,7 +12,16 @@ from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
 from slowapi.util import get_remote_address
 
-limiter = Limiter(key_func=get_remote_address, headers_enabled=True)
+
+
+def client_key(request: Request) -> str:
+    """Whom a limit counts: the API key when the server has keys (`require_key` ran before
+    this), otherwise the client's address."""
+    owner = getattr(request.state, "owner", "")
+    return f"key:{owner}" if owner else get_remote_address(request)
+
+
+limiter = Limiter(key_func=client_key, headers_enabled=True)
 _submit_limit = "60/minute"
 
 
@@ -31,7 +40,8 @@ def configure(app: FastAPI, rate_limit: str) -> None:
 
 def rate_limited(request: Request, exc: RateLimitExceeded) -> JSONResponse:
     response = JSONResponse(
-        {"detail": f"Rate limit exceeded: {exc.detail} per client. "
+        {"detail": f"Rate limit exceeded: {exc.detail} per client (per API key when the "
+                   "server has keys). "
                    "Wait the number of seconds in the Retry-After header, then try again."},
         status_code=429,
     )

@@ -14,14 +14,14 @@ from .store import JobStore
 log = logging.getLogger("jobqueue.retention")
 
 
-def sweep(store: JobStore, settings: Settings) -> list[str]:
-    """Delete expired jobs now; returns their ids."""
+def sweep(store: JobStore, settings: Settings) -> list[tuple[str, str]]:
+    """Delete expired jobs now; returns their ids and owners."""
     expired = store.finished_before(time.time() - settings.result_ttl)
     for record in expired:
         store.delete(record.id)  # first, so nobody is sent to missing files
         storage.remove_job_dir(settings.out_dir, record.id)
         log.info("job %s: deleted after the %g s retention", record.id, settings.result_ttl)
-    return [record.id for record in expired]
+    return [(record.id, record.owner) for record in expired]
 
 
 async def sweep_forever(store: JobStore, settings: Settings, feed: Feed) -> None:
@@ -30,7 +30,7 @@ async def sweep_forever(store: JobStore, settings: Settings, feed: Feed) -> None
     while True:
         await asyncio.sleep(interval)
         try:
-            for job_id in await asyncio.to_thread(sweep, store, settings):
-                feed.job_removed(job_id)  # open dashboards drop it
+            for job_id, owner in await asyncio.to_thread(sweep, store, settings):
+                feed.job_removed(job_id, owner)  # open dashboards drop it
         except Exception:
             log.exception("retention sweep failed; trying again in %g s", interval)

@@ -97,6 +97,7 @@ class ErrorResponse(BaseModel):
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error status codes a route can answer."""
     meaning = {
+        401: "No valid X-API-Key (only when the server has JOBQUEUE_API_KEYS).",
         404: "Unknown job or file.",
         409: "The job has not succeeded (yet).",
         413: "The upload is too large, or the input is over a JOBQUEUE_*_MAX_* limit.",

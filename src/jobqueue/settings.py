@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from limits import parse_many
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -54,6 +54,10 @@ class Settings(BaseSettings):
 
     preview_streams: int = Field(8, ge=1, description="ffmpeg decoders /preview.mjpg may run")
 
+    api_keys: SecretStr = Field(SecretStr(""),
+                                description="Comma-separated API keys; empty: no keys needed")
+    cors_origins: str = Field("", description="Comma-separated origins allowed by CORS")
+
     pdf_engine: Literal["poppler", "pdfium"] = "poppler"
     png_compression: int = Field(3, ge=0, le=9, description="zlib level of PNGs the pdfium "
                                  "engine writes (poppler's pdftoppm writes its own)")
@@ -63,6 +67,15 @@ class Settings(BaseSettings):
     def valid_rate_limit(cls, value: str) -> str:
         parse_many(value)  # raises ValueError for text slowapi would not understand
         return value
+
+    @property
+    def api_key_list(self) -> list[str]:
+        keys = self.api_keys.get_secret_value().split(",")
+        return [key.strip() for key in keys if key.strip()]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @property
     def job_db(self) -> Path:

@@ -30,10 +30,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     bad_input INTEGER NOT NULL DEFAULT 0,
     result TEXT,
-    origin TEXT NOT NULL DEFAULT 'jobs'
+    origin TEXT NOT NULL DEFAULT 'jobs',
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
+# Columns added after the first release, for databases made before them.
+ADDED_COLUMNS = {"owner": "TEXT NOT NULL DEFAULT ''"}
 JSON_COLUMNS = ("options", "progress", "result")
 
 
@@ -55,6 +58,7 @@ class JobRecord:
     bad_input: bool = False
     result: dict[str, Any] | None = None
     origin: str = "jobs"  # "put" when a client waited on /put for it
+    owner: str = ""  # which API key submitted it (a hash of it), "" without API keys
 
 
 class JobStore:
@@ -67,6 +71,10 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            present = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for column, definition in ADDED_COLUMNS.items():
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -91,16 +99,16 @@ class JobStore:
         return rows[0] if rows else None
 
     def list(self, status: str | None = None, job_type: str | None = None,
-             limit: int = 50, offset: int = 0) -> list[JobRecord]:
-        """Newest first, optionally filtered by status and job type."""
-        where, params = [], []
+             limit: int = 50, offset: int = 0, owner: str = "") -> list[JobRecord]:
+        """One owner's jobs, newest first, optionally filtered by status and job type."""
+        where, params = ["owner = ?"], [owner]
         if status:
             where.append("status = ?")
             params.append(status)
         if job_type:
             where.append("job_type = ?")
             params.append(job_type)
-        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        sql = "SELECT * FROM jobs WHERE " + " AND ".join(where)
         return self._query(sql + " ORDER BY seq DESC LIMIT ? OFFSET ?", (*params, limit, offset))
 
     def unfinished(self) -> list[JobRecord]:

@@ -92,7 +92,7 @@ async def read_json(request: Request, content_type: str) -> dict:
 
 
 async def start_job(engine: Engine, submission: Submission, origin: str,
-                    check_input: bool = False) -> Job:
+                    check_input: bool = False, owner: str = "") -> Job:
     """Queue the job (QueueFull: 503). With `check_input`, an upload of the wrong type is 415
     and one over the server's limits 413.
     `origin` is "put" for a client that waits for the result, "jobs" for one that comes back."""
@@ -101,7 +101,7 @@ async def start_job(engine: Engine, submission: Submission, origin: str,
         if check_input and submission.upload and kind.check_input:
             await run_in_threadpool(kind.check_input, submission.upload, engine.settings)
         job = engine.new_job(kind, submission.options, submission.job_id, submission.upload,
-                             origin)
+                             origin, owner)
         engine.submit(job)
     except (UnsupportedInput, TooLarge) as error:
         storage.remove_job_dir(engine.out_dir, submission.job_id)

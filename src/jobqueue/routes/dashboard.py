@@ -67,4 +67,6 @@ class KindForm:
             summary="A live dashboard: queues, recent jobs with progress, and a submit form")
 async def dashboard(request: Request) -> HTMLResponse:
     forms = [KindForm(kind, form_fields(kind.options)) for kind in KINDS.values()]
-    return templates.TemplateResponse(request, "dashboard.html", {"forms": forms})
+    keys_required = bool(request.app.state.settings.api_key_list)
+    return templates.TemplateResponse(request, "dashboard.html",
+                                      {"forms": forms, "keys_required": keys_required})

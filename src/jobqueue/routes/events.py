@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Query, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
+from ..access import owner
 from ..engine import Engine
 from ..schemas import JobView
 from .jobs import current_view, job_view
@@ -35,10 +36,11 @@ async def events(request: Request,
                  limit: int = Query(20, ge=1, le=100, description="Jobs in the first event")
                  ) -> AsyncIterator[ServerSentEvent]:
     engine: Engine = request.app.state.engine
-    listener = engine.feed.listen()  # before the snapshot, so no change falls between the two
+    # Listening starts before the snapshot, so no change falls between the two.
+    listener = engine.feed.listen(owner(request))
     try:
         yield ServerSentEvent(event="queues", data=engine.stats())
-        records = request.app.state.store.list(None, None, limit, 0)
+        records = request.app.state.store.list(None, None, limit, 0, owner(request))
         yield ServerSentEvent(event="jobs",
                               data=[_data(current_view(request, r)) for r in records])
         while True:

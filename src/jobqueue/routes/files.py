@@ -7,13 +7,14 @@ import os
 import threading
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from PIL import Image
 
 from .. import storage
 from ..schemas import error_responses
+from .jobs import Found, find_job
 
 router = APIRouter(tags=["jobs"])
 
@@ -37,6 +38,7 @@ CACHE = {"Cache-Control": "private, max-age=3600"}
                **error_responses(404, 422)},
 )
 async def job_file(job_id: str, name: str, request: Request,
+                   found: Found = Depends(find_job),  # 404 for another API key's job
                    w: int | None = Query(None, ge=16, le=2048,
                                          description="Thumbnail width in pixels")) -> Response:
     path = storage.output_file(request.app.state.settings.out_dir, job_id, name)

@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse
 
 from .. import storage
+from ..access import owner
 from ..engine import Engine
 from ..jobs import Job, JobStatus
 from ..kinds import KINDS
@@ -40,14 +41,17 @@ class Found:
 
 
 def find_job(job_id: str, request: Request) -> Found:
+    """The job, when it exists and belongs to the caller's API key; 404 otherwise."""
     engine: Engine = request.app.state.engine
     job = engine.active.get(job_id)
     if job is not None:
-        return Found(job.record(), job)
-    record = request.app.state.store.get(job_id) if storage.is_job_id(job_id) else None
-    if record is None:
+        found = Found(job.record(), job)
+    else:
+        record = request.app.state.store.get(job_id) if storage.is_job_id(job_id) else None
+        found = Found(record, None)
+    if found.record is None or found.record.owner != owner(request):
         raise HTTPException(404, f"There is no job {job_id!r}; it may have been deleted.")
-    return Found(record, None)
+    return found
 
 
 def _time(timestamp: float | None) -> str | None:
@@ -95,7 +99,8 @@ def current_view(request: Request, record: JobRecord) -> JobView:
 @limiter.limit(submit_limit)
 async def submit_job(request: Request, response: Response) -> Accepted:
     submission = await read_submission(request, request.app.state.settings)
-    job = await start_job(request.app.state.engine, submission, origin="jobs", check_input=True)
+    job = await start_job(request.app.state.engine, submission, origin="jobs", check_input=True,
+                          owner=owner(request))
     url = f"/jobs/{job.id}"
     response.headers["Location"] = url
     # "queued" even if a worker picked it up meanwhile: that is what was accepted.
@@ -117,7 +122,7 @@ async def list_jobs(
         raise HTTPException(422, f"Unknown jobType {job_type!r}; valid job types: "
                                  f"{', '.join(KINDS)}.")
     records = request.app.state.store.list(status.value if status else None, job_type,
-                                           limit, offset)
+                                           limit, offset, owner(request))
     items = [current_view(request, record) for record in records]
     next_page = None
     if len(records) == limit:
@@ -150,7 +155,7 @@ async def delete_job(request: Request, found: Found = Depends(find_job)) -> JobV
             pass
         return job_view(request, found.job.record(), found.job)
     request.app.state.store.delete(found.record.id)  # first, so nobody is sent to missing files
-    engine.feed.job_removed(found.record.id)
+    engine.feed.job_removed(found.record.id, found.record.owner)
     await run_in_threadpool(storage.remove_job_dir, engine.out_dir, found.record.id)
     return job_view(request, found.record)
 

@@ -7,6 +7,7 @@ import contextlib
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
+from ..access import owner
 from ..engine import Engine
 from ..jobs import BadInput, Job, JobStatus, TooLarge
 from ..kinds import KINDS
@@ -71,7 +72,7 @@ async def put(request: Request, response: Response) -> PutResponse:
     engine: Engine = request.app.state.engine
     settings = request.app.state.settings
     submission = await read_submission(request, settings)
-    job = await start_job(engine, submission, origin="put")
+    job = await start_job(engine, submission, origin="put", owner=owner(request))
     timeout = settings.limits(job.kind.name).timeout
     await wait_for_job(request, engine, job, timeout)
     return PutResponse(data=PutData(id=job.id, result=job_result(request, job)))

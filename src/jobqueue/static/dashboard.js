@@ -6,6 +6,12 @@ const MAX_THUMBNAILS = 24;  // page thumbnails shown per pdf2image job
 const THUMBNAIL_WIDTH = 160;
 const PREVIEW = "fps=12&width=480";
 
+// With JOBQUEUE_API_KEYS set, the key typed in is kept for this tab only (sessionStorage) and
+// sent as X-API-Key; <img> and EventSource requests cannot set headers, so it also goes into a
+// same-site cookie, which the server accepts on GET requests only.
+const KEY_STORAGE = "jobqueue-api-key";
+const KEY_COOKIE = "jobqueue_api_key";
+
 const jobs = new Map();     // id -> {view, element}
 const submittedHere = new Set();  // ids of jobs this page submitted: their previews play
 const played = new Set();         // ids whose preview has played by itself once
@@ -14,13 +20,49 @@ function $(selector, root = document) {
   return root.querySelector(selector);
 }
 
+// ---- API key ----
+
+function apiKey() {
+  return sessionStorage.getItem(KEY_STORAGE) || "";
+}
+
+function keyHeaders() {
+  const key = apiKey();
+  return key ? { "X-API-Key": key } : {};
+}
+
+function useKey(key) {
+  sessionStorage.setItem(KEY_STORAGE, key);
+  document.cookie = `${KEY_COOKIE}=${key}; path=/; SameSite=Strict`;
+}
+
+function askForKey(text) {
+  $("#key-form").hidden = false;
+  $("#key-message").textContent = text;
+  setConnection($("#connection"), "down", "needs an API key");
+}
+
 // ---- live updates ----
+
+let events = null;
 
 function connect() {
   const connection = $("#connection");
-  const events = new EventSource("/events?limit=" + MAX_JOBS);
-  events.onopen = () => setConnection(connection, "live", "live");
-  events.onerror = () => setConnection(connection, "down", "reconnecting…");
+  if (events) events.close();
+  events = new EventSource("/events?limit=" + MAX_JOBS);
+  events.onopen = () => {
+    setConnection(connection, "live", "live");
+    $("#key-form").hidden = true;
+  };
+  events.onerror = async () => {
+    setConnection(connection, "down", "reconnecting…");
+    // EventSource does not say why; a 401 means the key is missing or wrong: stop retrying.
+    const check = await fetch("/jobs?limit=1", { headers: keyHeaders() }).catch(() => null);
+    if (check && check.status === 401) {
+      events.close();
+      askForKey(apiKey() ? "That key is not valid here." : "");
+    }
+  };
   events.addEventListener("queues", (event) => showQueues(JSON.parse(event.data)));
   events.addEventListener("jobs", (event) => {
     // Sent again after every reconnect: start over from it.
@@ -181,7 +223,7 @@ function playPreview(media, id) {
 // ---- actions ----
 
 async function deleteJob(id) {
-  const response = await fetch(`/jobs/${id}`, { method: "DELETE" });
+  const response = await fetch(`/jobs/${id}`, { method: "DELETE", headers: keyHeaders() });
   if (!response.ok) showMessage(await errorText(response), true);
 }
 
@@ -202,7 +244,7 @@ async function submitJob(event) {
   button.disabled = true;
   showMessage("Sending…", false);
   try {
-    const response = await fetch("/jobs", { method: "POST", body });
+    const response = await fetch("/jobs", { method: "POST", body, headers: keyHeaders() });
     if (response.status === 202) {
       const accepted = await response.json();
       submittedHere.add(accepted.id);
@@ -282,7 +324,17 @@ function refreshAges() {
 document.addEventListener("DOMContentLoaded", () => {
   $("#job-type").addEventListener("change", showKindOptions);
   $("#submit-form").addEventListener("submit", submitJob);
+  $("#key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    useKey($("#api-key").value.trim());
+    connect();
+  });
   showKindOptions();
-  connect();
+  if (apiKey()) useKey(apiKey());  // the cookie again, for a reloaded tab
+  if (document.body.dataset.keysRequired === "yes" && !apiKey()) {
+    askForKey("");
+  } else {
+    connect();
+  }
   setInterval(refreshAges, 1000);
 });

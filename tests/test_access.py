@@ -1,0 +1,139 @@
+"""API keys (per-key isolation, constant-time checks, rate limit per key), security headers,
+CORS."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+from conftest import DATA, Server, run_server
+
+ALPHA, BETA = "alpha-key-1234", "beta-key-5678"
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory) -> Server:
+    with run_server(tmp_path_factory.mktemp("keyed"), api_keys=f"{ALPHA}, {BETA}",
+                    rate_limit="4/minute") as server:
+        yield server
+
+
+def as_key(server: Server, key: str | None) -> httpx.Client:
+    return server.client(headers={"X-API-Key": key} if key else {})
+
+
+def test_every_job_endpoint_needs_a_valid_key(keyed):
+    with as_key(keyed, None) as anonymous, as_key(keyed, "wrong-key") as wrong:
+        assert anonymous.get("/").status_code == 200
+        assert anonymous.get("/health").status_code == 200
+        assert anonymous.get("/dashboard").status_code == 200  # the page asks for a key
+        for client in (anonymous, wrong):
+            for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("POST", "/put"),
+                                 ("GET", "/events"), ("GET", f"/jobs/{'0' * 8}")):
+                response = client.request(method, path, json={} if method == "POST" else None)
+                assert response.status_code == 401, (method, path)
+                assert "X-API-Key" in response.json()["detail"]
+    assert ALPHA not in keyed.log() and BETA not in keyed.log(), "keys must never be logged"
+
+
+def test_each_key_sees_only_its_own_jobs(keyed):
+    with as_key(keyed, ALPHA) as alpha, as_key(keyed, BETA) as beta:
+        pdf = alpha.post("/put", json={"jobType": "pdf2image", "dpi": 20}).json()["data"]
+        video = alpha.post("/put", json={"jobType": "video", "width": 64}).json()["data"]
+        job_id = pdf["id"]
+        paths = [f"/jobs/{job_id}", f"/jobs/{job_id}/result", f"/jobs/{job_id}/events",
+                 f"/jobs/{job_id}/files/page-001.png", f"/jobs/{video['id']}/preview.mjpg"]
+        for path in paths:
+            assert alpha.get(path, params={"fps": 60} if "preview" in path else None
+                             ).status_code == 200, path
+            other = beta.get(path)
+            assert other.status_code == 404, path
+            assert "There is no job" in other.json()["detail"]
+        assert beta.delete(f"/jobs/{job_id}").status_code == 404
+        assert alpha.get(f"/jobs/{job_id}").status_code == 200, "beta's DELETE did nothing"
+        alpha_ids = {item["id"] for item in alpha.get("/jobs").json()["items"]}
+        beta_ids = {item["id"] for item in beta.get("/jobs").json()["items"]}
+        assert {job_id, video["id"]} <= alpha_ids and not alpha_ids & beta_ids
+
+
+def test_event_feed_carries_only_the_keys_jobs(keyed):
+    seen: list[str] = []
+
+    def watch(own_job: list[str]) -> None:
+        with as_key(keyed, BETA) as beta, connect_sse(beta, "GET", "/events") as events:
+            for event in events.iter_sse():
+                seen.append(event.event + ":" + event.data)
+                if own_job and own_job[0] in event.data:
+                    return
+
+    own_job: list[str] = []
+    watcher = threading.Thread(target=watch, args=(own_job,))
+    watcher.start()
+    time.sleep(0.3)
+    with as_key(keyed, ALPHA) as alpha:
+        job_id = alpha.post("/put", json={"data": "secret", "seconds": 0.3}).json()["data"]["id"]
+    time.sleep(0.5)
+    with as_key(keyed, BETA) as beta:  # beta's own job ends the watch: it must arrive
+        own_job.append(beta.post("/jobs", json={"seconds": 0.5}).json()["id"])
+    watcher.join(10)
+    assert not watcher.is_alive(), "beta never saw its own job"
+    assert any(line.startswith("queues:") for line in seen)  # queue sizes are for everyone
+    assert not any(job_id in line for line in seen), "beta saw alpha's job"
+
+
+def test_rate_limit_counts_each_key_separately(tmp_path):
+    with run_server(tmp_path, api_keys=f"{ALPHA},{BETA}", rate_limit="2/minute") as server, \
+            as_key(server, ALPHA) as alpha, as_key(server, BETA) as beta:
+        for _ in range(2):
+            assert alpha.post("/jobs", json={"seconds": 0}).status_code == 202
+        limited = alpha.post("/jobs", json={"seconds": 0})
+        assert limited.status_code == 429 and "Retry-After" in limited.headers
+        assert beta.post("/jobs", json={"seconds": 0}).status_code == 202, "beta has its own"
+
+
+def test_the_cookie_stands_in_for_the_header_on_get_only(keyed):
+    with keyed.client(cookies={"jobqueue_api_key": ALPHA}) as browser:
+        assert browser.get("/jobs").status_code == 200
+        assert browser.post("/jobs", json={}).status_code == 401, "no cookie auth for writes"
+
+
+def test_security_headers_on_pages_and_api(server, client):
+    page = client.get("/dashboard")
+    policy = page.headers["Content-Security-Policy"]
+    assert "script-src 'self';" in policy and "unsafe-inline" not in policy
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+    assert page.headers["X-Frame-Options"] == "DENY"
+    assert client.get("/health").headers["X-Content-Type-Options"] == "nosniff"
+    docs = client.get("/docs")
+    assert "'sha256-" in docs.headers["Content-Security-Policy"]
+    assert "script-src 'self' https://cdn.jsdelivr.net 'sha256-" in docs.headers[
+        "Content-Security-Policy"]
+
+
+def test_cors_is_off_unless_origins_are_set(server, client, tmp_path):
+    asked = client.options("/jobs", headers={"Origin": "http://app.test",
+                                             "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in asked.headers
+    with run_server(tmp_path, cors_origins="http://app.test") as open_server, \
+            open_server.client() as other:
+        allowed = other.options("/jobs", headers={"Origin": "http://app.test",
+                                                  "Access-Control-Request-Method": "POST",
+                                                  "Access-Control-Request-Headers": "X-API-Key"})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "http://app.test"
+        stranger = other.get("/health", headers={"Origin": "http://evil.test"})
+        assert "access-control-allow-origin" not in stranger.headers
+        posted = other.post("/jobs", json={"seconds": 0}, headers={"Origin": "http://app.test"})
+        assert posted.headers["access-control-allow-origin"] == "http://app.test"
+        assert "Location" in posted.headers["access-control-expose-headers"]
+
+
+def test_upload_with_key(keyed):
+    with as_key(keyed, ALPHA) as alpha, open(DATA / "sample.pdf", "rb") as pdf:
+        response = alpha.post("/jobs", data={"jobType": "pdf2image", "dpi": "20"},
+                              files={"file": ("a.pdf", pdf)})
+    assert response.status_code == 202
