@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from . import access, ratelimit, retention
 from .headers import SecurityHeaders
 from .engine import Engine, QueueFull
+from .jobs import is_disk_full
 from .kinds import KINDS
 from .routes import dashboard, events, files, health, jobs, preview, put
 from .schemas import error_responses
@@ -79,6 +81,10 @@ def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
 
 
 def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_disk_full(exc) or isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+        log.error("disk full on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": "The server's disk is full; try again once space has "
+                                       "been freed."}, status_code=507)
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse({"detail": "Internal server error; the server log has the details."},
                         status_code=500)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import storage
 from .events import Feed
-from .jobs import BadInput, Job, JobCancelled, JobKind, JobStatus
+from .jobs import BadInput, DiskFull, Job, JobCancelled, JobKind, JobStatus, is_disk_full
 from .settings import KindLimits, Settings
 from .store import JobRecord, JobStore
 
@@ -228,7 +228,11 @@ class WorkerPool:
             log.info("job %s: bad input: %s", job.id, error_)
             status, output, error = JobStatus.FAILED, None, error_
         except BaseException as error_:  # a job's failure must never end its worker thread
-            log.exception("job %s: failed", job.id)
+            if isinstance(error_, DiskFull) or is_disk_full(error_):
+                log.error("job %s: the disk is full: %s", job.id, error_)
+                error_ = DiskFull(job.id)
+            else:
+                log.exception("job %s: failed", job.id)
             status, output, error = JobStatus.FAILED, None, error_
         else:
             status, error = JobStatus.SUCCEEDED, None

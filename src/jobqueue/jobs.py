@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import subprocess
 import threading
@@ -43,6 +44,18 @@ class UnsupportedInput(BadInput):
 
 class TooLarge(BadInput):
     """The input is over one of the server's limits (a JOBQUEUE_*_MAX_* setting): 413."""
+
+
+class DiskFull(Exception):
+    """The output folder's disk is full: not the input's fault, but the user should know."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"The server's disk is full (JOBQUEUE_OUT_DIR); job {job_id} could not "
+                         "write its files. Try again once space has been freed.")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class JobCancelled(Exception):
@@ -222,7 +235,7 @@ class Job:
             finished_at=self.finished_at, worker_name=self.worker_name,
             progress={"done": self.progress.done, "total": self.progress.total,
                       "unit": self.progress.unit},
-            error=(str(error) if isinstance(error, BadInput) else
+            error=(str(error) if isinstance(error, BadInput | DiskFull) else
                    f"Job {self.id} failed with an internal error; the server log has the details."
                    if error is not None else None),
             bad_input=isinstance(error, BadInput),

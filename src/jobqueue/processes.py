@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
-from .jobs import BadInput, Job
+from .jobs import BadInput, DiskFull, Job
 
 STDERR_TAIL_BYTES = 2000
+# Less free space than this where a failed child was writing: the disk is why it failed.
+FULL_DISK_BYTES = 1024 * 1024
+
+
+def disk_nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < FULL_DISK_BYTES
+    except OSError:
+        return False
 
 
 class ProcessFailed(BadInput):
@@ -16,7 +27,11 @@ class ProcessFailed(BadInput):
     the tail of its stderr."""
 
     def __init__(self, program: str, returncode: int, stderr_tail: str):
-        super().__init__(f"{program} exited with code {returncode}: {stderr_tail.strip()}")
+        how = (f"{program} was killed by signal {-returncode}" if returncode < 0
+               else f"{program} exited with code {returncode}")
+        tail = stderr_tail.strip()
+        super().__init__(f"{how}: {tail}" if tail else f"{how}.")
+        self.returncode = returncode
         self.stderr_tail = stderr_tail
 
 
@@ -50,4 +65,6 @@ def run(job: Job, args: list[str], on_line: Callable[[str], None] | None = None)
         if process.returncode != 0:
             stderr.seek(0)
             tail = stderr.read()[-STDERR_TAIL_BYTES:].decode(errors="replace")
+            if "No space left on device" in tail or disk_nearly_full(job.out_dir):
+                raise DiskFull(job.id)  # pdftoppm only says "Write Error", or crashes
             raise ProcessFailed(args[0], process.returncode, tail)

@@ -97,6 +97,7 @@ class ErrorResponse(BaseModel):
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error status codes a route can answer."""
     meaning = {
+        400: "The multipart body is malformed or cut off.",
         401: "No valid X-API-Key (only when the server has JOBQUEUE_API_KEYS).",
         404: "Unknown job or file.",
         409: "The job has not succeeded (yet).",
@@ -107,5 +108,6 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         500: "The job failed unexpectedly; the detail names the job id.",
         503: "The kind's queue is full; see Retry-After.",
         504: "The job did not finish within its kind's timeout and was cancelled.",
+        507: "The server's disk is full.",
     }
     return {code: {"model": ErrorResponse, "description": meaning[code]} for code in codes}

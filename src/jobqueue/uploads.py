@@ -9,6 +9,7 @@ from fastapi import HTTPException, Request
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from . import storage
+from .jobs import is_disk_full
 
 MAX_FIELDS = 20
 MAX_FIELD_BYTES = 64 * 1024
@@ -102,6 +103,19 @@ class _Form:
             self._file.close()
 
 
+async def _discard(form: _Form, stream) -> None:
+    """Remove the partial upload, then read (and drop) a bounded rest of the body, so the
+    client gets to read the error answer instead of a reset connection."""
+    form.close()  # before the unlink
+    if form.file_path:
+        form.file_path.unlink(missing_ok=True)
+    drained = 0
+    async for chunk in stream:
+        drained += len(chunk)
+        if drained > DRAIN_BYTES:
+            break
+
+
 async def read_multipart(request: Request, folder: Path,
                          max_bytes: int) -> tuple[dict[str, str], Path | None]:
     """Stream the body; the `file` part goes to `folder`. 413 over `max_bytes` (file removed)."""
@@ -120,17 +134,16 @@ async def read_multipart(request: Request, folder: Path,
             raise HTTPException(400, "The multipart body ends before its closing boundary; "
                                      "the upload was cut off.")
     except UploadTooLarge:
-        form.close()  # before the unlink
-        if form.file_path:
-            form.file_path.unlink(missing_ok=True)
-        drained = 0
-        async for chunk in stream:
-            drained += len(chunk)
-            if drained > DRAIN_BYTES:
-                break
+        await _discard(form, stream)
         raise HTTPException(413, f"The upload is larger than the {max_bytes / 2**20:g} MB "
                                  "limit (JOBQUEUE_MAX_UPLOAD_MB).") from None
     except HTTPException:
+        raise
+    except OSError as error:  # writing the upload failed: the disk, not the body
+        await _discard(form, stream)
+        if is_disk_full(error):
+            raise HTTPException(507, "The server's disk is full; the upload could not be "
+                                     "stored. Try again once space has been freed.") from None
         raise
     except Exception as error:  # python-multipart's errors for a malformed body
         raise HTTPException(400, f"The multipart body is malformed ({error}).") from None

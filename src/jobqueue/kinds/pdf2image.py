@@ -111,8 +111,9 @@ def convert_pdf(job: Job) -> Output:
         try:
             render(job, page, path)
         except processes.ProcessFailed as error:
-            raise BadInput(f"Page {page} of {pages} could not be rendered; the PDF may be "
-                           f"damaged. {error}") from None
+            damaged = " The PDF may be damaged." if error.returncode > 0 else ""
+            raise BadInput(f"Page {page} of {pages} could not be rendered: {error}{damaged}"
+                           ) from None
         if not path.is_file():
             raise BadInput(f"Page {page} of {pages} could not be rendered; the PDF may be damaged.")
         files.append(path)

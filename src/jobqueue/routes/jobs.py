@@ -92,7 +92,7 @@ def current_view(request: Request, record: JobRecord) -> JobView:
     description="Same body as `POST /put`. Answers at once with the job's id and links; "
                 "an upload of the wrong type is refused with 415 before it is queued.",
     response_model=Accepted,
-    responses=error_responses(413, 415, 422, 429, 503),
+    responses=error_responses(400, 413, 415, 422, 429, 503, 507),
     openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
     dependencies=[Depends(refuse_while_draining)],
 )

@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from .. import storage
 from ..access import owner
 from ..engine import Engine
-from ..jobs import BadInput, Job, JobStatus, TooLarge
+from ..jobs import BadInput, DiskFull, Job, JobStatus, TooLarge
 from ..kinds import KINDS
 from ..ratelimit import limiter, submit_limit
 from ..schemas import JobResult, PutData, PutResponse, error_responses
@@ -65,7 +65,7 @@ REQUEST_EXAMPLES = {
     description="JSON runs a job on the bundled sample (or a message job); multipart/form-data "
                 "with a `file` field processes the upload. Waits at most the kind's timeout.",
     response_model=PutResponse,
-    responses=error_responses(409, 413, 415, 422, 429, 500, 503, 504),
+    responses=error_responses(400, 409, 413, 415, 422, 429, 500, 503, 504, 507),
     openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
     dependencies=[Depends(refuse_while_draining)],
 )
@@ -120,6 +120,8 @@ def raise_for_failure(job: Job) -> None:
     if job.status is JobStatus.FAILED:
         if isinstance(job.error, BadInput):
             raise HTTPException(413 if isinstance(job.error, TooLarge) else 422, str(job.error))
+        if isinstance(job.error, DiskFull):
+            raise HTTPException(507, str(job.error))
         raise HTTPException(500, f"Job {job.id} failed with an internal error; "
                                  "the server log has the details.")
 
