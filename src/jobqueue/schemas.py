@@ -94,6 +94,9 @@ class ErrorResponse(BaseModel):
     detail: Any = Field(examples=["The message queue is full (10 jobs waiting); retry in 3 s."])
 
 
+ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorResponse"}
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error status codes a route can answer."""
     meaning = {
@@ -110,4 +113,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         504: "The job did not finish within its kind's timeout and was cancelled.",
         507: "The server's disk is full.",
     }
-    return {code: {"model": ErrorResponse, "description": meaning[code]} for code in codes}
+    # The JSON content type is named: routes that stream (event-stream, mjpeg) answer errors as
+    # JSON too, not in their own media type.
+    return {code: {"model": ErrorResponse, "description": meaning[code],
+                   "content": {"application/json": {"schema": ERROR_SCHEMA}}} for code in codes}
