@@ -35,7 +35,7 @@ def is_valid(presented: str, keys: list[str]) -> bool:
     return valid
 
 
-def require_key(request: Request, header: str | None = Security(api_key_header)) -> str:
+async def require_key(request: Request, header: str | None = Security(api_key_header)) -> str:
     """Dependency of every route that touches jobs: the caller's owner name, or 401."""
     keys = request.app.state.settings.api_key_list
     if not keys:

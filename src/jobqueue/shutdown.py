@@ -23,7 +23,7 @@ log = logging.getLogger("jobqueue.shutdown")
 POLL_SECONDS = 0.1
 
 
-def refuse_while_draining(request: Request) -> None:
+async def refuse_while_draining(request: Request) -> None:
     """Dependency of the routes that take new jobs: 503 once shutdown has begun."""
     if request.app.state.draining:
         raise_shutting_down(request)

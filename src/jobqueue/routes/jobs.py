@@ -40,7 +40,7 @@ class Found:
         self.job = job
 
 
-def find_job(job_id: str, request: Request) -> Found:
+async def find_job(job_id: str, request: Request) -> Found:
     """The job, when it exists and belongs to the caller's API key; 404 otherwise."""
     engine: Engine = request.app.state.engine
     job = engine.active.get(job_id)
