@@ -129,3 +129,17 @@ def test_unreachable_server_and_usage_errors(tmp_path):
     usage = subprocess.run([sys.executable, "-m", "jobqueue.client", "submit", "x.pdf"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
     assert usage.returncode == 2 and "--type" in usage.stderr
+
+
+def test_api_key_from_the_environment(tmp_path):
+    (tmp_path / "keyed").mkdir()
+    with run_server(tmp_path / "keyed", api_keys="cli-key") as server:
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+        command = [sys.executable, "-m", "jobqueue.client", "--url", server.url, "list"]
+        refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True,
+                                 text=True, timeout=30)
+        assert refused.returncode == 1 and "401" in refused.stderr
+        env["JOBQUEUE_API_KEY"] = "cli-key"
+        allowed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True,
+                                 text=True, timeout=30)
+        assert allowed.returncode == 0, allowed.stderr

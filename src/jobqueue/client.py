@@ -289,7 +289,8 @@ def age(seconds: float) -> str:
 # ---- command line ----
 
 # The flags of `submit` itself; any other --name after `submit` is a job option.
-SUBMIT_FLAGS = {"--type", "--wait", "--out", "--parallel", "--retry-for", "--help", "--url"}
+SUBMIT_FLAGS = {"--type", "--wait", "--out", "--parallel", "--retry-for", "--help", "--url",
+                "--api-key"}
 
 
 def split_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -321,6 +322,9 @@ def parser() -> argparse.ArgumentParser:
                "for pdf2image or --width 1280 for video.")
     main.add_argument("--url", default=os.environ.get("JOBQUEUE_URL", DEFAULT_URL),
                       help=f"server address (default: $JOBQUEUE_URL, else {DEFAULT_URL})")
+    main.add_argument("--api-key", default=os.environ.get("JOBQUEUE_API_KEY"),
+                      help="sent as X-API-Key, for a server with JOBQUEUE_API_KEYS "
+                           "(default: $JOBQUEUE_API_KEY)")
     commands = main.add_subparsers(dest="command", required=True)
 
     submit = commands.add_parser("submit", help="submit files (or none: the kind's sample)")
@@ -355,7 +359,9 @@ COMMANDS = {"wait": run_wait, "download": run_download, "status": run_status,
 
 
 async def run(args: argparse.Namespace, options: dict[str, str]) -> int:
-    async with httpx.AsyncClient(base_url=args.url, timeout=httpx.Timeout(60)) as client:
+    headers = {"X-API-Key": args.api_key} if args.api_key else {}
+    async with httpx.AsyncClient(base_url=args.url, timeout=httpx.Timeout(60),
+                                 headers=headers) as client:
         try:
             if args.command == "submit":
                 return await run_submit(client, args, options)
