@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import threading
 import time
 
@@ -161,6 +162,30 @@ def test_a_job_that_notices_the_cancel_fails_with_the_timeout(tmp_path):
             await asyncio.wait_for(job.done, 5)
             assert job.status is JobStatus.FAILED and "JOBQUEUE_JOB_MAX_SECONDS" in str(job.error)
             assert engine.pools["block"].threads[0].name == "block-worker-1", "not replaced"
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    asyncio.run(scenario())
+
+
+def write_to_full_disk(job: Job) -> Output:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_fails_the_job_with_a_clear_error(tmp_path):
+    """Where a test may not mount a small tmpfs (test_faults.py), this is the full disk."""
+    kinds = {"full": JobKind("full", "writes to a full disk", NoOptions, write_to_full_disk)}
+    engine = Engine(Settings(out_dir=tmp_path), kinds, JobStore(tmp_path / "jobs.db"))
+
+    async def scenario() -> None:
+        engine.start()
+        try:
+            job = engine.new_job(kinds["full"], NoOptions())
+            engine.submit(job)
+            await asyncio.wait_for(job.done, 5)
+            assert job.status is JobStatus.FAILED
+            assert "disk is full" in job.record().error
+            assert all(thread.is_alive() for thread in engine.pools["full"].threads)
         finally:
             await asyncio.to_thread(engine.stop)
 
