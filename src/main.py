@@ -9,7 +9,7 @@ import uvicorn
 
 from jobqueue.app import create_app
 from jobqueue.settings import Settings
-from jobqueue.shutdown import GracefulServer
+from jobqueue.shutdown import GracefulServer, stop_leftovers
 
 # After the drain (JOBQUEUE_SHUTDOWN_GRACE), seconds uvicorn lets open requests, such as event
 # streams, finish before it cancels them.
@@ -35,6 +35,8 @@ def main() -> None:
         GracefulServer(config, app, settings.shutdown_grace).run()
     except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down
         pass
+    finally:
+        stop_leftovers(app)
 
 
 if __name__ == "__main__":

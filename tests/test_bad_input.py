@@ -137,6 +137,10 @@ BODIES = {
     "JSON array": ({"Content-Type": "application/json"}, b"[1, 2]", 422),
     "deep JSON": ({"Content-Type": "application/json"}, b"[" * 100_000, 422),
     "NaN option": ({"Content-Type": "application/json"}, b'{"seconds": NaN}', 422),
+    "infinite number": ({"Content-Type": "application/json"}, b'{"seconds": 1e400}', 422),
+    "huge integer": ({"Content-Type": "application/json"},
+                     b'{"seconds": ' + b"9" * 5000 + b"}", 422),
+    "lone surrogate": ({"Content-Type": "application/json"}, b'{"data": "\\ud800"}', 422),
 }
 
 
@@ -159,6 +163,15 @@ def test_workers_still_serve_after_the_corpus(guarded):
             response = client.post("/put", json={"jobType": kind, **options})
             assert response.status_code == 200, (kind, response.text)
     assert "Traceback" not in guarded.log()
+
+
+def test_odd_query_values_are_422_not_500(guarded):
+    with guarded.client() as client:
+        job_id = client.post("/put", json={"jobType": "video", "width": 64}).json()["data"]["id"]
+        for query in ("fps=inf", "fps=nan", "width=1e999", "fps=%ED%A0%80", "fps=%FF"):
+            response = client.get(f"/jobs/{job_id}/preview.mjpg?{query}")
+            assert response.status_code == 422, (query, response.text)
+        assert client.get("/jobs", params={"limit": "inf"}).status_code == 422
 
 
 @pytest.mark.parametrize("settings, options, words", [

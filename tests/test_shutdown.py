@@ -72,10 +72,17 @@ def test_grace_runs_out_then_jobs_stop_and_rerun_after_restart(tmp_path):
         client.delete(f"/jobs/{job_id}")
 
 
-def test_second_signal_stops_at_once(tmp_path):
+def test_second_signal_stops_at_once_and_still_stops_the_engine(tmp_path):
+    clip = tmp_path / "long.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc=duration=30:size=640x360:rate=25", "-preset", "ultrafast",
+                    str(clip)], check=True)
     with run_server(tmp_path, shutdown_grace=30) as server, server.client() as client:
-        client.post("/jobs", json={"data": "long", "seconds": 60})
-        time.sleep(0.3)
+        with clip.open("rb") as video:
+            client.post("/jobs", data={"jobType": "video", "width": "1920"},
+                        files={"file": ("long.mp4", video)})
+        assert wait_for(lambda: server.children("ffmpeg"), 10)
+        [ffmpeg_pid] = server.children("ffmpeg")
         started = time.monotonic()
         server.process.send_signal(signal.SIGINT)
         time.sleep(0.3)
@@ -86,3 +93,5 @@ def test_second_signal_stops_at_once(tmp_path):
         server.process.send_signal(signal.SIGINT)
         server.process.wait(15)
         assert time.monotonic() - started < 8
+    assert wait_for(lambda: not Path(f"/proc/{ffmpeg_pid}").exists(), 2), "ffmpeg left behind"
+    assert "workers stopped" in server.log()

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import access, ratelimit, retention
 from .headers import SecurityHeaders
-from .engine import Engine, QueueFull
+from .engine import Engine, QueueFull, ShuttingDown
 from .jobs import is_disk_full
 from .kinds import KINDS
 from .routes import dashboard, events, files, health, jobs, preview, put
 from .schemas import error_responses
 from .settings import Settings
+from .shutdown import shutting_down
 from .store import JobStore
 
 log = logging.getLogger("jobqueue.app")
@@ -55,7 +59,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.draining = False  # set on SIGTERM / Ctrl-C: see shutdown.py
     app.state.preview_slots = preview.PreviewSlots(settings.preview_streams)
     ratelimit.configure(app, settings.rate_limit)
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(QueueFull, queue_full)
+    app.add_exception_handler(ShuttingDown, refuse_new_job)
     app.add_exception_handler(Exception, internal_error)
     app.include_router(health.router)
     app.include_router(dashboard.router)  # the page asks for a key itself
@@ -75,16 +81,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, except that an input JSON cannot carry (inf, a lone surrogate) is shown
+    as its repr instead of turning the answer into a 500."""
+    errors = []
+    for error in exc.errors():
+        shown = {key: error[key] for key in ("type", "loc", "msg", "input") if key in error}
+        try:
+            json.dumps(jsonable_encoder(shown), allow_nan=False).encode()
+        except (ValueError, TypeError):  # UnicodeEncodeError is a ValueError
+            shown["input"] = repr(error.get("input"))[:200]
+        errors.append(jsonable_encoder(shown))
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=503,
                         headers={"Retry-After": str(exc.retry_after)})
 
 
-def internal_error(request: Request, exc: Exception) -> JSONResponse:
+async def refuse_new_job(request: Request, exc: ShuttingDown) -> JSONResponse:
+    refusal = shutting_down(request)
+    return JSONResponse({"detail": refusal.detail}, status_code=refusal.status_code,
+                        headers=refusal.headers)
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     if is_disk_full(exc) or isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
         log.error("disk full on %s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": "The server's disk is full; try again once space has "
                                        "been freed."}, status_code=507)
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"detail": "Internal server error; the server log has the details."},
                         status_code=500)

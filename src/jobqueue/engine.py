@@ -25,6 +25,9 @@ log = logging.getLogger("jobqueue.engine")
 JOIN_SECONDS = 5.0
 # How often the watchdog looks for jobs over their kind's timeout.
 WATCHDOG_SECONDS = 0.5
+# Threads given up on per pool before it stops replacing them: each one still holds memory,
+# and a handler that hangs this often needs fixing, not more threads.
+MAX_ABANDONED_THREADS = 4
 
 
 class QueueFull(Exception):
@@ -35,6 +38,10 @@ class QueueFull(Exception):
             f"The {kind} queue is full ({capacity} jobs waiting); retry in {retry_after} s."
         )
         self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and takes no new jobs."""
 
 
 class TimedOut(BadInput):
@@ -93,7 +100,8 @@ class WorkerPool:
     def _abandon(self, job: Job) -> None:
         with self._lock:
             thread = next((t for t in self.threads if t.name == job.worker_name), None)
-            if thread is None or thread in self.abandoned or self.closed:
+            if (thread is None or job not in self.running or self.closed
+                    or len(self.abandoned) >= MAX_ABANDONED_THREADS):
                 return
             self.abandoned.add(thread)
             self.threads.remove(thread)
@@ -125,18 +133,21 @@ class WorkerPool:
 
     def submit(self, job: Job) -> None:
         """Queue a job without ever blocking; QueueFull when there is no room."""
+        if self.closed:
+            raise ShuttingDown
         try:
-            if self.closed:
-                raise queue.Full
             self.queue.put_nowait(job)
         except queue.Full:
             raise QueueFull(self.kind.name, self.limits.queue_size, self.retry_after()) from None
 
     def requeue(self, job: Job) -> None:
         """Queue a job recovered after a restart, even past capacity: it was accepted already."""
-        # queue.Queue has no such call; its mutex and deque are the documented way in.
+        self._append(job)
+
+    def _append(self, item: Job | None) -> None:
+        # queue.Queue has no put that ignores maxsize; its mutex and deque are the way in.
         with self.queue.mutex:
-            self.queue.queue.append(job)
+            self.queue.queue.append(item)
             self.queue.unfinished_tasks += 1
             self.queue.not_empty.notify()
 
@@ -185,7 +196,7 @@ class WorkerPool:
                 job.rerun_after_restart = True
             job.cancel()
         for _ in self.threads:
-            self.queue.put(None)
+            self._append(None)  # past capacity if need be: put() could block forever
         deadline = time.monotonic() + JOIN_SECONDS
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -273,6 +284,9 @@ class Engine:
         self._watchdog.start()
 
     def stop(self) -> None:
+        """Stop every pool (once; later calls do nothing)."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         for pool in self.pools.values():
             pool.stop()
@@ -282,8 +296,12 @@ class Engine:
         next start) and end the queued /put jobs, whose clients would wait in vain."""
         for pool in self.pools.values():
             pool.closed = True
+        self.cancel_put_jobs(JobStatus.QUEUED)
+
+    def cancel_put_jobs(self, *statuses: JobStatus) -> None:
+        """End /put jobs in these statuses: their clients then get 503 instead of waiting."""
         for job in list(self.active.values()):
-            if job.origin == "put" and job.status is JobStatus.QUEUED:
+            if job.origin == "put" and job.status in statuses:
                 self.cancel(job, "the server is shutting down")
 
     def busy(self) -> bool:
@@ -328,7 +346,7 @@ class Engine:
         self.store.save(job.record())  # before the queue, so a worker's update comes after it
         try:
             self.pools[job.kind.name].submit(job)
-        except QueueFull:
+        except (QueueFull, ShuttingDown):
             self.store.delete(job.id)
             storage.remove_job_dir(self.out_dir, job.id)
             raise

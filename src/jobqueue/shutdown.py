@@ -18,6 +18,8 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 
+from .jobs import JobStatus
+
 log = logging.getLogger("jobqueue.shutdown")
 
 POLL_SECONDS = 0.1
@@ -26,14 +28,15 @@ POLL_SECONDS = 0.1
 async def refuse_while_draining(request: Request) -> None:
     """Dependency of the routes that take new jobs: 503 once shutdown has begun."""
     if request.app.state.draining:
-        raise_shutting_down(request)
+        raise shutting_down(request)
 
 
-def raise_shutting_down(request: Request) -> None:
+def shutting_down(request: Request) -> HTTPException:
+    """The 503 a client gets while the server stops, with when to come back."""
     retry = max(1, math.ceil(request.app.state.settings.shutdown_grace))
-    raise HTTPException(503, "The server is shutting down and takes no new jobs; retry in "
-                             f"{retry} s, when it has restarted.",
-                        headers={"Retry-After": str(retry)})
+    return HTTPException(503, "The server is shutting down and takes no new jobs; retry in "
+                              f"{retry} s, when it has restarted.",
+                         headers={"Retry-After": str(retry)})
 
 
 async def drain(app: FastAPI, grace: float) -> None:
@@ -47,6 +50,9 @@ async def drain(app: FastAPI, grace: float) -> None:
         await asyncio.sleep(POLL_SECONDS)
     if engine.busy():
         log.info("grace over: stopping the running jobs; they run again after a restart")
+        # A /put client is answered 503 now rather than cut off when the server closes.
+        engine.cancel_put_jobs(JobStatus.RUNNING)
+        await asyncio.sleep(POLL_SECONDS)  # time for those answers to go out
 
 
 class GracefulServer(uvicorn.Server):
@@ -72,14 +78,27 @@ class GracefulServer(uvicorn.Server):
         self.loop.call_soon_threadsafe(self._start_drain, sig, frame)
 
     def _start_drain(self, sig: int, frame: FrameType | None) -> None:
-        if self.draining is not None:
-            super().handle_exit(sig, frame)
+        if self.draining is not None:  # a second signal: stop waiting
+            self.draining.cancel()
+            if not self.should_exit:
+                super().handle_exit(sig, frame)
             return
 
         async def drain_then_exit() -> None:
             try:
                 await drain(self.app, self.grace)
             finally:
-                super(GracefulServer, self).handle_exit(sig, frame)
+                # Once only: uvicorn takes a further signal as "force", which would skip the
+                # lifespan shutdown that stops the engine and its child processes.
+                if not self.should_exit:
+                    super(GracefulServer, self).handle_exit(sig, frame)
 
         self.draining = self.loop.create_task(drain_then_exit())
+
+
+def stop_leftovers(app: FastAPI) -> None:
+    """After uvicorn has returned: stop the engine if a forced exit skipped the lifespan's
+    shutdown, so no pdftoppm or ffmpeg outlives the server."""
+    engine = getattr(app.state, "engine", None)
+    if engine is not None:
+        engine.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,13 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large a number")
+    return value
+
+
 async def read_json(request: Request, content_type: str) -> dict:
     body = bytearray()
     async for chunk in request.stream():
@@ -79,7 +87,8 @@ async def read_json(request: Request, content_type: str) -> dict:
             raise HTTPException(413, f"The JSON body is larger than {MAX_JSON_BYTES // 1024} KB;"
                                      " send files as multipart/form-data.")
     try:
-        fields = json.loads(body, parse_constant=_reject_constant) if body.strip() else {}
+        fields = (json.loads(body, parse_constant=_reject_constant, parse_float=_finite)
+                  if body.strip() else {})
     except (ValueError, RecursionError) as error:
         if content_type and not content_type.startswith("application/json"):
             raise HTTPException(415, f"Unsupported Content-Type {content_type!r}: send "
@@ -88,6 +97,11 @@ async def read_json(request: Request, content_type: str) -> dict:
         raise HTTPException(422, f"The body is not valid JSON ({str(error)[:200]}).") from None
     if not isinstance(fields, dict):
         raise HTTPException(422, 'The JSON body must be an object, such as {"data": "hello"}.')
+    try:
+        json.dumps(fields, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # "\ud800": JSON allows it, nothing downstream can store it
+        raise HTTPException(422, "The JSON body has text that is not valid Unicode (a lone "
+                                 "surrogate escape such as \\ud800).") from None
     return fields
 
 

@@ -22,6 +22,7 @@ INPUT_OPTIONS = {
     "format_whitelist": "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,ogg,asf,nut",
 }
 PREVIEW_BOUNDARY = "frame"
+PROBE_TIMEOUT_SECONDS = 30
 SEND_A_VIDEO = "Send a video file such as MP4, MOV, MKV or WebM."
 NO_VIDEO = "The file has no video stream. " + SEND_A_VIDEO
 
@@ -80,7 +81,12 @@ def probe_result(path: str, returncode: int, out: bytes, err: bytes) -> dict:
 
 
 def probe(path: str) -> dict:
-    done = subprocess.run(probe_command(path), capture_output=True, stdin=subprocess.DEVNULL)
+    try:
+        done = subprocess.run(probe_command(path), capture_output=True, stdin=subprocess.DEVNULL,
+                              timeout=PROBE_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:  # run() has killed and reaped it
+        raise BadInput(f"ffprobe could not read the file within {PROBE_TIMEOUT_SECONDS} s; it "
+                       "may be damaged. " + SEND_A_VIDEO) from None
     return probe_result(path, done.returncode, done.stdout, done.stderr)
 
 

@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse
 from PIL import Image
 
 from .. import storage
+from ..jobs import JobStatus
 from ..schemas import error_responses
 from .jobs import Found, find_job
 
@@ -35,14 +36,19 @@ CACHE = {"Cache-Control": "private, max-age=3600"}
                 "`?w=` turns an image into a JPEG thumbnail at most that many pixels wide.",
     response_class=FileResponse,
     responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "video/mp4": {}}},
-               **error_responses(404, 422)},
+               **error_responses(404, 409, 422)},
 )
 async def job_file(job_id: str, name: str, request: Request,
                    found: Found = Depends(find_job),  # 404 for another API key's job
                    w: int | None = Query(None, ge=16, le=2048,
                                          description="Thumbnail width in pixels")) -> Response:
+    record = found.record
+    if record.status != JobStatus.SUCCEEDED.value or record.result is None:
+        # A running job's pages are still being written: none is served half done.
+        raise HTTPException(409, f"Job {job_id} is {record.status}; its files are ready once "
+                                 "it has succeeded.")
     path = storage.output_file(request.app.state.settings.out_dir, job_id, name)
-    if path is None:
+    if path is None or name not in record.result["files"]:
         raise HTTPException(404, f"Job {job_id!r} has no output file {name!r}.")
     if w is None:
         return FileResponse(path, headers=CACHE)
@@ -54,6 +60,8 @@ async def job_file(job_id: str, name: str, request: Request,
     except Image.DecompressionBombError:
         raise HTTPException(422, f"{name!r} is too large to make a thumbnail of; "
                                  "download it without ?w=.") from None
+    except OSError:  # deleted meanwhile, or not readable as an image
+        raise HTTPException(404, f"Job {job_id!r} has no readable image {name!r}.") from None
     return Response(jpeg, media_type="image/jpeg", headers=CACHE)
 
 

@@ -111,25 +111,25 @@ async def frames(command: list[str], slots: PreviewSlots, ticket: object,
     before the first byte starts none. When the viewer leaves, Starlette cancels this
     generator and the finally kills ffmpeg; the event loop's child watcher reaps it."""
     slots.start(ticket)
-    # stderr to a file, so a flood of decoding errors can never stall the frames.
-    with tempfile.TemporaryFile() as stderr:
-        try:
+    try:
+        # stderr to a file, so a flood of decoding errors can never stall the frames.
+        with tempfile.TemporaryFile() as stderr:
             process = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=stderr)
-        except BaseException:
-            slots.stop()
-            raise
-        log.info("job %s: preview started (ffmpeg %d)", job_id, process.pid)
-        try:
-            while chunk := await process.stdout.read(CHUNK_BYTES):
-                yield chunk
-            if await process.wait() != 0:
-                stderr.seek(0)
-                log.warning("job %s: preview ffmpeg exited with code %d: %s", job_id,
-                            process.returncode, stderr.read()[-500:].decode(errors="replace"))
-        finally:
-            slots.stop()
-            if process.returncode is None:
-                process.kill()
-                log.info("job %s: preview viewer left; ffmpeg %d killed", job_id, process.pid)
+            log.info("job %s: preview started (ffmpeg %d)", job_id, process.pid)
+            try:
+                while chunk := await process.stdout.read(CHUNK_BYTES):
+                    yield chunk
+                if await process.wait() != 0:
+                    stderr.seek(0)
+                    log.warning("job %s: preview ffmpeg exited with code %d: %s", job_id,
+                                process.returncode,
+                                stderr.read()[-500:].decode(errors="replace"))
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    log.info("job %s: preview viewer left; ffmpeg %d killed", job_id,
+                             process.pid)
+    finally:
+        slots.stop()

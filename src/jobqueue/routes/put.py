@@ -15,7 +15,7 @@ from ..jobs import BadInput, DiskFull, Job, JobStatus, TooLarge
 from ..kinds import KINDS
 from ..ratelimit import limiter, submit_limit
 from ..schemas import JobResult, PutData, PutResponse, error_responses
-from ..shutdown import raise_shutting_down, refuse_while_draining
+from ..shutdown import refuse_while_draining, shutting_down
 from ..submission import read_submission, start_job
 
 router = APIRouter(tags=["jobs"])
@@ -101,7 +101,7 @@ async def wait_for_job(request: Request, engine: Engine, job: Job, timeout: floa
         if not job.status.finished:
             engine.cancel(job, "the /put request ended first")
     if job.status is JobStatus.CANCELLED and request.app.state.draining:
-        raise_shutting_down(request)  # it never started: shutdown came first
+        raise shutting_down(request)  # shutdown stopped it first
     if job.status is JobStatus.FAILED:  # the answer carries the error; the files are no use
         await run_in_threadpool(storage.remove_job_dir, engine.out_dir, job.id)
     raise_for_failure(job)
