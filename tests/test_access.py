@@ -11,6 +11,7 @@ import pytest
 from httpx_sse import connect_sse
 
 from conftest import DATA, Server, run_server
+from jobqueue.access import TOKEN_SECONDS, make_token
 
 ALPHA, BETA = "alpha-key-1234", "beta-key-5678"
 
@@ -95,10 +96,36 @@ def test_rate_limit_counts_each_key_separately(tmp_path):
         assert beta.post("/jobs", json={"seconds": 0}).status_code == 202, "beta has its own"
 
 
-def test_the_cookie_stands_in_for_the_header_on_get_only(keyed):
-    with keyed.client(cookies={"jobqueue_api_key": ALPHA}) as browser:
-        assert browser.get("/jobs").status_code == 200
-        assert browser.post("/jobs", json={}).status_code == 401, "no cookie auth for writes"
+def test_access_tokens_stand_in_for_the_key_on_reads_only(keyed):
+    with as_key(keyed, ALPHA) as alpha, as_key(keyed, None) as browser:
+        issued = alpha.post("/access-token")
+        assert issued.status_code == 200 and issued.json()["expiresIn"] == TOKEN_SECONDS
+        token = issued.json()["token"]
+        assert ALPHA not in token
+        job_id = alpha.post("/jobs", json={"seconds": 0}).json()["id"]
+        mine = browser.get("/jobs", params={"access_token": token})
+        assert mine.status_code == 200 and job_id in {i["id"] for i in mine.json()["items"]}
+        assert browser.get(f"/jobs/{job_id}", params={"access_token": token}).status_code == 200
+        # Reads only, and only what it was made for.
+        assert browser.post("/jobs", params={"access_token": token}, json={}).status_code == 401
+        assert browser.delete(f"/jobs/{job_id}", params={"access_token": token}
+                              ).status_code == 401
+        assert browser.post("/access-token", params={"access_token": token}).status_code == 401
+        with as_key(keyed, BETA) as beta:
+            beta_token = beta.post("/access-token").json()["token"]
+        assert browser.get(f"/jobs/{job_id}", params={"access_token": beta_token}
+                           ).status_code == 404
+        owner, expires, signature = token.split(".")
+        for forged in (f"{owner}.{int(expires) + 999}.{signature}", f"{'0' * 32}.{expires}."
+                       f"{signature}", token[:-1], "", "...", "garbage"):
+            assert browser.get("/jobs", params={"access_token": forged}).status_code == 401
+        expired = make_token(owner, [ALPHA, BETA], now=time.time() - TOKEN_SECONDS - 1)
+        refused = browser.get("/jobs", params={"access_token": expired})
+        assert refused.status_code == 401 and "expired" in refused.json()["detail"]
+
+
+def test_without_keys_there_is_no_token_to_get(server, client):
+    assert client.post("/access-token").json() == {"token": "", "expiresIn": 0}
 
 
 def test_security_headers_on_pages_and_api(server, client):

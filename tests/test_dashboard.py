@@ -138,7 +138,7 @@ def test_dashboard_with_api_keys(browser, tmp_path):
             job_id = submit_form(page, "pdf2image", str(DATA / "sample.pdf"), dpi="30")
             card = f".job[data-id='{job_id}']"
             page.wait_for_selector(f"{card}[data-status=succeeded]", timeout=30_000)
-            # Thumbnails are <img> requests: they get in with the key's cookie.
+            # Thumbnails are <img> requests: they get in with the access token in their URL.
             thumbnails = page.locator(f"{card} img.thumbnail")
             eventually(lambda: thumbnails.evaluate_all(LOADED) == 4)
         finally:

@@ -1,21 +1,26 @@
 """Optional API keys (JOBQUEUE_API_KEYS): who may call, and whose jobs each caller sees.
 
-Each key is its own tenant: its jobs are stored with `owner_of(key)` (a hash, never the key)
-and another key's job ids answer 404. Keys arrive in the `X-API-Key` header; GET requests may
-carry one in the `jobqueue_api_key` cookie instead, which is how the dashboard's <img> and
-EventSource requests, which cannot set headers, get through.
+Each key is its own tenant: its jobs are stored under `owner_of(key)` (a hash, never the key)
+and another key's job ids answer 404. Keys travel in the `X-API-Key` header. A browser cannot
+put a header on <img src> or EventSource requests, so the dashboard trades its key for an
+access token (`POST /access-token`) and adds it to those URLs as `?access_token=`: signed,
+read-only (GET), for one owner, and expiring.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 
-from fastapi import HTTPException, Request, Security
+from fastapi import APIRouter, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
+from .schemas import AccessToken, error_responses
+
 HEADER = "X-API-Key"
-COOKIE = "jobqueue_api_key"
+TOKEN_PARAMETER = "access_token"
+TOKEN_SECONDS = 12 * 3600
 
 api_key_header = APIKeyHeader(
     name=HEADER, auto_error=False,
@@ -28,29 +33,73 @@ def owner_of(key: str) -> str:
 
 
 def is_valid(presented: str, keys: list[str]) -> bool:
-    """Compare against every key in constant time, so timing tells nothing about any of them."""
+    """Compare hashes against every key in constant time: timing tells nothing of any key,
+    not even its length."""
+    presented_hash = hashlib.sha256(presented.encode()).digest()
     valid = False
     for key in keys:
-        valid |= hmac.compare_digest(presented.encode(), key.encode())
+        valid |= hmac.compare_digest(presented_hash, hashlib.sha256(key.encode()).digest())
     return valid
+
+
+def _token_secret(keys: list[str]) -> bytes:
+    # Derived from the keys: tokens outlive a restart, and changing the keys revokes them all.
+    return hashlib.sha256("\0".join(["jobqueue access token", *sorted(keys)]).encode()).digest()
+
+
+def make_token(owner: str, keys: list[str], now: float | None = None) -> str:
+    payload = f"{owner}.{int((now or time.time()) + TOKEN_SECONDS)}"
+    signature = hmac.new(_token_secret(keys), payload.encode(), hashlib.sha256).hexdigest()
+    return f"{payload}.{signature}"
+
+
+def token_owner(token: str, keys: list[str]) -> str | None:
+    """The owner a token was made for, or None when it is forged, garbled or expired."""
+    owner, _, rest = token.partition(".")
+    expires, _, signature = rest.partition(".")
+    expected = hmac.new(_token_secret(keys), f"{owner}.{expires}".encode(),
+                        hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(signature.encode(), expected.encode()):
+        return None
+    return owner if expires.isdigit() and int(expires) > time.time() else None
 
 
 async def require_key(request: Request, header: str | None = Security(api_key_header)) -> str:
     """Dependency of every route that touches jobs: the caller's owner name, or 401."""
     keys = request.app.state.settings.api_key_list
-    if not keys:
-        request.state.owner = ""
-        return ""
-    presented = header or (request.cookies.get(COOKIE) if request.method == "GET" else None)
-    if not presented or not is_valid(presented, keys):
-        raise HTTPException(401, f"This server needs an API key: send one of its keys in the "
-                                 f"{HEADER} header." if not presented else
-                                 f"The {HEADER} is not one of this server's keys.",
-                            headers={"WWW-Authenticate": HEADER})
-    request.state.owner = owner_of(presented)
-    return request.state.owner
+    owner = ""
+    if keys:
+        token = request.query_params.get(TOKEN_PARAMETER) if request.method == "GET" else None
+        if header:
+            owner = owner_of(header) if is_valid(header, keys) else ""
+            problem = f"The {HEADER} is not one of this server's keys."
+        elif token:
+            owner = token_owner(token, keys) or ""
+            problem = "The access_token is not valid or has expired; get a new one."
+        else:
+            problem = (f"This server needs an API key: send one of its keys in the {HEADER} "
+                       "header.")
+        if not owner:
+            raise HTTPException(401, problem, headers={"WWW-Authenticate": HEADER})
+    request.state.owner = owner
+    return owner
 
 
 def owner(request: Request) -> str:
     """The owner name `require_key` found for this request."""
     return getattr(request.state, "owner", "")
+
+
+router = APIRouter(tags=["server"])
+
+
+@router.post("/access-token", response_model=AccessToken, responses=error_responses(401),
+             summary="Trade the X-API-Key for a token for URLs that cannot carry headers",
+             description="For <img src> and EventSource: add `?access_token=<token>` to GET "
+                         "requests. It reads the key's jobs only, and expires.")
+async def access_token(request: Request) -> AccessToken:
+    keys = request.app.state.settings.api_key_list
+    if not keys:
+        return AccessToken(token="", expires_in=0)
+    # require_key has seen a key in the header: tokens count on GET requests only.
+    return AccessToken(token=make_token(owner(request), keys), expires_in=TOKEN_SECONDS)

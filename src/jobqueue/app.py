@@ -66,7 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(dashboard.router)  # the page asks for a key itself
     keyed = [Depends(access.require_key)]  # 401 without a valid key when keys are set
-    for router in (put.router, jobs.router, files.router, preview.router, events.router):
+    for router in (put.router, jobs.router, files.router, preview.router, events.router,
+                   access.router):
         app.include_router(router, dependencies=keyed, responses=error_responses(401)
                            if settings.api_key_list else None)
     app.add_middleware(SecurityHeaders)

@@ -90,6 +90,11 @@ class Health(CamelModel):
     }])
 
 
+class AccessToken(CamelModel):
+    token: str = Field(description="Empty when the server has no API keys")
+    expires_in: int = Field(description="Seconds the token is valid", examples=[43200])
+
+
 class ErrorResponse(BaseModel):
     detail: Any = Field(examples=["The message queue is full (10 jobs waiting); retry in 3 s."])
 

@@ -7,10 +7,10 @@ const THUMBNAIL_WIDTH = 160;
 const PREVIEW = "fps=12&width=480";
 
 // With JOBQUEUE_API_KEYS set, the key typed in is kept for this tab only (sessionStorage) and
-// sent as X-API-Key; <img> and EventSource requests cannot set headers, so it also goes into a
-// same-site cookie, which the server accepts on GET requests only.
+// sent as X-API-Key. <img>, links and EventSource cannot send headers: their URLs carry an
+// access token instead, which the key buys from POST /access-token (read-only, expiring).
 const KEY_STORAGE = "jobqueue-api-key";
-const KEY_COOKIE = "jobqueue_api_key";
+let accessToken = "";
 
 const jobs = new Map();     // id -> {view, element}
 const submittedHere = new Set();  // ids of jobs this page submitted: their previews play
@@ -33,7 +33,20 @@ function keyHeaders() {
 
 function useKey(key) {
   sessionStorage.setItem(KEY_STORAGE, key);
-  document.cookie = `${KEY_COOKIE}=${key}; path=/; SameSite=Strict`;
+}
+
+// A fresh token for URLs; false when the key is not accepted.
+async function renewToken() {
+  if (!apiKey()) return true;
+  const response = await fetch("/access-token", { method: "POST", headers: keyHeaders() });
+  if (!response.ok) return false;
+  accessToken = (await response.json()).token;
+  return true;
+}
+
+function withToken(url) {
+  if (!accessToken) return url;
+  return url + (url.includes("?") ? "&" : "?") + "access_token=" + encodeURIComponent(accessToken);
 }
 
 function askForKey(text) {
@@ -46,10 +59,14 @@ function askForKey(text) {
 
 let events = null;
 
-function connect() {
+async function connect() {
   const connection = $("#connection");
   if (events) events.close();
-  events = new EventSource("/events?limit=" + MAX_JOBS);
+  if (!(await renewToken())) {
+    askForKey("That key is not valid here.");
+    return;
+  }
+  events = new EventSource(withToken("/events?limit=" + MAX_JOBS));
   events.onopen = () => {
     setConnection(connection, "live", "live");
     $("#key-form").hidden = true;
@@ -61,6 +78,9 @@ function connect() {
     if (check && check.status === 401) {
       events.close();
       askForKey(apiKey() ? "That key is not valid here." : "");
+    } else if (check && accessToken) {
+      events.close();  // the token may have expired: reconnect with a new one
+      setTimeout(connect, 1000);
     }
   };
   events.addEventListener("queues", (event) => showQueues(JSON.parse(event.data)));
@@ -115,7 +135,7 @@ function showJob(view) {
   $(".delete", card).hidden = !finished;
   const result = $(".result", card);
   result.hidden = view.status !== "succeeded";
-  result.href = `/jobs/${view.id}/result`;
+  result.href = withToken(`/jobs/${view.id}/result`);
   const error = $(".error", card);
   error.hidden = !view.error;
   error.textContent = view.error || "";
@@ -133,7 +153,7 @@ function newJobElement(view) {
   $(".kind", card).textContent = view.jobType;
   const id = $(".id", card);
   id.textContent = view.id.slice(0, 8);
-  id.href = `/jobs/${view.id}`;
+  id.href = withToken(`/jobs/${view.id}`);
   $(".cancel", card).addEventListener("click", (event) => {
     event.target.hidden = true;  // so a second click cannot delete the job once it ends
     deleteJob(view.id);
@@ -190,14 +210,14 @@ function showMedia(card, view, justFinished) {
   for (const url of files.slice(0, MAX_THUMBNAILS)) {
     const name = url.split("/").pop();
     const link = document.createElement("a");
-    link.href = url;
+    link.href = withToken(url);
     link.title = name;
     if (/\.(png|jpe?g)$/i.test(name)) {
       const image = document.createElement("img");
       image.className = "thumbnail";
       image.loading = "lazy";
       image.alt = name;
-      image.src = `${url}?w=${THUMBNAIL_WIDTH}`;
+      image.src = withToken(`${url}?w=${THUMBNAIL_WIDTH}`);
       link.append(image);
     } else {
       link.textContent = name;
@@ -217,7 +237,7 @@ function playPreview(media, id) {
     image.alt = "video preview";
     media.prepend(image);
   }
-  image.src = `/jobs/${id}/preview.mjpg?${PREVIEW}&t=${Date.now()}`;
+  image.src = withToken(`/jobs/${id}/preview.mjpg?${PREVIEW}&t=${Date.now()}`);
 }
 
 // ---- actions ----
@@ -330,7 +350,6 @@ document.addEventListener("DOMContentLoaded", () => {
     connect();
   });
   showKindOptions();
-  if (apiKey()) useKey(apiKey());  // the cookie again, for a reloaded tab
   if (document.body.dataset.keysRequired === "yes" && !apiKey()) {
     askForKey("");
   } else {
