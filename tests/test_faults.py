@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import DATA, Server, run_server
+from conftest import Server, run_server
 
 
 def wait_for_child(server: Server, name: str, seconds: float = 20) -> int:

@@ -10,8 +10,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
-
 from conftest import Server, run_server
 
 KINDS = {  # job kind: (body, workers, queue size)
@@ -52,7 +50,8 @@ def burst(server: Server, factor: int) -> Counter:
 def idle(server: Server, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     with server.client() as client:
-        while any(q["busy"] or q["queued"] for q in client.get("/health").json()["queues"].values()):
+        while any(queue["busy"] or queue["queued"]
+                  for queue in client.get("/health").json()["queues"].values()):
             assert time.monotonic() < deadline, "jobs still running long after the burst"
             time.sleep(0.1)
 

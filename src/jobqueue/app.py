@@ -41,7 +41,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         app.state.engine = engine
         engine.start()
-        log.info("workers started: %s", {name: p.limits.workers for name, p in engine.pools.items()})
+        log.info("workers started: %s",
+                 {name: pool.limits.workers for name, pool in engine.pools.items()})
         sweeper = asyncio.create_task(retention.sweep_forever(store, settings, engine.feed))
         yield
         sweeper.cancel()

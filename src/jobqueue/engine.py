@@ -222,12 +222,12 @@ class WorkerPool:
             except BaseException as error:  # only a bug gets here; the thread keeps serving
                 log.exception("job %s: engine error", job.id)
                 job.finish(JobStatus.FAILED, error=error)
-            finally:
-                with self._lock:
-                    self.running.discard(job)
-                    if threading.current_thread() in self.abandoned:
-                        self.abandoned.discard(threading.current_thread())
-                        return  # a replacement serves the queue now
+            with self._lock:
+                self.running.discard(job)
+                given_up = threading.current_thread() in self.abandoned
+                self.abandoned.discard(threading.current_thread())
+            if given_up:
+                return  # a replacement serves the queue now
 
     def _run(self, job: Job) -> None:
         log.info("job %s: %s started on %s", job.id, self.kind.name, job.worker_name)
