@@ -50,6 +50,16 @@ class Server:
         return pids
 
 
+def wait_finished(client: httpx.Client, job_id: str, seconds: float = 60) -> dict:
+    """Poll GET /jobs/{id} until the job has finished; its last state."""
+    deadline = time.monotonic() + seconds
+    while (job := client.get(f"/jobs/{job_id}").json())["status"] not in (
+            "succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"job {job_id} never finished: {job}"
+        time.sleep(0.05)
+    return job
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -32,3 +32,11 @@ def pdf_page_points(path: Path) -> tuple[int, float, float]:
     fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
     size = fields["Page size"].split()
     return int(fields["Pages"]), float(size[0]), float(size[2])
+
+
+def make_clip(path: Path, seconds: int) -> Path:
+    """A 640x360 test-pattern video long enough for ffmpeg to be caught mid-job."""
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
+                    f"testsrc=duration={seconds}:size=640x360:rate=25", "-preset", "ultrafast",
+                    str(path)], check=True)
+    return path

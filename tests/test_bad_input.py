@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import DATA, ROOT, Server, run_server
+from conftest import DATA, ROOT, Server, run_server, wait_finished
 
 sys.path.insert(0, str(ROOT / "tests" / "corpus"))
 import make_corpus  # noqa: E402
@@ -55,14 +54,6 @@ def guarded(tmp_path_factory) -> Server:
 def job_dirs(server: Server) -> set[str]:
     return {path.name for path in server.out_dir.iterdir() if path.is_dir()}
 
-
-def wait_finished(client: httpx.Client, job_id: str, seconds: float = 60) -> dict:
-    deadline = time.monotonic() + seconds
-    while (job := client.get(f"/jobs/{job_id}").json())["status"] not in (
-            "succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, f"job {job_id} never finished: {job}"
-        time.sleep(0.05)
-    return job
 
 
 def check_answer(client: httpx.Client, server: Server, response: httpx.Response,

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from conftest import DATA, Server, run_server
-from media import png_size, probe_streams
+from media import make_clip, png_size, probe_streams
 
 
 def cli(server: Server, *args: object, cwd: Path, timeout: float = 120,
@@ -60,10 +60,7 @@ def test_refused_upload_exits_non_zero_with_the_servers_detail(server, tmp_path)
 
 
 def test_a_job_that_fails_while_running_exits_non_zero(server, tmp_path):
-    clip = tmp_path / "long.mp4"
-    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
-                    "testsrc=duration=20:size=640x360:rate=25", "-preset", "ultrafast",
-                    str(clip)], check=True)
+    clip = make_clip(tmp_path / "long.mp4", 20)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     client = subprocess.Popen(
         [sys.executable, "-m", "jobqueue.client", "--url", server.url, "submit", str(clip),

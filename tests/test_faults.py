@@ -9,10 +9,10 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
-from conftest import Server, run_server
+from conftest import Server, run_server, wait_finished
+from media import make_clip
 
 
 def wait_for_child(server: Server, name: str, seconds: float = 20) -> int:
@@ -22,14 +22,6 @@ def wait_for_child(server: Server, name: str, seconds: float = 20) -> int:
         time.sleep(0.01)
     return pids[0]
 
-
-def wait_finished(client: httpx.Client, job_id: str, seconds: float = 60) -> dict:
-    deadline = time.monotonic() + seconds
-    while (job := client.get(f"/jobs/{job_id}").json())["status"] not in (
-            "succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    return job
 
 
 def test_pdftoppm_killed_mid_job_fails_the_job_with_what_happened(server, client):
@@ -43,10 +35,7 @@ def test_pdftoppm_killed_mid_job_fails_the_job_with_what_happened(server, client
 
 
 def test_ffmpeg_dying_mid_job_reports_its_stderr(server, client, tmp_path):
-    clip = tmp_path / "long.mp4"
-    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
-                    "testsrc=duration=20:size=640x360:rate=25", "-preset", "ultrafast",
-                    str(clip)], check=True)
+    clip = make_clip(tmp_path / "long.mp4", 20)
     with clip.open("rb") as video:
         job_id = client.post("/jobs", data={"jobType": "video", "width": "1280"},
                              files={"file": ("long.mp4", video)}).json()["id"]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 
 from conftest import run_server
+from media import make_clip
 
 
 def wait_for(predicate, seconds: float) -> bool:
@@ -49,10 +49,7 @@ def test_sigterm_refuses_new_jobs_and_lets_running_ones_finish(tmp_path):
 
 
 def test_grace_runs_out_then_jobs_stop_and_rerun_after_restart(tmp_path):
-    clip = tmp_path / "long.mp4"
-    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
-                    "testsrc=duration=30:size=640x360:rate=25", "-preset", "ultrafast",
-                    str(clip)], check=True)
+    clip = make_clip(tmp_path / "long.mp4", 30)
     with run_server(tmp_path, shutdown_grace=1) as server, server.client() as client:
         with clip.open("rb") as video:
             job_id = client.post("/jobs", data={"jobType": "video", "width": "1920"},
@@ -73,10 +70,7 @@ def test_grace_runs_out_then_jobs_stop_and_rerun_after_restart(tmp_path):
 
 
 def test_second_signal_stops_at_once_and_still_stops_the_engine(tmp_path):
-    clip = tmp_path / "long.mp4"
-    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
-                    "testsrc=duration=30:size=640x360:rate=25", "-preset", "ultrafast",
-                    str(clip)], check=True)
+    clip = make_clip(tmp_path / "long.mp4", 30)
     with run_server(tmp_path, shutdown_grace=30) as server, server.client() as client:
         with clip.open("rb") as video:
             client.post("/jobs", data={"jobType": "video", "width": "1920"},
