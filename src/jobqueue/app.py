@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import access, ratelimit, retention
-from .headers import SecurityHeaders
 from .engine import Engine, QueueFull, ShuttingDown
+from .headers import SecurityHeaders
 from .jobs import is_disk_full
 from .kinds import KINDS
 from .routes import dashboard, events, files, health, jobs, preview, put
