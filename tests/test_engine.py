@@ -33,15 +33,27 @@ def block_until_cancelled(job: Job) -> Output:
     return Output(data={})
 
 
+def hang(job: Job) -> Output:
+    """A handler that ignores cancels (a stuck C call, an endless loop)."""
+    time.sleep(3)
+    return Output(data={})
+
+
+def write_to_full_disk(job: Job) -> Output:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 KINDS = {
     "fail": JobKind("fail", "always raises", NoOptions, fail),
+    "hang": JobKind("hang", "ignores cancels", NoOptions, hang),
+    "full": JobKind("full", "writes to a full disk", NoOptions, write_to_full_disk),
     "ok": JobKind("ok", "names its thread", NoOptions, record_thread),
     "block": JobKind("block", "runs until cancelled", NoOptions, block_until_cancelled),
 }
 
 
-def run_engine(tmp_path, scenario) -> Engine:
-    engine = Engine(Settings(out_dir=tmp_path), KINDS, JobStore(tmp_path / "jobs.db"))
+def run_engine(tmp_path, scenario, **settings) -> Engine:
+    engine = Engine(Settings(out_dir=tmp_path, **settings), KINDS, JobStore(tmp_path / "jobs.db"))
 
     async def main() -> None:
         engine.start()
@@ -115,78 +127,47 @@ def test_stop_leaves_queued_and_running_jobs_to_run_again_and_joins_threads(tmp_
     assert not any(thread.is_alive() for thread in engine.pools["block"].threads)
 
 
-def hang(job: Job) -> Output:
-    """A handler that ignores cancels (a stuck C call, an endless loop)."""
-    time.sleep(3)
-    return Output(data={})
-
-
 def test_a_hanging_handler_is_cut_and_its_thread_replaced(tmp_path):
-    kinds = {**KINDS, "hang": JobKind("hang", "ignores cancels", NoOptions, hang)}
-    settings = Settings(out_dir=tmp_path, job_max_seconds=0.3)
-    engine = Engine(settings, kinds, JobStore(tmp_path / "jobs.db"))
-    engine.pools["hang"].abandon_after = 0.5
+    async def scenario(engine: Engine) -> None:
+        engine.pools["hang"].abandon_after = 0.5
+        stuck = engine.new_job(KINDS["hang"], NoOptions())
+        engine.submit(stuck)
+        await asyncio.wait_for(stuck.done, 5)
+        assert stuck.status is JobStatus.FAILED
+        assert "ran longer than 0.3 s (JOBQUEUE_JOB_MAX_SECONDS)" in str(stuck.error)
+        assert stuck.finished_at - stuck.started_at < 2.5, "not left to run out"
+        pool = engine.pools["hang"]
+        assert len(pool.threads) == 1 and pool.threads[0].name == "hang-worker-1+"
+        assert pool.stats()["busy"] == 0
+        # The new thread serves the queue while the old one is still stuck.
+        after = engine.new_job(KINDS["hang"], NoOptions())
+        engine.submit(after)
+        await asyncio.sleep(0.1)
+        assert after.status is JobStatus.RUNNING and after.worker_name == "hang-worker-1+"
+        engine.cancel(after, "test")
 
-    async def scenario() -> None:
-        engine.start()
-        try:
-            stuck = engine.new_job(kinds["hang"], NoOptions())
-            engine.submit(stuck)
-            await asyncio.wait_for(stuck.done, 5)
-            assert stuck.status is JobStatus.FAILED
-            assert "ran longer than 0.3 s (JOBQUEUE_JOB_MAX_SECONDS)" in str(stuck.error)
-            assert stuck.finished_at - stuck.started_at < 2.5, "not left to run out"
-            pool = engine.pools["hang"]
-            assert len(pool.threads) == 1 and pool.threads[0].name == "hang-worker-1+"
-            assert pool.stats()["busy"] == 0
-            # The new thread serves the queue while the old one is still stuck.
-            after = engine.new_job(kinds["ok"], NoOptions())
-            engine.submit(after)
-            await asyncio.wait_for(after.done, 5)
-            assert after.status is JobStatus.SUCCEEDED
-        finally:
-            await asyncio.to_thread(engine.stop)
-
-    asyncio.run(scenario())
+    run_engine(tmp_path, scenario, job_max_seconds=0.3)
 
 
 def test_a_job_that_notices_the_cancel_fails_with_the_timeout(tmp_path):
-    settings = Settings(out_dir=tmp_path, job_max_seconds=0.3)
-    engine = Engine(settings, KINDS, JobStore(tmp_path / "jobs.db"))
+    async def scenario(engine: Engine) -> None:
+        job = engine.new_job(KINDS["block"], NoOptions())
+        engine.submit(job)
+        await asyncio.wait_for(job.done, 5)
+        assert job.status is JobStatus.FAILED and "JOBQUEUE_JOB_MAX_SECONDS" in str(job.error)
+        assert engine.pools["block"].threads[0].name == "block-worker-1", "not replaced"
 
-    async def scenario() -> None:
-        engine.start()
-        try:
-            job = engine.new_job(KINDS["block"], NoOptions())
-            engine.submit(job)
-            await asyncio.wait_for(job.done, 5)
-            assert job.status is JobStatus.FAILED and "JOBQUEUE_JOB_MAX_SECONDS" in str(job.error)
-            assert engine.pools["block"].threads[0].name == "block-worker-1", "not replaced"
-        finally:
-            await asyncio.to_thread(engine.stop)
-
-    asyncio.run(scenario())
-
-
-def write_to_full_disk(job: Job) -> Output:
-    raise OSError(errno.ENOSPC, "No space left on device")
+    run_engine(tmp_path, scenario, job_max_seconds=0.3)
 
 
 def test_a_full_disk_fails_the_job_with_a_clear_error(tmp_path):
     """Where a test may not mount a small tmpfs (test_faults.py), this is the full disk."""
-    kinds = {"full": JobKind("full", "writes to a full disk", NoOptions, write_to_full_disk)}
-    engine = Engine(Settings(out_dir=tmp_path), kinds, JobStore(tmp_path / "jobs.db"))
+    async def scenario(engine: Engine) -> None:
+        job = engine.new_job(KINDS["full"], NoOptions())
+        engine.submit(job)
+        await asyncio.wait_for(job.done, 5)
+        assert job.status is JobStatus.FAILED
+        assert "disk is full" in job.record().error
+        assert all(thread.is_alive() for thread in engine.pools["full"].threads)
 
-    async def scenario() -> None:
-        engine.start()
-        try:
-            job = engine.new_job(kinds["full"], NoOptions())
-            engine.submit(job)
-            await asyncio.wait_for(job.done, 5)
-            assert job.status is JobStatus.FAILED
-            assert "disk is full" in job.record().error
-            assert all(thread.is_alive() for thread in engine.pools["full"].threads)
-        finally:
-            await asyncio.to_thread(engine.stop)
-
-    asyncio.run(scenario())
+    run_engine(tmp_path, scenario)
