@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import access, ratelimit, retention
+from .disconnects import GoneClients
 from .engine import Engine, QueueFull, ShuttingDown
 from .headers import SecurityHeaders
 from .jobs import is_disk_full
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router, dependencies=keyed, responses=error_responses(401)
                            if settings.api_key_list else None)
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(GoneClients)
     if settings.cors_origin_list:  # off unless JOBQUEUE_CORS_ORIGINS names the origins
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origin_list,
