@@ -164,3 +164,15 @@ def test_upload_with_key(keyed):
         response = alpha.post("/jobs", data={"jobType": "pdf2image", "dpi": "20"},
                               files={"file": ("a.pdf", pdf)})
     assert response.status_code == 202
+
+
+def test_guessing_keys_is_refused_after_twenty_wrong_ones(tmp_path):
+    with run_server(tmp_path, api_keys=ALPHA) as server, as_key(server, None) as anonymous:
+        assert anonymous.get("/jobs").status_code == 401  # no key at all is not counted
+        for guess in range(20):
+            assert anonymous.get("/jobs", headers={"X-API-Key": f"guess-{guess}"}
+                                 ).status_code == 401
+        refused = anonymous.get("/jobs", headers={"X-API-Key": "guess-20"})
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+        # For the rest of the window even the right key is refused from this address.
+        assert anonymous.get("/jobs", headers={"X-API-Key": ALPHA}).status_code == 429

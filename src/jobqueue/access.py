@@ -15,12 +15,19 @@ import time
 
 from fastapi import APIRouter, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
+from limits import parse, storage, strategies
+from slowapi.util import get_remote_address
 
 from .schemas import AccessToken, error_responses
 
 HEADER = "X-API-Key"
 TOKEN_PARAMETER = "access_token"
 TOKEN_SECONDS = 12 * 3600
+
+# Wrong keys (or tokens) one address may send before it is refused for the rest of the window,
+# right ones included, so keys cannot be guessed by trying many.
+WRONG_KEY_LIMIT = parse("20/minute")
+_wrong_keys = strategies.FixedWindowRateLimiter(storage.MemoryStorage())
 
 api_key_header = APIKeyHeader(
     name=HEADER, auto_error=False,
@@ -69,6 +76,12 @@ async def require_key(request: Request, header: str | None = Security(api_key_he
     keys = request.app.state.settings.api_key_list
     owner = ""
     if keys:
+        address = get_remote_address(request)
+        if not _wrong_keys.test(WRONG_KEY_LIMIT, "wrong key", address):
+            retry = int(_wrong_keys.get_window_stats(WRONG_KEY_LIMIT, "wrong key", address)
+                        .reset_time - time.time()) + 1
+            raise HTTPException(429, f"Too many wrong API keys from this address; wait {retry} s.",
+                                headers={"Retry-After": str(retry)})
         token = request.query_params.get(TOKEN_PARAMETER) if request.method == "GET" else None
         if header:
             owner = owner_of(header) if is_valid(header, keys) else ""
@@ -80,6 +93,8 @@ async def require_key(request: Request, header: str | None = Security(api_key_he
             problem = (f"This server needs an API key: send one of its keys in the {HEADER} "
                        "header.")
         if not owner:
+            if header or token:  # a missing key is a mistake; a wrong one may be a guess
+                _wrong_keys.hit(WRONG_KEY_LIMIT, "wrong key", address)
             raise HTTPException(401, problem, headers={"WWW-Authenticate": HEADER})
     request.state.owner = owner
     return owner

@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     keyed = [Depends(access.require_key)]  # 401 without a valid key when keys are set
     for router in (put.router, jobs.router, files.router, preview.router, events.router,
                    access.router):
-        app.include_router(router, dependencies=keyed, responses=error_responses(401)
+        app.include_router(router, dependencies=keyed, responses=error_responses(401, 429)
                            if settings.api_key_list else None)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(GoneClients)
