@@ -109,15 +109,16 @@ class WorkerPool:
             self._start_thread(f"{thread.name}+")
         log.error("job %s: its handler ignored the cancel for %g s; %s is given up on and a "
                   "new thread takes its place", job.id, self.abandon_after, thread.name)
-        job.finish(JobStatus.FAILED, error=self._timed_out(job))
+        job.finish(*self._timed_out(job))
 
-    def _timed_out(self, job: Job) -> TimedOut:
+    def _timed_out(self, job: Job) -> tuple[JobStatus, None, TimedOut | None]:
+        """How a job stopped at its deadline ends: a /put job is cancelled (its client got
+        504 and its folder goes), a POST /jobs job fails, naming the setting."""
         if job.origin == "put":
-            limit, setting = self.limits.timeout, f"JOBQUEUE_{self.kind.name.upper()}_TIMEOUT"
-        else:
-            limit, setting = self.max_run_seconds, "JOBQUEUE_JOB_MAX_SECONDS"
-        return TimedOut(f"Job {job.id} ran longer than {limit:g} s ({setting}) and was "
-                        "stopped. Send smaller input, or raise the setting.")
+            return JobStatus.CANCELLED, None, None
+        return JobStatus.FAILED, None, TimedOut(
+            f"Job {job.id} ran longer than {self.max_run_seconds:g} s (JOBQUEUE_JOB_MAX_SECONDS)"
+            " and was stopped. Send smaller input, or raise the setting.")
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -250,7 +251,7 @@ class WorkerPool:
             if job.cancel_requested.is_set():
                 status, output = JobStatus.CANCELLED, None
         if job.timed_out:  # whatever the handler made of being stopped
-            status, output, error = JobStatus.FAILED, None, self._timed_out(job)
+            status, output, error = self._timed_out(job)
         job.finish(status, output=output, error=error)
         seconds = job.finished_at - job.started_at
         self._average_seconds = 0.8 * self._average_seconds + 0.2 * seconds
