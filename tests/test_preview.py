@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import Server, run_server
+from media import make_clip
 
 JPEG_START = b"\xff\xd8"
 
@@ -163,3 +164,21 @@ def test_many_viewers_at_once_start_no_more_decoders_than_the_limit(tmp_path):
         assert most_decoders <= 2
         assert answers.count(200) >= 2 and answers.count(503) >= 1
         assert set(answers) == {200, 503}
+
+
+def test_a_running_jobs_preview_plays_its_upload(server, client, tmp_path):
+    clip = make_clip(tmp_path / "long.mp4", 20)
+    with clip.open("rb") as video:
+        job_id = client.post("/jobs", data={"jobType": "video", "width": "1280"},
+                             files={"file": ("long.mp4", video)}).json()["id"]
+    try:
+        with client.stream("GET", f"/jobs/{job_id}/preview.mjpg",
+                           params={"width": 64, "fps": 10}) as stream:
+            assert stream.status_code == 200
+            reader = Frames(stream)
+            assert len(reader.take(3)) >= 3
+            assert client.get(f"/jobs/{job_id}").json()["status"] in ("queued", "running")
+    finally:
+        client.delete(f"/jobs/{job_id}")
+    cancelled = client.get(f"/jobs/{job_id}/preview.mjpg")
+    assert cancelled.status_code == 404 and "has no video of its own" in cancelled.json()["detail"]
