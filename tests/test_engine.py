@@ -52,6 +52,19 @@ KINDS = {
 }
 
 
+def submit(engine: Engine, kind: str) -> Job:
+    job = engine.new_job(KINDS[kind], NoOptions())
+    engine.submit(job)
+    return job
+
+
+async def run_to_end(engine: Engine, kind: str) -> Job:
+    """Submit a job of `kind` and wait (5 s at most) until it has finished."""
+    job = submit(engine, kind)
+    await asyncio.wait_for(job.done, 5)
+    return job
+
+
 def run_engine(tmp_path, scenario, **settings) -> Engine:
     engine = Engine(Settings(out_dir=tmp_path, **settings), KINDS, JobStore(tmp_path / "jobs.db"))
 
@@ -69,9 +82,7 @@ def run_engine(tmp_path, scenario, **settings) -> Engine:
 def test_a_raising_handler_never_kills_its_worker(tmp_path):
     async def scenario(engine: Engine) -> None:
         for _ in range(1000):
-            job = engine.new_job(KINDS["fail"], NoOptions())
-            engine.submit(job)
-            await asyncio.wait_for(job.done, 5)
+            job = await run_to_end(engine, "fail")
             assert job.status is JobStatus.FAILED
             assert str(job.error) == "handler bug"
         assert all(thread.is_alive() for thread in engine.pools["fail"].threads)
@@ -81,9 +92,7 @@ def test_a_raising_handler_never_kills_its_worker(tmp_path):
 
 def test_results_come_from_the_worker_thread_through_the_loop(tmp_path):
     async def scenario(engine: Engine) -> None:
-        job = engine.new_job(KINDS["ok"], NoOptions())
-        engine.submit(job)
-        await asyncio.wait_for(job.done, 5)
+        job = await run_to_end(engine, "ok")
         assert job.status is JobStatus.SUCCEEDED
         assert job.output.data == {"thread": "ok-worker-1"}
         assert job.started_at >= job.created_at and job.finished_at >= job.started_at
@@ -93,10 +102,8 @@ def test_results_come_from_the_worker_thread_through_the_loop(tmp_path):
 
 def test_a_cancelled_queued_job_never_starts_and_frees_its_slot(tmp_path):
     async def scenario(engine: Engine) -> None:
-        running = engine.new_job(KINDS["block"], NoOptions())
-        engine.submit(running)
-        waiting = engine.new_job(KINDS["block"], NoOptions())
-        engine.submit(waiting)
+        running = submit(engine, "block")
+        waiting = submit(engine, "block")
         assert engine.stats()["block"]["queued"] in (1, 2)
         engine.cancel(waiting, "test")
         await asyncio.wait_for(waiting.done, 5)
@@ -115,8 +122,7 @@ def test_stop_leaves_queued_and_running_jobs_to_run_again_and_joins_threads(tmp_
 
     async def scenario(engine: Engine) -> None:
         for _ in range(3):
-            job = engine.new_job(KINDS["block"], NoOptions())
-            engine.submit(job)
+            job = submit(engine, "block")
             jobs.append(job)
         await asyncio.sleep(0.1)
 
@@ -130,9 +136,7 @@ def test_stop_leaves_queued_and_running_jobs_to_run_again_and_joins_threads(tmp_
 def test_a_hanging_handler_is_cut_and_its_thread_replaced(tmp_path):
     async def scenario(engine: Engine) -> None:
         engine.pools["hang"].abandon_after = 0.5
-        stuck = engine.new_job(KINDS["hang"], NoOptions())
-        engine.submit(stuck)
-        await asyncio.wait_for(stuck.done, 5)
+        stuck = await run_to_end(engine, "hang")
         assert stuck.status is JobStatus.FAILED
         assert "ran longer than 0.3 s (JOBQUEUE_JOB_MAX_SECONDS)" in str(stuck.error)
         assert stuck.finished_at - stuck.started_at < 2.5, "not left to run out"
@@ -140,8 +144,7 @@ def test_a_hanging_handler_is_cut_and_its_thread_replaced(tmp_path):
         assert len(pool.threads) == 1 and pool.threads[0].name == "hang-worker-1+"
         assert pool.stats()["busy"] == 0
         # The new thread serves the queue while the old one is still stuck.
-        after = engine.new_job(KINDS["hang"], NoOptions())
-        engine.submit(after)
+        after = submit(engine, "hang")
         await asyncio.sleep(0.1)
         assert after.status is JobStatus.RUNNING and after.worker_name == "hang-worker-1+"
         engine.cancel(after, "test")
@@ -151,9 +154,7 @@ def test_a_hanging_handler_is_cut_and_its_thread_replaced(tmp_path):
 
 def test_a_job_that_notices_the_cancel_fails_with_the_timeout(tmp_path):
     async def scenario(engine: Engine) -> None:
-        job = engine.new_job(KINDS["block"], NoOptions())
-        engine.submit(job)
-        await asyncio.wait_for(job.done, 5)
+        job = await run_to_end(engine, "block")
         assert job.status is JobStatus.FAILED and "JOBQUEUE_JOB_MAX_SECONDS" in str(job.error)
         assert engine.pools["block"].threads[0].name == "block-worker-1", "not replaced"
 
@@ -163,9 +164,7 @@ def test_a_job_that_notices_the_cancel_fails_with_the_timeout(tmp_path):
 def test_a_full_disk_fails_the_job_with_a_clear_error(tmp_path):
     """Where a test may not mount a small tmpfs (test_faults.py), this is the full disk."""
     async def scenario(engine: Engine) -> None:
-        job = engine.new_job(KINDS["full"], NoOptions())
-        engine.submit(job)
-        await asyncio.wait_for(job.done, 5)
+        job = await run_to_end(engine, "full")
         assert job.status is JobStatus.FAILED
         assert "disk is full" in job.record().error
         assert all(thread.is_alive() for thread in engine.pools["full"].threads)
