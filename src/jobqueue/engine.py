@@ -338,8 +338,11 @@ class Engine:
         if job.rerun_after_restart:
             log.info("job %s: stopped by shutdown; it runs again after a restart", job.id)
             return
-        if job.status is JobStatus.CANCELLED:
-            storage.remove_job_dir(self.out_dir, job.id)  # partial output is no use to anyone
+        # Partial output is no use to anyone, nor is a failed /put job's: its answer carries
+        # the error.
+        if job.status is JobStatus.CANCELLED or (job.origin == "put"
+                                                 and job.status is JobStatus.FAILED):
+            storage.remove_job_dir(self.out_dir, job.id)
         self.store.save(job.record())
 
     def submit(self, job: Job) -> None:

@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
-from fastapi.concurrency import run_in_threadpool
 
-from .. import storage
 from ..access import owner
 from ..engine import Engine
 from ..jobs import BadInput, DiskFull, Job, JobStatus, TooLarge
@@ -102,8 +100,6 @@ async def wait_for_job(request: Request, engine: Engine, job: Job, timeout: floa
             engine.cancel(job, "the /put request ended first")
     if job.status is JobStatus.CANCELLED and request.app.state.draining:
         raise shutting_down(request)  # shutdown stopped it first
-    if job.status is JobStatus.FAILED:  # the answer carries the error; the files are no use
-        await run_in_threadpool(storage.remove_job_dir, engine.out_dir, job.id)
     raise_for_failure(job)
 
 
