@@ -28,12 +28,14 @@ def chart(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = [r["chart"] for r in results if "chart" in r]
-    figure, _ = plt.subplots(1, len(pairs), figsize=(4 * len(pairs), 3.5))
-    for axis, (label, served, alone) in zip(figure.axes, pairs, strict=True):
-        axis.bar(["jobqueue", "engine alone"], [served, alone], color=["#3b6ea5", "#9aa5b1"])
-        axis.set_title(f"{label} (ratio {served / alone:.2f})")
+    charts = [r["chart"] for r in results if "chart" in r]
+    figure, _ = plt.subplots(1, len(charts), figsize=(5 * len(charts), 3.8))
+    for axis, (title, bars) in zip(figure.axes, charts, strict=True):
+        axis.bar(list(bars), list(bars.values()),
+                 color=["#3b6ea5"] + ["#9aa5b1"] * (len(bars) - 1))
+        axis.set_title(title)
         axis.set_ylabel("seconds, median")
+        axis.tick_params(axis="x", labelrotation=20, labelsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 

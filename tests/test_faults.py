@@ -24,14 +24,21 @@ def wait_for_child(server: Server, name: str, seconds: float = 20) -> int:
 
 
 
-def test_pdftoppm_killed_mid_job_fails_the_job_with_what_happened(server, client):
-    job_id = client.post("/jobs", json={"jobType": "pdf2image", "dpi": 600}).json()["id"]
-    os.kill(wait_for_child(server, "pdftoppm"), signal.SIGKILL)
-    job = wait_finished(client, job_id)
-    assert job["status"] == "failed"
-    assert "could not be rendered: pdftoppm was killed by signal 9" in job["error"]
-    again = client.post("/put", json={"jobType": "pdf2image", "dpi": 20})
-    assert again.status_code == 200, "the worker serves on"
+@pytest.mark.parametrize("engine, child, words", [
+    ("pdfium", "python", "the PDFium renderer was killed by signal 9"),
+    ("poppler", "pdftoppm", "pdftoppm was killed by signal 9"),
+])
+def test_a_renderer_killed_mid_job_fails_the_job_with_what_happened(tmp_path, engine, child,
+                                                                     words):
+    with run_server(tmp_path, pdf_engine=engine) as server, server.client() as client:
+        job_id = client.post("/jobs", json={"jobType": "pdf2image", "dpi": 600}).json()["id"]
+        os.kill(wait_for_child(server, child), signal.SIGKILL)
+        job = wait_finished(client, job_id)
+        assert job["status"] == "failed"
+        assert "could not be rendered: " + words in job["error"], job["error"]
+        assert server.children(child) == [], "a child outlived its failed job"
+        again = client.post("/put", json={"jobType": "pdf2image", "dpi": 20})
+        assert again.status_code == 200, "the worker serves on"
 
 
 def test_ffmpeg_dying_mid_job_reports_its_stderr(server, client, tmp_path):

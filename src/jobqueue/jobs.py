@@ -91,9 +91,9 @@ class JobKind:
     handler: Callable[[Job], Output]
     # Bundled file used when a request uploads none; None when the kind takes no file.
     sample: Path | None = None
-    # Quick look at an upload before it is queued: UnsupportedInput for the wrong kind of
-    # file, TooLarge for one over the server's limits.
-    check_input: Callable[[Path, Settings], None] | None = None
+    # Quick look at an upload before it is queued, given the job's options: UnsupportedInput
+    # for the wrong kind of file, TooLarge for one over the server's limits.
+    check_input: Callable[[Path, BaseModel, Settings], None] | None = None
     # What the dashboard's file picker offers, as in <input accept>: ".pdf", "video/*".
     accept: str = ""
 

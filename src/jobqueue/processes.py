@@ -1,12 +1,23 @@
-"""Child processes (pdfinfo, ffmpeg, ffprobe) run on behalf of a job: killed on cancel, always reaped."""
+"""Child processes (pdftoppm, the PDF render program, ffmpeg, ffprobe) run on behalf of a job:
+killed on cancel, always reaped, dead with the server, and optionally under a memory cap.
+
+Every command is started as `setpriv --pdeathsig KILL [prlimit --as=N] -- program ...`: both
+are util-linux tools that set up the process and then exec the program in place (same pid), so
+no Python code runs between fork and exec (`preexec_fn` can deadlock a threaded server) and the
+kernel kills the child when the server's thread that started it dies, `kill -9` included.
+"""
 
 from __future__ import annotations
 
+import os
+import selectors
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from .jobs import BadInput, DiskFull, Job
 
@@ -24,47 +35,145 @@ def disk_nearly_full(folder: Path) -> bool:
 
 class ProcessFailed(BadInput):
     """A child process exited with an error, most often over its input; the message carries
-    the tail of its stderr."""
+    the tail of its stderr. `index` is its place in the list given to `run_many`."""
 
-    def __init__(self, program: str, returncode: int, stderr_tail: str):
+    def __init__(self, program: str, returncode: int, stderr_tail: str, index: int = 0):
         how = (f"{program} was killed by signal {-returncode}" if returncode < 0
                else f"{program} exited with code {returncode}")
         tail = stderr_tail.strip()
         super().__init__(f"{how}: {tail}" if tail else f"{how}.")
+        self.program = program
         self.returncode = returncode
         self.stderr_tail = stderr_tail
+        self.index = index
 
 
-def run(job: Job, args: list[str], on_line: Callable[[str], None] | None = None) -> None:
+def guarded(args: Sequence[str], memory_mb: float | None = None) -> list[str]:
+    """`args` as a command that dies with the server and, with `memory_mb`, may not map more
+    than that much memory (RLIMIT_AS: an allocation past it fails inside the program)."""
+    prefix = ["setpriv", "--pdeathsig", "KILL", "--"]
+    if memory_mb:
+        prefix += ["prlimit", f"--as={int(memory_mb * 2**20)}", "--"]
+    return [*prefix, *args]
+
+
+def popen(args: Sequence[str], memory_mb: float | None = None, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen of `guarded(args)`, stdin from /dev/null."""
+    return subprocess.Popen(guarded(args, memory_mb), stdin=subprocess.DEVNULL, **kwargs)
+
+
+def output(args: Sequence[str], timeout: float, memory_mb: float | None = None
+           ) -> subprocess.CompletedProcess:
+    """Run a short command that belongs to no job (a check before queueing) and capture its
+    output; subprocess.TimeoutExpired (the child killed and reaped) past `timeout`."""
+    return subprocess.run(guarded(args, memory_mb), stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=timeout)
+
+
+@dataclass(eq=False)
+class _Child:
+    index: int
+    program: str
+    process: subprocess.Popen
+    stderr: IO[bytes]
+    partial: bytes = b""
+
+
+def run(job: Job, args: list[str], on_line: Callable[[str], None] | None = None,
+        memory_mb: float | None = None) -> None:
     """Run `args` for `job`, passing each line of its stdout to `on_line`.
 
     Raises JobCancelled when the job was cancelled meanwhile, ProcessFailed on a non-zero exit.
     """
-    # stderr goes to a file, not a pipe, so a chatty process can never block on a full pipe.
-    with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if on_line else subprocess.DEVNULL,
-            stderr=stderr,
-        )
-        job.attach_process(process)
-        try:
-            if on_line:
-                for raw in process.stdout:
-                    on_line(raw.decode(errors="replace").strip())
-            process.wait()
-        finally:
-            job.detach_process(process)
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-            if process.stdout:
-                process.stdout.close()
+    run_many(job, [args], on_line=(lambda _, line: on_line(line)) if on_line else None,
+             memory_mb=memory_mb)
+
+
+def run_many(job: Job, commands: Sequence[list[str]], at_once: int = 1,
+             on_line: Callable[[int, str], None] | None = None,
+             on_exit: Callable[[int], None] | None = None,
+             memory_mb: float | None = None) -> None:
+    """Run `commands` for `job`, at most `at_once` at a time, in order.
+
+    `on_line(index, line)` gets each stdout line of command `index`, `on_exit(index)` is called
+    when it has exited with 0. The first failure kills the others and raises ProcessFailed;
+    a cancel of the job kills them all and raises JobCancelled. All are reaped either way.
+    """
+    waiting = list(enumerate(commands))
+    waiting.reverse()  # pop() takes the first command first
+    running: set[_Child] = set()
+    selector = selectors.DefaultSelector()
+    failed: _Child | None = None
+    try:
+        while (waiting or running) and failed is None:
+            while waiting and len(running) < at_once and not job.cancel_requested.is_set():
+                index, args = waiting.pop()
+                child = _start(job, index, args, memory_mb)
+                running.add(child)
+                selector.register(child.process.stdout, selectors.EVENT_READ, child)
+            if not running:
+                break  # cancelled before the next one started
+            for key, _ in selector.select():
+                child = key.data
+                if _read_lines(child, on_line):
+                    continue
+                selector.unregister(child.process.stdout)
+                running.discard(child)
+                _reap(job, child)
+                if child.process.returncode != 0:
+                    failed = child
+                    break
+                child.stderr.close()
+                if on_exit:
+                    on_exit(child.index)
+    finally:
+        for child in running:  # a failure, a cancel, or an exception from a callback
+            selector.unregister(child.process.stdout)
+            child.process.kill()
+            _reap(job, child)
+            child.stderr.close()
+        selector.close()
+    if failed is None:
         job.raise_if_cancelled()
-        if process.returncode != 0:
-            stderr.seek(0)
-            tail = stderr.read()[-STDERR_TAIL_BYTES:].decode(errors="replace")
-            if "No space left on device" in tail or disk_nearly_full(job.out_dir):
-                raise DiskFull(job.id)  # pdftoppm only says "Write Error", or crashes
-            raise ProcessFailed(args[0], process.returncode, tail)
+        return
+    with failed.stderr:
+        job.raise_if_cancelled()  # killed by the cancel: that is no failure of the program
+        failed.stderr.seek(0)
+        tail = failed.stderr.read()[-STDERR_TAIL_BYTES:].decode(errors="replace")
+    if "No space left on device" in tail or disk_nearly_full(job.out_dir):
+        raise DiskFull(job.id)  # pdftoppm only says "Write Error", or crashes
+    raise ProcessFailed(failed.program, failed.process.returncode, tail, failed.index)
+
+
+def _start(job: Job, index: int, args: list[str], memory_mb: float | None) -> _Child:
+    # stderr goes to a file, not a pipe, so a chatty process can never block on a full pipe.
+    stderr = tempfile.TemporaryFile()
+    try:
+        process = popen(args, memory_mb, stdout=subprocess.PIPE, stderr=stderr)
+    except BaseException:
+        stderr.close()
+        raise
+    job.attach_process(process)  # kills it at once if the job was cancelled meanwhile
+    return _Child(index, Path(args[0]).name, process, stderr)
+
+
+def _read_lines(child: _Child, on_line: Callable[[int, str], None] | None) -> bool:
+    """Read what the child wrote, passing whole lines on; False at the end of its output."""
+    data = os.read(child.process.stdout.fileno(), 65536)
+    if not data:
+        return False
+    if on_line is None:
+        return True
+    *lines, child.partial = (child.partial + data).split(b"\n")
+    for line in lines:
+        on_line(child.index, line.decode(errors="replace").strip())
+    return True
+
+
+def _reap(job: Job, child: _Child) -> None:
+    """Wait for a child whose output has ended (or kill it first), and forget it."""
+    try:
+        child.process.wait()
+    finally:
+        job.detach_process(child.process)
+        child.process.stdout.close()

@@ -58,7 +58,13 @@ class Settings(BaseSettings):
                                 description="Comma-separated API keys; empty: no keys needed")
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS")
 
-    pdf_engine: Literal["poppler", "pdfium"] = "poppler"
+    pdf_engine: Literal["pdfium", "poppler"] = "pdfium"
+    pdf_max_pixels: int = Field(100_000_000, ge=1,
+                                description="Largest page to render, in pixels at its dpi")
+    pdf_smooth_images: bool = Field(False, description="pdfium: anti-alias images as they are "
+                                    "scaled (slower, larger PNGs)")
+    render_max_mb: float = Field(1024, ge=64, description="Address space each PDF render "
+                                 "child may use (RLIMIT_AS), in MB")
     png_compression: int = Field(3, ge=0, le=9, description="zlib level of PNGs the pdfium "
                                  "engine writes (poppler's pdftoppm writes its own)")
 

@@ -113,7 +113,8 @@ async def start_job(engine: Engine, submission: Submission, origin: str,
     kind = submission.kind
     try:
         if check_input and submission.upload and kind.check_input:
-            await run_in_threadpool(kind.check_input, submission.upload, engine.settings)
+            await run_in_threadpool(kind.check_input, submission.upload, submission.options,
+                                    engine.settings)
         job = engine.new_job(kind, submission.options, submission.job_id, submission.upload,
                              origin, owner)
         engine.submit(job)

@@ -1,26 +1,40 @@
 """`pdf2image`: a PDF becomes one PNG per page (`page-001.png`, ...).
 
-pdf2image reads the page count (pdfinfo). Pages are rendered by poppler's pdftoppm (the default),
-with the command pdf2image's convert_from_path builds, but started through `processes.run` so
-that a cancel kills it and a failure reports its stderr (convert_from_path keeps both to itself).
-Or by PDFium through pypdfium2 (JOBQUEUE_PDF_ENGINE=pdfium: about three times faster on scanned
-pages, see bench/).
+Nothing of the PDF is parsed inside the server. poppler's pdfinfo reads the page count and
+sizes, so limits are checked before any page is rendered. The pages are rendered in child
+processes, under a memory cap (JOBQUEUE_RENDER_MAX_MB), by one of two engines:
+
+- `pdfium` (the default): `pdfrender.py`, which opens the document once and renders and encodes
+  its share of the pages with PDFium (pypdfium2) and Pillow;
+- `poppler`: one pdftoppm run per page, the command pdf2image's convert_from_path builds.
+
+A job that starts alone splits its pages over the cores (every other page for each child on two
+cores); one that starts while others render gets one child. A cancel kills the children.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
 import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from pdf2image import pdfinfo_from_path
-from pdf2image.exceptions import PDFPageCountError, PDFPopplerTimeoutError
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import processes
+from .. import pdfrender, processes
 from ..jobs import BadInput, Job, JobKind, Output, TooLarge, UnsupportedInput
 from ..settings import DATA_DIR, Settings
 
 PDFINFO_TIMEOUT_SECONDS = 30
+RENDER_PROGRAM = Path(pdfrender.__file__)
+SEND_A_PDF = "Send an unencrypted PDF document."
 
 
 class PdfOptions(BaseModel):
@@ -29,96 +43,270 @@ class PdfOptions(BaseModel):
     dpi: int = Field(200, ge=10, le=600, description="Resolution of the PNG pages.")
 
 
-def page_count(path: Path) -> int:
+@dataclass(frozen=True)
+class PdfInfo:
+    """The page count, and the width and height in points of each page as it is shown (its
+    crop box, turned by its rotation), read by pdfinfo."""
+
+    pages: int
+    sizes: list[tuple[float, float]]
+
+    def pixel_size(self, page: int, dpi: float) -> tuple[int, int]:
+        return pdfrender.pixel_size(*self.sizes[page - 1], dpi)
+
+    def file_names(self) -> list[str]:
+        digits = max(3, len(str(self.pages)))
+        return [f"page-{page:0{digits}d}.png" for page in range(1, self.pages + 1)]
+
+
+_PAGES = re.compile(r"^Pages:\s+(\d+)\s*$", re.MULTILINE)
+_PAGE_SIZE = re.compile(r"^Page\s+(\d+) size:\s+([0-9.e+-]+) x ([0-9.e+-]+) pts", re.MULTILINE)
+_PAGE_ROTATION = re.compile(r"^Page\s+(\d+) rot:\s+(-?\d+)", re.MULTILINE)
+
+
+def pdfinfo_command(path: Path, settings: Settings) -> list[str]:
+    # Sizes of one page more than the limit allows at most: enough to refuse, never unbounded.
+    return ["pdfinfo", "-f", "1", "-l", str(settings.pdf_max_pages + 1), str(path)]
+
+
+def parse_pdfinfo(text: str) -> PdfInfo:
+    """pdfinfo's answer. Metadata (the title, ...) comes first and may hold lines that look
+    like the ones read here, so for each the last one counts: pdfinfo's own."""
+    counts = _PAGES.findall(text)
+    if not counts:
+        raise BadInput("poppler could not read the PDF's page count. " + SEND_A_PDF)
+    pages = int(counts[-1])
+    sizes = {int(page): (float(width), float(height))
+             for page, width, height in _PAGE_SIZE.findall(text)}
+    rotations = {int(page): int(rotation) for page, rotation in _PAGE_ROTATION.findall(text)}
+    shown = []
+    # Not range(pages): a PDF may claim any count. pdfinfo listed at most one page past the
+    # limit, and check_limits refuses a PDF over it before looking at sizes.
+    for page in range(1, min(pages, max(sizes, default=0)) + 1):
+        width, height = sizes.get(page, (0.0, 0.0))
+        if rotations.get(page, 0) % 180 == 90:
+            width, height = height, width
+        shown.append((width, height))
+    return PdfInfo(pages, shown)
+
+
+def _unreadable(stderr_tail: str) -> BadInput:
+    lines = stderr_tail.strip().splitlines()
+    reason = lines[-1] if lines else "unknown error"
+    return BadInput(f"The file is not a PDF that poppler can read ({reason}). " + SEND_A_PDF)
+
+
+def read_info(path: Path, settings: Settings, job: Job | None = None) -> PdfInfo:
+    """PdfInfo of the PDF at `path`; run for `job` (killed with it) when given."""
+    args = pdfinfo_command(path, settings)
+    if job is not None:
+        lines: list[str] = []
+        try:
+            processes.run(job, args, on_line=lines.append, memory_mb=settings.render_max_mb)
+        except processes.ProcessFailed as error:
+            raise _unreadable(error.stderr_tail) from None
+        return parse_pdfinfo("\n".join(lines))
     try:
-        info = pdfinfo_from_path(str(path), timeout=PDFINFO_TIMEOUT_SECONDS)
-    except PDFPageCountError as error:
-        reason = str(error).strip().splitlines()[-1]
-        raise BadInput(f"The file is not a PDF that poppler can read ({reason}). "
-                       "Send an unencrypted PDF document.") from None
-    except PDFPopplerTimeoutError:
-        raise BadInput(f"poppler could not read the PDF's page count within "
-                       f"{PDFINFO_TIMEOUT_SECONDS} s; the file may be damaged.") from None
-    return info["Pages"]
+        done = processes.output(args, PDFINFO_TIMEOUT_SECONDS, settings.render_max_mb)
+    except subprocess.TimeoutExpired:
+        raise BadInput(f"poppler could not read the PDF within {PDFINFO_TIMEOUT_SECONDS} s; "
+                       "the file may be damaged.") from None
+    if done.returncode != 0:
+        raise _unreadable(done.stderr.decode(errors="replace"))
+    return parse_pdfinfo(done.stdout.decode(errors="replace"))
 
 
-def check_page_count(pages: int, settings: Settings) -> None:
-    if pages > settings.pdf_max_pages:
-        raise TooLarge(f"The PDF has {pages} pages; this server takes at most "
+def check_limits(info: PdfInfo, dpi: int, settings: Settings) -> None:
+    """TooLarge for more pages than JOBQUEUE_PDF_MAX_PAGES or a page with more pixels at `dpi`
+    than JOBQUEUE_PDF_MAX_PIXELS; BadInput for a page with no area."""
+    if info.pages > settings.pdf_max_pages:
+        raise TooLarge(f"The PDF has {info.pages} pages; this server takes at most "
                        f"{settings.pdf_max_pages} (JOBQUEUE_PDF_MAX_PAGES). Split it and send "
                        "the parts.")
+    if info.pages == 0:
+        raise BadInput("The PDF has no pages. " + SEND_A_PDF)
+    for page in range(1, info.pages + 1):
+        width, height = info.pixel_size(page, dpi)
+        if width < 1 or height < 1:
+            raise BadInput(f"Page {page} of the PDF has no area ({width}x{height} pixels at "
+                           f"{dpi} dpi); the PDF may be damaged.")
+        if width * height > settings.pdf_max_pixels:
+            raise too_many_pixels(page, f"{width}x{height}", dpi, settings)
 
 
-def check_pdf(path: Path, settings: Settings) -> None:
+def too_many_pixels(page: int, size: str, dpi: int, settings: Settings) -> TooLarge:
+    return TooLarge(f"Page {page} would be {size} pixels at {dpi} dpi; this server renders at "
+                    f"most {settings.pdf_max_pixels} pixels a page (JOBQUEUE_PDF_MAX_PIXELS). "
+                    "Ask for a lower dpi.")
+
+
+def check_pdf(path: Path, options: PdfOptions, settings: Settings) -> None:
+    """Before queueing: a PDF poppler can read, within the page and pixel limits."""
     with path.open("rb") as file:
         if file.read(5) != b"%PDF-":
             raise UnsupportedInput("The upload is not a PDF (it does not start with %PDF-). "
                                    "Send a PDF document.")
     try:
-        pages = page_count(path)
+        info = read_info(path, settings)
     except BadInput as error:
         raise UnsupportedInput(str(error)) from None
-    check_page_count(pages, settings)
+    check_limits(info, options.dpi, settings)
 
 
-def render_with_poppler(job: Job, page: int, path: Path) -> None:
-    """pdftoppm writes the PNG itself: no round trip of the pixels through Python."""
-    processes.run(job, [
-        "pdftoppm", "-r", str(job.options.dpi), "-f", str(page), "-l", str(page), "-png",
-        "-singlefile", str(job.input_path), str(path.with_suffix("")),
-    ])
+class CoreShare:
+    """How many render children a job that starts now may run: every core when it renders
+    alone, one when as many jobs render as there are cores. Decided once, at the job's start."""
 
+    def __init__(self, cores: int):
+        self.cores = cores
+        self.rendering = 0
+        self._lock = threading.Lock()
 
-# PDFium may not be called from two threads at once; the PNG encoding needs no lock.
-_pdfium_lock = threading.Lock()
-
-
-def render_with_pdfium(job: Job, page: int, path: Path) -> None:
-    import pypdfium2
-
-    with _pdfium_lock:
-        document = pypdfium2.PdfDocument(str(job.input_path))
+    @contextmanager
+    def claim(self):
+        with self._lock:
+            self.rendering += 1
+            share = max(1, self.cores // self.rendering)
         try:
-            bitmap = document[page - 1].render(scale=job.options.dpi / 72)
-            try:
-                image = bitmap.to_pil().copy()  # own the pixels before PDFium frees its bitmap
-            finally:
-                bitmap.close()  # here, under the lock, not later in a finalizer on any thread
-        except pypdfium2.PdfiumError as error:
-            raise BadInput(f"Page {page} could not be rendered ({error}); the PDF may be "
-                           "damaged.") from None
+            yield share
         finally:
-            document.close()
-    image.save(path, "PNG", compress_level=job.settings.png_compression)
+            with self._lock:
+                self.rendering -= 1
 
 
-ENGINES = {"poppler": render_with_poppler, "pdfium": render_with_pdfium}
+CORES = CoreShare(len(os.sched_getaffinity(0)))
+
+
+def render_with_pdfium(job: Job, info: PdfInfo, lanes: int, page_done: Callable[[], None]
+                       ) -> None:
+    """`lanes` render children, child k taking pages k+1, k+1+lanes, ... (so each has its
+    share of slow and fast pages, and pages finish roughly in order)."""
+    options: PdfOptions = job.options
+    settings: Settings = job.settings
+    shares = [list(range(lane + 1, info.pages + 1, lanes)) for lane in range(lanes)]
+    digits = max(3, len(str(info.pages)))
+    commands = [
+        [sys.executable, "-I", str(RENDER_PROGRAM), str(job.input_path), str(job.out_dir),
+         "--pages", ",".join(map(str, share)), "--dpi", str(options.dpi),
+         "--digits", str(digits), "--max-pixels", str(settings.pdf_max_pixels),
+         "--png-level", str(settings.png_compression),
+         *(["--smooth-images"] if settings.pdf_smooth_images else [])]
+        for share in shares
+    ]
+    done: set[int] = set()
+    refusals: dict[int, dict] = {}
+
+    def on_line(lane: int, line: str) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            return  # not ours: PDFium may print to stdout
+        if not isinstance(message, dict):
+            return
+        if "error" in message:
+            refusals[lane] = message
+        elif isinstance(message.get("page"), int):
+            done.add(message["page"])
+            page_done()
+
+    try:
+        processes.run_many(job, commands, at_once=lanes, on_line=on_line,
+                           memory_mb=settings.render_max_mb)
+    except processes.ProcessFailed as error:
+        page = next((p for p in shares[error.index] if p not in done), 0)
+        refusal = refusals.get(error.index)
+        if refusal is None:
+            raise render_failed(job, page, info, f"the PDFium renderer {_how(error)}") from None
+        raise refused(job, refusal, page, info) from None
+
+
+def _how(error: processes.ProcessFailed) -> str:
+    how = (f"was killed by signal {-error.returncode}" if error.returncode < 0
+           else f"exited with code {error.returncode}")
+    tail = error.stderr_tail.strip().splitlines()
+    return f"{how} ({tail[-1]})" if tail else how
+
+
+def refused(job: Job, refusal: dict, page: int, info: PdfInfo) -> BadInput:
+    """The error a refusal of the render program stands for."""
+    settings: Settings = job.settings
+    page = refusal.get("page") or page
+    reason, detail = refusal.get("error"), str(refusal.get("detail", ""))
+    if reason == "too_large":
+        return too_many_pixels(page, detail, job.options.dpi, settings)
+    if reason == "out_of_memory":
+        return TooLarge(f"Page {page} of {info.pages} needs more memory than a renderer may use "
+                        f"({settings.render_max_mb:g} MB, JOBQUEUE_RENDER_MAX_MB); it may be a "
+                        "decompression bomb. Ask for a lower dpi, or send a simpler PDF.")
+    if reason == "wrong_size":
+        return BadInput(f"Page {page} of {info.pages} came out {detail}; the PDF may be "
+                        "damaged.")
+    return BadInput(f"PDFium could not read the PDF ({detail}). " + SEND_A_PDF)
+
+
+def render_failed(job: Job, page: int, info: PdfInfo, what: str) -> BadInput:
+    return BadInput(f"Page {page} of {info.pages} could not be rendered: {what}. The PDF may be "
+                    f"damaged, or the page may need more memory than a renderer may use "
+                    f"({job.settings.render_max_mb:g} MB, JOBQUEUE_RENDER_MAX_MB).")
+
+
+def render_with_poppler(job: Job, info: PdfInfo, lanes: int, page_done: Callable[[], None]
+                        ) -> None:
+    """One pdftoppm per page, `lanes` at a time. `-cropbox`: the page as viewers show it, the
+    size pdfinfo gave (without it pdftoppm renders the media box, which may be far larger)."""
+    options: PdfOptions = job.options
+    commands = [
+        ["pdftoppm", "-r", str(options.dpi), "-f", str(page), "-l", str(page), "-png",
+         "-cropbox", "-singlefile", str(job.input_path),
+         str(job.out_dir / Path(name).stem)]
+        for page, name in enumerate(info.file_names(), 1)
+    ]
+    try:
+        processes.run_many(job, commands, at_once=lanes, on_exit=lambda _: page_done(),
+                           memory_mb=job.settings.render_max_mb)
+    except processes.ProcessFailed as error:
+        raise render_failed(job, error.index + 1, info, f"pdftoppm {_how(error)}") from None
+
+
+ENGINES = {"pdfium": render_with_pdfium, "poppler": render_with_poppler}
+
+
+def png_size(path: Path) -> tuple[int, int] | None:
+    """Width and height from a PNG's header; None when the file is missing or no PNG."""
+    try:
+        with path.open("rb") as file:
+            header = file.read(24)
+    except OSError:
+        return None
+    if len(header) < 24 or header[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    return struct.unpack(">II", header[16:24])
 
 
 def convert_pdf(job: Job) -> Output:
     options: PdfOptions = job.options
-    settings = job.settings or Settings()
-    render = ENGINES[settings.pdf_engine]
-    pages = page_count(job.input_path)
-    check_page_count(pages, settings)  # also for /put, which skips check_pdf
-    digits = max(3, len(str(pages)))
-    files = []
-    # One page at a time, so a cancel is noticed within a page's time.
-    for page in range(1, pages + 1):
-        job.raise_if_cancelled()
-        job.set_progress(page - 1, pages, "pages")
-        path = job.out_dir / f"page-{page:0{digits}d}.png"
-        try:
-            render(job, page, path)
-        except processes.ProcessFailed as error:
-            damaged = " The PDF may be damaged." if error.returncode > 0 else ""
-            raise BadInput(f"Page {page} of {pages} could not be rendered: {error}{damaged}"
-                           ) from None
-        if not path.is_file():
-            raise BadInput(f"Page {page} of {pages} could not be rendered; the PDF may be damaged.")
-        files.append(path)
-    job.set_progress(pages, pages, "pages")
-    return Output(data={"pages": pages, "dpi": options.dpi}, files=files)
+    settings: Settings = job.settings
+    info = read_info(job.input_path, settings, job)
+    check_limits(info, options.dpi, settings)  # also for /put, which skips check_pdf
+    job.set_progress(0, info.pages, "pages")
+    finished = 0
+
+    def page_done() -> None:  # called on this thread: run_many reads every child's output here
+        nonlocal finished
+        finished += 1
+        job.set_progress(finished, info.pages, "pages")
+
+    with CORES.claim() as cores:
+        ENGINES[settings.pdf_engine](job, info, min(cores, info.pages), page_done)
+    files = [job.out_dir / name for name in info.file_names()]
+    # A renderer that could not allocate a page may still exit 0 (pdftoppm writes a 1x1 PNG).
+    for page, path in enumerate(files, 1):
+        expected, found = info.pixel_size(page, options.dpi), png_size(path)
+        if found is None or not pdfrender.same_size(found, expected):
+            what = "no PNG" if found is None else f"{found[0]}x{found[1]} pixels"
+            raise BadInput(f"Page {page} of {info.pages} came out as {what} instead of "
+                           f"{expected[0]}x{expected[1]}; the PDF may be damaged.")
+    return Output(data={"pages": info.pages, "dpi": options.dpi}, files=files)
 
 
 KIND = JobKind(

@@ -82,8 +82,7 @@ def probe_result(path: str, returncode: int, out: bytes, err: bytes) -> dict:
 
 def probe(path: str) -> dict:
     try:
-        done = subprocess.run(probe_command(path), capture_output=True, stdin=subprocess.DEVNULL,
-                              timeout=PROBE_TIMEOUT_SECONDS)
+        done = processes.output(probe_command(path), PROBE_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:  # run() has killed and reaped it
         raise BadInput(f"ffprobe could not read the file within {PROBE_TIMEOUT_SECONDS} s; it "
                        "may be damaged. " + SEND_A_VIDEO) from None
@@ -106,12 +105,12 @@ def check_size(info: dict, settings: Settings, options: VideoOptions | None = No
                            f"{settings.video_max_pixels} (JOBQUEUE_VIDEO_MAX_PIXELS).")
 
 
-def check_video(path: Path, settings: Settings) -> None:
+def check_video(path: Path, options: VideoOptions, settings: Settings) -> None:
     try:
         info = probe(str(path))
     except BadInput as error:
         raise UnsupportedInput(str(error)) from None
-    check_size(info, settings)
+    check_size(info, settings, options)
 
 
 class BackgroundProbe:
@@ -120,8 +119,8 @@ class BackgroundProbe:
     def __init__(self, job: Job, path: str):
         self.job = job
         self.path = path
-        self.process = subprocess.Popen(probe_command(path), stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.process = processes.popen(probe_command(path), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE)
         job.attach_process(self.process)
         self._output: tuple[bytes, bytes] | None = None
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
-from .. import storage
+from .. import processes, storage
 from ..jobs import JobStatus
 from ..kinds import video
 from ..schemas import error_responses
@@ -115,7 +115,7 @@ async def frames(command: list[str], slots: PreviewSlots, ticket: object,
         # stderr to a file, so a flood of decoding errors can never stall the frames.
         with tempfile.TemporaryFile() as stderr:
             process = await asyncio.create_subprocess_exec(
-                *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                *processes.guarded(command), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=stderr)
             log.info("job %s: preview started (ffmpeg %d)", job_id, process.pid)
             try:

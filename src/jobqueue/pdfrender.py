@@ -1,0 +1,125 @@
+"""The PDF render program: opens a PDF once, renders the pages it is given with PDFium
+(pypdfium2) and writes each one as a PNG.
+
+The pdf2image kind runs it as a child process, one or more per job, under a memory cap
+(JOBQUEUE_RENDER_MAX_MB), so a malformed or oversized page can take down only this process,
+never the server. It imports nothing of the server (only pypdfium2 and Pillow), so it starts
+in well under 0.1 s:
+
+    python -I pdfrender.py INPUT OUT_DIR --pages 1,3,5 [--dpi 200] [--digits 3]
+        [--max-pixels N] [--png-level 3] [--smooth-images]
+
+It writes OUT_DIR/page-001.png ... and one JSON object a line on stdout: {"page": N} once page
+N is written. When it refuses (exit code 2), its last line says why:
+{"error": "too_large" | "unreadable" | "out_of_memory" | "wrong_size", "page": N, "detail": ...}
+Any other end (a crash, a kill) comes without such a line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+REFUSED = 2
+
+
+class Refused(Exception):
+    def __init__(self, reason: str, page: int, detail: str = ""):
+        super().__init__(detail)
+        self.reason, self.page, self.detail = reason, page, detail
+
+
+def emit(**fields: object) -> None:
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+def pixel_size(width_pt: float, height_pt: float, dpi: float) -> tuple[int, int]:
+    """The size of a page's bitmap at `dpi`. Renderers round differently by a pixel (216 pt
+    at 600 dpi: pdftoppm 1800, pypdfium2 1801), so compare with `same_size`."""
+    return math.ceil(width_pt * dpi / 72), math.ceil(height_pt * dpi / 72)
+
+
+def same_size(found: tuple[int, int], expected: tuple[int, int]) -> bool:
+    """Equal but for the renderers' rounding."""
+    return abs(found[0] - expected[0]) <= 1 and abs(found[1] - expected[1]) <= 1
+
+
+def render(args: argparse.Namespace) -> None:
+    import pypdfium2
+
+    try:
+        document = pypdfium2.PdfDocument(args.input)
+    except pypdfium2.PdfiumError as error:
+        raise Refused("unreadable", 0, str(error)) from None
+    count = len(document)
+    # Every page of ours is checked before the first is rendered, so a job over the limit
+    # fails before it has spent any time.
+    sizes = {}
+    for page in args.pages:
+        if not 1 <= page <= count:
+            raise Refused("unreadable", page, f"the document has {count} pages")
+        width, height = pixel_size(*document.get_page_size(page - 1), args.dpi)
+        if width * height > args.max_pixels:
+            raise Refused("too_large", page, f"{width}x{height}")
+        sizes[page] = width, height
+    for page in args.pages:
+        try:
+            image = render_page(document, page, args)
+            if not same_size(image.size, sizes[page]):
+                raise Refused("wrong_size", page, f"{image.width}x{image.height} instead of "
+                                                  f"{sizes[page][0]}x{sizes[page][1]}")
+            image.save(Path(args.out_dir) / f"page-{page:0{args.digits}d}.png", "PNG",
+                       compress_level=args.png_level)
+        except MemoryError:
+            # main() reports it once it has let go of this exception and the pixels it holds.
+            raise Refused("out_of_memory", page) from None
+        del image
+        emit(page=page)
+
+
+def render_page(document, page: int, args: argparse.Namespace):
+    pdf_page = document[page - 1]
+    try:
+        bitmap = pdf_page.render(scale=args.dpi / 72, rev_byteorder=True,
+                                 no_smoothimage=not args.smooth_images)
+        try:
+            return bitmap.to_pil()  # Pillow's own copy of the pixels
+        finally:
+            bitmap.close()  # so only one copy of the page is held while the PNG is written
+    finally:
+        pdf_page.close()
+
+
+def page_list(text: str) -> list[int]:
+    return [int(page) for page in text.split(",")]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("input")
+    parser.add_argument("out_dir")
+    parser.add_argument("--pages", type=page_list, required=True, help="1-based, comma-separated")
+    parser.add_argument("--dpi", type=float, default=200)
+    parser.add_argument("--digits", type=int, default=3, help="of the page number in file names")
+    parser.add_argument("--max-pixels", type=int, default=100_000_000)
+    parser.add_argument("--png-level", type=int, default=3, choices=range(10))
+    parser.add_argument("--smooth-images", action="store_true",
+                        help="anti-alias images as they are scaled (larger PNGs, slower)")
+    args = parser.parse_args()
+    refusal = None
+    try:
+        render(args)
+    except Refused as error:
+        refusal = {"error": error.reason, "page": error.page, "detail": error.detail}
+    if refusal is None:
+        return 0
+    emit(**refusal)
+    return REFUSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
