@@ -14,7 +14,7 @@ import selectors
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -79,6 +79,24 @@ class _Child:
     partial: bytes = b""
 
 
+class Slots:
+    """When `run_many` may start another child: while fewer than `limit` of its own run.
+
+    A subclass may share a budget between several calls: `take` is asked before each start
+    (False: not now, ask again when one of this call's children has written or ended) and
+    `give` is called when a child it allowed has ended.
+    """
+
+    def __init__(self, limit: int = 1):
+        self.limit = limit
+
+    def take(self, running: int) -> bool:
+        return running < self.limit
+
+    def give(self) -> None:
+        pass
+
+
 def run(job: Job, args: list[str], on_line: Callable[[str], None] | None = None,
         memory_mb: float | None = None) -> None:
     """Run `args` for `job`, passing each line of its stdout to `on_line`.
@@ -89,30 +107,41 @@ def run(job: Job, args: list[str], on_line: Callable[[str], None] | None = None,
              memory_mb=memory_mb)
 
 
-def run_many(job: Job, commands: Sequence[list[str]], at_once: int = 1,
+def run_many(job: Job, commands: Iterable[list[str]], slots: Slots | None = None,
              on_line: Callable[[int, str], None] | None = None,
              on_exit: Callable[[int], None] | None = None,
              memory_mb: float | None = None) -> None:
-    """Run `commands` for `job`, at most `at_once` at a time, in order.
+    """Run `commands` for `job` in order, several at a time as `slots` allows (one by default).
 
-    `on_line(index, line)` gets each stdout line of command `index`, `on_exit(index)` is called
-    when it has exited with 0. The first failure kills the others and raises ProcessFailed;
-    a cancel of the job kills them all and raises JobCancelled. All are reaped either way.
+    `commands` may be endless: a command is taken only when `slots` lets it start. The n-th
+    command started has index n (from 0): `on_line(index, line)` gets each line it writes to
+    stdout, `on_exit(index)` is called when it has exited with 0. The first failure kills the
+    others and raises ProcessFailed; a cancel of the job kills them all and raises
+    JobCancelled. All are reaped either way, all on the calling thread.
     """
-    waiting = list(enumerate(commands))
-    waiting.reverse()  # pop() takes the first command first
+    slots = slots or Slots()
+    pending = iter(commands)
     running: set[_Child] = set()
     selector = selectors.DefaultSelector()
     failed: _Child | None = None
+    started = 0
     try:
-        while (waiting or running) and failed is None:
-            while waiting and len(running) < at_once and not job.cancel_requested.is_set():
-                index, args = waiting.pop()
-                child = _start(job, index, args, memory_mb)
+        while failed is None:
+            while not job.cancel_requested.is_set() and slots.take(len(running)):
+                args = next(pending, None)
+                if args is None:
+                    slots.give()
+                    break
+                try:
+                    child = _start(job, started, args, memory_mb)
+                except BaseException:
+                    slots.give()
+                    raise
+                started += 1
                 running.add(child)
                 selector.register(child.process.stdout, selectors.EVENT_READ, child)
             if not running:
-                break  # cancelled before the next one started
+                break  # all done, or cancelled before the next one started
             for key, _ in selector.select():
                 child = key.data
                 if _read_lines(child, on_line):
@@ -120,6 +149,7 @@ def run_many(job: Job, commands: Sequence[list[str]], at_once: int = 1,
                 selector.unregister(child.process.stdout)
                 running.discard(child)
                 _reap(job, child)
+                slots.give()
                 if child.process.returncode != 0:
                     failed = child
                     break
@@ -131,6 +161,7 @@ def run_many(job: Job, commands: Sequence[list[str]], at_once: int = 1,
             selector.unregister(child.process.stdout)
             child.process.kill()
             _reap(job, child)
+            slots.give()
             child.stderr.close()
         selector.close()
     if failed is None:

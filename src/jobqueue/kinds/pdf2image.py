@@ -8,12 +8,13 @@ processes, under a memory cap (JOBQUEUE_RENDER_MAX_MB), by one of two engines:
   its share of the pages with PDFium (pypdfium2) and Pillow;
 - `poppler`: one pdftoppm run per page, the command pdf2image's convert_from_path builds.
 
-A job that starts alone splits its pages over the cores (every other page for each child on two
-cores); one that starts while others render gets one child. A cancel kills the children.
+A job that renders alone spreads its pages over every core; one that starts while others render
+gets one child (see Cores). A cancel kills the children.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,50 +154,83 @@ def check_pdf(path: Path, options: PdfOptions, settings: Settings) -> None:
     check_limits(info, options.dpi, settings)
 
 
-class CoreShare:
-    """How many render children a job that starts now may run: every core when it renders
-    alone, one when as many jobs render as there are cores. Decided once, at the job's start."""
+class Cores:
+    """The machine's cores, shared by the render children of every pdf2image job.
 
-    def __init__(self, cores: int):
-        self.cores = cores
-        self.rendering = 0
+    A job always gets its first child. It may start another while fewer jobs run than there
+    are cores, a core is free, and it has pages left that no child has taken. So a job that
+    renders alone spreads over every core, one that starts while others render gets one
+    child, and the last job running takes the cores the others leave; a core that frees up
+    while jobs wait in the queue goes to the next of those instead, which starts at once.
+    (pdfium children share a job's pages as they go, see pdfrender.)
+    """
+
+    def __init__(self, count: int):
+        self.count = count
+        self.jobs = 0
+        self.busy = 0
         self._lock = threading.Lock()
 
     @contextmanager
-    def claim(self):
+    def job(self) -> Iterator[None]:
+        """Count a job as running from its start, before its first child."""
         with self._lock:
-            self.rendering += 1
-            share = max(1, self.cores // self.rendering)
+            self.jobs += 1
         try:
-            yield share
+            yield
         finally:
             with self._lock:
-                self.rendering -= 1
+                self.jobs -= 1
+
+    def for_job(self, wanted: Callable[[int], bool]) -> JobCores:
+        return JobCores(self, wanted)
 
 
-CORES = CoreShare(len(os.sched_getaffinity(0)))
+class JobCores(processes.Slots):
+    """One job's children on the shared cores; `wanted(running)` says whether another would
+    have work."""
+
+    def __init__(self, cores: Cores, wanted: Callable[[int], bool]):
+        super().__init__()
+        self.cores = cores
+        self.wanted = wanted
+
+    def take(self, running: int) -> bool:
+        if not self.wanted(running):
+            return False
+        with self.cores._lock:
+            if running and (self.cores.jobs >= self.cores.count
+                            or self.cores.busy >= self.cores.count):
+                return False
+            self.cores.busy += 1
+            return True
+
+    def give(self) -> None:
+        with self.cores._lock:
+            self.cores.busy -= 1
 
 
-def render_with_pdfium(job: Job, info: PdfInfo, lanes: int, page_done: Callable[[], None]
-                       ) -> None:
-    """`lanes` render children, child k taking pages k+1, k+1+lanes, ... (so each has its
-    share of slow and fast pages, and pages finish roughly in order)."""
+CORES = Cores(len(os.sched_getaffinity(0)))
+
+
+def render_with_pdfium(job: Job, info: PdfInfo, page_done: Callable[[], None]) -> None:
+    """Render children that share the job's pages: each takes the next page no other has
+    taken, until none is left."""
     options: PdfOptions = job.options
     settings: Settings = job.settings
-    shares = [list(range(lane + 1, info.pages + 1, lanes)) for lane in range(lanes)]
     digits = max(3, len(str(info.pages)))
-    commands = [
-        [sys.executable, "-I", str(RENDER_PROGRAM), str(job.input_path), str(job.out_dir),
-         "--pages", ",".join(map(str, share)), "--dpi", str(options.dpi),
-         "--digits", str(digits), "--max-pixels", str(settings.pdf_max_pixels),
-         "--png-level", str(settings.png_compression),
-         *(["--smooth-images"] if settings.pdf_smooth_images else [])]
-        for share in shares
+    command = [
+        sys.executable, "-I", str(RENDER_PROGRAM), str(job.input_path), str(job.out_dir),
+        "--pages", ",".join(str(page) for page in range(1, info.pages + 1)),
+        "--dpi", str(options.dpi), "--digits", str(digits),
+        "--max-pixels", str(settings.pdf_max_pixels), "--png-level", str(settings.png_compression),
+        *(["--smooth-images"] if settings.pdf_smooth_images else []),
     ]
     done: set[int] = set()
+    rendering: dict[int, int] = {}  # child -> the page it took last
     refusals: dict[int, dict] = {}
 
-    def on_line(lane: int, line: str) -> None:
+    def on_line(child: int, line: str) -> None:
         try:
             message = json.loads(line)
         except ValueError:
@@ -204,16 +238,28 @@ def render_with_pdfium(job: Job, info: PdfInfo, lanes: int, page_done: Callable[
         if not isinstance(message, dict):
             return
         if "error" in message:
-            refusals[lane] = message
+            refusals[child] = message
+        elif isinstance(message.get("start"), int):
+            rendering[child] = message["start"]
         elif isinstance(message.get("page"), int):
             done.add(message["page"])
             page_done()
 
+    def wanted(running: int) -> bool:
+        if running and not rendering:
+            # A second child only once the first is under way (about 0.15 s in): jobs that
+            # arrive together with this one get a core each first.
+            return False
+        # Pages no child has taken yet: each running child holds at most one. A second child
+        # costs a start-up, so it starts only with two or more pages to take.
+        untaken = info.pages - len(done) - running
+        return untaken >= (2 if running else 1)
+
     try:
-        processes.run_many(job, commands, at_once=lanes, on_line=on_line,
-                           memory_mb=settings.render_max_mb)
+        processes.run_many(job, itertools.repeat(command), CORES.for_job(wanted),
+                           on_line=on_line, memory_mb=settings.render_max_mb)
     except processes.ProcessFailed as error:
-        page = next((p for p in shares[error.index] if p not in done), 0)
+        page = rendering.get(error.index, 0)
         refusal = refusals.get(error.index)
         if refusal is None:
             raise render_failed(job, page, info, f"the PDFium renderer {_how(error)}") from None
@@ -250,9 +296,8 @@ def render_failed(job: Job, page: int, info: PdfInfo, what: str) -> BadInput:
                     f"({job.settings.render_max_mb:g} MB, JOBQUEUE_RENDER_MAX_MB).")
 
 
-def render_with_poppler(job: Job, info: PdfInfo, lanes: int, page_done: Callable[[], None]
-                        ) -> None:
-    """One pdftoppm per page, `lanes` at a time. `-cropbox`: the page as viewers show it, the
+def render_with_poppler(job: Job, info: PdfInfo, page_done: Callable[[], None]) -> None:
+    """One pdftoppm per page, on as many cores as CORES gives the job. `-cropbox`: the page as viewers show it, the
     size pdfinfo gave (without it pdftoppm renders the media box, which may be far larger)."""
     options: PdfOptions = job.options
     commands = [
@@ -262,8 +307,8 @@ def render_with_poppler(job: Job, info: PdfInfo, lanes: int, page_done: Callable
         for page, name in enumerate(info.file_names(), 1)
     ]
     try:
-        processes.run_many(job, commands, at_once=lanes, on_exit=lambda _: page_done(),
-                           memory_mb=job.settings.render_max_mb)
+        processes.run_many(job, commands, CORES.for_job(lambda running: True),
+                           on_exit=lambda _: page_done(), memory_mb=job.settings.render_max_mb)
     except processes.ProcessFailed as error:
         raise render_failed(job, error.index + 1, info, f"pdftoppm {_how(error)}") from None
 
@@ -284,6 +329,11 @@ def png_size(path: Path) -> tuple[int, int] | None:
 
 
 def convert_pdf(job: Job) -> Output:
+    with CORES.job():
+        return _convert(job)
+
+
+def _convert(job: Job) -> Output:
     options: PdfOptions = job.options
     settings: Settings = job.settings
     info = read_info(job.input_path, settings, job)
@@ -296,8 +346,7 @@ def convert_pdf(job: Job) -> Output:
         finished += 1
         job.set_progress(finished, info.pages, "pages")
 
-    with CORES.claim() as cores:
-        ENGINES[settings.pdf_engine](job, info, min(cores, info.pages), page_done)
+    ENGINES[settings.pdf_engine](job, info, page_done)
     files = [job.out_dir / name for name in info.file_names()]
     # A renderer that could not allocate a page may still exit 0 (pdftoppm writes a 1x1 PNG).
     for page, path in enumerate(files, 1):
