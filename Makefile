@@ -1,51 +1,71 @@
-# make run   - install what is missing, then serve on 127.0.0.1:8000
-# make test  - install what is missing, then run the test suite
-# make bench - run the benchmarks, write bench/results/latest.md and latest.png
-# make setup - only install: .venv with requirements and the jobqueue package (editable),
-#              poppler-utils + ffmpeg via apt-get; make test adds chromium for the browser tests
+# make run   - install what serving needs, then serve on 127.0.0.1:8000
+# make test  - install what the tests need as well, then run the test suite
+# make bench - install what the benchmarks need as well, then run them (bench/results/latest.*)
+# make setup - only install what serving needs: .venv with requirements.txt and the jobqueue
+#              package (editable), poppler-utils + ffmpeg via apt-get
+# Tests and benchmarks add requirements-dev.txt to the venv, and chromium (browser tests) and
+# wrk (HTTP load) via apt-get.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 
-.PHONY: setup system-packages browser run test bench samples clean
+.PHONY: setup dev-setup system-packages browser wrk run test bench samples clean
 
 setup: system-packages $(VENV)/.installed
 
+dev-setup: setup browser wrk $(VENV)/.dev-installed
+
 system-packages:
-	@if ! command -v pdftoppm >/dev/null || ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null; then \
-		echo "Installing poppler-utils and ffmpeg with apt-get"; \
-		$(SUDO) apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq poppler-utils ffmpeg; \
+	@if ! command -v pdftoppm >/dev/null || ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null \
+			|| ! command -v setpriv >/dev/null || ! command -v prlimit >/dev/null; then \
+		echo "Installing poppler-utils, ffmpeg and util-linux with apt-get"; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) poppler-utils ffmpeg util-linux; \
 	fi
 
 # Debian's chromium, driven by playwright in tests/test_dashboard.py (no browser download).
 browser:
 	@if ! command -v chromium >/dev/null; then \
 		echo "Installing chromium with apt-get (for the dashboard tests)"; \
-		$(SUDO) apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) chromium; \
 	fi
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-bench.txt pyproject.toml
+# The HTTP load generator of bench/overhead.py (its smoke run is part of make test).
+wrk:
+	@if ! command -v wrk >/dev/null; then \
+		echo "Installing wrk with apt-get (for the benchmarks)"; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) wrk; \
+	fi
+
+# Stock Debian and Ubuntu Pythons have no venv module until python3-venv is installed.
+$(PY):
+	@$(PYTHON) -c "import ensurepip, venv" 2>/dev/null || { \
+		echo "Installing python3-venv with apt-get"; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) python3-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+
+$(VENV)/.installed: $(PY) requirements.txt pyproject.toml
+	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt requirements-bench.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 run: setup
 	$(PY) src/main.py $(ARGS)
 
-test: setup browser
+test: dev-setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: setup
-	$(PY) -m pip install -q -r requirements-bench.txt
+bench: dev-setup
 	cd bench && ../$(PY) run.py $(BENCH_ARGS)
 
-samples: setup
+samples: dev-setup
 	$(PY) data/make_samples.py
 
 clean:

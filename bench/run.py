@@ -49,7 +49,7 @@ def main() -> None:
     if args.smoke:
         sample = ROOT / "data" / "sample.pdf"
         plan = [lambda: pdf.run(1, pdf=sample), lambda: video.run(1, seconds=2),
-                lambda: overhead.run(1, requests=64),
+                lambda: overhead.run(1, seconds=1),
                 lambda: responsiveness.run(1, seconds=1, pdf=sample, clip_seconds=2),
                 lambda: upload.run(1, megabytes=8)]
     else:

@@ -13,7 +13,8 @@ def test_every_benchmark_runs_on_tiny_input():
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     report = (ROOT / "bench" / "results" / "smoke.md").read_text()
-    for heading in ("pdf: 4 ×", "video:", "clients", "responsiveness:", "upload memory:"):
+    for heading in ("pdf: 4 ×", "naive peer", "pdf ratio", "video:", "connections (wrk)",
+                    "responsiveness:", "upload memory:"):
         assert heading in report, heading
     assert "| answer | 415 |" in report, "the upload benchmark streamed its whole body"
     assert (ROOT / "bench" / "results" / "smoke.png").stat().st_size > 1000

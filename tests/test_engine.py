@@ -129,7 +129,8 @@ def test_stop_leaves_queued_and_running_jobs_to_run_again_and_joins_threads(tmp_
     engine = run_engine(tmp_path, scenario)
     assert jobs[0].status is JobStatus.CANCELLED, "the running job was told to stop"
     assert [r.id for r in engine.store.unfinished()] == [job.id for job in jobs]
-    assert all(job.out_dir.exists() for job in jobs), "kept for the run after a restart"
+    # Folders are made when a job starts: the stopped one keeps its folder for the next run.
+    assert jobs[0].out_dir.exists(), "kept for the run after a restart"
     assert not any(thread.is_alive() for thread in engine.pools["block"].threads)
 
 

@@ -86,12 +86,13 @@ def test_video_timeout_kills_ffmpeg(tight):
 def test_rate_limit_answers_429_with_headers(tmp_path):
     with run_server(tmp_path, rate_limit="3/minute") as server, server.client() as client:
         for _ in range(3):
-            ok = client.post("/put", json={"data": "x", "seconds": 0})
-            assert ok.status_code == 200
-            assert ok.headers["X-RateLimit-Limit"] == "3"
-        limited = client.post("/put", json={"data": "x", "seconds": 0})
+            ok = client.post("/jobs", json={"data": "x", "seconds": 0})
+            assert ok.status_code == 202
+            assert "Retry-After" not in ok.headers, "only 429 and 503 say when to retry"
+        limited = client.post("/jobs", json={"data": "x", "seconds": 0})
         assert limited.status_code == 429
         assert int(limited.headers["Retry-After"]) > 0
+        assert limited.headers["X-RateLimit-Limit"] == "3"
         assert limited.headers["X-RateLimit-Remaining"] == "0"
         assert "Rate limit exceeded" in limited.json()["detail"]
         assert client.get("/health").status_code == 200, "only job submission is limited"

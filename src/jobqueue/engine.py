@@ -9,6 +9,7 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -71,6 +72,8 @@ class WorkerPool:
         self._lock = threading.Lock()
         # Moving average of how long a job takes, for the Retry-After of a full queue.
         self._average_seconds = 1.0
+        # Called on the loop with the waiting jobs when the queue has moved (Engine sets it).
+        self.on_queue_moved: Callable[[list[Job]], None] = lambda jobs: None
 
     def start(self) -> None:
         for number in range(1, self.limits.workers + 1):
@@ -175,11 +178,16 @@ class WorkerPool:
         self._tell_waiting_jobs()
 
     def _tell_waiting_jobs(self) -> None:
-        """The queue moved: event streams of waiting jobs show their new position."""
+        """The queue moved: event streams of waiting jobs show their new position (one wake-up
+        of the loop for them all, and nothing to do when no stream watches)."""
         with self.queue.mutex:
             waiting = [job for job in self.queue.queue if job is not None]
-        for job in waiting:
-            job.changed()
+        # Read off the loop, so it may be a moment old; a stream that starts reads the state.
+        if any(job.streamed or job.watched() for job in waiting):
+            try:
+                waiting[0].loop.call_soon_threadsafe(self.on_queue_moved, waiting)
+            except RuntimeError:  # the loop is closed: nobody is watching
+                pass
 
     def stop(self) -> None:
         """Stop the threads. Queued jobs stay queued in the store and running ones are told to
@@ -231,8 +239,10 @@ class WorkerPool:
                 return  # a replacement serves the queue now
 
     def _run(self, job: Job) -> None:
-        log.info("job %s: %s started on %s", job.id, self.kind.name, job.worker_name)
+        log.debug("job %s: %s started on %s", job.id, self.kind.name, job.worker_name)
         try:
+            if self.kind.writes_files:
+                job.out_dir.mkdir(exist_ok=True)
             output = self.kind.handler(job)
         except JobCancelled:
             status, output, error = JobStatus.CANCELLED, None, None
@@ -252,10 +262,13 @@ class WorkerPool:
                 status, output = JobStatus.CANCELLED, None
         if job.timed_out:  # whatever the handler made of being stopped
             status, output, error = self._timed_out(job)
-        job.finish(status, output=output, error=error)
-        seconds = job.finished_at - job.started_at
+        seconds = time.time() - job.started_at
         self._average_seconds = 0.8 * self._average_seconds + 0.2 * seconds
-        log.info("job %s: %s after %.3f s", job.id, job.status.value, seconds)
+        # Logged before the waiters hear of it, so the line never holds up their answer. A
+        # /put job that succeeded shows in the access log already (its 200).
+        level = logging.DEBUG if status is JobStatus.SUCCEEDED and job.origin == "put" else logging.INFO
+        log.log(level, "job %s: %s after %.3f s", job.id, status.value, seconds)
+        job.finish(status, output=output, error=error)
 
 
 class Engine:
@@ -272,6 +285,8 @@ class Engine:
         }
         self.active: dict[str, Job] = {}
         self.feed = Feed()
+        for pool in self.pools.values():
+            pool.on_queue_moved = self._queue_moved
         self._stopping = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
 
@@ -322,16 +337,22 @@ class Engine:
         """A job not yet queued; call from the event loop."""
         loop = asyncio.get_running_loop()
         job_id = job_id or storage.new_job_id()
-        out_dir = storage.job_dir(self.out_dir, job_id)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = storage.job_dir(self.out_dir, job_id)  # made when the job starts, if needed
         job = Job(id=job_id, kind=kind, options=options, out_dir=out_dir,
                   input_path=input_path or kind.sample, loop=loop, done=loop.create_future(),
                   origin=origin, owner=owner, settings=self.settings,
                   on_finish=self._record_end,
-                  on_change=self.feed.job_changed)
+                  on_change=self.feed.job_changed, watched=lambda: self.feed.listening)
         if origin == "put":  # its client stops waiting then: the watchdog makes sure it stops
             job.deadline = job.created_at + self.pools[kind.name].limits.timeout
         return job
+
+    def _queue_moved(self, waiting: list[Job]) -> None:
+        """On the loop: show waiting jobs' new positions to whoever streams them."""
+        feed_listens = self.feed.listening
+        for job in waiting:
+            if feed_listens or job.streamed:
+                job.notify_loop()
 
     def _record_end(self, job: Job) -> None:
         """Store how a job ended (on whichever thread ended it) before waiters hear of it."""
@@ -398,7 +419,7 @@ class Engine:
                            Path(record.input_path) if record.input_path else None,
                            owner=record.owner)
         job.created_at = record.created_at
-        for path in job.out_dir.iterdir():
+        for path in job.out_dir.iterdir() if job.out_dir.is_dir() else ():
             if path.name != storage.INPUT_DIR:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.store.save(job.record())

@@ -41,6 +41,10 @@ class Feed:
     def unlisten(self, listener: Listener) -> None:
         self._listeners.discard(listener)
 
+    @property
+    def listening(self) -> bool:
+        return bool(self._listeners)
+
     def job_changed(self, job: Job) -> None:
         for listener in self._listeners:
             if listener.owner == job.owner:

@@ -96,6 +96,8 @@ class JobKind:
     check_input: Callable[[Path, BaseModel, Settings], None] | None = None
     # What the dashboard's file picker offers, as in <input accept>: ".pdf", "video/*".
     accept: str = ""
+    # Whether the handler writes files into `job.out_dir` (made for it before it runs).
+    writes_files: bool = True
 
 
 @dataclass(eq=False)  # compared and hashed by identity
@@ -134,8 +136,12 @@ class Job:
     on_finish: Callable[[Job], None] | None = None
     # Called on the loop after every change (the dashboard's feed).
     on_change: Callable[[Job], None] | None = None
+    # Whether anything beyond the job's own streams shows its changes (the dashboard's feed);
+    # asked from any thread, so an answer a moment old is fine.
+    watched: Callable[[], bool] = lambda: False
     _processes: set[subprocess.Popen] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _notify_scheduled: bool = False
     # One queue per event-stream listener; touched only on the loop.
     _listeners: set[asyncio.Queue[None]] = field(default_factory=set)
 
@@ -205,13 +211,29 @@ class Job:
         self._listeners.discard(changes)
 
     def changed(self) -> None:
-        """Wake the loop side from any thread: the `done` future and event-stream listeners."""
+        """Wake the loop side from any thread: the `done` future and event-stream listeners.
+        Changes that come faster than the loop takes them are told once, and only the end is
+        told while no stream watches (a stream that starts reads the job's state itself)."""
+        with self._lock:
+            if self._notify_scheduled:
+                return
+            if not (self.status.finished or self._listeners or self.watched()):
+                return
+            self._notify_scheduled = True
         try:
-            self.loop.call_soon_threadsafe(self._notify_loop)
+            self.loop.call_soon_threadsafe(self.notify_loop)
         except RuntimeError:  # the loop is closed: the server is gone and nobody is waiting
             pass
 
-    def _notify_loop(self) -> None:
+    @property
+    def streamed(self) -> bool:
+        """Whether an event stream of this job listens (call on the loop)."""
+        return bool(self._listeners)
+
+    def notify_loop(self) -> None:
+        """Tell the loop side of a change now; call on the loop."""
+        with self._lock:
+            self._notify_scheduled = False
         if self.status.finished and not self.done.done():
             self.done.set_result(None)
         for changes in self._listeners:

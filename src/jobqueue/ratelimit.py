@@ -6,6 +6,8 @@ settings, so the limiter is module-level and `configure` gives it the app's limi
 
 from __future__ import annotations
 
+import time
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from slowapi import Limiter
@@ -21,7 +23,9 @@ def client_key(request: Request) -> str:
     return f"key:{owner}" if owner else get_remote_address(request)
 
 
-limiter = Limiter(key_func=client_key, headers_enabled=True)
+# No rate-limit headers on answers within the limit (slowapi would add Retry-After even to a
+# 202); a 429 gets them from rate_limited below.
+limiter = Limiter(key_func=client_key, headers_enabled=False)
 _submit_limit = "60/minute"
 
 
@@ -45,5 +49,11 @@ def rate_limited(request: Request, exc: RateLimitExceeded) -> JSONResponse:
                    "Wait the number of seconds in the Retry-After header, then try again."},
         status_code=429,
     )
-    # Adds Retry-After and X-RateLimit-Limit/-Remaining/-Reset, as slowapi's own handler does.
-    return request.app.state.limiter._inject_headers(response, request.state.view_rate_limit)
+    # Retry-After and X-RateLimit-Limit/-Remaining/-Reset, as slowapi's own headers say them.
+    limit, keys = request.state.view_rate_limit
+    reset_at, remaining = limiter.limiter.get_window_stats(limit, *keys)
+    response.headers["Retry-After"] = str(max(1, int(reset_at + 1 - time.time())))
+    response.headers["X-RateLimit-Limit"] = str(limit.amount)
+    response.headers["X-RateLimit-Remaining"] = str(remaining)
+    response.headers["X-RateLimit-Reset"] = str(int(reset_at + 1))
+    return response

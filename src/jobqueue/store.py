@@ -1,16 +1,26 @@
 """Job records in SQLite, so accepted jobs survive a restart.
 
 `JobStore` is the whole interface the server uses; a shared store (Postgres, Redis) can replace
-it by offering the same methods. Every call is one short statement on a WAL database
-(tens of microseconds), so callers on the event loop may use it directly.
+it by offering the same methods.
+
+Writes go behind: `save` and `delete` only note the change, and one writer thread commits
+what has piled up in a single transaction. Saving is then a dict assignment wherever it is
+called (the event loop, a worker thread between two steps of a job), and a burst of jobs costs
+one commit rather than three each. Reads see every change noted before them: `get` looks at
+the changes not yet written first, the other queries wait until they are written (`flush`).
+A caller that must know its record is on disk (POST /jobs, before it answers 202) awaits
+`written()`. Every query is one short statement on a WAL database.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import sqlite3
 import threading
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +48,10 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 # Columns added after the first release, for databases made before them.
 ADDED_COLUMNS = {"owner": "TEXT NOT NULL DEFAULT ''"}
 JSON_COLUMNS = ("options", "progress", "result")
+# After a failed commit (a full disk), the writer tries again this much later.
+RETRY_SECONDS = 1.0
+
+log = logging.getLogger("jobqueue.store")
 
 
 @dataclass
@@ -61,12 +75,23 @@ class JobRecord:
     owner: str = ""  # which API key submitted it (a hash of it), "" without API keys
 
 
+COLUMNS = [column.name for column in fields(JobRecord)]
+UPSERT = (f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+          "ON CONFLICT(id) DO UPDATE SET "
+          + ", ".join(f"{column} = excluded.{column}" for column in COLUMNS if column != "id"))
+
+
+def _row(record: JobRecord) -> tuple:
+    return tuple(json.dumps(getattr(record, column)) if column in JSON_COLUMNS
+                 else getattr(record, column) for column in COLUMNS)
+
+
 class JobStore:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the connection: one statement at a time
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -75,27 +100,135 @@ class JobStore:
             for column, definition in ADDED_COLUMNS.items():
                 if column not in present:
                     self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
+        # Changes not written yet, by job id (None: delete), in the order each id first came:
+        # the order of arrival that `seq` keeps.
+        self._pending: dict[str, JobRecord | None] = {}
+        self._noted = 0  # changes noted so far
+        self._written = 0  # of those, committed
+        self._error: Exception | None = None  # why the last commit failed, if it did
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._changed = threading.Condition()
+        self._closing = False
+        self._writer = threading.Thread(target=self._write_forever, name="store-writer",
+                                        daemon=True)
+        self._writer.start()
 
     def close(self) -> None:
+        """Write what is pending, then stop the writer and close the database."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        self._writer.join()
         with self._lock:
             self._db.close()
 
     def save(self, record: JobRecord) -> None:
         """Insert or replace the record (the id keeps its place in the order of arrival)."""
-        row = asdict(record)
-        for column in JSON_COLUMNS:
-            row[column] = json.dumps(row[column])
-        columns = ", ".join(row)
-        updates = ", ".join(f"{c} = excluded.{c}" for c in row if c != "id")
+        self._note(record.id, record)
+
+    def delete(self, job_id: str) -> None:
+        self._note(job_id, None)
+
+    def _note(self, job_id: str, record: JobRecord | None) -> None:
+        with self._changed:
+            self._pending[job_id] = record
+            self._noted += 1
+            self._changed.notify()
+
+    def flush(self) -> None:
+        """Wait until every change noted before this call is committed; raise if that failed."""
+        with self._changed:
+            target = self._noted
+            while self._written < target:
+                if self._error is not None:
+                    raise self._error
+                self._changed.wait()
+
+    async def written(self) -> None:
+        """Like flush, without holding up the event loop."""
+        loop = asyncio.get_running_loop()
+        with self._changed:
+            if self._written >= self._noted:
+                return
+            if self._error is not None:
+                raise self._error
+            future = loop.create_future()
+            self._waiters.append((self._noted, future))
+        await future
+
+    def _write_forever(self) -> None:
+        while True:
+            with self._changed:
+                while not self._pending and not self._closing:
+                    self._changed.wait()
+                if not self._pending:
+                    return  # closing, and everything is written
+                batch, self._pending = self._pending, {}
+                target = self._noted
+            try:
+                self._commit(batch)
+            except sqlite3.Error as error:
+                log.error("could not write %d job records (trying again in %g s): %s",
+                          len(batch), RETRY_SECONDS, error)
+                with self._changed:
+                    self._error = error
+                    self._pending = {**batch, **self._pending}  # newer changes win
+                    self._changed.notify_all()
+                    ready = self._ready_waiters()
+                self._tell(ready, error)
+                if self._closing:
+                    return
+                time.sleep(RETRY_SECONDS)
+                continue
+            with self._changed:
+                self._written = target
+                self._error = None
+                self._changed.notify_all()
+                ready = self._ready_waiters()
+            self._tell(ready)
+
+    def _ready_waiters(self) -> list[asyncio.Future[None]]:
+        """Futures to settle now: after a failure all of them, else those written up to."""
+        if self._error is not None:
+            ready, self._waiters = [f for _, f in self._waiters], []
+            return ready
+        ready = [future for target, future in self._waiters if target <= self._written]
+        self._waiters = [(t, f) for t, f in self._waiters if t > self._written]
+        return ready
+
+    @staticmethod
+    def _tell(futures: list[asyncio.Future[None]], error: Exception | None = None) -> None:
+        for future in futures:
+            def settle(future: asyncio.Future[None] = future) -> None:
+                if not future.done():
+                    if error is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(error)
+            try:
+                future.get_loop().call_soon_threadsafe(settle)
+            except RuntimeError:  # its loop is closed: nobody waits any more
+                pass
+
+    def _commit(self, batch: dict[str, JobRecord | None]) -> None:
         with self._lock:
-            self._db.execute(
-                f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * len(row))}) "
-                f"ON CONFLICT(id) DO UPDATE SET {updates}",
-                tuple(row.values()),
-            )
+            self._db.execute("BEGIN")
+            try:
+                for job_id, record in batch.items():
+                    if record is None:
+                        self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                    else:
+                        self._db.execute(UPSERT, _row(record))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def get(self, job_id: str) -> JobRecord | None:
-        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        with self._changed:
+            if job_id in self._pending:
+                return self._pending[job_id]
+        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,), flush=False)
         return rows[0] if rows else None
 
     def list(self, status: str | None = None, job_type: str | None = None,
@@ -118,11 +251,9 @@ class JobStore:
     def finished_before(self, timestamp: float) -> list[JobRecord]:
         return self._query("SELECT * FROM jobs WHERE finished_at < ?", (timestamp,))
 
-    def delete(self, job_id: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-
-    def _query(self, sql: str, params: tuple = ()) -> list[JobRecord]:
+    def _query(self, sql: str, params: tuple = (), flush: bool = True) -> list[JobRecord]:
+        if flush:
+            self.flush()
         with self._lock:
             rows = self._db.execute(sql, params).fetchall()
         records = []

@@ -118,6 +118,13 @@ async def start_job(engine: Engine, submission: Submission, origin: str,
         job = engine.new_job(kind, submission.options, submission.job_id, submission.upload,
                              origin, owner)
         engine.submit(job)
+        if origin == "jobs":  # answered 202: accepted means on disk, to survive a restart
+            try:
+                await engine.store.written()
+            except BaseException:
+                engine.cancel(job, "its record could not be written")
+                engine.store.delete(job.id)
+                raise
     except (UnsupportedInput, TooLarge) as error:
         storage.remove_job_dir(engine.out_dir, submission.job_id)
         raise HTTPException(413 if isinstance(error, TooLarge) else 415, str(error)) from None

@@ -37,4 +37,5 @@ KIND = JobKind(
     description="Simulated work: waits `seconds`, then echoes `data`.",
     options=MessageOptions,
     handler=process_message,
+    writes_files=False,
 )

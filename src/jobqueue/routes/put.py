@@ -68,14 +68,16 @@ REQUEST_EXAMPLES = {
     dependencies=[Depends(refuse_while_draining)],
 )
 @limiter.limit(submit_limit)
-async def put(request: Request, response: Response) -> PutResponse:
+async def put(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     settings = request.app.state.settings
     submission = await read_submission(request, settings)
     job = await start_job(engine, submission, origin="put", owner=owner(request))
     timeout = settings.limits(job.kind.name).timeout
     await wait_for_job(request, engine, job, timeout)
-    return PutResponse(data=PutData(id=job.id, result=job_result(request, job)))
+    answer = PutResponse(data=PutData(id=job.id, result=job_result(request, job)))
+    # Serialized here: a Response goes out as it is, where a model would be validated again.
+    return Response(answer.model_dump_json(by_alias=True), media_type="application/json")
 
 
 async def wait_for_job(request: Request, engine: Engine, job: Job, timeout: float) -> None:
