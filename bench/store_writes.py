@@ -1,4 +1,6 @@
-"""How long a job-store write holds the event loop: p50/p99/max of JobStore.save, get and list.
+"""How long job-store calls hold their caller: p50/p99/max of JobStore.save (noting the change
+for the writer thread), save then flush (until it is committed, as POST /jobs waits), get and
+a page of list.
 
 Run: .venv/bin/python bench/store_writes.py
 """
@@ -24,19 +26,25 @@ def percentile(samples: list[float], fraction: float) -> float:
 def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         store = JobStore(Path(folder) / "jobs.db")
-        saves, gets, lists = [], [], []
+        saves, commits, gets, lists = [], [], [], []
         for _ in range(ROUNDS):
             record = JobRecord(id=str(uuid.uuid4()), job_type="message", status="queued",
                                options={"data": "x" * 100, "seconds": 3}, input_path=None,
                                created_at=time.time())
+            def save_and_flush(record: JobRecord) -> None:
+                store.save(record)
+                store.flush()
+
             for samples, call, args in ((saves, store.save, (record,)),
+                                        (commits, save_and_flush, (record,)),
                                         (gets, store.get, (record.id,)),
                                         (lists, store.list, ())):
                 started = time.perf_counter()
                 call(*args)
                 samples.append(time.perf_counter() - started)
         print("| call | p50 µs | p99 µs | max µs |\n|---|---|---|---|")
-        for name, samples in (("save", saves), ("get", gets), ("list 20", lists)):
+        for name, samples in (("save", saves), ("save + flush", commits), ("get", gets),
+                              ("list 20", lists)):
             print(f"| {name} | {percentile(samples, .5):.0f} | {percentile(samples, .99):.0f} "
                   f"| {max(samples) * 1e6:.0f} |")
 

@@ -50,6 +50,10 @@ ADDED_COLUMNS = {"owner": "TEXT NOT NULL DEFAULT ''"}
 JSON_COLUMNS = ("options", "progress", "result")
 # After a failed commit (a full disk), the writer tries again this much later.
 RETRY_SECONDS = 1.0
+# How long the writer lets changes pile up before it commits them, unless someone waits for
+# them (flush, written): fewer commits, and fewer wake-ups of the writer competing with the
+# event loop and the workers for the interpreter.
+BATCH_SECONDS = 0.01
 
 log = logging.getLogger("jobqueue.store")
 
@@ -107,6 +111,7 @@ class JobStore:
         self._written = 0  # of those, committed
         self._error: Exception | None = None  # why the last commit failed, if it did
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._hurry = False  # someone waits for the pending changes: commit them now
         self._changed = threading.Condition()
         self._closing = False
         self._writer = threading.Thread(target=self._write_forever, name="store-writer",
@@ -131,14 +136,17 @@ class JobStore:
 
     def _note(self, job_id: str, record: JobRecord | None) -> None:
         with self._changed:
+            if not self._pending:
+                self._changed.notify()  # the writer starts its batch
             self._pending[job_id] = record
             self._noted += 1
-            self._changed.notify()
 
     def flush(self) -> None:
         """Wait until every change noted before this call is committed; raise if that failed."""
         with self._changed:
             target = self._noted
+            self._hurry = True
+            self._changed.notify_all()
             while self._written < target:
                 if self._error is not None:
                     raise self._error
@@ -154,6 +162,8 @@ class JobStore:
                 raise self._error
             future = loop.create_future()
             self._waiters.append((self._noted, future))
+            self._hurry = True
+            self._changed.notify_all()
         await future
 
     def _write_forever(self) -> None:
@@ -163,6 +173,13 @@ class JobStore:
                     self._changed.wait()
                 if not self._pending:
                     return  # closing, and everything is written
+                deadline = time.monotonic() + BATCH_SECONDS
+                while not (self._hurry or self._closing):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._changed.wait(left)
+                self._hurry = False
                 batch, self._pending = self._pending, {}
                 target = self._noted
             try:
