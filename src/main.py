@@ -8,6 +8,7 @@ import logging
 import uvicorn
 
 from jobqueue.app import create_app
+from jobqueue.connections import with_header_timeout
 from jobqueue.settings import Settings
 from jobqueue.shutdown import GracefulServer, stop_leftovers
 
@@ -29,8 +30,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
+    proxies = settings.trusted_proxy_list
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+                            http=with_header_timeout(settings.header_timeout),
+                            # X-Forwarded-For only from JOBQUEUE_TRUSTED_PROXIES: uvicorn
+                            # would believe any local client, which could then pose as many.
+                            proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None)
     try:
         GracefulServer(config, app, settings.shutdown_grace).run()
     except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down

@@ -70,6 +70,7 @@ def free_port() -> int:
 def run_server(tmp_path: Path, **settings: object) -> Iterator[Server]:
     """Start `python src/main.py` on a free loopback port with JOBQUEUE_* settings."""
     port = free_port()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out_dir = tmp_path / "out"
     log_path = tmp_path / "server.log"
     # No shutdown grace unless a test asks for one: stopping a test server should not wait.

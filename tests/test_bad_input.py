@@ -16,7 +16,7 @@ from conftest import DATA, ROOT, Server, run_server, wait_finished
 sys.path.insert(0, str(ROOT / "tests" / "corpus"))
 import make_corpus  # noqa: E402
 
-KIND_OF = {".pdf": "pdf2image", ".mp4": "video"}
+KIND_OF = {".pdf": "pdf2image", ".mp4": "video", ".ts": "video"}
 # What each file must come to. "refused": a 4xx naming the problem; "fails": refused, or
 # accepted and then failed with an error; "works": a job that succeeds.
 EXPECTED = {
@@ -32,6 +32,12 @@ EXPECTED = {
     "audio-only.mp4": ("refused", "no video stream"),
     "tiny-2x2.mp4": ("works", ""),
     "codec-lie.mp4": ("fails", "ffmpeg exited"),
+    # Bombs and lies (test_hostile.py holds them to tighter limits).
+    "huge-page.pdf": ("refused", "JOBQUEUE_PDF_MAX_PIXELS"),
+    "flate-bomb.pdf": ("fails", "JOBQUEUE_RENDER_MAX_MB"),
+    "framerate-bomb.mp4": ("refused", "JOBQUEUE_VIDEO_MAX_FPS"),
+    "lying-length.mp4": ("works", ""),
+    "frame-burst.ts": ("works", ""),
 }
 UNSAFE_NAMES = ["../../../evil.pdf", "/etc/absolute.pdf", "nul\x00byte.pdf", "x" * 1000 + ".pdf",
                 "résumé-文件.pdf", "..", ".hidden.pdf", "a\\..\\..\\win.pdf"]

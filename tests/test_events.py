@@ -42,7 +42,8 @@ def test_events_stream_queues_and_job_changes(server, client):
     # Progress moves: several distinct values on the way, batched rather than every tick.
     progress = [view["progress"]["done"] for view in mine if view["status"] == "running"]
     assert len(set(progress)) >= 2 and len(mine) <= 10
-    assert mine[-1]["result"]["data"]["message"] == "watched"
+    assert mine[-1]["result"] == {"files": []}, "the feed carries summaries, not results' data"
+    assert client.get(f"/jobs/{job_id}").status_code == 404  # deleted above
     busy = [data["message"]["busy"] for kind, data in seen if kind == "queues"]
     assert max(busy) >= 1 and busy[-1] == 0
 

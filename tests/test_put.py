@@ -102,21 +102,23 @@ def test_bad_options_are_422_naming_the_field(client):
     assert response.status_code == 422
 
 
-def test_non_pdf_upload_is_422_and_the_worker_lives_on(client, server):
-    response = client.post("/put", data={"jobType": "pdf2image"},
-                           files={"file": ("notes.pdf", b"just some text\n" * 100, "application/pdf")})
-    assert response.status_code == 422
+def test_non_pdf_upload_is_415_as_on_post_jobs_and_the_worker_lives_on(client, server):
+    upload = {"file": ("notes.pdf", b"just some text\n" * 100, "application/pdf")}
+    response = client.post("/put", data={"jobType": "pdf2image"}, files=upload)
+    assert response.status_code == 415
     assert "not a PDF" in response.json()["detail"]
+    queued = client.post("/jobs", data={"jobType": "pdf2image"}, files=upload)
+    assert (queued.status_code, queued.json()) == (415, response.json()), "one check, one answer"
     # The handler raised on both pdf2image workers' watch; both still take work.
     for _ in range(3):
         result_of(client.post("/put", json={"jobType": "pdf2image", "dpi": 20}))
     assert client.get("/health").json()["queues"]["pdf2image"]["workers"] == 2
 
 
-def test_non_video_upload_is_422_without_server_paths(client):
+def test_non_video_upload_is_415_without_server_paths(client):
     response = client.post("/put", data={"jobType": "video"},
                            files={"file": ("clip.mp4", b"not a video at all", "video/mp4")})
-    assert response.status_code == 422
+    assert response.status_code == 415
     detail = response.json()["detail"]
     assert "not a video" in detail and "/input/" not in detail
 

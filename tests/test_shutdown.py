@@ -28,7 +28,9 @@ def test_sigterm_refuses_new_jobs_and_lets_running_ones_finish(tmp_path):
         queued = client.post("/jobs", json={"data": "after restart", "seconds": 0.1}).json()["id"]
         assert wait_for(lambda: client.get(f"/jobs/{running}").json()["status"] == "running", 5)
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        # Load balancers read the status code: draining is 503 on /health, not "ok".
+        assert wait_for(lambda: client.get("/health").status_code == 503, 5)
+        assert client.get("/health").json()["status"] == "draining"
         refused = client.post("/jobs", json={"data": "too late"})
         assert refused.status_code == 503
         assert int(refused.headers["Retry-After"]) >= 1

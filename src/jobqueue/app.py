@@ -26,6 +26,7 @@ from .routes import dashboard, events, files, health, jobs, preview, put
 from .schemas import error_responses
 from .settings import Settings
 from .shutdown import shutting_down
+from .slots import Slots
 from .store import JobStore
 
 log = logging.getLogger("jobqueue.app")
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         app.state.engine = engine
         engine.start()
+        await asyncio.to_thread(retention.sweep_orphans, store, settings.out_dir)
         log.info("workers started: %s",
                  {name: pool.limits.workers for name, pool in engine.pools.items()})
         sweeper = asyncio.create_task(retention.sweep_forever(store, settings, engine.feed))
@@ -60,6 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.draining = False  # set on SIGTERM / Ctrl-C: see shutdown.py
     app.state.preview_slots = preview.PreviewSlots(settings.preview_streams)
+    app.state.uploads = Slots(settings.max_uploads, "uploads", "JOBQUEUE_MAX_UPLOADS")
+    app.state.streams = Slots(settings.max_streams, "event streams", "JOBQUEUE_MAX_STREAMS")
     ratelimit.configure(app, settings.rate_limit)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(QueueFull, queue_full)

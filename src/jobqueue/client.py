@@ -131,10 +131,11 @@ async def follow(client: httpx.AsyncClient, job_id: str, progress: Progress,
 
 
 async def download(client: httpx.AsyncClient, view: dict, folder: Path) -> list[Path]:
-    """Save a succeeded job's output files into `folder`, one by one (PNG pages, the mp4)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Save a succeeded job's output files into `folder`, one by one (PNG pages, the mp4);
+    a job without files (message) makes no folder."""
     saved = []
     for url in view["result"]["files"]:
+        folder.mkdir(parents=True, exist_ok=True)
         name = PurePosixPath(urlparse(url).path).name
         if not name or name.startswith("."):
             raise Refused(f"the server sent an unusable file name in {url!r}")
@@ -203,7 +204,7 @@ async def run_submit(client: httpx.AsyncClient, args: argparse.Namespace,
                     if not wait:
                         return
                     item.view = await follow(client, item.job_id, progress, task, item.label)
-                    if item.view["status"] == "succeeded":
+                    if item.view["status"] == "succeeded" and args.out is not None:
                         downloaded[index] = await download(client, item.view, folders[index])
                 except (Refused, httpx.HTTPError, OSError) as error:
                     item.error = str(error) or type(error).__name__

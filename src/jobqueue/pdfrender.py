@@ -90,7 +90,9 @@ def render(args: argparse.Namespace) -> None:
                 # main() reports it once it has let go of this exception and the pixels.
                 raise Refused("out_of_memory", page) from None
             except pypdfium2.PdfiumError as error:
-                raise Refused("unreadable", page, str(error)) from None
+                # PDFium fails to make a bitmap it cannot allocate; anything else is the page.
+                reason = "out_of_memory" if "bitmap" in str(error).lower() else "unreadable"
+                raise Refused(reason, page, str(error)) from None
             png_file.write(png)
             del png
         emit(page=page)

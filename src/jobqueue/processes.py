@@ -9,19 +9,25 @@ kernel kills the child when the server's thread that started it dies, `kill -9` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from .jobs import BadInput, DiskFull, Job
 
 STDERR_TAIL_BYTES = 2000
+# What `output` keeps of a check's stdout, and the longest stdout line a job's child may write
+# (a longer one is dropped): a few hundred bytes of PDF can make pdfinfo print 150 MB of title.
+MAX_OUTPUT_BYTES = 8 * 2**20
+MAX_LINE_BYTES = 64 * 1024
 # Less free space than this where a failed child was writing: the disk is why it failed.
 FULL_DISK_BYTES = 1024 * 1024
 
@@ -62,12 +68,49 @@ def popen(args: Sequence[str], memory_mb: float | None = None, **kwargs) -> subp
     return subprocess.Popen(guarded(args, memory_mb), stdin=subprocess.DEVNULL, **kwargs)
 
 
-def output(args: Sequence[str], timeout: float, memory_mb: float | None = None
-           ) -> subprocess.CompletedProcess:
+class OutputTooLarge(BadInput):
+    """A check's program printed more than `output` keeps: what it reads about the file
+    (a PDF's title, a video's tags) is too large to be a document's own."""
+
+    def __init__(self, program: str, max_bytes: int):
+        super().__init__(f"{program} printed more than {max_bytes // 2**20} MB about the file; "
+                         "its metadata is too large.")
+
+
+def output(args: Sequence[str], timeout: float, memory_mb: float | None = None,
+           max_bytes: int = MAX_OUTPUT_BYTES) -> subprocess.CompletedProcess:
     """Run a short command that belongs to no job (a check before queueing) and capture its
-    output; subprocess.TimeoutExpired (the child killed and reaped) past `timeout`."""
-    return subprocess.run(guarded(args, memory_mb), stdin=subprocess.DEVNULL,
-                          capture_output=True, timeout=timeout)
+    output, at most `max_bytes` of it (OutputTooLarge past that) and the tail of its stderr;
+    subprocess.TimeoutExpired past `timeout`. The child is killed and reaped either way."""
+    with tempfile.TemporaryFile() as stderr:
+        process = popen(args, memory_mb, stdout=subprocess.PIPE, stderr=stderr)
+        chunks, size = [], 0
+        deadline = time.monotonic() + timeout
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(process.stdout, selectors.EVENT_READ)
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise subprocess.TimeoutExpired(args, timeout)
+                    if not selector.select(left):
+                        continue
+                    data = os.read(process.stdout.fileno(), 65536)
+                    if not data:
+                        break
+                    size += len(data)
+                    if size > max_bytes:
+                        raise OutputTooLarge(Path(args[0]).name, max_bytes)
+                    chunks.append(data)
+            process.wait(max(0.0, deadline - time.monotonic()))
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            process.stdout.close()
+        stderr.seek(0)
+        tail = stderr.read()[-STDERR_TAIL_BYTES:]
+    return subprocess.CompletedProcess(args, process.returncode, b"".join(chunks), tail)
 
 
 @dataclass(eq=False)
@@ -76,7 +119,9 @@ class _Child:
     program: str
     process: subprocess.Popen
     stderr: IO[bytes]
-    partial: bytes = b""
+    partial: bytearray = field(default_factory=bytearray)
+    # Inside a line longer than MAX_LINE_BYTES: dropped up to its end.
+    skipping: bool = False
 
 
 class Slots:
@@ -158,11 +203,14 @@ def run_many(job: Job, commands: Iterable[list[str]], slots: Slots | None = None
                     on_exit(child.index)
     finally:
         for child in running:  # a failure, a cancel, or an exception from a callback
-            selector.unregister(child.process.stdout)
-            child.process.kill()
-            _reap(job, child)
-            slots.give()
-            child.stderr.close()
+            with contextlib.suppress(KeyError, ValueError):
+                selector.unregister(child.process.stdout)
+            try:
+                child.process.kill()
+                _reap(job, child)
+            finally:
+                slots.give()
+                child.stderr.close()
         selector.close()
     if failed is None:
         job.raise_if_cancelled()
@@ -189,15 +237,28 @@ def _start(job: Job, index: int, args: list[str], memory_mb: float | None) -> _C
 
 
 def _read_lines(child: _Child, on_line: Callable[[int, str], None] | None) -> bool:
-    """Read what the child wrote, passing whole lines on; False at the end of its output."""
+    """Read what the child wrote, passing whole lines on (and the last one, unterminated, at
+    the end); False at the end of its output. Lines over MAX_LINE_BYTES are dropped."""
     data = os.read(child.process.stdout.fileno(), 65536)
-    if not data:
-        return False
     if on_line is None:
-        return True
-    *lines, child.partial = (child.partial + data).split(b"\n")
-    for line in lines:
-        on_line(child.index, line.decode(errors="replace").strip())
+        return bool(data)
+    if not data:
+        if child.partial and not child.skipping:
+            on_line(child.index, child.partial.decode(errors="replace").strip())
+        return False
+    start = 0
+    while (end := data.find(b"\n", start)) >= 0:
+        if not child.skipping and len(child.partial) + end - start <= MAX_LINE_BYTES:
+            child.partial += data[start:end]
+            on_line(child.index, child.partial.decode(errors="replace").strip())
+        child.partial.clear()
+        child.skipping = False
+        start = end + 1
+    if not child.skipping:
+        child.partial += data[start:]
+        if len(child.partial) > MAX_LINE_BYTES:
+            child.partial.clear()
+            child.skipping = True
     return True
 
 

@@ -1,10 +1,13 @@
-"""Deleting finished jobs and their files once they are older than JOBQUEUE_RESULT_TTL."""
+"""Deleting finished jobs and their files once they are older than JOBQUEUE_RESULT_TTL, and job
+folders that no record owns (what an upload cut off by `kill -9` leaves behind)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from pathlib import Path
 
 from . import storage
 from .events import Feed
@@ -12,6 +15,11 @@ from .settings import Settings
 from .store import JobStore
 
 log = logging.getLogger("jobqueue.retention")
+
+# A job folder with no record and nothing written in it for this long is a leftover. An upload
+# still going on writes at least every 30 s (JOBQUEUE_MIN_UPLOAD_KBPS cuts off one that
+# stalls), and its record is written within the 30 s its content check may take once it is in.
+ORPHAN_SECONDS = 600.0
 
 
 def sweep(store: JobStore, settings: Settings) -> list[tuple[str, str]]:
@@ -24,6 +32,38 @@ def sweep(store: JobStore, settings: Settings) -> list[tuple[str, str]]:
     return [(record.id, record.owner) for record in expired]
 
 
+def sweep_orphans(store: JobStore, out_dir: Path) -> list[str]:
+    """Remove job-id-named folders under `out_dir` that no record owns and that nothing has
+    written to for ORPHAN_SECONDS; nothing else under `out_dir` is touched. Returns their ids."""
+    removed = []
+    cutoff = time.time() - ORPHAN_SECONDS
+    try:
+        entries = list(os.scandir(out_dir))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if not (storage.is_job_id(entry.name) and entry.is_dir(follow_symlinks=False)):
+            continue
+        if store.get(entry.name) is not None or _last_written(Path(entry.path)) > cutoff:
+            continue
+        storage.remove_job_dir(out_dir, entry.name)
+        log.info("job %s: its folder had no record (a leftover of a server killed mid-upload); "
+                 "removed", entry.name)
+        removed.append(entry.name)
+    return removed
+
+
+def _last_written(folder: Path) -> float:
+    """The newest modification time in a job folder: its own, its files' and its input's."""
+    newest = folder.lstat().st_mtime
+    for path in folder.rglob("*"):
+        try:
+            newest = max(newest, path.lstat().st_mtime)
+        except FileNotFoundError:
+            pass
+    return newest
+
+
 async def sweep_forever(store: JobStore, settings: Settings, feed: Feed) -> None:
     # A tenth of the TTL keeps expired jobs from lingering long; a minute at most.
     interval = min(60.0, max(0.5, settings.result_ttl / 10))
@@ -32,5 +72,6 @@ async def sweep_forever(store: JobStore, settings: Settings, feed: Feed) -> None
         try:
             for job_id, owner in await asyncio.to_thread(sweep, store, settings):
                 feed.job_removed(job_id, owner)  # open dashboards drop it
+            await asyncio.to_thread(sweep_orphans, store, settings.out_dir)
         except Exception:
             log.exception("retention sweep failed; trying again in %g s", interval)

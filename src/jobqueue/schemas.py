@@ -46,17 +46,23 @@ class Accepted(CamelModel):
 
 
 class ProgressView(CamelModel):
-    done: float = Field(examples=[2])
-    total: float = Field(examples=[4])
+    # int first: counts (pages) stay whole numbers on the wire, seconds stay fractions.
+    done: int | float = Field(examples=[2])
+    total: int | float = Field(examples=[4])
     unit: str = Field(examples=["pages"])
 
 
-class ResultView(CamelModel):
-    data: dict[str, Any]
+class ResultSummary(CamelModel):
     files: list[str] = Field(description="URL of each output file.")
 
 
-class JobView(CamelModel):
+class ResultView(ResultSummary):
+    data: dict[str, Any]
+
+
+class JobSummary(CamelModel):
+    """A job as lists and the event feed show it: its result without its data."""
+
     id: str
     job_type: str
     status: str = Field(description="queued, running, succeeded, failed or cancelled")
@@ -66,11 +72,16 @@ class JobView(CamelModel):
     started_at: str | None = None
     finished_at: str | None = None
     error: str | None = Field(None, description="Only when failed")
+    result: ResultSummary | None = Field(None, description="Only when succeeded: the file "
+                                         "URLs; GET /jobs/{id} has the data too")
+
+
+class JobView(JobSummary):
     result: ResultView | None = Field(None, description="Only when succeeded")
 
 
 class JobList(CamelModel):
-    items: list[JobView]
+    items: list[JobSummary]
     next: str | None = Field(None, description="URL of the next page; null on the last page")
 
 
@@ -82,7 +93,8 @@ class QueueStats(CamelModel):
 
 
 class Health(CamelModel):
-    status: str = Field(examples=["ok"])
+    status: str = Field(examples=["ok"], description="ok, or draining (with HTTP 503) while "
+                        "the server shuts down")
     queues: dict[str, QueueStats] = Field(examples=[{
         "message": {"workers": 1, "busy": 1, "queued": 3, "capacity": 10},
         "pdf2image": {"workers": 2, "busy": 0, "queued": 0, "capacity": 20},

@@ -49,10 +49,17 @@ class Settings(BaseSettings):
     video_max_seconds: float = Field(3600, gt=0, description="Longest video")
     video_max_pixels: int = Field(3840 * 2160, ge=4,
                                   description="Largest video frame, input or output, in pixels")
+    video_max_fps: float = Field(240, gt=0, description="Highest video frame rate")
 
     shutdown_grace: float = Field(10, ge=0, description="Seconds running jobs get on shutdown")
 
     preview_streams: int = Field(8, ge=1, description="ffmpeg decoders /preview.mjpg may run")
+    max_streams: int = Field(200, ge=1, description="Event streams open at once")
+    max_uploads: int = Field(16, ge=1, description="Multipart uploads at once")
+    min_upload_kbps: float = Field(16, ge=0, description="Slowest body, in KB/s over 30 s")
+    header_timeout: float = Field(10, gt=0, description="Seconds a request's headers may take")
+    trusted_proxies: str = Field("", description="Comma-separated addresses whose "
+                                 "X-Forwarded-For is believed; empty: nobody's")
 
     api_keys: SecretStr = Field(SecretStr(""),
                                 description="Comma-separated API keys; empty: no keys needed")
@@ -63,7 +70,7 @@ class Settings(BaseSettings):
                                 description="Largest page to render, in pixels at its dpi")
     pdf_smooth_images: bool = Field(False, description="pdfium: anti-alias images as they are "
                                     "scaled (slower, larger PNGs)")
-    render_max_mb: float = Field(1024, ge=64, description="Address space each PDF render "
+    render_max_mb: float = Field(1024, ge=256, description="Address space each PDF render "
                                  "child may use (RLIMIT_AS), in MB")
     png_compression: int = Field(3, ge=0, le=9, description="zlib level of PNGs the pdfium "
                                  "engine writes (poppler's pdftoppm writes its own)")
@@ -78,6 +85,10 @@ class Settings(BaseSettings):
     def api_key_list(self) -> list[str]:
         keys = self.api_keys.get_secret_value().split(",")
         return [key.strip() for key in keys if key.strip()]
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        return [proxy.strip() for proxy in self.trusted_proxies.split(",") if proxy.strip()]
 
     @property
     def cors_origin_list(self) -> list[str]:

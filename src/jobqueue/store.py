@@ -7,9 +7,9 @@ Writes go behind: `save` and `delete` only note the change, and one writer threa
 what has piled up in a single transaction. Saving is then a dict assignment wherever it is
 called (the event loop, a worker thread between two steps of a job), and a burst of jobs costs
 one commit rather than three each. Reads see every change noted before them: `get` looks at
-the changes not yet written first, the other queries wait until they are written (`flush`).
-A caller that must know its record is on disk (POST /jobs, before it answers 202) awaits
-`written()`. Every query is one short statement on a WAL database.
+the changes not yet committed first, the other queries wait until they are (`flush`, so call
+them off the event loop). A caller that must know its record is on disk (POST /jobs, before
+it answers 202) awaits `written()`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -85,6 +85,13 @@ UPSERT = (f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len
           + ", ".join(f"{column} = excluded.{column}" for column in COLUMNS if column != "id"))
 
 
+class _Change(NamedTuple):
+    """A noted save (the record and its row) or delete (both None)."""
+
+    record: JobRecord | None
+    row: tuple | None
+
+
 def _row(record: JobRecord) -> tuple:
     return tuple(json.dumps(getattr(record, column)) if column in JSON_COLUMNS
                  else getattr(record, column) for column in COLUMNS)
@@ -95,7 +102,7 @@ class JobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._lock = threading.Lock()  # the connection: one statement at a time
+        self._lock = threading.Lock()  # the writer's connection: one statement at a time
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -104,9 +111,14 @@ class JobStore:
             for column, definition in ADDED_COLUMNS.items():
                 if column not in present:
                     self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
+        # Reads have a connection of their own: in WAL mode they never wait for a commit.
+        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._reader.row_factory = sqlite3.Row
+        self._read_lock = threading.Lock()
         # Changes not written yet, by job id (None: delete), in the order each id first came:
         # the order of arrival that `seq` keeps.
-        self._pending: dict[str, JobRecord | None] = {}
+        self._pending: dict[str, _Change] = {}
+        self._writing: dict[str, _Change] = {}  # taken by the writer, not committed yet
         self._noted = 0  # changes noted so far
         self._written = 0  # of those, committed
         self._error: Exception | None = None  # why the last commit failed, if it did
@@ -124,33 +136,42 @@ class JobStore:
             self._closing = True
             self._changed.notify_all()
         self._writer.join()
-        with self._lock:
+        with self._lock, self._read_lock:
             self._db.close()
+            self._reader.close()
 
     def save(self, record: JobRecord) -> None:
         """Insert or replace the record (the id keeps its place in the order of arrival)."""
-        self._note(record.id, record)
+        # Made into a row here, so a record that cannot be stored fails its caller, not the
+        # writer thread.
+        self._note(record.id, _Change(record, _row(record)))
 
     def delete(self, job_id: str) -> None:
-        self._note(job_id, None)
+        self._note(job_id, _Change(None, None))
 
-    def _note(self, job_id: str, record: JobRecord | None) -> None:
+    def _note(self, job_id: str, change: _Change) -> None:
         with self._changed:
             if not self._pending:
                 self._changed.notify()  # the writer starts its batch
-            self._pending[job_id] = record
+            self._pending[job_id] = change
             self._noted += 1
 
-    def flush(self) -> None:
-        """Wait until every change noted before this call is committed; raise if that failed."""
+    def flush(self, raise_error: bool = True) -> None:
+        """Wait until every change noted before this call is committed. If the commit failed
+        (a full disk), raise its error, or with `raise_error=False` return at once: a read
+        can still show what is on disk."""
         with self._changed:
             target = self._noted
             self._hurry = True
             self._changed.notify_all()
             while self._written < target:
                 if self._error is not None:
-                    raise self._error
-                self._changed.wait()
+                    if raise_error:
+                        raise self._error
+                    return
+                if not self._writer.is_alive():
+                    raise RuntimeError("the job store's writer thread has stopped")
+                self._changed.wait(1.0)
 
     async def written(self) -> None:
         """Like flush, without holding up the event loop."""
@@ -180,16 +201,18 @@ class JobStore:
                         break
                     self._changed.wait(left)
                 self._hurry = False
-                batch, self._pending = self._pending, {}
+                # Still visible to get() while it is being committed.
+                batch, self._pending, self._writing = self._pending, {}, self._pending
                 target = self._noted
             try:
                 self._commit(batch)
-            except sqlite3.Error as error:
+            except Exception as error:  # the writer must outlive any one failed commit
                 log.error("could not write %d job records (trying again in %g s): %s",
                           len(batch), RETRY_SECONDS, error)
                 with self._changed:
                     self._error = error
                     self._pending = {**batch, **self._pending}  # newer changes win
+                    self._writing = {}
                     self._changed.notify_all()
                     ready = self._ready_waiters()
                 self._tell(ready, error)
@@ -199,6 +222,7 @@ class JobStore:
                 continue
             with self._changed:
                 self._written = target
+                self._writing = {}
                 self._error = None
                 self._changed.notify_all()
                 ready = self._ready_waiters()
@@ -227,15 +251,15 @@ class JobStore:
             except RuntimeError:  # its loop is closed: nobody waits any more
                 pass
 
-    def _commit(self, batch: dict[str, JobRecord | None]) -> None:
+    def _commit(self, batch: dict[str, _Change]) -> None:
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                for job_id, record in batch.items():
-                    if record is None:
+                for job_id, change in batch.items():
+                    if change.row is None:
                         self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
                     else:
-                        self._db.execute(UPSERT, _row(record))
+                        self._db.execute(UPSERT, change.row)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -243,14 +267,17 @@ class JobStore:
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._changed:
-            if job_id in self._pending:
-                return self._pending[job_id]
+            for changes in (self._pending, self._writing):  # the newer first
+                if job_id in changes:
+                    return changes[job_id].record
         rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,), flush=False)
         return rows[0] if rows else None
 
     def list(self, status: str | None = None, job_type: str | None = None,
              limit: int = 50, offset: int = 0, owner: str = "") -> list[JobRecord]:
-        """One owner's jobs, newest first, optionally filtered by status and job type."""
+        """One owner's jobs, newest first, optionally filtered by status and job type, as
+        summaries: without their options, and with only the file names of their result (a
+        page of jobs whose results or options are megabytes each stays small)."""
         where, params = ["owner = ?"], [owner]
         if status:
             where.append("status = ?")
@@ -258,7 +285,11 @@ class JobStore:
         if job_type:
             where.append("job_type = ?")
             params.append(job_type)
-        sql = "SELECT * FROM jobs WHERE " + " AND ".join(where)
+        light = [column for column in COLUMNS if column not in ("options", "result")]
+        sql = (f"SELECT seq, {', '.join(light)}, '{{}}' AS options, "
+               "CASE WHEN json_type(result) = 'object' "
+               "THEN json_object('files', json_extract(result, '$.files')) END AS result "
+               "FROM jobs WHERE " + " AND ".join(where))
         return self._query(sql + " ORDER BY seq DESC LIMIT ? OFFSET ?", (*params, limit, offset))
 
     def unfinished(self) -> list[JobRecord]:
@@ -270,9 +301,9 @@ class JobStore:
 
     def _query(self, sql: str, params: tuple = (), flush: bool = True) -> list[JobRecord]:
         if flush:
-            self.flush()
-        with self._lock:
-            rows = self._db.execute(sql, params).fetchall()
+            self.flush(raise_error=False)
+        with self._read_lock:
+            rows = self._reader.execute(sql, params).fetchall()
         records = []
         for row in rows:
             values = dict(row)

@@ -17,6 +17,7 @@ from .engine import Engine
 from .jobs import Job, JobKind, TooLarge, UnsupportedInput
 from .kinds import KINDS
 from .settings import Settings
+from . import uploads
 from .uploads import read_multipart
 
 DEFAULT_JOB_TYPE = "message"
@@ -36,14 +37,16 @@ async def read_submission(request: Request, settings: Settings) -> Submission:
     upload streamed into the new job's folder (removed again if anything is wrong)."""
     job_id = storage.new_job_id()
     content_type = request.headers.get("content-type", "").lower()
+    min_rate = settings.min_upload_kbps * 1024
     try:
         upload = None
         if content_type.startswith("multipart/form-data"):
-            fields, upload = await read_multipart(
-                request, storage.job_dir(settings.out_dir, job_id) / storage.INPUT_DIR,
-                int(settings.max_upload_mb * 2**20))
+            with request.app.state.uploads.slot():  # 503 past JOBQUEUE_MAX_UPLOADS
+                fields, upload = await read_multipart(
+                    request, storage.job_dir(settings.out_dir, job_id) / storage.INPUT_DIR,
+                    int(settings.max_upload_mb * 2**20), min_rate, file_refused)
         else:
-            fields = await read_json(request, content_type)
+            fields = await read_json(request, content_type, min_rate)
         kind, options = parse_options(fields)
         if upload is not None and kind.sample is None:
             raise HTTPException(422, f"{kind.name} jobs take no file; send only the options.")
@@ -51,6 +54,15 @@ async def read_submission(request: Request, settings: Settings) -> Submission:
         storage.remove_job_dir(settings.out_dir, job_id)
         raise
     return Submission(job_id, kind, options, upload)
+
+
+def file_refused(fields: dict[str, str]) -> str | None:
+    """Why a file part is not wanted, given the fields before it: a `jobType` named first
+    whose kind takes no file (a file before any jobType is judged once the form is read)."""
+    kind = KINDS.get(fields.get("jobType", ""))
+    if kind is not None and kind.sample is None:
+        return f"{kind.name} jobs take no file; send only the options."
+    return None
 
 
 def parse_options(fields: dict) -> tuple[JobKind, BaseModel]:
@@ -79,13 +91,18 @@ def _finite(text: str) -> float:
     return value
 
 
-async def read_json(request: Request, content_type: str) -> dict:
+async def read_json(request: Request, content_type: str, min_bytes_per_second: float) -> dict:
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_JSON_BYTES:
-            raise HTTPException(413, f"The JSON body is larger than {MAX_JSON_BYTES // 1024} KB;"
-                                     " send files as multipart/form-data.")
+    try:
+        async for chunk in uploads.body(request, min_bytes_per_second):
+            body += chunk
+            if len(body) > MAX_JSON_BYTES:
+                break  # no draining: a JSON client sends little, and gets its 413 at once
+    except uploads.TooSlow:
+        raise uploads.too_slow(min_bytes_per_second) from None
+    if len(body) > MAX_JSON_BYTES:
+        raise HTTPException(413, f"The JSON body is larger than {MAX_JSON_BYTES // 1024} KB;"
+                                 " send files as multipart/form-data.")
     try:
         fields = (json.loads(body, parse_constant=_reject_constant, parse_float=_finite)
                   if body.strip() else {})
@@ -118,17 +135,18 @@ async def start_job(engine: Engine, submission: Submission, origin: str,
         job = engine.new_job(kind, submission.options, submission.job_id, submission.upload,
                              origin, owner)
         engine.submit(job)
-        if origin == "jobs":  # answered 202: accepted means on disk, to survive a restart
-            try:
-                await engine.store.written()
-            except BaseException:
-                engine.cancel(job, "its record could not be written")
-                engine.store.delete(job.id)
-                raise
     except (UnsupportedInput, TooLarge) as error:
         storage.remove_job_dir(engine.out_dir, submission.job_id)
         raise HTTPException(413 if isinstance(error, TooLarge) else 415, str(error)) from None
     except BaseException:
         storage.remove_job_dir(engine.out_dir, submission.job_id)
         raise
+    if origin == "jobs":  # answered 202: accepted means on disk, to survive a restart
+        try:
+            await engine.store.written()
+        except BaseException:  # a full disk (507), or a client gone before its 202
+            # Not accepted after all. The job may have started: it ends as cancelled, and the
+            # engine records that and removes its folder once it has stopped.
+            engine.cancel(job, "its record could not be written")
+            raise
     return job

@@ -3,15 +3,20 @@ straight into the job's `input/` folder — never whole in memory, never copied 
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi import HTTPException, Request
+from starlette.requests import ClientDisconnect
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from . import storage
 from .jobs import is_disk_full
 
 MAX_FIELDS = 20
+# JOBQUEUE_MIN_UPLOAD_KBPS is held over windows this long.
+SPEED_WINDOW_SECONDS = 30.0
 MAX_FIELD_BYTES = 64 * 1024
 # After the cap is hit, read (and drop) at most this much more so the client sees the 413.
 DRAIN_BYTES = 64 * 1024 * 1024
@@ -24,9 +29,11 @@ class UploadTooLarge(Exception):
 class _Form:
     """multipart callbacks that route each part to a file or to the fields."""
 
-    def __init__(self, folder: Path, max_bytes: int):
+    def __init__(self, folder: Path, max_bytes: int,
+                 refuse_file: Callable[[dict[str, str]], str | None]):
         self.folder = folder
         self.max_bytes = max_bytes
+        self.refuse_file = refuse_file
         self.fields: dict[str, str] = {}
         self.file_path: Path | None = None
         self._file = None
@@ -69,6 +76,8 @@ class _Form:
         if self._name in self.fields or (self._name == "file" and self.file_path):
             raise HTTPException(422, f"The form field {self._name!r} is given twice; send it once.")
         if self._name == "file":
+            if reason := self.refuse_file(self.fields):  # before a byte of it is stored
+                raise HTTPException(422, reason)
             self.folder.mkdir(parents=True, exist_ok=True)
             self.file_path = self.folder / storage.safe_name(
                 (filename or b"upload").decode(errors="replace"))
@@ -103,29 +112,79 @@ class _Form:
             self._file.close()
 
 
-async def _discard(form: _Form, stream) -> None:
+def too_slow(min_bytes_per_second: float) -> HTTPException:
+    return HTTPException(408, f"The body came in slower than {min_bytes_per_second / 1024:g} KB/s "
+                              f"over {SPEED_WINDOW_SECONDS:g} s (JOBQUEUE_MIN_UPLOAD_KBPS); it "
+                              "was cut off. Send it again over a faster connection.")
+
+
+async def _discard(form: _Form, stream: AsyncIterator[bytes] | None) -> None:
     """Remove the partial upload, then read (and drop) a bounded rest of the body, so the
     client gets to read the error answer instead of a reset connection."""
     form.close()  # before the unlink
     if form.file_path:
         form.file_path.unlink(missing_ok=True)
+    if stream is None:
+        return
     drained = 0
-    async for chunk in stream:
-        drained += len(chunk)
-        if drained > DRAIN_BYTES:
-            break
+    try:
+        async for chunk in stream:
+            drained += len(chunk)
+            if drained > DRAIN_BYTES:
+                break
+    except TooSlow:
+        pass
 
 
-async def read_multipart(request: Request, folder: Path,
-                         max_bytes: int) -> tuple[dict[str, str], Path | None]:
-    """Stream the body; the `file` part goes to `folder`. 413 over `max_bytes` (file removed)."""
+class TooSlow(Exception):
+    pass
+
+
+async def body(request: Request, min_bytes_per_second: float,
+               window: float = SPEED_WINDOW_SECONDS) -> AsyncIterator[bytes]:
+    """The request body as it arrives; TooSlow when less than `min_bytes_per_second` came in
+    over any `window` seconds, a body that stalls altogether included.
+
+    It reads the ASGI messages itself: waiting for the next one can be given up at the end of a
+    window and taken up again, which would end Starlette's `request.stream()` for good."""
+    loop = asyncio.get_running_loop()
+    window_started, received = loop.time(), 0
+    while True:
+        message = None
+        try:
+            async with asyncio.timeout_at(window_started + window):
+                message = await request.receive()
+        except TimeoutError:
+            pass  # the window is over with nothing more: judge it below
+        if message is not None:
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+        if loop.time() >= window_started + window:
+            if received < min_bytes_per_second * window:
+                raise TooSlow
+            window_started, received = loop.time(), 0
+
+
+async def read_multipart(request: Request, folder: Path, max_bytes: int,
+                         min_bytes_per_second: float,
+                         refuse_file: Callable[[dict[str, str]], str | None]
+                         ) -> tuple[dict[str, str], Path | None]:
+    """Stream the body; the `file` part goes to `folder`. 413 over `max_bytes`, 408 slower than
+    `min_bytes_per_second` (the partial file removed either way); `refuse_file(fields so far)`
+    says why a file part is not wanted, before any of it is stored."""
     _, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if not boundary:
         raise HTTPException(422, "The multipart body has no boundary in its Content-Type.")
-    form = _Form(folder, max_bytes)
+    form = _Form(folder, max_bytes, refuse_file)
     parser = MultipartParser(boundary, form.callbacks())
-    stream = request.stream()
+    stream = body(request, min_bytes_per_second)
     try:
         async for chunk in stream:
             parser.write(chunk)
@@ -137,7 +196,11 @@ async def read_multipart(request: Request, folder: Path,
         await _discard(form, stream)
         raise HTTPException(413, f"The upload is larger than the {max_bytes / 2**20:g} MB "
                                  "limit (JOBQUEUE_MAX_UPLOAD_MB).") from None
+    except TooSlow:
+        await _discard(form, None)
+        raise too_slow(min_bytes_per_second) from None
     except HTTPException:
+        await _discard(form, stream)  # a refused part: the client still gets to read why
         raise
     except OSError as error:  # writing the upload failed: the disk, not the body
         await _discard(form, stream)

@@ -8,8 +8,10 @@ downloaded. tests/test_bad_input.py sends each file to /put and /jobs.
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -31,6 +33,30 @@ def pdf(pages: int, encrypted: bool = False) -> bytes:
         objects.append(b"<< /Filter /Standard /V 1 /R 2 /P -4 /O <" + b"11" * 32
                        + b"> /U <" + b"22" * 32 + b"> >>")
         trailer = f" /Encrypt {len(objects)} 0 R /ID [<{'ab' * 16}> <{'ab' * 16}>]"
+    return assemble(objects, trailer)
+
+
+def one_page(media_box: str, content: bytes, content_filter: str = "",
+             resources: bytes = b"", extra: list[bytes] = (), info: bytes = b"") -> bytes:
+    """A one-page PDF: the page (object 3) draws `content` (object 4, through
+    `content_filter` if given); `extra` objects follow from number 5; `info` is the trailer's
+    /Info dictionary."""
+    filter_entry = f" /Filter /{content_filter}" if content_filter else ""
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [" + media_box.encode() + b"] "
+        b"/Contents 4 0 R /Resources << " + resources + b" >> >>",
+        f"<< /Length {len(content)}{filter_entry} >>\nstream\n".encode() + content
+        + b"\nendstream",
+        *extra,
+    ]
+    if info:
+        objects.append(info)
+    return assemble(objects, f" /Info {len(objects)} 0 R" if info else "")
+
+
+def assemble(objects: list[bytes], trailer: str = "") -> bytes:
     body, offsets = b"%PDF-1.4\n", []
     for number, content in enumerate(objects, 1):
         offsets.append(len(body))
@@ -41,6 +67,52 @@ def pdf(pages: int, encrypted: bool = False) -> bytes:
     body += (f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R{trailer} >>\n"
              f"startxref\n{xref}\n%%EOF\n").encode()
     return body
+
+
+def huge_page() -> bytes:
+    """A few hundred bytes describing a 200 x 200 inch page (1.6 billion pixels at 200 dpi),
+    with a title that poses as pdfinfo's line for a tiny first page."""
+    return one_page("0 0 14400 14400", b"0 0 1 rg 0 0 100 100 re f",
+                    info=b"<< /Title (x\nPage    1 size:  10 x 10 pts\nPages: 1) >>")
+
+
+def flate_bomb(megabytes: int = 300) -> bytes:
+    """A content stream of about 300 KB that inflates to `megabytes` MB of path operators."""
+    pack = zlib.compressobj(9)
+    chunk = b"1 1 m 2 2 l " * (2**20 // 12)
+    compressed = b"".join(pack.compress(chunk) for _ in range(megabytes)) + pack.flush()
+    return one_page("0 0 200 200", compressed, content_filter="FlateDecode")
+
+
+def nested_forms(depth: int = 40) -> bytes:
+    """Forms drawn inside forms: each form draws the one below it twice, so the page paints
+    2**depth rectangles. No cycle to detect, just more work than any time limit allows."""
+    forms = []
+    for level in range(depth):
+        number = 5 + level
+        draw = (b"0 0 1 1 re f" if level == 0 else
+                b"q 0.5 0 0 0.5 0 0 cm /F Do Q q 0.5 0 0 0.5 0.5 0.5 cm /F Do Q")
+        below = b"" if level == 0 else f"/Resources << /XObject << /F {number - 1} 0 R >> >> ".encode()
+        forms.append(b"<< /Type /XObject /Subtype /Form /BBox [0 0 1 1] " + below
+                     + f"/Length {len(draw)} >>\nstream\n".encode() + draw + b"\nendstream")
+    top = 5 + depth - 1
+    return one_page("0 0 200 200", b"q 200 0 0 200 0 0 cm /F Do Q",
+                    resources=f"/XObject << /F {top} 0 R >>".encode(), extra=forms)
+
+
+def lying_length(clip: Path, target: Path) -> None:
+    """`clip` (an MP4 without an edit list) with its headers saying it lasts 1 s: the movie's,
+    the track's and the media's duration fields rewritten, its frames left as they are."""
+    data = bytearray(clip.read_bytes())
+    for atom, duration_at, timescale_at in ((b"mvhd", 16, 12), (b"mdhd", 16, 12),
+                                            (b"tkhd", 20, None)):
+        start = data.find(atom)
+        assert start > 0 and data[start + 4] == 0, f"no version-0 {atom!r} box"
+        timescale = (struct.unpack(">I", data[start + 4 + timescale_at:][:4])[0]
+                     if timescale_at else 1000)  # tkhd counts in the movie's timescale
+        position = start + 4 + duration_at
+        data[position:position + 4] = struct.pack(">I", timescale)
+    target.write_bytes(data)
 
 
 def ffmpeg(target: Path, *args: str) -> None:
@@ -76,6 +148,29 @@ def make(out: Path) -> list[Path]:
     lying = source.read_bytes().replace(b"avc1", b"hvc1").replace(b"avcC", b"hvcC")
     (out / "codec-lie.mp4").write_bytes(lying)
     source.unlink()
+    # Bombs and lies: a page too large to render, a content stream that inflates to 300 MB,
+    # a drawing loop, a 1 s clip at 1000 frames a second, a 20 s clip whose header says 1 s,
+    # and a stream declaring 10 frames a second that bursts into 500.
+    (out / "huge-page.pdf").write_bytes(huge_page())
+    (out / "flate-bomb.pdf").write_bytes(flate_bomb())
+    (out / "nested-forms.pdf").write_bytes(nested_forms())
+    ffmpeg(out / "framerate-bomb.mp4", "-f", "lavfi", "-i",
+           "testsrc=duration=1:size=32x32:rate=1000", "-pix_fmt", "yuv420p", "-c:v", "libx264",
+           "-preset", "ultrafast")
+    honest = out / "twenty-seconds.mp4"
+    ffmpeg(honest, "-f", "lavfi", "-i", "testsrc=duration=20:size=160x120:rate=10",
+           "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast", "-use_editlist", "0")
+    lying_length(honest, out / "lying-length.mp4")
+    honest.unlink()
+    calm, burst = out / "calm.ts", out / "burst.ts"
+    ffmpeg(calm, "-f", "lavfi", "-i", "testsrc=duration=6:size=64x48:rate=10",
+           "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast", "-f", "mpegts")
+    ffmpeg(burst, "-f", "lavfi", "-i", "testsrc=duration=2:size=64x48:rate=500",
+           "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast",
+           "-output_ts_offset", "6", "-f", "mpegts")
+    (out / "frame-burst.ts").write_bytes(calm.read_bytes() + burst.read_bytes())
+    calm.unlink()
+    burst.unlink()
     return sorted(out.iterdir())
 
 

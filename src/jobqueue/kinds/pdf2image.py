@@ -4,8 +4,8 @@ Nothing of the PDF is parsed inside the server. poppler's pdfinfo reads the page
 sizes, so limits are checked before any page is rendered. The pages are rendered in child
 processes, under a memory cap (JOBQUEUE_RENDER_MAX_MB), by one of two engines:
 
-- `pdfium` (the default): `pdfrender.py`, which opens the document once and renders and encodes
-  its share of the pages with PDFium (pypdfium2) and Pillow;
+- `pdfium` (the default): `pdfrender.py`, which opens the document once and renders its share
+  of the pages with PDFium (pypdfium2) and writes them as PNGs with libpng (imagecodecs);
 - `poppler`: one pdftoppm run per page, the command pdf2image's convert_from_path builds.
 
 A job that renders alone spreads its pages over every core; one that starts while others render
@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -141,17 +142,27 @@ def too_many_pixels(page: int, size: str, dpi: int, settings: Settings) -> TooLa
                     "Ask for a lower dpi.")
 
 
-def check_pdf(path: Path, options: PdfOptions, settings: Settings) -> None:
-    """Before queueing: a PDF poppler can read, within the page and pixel limits."""
+def inspect_pdf(path: Path, options: PdfOptions, settings: Settings,
+                job: Job | None = None) -> PdfInfo:
+    """The one look at a PDF, before queueing (POST /jobs) and when the job starts (so /put
+    gets the same answers): UnsupportedInput for a file that is no PDF poppler can read,
+    TooLarge past the page and pixel limits. Runs pdfinfo for `job` when given."""
     with path.open("rb") as file:
         if file.read(5) != b"%PDF-":
             raise UnsupportedInput("The upload is not a PDF (it does not start with %PDF-). "
                                    "Send a PDF document.")
     try:
-        info = read_info(path, settings)
+        info = read_info(path, settings, job)
+    except UnsupportedInput:
+        raise
     except BadInput as error:
         raise UnsupportedInput(str(error)) from None
     check_limits(info, options.dpi, settings)
+    return info
+
+
+def check_pdf(path: Path, options: PdfOptions, settings: Settings) -> None:
+    inspect_pdf(path, options, settings)
 
 
 class Cores:
@@ -160,9 +171,9 @@ class Cores:
     A job always gets its first child. It may start another while fewer jobs run than there
     are cores, a core is free, and it has pages left that no child has taken. So a job that
     renders alone spreads over every core, one that starts while others render gets one
-    child, and the last job running takes the cores the others leave; a core that frees up
-    while jobs wait in the queue goes to the next of those instead, which starts at once.
-    (pdfium children share a job's pages as they go, see pdfrender.)
+    child, and the last job running takes the cores the others leave. (While jobs wait in the
+    queue, a worker that frees up starts the next of them at once, so the jobs running rarely
+    fall below the cores.) pdfium children share a job's pages as they go, see pdfrender.
     """
 
     def __init__(self, count: int):
@@ -229,6 +240,7 @@ def render_with_pdfium(job: Job, info: PdfInfo, page_done: Callable[[], None]) -
     done: set[int] = set()
     rendering: dict[int, int] = {}  # child -> the page it took last
     refusals: dict[int, dict] = {}
+    finished = False  # a child has run out of pages to take: so would any new one
 
     def on_line(child: int, line: str) -> None:
         try:
@@ -245,7 +257,13 @@ def render_with_pdfium(job: Job, info: PdfInfo, page_done: Callable[[], None]) -
             done.add(message["page"])
             page_done()
 
+    def child_finished(_: int) -> None:
+        nonlocal finished
+        finished = True
+
     def wanted(running: int) -> bool:
+        if finished:
+            return False
         if running and not rendering:
             # A second child only once the first is under way (about 0.15 s in): jobs that
             # arrive together with this one get a core each first.
@@ -257,13 +275,14 @@ def render_with_pdfium(job: Job, info: PdfInfo, page_done: Callable[[], None]) -
 
     try:
         processes.run_many(job, itertools.repeat(command), CORES.for_job(wanted),
-                           on_line=on_line, memory_mb=settings.render_max_mb)
+                           on_line=on_line, on_exit=child_finished,
+                           memory_mb=settings.render_max_mb)
     except processes.ProcessFailed as error:
-        page = rendering.get(error.index, 0)
+        page = rendering.get(error.index)
         refusal = refusals.get(error.index)
         if refusal is None:
-            raise render_failed(job, page, info, f"the PDFium renderer {_how(error)}") from None
-        raise refused(job, refusal, page, info) from None
+            raise render_failed(job, page, info, "the PDFium renderer", error) from None
+        raise refused(job, refusal, page or 0, info) from None
 
 
 def _how(error: processes.ProcessFailed) -> str:
@@ -271,6 +290,12 @@ def _how(error: processes.ProcessFailed) -> str:
            else f"exited with code {error.returncode}")
     tail = error.stderr_tail.strip().splitlines()
     return f"{how} ({tail[-1]})" if tail else how
+
+
+def _ran_out_of_memory(error: processes.ProcessFailed) -> bool:
+    """A capped renderer that aborts (PDFium's allocator does when RLIMIT_AS refuses it) or
+    says so (pdftoppm prints "Out of memory" first)."""
+    return error.returncode == -signal.SIGABRT or "out of memory" in error.stderr_tail.lower()
 
 
 def refused(job: Job, refusal: dict, page: int, info: PdfInfo) -> BadInput:
@@ -281,24 +306,34 @@ def refused(job: Job, refusal: dict, page: int, info: PdfInfo) -> BadInput:
     if reason == "too_large":
         return too_many_pixels(page, detail, job.options.dpi, settings)
     if reason == "out_of_memory":
-        return TooLarge(f"Page {page} of {info.pages} needs more memory than a renderer may use "
-                        f"({settings.render_max_mb:g} MB, JOBQUEUE_RENDER_MAX_MB); it may be a "
-                        "decompression bomb. Ask for a lower dpi, or send a simpler PDF.")
+        return out_of_memory(job, page, info)
     if reason == "wrong_size":
         return BadInput(f"Page {page} of {info.pages} came out {detail}; the PDF may be "
                         "damaged.")
     return BadInput(f"PDFium could not read the PDF ({detail}). " + SEND_A_PDF)
 
 
-def render_failed(job: Job, page: int, info: PdfInfo, what: str) -> BadInput:
-    return BadInput(f"Page {page} of {info.pages} could not be rendered: {what}. The PDF may be "
-                    f"damaged, or the page may need more memory than a renderer may use "
-                    f"({job.settings.render_max_mb:g} MB, JOBQUEUE_RENDER_MAX_MB).")
+def out_of_memory(job: Job, page: int | None, info: PdfInfo) -> TooLarge:
+    which = f"Page {page} of {info.pages}" if page else "A page of the PDF"
+    return TooLarge(f"{which} needs more memory than a renderer may use "
+                    f"({job.settings.render_max_mb:g} MB, JOBQUEUE_RENDER_MAX_MB); it may be a "
+                    "decompression bomb. Ask for a lower dpi, or send a simpler PDF.")
+
+
+def render_failed(job: Job, page: int | None, info: PdfInfo, renderer: str,
+                  error: processes.ProcessFailed) -> BadInput:
+    """The error a renderer's death stands for: out of memory under its cap, or a crash."""
+    if _ran_out_of_memory(error):
+        return out_of_memory(job, page, info)
+    which = f"Page {page} of {info.pages}" if page else "The PDF"
+    return BadInput(f"{which} could not be rendered: {renderer} {_how(error)}. The PDF may "
+                    "be damaged.")
 
 
 def render_with_poppler(job: Job, info: PdfInfo, page_done: Callable[[], None]) -> None:
-    """One pdftoppm per page, on as many cores as CORES gives the job. `-cropbox`: the page as viewers show it, the
-    size pdfinfo gave (without it pdftoppm renders the media box, which may be far larger)."""
+    """One pdftoppm per page, on as many cores as CORES gives the job. `-cropbox`: the page as
+    viewers show it, the size pdfinfo gave (without it pdftoppm renders the media box, which
+    may be far larger)."""
     options: PdfOptions = job.options
     commands = [
         ["pdftoppm", "-r", str(options.dpi), "-f", str(page), "-l", str(page), "-png",
@@ -310,7 +345,7 @@ def render_with_poppler(job: Job, info: PdfInfo, page_done: Callable[[], None]) 
         processes.run_many(job, commands, CORES.for_job(lambda running: True),
                            on_exit=lambda _: page_done(), memory_mb=job.settings.render_max_mb)
     except processes.ProcessFailed as error:
-        raise render_failed(job, error.index + 1, info, f"pdftoppm {_how(error)}") from None
+        raise render_failed(job, error.index + 1, info, "pdftoppm", error) from None
 
 
 ENGINES = {"pdfium": render_with_pdfium, "poppler": render_with_poppler}
@@ -336,8 +371,7 @@ def convert_pdf(job: Job) -> Output:
 def _convert(job: Job) -> Output:
     options: PdfOptions = job.options
     settings: Settings = job.settings
-    info = read_info(job.input_path, settings, job)
-    check_limits(info, options.dpi, settings)  # also for /put, which skips check_pdf
+    info = inspect_pdf(job.input_path, options, settings, job)
     job.set_progress(0, info.pages, "pages")
     finished = 0
 

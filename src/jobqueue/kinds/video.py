@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -23,6 +24,8 @@ INPUT_OPTIONS = {
 }
 PREVIEW_BOUNDARY = "frame"
 PROBE_TIMEOUT_SECONDS = 30
+PROBE_ENTRIES = ("format=duration:stream=codec_type,width,height,avg_frame_rate,r_frame_rate,"
+                 "nb_read_packets:stream_tags=rotate:stream_side_data=rotation")
 SEND_A_VIDEO = "Send a video file such as MP4, MOV, MKV or WebM."
 NO_VIDEO = "The file has no video stream. " + SEND_A_VIDEO
 
@@ -61,22 +64,28 @@ class VideoOptions(BaseModel):
 
 def probe_command(path: str) -> list[str]:
     flags = [arg for key, value in INPUT_OPTIONS.items() for arg in (f"-{key}", value)]
-    return ["ffprobe", "-v", "error", *flags, "-show_format", "-show_streams", "-of", "json", path]
+    # -count_packets reads the whole file (no decoding): the real number of frames, which a
+    # header's frame rate and duration may lie about. Only the fields read here are asked
+    # for, so a file's tags (of any size) never reach the server.
+    return ["ffprobe", "-v", "error", *flags, "-count_packets", "-show_entries", PROBE_ENTRIES,
+            "-of", "json", path]
 
 
 def probe_result(path: str, returncode: int, out: bytes, err: bytes) -> dict:
-    """ffprobe's JSON, or BadInput with the reason it gave and what to send instead."""
+    """ffprobe's JSON, or UnsupportedInput with the reason it gave and what to send instead
+    (the same answer before queueing and, for /put, when the job starts)."""
     if returncode != 0:
         lines = err.decode(errors="replace").replace(f"{path}: ", "").strip().splitlines()
         reason = lines[-1] if lines else "unknown format"
-        raise BadInput(f"The file is not a video ffprobe can read ({reason}). " + SEND_A_VIDEO)
+        raise UnsupportedInput(f"The file is not a video ffprobe can read ({reason}). "
+                               + SEND_A_VIDEO)
     info = json.loads(out)
     video = next((s for s in info.get("streams", []) if s.get("codec_type") == "video"), None)
     if video is None:
-        raise BadInput(NO_VIDEO)
+        raise UnsupportedInput(NO_VIDEO)
     if not (video.get("width") and video.get("height")):
-        raise BadInput("ffprobe cannot tell the video's frame size; the file may be damaged. "
-                       + SEND_A_VIDEO)
+        raise UnsupportedInput("ffprobe cannot tell the video's frame size; the file may be "
+                               "damaged. " + SEND_A_VIDEO)
     return info
 
 
@@ -95,6 +104,13 @@ def check_size(info: dict, settings: Settings, options: VideoOptions | None = No
     if duration > settings.video_max_seconds:
         raise TooLarge(f"The video is {duration:.0f} s long; this server takes at most "
                        f"{settings.video_max_seconds:g} s (JOBQUEUE_VIDEO_MAX_SECONDS).")
+    fps = _frame_rate(info)
+    if fps > settings.video_max_fps:
+        raise TooLarge(f"The video has {fps:g} frames a second; this server takes at most "
+                       f"{settings.video_max_fps:g} (JOBQUEUE_VIDEO_MAX_FPS).")
+    frames, max_frames = _frame_count(info), settings.video_max_seconds * settings.video_max_fps
+    if frames > max_frames:
+        raise TooLarge(too_many_frames(max_frames, f"it has {frames}"))
     width, height = _frame_size(info)
     sizes = [("The video's frames are", width, height)]
     if options is not None:
@@ -108,7 +124,9 @@ def check_size(info: dict, settings: Settings, options: VideoOptions | None = No
 def check_video(path: Path, options: VideoOptions, settings: Settings) -> None:
     try:
         info = probe(str(path))
-    except BadInput as error:
+    except UnsupportedInput:
+        raise
+    except BadInput as error:  # ffprobe timed out
         raise UnsupportedInput(str(error)) from None
     check_size(info, settings, options)
 
@@ -183,20 +201,35 @@ def resize_video(job: Job) -> Output:
     args[1:1] = ["-progress", "pipe:1"]
     background = BackgroundProbe(job, source)
 
-    settings = job.settings or Settings()
+    settings: Settings = job.settings
+    # A header can lie about the length and the frame rate: what ffmpeg actually decodes is
+    # held to the limits too, and ffmpeg is stopped the moment it goes past them.
+    max_frames = settings.video_max_seconds * settings.video_max_fps
     checked = False
+    encoded = 0.0  # seconds of output so far, by ffmpeg's count
 
     def on_progress(line: str) -> None:
-        # ffmpeg -progress prints key=value lines; out_time_us is the encoded position.
-        nonlocal checked
+        # ffmpeg -progress prints blocks of key=value lines, about every half second:
+        # frame= (frames so far), out_time_us= (the position of the output), progress=.
+        nonlocal checked, encoded
         key, _, value = line.partition("=")
-        if key == "out_time_us" and value.isdigit() and background.ready():
+        if not value.isdigit():
+            return
+        if key == "frame" and int(value) > max_frames:
+            raise TooLarge(too_many_frames(max_frames, "it was stopped there"))
+        if key != "out_time_us":
+            return
+        encoded = int(value) / 1e6
+        if encoded > settings.video_max_seconds:
+            raise TooLarge(f"The video runs longer than {settings.video_max_seconds:g} s "
+                           "(JOBQUEUE_VIDEO_MAX_SECONDS), whatever its header says; it was "
+                           "stopped there.")
+        if background.ready():
             if not checked:  # /put skips check_video: the limits stop ffmpeg here instead
                 check_size(background.info(), settings, options)
                 checked = True
             duration = _duration(background.info())
-            job.set_progress(round(min(int(value) / 1e6, duration), 2), round(duration, 2),
-                             "seconds")
+            job.set_progress(round(min(encoded, duration), 2), round(duration, 2), "seconds")
 
     try:
         try:
@@ -205,11 +238,15 @@ def resize_video(job: Job) -> Output:
             background.info()  # a clearer message when the file is no video at all
             raise
         info = background.info()
+        check_size(info, settings, options)
+    except BaseException:
+        target.unlink(missing_ok=True)  # a partial output is no use to anyone
+        raise
     finally:
         background.close()
-    check_size(info, settings, options)
 
-    duration = _duration(info)
+    # The output's real length, as ffmpeg wrote it; the header's only if ffmpeg never said.
+    duration = encoded or _duration(info)
     job.set_progress(round(duration, 2), round(duration, 2), "seconds")
     out_width, out_height = options.output_size(*_frame_size(info))
     return Output(
@@ -226,6 +263,33 @@ def _frame_size(info: dict) -> tuple[int, int]:
     if _rotation(video) in (90, 270):
         width, height = height, width
     return width, height
+
+
+def too_many_frames(max_frames: float, what: str) -> str:
+    return (f"The video has more than {max_frames:g} frames (JOBQUEUE_VIDEO_MAX_SECONDS × "
+            f"JOBQUEUE_VIDEO_MAX_FPS), whatever its header says: {what}.")
+
+
+def _frame_count(info: dict) -> int:
+    """Video packets in the file, as ffprobe -count_packets read them (one frame each)."""
+    video = next(s for s in info["streams"] if s.get("codec_type") == "video")
+    count = str(video.get("nb_read_packets", "0"))
+    return int(count) if count.isdigit() else 0
+
+
+def _frame_rate(info: dict) -> float:
+    """Frames a second of the first video stream: its average rate, else the rate ffprobe
+    guesses from its timestamps (r_frame_rate); 0 when it says neither."""
+    video = next(s for s in info["streams"] if s.get("codec_type") == "video")
+    for field in ("avg_frame_rate", "r_frame_rate"):
+        numerator, _, denominator = str(video.get(field, "0/0")).partition("/")
+        try:
+            rate = float(numerator) / float(denominator or 1)
+        except (ValueError, ZeroDivisionError):
+            continue
+        if rate > 0 and math.isfinite(rate):
+            return rate
+    return 0.0
 
 
 def _duration(info: dict) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from ..kinds import KINDS
 from ..schemas import Health
@@ -20,6 +20,12 @@ async def root() -> dict[str, str | dict[str, str]]:
     }
 
 
-@router.get("/health", summary="Queue sizes and busy workers per job kind", response_model=Health)
-async def health(request: Request) -> Health:
-    return Health(status="ok", queues=request.app.state.engine.stats())
+@router.get("/health", summary="Queue sizes and busy workers per job kind", response_model=Health,
+            responses={503: {"model": Health, "description": "Draining: shutting down, "
+                                                            "taking no new jobs"}})
+async def health(request: Request, response: Response) -> Health:
+    queues = request.app.state.engine.stats()
+    if request.app.state.draining:  # load balancers read the status code, not the body
+        response.status_code = 503
+        return Health(status="draining", queues=queues)
+    return Health(status="ok", queues=queues)

@@ -19,8 +19,8 @@ from ..engine import Engine
 from ..jobs import Job, JobStatus
 from ..kinds import KINDS
 from ..ratelimit import limiter, submit_limit
-from ..schemas import (Accepted, JobList, JobView, Links, ProgressView, ResultView,
-                       error_responses)
+from ..schemas import (Accepted, JobList, JobSummary, JobView, Links, ProgressView,
+                       ResultSummary, ResultView, error_responses)
 from ..shutdown import refuse_while_draining
 from ..store import JobRecord
 from ..submission import read_submission, start_job
@@ -59,9 +59,25 @@ def _time(timestamp: float | None) -> str | None:
 
 
 def job_view(request: Request, record: JobRecord, job: Job | None = None) -> JobView:
+    """The whole job, its result's data included."""
+    view = JobView(**_fields(request, record, job))
+    if record.status == JobStatus.SUCCEEDED.value and record.result:
+        view.result = ResultView(data=record.result["data"],
+                                 files=_file_urls(request, record))
+    return view
+
+
+def job_summary(request: Request, record: JobRecord, job: Job | None = None) -> JobSummary:
+    """The job as lists and the event feed show it: the result's file URLs, not its data."""
+    summary = JobSummary(**_fields(request, record, job))
+    if record.status == JobStatus.SUCCEEDED.value and record.result:
+        summary.result = ResultSummary(files=_file_urls(request, record))
+    return summary
+
+
+def _fields(request: Request, record: JobRecord, job: Job | None) -> dict:
     engine: Engine = request.app.state.engine
-    succeeded = record.status == JobStatus.SUCCEEDED.value
-    return JobView(
+    return dict(
         id=record.id,
         job_type=record.job_type,
         status=record.status,
@@ -71,18 +87,18 @@ def job_view(request: Request, record: JobRecord, job: Job | None = None) -> Job
         started_at=_time(record.started_at),
         finished_at=_time(record.finished_at),
         error=record.error if record.status == JobStatus.FAILED.value else None,
-        result=ResultView(
-            data=record.result["data"],
-            files=[str(request.url_for("job_file", job_id=record.id, name=name))
-                   for name in record.result["files"]],
-        ) if succeeded and record.result else None,
     )
 
 
-def current_view(request: Request, record: JobRecord) -> JobView:
-    """The view of a stored job, live from the engine while it has not finished."""
+def _file_urls(request: Request, record: JobRecord) -> list[str]:
+    return [str(request.url_for("job_file", job_id=record.id, name=name))
+            for name in record.result.get("files") or []]
+
+
+def current_summary(request: Request, record: JobRecord) -> JobSummary:
+    """The summary of a listed job, live from the engine while it has not finished."""
     job = request.app.state.engine.active.get(record.id)
-    return job_view(request, job.record(), job) if job else job_view(request, record)
+    return job_summary(request, job.record(), job) if job else job_summary(request, record)
 
 
 @router.post(
@@ -109,7 +125,8 @@ async def submit_job(request: Request, response: Response) -> Accepted:
                                 cancel=url))
 
 
-@router.get("/jobs", summary="List jobs, newest first", response_model=JobList,
+@router.get("/jobs", summary="List jobs, newest first: summaries, without the results' data",
+            response_model=JobList,
             response_model_exclude_none=True, responses=error_responses(422))
 async def list_jobs(
     request: Request,
@@ -121,9 +138,11 @@ async def list_jobs(
     if job_type is not None and job_type not in KINDS:
         raise HTTPException(422, f"Unknown jobType {job_type!r}; valid job types: "
                                  f"{', '.join(KINDS)}.")
-    records = request.app.state.store.list(status.value if status else None, job_type,
-                                           limit, offset, owner(request))
-    items = [current_view(request, record) for record in records]
+    # In the thread pool: the store waits for records still being written.
+    records = await run_in_threadpool(request.app.state.store.list,
+                                      status.value if status else None, job_type, limit,
+                                      offset, owner(request))
+    items = [current_summary(request, record) for record in records]
     next_page = None
     if len(records) == limit:
         next_page = str(request.url.include_query_params(offset=offset + limit))
@@ -160,11 +179,19 @@ async def delete_job(request: Request, found: Found = Depends(find_job)) -> JobV
     return job_view(request, found.record)
 
 
+async def stream_slot(request: Request) -> AsyncIterator[None]:
+    """Dependency of the event-stream routes: a slot held until the stream ends, 503 when
+    JOBQUEUE_MAX_STREAMS are open."""
+    with request.app.state.streams.slot():
+        yield
+
+
 @router.get("/jobs/{job_id}/events", response_class=EventSourceResponse,
             summary="Live status and progress as Server-Sent Events",
             description="One `data:` line of JSON (the same shape as `GET /jobs/{id}`) per "
-                        "change, starting with the current state and ending after the final one.",
-            responses=error_responses(404))
+                        "change, starting with the current state and ending after the final "
+                        "one. At most `JOBQUEUE_MAX_STREAMS` streams are open at once (503).",
+            responses=error_responses(404, 503), dependencies=[Depends(stream_slot)])
 async def job_events(request: Request, found: Found = Depends(find_job)) -> AsyncIterator[dict]:
     job = found.job
     if job is None:

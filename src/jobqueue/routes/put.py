@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
 from ..access import owner
 from ..engine import Engine
-from ..jobs import BadInput, DiskFull, Job, JobStatus, TooLarge
+from ..jobs import BadInput, DiskFull, Job, JobStatus, TooLarge, UnsupportedInput
 from ..kinds import KINDS
 from ..ratelimit import limiter, submit_limit
 from ..schemas import JobResult, PutData, PutResponse, error_responses
@@ -89,11 +90,7 @@ async def wait_for_job(request: Request, engine: Engine, job: Job, timeout: floa
             await asyncio.shield(job.done)
     except TimeoutError:
         if not job.status.finished:  # it may have finished just as the timeout fired
-            raise HTTPException(
-                504, f"Job {job.id} did not finish within the {job.kind.name} timeout of "
-                     f"{timeout:g} s and was cancelled. Send smaller input or raise "
-                     f"JOBQUEUE_{job.kind.name.upper()}_TIMEOUT.",
-            ) from None
+            raise HTTPException(504, timed_out(job, timeout)) from None
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -103,6 +100,19 @@ async def wait_for_job(request: Request, engine: Engine, job: Job, timeout: floa
     if job.status is JobStatus.CANCELLED and request.app.state.draining:
         raise shutting_down(request)  # shutdown stopped it first
     raise_for_failure(job)
+
+
+def timed_out(job: Job, timeout: float) -> str:
+    """The 504's detail: where the time went, since the timeout counts the wait in the queue."""
+    now = time.time()
+    setting = f"JOBQUEUE_{job.kind.name.upper()}_TIMEOUT"
+    if job.started_at is None:
+        return (f"Job {job.id} waited {now - job.created_at:.1f} s in the {job.kind.name} queue "
+                f"and never started: the {timeout:g} s {setting} counts the wait too. It was "
+                "cancelled. Retry when the queue is shorter (GET /health), or use POST /jobs.")
+    return (f"Job {job.id} waited {job.started_at - job.created_at:.1f} s in the queue and ran "
+            f"{now - job.started_at:.1f} s without finishing within {timeout:g} s ({setting}); "
+            "it was stopped. Send smaller input, raise the setting, or use POST /jobs.")
 
 
 async def _cancel_on_disconnect(request: Request, engine: Engine, job: Job) -> None:
@@ -117,7 +127,9 @@ def raise_for_failure(job: Job) -> None:
         raise HTTPException(409, f"Job {job.id} was cancelled before it finished.")
     if job.status is JobStatus.FAILED:
         if isinstance(job.error, BadInput):
-            raise HTTPException(413 if isinstance(job.error, TooLarge) else 422, str(job.error))
+            status = (413 if isinstance(job.error, TooLarge) else
+                      415 if isinstance(job.error, UnsupportedInput) else 422)
+            raise HTTPException(status, str(job.error))
         if isinstance(job.error, DiskFull):
             raise HTTPException(507, str(job.error))
         raise HTTPException(500, f"Job {job.id} failed with an internal error; "

@@ -1,0 +1,35 @@
+"""Counted slots for what holds a connection open: uploads and event streams.
+
+Past the limit a client gets 503 with Retry-After instead of a slot, so a flood of slow uploads
+or idle streams cannot take the server's memory, file descriptors and event loop for itself.
+Used only on the event loop, so a plain counter will do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from fastapi import HTTPException
+
+RETRY_AFTER_SECONDS = 5
+
+
+class Slots:
+    def __init__(self, limit: int, what: str, setting: str):
+        self.limit = limit
+        self.what = what  # "uploads", "event streams"
+        self.setting = setting
+        self.used = 0
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.used >= self.limit:
+            raise HTTPException(503, f"{self.limit} {self.what} are open, the most {self.setting} "
+                                     f"allows; retry in {RETRY_AFTER_SECONDS} s.",
+                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        self.used += 1
+        try:
+            yield
+        finally:
+            self.used -= 1

@@ -1,0 +1,149 @@
+"""What clients can hold: slow headers, slow or stalled uploads, many uploads and event streams
+at once, huge list pages, and forwarded addresses from whoever claims to be a proxy."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+from httpx_sse import connect_sse
+
+from conftest import run_server
+
+
+def connect(server) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the server has closed the connection (recv sees its end)."""
+    try:
+        return sock.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_connection_whose_headers_dribble_in_is_closed(tmp_path):
+    with run_server(tmp_path, header_timeout=1) as server:
+        with connect(server) as sock:
+            sock.settimeout(0.2)
+            started = time.monotonic()
+            request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+            closed = False
+            for byte in request:  # a byte every 50 ms: never done within a second
+                try:
+                    sock.send(bytes([byte]))
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                    break
+                try:
+                    if closed_by_server(sock):
+                        closed = True
+                        break
+                except TimeoutError:
+                    pass
+                time.sleep(0.05)
+            assert closed, "the server kept the dribbling connection open"
+            assert time.monotonic() - started < 8
+        with server.client() as client:
+            assert client.get("/health").status_code == 200
+
+
+def multipart_head(boundary: str = "b0undary") -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"jobType\"\r\n\r\n"
+            f"pdf2image\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"slow.pdf\"\r\n\r\n%PDF-1.4\n").encode()
+
+
+def start_upload(server, length: int = 10 * 2**20) -> socket.socket:
+    """A multipart upload that sends its head and then nothing more."""
+    sock = connect(server)
+    head = multipart_head()
+    sock.sendall(f"POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n"
+                 "Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n".encode() + head)
+    return sock
+
+
+def test_a_stalled_upload_is_cut_off_with_408_and_its_file_removed(tmp_path):
+    """Nothing for 30 s, less than JOBQUEUE_MIN_UPLOAD_KBPS: 408, and the partial file goes."""
+    with run_server(tmp_path) as server, start_upload(server) as sock:
+        uploads = lambda: list(server.out_dir.glob("*/input/*"))  # noqa: E731
+        deadline = time.monotonic() + 5
+        while not uploads():
+            assert time.monotonic() < deadline, "the upload never started"
+            time.sleep(0.05)
+        sock.settimeout(45)
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"JOBQUEUE_MIN_UPLOAD_KBPS" in answer
+        assert uploads() == [], "the partial upload is removed"
+
+
+def test_uploads_and_event_streams_past_their_caps_get_503(tmp_path):
+    with run_server(tmp_path, max_uploads=2, max_streams=2) as server, \
+            server.client() as client:
+        held = [start_upload(server) for _ in range(2)]
+        try:
+            deadline = time.monotonic() + 5
+            while len(list(server.out_dir.glob("*/input/*"))) < 2:
+                assert time.monotonic() < deadline, "the uploads never started"
+                time.sleep(0.05)
+            refused = client.post("/jobs", data={"jobType": "pdf2image"},
+                                  files={"file": ("x.pdf", b"%PDF-1.4")})
+            assert refused.status_code == 503 and "JOBQUEUE_MAX_UPLOADS" in refused.text
+            assert int(refused.headers["Retry-After"]) > 0
+            assert client.post("/jobs", json={"seconds": 0}).status_code == 202, \
+                "a JSON body is no upload"
+        finally:
+            for sock in held:
+                sock.close()
+
+        job_id = client.post("/jobs", json={"seconds": 30}).json()["id"]
+        with server.client() as one, server.client() as two, \
+                connect_sse(one, "GET", "/events") as first, \
+                connect_sse(two, "GET", f"/jobs/{job_id}/events") as second:
+            # Hold the iterators: a dropped one closes its stream.
+            first_events, second_events = first.iter_sse(), second.iter_sse()
+            next(first_events)
+            next(second_events)
+            with client.stream("GET", "/events") as third:
+                assert third.status_code == 503
+                assert "JOBQUEUE_MAX_STREAMS" in third.read().decode()
+        client.delete(f"/jobs/{job_id}")
+        deadline = time.monotonic() + 5  # the streams' slots free up once they have ended
+        while True:
+            with client.stream("GET", f"/jobs/{job_id}/events") as again:
+                if again.status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "a closed stream kept its slot"
+            time.sleep(0.05)
+
+
+def test_list_items_are_summaries_without_the_results_data(tmp_path):
+    big = "x" * 200_000
+    with run_server(tmp_path) as server, server.client() as client:
+        job_ids = [client.post("/put", json={"data": big, "seconds": 0}).json()["data"]["id"]
+                   for _ in range(5)]
+        listed = client.get("/jobs", params={"limit": 100})
+        assert len(listed.content) < 10_000, "a page of summaries stays small"
+        items = {item["id"]: item for item in listed.json()["items"]}
+        assert set(job_ids) <= set(items)
+        assert items[job_ids[0]]["result"] == {"files": []}
+        assert client.get(f"/jobs/{job_ids[0]}").json()["result"]["data"]["message"] == big
+
+
+def test_forwarded_addresses_count_only_from_trusted_proxies(tmp_path):
+    def third_answer(client: httpx.Client) -> int:
+        answers = [client.post("/jobs", json={"seconds": 0},
+                               headers={"X-Forwarded-For": f"10.0.0.{n}"}).status_code
+                   for n in range(3)]
+        assert answers[:2] == [202, 202]
+        return answers[2]
+
+    with run_server(tmp_path / "a", rate_limit="2/minute") as server, server.client() as client:
+        assert third_answer(client) == 429, "a local client posed as three addresses"
+    with run_server(tmp_path / "b", rate_limit="2/minute", trusted_proxies="127.0.0.1") as server, \
+            server.client() as client:
+        assert third_answer(client) == 202, "behind a trusted proxy each address has its own"
