@@ -51,7 +51,9 @@ def test_a_drawing_loop_ends_with_its_put_and_takes_its_renderer_along(tmp_path,
         with (corpus / "nested-forms.pdf").open("rb") as pdf:
             response = client.post("/put", data={"jobType": "pdf2image"},
                                    files={"file": ("loop.pdf", pdf)})
-        assert response.status_code in (422, 504), response.text
+        # PDFium gives up (422, or 413 when it says it ran out of memory) or the timeout
+        # comes first (504): which, depends on how fast the machine is.
+        assert response.status_code in (413, 422, 504), response.text
         wait_until(lambda: not server.children(child), 3)
         assert rss_kb(server) - before < 30_000, "the render happened outside the server"
         assert client.get("/health").status_code == 200

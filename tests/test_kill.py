@@ -47,19 +47,23 @@ def test_children_die_with_the_server_and_the_jobs_run_again(tmp_path):
 
 def test_a_folder_with_no_record_is_removed_once_it_is_old(tmp_path):
     out = tmp_path / "out"
-    leftover, fresh = out / str(uuid.uuid4()), out / str(uuid.uuid4())
+    leftover, fresh, unmarked = (out / str(uuid.uuid4()) for _ in range(3))
     other = out / "not-a-job"
-    for folder in (leftover, fresh, other):
+    for folder in (leftover, fresh, unmarked, other):
         (folder / "input").mkdir(parents=True)
         (folder / "input" / "upload.pdf").write_bytes(b"%PDF-1.4 cut off by kill -9")
+        if folder is not unmarked:
+            (folder / ".job").touch()  # the mark the server puts in each folder it makes
     an_hour_ago = time.time() - 3600
-    for path in (leftover / "input" / "upload.pdf", leftover / "input", leftover):
-        os.utime(path, (an_hour_ago, an_hour_ago))
+    for folder in (leftover, unmarked, other):
+        for path in (*folder.rglob("*"), folder):
+            os.utime(path, (an_hour_ago, an_hour_ago))
     with run_server(tmp_path) as server, server.client() as client:
         assert client.get("/health").status_code == 200
         assert not leftover.exists(), "an old folder with no record is a leftover"
         assert fresh.exists(), "a recent one may be an upload in progress"
         assert other.exists(), "only job-id-named folders are touched"
+        assert unmarked.exists(), "and only those the server made"
         job = client.post("/put", json={"jobType": "pdf2image", "dpi": 20}).json()["data"]
         assert (out / job["id"]).is_dir(), "a folder with a record stays"
     assert "had no record" in server.log()

@@ -46,7 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await asyncio.to_thread(retention.sweep_orphans, store, settings.out_dir)
         log.info("workers started: %s",
                  {name: pool.limits.workers for name, pool in engine.pools.items()})
-        sweeper = asyncio.create_task(retention.sweep_forever(store, settings, engine.feed))
+        sweeper = asyncio.create_task(retention.sweep_forever(store, settings, engine.feed,
+                                                              app.state.uploads.holders))
         yield
         sweeper.cancel()
         await asyncio.to_thread(engine.stop)

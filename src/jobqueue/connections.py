@@ -2,10 +2,11 @@
 request's headers.
 
 uvicorn has no such deadline: its keep-alive timer starts again on every byte (uvicorn issue
-#157), so a client sending a byte a second holds its connection forever. Here a connection
-whose request headers are not complete JOBQUEUE_HEADER_TIMEOUT seconds after it opened (or
-after the first byte of its next request) is closed. Bodies are held to
-JOBQUEUE_MIN_UPLOAD_KBPS by the routes that read them (uploads.body).
+#157), so a client sending a byte a second holds its connection forever. Here a connection must
+complete a request's headers within JOBQUEUE_HEADER_TIMEOUT seconds of opening, and of every
+response it gets (a blank line, or the rest of a body the server did not read, does not count
+as a request). Bodies being read are held to JOBQUEUE_MIN_UPLOAD_KBPS by the routes that read
+them (uploads.body).
 """
 
 from __future__ import annotations
@@ -28,11 +29,18 @@ def with_header_timeout(seconds: float) -> type[HttpToolsProtocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._start_header_timer()
+            if self._header_timer is None:  # a pipelined request: its time starts now
+                self._start_header_timer()
 
         def on_headers_complete(self) -> None:
             self._stop_header_timer()
             super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # Idle again: uvicorn's keep-alive timer would stop at the next byte, whatever it is.
+            if not self.transport.is_closing() and not self.pipeline:
+                self._start_header_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._stop_header_timer()

@@ -242,7 +242,7 @@ class WorkerPool:
         log.debug("job %s: %s started on %s", job.id, self.kind.name, job.worker_name)
         try:
             if self.kind.writes_files:
-                job.out_dir.mkdir(exist_ok=True)
+                storage.make_job_dir(job.out_dir)
             output = self.kind.handler(job)
         except JobCancelled:
             status, output, error = JobStatus.CANCELLED, None, None
@@ -420,7 +420,7 @@ class Engine:
                            owner=record.owner)
         job.created_at = record.created_at
         for path in job.out_dir.iterdir() if job.out_dir.is_dir() else ():
-            if path.name != storage.INPUT_DIR:
+            if path.name not in (storage.INPUT_DIR, storage.JOB_MARK):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         self.store.save(job.record())
         self.pools[kind.name].requeue(job)

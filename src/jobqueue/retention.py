@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Set
 from pathlib import Path
 
 from . import storage
@@ -32,8 +33,10 @@ def sweep(store: JobStore, settings: Settings) -> list[tuple[str, str]]:
     return [(record.id, record.owner) for record in expired]
 
 
-def sweep_orphans(store: JobStore, out_dir: Path) -> list[str]:
-    """Remove job-id-named folders under `out_dir` that no record owns and that nothing has
+def sweep_orphans(store: JobStore, out_dir: Path, receiving: Set[str] = frozenset()
+                  ) -> list[str]:
+    """Remove job folders under `out_dir` (named by a job id, and marked as one) that no
+    record owns, that this server is not `receiving` an upload for, and that nothing has
     written to for ORPHAN_SECONDS; nothing else under `out_dir` is touched. Returns their ids."""
     removed = []
     cutoff = time.time() - ORPHAN_SECONDS
@@ -42,7 +45,8 @@ def sweep_orphans(store: JobStore, out_dir: Path) -> list[str]:
     except FileNotFoundError:
         return removed
     for entry in entries:
-        if not (storage.is_job_id(entry.name) and entry.is_dir(follow_symlinks=False)):
+        if not (storage.is_job_id(entry.name) and entry.is_dir(follow_symlinks=False)
+                and Path(entry.path, storage.JOB_MARK).is_file()) or entry.name in receiving:
             continue
         if store.get(entry.name) is not None or _last_written(Path(entry.path)) > cutoff:
             continue
@@ -64,7 +68,8 @@ def _last_written(folder: Path) -> float:
     return newest
 
 
-async def sweep_forever(store: JobStore, settings: Settings, feed: Feed) -> None:
+async def sweep_forever(store: JobStore, settings: Settings, feed: Feed,
+                       receiving: Set[str] = frozenset()) -> None:
     # A tenth of the TTL keeps expired jobs from lingering long; a minute at most.
     interval = min(60.0, max(0.5, settings.result_ttl / 10))
     while True:
@@ -72,6 +77,6 @@ async def sweep_forever(store: JobStore, settings: Settings, feed: Feed) -> None
         try:
             for job_id, owner in await asyncio.to_thread(sweep, store, settings):
                 feed.job_removed(job_id, owner)  # open dashboards drop it
-            await asyncio.to_thread(sweep_orphans, store, settings.out_dir)
+            await asyncio.to_thread(sweep_orphans, store, settings.out_dir, set(receiving))
         except Exception:
             log.exception("retention sweep failed; trying again in %g s", interval)

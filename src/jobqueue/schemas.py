@@ -120,13 +120,16 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         400: "The multipart body is malformed or cut off.",
         401: "No valid X-API-Key (only when the server has JOBQUEUE_API_KEYS).",
         404: "Unknown job or file.",
+        408: "The body came in slower than JOBQUEUE_MIN_UPLOAD_KBPS.",
         409: "The job has not succeeded (yet).",
         413: "The upload is too large, or the input is over a JOBQUEUE_*_MAX_* limit.",
-        415: "The body is neither JSON nor multipart/form-data.",
+        415: "The body is neither JSON nor multipart/form-data, or the upload is not the kind "
+             "of file the job takes.",
         422: "Bad options, unknown jobType, or input the job kind cannot process.",
         429: "Rate limit exceeded; see Retry-After.",
         500: "The job failed unexpectedly; the detail names the job id.",
-        503: "The kind's queue is full; see Retry-After.",
+        503: "The kind's queue is full, too many uploads or streams are open, or the server is "
+             "shutting down; see Retry-After.",
         504: "The job did not finish within its kind's timeout and was cancelled.",
         507: "The server's disk is full.",
     }

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     video_max_pixels: int = Field(3840 * 2160, ge=4,
                                   description="Largest video frame, input or output, in pixels")
     video_max_fps: float = Field(240, gt=0, description="Highest video frame rate")
+    video_max_mb: float = Field(3072, ge=512, description="Address space each ffmpeg or "
+                                "ffprobe child may use (RLIMIT_AS), in MB")
 
     shutdown_grace: float = Field(10, ge=0, description="Seconds running jobs get on shutdown")
 

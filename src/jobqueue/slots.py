@@ -21,15 +21,19 @@ class Slots:
         self.what = what  # "uploads", "event streams"
         self.setting = setting
         self.used = 0
+        self.holders: set[str] = set()  # what slot() was given: the jobs being uploaded
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
+    def slot(self, holder: str | None = None) -> Iterator[None]:
         if self.used >= self.limit:
             raise HTTPException(503, f"{self.limit} {self.what} are open, the most {self.setting} "
                                      f"allows; retry in {RETRY_AFTER_SECONDS} s.",
                                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         self.used += 1
+        if holder:
+            self.holders.add(holder)
         try:
             yield
         finally:
             self.used -= 1
+            self.holders.discard(holder)

@@ -14,6 +14,9 @@ import uuid
 from pathlib import Path
 
 INPUT_DIR = "input"
+# In every job folder: what the orphan sweep looks for before it removes one (so it never
+# touches a folder this server did not make, whatever its name).
+JOB_MARK = ".job"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_NAME_LENGTH = 120
 
@@ -45,6 +48,12 @@ def job_dir(out_dir: Path, job_id: str) -> Path:
     if not is_job_id(job_id):
         raise ValueError(f"not a job id: {job_id!r}")
     return out_dir / job_id
+
+
+def make_job_dir(folder: Path) -> None:
+    """Create a job's folder (`job_dir`), marked as one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / JOB_MARK).touch()
 
 
 def output_file(out_dir: Path, job_id: str, name: str) -> Path | None:

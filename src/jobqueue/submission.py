@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ValidationError
 
 from . import storage
@@ -40,13 +41,23 @@ async def read_submission(request: Request, settings: Settings) -> Submission:
     min_rate = settings.min_upload_kbps * 1024
     try:
         upload = None
-        if content_type.startswith("multipart/form-data"):
-            with request.app.state.uploads.slot():  # 503 past JOBQUEUE_MAX_UPLOADS
-                fields, upload = await read_multipart(
-                    request, storage.job_dir(settings.out_dir, job_id) / storage.INPUT_DIR,
-                    int(settings.max_upload_mb * 2**20), min_rate, file_refused)
-        else:
-            fields = await read_json(request, content_type, min_rate)
+        try:
+            if content_type.startswith("multipart/form-data"):
+                # 503 past JOBQUEUE_MAX_UPLOADS; the orphan sweep leaves this job's folder be.
+                with request.app.state.uploads.slot(job_id):
+                    fields, upload = await read_multipart(
+                        request, storage.job_dir(settings.out_dir, job_id) / storage.INPUT_DIR,
+                        int(settings.max_upload_mb * 2**20), min_rate, file_refused)
+            else:
+                fields = await read_json(request, content_type, min_rate)
+        except HTTPException as refusal:
+            # Refused before the body was all read: the connection cannot carry another
+            # request, and a client still sending should stop.
+            refusal.headers = {**(refusal.headers or {}), "Connection": "close"}
+            raise
+        except ClientDisconnect:
+            raise HTTPException(400, "The client closed the connection before its request "
+                                     "body was complete.") from None
         kind, options = parse_options(fields)
         if upload is not None and kind.sample is None:
             raise HTTPException(422, f"{kind.name} jobs take no file; send only the options.")
@@ -130,8 +141,13 @@ async def start_job(engine: Engine, submission: Submission, origin: str,
     kind = submission.kind
     try:
         if check_input and submission.upload and kind.check_input:
-            await run_in_threadpool(kind.check_input, submission.upload, submission.options,
-                                    engine.settings)
+            try:
+                await run_in_threadpool(kind.check_input, submission.upload,
+                                        submission.options, engine.settings)
+            except FileNotFoundError:
+                raise HTTPException(400, "The upload was removed before it could be checked "
+                                         "(the server may be shutting down); send it "
+                                         "again.") from None
         job = engine.new_job(kind, submission.options, submission.job_id, submission.upload,
                              origin, owner)
         engine.submit(job)

@@ -17,6 +17,8 @@ from .jobs import is_disk_full
 MAX_FIELDS = 20
 # JOBQUEUE_MIN_UPLOAD_KBPS is held over windows this long.
 SPEED_WINDOW_SECONDS = 30.0
+# What a multipart body may hold besides its file and fields: part headers and boundaries.
+BODY_OVERHEAD_BYTES = 1024 * 1024
 MAX_FIELD_BYTES = 64 * 1024
 # After the cap is hit, read (and drop) at most this much more so the client sees the 413.
 DRAIN_BYTES = 64 * 1024 * 1024
@@ -78,7 +80,8 @@ class _Form:
         if self._name == "file":
             if reason := self.refuse_file(self.fields):  # before a byte of it is stored
                 raise HTTPException(422, reason)
-            self.folder.mkdir(parents=True, exist_ok=True)
+            storage.make_job_dir(self.folder.parent)
+            self.folder.mkdir(exist_ok=True)
             self.file_path = self.folder / storage.safe_name(
                 (filename or b"upload").decode(errors="replace"))
             self._file = self.file_path.open("wb")
@@ -185,9 +188,17 @@ async def read_multipart(request: Request, folder: Path, max_bytes: int,
     form = _Form(folder, max_bytes, refuse_file)
     parser = MultipartParser(boundary, form.callbacks())
     stream = body(request, min_bytes_per_second)
+    # The file, the fields, and room for part headers and boundaries: nothing more is read.
+    max_body = max_bytes + MAX_FIELDS * MAX_FIELD_BYTES + BODY_OVERHEAD_BYTES
+    received = 0
     try:
         async for chunk in stream:
+            received += len(chunk)
+            if received > max_body:
+                raise UploadTooLarge
             parser.write(chunk)
+            if parser.state == MultipartState.END:
+                break  # an epilogue after the closing boundary is not read: it means nothing
         parser.finalize()
         if parser.state != MultipartState.END:
             raise HTTPException(400, "The multipart body ends before its closing boundary; "
@@ -201,6 +212,8 @@ async def read_multipart(request: Request, folder: Path, max_bytes: int,
         raise too_slow(min_bytes_per_second) from None
     except HTTPException:
         await _discard(form, stream)  # a refused part: the client still gets to read why
+        raise
+    except ClientDisconnect:
         raise
     except OSError as error:  # writing the upload failed: the disk, not the body
         await _discard(form, stream)

@@ -293,9 +293,9 @@ def _how(error: processes.ProcessFailed) -> str:
 
 
 def _ran_out_of_memory(error: processes.ProcessFailed) -> bool:
-    """A capped renderer that aborts (PDFium's allocator does when RLIMIT_AS refuses it) or
-    says so (pdftoppm prints "Out of memory" first)."""
-    return error.returncode == -signal.SIGABRT or "out of memory" in error.stderr_tail.lower()
+    """A renderer that says it ran out of memory under its cap (pdftoppm prints "Out of
+    memory", the render program reports a MemoryError)."""
+    return "out of memory" in error.stderr_tail.lower()
 
 
 def refused(job: Job, refusal: dict, page: int, info: PdfInfo) -> BadInput:
@@ -326,6 +326,11 @@ def render_failed(job: Job, page: int | None, info: PdfInfo, renderer: str,
     if _ran_out_of_memory(error):
         return out_of_memory(job, page, info)
     which = f"Page {page} of {info.pages}" if page else "The PDF"
+    if error.returncode == -signal.SIGABRT:  # PDFium aborts when its allocator is refused
+        return BadInput(f"{which} could not be rendered: {renderer} gave up (it aborted). "
+                        "Most often that is running out of the memory a renderer may use "
+                        f"({job.settings.render_max_mb:g} MB, JOBQUEUE_RENDER_MAX_MB): a "
+                        "decompression bomb, or a page that draws itself over and over.")
     return BadInput(f"{which} could not be rendered: {renderer} {_how(error)}. The PDF may "
                     "be damaged.")
 

@@ -89,9 +89,10 @@ def probe_result(path: str, returncode: int, out: bytes, err: bytes) -> dict:
     return info
 
 
-def probe(path: str) -> dict:
+def probe(path: str, settings: Settings) -> dict:
     try:
-        done = processes.output(probe_command(path), PROBE_TIMEOUT_SECONDS)
+        done = processes.output(probe_command(path), PROBE_TIMEOUT_SECONDS,
+                                settings.video_max_mb)
     except subprocess.TimeoutExpired:  # run() has killed and reaped it
         raise BadInput(f"ffprobe could not read the file within {PROBE_TIMEOUT_SECONDS} s; it "
                        "may be damaged. " + SEND_A_VIDEO) from None
@@ -123,7 +124,7 @@ def check_size(info: dict, settings: Settings, options: VideoOptions | None = No
 
 def check_video(path: Path, options: VideoOptions, settings: Settings) -> None:
     try:
-        info = probe(str(path))
+        info = probe(str(path), settings)
     except UnsupportedInput:
         raise
     except BadInput as error:  # ffprobe timed out
@@ -137,8 +138,8 @@ class BackgroundProbe:
     def __init__(self, job: Job, path: str):
         self.job = job
         self.path = path
-        self.process = processes.popen(probe_command(path), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE)
+        self.process = processes.popen(probe_command(path), job.settings.video_max_mb,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         job.attach_process(self.process)
         self._output: tuple[bytes, bytes] | None = None
 
@@ -233,7 +234,9 @@ def resize_video(job: Job) -> Output:
 
     try:
         try:
-            processes.run(job, args, on_line=on_progress)
+            # Under a memory cap: a stream whose frames grow past what its header says
+            # (a 320x240 start, then 7680x7680) cannot take the machine's memory.
+            processes.run(job, args, on_line=on_progress, memory_mb=settings.video_max_mb)
         except processes.ProcessFailed:
             background.info()  # a clearer message when the file is no video at all
             raise

@@ -38,7 +38,9 @@ def _data(view: JobSummary) -> dict:
 
 def _job_json(request: Request, job: Job) -> str:
     engine: Engine = request.app.state.engine
-    key = (job.id, job.status, job.progress, job.finished_at, engine.queue_position(job))
+    # The base URL too: the summary's file URLs are made from the request's Host.
+    key = (str(request.base_url), job.id, job.status, job.progress, job.finished_at,
+           engine.queue_position(job))
     text = _summaries.get(key)
     if text is None:
         if len(_summaries) >= MAX_CACHED:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
-from PIL import Image
 
-from .. import storage
+from .. import processes, storage
+from .. import thumbnail as thumbnail_program
 from ..jobs import JobStatus
 from ..schemas import error_responses
+from ..settings import Settings
 from .jobs import Found, find_job
 
 router = APIRouter(tags=["jobs"])
@@ -22,8 +24,10 @@ router = APIRouter(tags=["jobs"])
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 # Thumbnails are kept beside the job's outputs, made once per width.
 THUMBNAIL_DIR = "thumbnails"
-# Decoding a 600 dpi page takes about 100 MB: only this many at once, however many are asked.
+# Decoding a page can take hundreds of MB (in a child): only this many at once.
 _decoding = threading.BoundedSemaphore(2)
+THUMBNAIL_PROGRAM = Path(thumbnail_program.__file__)
+THUMBNAIL_SECONDS = 30
 # Output files never change once written.
 CACHE = {"Cache-Control": "private, max-age=3600"}
 
@@ -56,31 +60,37 @@ async def job_file(job_id: str, name: str, request: Request,
         raise HTTPException(422, f"{name!r} is not an image; ?w= makes thumbnails of "
                                  "PNG and JPEG files only.")
     try:
-        jpeg = await run_in_threadpool(thumbnail, path, w)
-    except Image.DecompressionBombError:
-        raise HTTPException(422, f"{name!r} is too large to make a thumbnail of; "
-                                 "download it without ?w=.") from None
-    except OSError:  # deleted meanwhile, or not readable as an image
+        jpeg = await run_in_threadpool(thumbnail, path, w, request.app.state.settings)
+    except (processes.OutputTooLarge, subprocess.TimeoutExpired, ThumbnailFailed):
+        raise HTTPException(422, f"No thumbnail can be made of {name!r}; download it without "
+                                 "?w=.") from None
+    except OSError:  # deleted meanwhile
         raise HTTPException(404, f"Job {job_id!r} has no readable image {name!r}.") from None
     return Response(jpeg, media_type="image/jpeg", headers=CACHE)
 
 
-def thumbnail(path: Path, width: int) -> bytes:
-    """A JPEG at most `width` pixels wide (never enlarged), keeping the aspect ratio; cached
-    in the job's `thumbnails/` folder."""
+class ThumbnailFailed(Exception):
+    pass
+
+
+def thumbnail(path: Path, width: int, settings: Settings) -> bytes:
+    """A JPEG at most `width` pixels wide, made by the thumbnail program in a child process
+    under the render memory cap (a page can be 100 megapixels: never decoded in the server);
+    cached in the job's `thumbnails/` folder."""
     cached = path.parent / THUMBNAIL_DIR / f"{width}-{path.stem}.jpg"
     if cached.is_file():
         return cached.read_bytes()
-    with _decoding, Image.open(path) as image:
-        image.thumbnail((width, width * 20))
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, "JPEG", quality=80)
-    jpeg = buffer.getvalue()
+    cached.parent.mkdir(exist_ok=True)
+    partial = cached.with_suffix(f".{threading.get_ident()}.tmp")
     try:
-        cached.parent.mkdir(exist_ok=True)
-        partial = cached.with_suffix(f".{threading.get_ident()}.tmp")
-        partial.write_bytes(jpeg)
+        with _decoding:
+            done = processes.output(
+                [sys.executable, "-I", str(THUMBNAIL_PROGRAM), str(path), str(partial),
+                 str(width)], THUMBNAIL_SECONDS, settings.render_max_mb)
+        if done.returncode != 0:
+            raise ThumbnailFailed(done.stderr.decode(errors="replace")[-300:])
+        jpeg = partial.read_bytes()
         os.replace(partial, cached)  # whole or not at all, for a request reading it meanwhile
-    except OSError:  # the job was deleted meanwhile, or the disk is full: serve it uncached
-        pass
-    return jpeg
+        return jpeg
+    finally:
+        partial.unlink(missing_ok=True)

@@ -108,7 +108,7 @@ def current_summary(request: Request, record: JobRecord) -> JobSummary:
     description="Same body as `POST /put`. Answers at once with the job's id and links; "
                 "an upload of the wrong type is refused with 415 before it is queued.",
     response_model=Accepted,
-    responses=error_responses(400, 413, 415, 422, 429, 503, 507),
+    responses=error_responses(400, 408, 413, 415, 422, 429, 503, 507),
     openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
     dependencies=[Depends(refuse_while_draining)],
 )
@@ -259,11 +259,18 @@ class _Chunks:
         return data
 
 
+ZIP_CHUNK_BYTES = 256 * 1024
+
+
 def zip_stream(files: list[Path]) -> Iterator[bytes]:
-    """A zip of `files`, produced one file at a time (PNGs are compressed already: stored)."""
+    """A zip of `files`, produced a chunk at a time as the client reads (PNGs are compressed
+    already: stored), so a download holds a chunk of memory, not a page (which can be 60 MB)."""
     chunks = _Chunks()
     with zipfile.ZipFile(chunks, "w", zipfile.ZIP_STORED) as archive:
         for path in files:
-            archive.write(path, path.name)
-            yield chunks.take()
+            info = zipfile.ZipInfo.from_file(path, path.name)
+            with path.open("rb") as source, archive.open(info, "w", force_zip64=True) as entry:
+                while block := source.read(ZIP_CHUNK_BYTES):
+                    entry.write(block)
+                    yield chunks.take()
     yield chunks.take()

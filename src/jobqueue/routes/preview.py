@@ -99,7 +99,9 @@ async def preview(
                                  "JOBQUEUE_PREVIEW_STREAMS allows; retry in a few seconds.",
                             headers={"Retry-After": "5"})
     return StreamingResponse(
-        frames(video.preview_command(str(source), fps, width), slots, ticket, found.record.id),
+        frames(processes.guarded(video.preview_command(str(source), fps, width),
+                                 request.app.state.settings.video_max_mb),
+               slots, ticket, found.record.id),
         media_type=f"multipart/x-mixed-replace;boundary={video.PREVIEW_BOUNDARY}",
         headers={"Cache-Control": "no-store"},
     )
@@ -115,7 +117,7 @@ async def frames(command: list[str], slots: PreviewSlots, ticket: object,
         # stderr to a file, so a flood of decoding errors can never stall the frames.
         with tempfile.TemporaryFile() as stderr:
             process = await asyncio.create_subprocess_exec(
-                *processes.guarded(command), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=stderr)
             log.info("job %s: preview started (ffmpeg %d)", job_id, process.pid)
             try:

@@ -64,7 +64,7 @@ REQUEST_EXAMPLES = {
     description="JSON runs a job on the bundled sample (or a message job); multipart/form-data "
                 "with a `file` field processes the upload. Waits at most the kind's timeout.",
     response_model=PutResponse,
-    responses=error_responses(400, 409, 413, 415, 422, 429, 500, 503, 504, 507),
+    responses=error_responses(400, 408, 409, 413, 415, 422, 429, 500, 503, 504, 507),
     openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
     dependencies=[Depends(refuse_while_draining)],
 )
