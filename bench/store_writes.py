@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from jobqueue.store import JobRecord, JobStore  # noqa: E402
+from jobqueue.records import JobRecord, JobStore  # noqa: E402
 
 ROUNDS = 2000
 

@@ -1,4 +1,5 @@
-"""The queue engine on its own, with job kinds made for the test (no HTTP server)."""
+"""The embedded engine on its own, through its facade (by job id), with job kinds made for the
+test (no HTTP server)."""
 
 from __future__ import annotations
 
@@ -9,37 +10,39 @@ import time
 
 from pydantic import BaseModel
 
-from jobqueue.engine import Engine
-from jobqueue.jobs import Job, JobKind, JobStatus, Output
+from jobqueue.engines import NewJob
+from jobqueue.engines.embedded import EmbeddedEngine
+from jobqueue.jobfiles import job_dir, new_job_id
+from jobqueue.jobs import JobContext, JobKind, JobStatus, Output
+from jobqueue.records import JobRecord, Origin, SqliteJobStore
 from jobqueue.settings import Settings
-from jobqueue.store import JobStore
 
 
 class NoOptions(BaseModel):
     pass
 
 
-def fail(job: Job) -> Output:
+def fail(job: JobContext) -> Output:
     raise RuntimeError("handler bug")
 
 
-def record_thread(job: Job) -> Output:
+def record_thread(job: JobContext) -> Output:
     return Output(data={"thread": threading.current_thread().name})
 
 
-def block_until_cancelled(job: Job) -> Output:
+def block_until_cancelled(job: JobContext) -> Output:
     job.cancel_requested.wait(10)
     job.raise_if_cancelled()
     return Output(data={})
 
 
-def hang(job: Job) -> Output:
+def hang(job: JobContext) -> Output:
     """A handler that ignores cancels (a stuck C call, an endless loop)."""
     time.sleep(3)
     return Output(data={})
 
 
-def write_to_full_disk(job: Job) -> Output:
+def write_to_full_disk(job: JobContext) -> Output:
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
@@ -52,120 +55,125 @@ KINDS = {
 }
 
 
-def submit(engine: Engine, kind: str) -> Job:
-    job = engine.new_job(KINDS[kind], NoOptions())
-    engine.submit(job)
-    return job
+async def submit(engine: EmbeddedEngine, kind: str) -> str:
+    record = await engine.submit(NewJob(id=new_job_id(), kind=KINDS[kind], options=NoOptions(),
+                                        input_path=None, origin=Origin.JOBS), durable=False)
+    return record.id
 
 
-async def run_to_end(engine: Engine, kind: str) -> Job:
+async def run_to_end(engine: EmbeddedEngine, kind: str) -> JobRecord:
     """Submit a job of `kind` and wait (5 s at most) until it has finished."""
-    job = submit(engine, kind)
-    await asyncio.wait_for(job.done, 5)
-    return job
+    return await engine.wait(await submit(engine, kind), 5)
 
 
 async def until(condition, seconds: float = 5) -> None:
-    """Wait for a state, never for a time: poll `condition` until it holds."""
+    """Wait for a state, never for a time: poll `condition` (async) until it holds."""
     deadline = time.monotonic() + seconds
-    while not condition():
+    while not await condition():
         assert time.monotonic() < deadline, "the state never came"
         await asyncio.sleep(0.01)
 
 
-def run_engine(tmp_path, scenario, **settings) -> Engine:
-    engine = Engine(Settings(out_dir=tmp_path, **settings), KINDS, JobStore(tmp_path / "jobs.db"))
+async def status_is(engine: EmbeddedEngine, job_id: str, status: JobStatus) -> bool:
+    return (await engine.get(job_id)).status == status.value
+
+
+def run_engine(tmp_path, scenario, **settings) -> EmbeddedEngine:
+    engine = EmbeddedEngine(Settings(out_dir=tmp_path, **settings), KINDS)
 
     async def main() -> None:
-        engine.start()
+        await engine.start()
         try:
             await scenario(engine)
         finally:
-            await asyncio.to_thread(engine.stop)
+            await engine.stop()
 
     asyncio.run(main())
     return engine
 
 
 def test_a_raising_handler_never_kills_its_worker(tmp_path):
-    async def scenario(engine: Engine) -> None:
+    async def scenario(engine: EmbeddedEngine) -> None:
         for _ in range(1000):
-            job = await run_to_end(engine, "fail")
-            assert job.status is JobStatus.FAILED
-            assert str(job.error) == "handler bug"
+            record = await run_to_end(engine, "fail")
+            assert record.status == JobStatus.FAILED.value and record.error_kind == "internal"
+            assert "internal error" in record.error, "a bug's inside is not shown"
         assert all(thread.is_alive() for thread in engine.pools["fail"].threads)
 
     run_engine(tmp_path, scenario)
 
 
 def test_results_come_from_the_worker_thread_through_the_loop(tmp_path):
-    async def scenario(engine: Engine) -> None:
-        job = await run_to_end(engine, "ok")
-        assert job.status is JobStatus.SUCCEEDED
-        assert job.output.data == {"thread": "ok-worker-1"}
-        assert job.started_at >= job.created_at and job.finished_at >= job.started_at
+    async def scenario(engine: EmbeddedEngine) -> None:
+        record = await run_to_end(engine, "ok")
+        assert record.status == JobStatus.SUCCEEDED.value
+        assert record.result["data"] == {"thread": "ok-worker-1"}
+        assert record.started_at >= record.created_at
+        assert record.finished_at >= record.started_at
 
     run_engine(tmp_path, scenario)
 
 
 def test_a_cancelled_queued_job_never_starts_and_frees_its_slot(tmp_path):
-    async def scenario(engine: Engine) -> None:
-        running = submit(engine, "block")
-        waiting = submit(engine, "block")
-        await until(lambda: running.status is JobStatus.RUNNING)  # the worker took it
-        assert engine.stats()["block"]["queued"] == 1
-        engine.cancel(waiting, "test")
-        await asyncio.wait_for(waiting.done, 5)
-        assert waiting.status is JobStatus.CANCELLED and waiting.started_at is None
-        assert engine.stats()["block"]["queued"] == 0
-        assert not waiting.out_dir.exists()
-        engine.cancel(running, "test")
-        await asyncio.wait_for(running.done, 5)
-        assert running.status is JobStatus.CANCELLED and running.started_at is not None
+    async def scenario(engine: EmbeddedEngine) -> None:
+        running = await submit(engine, "block")
+        waiting = await submit(engine, "block")
+        await until(lambda: status_is(engine, running, JobStatus.RUNNING))  # the worker took it
+        assert (await engine.stats())["block"]["queued"] == 1
+        assert await engine.position(waiting) == 1
+        await engine.cancel(waiting, "test")
+        record = await engine.wait(waiting, 5)
+        assert record.status == JobStatus.CANCELLED.value and record.started_at is None
+        assert (await engine.stats())["block"]["queued"] == 0
+        assert not job_dir(tmp_path, waiting).exists()
+        await engine.cancel(running, "test")
+        record = await engine.wait(running, 5)
+        assert record.status == JobStatus.CANCELLED.value and record.started_at is not None
 
     run_engine(tmp_path, scenario)
 
 
 def test_stop_leaves_queued_and_running_jobs_to_run_again_and_joins_threads(tmp_path):
-    jobs: list[Job] = []
+    jobs: list[str] = []
 
-    async def scenario(engine: Engine) -> None:
+    async def scenario(engine: EmbeddedEngine) -> None:
         for _ in range(3):
-            job = submit(engine, "block")
-            jobs.append(job)
-        await asyncio.sleep(0.1)
+            jobs.append(await submit(engine, "block"))
+        await until(lambda: status_is(engine, jobs[0], JobStatus.RUNNING))
 
     engine = run_engine(tmp_path, scenario)
-    assert jobs[0].status is JobStatus.CANCELLED, "the running job was told to stop"
-    assert [r.id for r in engine.store.unfinished()] == [job.id for job in jobs]
+    store = SqliteJobStore(tmp_path / "jobs.db")
+    assert [r.id for r in store.unfinished()] == jobs, "all three run again after a restart"
+    store.close()
     # Folders are made when a job starts: the stopped one keeps its folder for the next run.
-    assert jobs[0].out_dir.exists(), "kept for the run after a restart"
+    assert job_dir(tmp_path, jobs[0]).exists(), "kept for the run after a restart"
     assert not any(thread.is_alive() for thread in engine.pools["block"].threads)
 
 
 def test_a_hanging_handler_is_cut_and_its_thread_replaced(tmp_path):
-    async def scenario(engine: Engine) -> None:
+    async def scenario(engine: EmbeddedEngine) -> None:
         engine.pools["hang"].abandon_after = 0.5
         stuck = await run_to_end(engine, "hang")
-        assert stuck.status is JobStatus.FAILED
-        assert "ran longer than 0.3 s (JOBQUEUE_JOB_MAX_SECONDS)" in str(stuck.error)
+        assert stuck.status == JobStatus.FAILED.value
+        assert "ran longer than 0.3 s (JOBQUEUE_JOB_MAX_SECONDS)" in stuck.error
         assert stuck.finished_at - stuck.started_at < 2.5, "not left to run out"
         pool = engine.pools["hang"]
         assert len(pool.threads) == 1 and pool.threads[0].name == "hang-worker-1+"
         assert pool.stats()["busy"] == 0
         # The new thread serves the queue while the old one is still stuck.
-        after = submit(engine, "hang")
-        await asyncio.sleep(0.1)
-        assert after.status is JobStatus.RUNNING and after.worker_name == "hang-worker-1+"
-        engine.cancel(after, "test")
+        after = await submit(engine, "hang")
+        await until(lambda: status_is(engine, after, JobStatus.RUNNING))
+        assert (await engine.get(after)).worker_name == "hang-worker-1+"
+        await engine.cancel(after, "test")
 
     run_engine(tmp_path, scenario, job_max_seconds=0.3)
 
 
 def test_a_job_that_notices_the_cancel_fails_with_the_timeout(tmp_path):
-    async def scenario(engine: Engine) -> None:
-        job = await run_to_end(engine, "block")
-        assert job.status is JobStatus.FAILED and "JOBQUEUE_JOB_MAX_SECONDS" in str(job.error)
+    async def scenario(engine: EmbeddedEngine) -> None:
+        record = await run_to_end(engine, "block")
+        assert record.status == JobStatus.FAILED.value
+        assert "JOBQUEUE_JOB_MAX_SECONDS" in record.error
         assert engine.pools["block"].threads[0].name == "block-worker-1", "not replaced"
 
     run_engine(tmp_path, scenario, job_max_seconds=0.3)
@@ -173,10 +181,10 @@ def test_a_job_that_notices_the_cancel_fails_with_the_timeout(tmp_path):
 
 def test_a_full_disk_fails_the_job_with_a_clear_error(tmp_path):
     """Where a test may not mount a small tmpfs (test_faults.py), this is the full disk."""
-    async def scenario(engine: Engine) -> None:
-        job = await run_to_end(engine, "full")
-        assert job.status is JobStatus.FAILED
-        assert "disk is full" in job.record().error
+    async def scenario(engine: EmbeddedEngine) -> None:
+        record = await run_to_end(engine, "full")
+        assert record.status == JobStatus.FAILED.value and record.error_kind == "disk_full"
+        assert "disk is full" in record.error
         assert all(thread.is_alive() for thread in engine.pools["full"].threads)
 
     run_engine(tmp_path, scenario)

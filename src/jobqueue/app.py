@@ -16,42 +16,37 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from . import access, ratelimit, retention
+from . import access, errors, ratelimit, retention
 from .disconnects import GoneClients
-from .engine import Engine, QueueFull, ShuttingDown
+from .engines import make_engine
 from .headers import SecurityHeaders
-from .jobs import is_disk_full
 from .kinds import KINDS
 from .routes import dashboard, events, files, health, jobs, preview, put
 from .schemas import error_responses
 from .settings import Settings
 from .shutdown import shutting_down
 from .slots import Slots
-from .store import JobStore
 
 log = logging.getLogger("jobqueue.app")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, with_workers: bool = True) -> FastAPI:
+    """The app. `with_workers`: in distributed mode (JOBQUEUE_DATABASE_URL), whether this
+    process also runs workers (`--with-workers`); the embedded engine always does."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # The store opens and threads start here, never at import time.
-        store = JobStore(settings.job_db)
-        engine = Engine(settings, KINDS, store)
-        app.state.store = store
+        # The engine opens its store and starts its threads here, never at import time.
+        engine = make_engine(settings, KINDS, with_workers)
         app.state.engine = engine
-        engine.start()
-        await asyncio.to_thread(retention.sweep_orphans, store, settings.out_dir)
-        log.info("workers started: %s",
-                 {name: pool.limits.workers for name, pool in engine.pools.items()})
-        sweeper = asyncio.create_task(retention.sweep_forever(store, settings, engine.feed,
+        await engine.start()
+        await asyncio.to_thread(retention.sweep_orphans, engine.store, settings.out_dir)
+        sweeper = asyncio.create_task(retention.sweep_forever(engine, settings,
                                                               app.state.uploads.holders))
         yield
         sweeper.cancel()
-        await asyncio.to_thread(engine.stop)
-        store.close()
+        await engine.stop()
         log.info("workers stopped")
 
     app = FastAPI(
@@ -67,8 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.streams = Slots(settings.max_streams, "event streams", "JOBQUEUE_MAX_STREAMS")
     ratelimit.configure(app, settings.rate_limit)
     app.add_exception_handler(RequestValidationError, invalid_request)
-    app.add_exception_handler(QueueFull, queue_full)
-    app.add_exception_handler(ShuttingDown, refuse_new_job)
+    for error_class, _ in errors.KINDS:  # one handler, one table: errors.HTTP_STATUS
+        app.add_exception_handler(error_class, answer_error)
     app.add_exception_handler(Exception, internal_error)
     app.include_router(health.router)
     app.include_router(dashboard.router)  # the page asks for a key itself
@@ -106,19 +101,20 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     return JSONResponse({"detail": errors}, status_code=422)
 
 
-async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=503,
-                        headers={"Retry-After": str(exc.retry_after)})
-
-
-async def refuse_new_job(request: Request, exc: ShuttingDown) -> JSONResponse:
-    refusal = shutting_down(request)
-    return JSONResponse({"detail": refusal.detail}, status_code=refusal.status_code,
-                        headers=refusal.headers)
+async def answer_error(request: Request, exc: Exception) -> JSONResponse:
+    """Any of the server's own errors, answered as errors.HTTP_STATUS says."""
+    if isinstance(exc, errors.ShuttingDown):
+        refusal = shutting_down(request)
+        return JSONResponse({"detail": refusal.detail}, status_code=refusal.status_code,
+                            headers=refusal.headers)
+    headers = ({"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None)
+    status = errors.HTTP_STATUS[errors.kind_of(exc)]
+    return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-    if is_disk_full(exc) or isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+    disk_full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+    if errors.is_disk_full(exc) or disk_full:
         log.error("disk full on %s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": "The server's disk is full; try again once space has "
                                        "been freed."}, status_code=507)

@@ -6,7 +6,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .jobs import Job
+    from .engines.embedded import Job
 
 
 class Listener:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from .jobs import BadInput, DiskFull, Job
+from .errors import BadInput, DiskFull
+from .jobs import JobContext
 
 STDERR_TAIL_BYTES = 2000
 # What `output` keeps of a check's stdout, and the longest stdout line a job's child may write
@@ -142,7 +143,7 @@ class Slots:
         pass
 
 
-def run(job: Job, args: list[str], on_line: Callable[[str], None] | None = None,
+def run(job: JobContext, args: list[str], on_line: Callable[[str], None] | None = None,
         memory_mb: float | None = None) -> None:
     """Run `args` for `job`, passing each line of its stdout to `on_line`.
 
@@ -152,7 +153,7 @@ def run(job: Job, args: list[str], on_line: Callable[[str], None] | None = None,
              memory_mb=memory_mb)
 
 
-def run_many(job: Job, commands: Iterable[list[str]], slots: Slots | None = None,
+def run_many(job: JobContext, commands: Iterable[list[str]], slots: Slots | None = None,
              on_line: Callable[[int, str], None] | None = None,
              on_exit: Callable[[int], None] | None = None,
              memory_mb: float | None = None) -> None:
@@ -224,7 +225,7 @@ def run_many(job: Job, commands: Iterable[list[str]], slots: Slots | None = None
     raise ProcessFailed(failed.program, failed.process.returncode, tail, failed.index)
 
 
-def _start(job: Job, index: int, args: list[str], memory_mb: float | None) -> _Child:
+def _start(job: JobContext, index: int, args: list[str], memory_mb: float | None) -> _Child:
     # stderr goes to a file, not a pipe, so a chatty process can never block on a full pipe.
     stderr = tempfile.TemporaryFile()
     try:
@@ -262,7 +263,7 @@ def _read_lines(child: _Child, on_line: Callable[[int, str], None] | None) -> bo
     return True
 
 
-def _reap(job: Job, child: _Child) -> None:
+def _reap(job: JobContext, child: _Child) -> None:
     """Wait for a child whose output has ended (or kill it first), and forget it."""
     try:
         child.process.wait()

@@ -10,10 +10,10 @@ import time
 from collections.abc import Set
 from pathlib import Path
 
-from . import storage
-from .events import Feed
+from . import jobfiles
+from .engines import JobEngine
 from .settings import Settings
-from .store import JobStore
+from .records import JobStore
 
 log = logging.getLogger("jobqueue.retention")
 
@@ -21,16 +21,6 @@ log = logging.getLogger("jobqueue.retention")
 # still going on writes at least every 30 s (JOBQUEUE_MIN_UPLOAD_KBPS cuts off one that
 # stalls), and its record is written within the 30 s its content check may take once it is in.
 ORPHAN_SECONDS = 600.0
-
-
-def sweep(store: JobStore, settings: Settings) -> list[tuple[str, str]]:
-    """Delete expired jobs now; returns their ids and owners."""
-    expired = store.finished_before(time.time() - settings.result_ttl)
-    for record in expired:
-        store.delete(record.id)  # first, so nobody is sent to missing files
-        storage.remove_job_dir(settings.out_dir, record.id)
-        log.info("job %s: deleted after the %g s retention", record.id, settings.result_ttl)
-    return [(record.id, record.owner) for record in expired]
 
 
 def sweep_orphans(store: JobStore, out_dir: Path, receiving: Set[str] = frozenset()
@@ -45,12 +35,12 @@ def sweep_orphans(store: JobStore, out_dir: Path, receiving: Set[str] = frozense
     except FileNotFoundError:
         return removed
     for entry in entries:
-        if not (storage.is_job_id(entry.name) and entry.is_dir(follow_symlinks=False)
-                and Path(entry.path, storage.JOB_MARK).is_file()) or entry.name in receiving:
+        if not (jobfiles.is_job_id(entry.name) and entry.is_dir(follow_symlinks=False)
+                and Path(entry.path, jobfiles.JOB_MARK).is_file()) or entry.name in receiving:
             continue
         if store.get(entry.name) is not None or _last_written(Path(entry.path)) > cutoff:
             continue
-        storage.remove_job_dir(out_dir, entry.name)
+        jobfiles.remove_job_dir(out_dir, entry.name)
         log.info("job %s: its folder had no record (a leftover of a server killed mid-upload); "
                  "removed", entry.name)
         removed.append(entry.name)
@@ -68,15 +58,21 @@ def _last_written(folder: Path) -> float:
     return newest
 
 
-async def sweep_forever(store: JobStore, settings: Settings, feed: Feed,
+async def sweep_forever(engine: JobEngine, settings: Settings,
                        receiving: Set[str] = frozenset()) -> None:
-    # A tenth of the TTL keeps expired jobs from lingering long; a minute at most.
+    """Every JOBQUEUE_RESULT_TTL / 10 seconds (a minute at most): delete the finished jobs
+    older than the TTL with their files, and the job folders no record owns."""
     interval = min(60.0, max(0.5, settings.result_ttl / 10))
     while True:
         await asyncio.sleep(interval)
         try:
-            for job_id, owner in await asyncio.to_thread(sweep, store, settings):
-                feed.job_removed(job_id, owner)  # open dashboards drop it
-            await asyncio.to_thread(sweep_orphans, store, settings.out_dir, set(receiving))
+            expired = await asyncio.to_thread(engine.store.finished_before,
+                                              time.time() - settings.result_ttl)
+            for record in expired:
+                await engine.delete(record.id)  # open dashboards drop it too
+                log.info("job %s: deleted after the %g s retention", record.id,
+                         settings.result_ttl)
+            await asyncio.to_thread(sweep_orphans, engine.store, settings.out_dir,
+                                    set(receiving))
         except Exception:
             log.exception("retention sweep failed; trying again in %g s", interval)

@@ -93,8 +93,10 @@ class QueueStats(CamelModel):
 
 
 class Health(CamelModel):
-    status: str = Field(examples=["ok"], description="ok, or draining (with HTTP 503) while "
-                        "the server shuts down")
+    status: str = Field(examples=["ok"], description="ok; draining (HTTP 503) while the server "
+                        "shuts down; unavailable (HTTP 503) while a dependency is down")
+    dependencies: dict[str, str] | None = Field(None, description="Only when unavailable: "
+                                                "what is down, and why")
     queues: dict[str, QueueStats] = Field(examples=[{
         "message": {"workers": 1, "busy": 1, "queued": 3, "capacity": 10},
         "pdf2image": {"workers": 2, "busy": 0, "queued": 0, "capacity": 20},

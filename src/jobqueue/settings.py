@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     trusted_proxies: str = Field("", description="Comma-separated addresses whose "
                                  "X-Forwarded-For is believed; empty: nobody's")
 
+    database_url: SecretStr = Field(SecretStr(""), description="postgresql://... selects the "
+                                    "distributed engine; empty: the embedded one")
     api_keys: SecretStr = Field(SecretStr(""),
                                 description="Comma-separated API keys; empty: no keys needed")
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS")

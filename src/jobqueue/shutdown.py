@@ -18,7 +18,6 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 
-from .jobs import JobStatus
 
 log = logging.getLogger("jobqueue.shutdown")
 
@@ -43,15 +42,15 @@ async def drain(app: FastAPI, grace: float) -> None:
     """Stop taking jobs, then wait up to `grace` seconds for the running ones to finish."""
     app.state.draining = True
     engine = app.state.engine
-    engine.close_intake()
+    await engine.close_intake()
     log.info("shutting down: no new jobs; giving running jobs %g s to finish", grace)
     deadline = time.monotonic() + grace
-    while engine.busy() and time.monotonic() < deadline:
+    while await engine.busy() and time.monotonic() < deadline:
         await asyncio.sleep(POLL_SECONDS)
-    if engine.busy():
+    if await engine.busy():
         log.info("grace over: stopping the running jobs; they run again after a restart")
         # A /put client is answered 503 now rather than cut off when the server closes.
-        engine.cancel_put_jobs(JobStatus.RUNNING)
+        await engine.end_put_jobs()
         await asyncio.sleep(POLL_SECONDS)  # time for those answers to go out
 
 
@@ -101,4 +100,4 @@ def stop_leftovers(app: FastAPI) -> None:
     shutdown, so no pdftoppm or ffmpeg outlives the server."""
     engine = getattr(app.state, "engine", None)
     if engine is not None:
-        engine.stop()
+        engine.stop_now()

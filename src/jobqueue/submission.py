@@ -10,15 +10,16 @@ from pathlib import Path
 from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
-from . import storage
-from .engine import Engine
-from .jobs import Job, JobKind, TooLarge, UnsupportedInput
+from . import jobfiles, uploads
+from .engines import JobEngine, NewJob
+from .errors import HTTP_STATUS, TooLarge, UnsupportedInput, kind_of
+from .jobs import JobKind
 from .kinds import KINDS
+from .records import JobRecord, Origin
 from .settings import Settings
-from . import uploads
 from .uploads import read_multipart
 
 DEFAULT_JOB_TYPE = "message"
@@ -36,7 +37,7 @@ class Submission:
 async def read_submission(request: Request, settings: Settings) -> Submission:
     """Parse `{"jobType": ..., <options>}` from a JSON body, or from multipart fields with the
     upload streamed into the new job's folder (removed again if anything is wrong)."""
-    job_id = storage.new_job_id()
+    job_id = jobfiles.new_job_id()
     content_type = request.headers.get("content-type", "").lower()
     min_rate = settings.min_upload_kbps * 1024
     try:
@@ -46,7 +47,7 @@ async def read_submission(request: Request, settings: Settings) -> Submission:
                 # 503 past JOBQUEUE_MAX_UPLOADS; the orphan sweep leaves this job's folder be.
                 with request.app.state.uploads.slot(job_id):
                     fields, upload = await read_multipart(
-                        request, storage.job_dir(settings.out_dir, job_id) / storage.INPUT_DIR,
+                        request, jobfiles.job_dir(settings.out_dir, job_id) / jobfiles.INPUT_DIR,
                         int(settings.max_upload_mb * 2**20), min_rate, file_refused)
             else:
                 fields = await read_json(request, content_type, min_rate)
@@ -62,7 +63,7 @@ async def read_submission(request: Request, settings: Settings) -> Submission:
         if upload is not None and kind.sample is None:
             raise HTTPException(422, f"{kind.name} jobs take no file; send only the options.")
     except BaseException:
-        storage.remove_job_dir(settings.out_dir, job_id)
+        jobfiles.remove_job_dir(settings.out_dir, job_id)
         raise
     return Submission(job_id, kind, options, upload)
 
@@ -133,11 +134,12 @@ async def read_json(request: Request, content_type: str, min_bytes_per_second: f
     return fields
 
 
-async def start_job(engine: Engine, submission: Submission, origin: str,
-                    check_input: bool = False, owner: str = "") -> Job:
-    """Queue the job (QueueFull: 503). With `check_input`, an upload of the wrong type is 415
-    and one over the server's limits 413.
-    `origin` is "put" for a client that waits for the result, "jobs" for one that comes back."""
+async def start_job(engine: JobEngine, submission: Submission, origin: Origin,
+                    check_input: bool = False, owner: str = "",
+                    idempotency_key: str | None = None) -> JobRecord:
+    """Queue the job: its record as accepted (QueueFull: 503). With `check_input`, an upload
+    of the wrong type is 415 and one over the server's limits 413, before it is queued.
+    A POST /jobs job is on disk before this returns; a /put job need not be, its client waits."""
     kind = submission.kind
     try:
         if check_input and submission.upload and kind.check_input:
@@ -148,21 +150,15 @@ async def start_job(engine: Engine, submission: Submission, origin: str,
                 raise HTTPException(400, "The upload was removed before it could be checked "
                                          "(the server may be shutting down); send it "
                                          "again.") from None
-        job = engine.new_job(kind, submission.options, submission.job_id, submission.upload,
-                             origin, owner)
-        engine.submit(job)
     except (UnsupportedInput, TooLarge) as error:
-        storage.remove_job_dir(engine.out_dir, submission.job_id)
-        raise HTTPException(413 if isinstance(error, TooLarge) else 415, str(error)) from None
+        jobfiles.remove_job_dir(engine.settings.out_dir, submission.job_id)
+        raise HTTPException(HTTP_STATUS[kind_of(error)], str(error)) from None
     except BaseException:
-        storage.remove_job_dir(engine.out_dir, submission.job_id)
+        jobfiles.remove_job_dir(engine.settings.out_dir, submission.job_id)
         raise
-    if origin == "jobs":  # answered 202: accepted means on disk, to survive a restart
-        try:
-            await engine.store.written()
-        except BaseException:  # a full disk (507), or a client gone before its 202
-            # Not accepted after all. The job may have started: it ends as cancelled, and the
-            # engine records that and removes its folder once it has stopped.
-            engine.cancel(job, "its record could not be written")
-            raise
-    return job
+    # From here the engine looks after the job's folder, whatever happens.
+    return await engine.submit(NewJob(id=submission.job_id, kind=kind,
+                                      options=submission.options, input_path=submission.upload,
+                                      origin=origin, owner=owner,
+                                      idempotency_key=idempotency_key),
+                               durable=origin is Origin.JOBS)

@@ -11,8 +11,8 @@ from fastapi import HTTPException, Request
 from starlette.requests import ClientDisconnect
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from . import storage
-from .jobs import is_disk_full
+from . import jobfiles
+from .errors import is_disk_full
 
 MAX_FIELDS = 20
 # JOBQUEUE_MIN_UPLOAD_KBPS is held over windows this long.
@@ -80,9 +80,9 @@ class _Form:
         if self._name == "file":
             if reason := self.refuse_file(self.fields):  # before a byte of it is stored
                 raise HTTPException(422, reason)
-            storage.make_job_dir(self.folder.parent)
+            jobfiles.make_job_dir(self.folder.parent)
             self.folder.mkdir(exist_ok=True)
-            self.file_path = self.folder / storage.safe_name(
+            self.file_path = self.folder / jobfiles.safe_name(
                 (filename or b"upload").decode(errors="replace"))
             self._file = self.file_path.open("wb")
         elif filename is not None:

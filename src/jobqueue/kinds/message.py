@@ -6,7 +6,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..jobs import Job, JobKind, Output
+from ..jobs import JobContext, JobKind, Output
 
 # How often a running message job reports progress and notices a cancel.
 TICK_SECONDS = 0.1
@@ -19,7 +19,7 @@ class MessageOptions(BaseModel):
     seconds: float = Field(3, ge=0, le=3600, description="Simulated work time in seconds.")
 
 
-def process_message(job: Job) -> Output:
+def process_message(job: JobContext) -> Output:
     options: MessageOptions = job.options
     started = time.monotonic()
     while (elapsed := time.monotonic() - started) < options.seconds:

@@ -31,7 +31,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import pdfrender, processes
-from ..jobs import BadInput, Job, JobKind, Output, TooLarge, UnsupportedInput
+from ..errors import BadInput, TooLarge, UnsupportedInput
+from ..jobs import JobContext, JobKind, Output
 from ..settings import DATA_DIR, Settings
 
 PDFINFO_TIMEOUT_SECONDS = 30
@@ -98,7 +99,7 @@ def _unreadable(stderr_tail: str) -> BadInput:
     return BadInput(f"The file is not a PDF that poppler can read ({reason}). " + SEND_A_PDF)
 
 
-def read_info(path: Path, settings: Settings, job: Job | None = None) -> PdfInfo:
+def read_info(path: Path, settings: Settings, job: JobContext | None = None) -> PdfInfo:
     """PdfInfo of the PDF at `path`; run for `job` (killed with it) when given."""
     args = pdfinfo_command(path, settings)
     if job is not None:
@@ -143,7 +144,7 @@ def too_many_pixels(page: int, size: str, dpi: int, settings: Settings) -> TooLa
 
 
 def inspect_pdf(path: Path, options: PdfOptions, settings: Settings,
-                job: Job | None = None) -> PdfInfo:
+                job: JobContext | None = None) -> PdfInfo:
     """The one look at a PDF, before queueing (POST /jobs) and when the job starts (so /put
     gets the same answers): UnsupportedInput for a file that is no PDF poppler can read,
     TooLarge past the page and pixel limits. Runs pdfinfo for `job` when given."""
@@ -224,7 +225,7 @@ class JobCores(processes.Slots):
 CORES = Cores(len(os.sched_getaffinity(0)))
 
 
-def render_with_pdfium(job: Job, info: PdfInfo, page_done: Callable[[], None]) -> None:
+def render_with_pdfium(job: JobContext, info: PdfInfo, page_done: Callable[[], None]) -> None:
     """Render children that share the job's pages: each takes the next page no other has
     taken, until none is left."""
     options: PdfOptions = job.options
@@ -298,7 +299,7 @@ def _ran_out_of_memory(error: processes.ProcessFailed) -> bool:
     return "out of memory" in error.stderr_tail.lower()
 
 
-def refused(job: Job, refusal: dict, page: int, info: PdfInfo) -> BadInput:
+def refused(job: JobContext, refusal: dict, page: int, info: PdfInfo) -> BadInput:
     """The error a refusal of the render program stands for."""
     settings: Settings = job.settings
     page = refusal.get("page") or page
@@ -313,14 +314,14 @@ def refused(job: Job, refusal: dict, page: int, info: PdfInfo) -> BadInput:
     return BadInput(f"PDFium could not read the PDF ({detail}). " + SEND_A_PDF)
 
 
-def out_of_memory(job: Job, page: int | None, info: PdfInfo) -> TooLarge:
+def out_of_memory(job: JobContext, page: int | None, info: PdfInfo) -> TooLarge:
     which = f"Page {page} of {info.pages}" if page else "A page of the PDF"
     return TooLarge(f"{which} needs more memory than a renderer may use "
                     f"({job.settings.render_max_mb:g} MB, JOBQUEUE_RENDER_MAX_MB); it may be a "
                     "decompression bomb. Ask for a lower dpi, or send a simpler PDF.")
 
 
-def render_failed(job: Job, page: int | None, info: PdfInfo, renderer: str,
+def render_failed(job: JobContext, page: int | None, info: PdfInfo, renderer: str,
                   error: processes.ProcessFailed) -> BadInput:
     """The error a renderer's death stands for: out of memory under its cap, or a crash."""
     if _ran_out_of_memory(error):
@@ -335,7 +336,7 @@ def render_failed(job: Job, page: int | None, info: PdfInfo, renderer: str,
                     "be damaged.")
 
 
-def render_with_poppler(job: Job, info: PdfInfo, page_done: Callable[[], None]) -> None:
+def render_with_poppler(job: JobContext, info: PdfInfo, page_done: Callable[[], None]) -> None:
     """One pdftoppm per page, on as many cores as CORES gives the job. `-cropbox`: the page as
     viewers show it, the size pdfinfo gave (without it pdftoppm renders the media box, which
     may be far larger)."""
@@ -368,12 +369,12 @@ def png_size(path: Path) -> tuple[int, int] | None:
     return struct.unpack(">II", header[16:24])
 
 
-def convert_pdf(job: Job) -> Output:
+def convert_pdf(job: JobContext) -> Output:
     with CORES.job():
         return _convert(job)
 
 
-def _convert(job: Job) -> Output:
+def _convert(job: JobContext) -> Output:
     options: PdfOptions = job.options
     settings: Settings = job.settings
     info = inspect_pdf(job.input_path, options, settings, job)

@@ -11,7 +11,8 @@ import ffmpeg
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import processes
-from ..jobs import BadInput, Job, JobKind, Output, TooLarge, UnsupportedInput
+from ..errors import BadInput, TooLarge, UnsupportedInput
+from ..jobs import JobContext, JobKind, Output
 from ..settings import DATA_DIR, Settings
 
 DEFAULT_WIDTH = 640
@@ -135,7 +136,7 @@ def check_video(path: Path, options: VideoOptions, settings: Settings) -> None:
 class BackgroundProbe:
     """ffprobe running beside ffmpeg rather than before it, which saves its start-up time."""
 
-    def __init__(self, job: Job, path: str):
+    def __init__(self, job: JobContext, path: str):
         self.job = job
         self.path = path
         self.process = processes.popen(probe_command(path), job.settings.video_max_mb,
@@ -195,7 +196,7 @@ def preview_command(source: str, fps: float | None, width: int | None) -> list[s
     )
 
 
-def resize_video(job: Job) -> Output:
+def resize_video(job: JobContext) -> Output:
     options: VideoOptions = job.options
     source, target = str(job.input_path), job.out_dir / OUTPUT_NAME
     args = ffmpeg_command(source, str(target), options.scale())

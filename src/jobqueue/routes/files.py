@@ -12,12 +12,13 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from .. import processes, storage
+from .. import jobfiles, processes
 from .. import thumbnail as thumbnail_program
 from ..jobs import JobStatus
+from ..records import JobRecord
 from ..schemas import error_responses
 from ..settings import Settings
-from .jobs import Found, find_job
+from .jobs import find_job
 
 router = APIRouter(tags=["jobs"])
 
@@ -43,15 +44,14 @@ CACHE = {"Cache-Control": "private, max-age=3600"}
                **error_responses(404, 409, 422)},
 )
 async def job_file(job_id: str, name: str, request: Request,
-                   found: Found = Depends(find_job),  # 404 for another API key's job
+                   record: JobRecord = Depends(find_job),  # 404 for another API key's job
                    w: int | None = Query(None, ge=16, le=2048,
                                          description="Thumbnail width in pixels")) -> Response:
-    record = found.record
     if record.status != JobStatus.SUCCEEDED.value or record.result is None:
         # A running job's pages are still being written: none is served half done.
         raise HTTPException(409, f"Job {job_id} is {record.status}; its files are ready once "
                                  "it has succeeded.")
-    path = storage.output_file(request.app.state.settings.out_dir, job_id, name)
+    path = jobfiles.output_file(request.app.state.settings.out_dir, job_id, name)
     if path is None or name not in record.result["files"]:
         raise HTTPException(404, f"Job {job_id!r} has no output file {name!r}.")
     if w is None:

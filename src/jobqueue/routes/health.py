@@ -21,11 +21,19 @@ async def root() -> dict[str, str | dict[str, str]]:
 
 
 @router.get("/health", summary="Queue sizes and busy workers per job kind", response_model=Health,
-            responses={503: {"model": Health, "description": "Draining: shutting down, "
-                                                            "taking no new jobs"}})
+            response_model_exclude_none=True,
+            responses={503: {"model": Health, "description": "Draining (shutting down, taking "
+                                                            "no new jobs), or a dependency "
+                                                            "(the database) is down"}})
 async def health(request: Request, response: Response) -> Health:
-    queues = request.app.state.engine.stats()
-    if request.app.state.draining:  # load balancers read the status code, not the body
+    engine = request.app.state.engine
+    problems = {name: state for name, state in (await engine.health()).items() if state != "ok"}
+    # Load balancers read the status code, not the body.
+    if problems:
+        response.status_code = 503
+        return Health(status="unavailable", dependencies=problems, queues={})
+    queues = await engine.stats()
+    if request.app.state.draining:
         response.status_code = 503
         return Health(status="draining", queues=queues)
     return Health(status="ok", queues=queues)

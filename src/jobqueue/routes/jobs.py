@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import zipfile
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse
 
-from .. import storage
+from .. import jobfiles
 from ..access import owner
-from ..engine import Engine
-from ..jobs import Job, JobStatus
+from ..engines import JobEngine
+from ..jobs import FINISHED, JobStatus
 from ..kinds import KINDS
 from ..ratelimit import limiter, submit_limit
+from ..records import JobRecord, Origin
 from ..schemas import (Accepted, JobList, JobSummary, JobView, Links, ProgressView,
                        ResultSummary, ResultView, error_responses)
 from ..shutdown import refuse_while_draining
-from ..store import JobRecord
 from ..submission import read_submission, start_job
 from .put import REQUEST_EXAMPLES
 
@@ -32,57 +30,45 @@ router = APIRouter(tags=["async jobs"])
 CANCEL_WAIT_SECONDS = 5
 
 
-class Found:
-    """A job looked up by id: its record, and the live Job while it has not finished."""
-
-    def __init__(self, record: JobRecord, job: Job | None):
-        self.record = record
-        self.job = job
-
-
-async def find_job(job_id: str, request: Request) -> Found:
-    """The job, when it exists and belongs to the caller's API key; 404 otherwise."""
-    engine: Engine = request.app.state.engine
-    job = engine.active.get(job_id)
-    if job is not None:
-        found = Found(job.record(), job)
-    else:
-        record = request.app.state.store.get(job_id) if storage.is_job_id(job_id) else None
-        found = Found(record, None)
-    if found.record is None or found.record.owner != owner(request):
+async def find_job(job_id: str, request: Request) -> JobRecord:
+    """The job's record, when it exists and belongs to the caller's API key; 404 otherwise."""
+    engine: JobEngine = request.app.state.engine
+    record = await engine.get(job_id) if jobfiles.is_job_id(job_id) else None
+    if record is None or record.owner != owner(request):
         raise HTTPException(404, f"There is no job {job_id!r}; it may have been deleted.")
-    return found
+    return record
 
 
 def _time(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, UTC).isoformat() if timestamp else None
 
 
-def job_view(request: Request, record: JobRecord, job: Job | None = None) -> JobView:
+async def job_view(request: Request, record: JobRecord) -> JobView:
     """The whole job, its result's data included."""
-    view = JobView(**_fields(request, record, job))
+    view = JobView(**await _fields(request, record))
     if record.status == JobStatus.SUCCEEDED.value and record.result:
-        view.result = ResultView(data=record.result["data"],
+        view.result = ResultView(data=record.result.get("data") or {},
                                  files=_file_urls(request, record))
     return view
 
 
-def job_summary(request: Request, record: JobRecord, job: Job | None = None) -> JobSummary:
+async def job_summary(request: Request, record: JobRecord) -> JobSummary:
     """The job as lists and the event feed show it: the result's file URLs, not its data."""
-    summary = JobSummary(**_fields(request, record, job))
+    summary = JobSummary(**await _fields(request, record))
     if record.status == JobStatus.SUCCEEDED.value and record.result:
         summary.result = ResultSummary(files=_file_urls(request, record))
     return summary
 
 
-def _fields(request: Request, record: JobRecord, job: Job | None) -> dict:
-    engine: Engine = request.app.state.engine
+async def _fields(request: Request, record: JobRecord) -> dict:
+    engine: JobEngine = request.app.state.engine
+    waiting = record.status == JobStatus.QUEUED.value
     return dict(
         id=record.id,
         job_type=record.job_type,
         status=record.status,
         progress=ProgressView(**{"done": 0, "total": 0, "unit": "", **record.progress}),
-        queue_position=engine.queue_position(job) if job else None,
+        queue_position=await engine.position(record.id) if waiting else None,
         created_at=_time(record.created_at),
         started_at=_time(record.started_at),
         finished_at=_time(record.finished_at),
@@ -95,32 +81,35 @@ def _file_urls(request: Request, record: JobRecord) -> list[str]:
             for name in record.result.get("files") or []]
 
 
-def current_summary(request: Request, record: JobRecord) -> JobSummary:
-    """The summary of a listed job, live from the engine while it has not finished."""
-    job = request.app.state.engine.active.get(record.id)
-    return job_summary(request, job.record(), job) if job else job_summary(request, record)
-
-
 @router.post(
     "/jobs",
     status_code=202,
     summary="Submit a job and come back for it",
     description="Same body as `POST /put`. Answers at once with the job's id and links; "
-                "an upload of the wrong type is refused with 415 before it is queued.",
+                "an upload of the wrong type is refused with 415 before it is queued. With an "
+                "`Idempotency-Key` header the caller used before, it answers the job submitted "
+                "then instead of queueing another.",
     response_model=Accepted,
     responses=error_responses(400, 408, 413, 415, 422, 429, 503, 507),
     openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
     dependencies=[Depends(refuse_while_draining)],
 )
 @limiter.limit(submit_limit)
-async def submit_job(request: Request, response: Response) -> Accepted:
+async def submit_job(request: Request, response: Response,
+                     idempotency_key: str | None = Header(
+                         None, max_length=200,
+                         description="Any string unique to this submission: a retry with the "
+                                     "same key gets the first job back")) -> Accepted:
     submission = await read_submission(request, request.app.state.settings)
-    job = await start_job(request.app.state.engine, submission, origin="jobs", check_input=True,
-                          owner=owner(request))
-    url = f"/jobs/{job.id}"
+    record = await start_job(request.app.state.engine, submission, Origin.JOBS,
+                             check_input=True, owner=owner(request),
+                             idempotency_key=idempotency_key)
+    url = f"/jobs/{record.id}"
     response.headers["Location"] = url
-    # "queued" even if a worker picked it up meanwhile: that is what was accepted.
-    return Accepted(id=job.id, job_type=job.kind.name, status=JobStatus.QUEUED.value,
+    # "queued" even if a worker picked it up meanwhile: that is what was accepted. A repeat
+    # with an Idempotency-Key says where the first one is now.
+    status = record.status if record.id != submission.job_id else JobStatus.QUEUED.value
+    return Accepted(id=record.id, job_type=record.job_type, status=status,
                     links=Links(self_=url, events=f"{url}/events", result=f"{url}/result",
                                 cancel=url))
 
@@ -138,11 +127,10 @@ async def list_jobs(
     if job_type is not None and job_type not in KINDS:
         raise HTTPException(422, f"Unknown jobType {job_type!r}; valid job types: "
                                  f"{', '.join(KINDS)}.")
-    # In the thread pool: the store waits for records still being written.
-    records = await run_in_threadpool(request.app.state.store.list,
-                                      status.value if status else None, job_type, limit,
-                                      offset, owner(request))
-    items = [current_summary(request, record) for record in records]
+    engine: JobEngine = request.app.state.engine
+    records = await engine.list(status.value if status else None, job_type, limit, offset,
+                                owner(request))
+    items = [await job_summary(request, record) for record in records]
     next_page = None
     if len(records) == limit:
         next_page = str(request.url.include_query_params(offset=offset + limit))
@@ -152,31 +140,28 @@ async def list_jobs(
 @router.get("/jobs/{job_id}", summary="A job's status, progress and result",
             response_model=JobView, response_model_exclude_none=True,
             responses=error_responses(404))
-async def get_job(request: Request, found: Found = Depends(find_job)) -> JobView:
-    return job_view(request, found.record, found.job)
+async def get_job(request: Request, record: JobRecord = Depends(find_job)) -> JobView:
+    return await job_view(request, record)
 
 
 @router.delete(
     "/jobs/{job_id}",
     summary="Cancel a job, or delete a finished one and its files",
-    description="A queued job never starts; a running one has its child process killed and "
+    description="A queued job never starts; a running one has its child processes killed and "
                 "its partial output removed. A finished job is deleted with its files.",
     response_model=JobView, response_model_exclude_none=True, responses=error_responses(404),
 )
-async def delete_job(request: Request, found: Found = Depends(find_job)) -> JobView:
-    engine: Engine = request.app.state.engine
-    if found.job is not None:
-        engine.cancel(found.job, "DELETE request")
+async def delete_job(request: Request, record: JobRecord = Depends(find_job)) -> JobView:
+    engine: JobEngine = request.app.state.engine
+    if record.status not in FINISHED:
+        await engine.cancel(record.id, "DELETE request")
         try:
-            async with asyncio.timeout(CANCEL_WAIT_SECONDS):
-                await asyncio.shield(found.job.done)
+            record = await engine.wait(record.id, CANCEL_WAIT_SECONDS)
         except TimeoutError:
-            pass
-        return job_view(request, found.job.record(), found.job)
-    request.app.state.store.delete(found.record.id)  # first, so nobody is sent to missing files
-    engine.feed.job_removed(found.record.id, found.record.owner)
-    await run_in_threadpool(storage.remove_job_dir, engine.out_dir, found.record.id)
-    return job_view(request, found.record)
+            record = await engine.get(record.id) or record
+        return await job_view(request, record)
+    await engine.delete(record.id)
+    return await job_view(request, record)
 
 
 async def stream_slot(request: Request) -> AsyncIterator[None]:
@@ -192,22 +177,11 @@ async def stream_slot(request: Request) -> AsyncIterator[None]:
                         "change, starting with the current state and ending after the final "
                         "one. At most `JOBQUEUE_MAX_STREAMS` streams are open at once (503).",
             responses=error_responses(404, 503), dependencies=[Depends(stream_slot)])
-async def job_events(request: Request, found: Found = Depends(find_job)) -> AsyncIterator[dict]:
-    job = found.job
-    if job is None:
-        yield job_view(request, found.record).model_dump(by_alias=True, exclude_none=True)
-        return
-    changes = job.listen()
-    try:
-        while True:
-            finished = job.status.finished
-            yield job_view(request, job.record(), job).model_dump(by_alias=True,
-                                                                  exclude_none=True)
-            if finished:
-                return
-            await changes.get()
-    finally:
-        job.unlisten(changes)
+async def job_events(request: Request, record: JobRecord = Depends(find_job)
+                     ) -> AsyncIterator[dict]:
+    engine: JobEngine = request.app.state.engine
+    async for state in engine.watch(record.id):
+        yield (await job_view(request, state)).model_dump(by_alias=True, exclude_none=True)
 
 
 @router.get(
@@ -220,13 +194,12 @@ async def job_events(request: Request, found: Found = Depends(find_job)) -> Asyn
                                  "application/json": {}}},
                **error_responses(404, 409)},
 )
-async def job_result(request: Request, found: Found = Depends(find_job)) -> Response:
-    record = found.record
+async def job_result(request: Request, record: JobRecord = Depends(find_job)) -> Response:
     if record.status != JobStatus.SUCCEEDED.value or record.result is None:
         reason = f": {record.error}" if record.error else ""
         raise HTTPException(409, f"Job {record.id} is {record.status}{reason}; the result "
                                  "is ready once it has succeeded.")
-    folder = storage.job_dir(request.app.state.settings.out_dir, record.id)
+    folder = jobfiles.job_dir(request.app.state.settings.out_dir, record.id)
     files = [folder / name for name in record.result["files"]]
     if not all(path.is_file() for path in files):
         raise HTTPException(404, f"The files of job {record.id} have been deleted.")

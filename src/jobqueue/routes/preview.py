@@ -12,11 +12,12 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
-from .. import processes, storage
+from .. import jobfiles, processes
 from ..jobs import JobStatus
 from ..kinds import video
+from ..records import JobRecord
 from ..schemas import error_responses
-from .jobs import Found, find_job
+from .jobs import find_job
 
 log = logging.getLogger("jobqueue.preview")
 router = APIRouter(tags=["async jobs"])
@@ -53,19 +54,18 @@ class PreviewSlots:
         self.playing -= 1
 
 
-def preview_source(request: Request, found: Found) -> Path:
+def preview_source(request: Request, record: JobRecord) -> Path:
     """The output video once the job has succeeded, its uploaded input while it waits or runs."""
-    record = found.record
     if record.job_type != video.KIND.name:
         raise HTTPException(404, f"Job {record.id} is a {record.job_type} job; only "
                                  f"{video.KIND.name} jobs have a preview.")
     out_dir = request.app.state.settings.out_dir
     path = None
     if record.status == JobStatus.SUCCEEDED.value and record.result and record.result["files"]:
-        path = storage.output_file(out_dir, record.id, record.result["files"][0])
+        path = jobfiles.output_file(out_dir, record.id, record.result["files"][0])
     elif record.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value) and record.input_path:
         path = Path(record.input_path)
-        if storage.job_dir(out_dir, record.id) not in path.parents:
+        if jobfiles.job_dir(out_dir, record.id) not in path.parents:
             path = None  # the bundled sample, not this job's own file
     if path is None or not path.is_file():
         raise HTTPException(404, f"Job {record.id} is {record.status} and has no video of its "
@@ -87,11 +87,11 @@ def preview_source(request: Request, found: Found) -> Path:
 )
 async def preview(
     request: Request,
-    found: Found = Depends(find_job),
+    record: JobRecord = Depends(find_job),
     fps: float | None = Query(None, gt=0, le=60, description="Most frames per second"),
     width: int | None = Query(None, ge=16, le=3840, description="Most pixels wide"),
 ) -> StreamingResponse:
-    source = preview_source(request, found)
+    source = preview_source(request, record)
     slots: PreviewSlots = request.app.state.preview_slots
     ticket = slots.grant()
     if ticket is None:
@@ -101,7 +101,7 @@ async def preview(
     return StreamingResponse(
         frames(processes.guarded(video.preview_command(str(source), fps, width),
                                  request.app.state.settings.video_max_mb),
-               slots, ticket, found.record.id),
+               slots, ticket, record.id),
         media_type=f"multipart/x-mixed-replace;boundary={video.PREVIEW_BOUNDARY}",
         headers={"Cache-Control": "no-store"},
     )

@@ -9,10 +9,12 @@ import time
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
 from ..access import owner
-from ..engine import Engine
-from ..jobs import BadInput, DiskFull, Job, JobStatus, TooLarge, UnsupportedInput
+from ..engines import JobEngine
+from ..errors import HTTP_STATUS
+from ..jobs import FINISHED, JobStatus
 from ..kinds import KINDS
 from ..ratelimit import limiter, submit_limit
+from ..records import JobRecord, Origin
 from ..schemas import JobResult, PutData, PutResponse, error_responses
 from ..shutdown import refuse_while_draining, shutting_down
 from ..submission import read_submission, start_job
@@ -70,79 +72,81 @@ REQUEST_EXAMPLES = {
 )
 @limiter.limit(submit_limit)
 async def put(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
+    engine: JobEngine = request.app.state.engine
     settings = request.app.state.settings
     submission = await read_submission(request, settings)
-    job = await start_job(engine, submission, origin="put", owner=owner(request))
-    timeout = settings.limits(job.kind.name).timeout
-    await wait_for_job(request, engine, job, timeout)
-    answer = PutResponse(data=PutData(id=job.id, result=job_result(request, job)))
+    record = await start_job(engine, submission, Origin.PUT, owner=owner(request))
+    timeout = settings.limits(record.job_type).timeout
+    record = await wait_for_job(request, engine, record, timeout)
+    answer = PutResponse(data=PutData(id=record.id, result=job_result(request, record)))
     # Serialized here: a Response goes out as it is, where a model would be validated again.
     return Response(answer.model_dump_json(by_alias=True), media_type="application/json")
 
 
-async def wait_for_job(request: Request, engine: Engine, job: Job, timeout: float) -> None:
-    """Wait until the job finishes; a timeout or a client that hangs up cancels it."""
-    watcher = asyncio.create_task(_cancel_on_disconnect(request, engine, job))
+async def wait_for_job(request: Request, engine: JobEngine, record: JobRecord,
+                       timeout: float) -> JobRecord:
+    """The job's final record; a timeout or a client that hangs up cancels the job."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, engine, record.id))
+    final = None
     try:
-        async with asyncio.timeout(timeout):
-            # shield: the timeout must not cancel `done`, which other waiters may share.
-            await asyncio.shield(job.done)
+        final = await engine.wait(record.id, timeout)
     except TimeoutError:
-        if not job.status.finished:  # it may have finished just as the timeout fired
-            raise HTTPException(504, timed_out(job, timeout)) from None
+        current = await engine.get(record.id) or record
+        if current.status not in FINISHED:  # it may have finished just as the timeout fired
+            await engine.cancel(record.id, "the /put timeout")
+            raise HTTPException(504, timed_out(current, timeout)) from None
+        final = current
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
-        if not job.status.finished:
-            engine.cancel(job, "the /put request ended first")
-    if job.status is JobStatus.CANCELLED and request.app.state.draining:
+        if final is None:  # the request ended first (the client left, the server stops)
+            await asyncio.shield(engine.cancel(record.id, "the /put request ended first"))
+    if final.status == JobStatus.CANCELLED.value and request.app.state.draining:
         raise shutting_down(request)  # shutdown stopped it first
-    raise_for_failure(job)
+    raise_for_failure(final)
+    return final
 
 
-def timed_out(job: Job, timeout: float) -> str:
+def timed_out(record: JobRecord, timeout: float) -> str:
     """The 504's detail: where the time went, since the timeout counts the wait in the queue."""
     now = time.time()
-    setting = f"JOBQUEUE_{job.kind.name.upper()}_TIMEOUT"
-    if job.started_at is None:
-        return (f"Job {job.id} waited {now - job.created_at:.1f} s in the {job.kind.name} queue "
-                f"and never started: the {timeout:g} s {setting} counts the wait too. It was "
-                "cancelled. Retry when the queue is shorter (GET /health), or use POST /jobs.")
-    return (f"Job {job.id} waited {job.started_at - job.created_at:.1f} s in the queue and ran "
-            f"{now - job.started_at:.1f} s without finishing within {timeout:g} s ({setting}); "
-            "it was stopped. Send smaller input, raise the setting, or use POST /jobs.")
+    setting = f"JOBQUEUE_{record.job_type.upper()}_TIMEOUT"
+    if record.started_at is None:
+        return (f"Job {record.id} waited {now - record.created_at:.1f} s in the "
+                f"{record.job_type} queue and never started: the {timeout:g} s {setting} counts "
+                "the wait too. It was cancelled. Retry when the queue is shorter (GET /health), "
+                "or use POST /jobs.")
+    return (f"Job {record.id} waited {record.started_at - record.created_at:.1f} s in the "
+            f"queue and ran {now - record.started_at:.1f} s without finishing within "
+            f"{timeout:g} s ({setting}); it was stopped. Send smaller input, raise the setting, "
+            "or use POST /jobs.")
 
 
-async def _cancel_on_disconnect(request: Request, engine: Engine, job: Job) -> None:
+async def _cancel_on_disconnect(request: Request, engine: JobEngine, job_id: str) -> None:
     # The body is already read, so the next message the server sends is the disconnect.
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    engine.cancel(job, "client disconnected")
+    await engine.cancel(job_id, "client disconnected")
 
 
-def raise_for_failure(job: Job) -> None:
-    if job.status is JobStatus.CANCELLED:
-        raise HTTPException(409, f"Job {job.id} was cancelled before it finished.")
-    if job.status is JobStatus.FAILED:
-        if isinstance(job.error, BadInput):
-            status = (413 if isinstance(job.error, TooLarge) else
-                      415 if isinstance(job.error, UnsupportedInput) else 422)
-            raise HTTPException(status, str(job.error))
-        if isinstance(job.error, DiskFull):
-            raise HTTPException(507, str(job.error))
-        raise HTTPException(500, f"Job {job.id} failed with an internal error; "
-                                 "the server log has the details.")
+def raise_for_failure(record: JobRecord) -> None:
+    """The answer to a job that did not succeed: errors.HTTP_STATUS by the kind of its error."""
+    if record.status == JobStatus.CANCELLED.value:
+        raise HTTPException(409, f"Job {record.id} was cancelled before it finished.")
+    if record.status == JobStatus.FAILED.value:
+        raise HTTPException(HTTP_STATUS.get(record.error_kind or "internal", 500),
+                            record.error or f"Job {record.id} failed.")
 
 
-def job_result(request: Request, job: Job) -> JobResult:
+def job_result(request: Request, record: JobRecord) -> JobResult:
+    result = record.result or {}
     return JobResult(
-        worker_name=job.worker_name,
-        dequeue_elapsed_ms=round((job.started_at - job.created_at) * 1000, 3),
-        process_elapsed_ms=round((job.finished_at - job.started_at) * 1000, 3),
-        total_elapsed_ms=round((job.finished_at - job.created_at) * 1000, 3),
-        data=job.output.data,
-        files=[str(request.url_for("job_file", job_id=job.id, name=path.name))
-               for path in job.output.files],
+        worker_name=record.worker_name or "",
+        dequeue_elapsed_ms=round((record.started_at - record.created_at) * 1000, 3),
+        process_elapsed_ms=round((record.finished_at - record.started_at) * 1000, 3),
+        total_elapsed_ms=round((record.finished_at - record.created_at) * 1000, 3),
+        data=result.get("data") or {},
+        files=[str(request.url_for("job_file", job_id=record.id, name=name))
+               for name in result.get("files") or []],
     )

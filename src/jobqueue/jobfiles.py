@@ -1,4 +1,5 @@
-"""Job folders under the output directory: `out/<job-id>/` for results, `input/` inside for uploads.
+"""Job files: a folder per job under the output directory, `out/<job-id>/`, with the job's
+outputs and, in `input/`, its upload.
 
 Every path here is built from a job id that parsed as a UUID and a file name that passed
 `safe_name`, so nothing a client sends can point outside its job's folder.
@@ -62,6 +63,13 @@ def output_file(out_dir: Path, job_id: str, name: str) -> Path | None:
         return None
     path = out_dir / job_id / name
     return path if path.is_file() else None
+
+
+def discard_output(folder: Path) -> None:
+    """Remove what a run of the job wrote (before it runs again), keeping its upload."""
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if path.name not in (INPUT_DIR, JOB_MARK):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def remove_job_dir(out_dir: Path, job_id: str) -> None:

@@ -1,9 +1,11 @@
-"""Job records in SQLite, so accepted jobs survive a restart.
+"""Job records: what is kept of each job, so accepted jobs survive a restart.
 
-`JobStore` is the whole interface the server uses; a shared store (Postgres, Redis) can replace
-it by offering the same methods.
+`JobRecord` is a job as every part of the server sees it; `JobStore` is what keeps them. The
+embedded engine keeps them in SQLite (`SqliteJobStore`, here); the distributed one in its
+PostgreSQL table (`engines/postgres.py`).
 
-Writes go behind: `save` and `delete` only note the change, and one writer thread commits
+In SQLite, writes go behind:
+`save` and `delete` only note the change, and one writer thread commits
 what has piled up in a single transaction. Saving is then a dict assignment wherever it is
 called (the event loop, a worker thread between two steps of a job), and a burst of jobs costs
 one commit rather than three each. Reads see every change noted before them: `get` looks at
@@ -21,8 +23,9 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -38,15 +41,21 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker_name TEXT,
     progress TEXT,
     error TEXT,
-    bad_input INTEGER NOT NULL DEFAULT 0,
     result TEXT,
     origin TEXT NOT NULL DEFAULT 'jobs',
     owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
-# Columns added after the first release, for databases made before them.
-ADDED_COLUMNS = {"owner": "TEXT NOT NULL DEFAULT ''"}
+# Columns added after the first release, for databases made before them. (A database that
+# still has the old bad_input column keeps it, unused.)
+ADDED_COLUMNS = {
+    "owner": "TEXT NOT NULL DEFAULT ''",
+    "error_kind": "TEXT",
+    "attempt": "INTEGER NOT NULL DEFAULT 0",
+    "idempotency_key": "TEXT",
+}
+INDEXES = "CREATE INDEX IF NOT EXISTS jobs_idempotency ON jobs (owner, idempotency_key);"
 JSON_COLUMNS = ("options", "progress", "result")
 # After a failed commit (a full disk), the writer tries again this much later.
 RETRY_SECONDS = 1.0
@@ -55,7 +64,14 @@ RETRY_SECONDS = 1.0
 # event loop and the workers for the interpreter.
 BATCH_SECONDS = 0.01
 
-log = logging.getLogger("jobqueue.store")
+log = logging.getLogger("jobqueue.records")
+
+
+class Origin(str, Enum):
+    """How a job came: a client waiting on /put for it, or one that comes back (POST /jobs)."""
+
+    PUT = "put"
+    JOBS = "jobs"
 
 
 @dataclass
@@ -73,13 +89,20 @@ class JobRecord:
     worker_name: str | None = None
     progress: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
-    bad_input: bool = False
+    # Which kind of error it failed with (errors.kind_of): what /put answers, by errors.HTTP_STATUS.
+    error_kind: str | None = None
     result: dict[str, Any] | None = None
-    origin: str = "jobs"  # "put" when a client waited on /put for it
+    origin: Origin = Origin.JOBS
     owner: str = ""  # which API key submitted it (a hash of it), "" without API keys
+    attempt: int = 0  # runs started; a run after a crash or a restart counts again
+    idempotency_key: str | None = None  # POST /jobs' Idempotency-Key, per owner
+
+    def __post_init__(self) -> None:
+        self.origin = Origin(self.origin)
 
 
 COLUMNS = [column.name for column in fields(JobRecord)]
+COLUMN_SET = set(COLUMNS)
 UPSERT = (f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
           "ON CONFLICT(id) DO UPDATE SET "
           + ", ".join(f"{column} = excluded.{column}" for column in COLUMNS if column != "id"))
@@ -94,10 +117,36 @@ class _Change(NamedTuple):
 
 def _row(record: JobRecord) -> tuple:
     return tuple(json.dumps(getattr(record, column)) if column in JSON_COLUMNS
+                 else record.origin.value if column == "origin"
                  else getattr(record, column) for column in COLUMNS)
 
 
-class JobStore:
+class JobStore(Protocol):
+    """Where job records are kept. Reads see every change made before them."""
+
+    def save(self, record: JobRecord) -> None: ...
+
+    def delete(self, job_id: str) -> None: ...
+
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    def find_idempotent(self, owner: str, key: str) -> JobRecord | None:
+        """The job an owner submitted with this Idempotency-Key, if it is still kept."""
+
+    def list(self, status: str | None = None, job_type: str | None = None,
+             limit: int = 50, offset: int = 0, owner: str = "") -> list[JobRecord]: ...
+
+    def unfinished(self) -> list[JobRecord]: ...
+
+    def finished_before(self, timestamp: float) -> list[JobRecord]: ...
+
+    async def written(self) -> None:
+        """Until every change made so far is durable."""
+
+    def close(self) -> None: ...
+
+
+class SqliteJobStore:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -111,6 +160,7 @@ class JobStore:
             for column, definition in ADDED_COLUMNS.items():
                 if column not in present:
                     self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
+            self._db.executescript(INDEXES)
         # Reads have a connection of their own: in WAL mode they never wait for a commit.
         self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._reader.row_factory = sqlite3.Row
@@ -265,6 +315,18 @@ class JobStore:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def find_idempotent(self, owner: str, key: str) -> JobRecord | None:
+        with self._changed:
+            for changes in (self._pending, self._writing):
+                for change in changes.values():
+                    record = change.record
+                    if record and record.owner == owner and record.idempotency_key == key:
+                        return record
+        rows = self._query("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?",
+                           (owner, key), flush=False)
+        # A record deleted meanwhile (pending, not written yet) does not count.
+        return next((r for r in rows if self.get(r.id) is not None), None)
+
     def get(self, job_id: str) -> JobRecord | None:
         with self._changed:
             for changes in (self._pending, self._writing):  # the newer first
@@ -306,11 +368,9 @@ class JobStore:
             rows = self._reader.execute(sql, params).fetchall()
         records = []
         for row in rows:
-            values = dict(row)
-            values.pop("seq")
+            values = {key: value for key, value in dict(row).items() if key in COLUMN_SET}
             for column in JSON_COLUMNS:
                 values[column] = json.loads(values[column]) if values[column] else None
             values["progress"] = values["progress"] or {}
-            values["bad_input"] = bool(values["bad_input"])
             records.append(JobRecord(**values))
         return records

@@ -1,0 +1,23 @@
+"""Engines: what runs jobs. Routes use one by job id through the `JobEngine` facade (base.py);
+`embedded` runs jobs on threads in the server's own process, `postgres` hands them to worker
+processes through PostgreSQL (procrastinate)."""
+
+from __future__ import annotations
+
+from ..jobs import JobKind
+from ..settings import Settings
+from .base import JobEngine, Listener, NewJob
+
+__all__ = ["JobEngine", "Listener", "NewJob", "make_engine"]
+
+
+def make_engine(settings: Settings, kinds: dict[str, JobKind], with_workers: bool = True
+                ) -> JobEngine:
+    """The engine the settings ask for: PostgreSQL with JOBQUEUE_DATABASE_URL, else embedded."""
+    if settings.database_url.get_secret_value():
+        from .postgres import PostgresEngine
+
+        return PostgresEngine(settings, kinds, with_workers=with_workers)
+    from .embedded import EmbeddedEngine
+
+    return EmbeddedEngine(settings, kinds)

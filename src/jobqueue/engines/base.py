@@ -1,0 +1,102 @@
+"""The engine facade: everything routes do with jobs, by job id, in either engine.
+
+In the spirit of arq's `Job` handle and procrastinate's `JobManager`: a route never holds a live
+job object, only an id and the `JobRecord`s the engine gives back, so the engine behind it can
+run jobs in this process or on other machines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from ..jobs import JobKind
+from ..records import JobRecord, Origin
+from ..settings import Settings
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job to submit."""
+
+    id: str
+    kind: JobKind
+    options: BaseModel
+    input_path: Path | None  # the upload, in the job's folder; None: the kind's sample
+    origin: Origin
+    owner: str = ""
+    idempotency_key: str | None = None
+
+
+class Listener(Protocol):
+    """One `/events` stream's share of the feed: every change of its owner's jobs."""
+
+    async def next_batch(self) -> tuple[list[JobRecord], list[str]]:
+        """Wait for a change, then the jobs changed since the last batch (their records now)
+        and the ids of those deleted."""
+
+
+class JobEngine(Protocol):
+    settings: Settings
+    kinds: dict[str, JobKind]
+
+    async def start(self) -> None:
+        """Recover what a previous run left, then start working."""
+
+    async def stop(self) -> None:
+        """Stop running jobs (to run again after a restart) and release everything."""
+
+    def stop_now(self) -> None:
+        """The same, from any thread, after the event loop is gone (a forced exit): at least
+        no child process outlives the server."""
+
+    async def close_intake(self) -> None:
+        """Shutdown begins: start no more queued jobs; end queued /put jobs."""
+
+    async def busy(self) -> bool:
+        """Whether any job of this process is running."""
+
+    async def end_put_jobs(self) -> None:
+        """Cancel this process's running /put jobs: their clients get 503 now."""
+
+    async def submit(self, job: NewJob, durable: bool) -> JobRecord:
+        """Queue the job: its record, as accepted. With `durable`, the record is on disk
+        before this returns. QueueFull at capacity, ShuttingDown, Unavailable. With an
+        idempotency key the owner used before, the job submitted then, not a new one."""
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        """The job as it is now (live progress), or None."""
+
+    async def position(self, job_id: str) -> int | None:
+        """1 for the next job of its kind to start; None when it is not waiting."""
+
+    async def wait(self, job_id: str, timeout: float) -> JobRecord:
+        """The job's record once it has finished; TimeoutError after `timeout` seconds."""
+
+    async def cancel(self, job_id: str, reason: str) -> None:
+        """Stop the job wherever it is: a queued one never starts, a running one has its
+        child processes killed. Nothing for a finished job."""
+
+    async def delete(self, job_id: str) -> None:
+        """Forget a finished job and remove its files."""
+
+    def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
+        """The job's record now, then on every change, ending after its final state."""
+
+    def feed(self, owner: str) -> AbstractAsyncContextManager[Listener]:
+        """Every change of `owner`'s jobs, for as long as the context lasts."""
+
+    async def stats(self) -> dict[str, dict[str, int]]:
+        """Per kind: workers, busy, queued, capacity."""
+
+    async def list(self, status: str | None, job_type: str | None, limit: int, offset: int,
+                   owner: str) -> list[JobRecord]:
+        """Summaries (records without options or result data), newest first."""
+
+    async def health(self) -> dict[str, str]:
+        """Each dependency the engine needs: "ok", or what is wrong with it."""
