@@ -1,10 +1,12 @@
 # make run   - install what serving needs, then serve on 127.0.0.1:8000
 # make test  - install what the tests need as well, then run the test suite
 # make bench - install what the benchmarks need as well, then run them (bench/results/latest.*)
+# make cluster - the distributed mode on this machine: PostgreSQL (and redis-server) of its own
+#              in .cluster/, API replicas on ports 8000 and 8001, two workers; Ctrl-C stops all
 # make setup - only install what serving needs: .venv with requirements.txt and the jobqueue
 #              package (editable), poppler-utils + ffmpeg via apt-get
-# Tests and benchmarks add requirements-dev.txt to the venv, and chromium (browser tests) and
-# wrk (HTTP load) via apt-get.
+# Tests and benchmarks add requirements-dev.txt to the venv, and chromium (browser tests),
+# wrk (HTTP load), postgresql and redis-server (distributed mode) via apt-get.
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,11 +14,11 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 
-.PHONY: setup dev-setup system-packages browser wrk run test bench samples clean
+.PHONY: setup dev-setup system-packages browser wrk databases run cluster test bench samples clean
 
 setup: system-packages $(VENV)/.installed
 
-dev-setup: setup browser wrk $(VENV)/.dev-installed
+dev-setup: setup browser wrk databases $(VENV)/.dev-installed
 
 system-packages:
 	@if ! command -v pdftoppm >/dev/null || ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null \
@@ -39,6 +41,15 @@ wrk:
 		$(SUDO) apt-get update -qq && $(APT_INSTALL) wrk; \
 	fi
 
+# The distributed mode's PostgreSQL (its server programs live in /usr/lib/postgresql/<v>/bin,
+# off the PATH) and redis-server for rate limits shared by replicas. Nothing is started as a
+# service: make cluster and the tests run their own, in folders of their own.
+databases:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v redis-server >/dev/null; then \
+		echo "Installing postgresql and redis-server with apt-get (for the distributed mode)"; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) postgresql redis-server; \
+	fi
+
 # Stock Debian and Ubuntu Pythons have no venv module until python3-venv is installed.
 $(PY):
 	@$(PYTHON) -c "import ensurepip, venv" 2>/dev/null || { \
@@ -58,6 +69,9 @@ $(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt requirements-ben
 
 run: setup
 	$(PY) src/main.py $(ARGS)
+
+cluster: setup databases
+	$(PY) -m jobqueue.cluster $(ARGS)
 
 test: dev-setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -24,12 +24,19 @@ def main() -> None:
                         help="address to listen on (env JOBQUEUE_HOST, default %(default)s)")
     parser.add_argument("--port", type=int, default=settings.port,
                         help="port to listen on (env JOBQUEUE_PORT, default %(default)s)")
+    parser.add_argument("--with-workers", action="store_true",
+                        help="with JOBQUEUE_DATABASE_URL: run workers of every kind in this "
+                             "process too (without it an API replica runs no jobs; the "
+                             "embedded engine always runs them)")
     args = parser.parse_args()
     settings = settings.model_copy(update={"host": args.host, "port": args.port})
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    if settings.database_url.get_secret_value() and "db_path" in settings.model_fields_set:
+        logging.getLogger("jobqueue").warning(
+            "JOBQUEUE_DB_PATH is ignored: JOBQUEUE_DATABASE_URL keeps the job records")
+    app = create_app(settings, with_workers=args.with_workers)
     proxies = settings.trusted_proxy_list
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,

@@ -15,9 +15,10 @@ import time
 
 from fastapi import APIRouter, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
-from limits import parse, storage, strategies
+from limits import parse
 from slowapi.util import get_remote_address
 
+from .ratelimit import wrong_keys as _wrong_keys
 from .schemas import AccessToken, error_responses
 
 HEADER = "X-API-Key"
@@ -25,9 +26,9 @@ TOKEN_PARAMETER = "access_token"
 TOKEN_SECONDS = 12 * 3600
 
 # Wrong keys (or tokens) one address may send before it is refused for the rest of the window,
-# right ones included, so keys cannot be guessed by trying many.
+# right ones included, so keys cannot be guessed by trying many. Counted in
+# JOBQUEUE_RATE_LIMIT_STORAGE when set, so that every replica refuses the address.
 WRONG_KEY_LIMIT = parse("20/minute")
-_wrong_keys = strategies.FixedWindowRateLimiter(storage.MemoryStorage())
 
 api_key_header = APIKeyHeader(
     name=HEADER, auto_error=False,

@@ -41,7 +41,10 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
         engine = make_engine(settings, KINDS, with_workers)
         app.state.engine = engine
         await engine.start()
-        await asyncio.to_thread(retention.sweep_orphans, engine.store, settings.out_dir)
+        try:
+            await asyncio.to_thread(retention.sweep_orphans, engine.store, settings.out_dir)
+        except Exception as error:  # the database may be down: the periodic sweep tries again
+            log.warning("the sweep of leftover job folders failed at start: %s", error)
         sweeper = asyncio.create_task(retention.sweep_forever(engine, settings,
                                                               app.state.uploads.holders))
         yield
@@ -60,7 +63,8 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
     app.state.preview_slots = preview.PreviewSlots(settings.preview_streams)
     app.state.uploads = Slots(settings.max_uploads, "uploads", "JOBQUEUE_MAX_UPLOADS")
     app.state.streams = Slots(settings.max_streams, "event streams", "JOBQUEUE_MAX_STREAMS")
-    ratelimit.configure(app, settings.rate_limit)
+    ratelimit.configure(app, settings.rate_limit,
+                        settings.rate_limit_storage.get_secret_value())
     app.add_exception_handler(RequestValidationError, invalid_request)
     for error_class, _ in errors.KINDS:  # one handler, one table: errors.HTTP_STATUS
         app.add_exception_handler(error_class, answer_error)

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -77,6 +78,8 @@ class Submission:
 
     path: Path | None
     label: str
+    # Sent as Idempotency-Key: a retry after a lost answer gets this job back, not a second.
+    idempotency_key: str = field(default_factory=lambda: str(uuid.uuid4()))
     job_id: str | None = None
     view: dict = field(default_factory=dict)
     error: str | None = None
@@ -84,16 +87,26 @@ class Submission:
 
 async def submit(client: httpx.AsyncClient, kind: str, options: dict[str, str],
                  item: Submission, retry_for: float) -> None:
-    """POST /jobs until it is accepted; 503 and 429 wait as Retry-After says."""
+    """POST /jobs until it is accepted; 503 and 429 wait as Retry-After says, a lost
+    connection a second (the same Idempotency-Key: never two jobs for one file)."""
     deadline = time.monotonic() + retry_for
+    headers = {"Idempotency-Key": item.idempotency_key}
     while True:
-        if item.path is None:
-            response = await client.post("/jobs", json={"jobType": kind, **options})
-        else:
-            with item.path.open("rb") as upload:
-                response = await client.post(
-                    "/jobs", data={"jobType": kind, **options},
-                    files={"file": (item.path.name, upload, "application/octet-stream")})
+        try:
+            if item.path is None:
+                response = await client.post("/jobs", json={"jobType": kind, **options},
+                                             headers=headers)
+            else:
+                with item.path.open("rb") as upload:
+                    response = await client.post(
+                        "/jobs", data={"jobType": kind, **options}, headers=headers,
+                        files={"file": (item.path.name, upload, "application/octet-stream")})
+        except httpx.TransportError as error:
+            if time.monotonic() + 1 >= deadline:
+                raise
+            err.print(f"[yellow]{item.label}: {error or type(error).__name__}; retrying in 1 s")
+            await asyncio.sleep(1)
+            continue
         wait = retry_after(response)
         if response.status_code in RETRY_STATUSES and time.monotonic() + wait < deadline:
             err.print(f"[yellow]{item.label}: {detail_of(response)}; retrying in {wait:g} s")

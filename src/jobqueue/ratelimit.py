@@ -1,18 +1,30 @@
 """Per-client rate limit on job submission, through slowapi.
 
 slowapi's decorator needs its Limiter when the routes are defined, before `create_app` has
-settings, so the limiter is module-level and `configure` gives it the app's limit.
+settings, so the limiter is module-level and `configure` gives it the app's limit and storage.
+
+The counters live in this process unless JOBQUEUE_RATE_LIMIT_STORAGE names a shared storage
+(redis://...): then every API replica counts against the same limit, the wrong-key lockout of
+access.py included. While that storage cannot be reached, each replica counts alone again
+(slowapi's in-memory fallback) rather than refusing or failing requests.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from limits import RateLimitItem, storage, strategies
 from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
 from slowapi.util import get_remote_address
+
+log = logging.getLogger("jobqueue.ratelimit")
+
+# A shared storage that does not answer within this long is taken as down.
+STORAGE_TIMEOUT_SECONDS = 0.5
 
 
 
@@ -34,10 +46,58 @@ def submit_limit() -> str:
     return _submit_limit
 
 
-def configure(app: FastAPI, rate_limit: str) -> None:
+class Counter:
+    """A fixed-window counter in the configured storage, counting in this process while that
+    storage cannot be reached (the wrong-key lockout uses it)."""
+
+    def __init__(self) -> None:
+        self.local = strategies.FixedWindowRateLimiter(storage.MemoryStorage())
+        self.shared: strategies.FixedWindowRateLimiter | None = None
+
+    def _call(self, method: str, *args):
+        if self.shared is not None:
+            try:
+                return getattr(self.shared, method)(*args)
+            except Exception as error:  # the storage is down: count here meanwhile
+                log.warning("rate-limit storage unreachable (%s); counting in this process",
+                            error)
+        return getattr(self.local, method)(*args)
+
+    def test(self, item: RateLimitItem, *identifiers: str) -> bool:
+        return self._call("test", item, *identifiers)
+
+    def hit(self, item: RateLimitItem, *identifiers: str) -> bool:
+        return self._call("hit", item, *identifiers)
+
+    def get_window_stats(self, item: RateLimitItem, *identifiers: str):
+        return self._call("get_window_stats", item, *identifiers)
+
+
+wrong_keys = Counter()
+
+
+def _shared_storage(uri: str) -> storage.Storage:
+    options = ({"socket_timeout": STORAGE_TIMEOUT_SECONDS,
+                "socket_connect_timeout": STORAGE_TIMEOUT_SECONDS}
+               if uri.startswith(("redis://", "rediss://", "redis+unix://")) else {})
+    return storage.storage_from_string(uri, **options)
+
+
+def configure(app: FastAPI, rate_limit: str, storage_uri: str = "") -> None:
     global _submit_limit
     _submit_limit = rate_limit
-    limiter.reset()
+    if storage_uri:
+        # slowapi takes its storage when the Limiter is made, at import: hand it the shared one
+        # (and its in-memory fallback) here. Pinned slowapi 0.1.10's attribute names.
+        shared = _shared_storage(storage_uri)
+        limiter._storage = shared
+        limiter._limiter = strategies.FixedWindowRateLimiter(shared)
+        limiter._in_memory_fallback_enabled = True
+        limiter._fallback_storage = storage.MemoryStorage()
+        limiter._fallback_limiter = strategies.FixedWindowRateLimiter(limiter._fallback_storage)
+        wrong_keys.shared = strategies.FixedWindowRateLimiter(shared)
+    else:
+        limiter.reset()
     app.state.limiter = limiter
     app.add_exception_handler(RateLimitExceeded, rate_limited)
 
@@ -51,7 +111,10 @@ def rate_limited(request: Request, exc: RateLimitExceeded) -> JSONResponse:
     )
     # Retry-After and X-RateLimit-Limit/-Remaining/-Reset, as slowapi's own headers say them.
     limit, keys = request.state.view_rate_limit
-    reset_at, remaining = limiter.limiter.get_window_stats(limit, *keys)
+    try:
+        reset_at, remaining = limiter.limiter.get_window_stats(limit, *keys)
+    except Exception:  # the shared storage went away just now
+        reset_at, remaining = time.time() + limit.get_expiry(), 0
     response.headers["Retry-After"] = str(max(1, int(reset_at + 1 - time.time())))
     response.headers["X-RateLimit-Limit"] = str(limit.amount)
     response.headers["X-RateLimit-Remaining"] = str(remaining)

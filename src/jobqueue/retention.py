@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import jobfiles
 from .engines import JobEngine
+from .errors import Unavailable
 from .settings import Settings
 from .records import JobStore
 
@@ -74,5 +75,7 @@ async def sweep_forever(engine: JobEngine, settings: Settings,
                          settings.result_ttl)
             await asyncio.to_thread(sweep_orphans, engine.store, settings.out_dir,
                                     set(receiving))
+        except Unavailable as error:
+            log.warning("retention sweep skipped: %s", error)
         except Exception:
             log.exception("retention sweep failed; trying again in %g s", interval)

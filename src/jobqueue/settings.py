@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     out_dir: Path = Path("out")
     rate_limit: str = "60/minute"
+    rate_limit_storage: SecretStr = Field(
+        SecretStr(""), description="Where rate-limit counters live, e.g. redis://host:6379 to "
+        "share them across API replicas; empty: in this process")
     db_path: Path | None = Field(None, description="Job records; default <out_dir>/jobs.db")
     max_upload_mb: float = Field(1024, gt=0)
     result_ttl: float = Field(86400, gt=0, description="Seconds finished jobs are kept")

@@ -1,0 +1,187 @@
+"""A complete distributed jobqueue on one machine, for trying it out: `make cluster`, or
+python -m jobqueue.cluster [--replicas 2] [--workers 2] [--port 8000] [--folder .cluster]
+
+It starts a PostgreSQL of its own (Debian's `postgresql` package, initialised in `folder`),
+a redis-server for shared rate limits when one is installed, API replicas on ports 8000, 8001,
+... and worker processes, all sharing `folder`/out as JOBQUEUE_OUT_DIR. Ctrl-C stops them all:
+replicas and workers first (they finish or requeue their jobs), then the databases. Every
+process dies with the launcher if it is killed.
+
+Other JOBQUEUE_* settings in the environment reach every process. The tests start processes
+with the same `start_replica` and `start_worker`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from .localpg import LocalPostgres, free_port
+
+log = logging.getLogger("jobqueue.cluster")
+
+SRC = Path(__file__).resolve().parents[1]
+START_SECONDS = 30
+STOP_SECONDS = 30
+
+
+def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """A child in a session of its own (a Ctrl-C reaches the launcher only, which stops the
+    children in order) that dies with the launcher."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "--", *args], env=env,
+                                cwd=SRC.parent, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def start_replica(env: dict[str, str], port: int, log_path: Path,
+                  with_workers: bool = False) -> subprocess.Popen:
+    """`python src/main.py` on 127.0.0.1:`port`; wait_ready tells when it answers."""
+    args = [sys.executable, str(SRC / "main.py"), "--host", "127.0.0.1", "--port", str(port)]
+    return _start(args + (["--with-workers"] if with_workers else []), env, log_path)
+
+
+def start_worker(env: dict[str, str], log_path: Path,
+                 kinds: list[str] | None = None) -> subprocess.Popen:
+    """`python -m jobqueue.worker`, for `kinds` (default: all)."""
+    args = [sys.executable, "-m", "jobqueue.worker"]
+    return _start(args + (["--kinds", ",".join(kinds)] if kinds else []),
+                  {**env, "PYTHONPATH": str(SRC)}, log_path)
+
+
+def wait_ready(url: str, process: subprocess.Popen, log_path: Path,
+               seconds: float = START_SECONDS) -> None:
+    """Until GET /health answers 200 (the replica is up and reaches the database)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited at start:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def stop(processes: list[subprocess.Popen], seconds: float = STOP_SECONDS) -> None:
+    """SIGTERM, then SIGKILL whatever has not ended within `seconds`."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + seconds
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class LocalRedis:
+    """redis-server in the foreground, in memory only, on a loopback port."""
+
+    def __init__(self, folder: Path, port: int | None = None):
+        self.folder = folder
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.process = _start(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no"], dict(os.environ),
+                              self.folder / "redis.log")
+        deadline = time.monotonic() + START_SECONDS
+        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"],
+                             capture_output=True).stdout.strip() != b"PONG":
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start: "
+                                   + (self.folder / "redis.log").read_text()[-2000:])
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop([self.process], 10)
+            self.process = None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A distributed jobqueue on this machine.")
+    parser.add_argument("--replicas", type=int, default=2, help="API replicas (default 2)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--port", type=int, default=8000, help="the first replica's port")
+    parser.add_argument("--folder", type=Path, default=Path(".cluster"),
+                        help="PostgreSQL's data, the shared out/ and the logs")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    folder = args.folder.resolve()
+    logs = folder / "logs"
+
+    postgres = LocalPostgres(folder / "postgres", port=free_port())
+    redis = LocalRedis(folder) if shutil.which("redis-server") else None
+    services: list[subprocess.Popen] = []
+    stopping = False
+
+    def on_signal(*_) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)  # also when started in the background (SIG_IGN)
+    try:
+        postgres.start()
+        env = {**os.environ, "JOBQUEUE_DATABASE_URL": postgres.url,
+               "JOBQUEUE_OUT_DIR": str(folder / "out")}
+        if redis is not None:
+            redis.start()
+            env["JOBQUEUE_RATE_LIMIT_STORAGE"] = redis.url
+        log.info("PostgreSQL: %s (data in %s)%s", postgres.url, postgres.folder,
+                 f"; redis: {redis.url}" if redis else "; no redis-server: each replica "
+                 "counts rate limits alone")
+        for number in range(args.workers):
+            services.append(start_worker(env, logs / f"worker-{number + 1}.log"))
+        replicas = []
+        for number in range(args.replicas):
+            port = args.port + number
+            path = logs / f"replica-{port}.log"
+            services.append(start_replica(env, port, path))
+            replicas.append((f"http://127.0.0.1:{port}", services[-1], path))
+        for url, process, path in replicas:
+            wait_ready(url, process, path)
+        log.info("API replicas: %s; %d workers; logs in %s. Ctrl-C stops everything.",
+                 ", ".join(url for url, _, _ in replicas), args.workers, logs)
+        while all(process.poll() is None for process in services):
+            time.sleep(0.5)
+        log.error("a process of the cluster exited; stopping the others (see %s)", logs)
+    except KeyboardInterrupt:
+        log.info("stopping the replicas and workers")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop
+        stop(services)
+        if redis is not None:
+            redis.stop()
+        postgres.stop()
+        log.info("stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""What the distributed engine keeps in PostgreSQL, beside procrastinate's own tables.
+
+`jobqueue_jobs` holds the job records (the same fields as the embedded engine's SQLite table);
+a record and its procrastinate job are written in one transaction. `jobqueue_workers` holds a
+heartbeat per worker process, with the kinds it serves and how many of each at once: the
+cluster's live workers, for /health and the dashboard. Every change of a record is announced
+with NOTIFY on CHANNEL, in the transaction that makes it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from ..errors import Unavailable
+from ..records import COLUMNS, JobRecord
+
+CHANNEL = "jobqueue_jobs"
+# Taken while the schema is made, so replicas and workers starting together make it once.
+SCHEMA_LOCK = 7357_0001
+
+TABLES = """
+CREATE TABLE IF NOT EXISTS jobqueue_jobs (
+    seq bigserial UNIQUE,
+    id text PRIMARY KEY,
+    job_type text NOT NULL,
+    status text NOT NULL,
+    options jsonb NOT NULL,
+    input_path text,
+    created_at double precision NOT NULL,
+    started_at double precision,
+    finished_at double precision,
+    worker_name text,
+    progress jsonb NOT NULL DEFAULT '{}',
+    error text,
+    error_kind text,
+    result jsonb,
+    origin text NOT NULL,
+    owner text NOT NULL DEFAULT '',
+    attempt integer NOT NULL DEFAULT 0,
+    idempotency_key text,
+    procrastinate_id bigint
+);
+CREATE INDEX IF NOT EXISTS jobqueue_jobs_waiting ON jobqueue_jobs (job_type, status, seq);
+CREATE INDEX IF NOT EXISTS jobqueue_jobs_listing ON jobqueue_jobs (owner, seq);
+CREATE INDEX IF NOT EXISTS jobqueue_jobs_procrastinate ON jobqueue_jobs (procrastinate_id);
+CREATE UNIQUE INDEX IF NOT EXISTS jobqueue_jobs_idempotency
+    ON jobqueue_jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS jobqueue_workers (
+    name text PRIMARY KEY,
+    kinds jsonb NOT NULL,
+    heartbeat double precision NOT NULL
+);
+"""
+
+JSON_FIELDS = ("options", "progress", "result")
+SUMMARY_COLUMNS = ", ".join(
+    "'{}'::jsonb AS options" if column == "options" else
+    "CASE WHEN jsonb_typeof(result) = 'object' "
+    "THEN jsonb_build_object('files', result -> 'files') END AS result" if column == "result" else
+    column for column in COLUMNS)
+INSERT = (f"INSERT INTO jobqueue_jobs ({', '.join(COLUMNS)}) "
+          f"VALUES ({', '.join('%s' for _ in COLUMNS)})")
+
+
+def list_query(status: str | None, job_type: str | None, limit: int, offset: int,
+               owner: str) -> tuple[str, tuple]:
+    """SELECT of one owner's job summaries, newest first, filtered and paged."""
+    where, args = ["owner = %s"], [owner]
+    if status:
+        where.append("status = %s")
+        args.append(status)
+    if job_type:
+        where.append("job_type = %s")
+        args.append(job_type)
+    return (f"SELECT {SUMMARY_COLUMNS} FROM jobqueue_jobs WHERE {' AND '.join(where)} "
+            "ORDER BY seq DESC LIMIT %s OFFSET %s", (*args, limit, offset))
+
+
+async def ensure(conn: AsyncConnection, procrastinate_schema: str) -> None:
+    """Make procrastinate's schema and ours, once, whoever starts first."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        cursor = await conn.execute("SELECT to_regclass('procrastinate_jobs') IS NOT NULL")
+        if not (await cursor.fetchone())[0]:
+            await conn.execute(procrastinate_schema)
+        await conn.execute(TABLES)
+
+
+def params(record: JobRecord) -> list[Any]:
+    """The record as INSERT's parameters."""
+    return [Jsonb(getattr(record, column)) if column in JSON_FIELDS
+            else record.origin.value if column == "origin"
+            else getattr(record, column) for column in COLUMNS]
+
+
+def from_row(row: dict[str, Any]) -> JobRecord:
+    values = {column: row[column] for column in COLUMNS}
+    values["progress"] = values["progress"] or {}
+    return JobRecord(**values)
+
+
+async def fetch(conn: AsyncConnection, sql: str, args: tuple = ()) -> list[JobRecord]:
+    async with conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(sql, args)
+        return [from_row(row) for row in await cursor.fetchall()]
+
+
+async def notify(conn: AsyncConnection, job_id: str, owner: str, removed: bool = False) -> None:
+    """Tell every replica the job changed (sent when the transaction commits)."""
+    payload = json.dumps({"id": job_id, "owner": owner, "removed": removed})
+    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+
+
+def unavailable(error: BaseException) -> Unavailable:
+    """The 503 for a database that cannot be reached, with the first line of why."""
+    lines = str(error).strip().splitlines()
+    return Unavailable(f"The database (PostgreSQL) cannot be reached "
+                       f"({lines[0] if lines else type(error).__name__}); retry in a few seconds.")

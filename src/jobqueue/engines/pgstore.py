@@ -1,0 +1,86 @@
+"""The distributed engine's `JobStore`: the job records in PostgreSQL's `jobqueue_jobs`, for the
+callers that work on records rather than jobs (the retention sweep, the orphan sweep). Its calls
+block, so they run on threads; the engine itself uses its asynchronous pool."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ..records import COLUMNS, JobRecord
+from . import pgschema
+
+POOL_TIMEOUT_SECONDS = 4.0
+
+
+class PgJobStore:
+    def __init__(self, url: str):
+        self._pool = ConnectionPool(url, min_size=0, max_size=2, open=False,
+                                    timeout=POOL_TIMEOUT_SECONDS,
+                                    check=ConnectionPool.check_connection)
+        self._opened = False
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        """A connection from the pool; Unavailable (503) when PostgreSQL cannot be reached."""
+        with self._lock:
+            if not self._opened:
+                self._pool.open(wait=False)
+                self._opened = True
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except (PoolTimeout, psycopg.OperationalError) as error:
+            raise pgschema.unavailable(error) from None
+
+    def _fetch(self, sql: str, args: tuple = ()) -> list[JobRecord]:
+        with self._connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
+            cursor.execute(sql, args)
+            return [pgschema.from_row(row) for row in cursor.fetchall()]
+
+    def save(self, record: JobRecord) -> None:
+        updates = ", ".join(f"{column} = excluded.{column}" for column in COLUMNS
+                            if column != "id")
+        with self._connection() as conn, conn.transaction():
+            conn.execute(f"{pgschema.INSERT} ON CONFLICT (id) DO UPDATE SET {updates}",
+                         pgschema.params(record))
+            conn.execute("SELECT pg_notify(%s, %s)", (
+                pgschema.CHANNEL, json.dumps({"id": record.id, "owner": record.owner})))
+
+    def delete(self, job_id: str) -> None:
+        with self._connection() as conn:
+            conn.execute("DELETE FROM jobqueue_jobs WHERE id = %s", (job_id,))
+
+    def get(self, job_id: str) -> JobRecord | None:
+        rows = self._fetch("SELECT * FROM jobqueue_jobs WHERE id = %s", (job_id,))
+        return rows[0] if rows else None
+
+    def find_idempotent(self, owner: str, key: str) -> JobRecord | None:
+        rows = self._fetch("SELECT * FROM jobqueue_jobs WHERE owner = %s "
+                           "AND idempotency_key = %s", (owner, key))
+        return rows[0] if rows else None
+
+    def list(self, status: str | None = None, job_type: str | None = None,
+             limit: int = 50, offset: int = 0, owner: str = "") -> list[JobRecord]:
+        return self._fetch(*pgschema.list_query(status, job_type, limit, offset, owner))
+
+    def unfinished(self) -> list[JobRecord]:
+        return self._fetch("SELECT * FROM jobqueue_jobs WHERE status IN ('queued', 'running') "
+                           "ORDER BY seq")
+
+    def finished_before(self, timestamp: float) -> list[JobRecord]:
+        return self._fetch("SELECT * FROM jobqueue_jobs WHERE finished_at < %s", (timestamp,))
+
+    async def written(self) -> None:
+        return  # every call commits before it returns
+
+    def close(self) -> None:
+        if self._opened:
+            self._pool.close()

@@ -1,0 +1,394 @@
+"""Running jobs in the distributed engine: procrastinate workers, one per job kind, in a worker
+process (`python -m jobqueue.worker`) or in an API replica started with `--with-workers`.
+
+Each kind is a procrastinate task on a queue of its name, `jobqueue.<kind>`, whose only
+argument is the job id; the job itself lives in `jobqueue_jobs`. The `Runner` claims the record,
+runs the kind's handler on a thread of its own with a `WorkerJob` as its context (the same
+handlers as the embedded engine), pushes progress to the record, and writes how it ended, each
+with a NOTIFY the API replicas listen for.
+
+A cancel (DELETE, a /put timeout) reaches a running job as procrastinate's abort, which
+cancels the task here: its child processes are killed at once. A worker SIGTERMed gives its
+jobs JOBQUEUE_SHUTDOWN_GRACE, then aborts and queues them again. A worker that dies (`kill -9`)
+stops its heartbeat; every runner looks for jobs of dead workers and queues them again
+(procrastinate does not by itself). Only the run that claimed a job last may write its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import procrastinate
+from procrastinate.job_context import AbortReason, JobContext as ProcrastinateContext
+from procrastinate.schema import SchemaManager
+from procrastinate.utils import utcnow
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
+
+from .. import jobfiles
+from ..errors import (BadInput, DiskFull, JobCancelled, TimedOut, is_disk_full, kind_of,
+                      user_message)
+from ..jobs import JobKind, JobStatus, Output, Progress
+from ..kinds import KINDS
+from ..records import JobRecord, Origin
+from ..settings import Settings
+from . import pgschema
+
+log = logging.getLogger("jobqueue.worker")
+
+# A worker that has not beaten for STALLED_SECONDS is dead: its running jobs are queued again.
+HEARTBEAT_SECONDS = 2.0
+STALLED_SECONDS = 8.0
+# How often procrastinate looks for jobs to abort and new jobs, beside LISTEN/NOTIFY.
+ABORT_POLL_SECONDS = 0.5
+FETCH_POLL_SECONDS = 1.0
+# Progress reaches the record at most this often.
+PROGRESS_SECONDS = 0.25
+# After a database error, how long before the next try (the outage may last).
+RETRY_SECONDS = 1.0
+
+
+def task_name(kind: str) -> str:
+    return f"jobqueue.{kind}"
+
+
+def make_app() -> procrastinate.App:
+    """The procrastinate app, with a task per job kind (replicas defer them, runners run
+    them). It is opened on the caller's pool."""
+    # procrastinate logs each job's start and end at INFO, an abort with a traceback; the
+    # runner's own lines say the same with the job id. Its warnings and errors still show.
+    logging.getLogger("procrastinate").setLevel(logging.WARNING)
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector())
+    for name in KINDS:
+        async def run(context: ProcrastinateContext, job_id: str) -> None:
+            await context.additional_context["runner"].run_job(context, job_id)
+
+        app.task(name=task_name(name), queue=name, pass_context=True)(run)
+    return app
+
+
+def schema_sql() -> str:
+    return SchemaManager.get_schema()
+
+
+class WorkerJob:
+    """A handler's `JobContext` in a worker process."""
+
+    def __init__(self, record: JobRecord, kind: JobKind, options: BaseModel, settings: Settings,
+                 on_progress: Any):
+        self.id = record.id
+        self.record = record
+        self.kind = kind
+        self.options = options
+        self.settings = settings
+        self.out_dir = jobfiles.job_dir(settings.out_dir, record.id)
+        self.input_path = Path(record.input_path) if record.input_path else kind.sample
+        self.cancel_requested = threading.Event()
+        self.timed_out = False
+        self.progress = Progress()
+        self._on_progress = on_progress
+        self._processes: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    def set_progress(self, done: float, total: float, unit: str) -> None:
+        self.progress = Progress(done, total, unit)
+        self._on_progress()
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancel_requested.is_set():
+            raise JobCancelled(self.id)
+
+    def attach_process(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.add(process)
+        if self.cancel_requested.is_set():
+            process.kill()
+
+    def detach_process(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.discard(process)
+
+    def cancel(self) -> None:
+        """Ask the handler to stop and kill its children (from any thread)."""
+        self.cancel_requested.set()
+        with self._lock:
+            running = list(self._processes)
+        for process in running:
+            process.kill()
+
+
+def run_handler(kind: JobKind, job: WorkerJob) -> tuple[JobStatus, Output | None,
+                                                        BaseException | None]:
+    """On a thread: the kind's handler, and how it ended."""
+    try:
+        if kind.writes_files:
+            jobfiles.make_job_dir(job.out_dir)
+            jobfiles.discard_output(job.out_dir)  # what a dead run of this job left
+        output = kind.handler(job)
+    except JobCancelled:
+        return JobStatus.CANCELLED, None, None
+    except BadInput as error:
+        log.info("job %s: bad input: %s", job.id, error)
+        return JobStatus.FAILED, None, error
+    except BaseException as error:  # a job's failure must never end the worker
+        if isinstance(error, DiskFull) or is_disk_full(error):
+            log.error("job %s: the disk is full: %s", job.id, error)
+            return JobStatus.FAILED, None, DiskFull(job.id)
+        log.exception("job %s: failed", job.id)
+        return JobStatus.FAILED, None, error
+    if job.cancel_requested.is_set():
+        return JobStatus.CANCELLED, None, None
+    return JobStatus.SUCCEEDED, output, None
+
+
+class Runner:
+    """procrastinate workers for `kinds` in this process, sharing `pool`."""
+
+    def __init__(self, settings: Settings, kinds: dict[str, JobKind], pool: AsyncConnectionPool,
+                 app: procrastinate.App | None = None):
+        self.settings = settings
+        self.kinds = kinds
+        self.pool = pool
+        self.app = app or make_app()
+        self.name = f"{socket.gethostname()}-{os.getpid()}"
+        self.running: dict[str, WorkerJob] = {}
+        concurrency = sum(settings.limits(name).workers for name in kinds)
+        self.executor = ThreadPoolExecutor(concurrency + 1, thread_name_prefix="job")
+        self._workers: list[asyncio.Task] = []
+        self._side: list[asyncio.Task] = []
+        self._app_opened = app is None
+
+    async def start(self) -> None:
+        if self._app_opened:
+            await self.app.open_async(pool=self.pool)
+        async with self.pool.connection() as conn:
+            await pgschema.ensure(conn, schema_sql())
+        self._side = [asyncio.create_task(self._heartbeat(), name="heartbeat"),
+                      asyncio.create_task(self._rescue(), name="rescue stalled jobs")]
+        self._workers = [asyncio.create_task(self._work(name), name=f"worker {name}")
+                         for name in self.kinds]
+        log.info("worker %s serves %s", self.name,
+                 {name: self.settings.limits(name).workers for name in self.kinds})
+
+    def close_intake(self) -> None:
+        """Take no more jobs: the procrastinate workers stop, giving running jobs the grace."""
+        for worker in self._workers:
+            worker.cancel()
+
+    def busy(self) -> bool:
+        return bool(self.running)
+
+    async def stop(self) -> None:
+        """Stop taking jobs; running ones get JOBQUEUE_SHUTDOWN_GRACE, then are aborted and
+        queued again. Then stop beating: this worker is gone."""
+        self.close_intake()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        for task in self._side:
+            task.cancel()
+        await asyncio.gather(*self._side, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            async with self.pool.connection() as conn:
+                await conn.execute("DELETE FROM jobqueue_workers WHERE name = %s", (self.name,))
+        self.executor.shutdown(wait=False)
+        if self._app_opened:
+            await self.app.close_async()
+
+    def kill_children(self) -> None:
+        """From any thread, when the loop is gone: no child outlives this process."""
+        for job in list(self.running.values()):
+            job.cancel()
+
+    # ---- procrastinate's side ----
+
+    async def _work(self, kind: str) -> None:
+        """One procrastinate worker for `kind`; started again after a database outage."""
+        while True:
+            try:
+                await self.app.run_worker_async(
+                    queues=[kind], name=f"{self.name}-{kind}",
+                    concurrency=self.settings.limits(kind).workers,
+                    wait=True, install_signal_handlers=False, listen_notify=True,
+                    fetch_job_polling_interval=FETCH_POLL_SECONDS,
+                    abort_job_polling_interval=ABORT_POLL_SECONDS,
+                    update_heartbeat_interval=HEARTBEAT_SECONDS,
+                    stalled_worker_timeout=STALLED_SECONDS,
+                    shutdown_graceful_timeout=self.settings.shutdown_grace,
+                    additional_context={"runner": self}, delete_jobs="successful")
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # most often the database went away: try again
+                log.warning("%s worker stopped (%s); starting again in %g s", kind, error,
+                            RETRY_SECONDS)
+                await asyncio.sleep(RETRY_SECONDS)
+
+    async def _heartbeat(self) -> None:
+        kinds = Jsonb({name: self.settings.limits(name).workers for name in self.kinds})
+        while True:
+            with contextlib.suppress(Exception):
+                async with self.pool.connection() as conn:
+                    await conn.execute(
+                        "INSERT INTO jobqueue_workers (name, kinds, heartbeat) "
+                        "VALUES (%s, %s, %s) ON CONFLICT (name) DO UPDATE "
+                        "SET kinds = excluded.kinds, heartbeat = excluded.heartbeat",
+                        (self.name, kinds, time.time()))
+                    await conn.execute("DELETE FROM jobqueue_workers WHERE heartbeat < %s",
+                                       (time.time() - 10 * STALLED_SECONDS,))
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _rescue(self) -> None:
+        """Queue again the jobs of workers that stopped beating (killed, or cut off)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            try:
+                stalled = await self.app.job_manager.get_stalled_jobs(
+                    seconds_since_heartbeat=STALLED_SECONDS)
+                for job in stalled:
+                    await self._rescue_one(job.id)
+            except Exception as error:
+                log.debug("looking for stalled jobs failed: %s", error)
+
+    async def _rescue_one(self, procrastinate_id: int) -> None:
+        async with self.pool.connection() as conn, conn.transaction():
+            rows = await pgschema.fetch(
+                conn, "UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, "
+                      "worker_name = NULL, progress = '{}' "
+                      "WHERE procrastinate_id = %s AND status = 'running' RETURNING *",
+                (procrastinate_id,))
+            for record in rows:
+                await pgschema.notify(conn, record.id, record.owner)
+        try:
+            await self.app.job_manager.retry_job_by_id_async(procrastinate_id, retry_at=utcnow())
+        except Exception:  # another runner rescued it first
+            return
+        for record in rows:
+            log.warning("job %s: its worker stopped beating; it runs again", record.id)
+
+    # ---- a job ----
+
+    async def run_job(self, context: ProcrastinateContext, job_id: str) -> None:
+        record = await self._claim(job_id)
+        if record is None:
+            return  # cancelled or deleted meanwhile
+        kind = self.kinds[record.job_type]
+        options = kind.options.model_validate(record.options)
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        job = WorkerJob(record, kind, options, self.settings,
+                        on_progress=lambda: loop.call_soon_threadsafe(changed.set))
+        self.running[job_id] = job
+        pusher = asyncio.create_task(self._push_progress(job, changed))
+        log.info("job %s: %s started on %s", job_id, record.job_type, self.name)
+        handler = loop.run_in_executor(self.executor, run_handler, kind, job)
+        try:
+            try:
+                status, output, error = await asyncio.wait_for(asyncio.shield(handler),
+                                                               self.settings.job_max_seconds)
+            except TimeoutError:  # JOBQUEUE_JOB_MAX_SECONDS
+                job.timed_out = True
+                job.cancel()
+                await handler
+                status, output, error = JobStatus.FAILED, None, TimedOut(
+                    f"Job {job_id} ran longer than {self.settings.job_max_seconds:g} s "
+                    "(JOBQUEUE_JOB_MAX_SECONDS) and was stopped. Send smaller input, or raise "
+                    "the setting.")
+            except asyncio.CancelledError:  # procrastinate's abort: a cancel, or a shutdown
+                job.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(handler)
+                if context.abort_reason() == AbortReason.SHUTDOWN:
+                    await asyncio.shield(self._requeue(job))
+                else:
+                    await asyncio.shield(self._finish(job, JobStatus.CANCELLED, None, None))
+                raise
+            await self._finish(job, status, output, error)
+        finally:
+            pusher.cancel()
+            self.running.pop(job_id, None)
+
+    async def _claim(self, job_id: str) -> JobRecord | None:
+        async with self.pool.connection() as conn, conn.transaction():
+            rows = await pgschema.fetch(
+                conn, "UPDATE jobqueue_jobs SET status = 'running', started_at = %s, "
+                      "worker_name = %s, attempt = attempt + 1, progress = '{}', error = NULL, "
+                      "error_kind = NULL, result = NULL "
+                      "WHERE id = %s AND status IN ('queued', 'running') RETURNING *",
+                (time.time(), self.name, job_id))
+            for record in rows:
+                await pgschema.notify(conn, record.id, record.owner)
+            return rows[0] if rows else None
+
+    async def _push_progress(self, job: WorkerJob, changed: asyncio.Event) -> None:
+        while True:
+            await changed.wait()
+            changed.clear()
+            with contextlib.suppress(Exception):  # progress may be lost; the end may not
+                async with self.pool.connection() as conn, conn.transaction():
+                    await conn.execute(
+                        "UPDATE jobqueue_jobs SET progress = %s WHERE id = %s AND attempt = %s "
+                        "AND status = 'running'",
+                        (Jsonb(job.progress.as_dict()), job.id, job.record.attempt))
+                    await pgschema.notify(conn, job.id, job.record.owner)
+            await asyncio.sleep(PROGRESS_SECONDS)
+
+    async def _finish(self, job: WorkerJob, status: JobStatus, output: Output | None,
+                      error: BaseException | None) -> None:
+        """Write how the job ended; only the run that claimed it last may. An outage of the
+        database holds the end until the database is back."""
+        record = job.record
+        if status is JobStatus.CANCELLED or (record.origin is Origin.PUT
+                                             and status is JobStatus.FAILED):
+            # Partial output is no use to anyone, nor is a failed /put job's.
+            await asyncio.to_thread(jobfiles.remove_job_dir, self.settings.out_dir, job.id)
+        result = ({"data": output.data, "files": [path.name for path in output.files]}
+                  if output else None)
+        while True:
+            try:
+                async with self.pool.connection() as conn, conn.transaction():
+                    cursor = await conn.execute(
+                        "UPDATE jobqueue_jobs SET status = %s, finished_at = %s, progress = %s, "
+                        "error = %s, error_kind = %s, result = %s "
+                        "WHERE id = %s AND attempt = %s AND status = 'running'",
+                        (status.value, time.time(), Jsonb(job.progress.as_dict()),
+                         user_message(error, job.id),
+                         kind_of(error) if error is not None else None,
+                         Jsonb(result) if result is not None else None,
+                         job.id, record.attempt))
+                    if cursor.rowcount:
+                        await pgschema.notify(conn, job.id, record.owner)
+                break
+            except Exception as db_error:
+                log.warning("job %s: could not record its end (%s); trying again", job.id,
+                            db_error)
+                await asyncio.sleep(RETRY_SECONDS)
+        log.info("job %s: %s after %.3f s", job.id, status.value,
+                 time.time() - (job.record.started_at or time.time()))
+
+    async def _requeue(self, job: WorkerJob) -> None:
+        """A shutdown stopped the job: queue it again (with a procrastinate job of its own)."""
+        record = job.record
+        async with self.pool.connection() as conn, conn.transaction():
+            rows = await pgschema.fetch(
+                conn, "UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, "
+                      "worker_name = NULL, progress = '{}' "
+                      "WHERE id = %s AND attempt = %s AND status = 'running' RETURNING *",
+                (job.id, record.attempt))
+            if rows:
+                task = self.app.tasks[task_name(record.job_type)]
+                procrastinate_id = await task.configure(connection=conn).defer_async(
+                    job_id=job.id)
+                await conn.execute("UPDATE jobqueue_jobs SET procrastinate_id = %s "
+                                   "WHERE id = %s", (procrastinate_id, job.id))
+                await pgschema.notify(conn, job.id, record.owner)
+        log.info("job %s: stopped by the worker's shutdown; queued again", job.id)

@@ -1,0 +1,401 @@
+"""The distributed engine: stateless API replicas and worker processes sharing PostgreSQL,
+with procrastinate as the queue (one procrastinate queue per job kind).
+
+Here is the replica's side of the `JobEngine` facade. A submit takes a per-kind advisory lock,
+counts the kind's waiting jobs against its capacity (503 at capacity, across every replica),
+then writes the record and defers its procrastinate job in that one transaction. Replicas
+LISTEN for the NOTIFY each change of a record sends and wake `/put` waiters, event streams and
+the dashboard's feed; NOTIFY is not replayed, so every stream (re)starts from the table, and
+waiters read it again every few seconds in case a notification fell into a reconnection.
+
+While PostgreSQL cannot be reached, every call fails within POOL_TIMEOUT_SECONDS with
+`Unavailable` (503), and /health names it; the pool and the listener reconnect by themselves.
+Job files live in JOBQUEUE_OUT_DIR, a folder every node mounts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from .. import jobfiles
+from ..errors import QueueFull, ShuttingDown, Unavailable
+from ..jobs import FINISHED, JobKind, JobStatus
+from ..records import JobRecord, Origin
+from ..settings import Settings
+from . import pgschema
+from .base import NewJob
+from .pgstore import PgJobStore
+from .pgworker import STALLED_SECONDS, Runner, make_app, task_name
+
+log = logging.getLogger("jobqueue.engine")
+
+POOL_TIMEOUT_SECONDS = 4.0
+POOL_SIZE = 20
+# A waiter or a stream reads the record again at least this often, notified or not.
+REFRESH_SECONDS = 3.0
+
+
+class PostgresEngine:
+    """An API replica's `JobEngine`; with `with_workers`, it runs workers of every kind too."""
+
+    def __init__(self, settings: Settings, kinds: dict[str, JobKind], with_workers: bool = False):
+        self.settings = settings
+        self.kinds = kinds
+        self.url = settings.database_url.get_secret_value()
+        self.pool = AsyncConnectionPool(
+            self.url, min_size=1, max_size=POOL_SIZE, open=False, timeout=POOL_TIMEOUT_SECONDS,
+            check=AsyncConnectionPool.check_connection,
+            kwargs={"connect_timeout": int(POOL_TIMEOUT_SECONDS)})
+        self.app = make_app()
+        self.store = PgJobStore(self.url)
+        self.runner = Runner(settings, kinds, self.pool, self.app) if with_workers else None
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._feeds: set[_PgListener] = set()
+        self._listening = False
+        self._listener: asyncio.Task | None = None
+        self._closed = False
+        self._putting: set[str] = set()  # /put jobs this replica's clients wait for
+
+    # ---- life ----
+
+    async def start(self) -> None:
+        await self.pool.open(wait=False)
+        await self.app.open_async(pool=self.pool)
+        try:
+            async with self._db() as conn:
+                await pgschema.ensure(conn, _procrastinate_schema())
+        except Unavailable as error:  # it may come later: /health says so meanwhile
+            log.error("%s; the server starts anyway and answers 503 until it is back", error)
+        self._listener = asyncio.create_task(self._listen(), name="LISTEN jobqueue_jobs")
+        if self.runner is not None:
+            await self.runner.start()
+
+    async def stop(self) -> None:
+        self._closed = True
+        if self.runner is not None:
+            await self.runner.stop()
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        await self.app.close_async()
+        await self.pool.close()
+        self.store.close()
+
+    def stop_now(self) -> None:
+        if self.runner is not None:
+            self.runner.kill_children()
+
+    async def close_intake(self) -> None:
+        if self.runner is not None:
+            self.runner.close_intake()
+
+    async def busy(self) -> bool:
+        return self.runner is not None and self.runner.busy()
+
+    async def end_put_jobs(self) -> None:
+        for job_id in list(self._putting):
+            await self.cancel(job_id, "the server is shutting down")
+
+    async def health(self) -> dict[str, str]:
+        try:
+            async with self._db() as conn:
+                await conn.execute("SELECT 1")
+        except Unavailable as error:
+            return {"postgresql": str(error)}
+        if not self._listening:
+            return {"postgresql": "connected, but not listening for job changes yet"}
+        return {"postgresql": "ok"}
+
+    @contextlib.asynccontextmanager
+    async def _db(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        """A connection from the pool; Unavailable (503) when PostgreSQL cannot be reached."""
+        try:
+            async with self.pool.connection() as conn:
+                yield conn
+        except (PoolTimeout, psycopg.OperationalError) as error:
+            raise pgschema.unavailable(error) from None
+
+    # ---- the facade: by job id ----
+
+    async def submit(self, new: NewJob, durable: bool) -> JobRecord:
+        if self._closed:
+            raise ShuttingDown
+        kind = new.kind.name
+        capacity = self.settings.limits(kind).queue_size
+        record = JobRecord(id=new.id, job_type=kind, status=JobStatus.QUEUED.value,
+                           options=new.options.model_dump(mode="json"),
+                           input_path=str(new.input_path) if new.input_path else None,
+                           created_at=time.time(), origin=new.origin, owner=new.owner,
+                           idempotency_key=new.idempotency_key)
+        try:
+            async with self._db() as conn, conn.transaction():
+                if new.idempotency_key:
+                    earlier = await pgschema.fetch(
+                        conn, "SELECT * FROM jobqueue_jobs WHERE owner = %s "
+                              "AND idempotency_key = %s", (new.owner, new.idempotency_key))
+                    if earlier:
+                        await asyncio.to_thread(jobfiles.remove_job_dir,
+                                                self.settings.out_dir, new.id)
+                        return earlier[0]
+                # One submit of a kind at a time, cluster-wide: the count is exact.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                                   (f"jobqueue:{kind}",))
+                cursor = await conn.execute(
+                    "SELECT count(*) FROM jobqueue_jobs WHERE job_type = %s "
+                    "AND status = 'queued'", (kind,))
+                if (await cursor.fetchone())[0] >= capacity:
+                    raise QueueFull(kind, capacity, await self._retry_after(conn, kind))
+                await conn.execute(pgschema.INSERT, pgschema.params(record))
+                task = self.app.tasks[task_name(kind)]
+                procrastinate_id = await task.configure(connection=conn).defer_async(
+                    job_id=record.id)
+                await conn.execute("UPDATE jobqueue_jobs SET procrastinate_id = %s "
+                                   "WHERE id = %s", (procrastinate_id, record.id))
+                await pgschema.notify(conn, record.id, record.owner)
+        except psycopg.errors.UniqueViolation:  # the same idempotency key, at the same moment
+            return await self.submit(new, durable)
+        except BaseException:
+            await asyncio.to_thread(jobfiles.remove_job_dir, self.settings.out_dir, new.id)
+            raise
+        if new.origin is Origin.PUT:
+            self._putting.add(record.id)
+        log.debug("job %s: %s queued", record.id, kind)
+        return record
+
+    async def _retry_after(self, conn: psycopg.AsyncConnection, kind: str) -> int:
+        """Seconds until a slot is likely to free: the recent average job, per live worker."""
+        cursor = await conn.execute(
+            "SELECT avg(finished_at - started_at) FROM (SELECT finished_at, started_at "
+            "FROM jobqueue_jobs WHERE job_type = %s AND status = 'succeeded' "
+            "ORDER BY seq DESC LIMIT 20) recent", (kind,))
+        average = (await cursor.fetchone())[0] or 1.0
+        workers = (await self._live_workers(conn)).get(kind, 0) or 1
+        return max(1, math.ceil(average / workers))
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        async with self._db() as conn:
+            rows = await pgschema.fetch(conn, "SELECT * FROM jobqueue_jobs WHERE id = %s",
+                                        (job_id,))
+        return rows[0] if rows else None
+
+    async def position(self, job_id: str) -> int | None:
+        async with self._db() as conn:
+            cursor = await conn.execute(
+                "SELECT count(*) FROM jobqueue_jobs other, jobqueue_jobs job "
+                "WHERE job.id = %s AND job.status = 'queued' AND other.job_type = job.job_type "
+                "AND other.status = 'queued' AND other.seq <= job.seq", (job_id,))
+            count = (await cursor.fetchone())[0]
+        return count or None
+
+    async def wait(self, job_id: str, timeout: float) -> JobRecord:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with self._subscribed(job_id) as changed:
+            try:
+                while True:
+                    record = await self.get(job_id)
+                    if record is None:
+                        raise LookupError(job_id)
+                    if record.status in FINISHED:
+                        return record
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise TimeoutError
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), min(left, REFRESH_SECONDS))
+                    changed.clear()
+            finally:
+                self._putting.discard(job_id)
+
+    async def cancel(self, job_id: str, reason: str) -> None:
+        removed = None
+        async with self._db() as conn, conn.transaction():
+            rows = await pgschema.fetch(
+                conn, "SELECT * FROM jobqueue_jobs WHERE id = %s FOR UPDATE", (job_id,))
+            if not rows or rows[0].status in FINISHED:
+                return
+            record = rows[0]
+            log.info("job %s: cancelling %s job (%s)", job_id, record.status, reason)
+            procrastinate_id = await self._procrastinate_id(conn, job_id)
+            manager = self.app.job_manager
+            if record.status == JobStatus.QUEUED.value and procrastinate_id is not None and \
+                    await manager.cancel_job_by_id_async(procrastinate_id, connection=conn):
+                # It never started: it ends here.
+                await conn.execute("UPDATE jobqueue_jobs SET status = 'cancelled', "
+                                   "finished_at = %s WHERE id = %s", (time.time(), job_id))
+                await pgschema.notify(conn, job_id, record.owner)
+                removed = job_id
+            elif procrastinate_id is not None:
+                # It runs: its worker aborts it, kills its children and records the end.
+                await manager.cancel_job_by_id_async(procrastinate_id, abort=True,
+                                                     connection=conn)
+        if removed:
+            await asyncio.to_thread(jobfiles.remove_job_dir, self.settings.out_dir, removed)
+
+    async def _procrastinate_id(self, conn: psycopg.AsyncConnection, job_id: str) -> int | None:
+        cursor = await conn.execute(
+            "SELECT procrastinate_id FROM jobqueue_jobs WHERE id = %s", (job_id,))
+        row = await cursor.fetchone()
+        return row[0] if row else None
+
+    async def delete(self, job_id: str) -> None:
+        async with self._db() as conn, conn.transaction():
+            cursor = await conn.execute(
+                "DELETE FROM jobqueue_jobs WHERE id = %s RETURNING owner", (job_id,))
+            row = await cursor.fetchone()
+            if row:
+                await pgschema.notify(conn, job_id, row[0], removed=True)
+        await asyncio.to_thread(jobfiles.remove_job_dir, self.settings.out_dir, job_id)
+
+    async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
+        async with self._subscribed(job_id) as changed:
+            last = None
+            while True:
+                record = await self.get(job_id)
+                if record is None:
+                    return
+                state = (record.status, json.dumps(record.progress), record.attempt)
+                if state != last:
+                    yield record
+                    last = state
+                if record.status in FINISHED:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), REFRESH_SECONDS)
+                changed.clear()
+
+    @contextlib.asynccontextmanager
+    async def feed(self, owner: str) -> AsyncIterator[_PgListener]:
+        listener = _PgListener(self, owner)
+        self._feeds.add(listener)
+        try:
+            yield listener
+        finally:
+            self._feeds.discard(listener)
+
+    async def stats(self) -> dict[str, dict[str, int]]:
+        """Cluster-wide: jobs waiting and running, and the live workers' slots, per kind."""
+        async with self._db() as conn:
+            cursor = await conn.execute(
+                "SELECT job_type, status, count(*) FROM jobqueue_jobs "
+                "WHERE status IN ('queued', 'running') GROUP BY job_type, status")
+            counts = {(kind, status): count for kind, status, count in await cursor.fetchall()}
+            workers = await self._live_workers(conn)
+        return {name: {"workers": workers.get(name, 0),
+                       "busy": counts.get((name, "running"), 0),
+                       "queued": counts.get((name, "queued"), 0),
+                       "capacity": self.settings.limits(name).queue_size}
+                for name in self.kinds}
+
+    async def _live_workers(self, conn: psycopg.AsyncConnection) -> dict[str, int]:
+        cursor = await conn.execute("SELECT kinds FROM jobqueue_workers WHERE heartbeat > %s",
+                                    (time.time() - STALLED_SECONDS,))
+        workers: dict[str, int] = {}
+        for (kinds,) in await cursor.fetchall():
+            for name, count in kinds.items():
+                workers[name] = workers.get(name, 0) + int(count)
+        return workers
+
+    async def list(self, status: str | None, job_type: str | None, limit: int, offset: int,
+                   owner: str) -> list[JobRecord]:
+        async with self._db() as conn:
+            return await pgschema.fetch(
+                conn, *pgschema.list_query(status, job_type, limit, offset, owner))
+
+    # ---- notifications ----
+
+    @contextlib.asynccontextmanager
+    async def _subscribed(self, job_id: str) -> AsyncIterator[asyncio.Event]:
+        changed = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(changed)
+        try:
+            yield changed
+        finally:
+            waiters = self._waiters.get(job_id, set())
+            waiters.discard(changed)
+            if not waiters:
+                self._waiters.pop(job_id, None)
+
+    async def _listen(self) -> None:
+        """LISTEN for job changes for as long as the replica runs, reconnecting after an
+        outage (everyone then reads again: notifications may have been missed)."""
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                        self.url, autocommit=True,
+                        connect_timeout=int(POOL_TIMEOUT_SECONDS)) as conn:
+                    await conn.execute(f"LISTEN {pgschema.CHANNEL}")
+                    self._listening = True
+                    self._wake_everyone()
+                    async for notification in conn.notifies():
+                        self._dispatch(json.loads(notification.payload))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                if self._listening:
+                    log.warning("lost the database connection that listens for job changes "
+                                "(%s); connecting again", pgschema.unavailable(error))
+                self._listening = False
+                self._wake_everyone()
+                await asyncio.sleep(1.0)
+
+    def _dispatch(self, change: dict[str, Any]) -> None:
+        for changed in self._waiters.get(change["id"], ()):
+            changed.set()
+        for listener in self._feeds:
+            listener.note(change)
+
+    def _wake_everyone(self) -> None:
+        for waiters in self._waiters.values():
+            for changed in waiters:
+                changed.set()
+
+
+class _PgListener:
+    """One `/events` stream's share of the notifications: ids changed since its last batch."""
+
+    def __init__(self, engine: PostgresEngine, owner: str):
+        self.engine = engine
+        self.owner = owner
+        self.changed: set[str] = set()
+        self.removed: set[str] = set()
+        self.wake = asyncio.Event()
+
+    def note(self, change: dict[str, Any]) -> None:
+        if change.get("owner", "") != self.owner:
+            return
+        if change.get("removed"):
+            self.changed.discard(change["id"])
+            self.removed.add(change["id"])
+        else:
+            self.changed.add(change["id"])
+        self.wake.set()
+
+    async def next_batch(self) -> tuple[list[JobRecord], list[str]]:
+        await self.wake.wait()
+        self.wake.clear()
+        changed, self.changed = list(self.changed), set()
+        removed, self.removed = sorted(self.removed), set()
+        records = []
+        if changed:
+            async with self.engine._db() as conn:
+                records = await pgschema.fetch(
+                    conn, f"SELECT {pgschema.SUMMARY_COLUMNS} FROM jobqueue_jobs "
+                          "WHERE id = ANY(%s) ORDER BY seq", (changed,))
+        return records, removed
+
+
+def _procrastinate_schema() -> str:
+    from .pgworker import schema_sql
+
+    return schema_sql()

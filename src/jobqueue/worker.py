@@ -1,0 +1,81 @@
+"""A worker process of the distributed engine: python -m jobqueue.worker [--kinds pdf2image,video]
+
+It runs the jobs of the kinds it is given, as many of each at once as JOBQUEUE_<KIND>_WORKERS
+says, taking them from PostgreSQL (JOBQUEUE_DATABASE_URL) through procrastinate; API replicas
+(`python src/main.py` with the same database) take the requests. SIGTERM or Ctrl-C: running
+jobs get JOBQUEUE_SHUTDOWN_GRACE, then are stopped and queued again; a second signal stops at
+once. Its child processes die with it, `kill -9` included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from psycopg_pool import AsyncConnectionPool
+
+from .engines.pgworker import Runner
+from .kinds import KINDS
+from .settings import Settings
+
+log = logging.getLogger("jobqueue.worker")
+
+
+def parse_kinds(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in KINDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown job kinds {unknown}; the kinds are "
+                                         f"{', '.join(KINDS)}")
+    return names
+
+
+async def serve(settings: Settings, kinds: list[str]) -> None:
+    pool = AsyncConnectionPool(settings.database_url.get_secret_value(), min_size=1,
+                               max_size=sum(settings.limits(k).workers for k in kinds) + 6,
+                               open=False, check=AsyncConnectionPool.check_connection)
+    await pool.open(wait=False)
+    runner = Runner(settings, {name: KINDS[name] for name in kinds}, pool)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("stopping: running jobs get %g s (JOBQUEUE_SHUTDOWN_GRACE)",
+                     settings.shutdown_grace)
+            stopping.set()
+        else:  # a second signal: stop at once
+            runner.kill_children()
+            raise SystemExit(1)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await runner.start()
+        await stopping.wait()
+        await runner.stop()
+    finally:
+        runner.kill_children()
+        await pool.close()
+
+
+def main() -> None:
+    settings = Settings()
+    parser = argparse.ArgumentParser(description="Run jobs of the distributed engine.")
+    parser.add_argument("--kinds", type=parse_kinds, default=list(KINDS),
+                        help=f"comma-separated job kinds to run (default: all: {','.join(KINDS)})")
+    args = parser.parse_args()
+    if not settings.database_url.get_secret_value():
+        parser.error("JOBQUEUE_DATABASE_URL is not set: a worker takes its jobs from PostgreSQL")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(settings, args.kinds))
+
+
+if __name__ == "__main__":
+    main()
