@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -118,3 +120,29 @@ def server(tmp_path_factory) -> Iterator[Server]:
 def client(server: Server) -> Iterator[httpx.Client]:
     with server.client() as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator["LocalPostgres"]:
+    """One PostgreSQL for the whole session (Debian's package, started by the tests); each
+    distributed deployment takes a database of its own on it. Its folder is not under pytest's
+    tmp (whose parent only root may enter) because the server runs as the postgres user."""
+    from jobqueue.localpg import LocalPostgres
+
+    folder = Path(tempfile.mkdtemp(prefix="jobqueue-pg-"))
+    server = LocalPostgres(folder, fast=True)
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis(tmp_path_factory) -> Iterator[str]:
+    """A redis-server (Debian's package) for rate limits shared by replicas; its URL."""
+    from jobqueue.cluster import LocalRedis
+
+    server = LocalRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
