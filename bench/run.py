@@ -15,6 +15,7 @@ from pathlib import Path
 import overhead
 import pdf
 import responsiveness
+import scaling
 import streams
 import upload
 import video
@@ -53,11 +54,13 @@ def main() -> None:
                 lambda: overhead.run(1, seconds=1),
                 lambda: responsiveness.run(1, seconds=1, pdf=sample, clip_seconds=2),
                 lambda: streams.run(1, seconds=1, streams=10),
-                lambda: upload.run(1, megabytes=8)]
+                lambda: upload.run(1, megabytes=8),
+                lambda: scaling.run(1, jobs=4, seconds=0.1, workers=(1, 2))]
     else:
         plan = [lambda: pdf.run(args.runs), lambda: video.run(max(args.runs, 7)),
                 lambda: overhead.run(args.runs), lambda: responsiveness.run(args.runs),
-                lambda: streams.run(args.runs), lambda: upload.run(args.runs)]
+                lambda: streams.run(args.runs), lambda: upload.run(args.runs),
+                lambda: scaling.run(args.runs)]
     results = []
     for benchmark in plan:
         started = time.monotonic()
