@@ -63,6 +63,14 @@ SUMMARY_COLUMNS = ", ".join(
     "CASE WHEN jsonb_typeof(result) = 'object' "
     "THEN jsonb_build_object('files', result -> 'files') END AS result" if column == "result" else
     column for column in COLUMNS)
+# A record and its procrastinate job if that has ended (workers delete theirs as they finish
+# them; this catches one a worker died with). A job still to do or running stays for its
+# worker, which finds no record and lets it go.
+DELETE = ("WITH gone AS (DELETE FROM jobqueue_jobs WHERE id = %s "
+          "RETURNING owner, procrastinate_id), "
+          "queue AS (DELETE FROM procrastinate_jobs WHERE id IN "
+          "(SELECT procrastinate_id FROM gone) AND status NOT IN ('todo', 'doing')) "
+          "SELECT owner FROM gone")
 INSERT = (f"INSERT INTO jobqueue_jobs ({', '.join(COLUMNS)}) "
           f"VALUES ({', '.join('%s' for _ in COLUMNS)})")
 

@@ -56,7 +56,7 @@ class PgJobStore:
 
     def delete(self, job_id: str) -> None:
         with self._connection() as conn:
-            conn.execute("DELETE FROM jobqueue_jobs WHERE id = %s", (job_id,))
+            conn.execute(pgschema.DELETE, (job_id,))
 
     def get(self, job_id: str) -> JobRecord | None:
         rows = self._fetch("SELECT * FROM jobqueue_jobs WHERE id = %s", (job_id,))

@@ -224,7 +224,7 @@ class Runner:
                     update_heartbeat_interval=HEARTBEAT_SECONDS,
                     stalled_worker_timeout=STALLED_SECONDS,
                     shutdown_graceful_timeout=self.settings.shutdown_grace,
-                    additional_context={"runner": self}, delete_jobs="successful")
+                    additional_context={"runner": self}, delete_jobs="always")
                 return
             except asyncio.CancelledError:
                 raise

@@ -229,7 +229,8 @@ class PostgresEngine:
             procrastinate_id = await self._procrastinate_id(conn, job_id)
             manager = self.app.job_manager
             if record.status == JobStatus.QUEUED.value and procrastinate_id is not None and \
-                    await manager.cancel_job_by_id_async(procrastinate_id, connection=conn):
+                    await manager.cancel_job_by_id_async(procrastinate_id, delete_job=True,
+                                                         connection=conn):
                 # It never started: it ends here.
                 await conn.execute("UPDATE jobqueue_jobs SET status = 'cancelled', "
                                    "finished_at = %s WHERE id = %s", (time.time(), job_id))
@@ -250,8 +251,7 @@ class PostgresEngine:
 
     async def delete(self, job_id: str) -> None:
         async with self._db() as conn, conn.transaction():
-            cursor = await conn.execute(
-                "DELETE FROM jobqueue_jobs WHERE id = %s RETURNING owner", (job_id,))
+            cursor = await conn.execute(pgschema.DELETE, (job_id,))
             row = await cursor.fetchone()
             if row:
                 await pgschema.notify(conn, job_id, row[0], removed=True)
