@@ -76,6 +76,7 @@ def test_worker_kill_9_mid_video_reruns_elsewhere_and_leaves_no_ffmpeg(postgres,
             assert time.monotonic() < deadline, "ffmpeg never started"
             time.sleep(0.02)
         (victim, ffmpeg), = busy
+        assert len(client.get("/health").json()["workerProcesses"]) == 2
         kill(victim)
         deadline = time.monotonic() + 10
         while any(alive(pid) for pid in ffmpeg):
@@ -85,6 +86,10 @@ def test_worker_kill_9_mid_video_reruns_elsewhere_and_leaves_no_ffmpeg(postgres,
         assert done["status"] == "succeeded", done
         assert done["result"]["data"]["width"] == 3840
         survivor = next(worker for worker in cluster.workers if worker is not victim)
+        deadline = time.monotonic() + 60  # its heartbeat goes stale
+        while len(client.get("/health").json()["workerProcesses"]) != 1:
+            assert time.monotonic() < deadline, "the dead worker is still listed"
+            time.sleep(0.2)
         assert succeeded_lines(survivor.log_path.read_text(), job["id"]) == 1
         assert succeeded_lines(victim.log_path.read_text(), job["id"]) == 0
 

@@ -72,6 +72,23 @@ def test_submit_on_one_replica_and_follow_on_the_other(first, second):
         "message": "hello", "length": 5, "seconds": 0.2}
 
 
+def test_health_and_the_event_feed_count_the_workers(deployment, second):
+    health = second.get("/health").json()
+    assert health["queues"]["message"]["workers"] == 1
+    with second.stream("GET", "/events") as response:
+        events = []  # up to the snapshot of jobs, which comes after queues (and workers)
+        for line in response.iter_lines():
+            events.append(line)
+            if line == "event: jobs":
+                break
+    if deployment.engine == "postgres":  # the worker processes, from their heartbeats
+        (process,) = health["workerProcesses"]
+        assert process["kinds"]["message"] == 1 and process["lastSeen"] < 60
+        assert "event: workers" in events
+    else:
+        assert "workerProcesses" not in health and "event: workers" not in events
+
+
 def test_put_waits_for_its_result_and_files_come_from_any_replica(first, second):
     assert first.post("/put", json={"data": "sync", "seconds": 0}).json()["data"]["result"][
         "data"]["message"] == "sync"

@@ -92,6 +92,13 @@ class QueueStats(CamelModel):
     capacity: int
 
 
+class WorkerProcess(CamelModel):
+    name: str = Field(examples=["node-2-4711"], description="host-pid")
+    kinds: dict[str, int] = Field(examples=[{"pdf2image": 2, "video": 1}],
+                                  description="Jobs of each kind it runs at once")
+    last_seen: float = Field(description="Seconds since its last heartbeat")
+
+
 class Health(CamelModel):
     status: str = Field(examples=["ok"], description="ok; draining (HTTP 503) while the server "
                         "shuts down; unavailable (HTTP 503) while a dependency is down")
@@ -102,6 +109,9 @@ class Health(CamelModel):
         "pdf2image": {"workers": 2, "busy": 0, "queued": 0, "capacity": 20},
         "video": {"workers": 1, "busy": 0, "queued": 0, "capacity": 10},
     }])
+    worker_processes: list[WorkerProcess] | None = Field(
+        None, description="Distributed mode only: the worker processes whose heartbeat is "
+                          "fresh. `workers` above counts their job slots")
 
 
 class AccessToken(CamelModel):

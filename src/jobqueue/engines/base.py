@@ -98,5 +98,9 @@ class JobEngine(Protocol):
                    owner: str) -> list[JobRecord]:
         """Summaries (records without options or result data), newest first."""
 
+    async def worker_processes(self) -> list[dict] | None:
+        """The live worker processes, from their heartbeats: name, slots per kind, seconds since
+        the last beat. None when the workers are threads of this process (embedded)."""
+
     async def health(self) -> dict[str, str]:
         """Each dependency the engine needs: "ok", or what is wrong with it."""

@@ -616,6 +616,9 @@ class EmbeddedEngine:
     async def stats(self) -> dict[str, dict[str, int]]:
         return {name: pool.stats() for name, pool in self.pools.items()}
 
+    async def worker_processes(self) -> None:
+        return None  # the workers are threads of this process
+
     async def list(self, status: str | None, job_type: str | None, limit: int, offset: int,
                    owner: str) -> list[JobRecord]:
         # In a thread: the store waits for records still being written.

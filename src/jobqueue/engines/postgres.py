@@ -297,6 +297,15 @@ class PostgresEngine:
                        "capacity": self.settings.limits(name).queue_size}
                 for name in self.kinds}
 
+    async def worker_processes(self) -> list[dict]:
+        async with self._db() as conn:
+            cursor = await conn.execute(
+                "SELECT name, kinds, heartbeat FROM jobqueue_workers WHERE heartbeat > %s "
+                "ORDER BY name", (time.time() - STALLED_SECONDS,))
+            rows = await cursor.fetchall()
+        return [{"name": name, "kinds": kinds, "lastSeen": round(time.time() - beat, 1)}
+                for name, kinds, beat in rows]
+
     async def _live_workers(self, conn: psycopg.AsyncConnection) -> dict[str, int]:
         cursor = await conn.execute("SELECT kinds FROM jobqueue_workers WHERE heartbeat > %s",
                                     (time.time() - STALLED_SECONDS,))

@@ -30,6 +30,7 @@ MAX_CACHED = 2000
 STATS_SECONDS = 0.05
 _summaries: dict[tuple, str] = {}
 _stats: tuple[float, str] = (0.0, "")
+_workers: tuple[float, str | None] = (0.0, None)
 
 
 async def _job_json(request: Request, record: JobRecord) -> str:
@@ -56,6 +57,22 @@ async def _stats_json(engine: JobEngine) -> str:
     return _stats[1]
 
 
+async def _workers_json(engine: JobEngine) -> str | None:
+    """The live worker processes (distributed mode), cached like the queue sizes."""
+    global _workers
+    now = time.monotonic()
+    if now - _workers[0] > STATS_SECONDS:
+        processes = await engine.worker_processes()
+        _workers = (now, None if processes is None else json.dumps(processes))
+    return _workers[1]
+
+
+async def _queue_events(engine: JobEngine) -> AsyncIterator[ServerSentEvent]:
+    yield ServerSentEvent(event="queues", raw_data=await _stats_json(engine))
+    if (processes := await _workers_json(engine)) is not None:
+        yield ServerSentEvent(event="workers", raw_data=processes)
+
+
 @router.get(
     "/events",
     response_class=EventSourceResponse,
@@ -63,7 +80,9 @@ async def _stats_json(engine: JobEngine) -> str:
     description="Starts with `event: queues` (as in `/health`) and `event: jobs` (the newest "
                 "`limit` jobs, as in `GET /jobs`), then sends `event: job` with a job's new "
                 "state (a summary, as in `GET /jobs`), `event: removed` with `{\"id\"}` when a "
-                "job is deleted, and `event: queues` after every batch of changes. Runs until "
+                "job is deleted, and `event: queues` after every batch of changes (in the "
+                "distributed mode followed by `event: workers`, the live worker processes as "
+                "in `/health`). Runs until "
                 "the client leaves. At most `JOBQUEUE_MAX_STREAMS` streams are open at once "
                 "(503).",
     responses=error_responses(503),
@@ -75,7 +94,8 @@ async def events(request: Request,
     engine: JobEngine = request.app.state.engine
     # Listening starts before the snapshot, so no change falls between the two.
     async with engine.feed(owner(request)) as listener:
-        yield ServerSentEvent(event="queues", raw_data=await _stats_json(engine))
+        async for event in _queue_events(engine):
+            yield event
         records = await engine.list(None, None, limit, 0, owner(request))
         yield ServerSentEvent(event="jobs", raw_data="[" + ",".join(
             [await _job_json(request, record) for record in records]) + "]")
@@ -85,5 +105,6 @@ async def events(request: Request,
                 yield ServerSentEvent(event="job", raw_data=await _job_json(request, record))
             for job_id in removed:
                 yield ServerSentEvent(event="removed", data={"id": job_id})
-            yield ServerSentEvent(event="queues", raw_data=await _stats_json(engine))
+            async for event in _queue_events(engine):
+                yield event
             await asyncio.sleep(BATCH_SECONDS)

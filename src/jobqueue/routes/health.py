@@ -33,7 +33,8 @@ async def health(request: Request, response: Response) -> Health:
         response.status_code = 503
         return Health(status="unavailable", dependencies=problems, queues={})
     queues = await engine.stats()
+    processes = await engine.worker_processes()
     if request.app.state.draining:
         response.status_code = 503
-        return Health(status="draining", queues=queues)
-    return Health(status="ok", queues=queues)
+        return Health(status="draining", queues=queues, worker_processes=processes)
+    return Health(status="ok", queues=queues, worker_processes=processes)

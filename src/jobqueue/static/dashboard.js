@@ -84,6 +84,7 @@ async function connect() {
     }
   };
   events.addEventListener("queues", (event) => showQueues(JSON.parse(event.data)));
+  events.addEventListener("workers", (event) => showWorkers(JSON.parse(event.data)));
   events.addEventListener("jobs", (event) => {
     // Sent again after every reconnect: start over from it.
     for (const { element } of jobs.values()) dropCard(element);
@@ -109,6 +110,16 @@ function showQueues(queues) {
     }
     $(".fill", row).style.width = percent(stats.queued, stats.capacity);
   }
+}
+
+// Distributed mode only: the worker processes whose heartbeat is fresh.
+function showWorkers(processes) {
+  const line = $("#worker-processes");
+  line.hidden = false;
+  line.textContent = processes.length === 0
+    ? "No live worker process: jobs wait until one starts."
+    : "Worker processes: " + processes.map((p) => `${p.name} (` +
+        Object.entries(p.kinds).map(([kind, n]) => `${kind} ×${n}`).join(", ") + ")").join(" · ");
 }
 
 // ---- job cards ----
