@@ -25,7 +25,9 @@ log = logging.getLogger("jobqueue.ratelimit")
 
 # A shared storage that does not answer within this long is taken as down.
 STORAGE_TIMEOUT_SECONDS = 0.5
-
+# After a failure, the shared storage is left alone this long (its calls block the loop for up
+# to STORAGE_TIMEOUT_SECONDS while it is down).
+RETRY_STORAGE_SECONDS = 5.0
 
 
 def client_key(request: Request) -> str:
@@ -53,12 +55,14 @@ class Counter:
     def __init__(self) -> None:
         self.local = strategies.FixedWindowRateLimiter(storage.MemoryStorage())
         self.shared: strategies.FixedWindowRateLimiter | None = None
+        self.down_until = 0.0
 
     def _call(self, method: str, *args):
-        if self.shared is not None:
+        if self.shared is not None and time.monotonic() >= self.down_until:
             try:
                 return getattr(self.shared, method)(*args)
             except Exception as error:  # the storage is down: count here meanwhile
+                self.down_until = time.monotonic() + RETRY_STORAGE_SECONDS
                 log.warning("rate-limit storage unreachable (%s); counting in this process",
                             error)
         return getattr(self.local, method)(*args)
