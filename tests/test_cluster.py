@@ -128,6 +128,10 @@ def test_postgresql_stopped_and_started_mid_run(tmp_path):
                            client.post("/jobs", json={"data": "while down", "seconds": 0})):
                 assert answer.status_code == 503, answer.text
                 assert "PostgreSQL" in answer.json()["detail"]
+            metrics = client.get("/metrics")  # the counters still answer; the queues cannot
+            assert metrics.status_code == 200
+            assert 'jobqueue_dependency_up{dependency="postgresql"} 0.0' in metrics.text
+            assert "jobqueue_jobs_waiting{" not in metrics.text
             database.start()
             deadline = time.monotonic() + 60
             while client.get("/health").status_code != 200:

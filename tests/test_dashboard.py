@@ -123,7 +123,9 @@ def test_refusal_is_shown_and_a_running_job_can_be_cancelled(page):
 
 
 def test_dashboard_with_api_keys(browser, tmp_path):
-    with run_server(tmp_path, api_keys="dash-key") as keyed:
+    with run_server(tmp_path, api_keys="dash-key,other-key") as keyed:
+        with keyed.client(headers={"X-API-Key": "other-key"}) as other:
+            assert other.post("/put", json={"seconds": 0}).status_code == 200
         page = browser.new_page()
         try:
             page.goto(f"{keyed.url}/dashboard")
@@ -141,5 +143,33 @@ def test_dashboard_with_api_keys(browser, tmp_path):
             # Thumbnails are <img> requests: they get in with the access token in their URL.
             thumbnails = page.locator(f"{card} img.thumbnail")
             eventually(lambda: thumbnails.evaluate_all(LOADED) == 4)
+            # The last hour's chart counts this key's job, not the other key's.
+            eventually(lambda: page.get_attribute("#throughput-summary", "data-total") == "1")
+            assert "pdf2image 1" in page.inner_text("#throughput-summary")
         finally:
             page.close()
+
+
+def test_the_last_hour_chart_counts_finished_jobs_and_follows_new_ones(browser, tmp_path):
+    with run_server(tmp_path) as server, server.client() as client:
+        for _ in range(3):
+            assert client.post("/put", json={"seconds": 0}).status_code == 200
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+        try:
+            page.goto(f"{server.url}/dashboard")
+            summary = "#throughput-summary"
+            eventually(lambda: page.get_attribute(summary, "data-total") == "3")
+            assert page.inner_text(summary).startswith("3 jobs finished in the last hour")
+            # uPlot drew both charts (served from static/, within the page's CSP).
+            assert page.locator("#finished-chart canvas").count() == 1
+            assert page.locator("#runtime-chart canvas").count() == 1
+            assert "message" in page.inner_text("#finished-chart .u-legend")
+            # A job that finishes while the page is open shows up without a reload.
+            assert client.post("/put", json={"seconds": 0}).status_code == 200
+            eventually(lambda: page.get_attribute(summary, "data-total") == "4")
+        finally:
+            page.close()
+        assert errors == [], "the page reported errors"

@@ -81,6 +81,7 @@ async def require_key(request: Request, header: str | None = Security(api_key_he
         if not _wrong_keys.test(WRONG_KEY_LIMIT, "wrong key", address):
             retry = int(_wrong_keys.get_window_stats(WRONG_KEY_LIMIT, "wrong key", address)
                         .reset_time - time.time()) + 1
+            request.app.state.metrics.rate_limited.labels("wrong_key").inc()
             raise HTTPException(429, f"Too many wrong API keys from this address; wait {retry} s.",
                                 headers={"Retry-After": str(retry)})
         token = request.query_params.get(TOKEN_PARAMETER) if request.method == "GET" else None

@@ -21,7 +21,8 @@ from .disconnects import GoneClients
 from .engines import make_engine
 from .headers import SecurityHeaders
 from .kinds import KINDS
-from .routes import dashboard, events, files, health, jobs, preview, put
+from .metrics import Metrics, RequestTimer
+from .routes import dashboard, events, files, health, jobs, metrics, preview, put, throughput
 from .schemas import error_responses
 from .settings import Settings
 from .shutdown import shutting_down
@@ -38,7 +39,7 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The engine opens its store and starts its threads here, never at import time.
-        engine = make_engine(settings, KINDS, with_workers)
+        engine = make_engine(settings, KINDS, app.state.metrics, with_workers)
         app.state.engine = engine
         await engine.start()
         try:
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = Metrics(KINDS)
     app.state.draining = False  # set on SIGTERM / Ctrl-C: see shutdown.py
     app.state.preview_slots = preview.PreviewSlots(settings.preview_streams)
     app.state.uploads = Slots(settings.max_uploads, "uploads", "JOBQUEUE_MAX_UPLOADS")
@@ -70,12 +72,13 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
         app.add_exception_handler(error_class, answer_error)
     app.add_exception_handler(Exception, internal_error)
     app.include_router(health.router)
+    app.include_router(metrics.router)  # its own token, never an API key or a rate limit
     app.include_router(dashboard.router)  # the page asks for a key itself
     # 401 without a valid key when keys are set; without keys every caller is the same owner,
     # and the routes skip the dependency altogether.
     keyed = [Depends(access.require_key)] if settings.api_key_list else []
     for router in (put.router, jobs.router, files.router, preview.router, events.router,
-                   access.router):
+                   throughput.router, access.router):
         app.include_router(router, dependencies=keyed, responses=error_responses(401, 429)
                            if settings.api_key_list else None)
     app.add_middleware(SecurityHeaders)
@@ -87,6 +90,7 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
             allow_headers=[access.HEADER, "Content-Type"],
             expose_headers=["Location", "Retry-After", "X-RateLimit-Limit",
                             "X-RateLimit-Remaining", "X-RateLimit-Reset"])
+    app.add_middleware(RequestTimer, metrics=app.state.metrics)  # outermost: times them all
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     return app
 
@@ -111,6 +115,8 @@ async def answer_error(request: Request, exc: Exception) -> JSONResponse:
         refusal = shutting_down(request)
         return JSONResponse({"detail": refusal.detail}, status_code=refusal.status_code,
                             headers=refusal.headers)
+    if isinstance(exc, errors.QueueFull):
+        request.app.state.metrics.refused(exc.kind)
     headers = ({"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None)
     status = errors.HTTP_STATUS[errors.kind_of(exc)]
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)

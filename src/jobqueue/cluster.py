@@ -169,6 +169,8 @@ def main() -> None:
             wait_ready(url, process, path)
         log.info("API replicas: %s; %d workers; logs in %s. Ctrl-C stops everything.",
                  ", ".join(url for url, _, _ in replicas), args.workers, logs)
+        log.info("Metrics: %s/metrics on each replica; each worker's own port is listed in "
+                 "/health (workerProcesses).", replicas[0][0])
         while all(process.poll() is None for process in services):
             time.sleep(0.5)
         log.error("a process of the cluster exited; stopping the others (see %s)", logs)

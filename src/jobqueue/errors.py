@@ -45,6 +45,7 @@ class QueueFull(Exception):
         super().__init__(
             f"The {kind} queue is full ({capacity} jobs waiting); retry in {retry_after} s."
         )
+        self.kind = kind
         self.retry_after = retry_after
 
 

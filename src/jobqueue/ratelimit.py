@@ -107,6 +107,7 @@ def configure(app: FastAPI, rate_limit: str, storage_uri: str = "") -> None:
 
 
 def rate_limited(request: Request, exc: RateLimitExceeded) -> JSONResponse:
+    request.app.state.metrics.rate_limited.labels("submit").inc()
     response = JSONResponse(
         {"detail": f"Rate limit exceeded: {exc.detail} per client (per API key when the "
                    "server has keys). "

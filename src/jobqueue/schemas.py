@@ -97,6 +97,9 @@ class WorkerProcess(CamelModel):
     kinds: dict[str, int] = Field(examples=[{"pdf2image": 2, "video": 1}],
                                   description="Jobs of each kind it runs at once")
     last_seen: float = Field(description="Seconds since its last heartbeat")
+    metrics: str | None = Field(None, examples=["http://127.0.0.1:40113/metrics"],
+                                description="Where Prometheus scrapes its own metrics "
+                                            "(JOBQUEUE_WORKER_METRICS_PORT)")
 
 
 class Health(CamelModel):
@@ -149,3 +152,19 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     # JSON too, not in their own media type.
     return {code: {"model": ErrorResponse, "description": meaning[code],
                    "content": {"application/json": {"schema": ERROR_SCHEMA}}} for code in codes}
+
+
+class MinuteView(CamelModel):
+    minute: int = Field(description="The minute's start, in epoch seconds", examples=[1795500780])
+    finished: int = Field(description="Jobs that ran to an end (succeeded or failed)",
+                          examples=[12])
+    p50_seconds: float = Field(description="Median run time", examples=[0.8])
+    p95_seconds: float = Field(description="95th percentile run time (nearest rank)",
+                               examples=[2.1])
+
+
+class Throughput(CamelModel):
+    since: float = Field(description="Start of the window, in epoch seconds")
+    minutes: int = Field(examples=[60])
+    kinds: dict[str, list[MinuteView]] = Field(
+        description="Per job kind, the minutes in which some of its jobs finished, oldest first")

@@ -70,6 +70,10 @@ class Settings(BaseSettings):
                                     "distributed engine; empty: the embedded one")
     api_keys: SecretStr = Field(SecretStr(""),
                                 description="Comma-separated API keys; empty: no keys needed")
+    metrics_token: SecretStr = Field(SecretStr(""), description="Bearer token /metrics "
+                                     "needs; empty: open on a loopback-only server")
+    worker_metrics_port: int = Field(0, ge=0, le=65535, description="Port of a worker "
+                                     "process's /metrics; 0: a free one, logged")
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS")
 
     pdf_engine: Literal["pdfium", "poppler"] = "pdfium"

@@ -5,6 +5,10 @@ says, taking them from PostgreSQL (JOBQUEUE_DATABASE_URL) through procrastinate;
 (`python src/main.py` with the same database) take the requests. SIGTERM or Ctrl-C: running
 jobs get JOBQUEUE_SHUTDOWN_GRACE, then are stopped and queued again; a second signal stops at
 once. Its child processes die with it, `kill -9` included.
+
+Its metrics (the jobs it ran, their times, its slots) are on a port of its own,
+JOBQUEUE_WORKER_METRICS_PORT (0: a free one, logged and shown in the replicas' /health), for
+Prometheus to scrape each worker: the counters of the jobs it ran live in this process only.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from .engines.pgworker import Runner
 from .kinds import KINDS
+from .metrics import Metrics, serve_worker_metrics
 from .settings import Settings
 
 log = logging.getLogger("jobqueue.worker")
@@ -37,7 +42,11 @@ async def serve(settings: Settings, kinds: list[str]) -> None:
                                max_size=sum(settings.limits(k).workers for k in kinds) + 6,
                                open=False, check=AsyncConnectionPool.check_connection)
     await pool.open(wait=False)
-    runner = Runner(settings, {name: KINDS[name] for name in kinds}, pool)
+    metrics = Metrics(kinds)
+    runner = Runner(settings, {name: KINDS[name] for name in kinds}, pool, metrics)
+    runner.metrics_url, stop_metrics = serve_worker_metrics(
+        metrics, settings.worker_metrics_port, settings.metrics_token.get_secret_value())
+    log.info("worker metrics on %s", runner.metrics_url)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0
@@ -61,6 +70,7 @@ async def serve(settings: Settings, kinds: list[str]) -> None:
         await runner.stop()
     finally:
         runner.kill_children()
+        stop_metrics()
         await pool.close()
 
 

@@ -5,19 +5,21 @@ processes through PostgreSQL (procrastinate)."""
 from __future__ import annotations
 
 from ..jobs import JobKind
+from ..metrics import Metrics
 from ..settings import Settings
 from .base import JobEngine, Listener, NewJob
 
 __all__ = ["JobEngine", "Listener", "NewJob", "make_engine"]
 
 
-def make_engine(settings: Settings, kinds: dict[str, JobKind], with_workers: bool = True
-                ) -> JobEngine:
-    """The engine the settings ask for: PostgreSQL with JOBQUEUE_DATABASE_URL, else embedded."""
+def make_engine(settings: Settings, kinds: dict[str, JobKind], metrics: Metrics,
+                with_workers: bool = True) -> JobEngine:
+    """The engine the settings ask for: PostgreSQL with JOBQUEUE_DATABASE_URL, else embedded.
+    It counts the jobs it starts and ends in `metrics`."""
     if settings.database_url.get_secret_value():
         from .postgres import PostgresEngine
 
-        return PostgresEngine(settings, kinds, with_workers=with_workers)
+        return PostgresEngine(settings, kinds, metrics, with_workers=with_workers)
     from .embedded import EmbeddedEngine
 
-    return EmbeddedEngine(settings, kinds)
+    return EmbeddedEngine(settings, kinds, metrics)

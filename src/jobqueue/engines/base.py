@@ -16,7 +16,8 @@ from typing import Protocol
 from pydantic import BaseModel
 
 from ..jobs import JobKind
-from ..records import JobRecord, Origin
+from ..metrics import Outcome
+from ..records import JobRecord, MinuteFigures, Origin
 from ..settings import Settings
 
 
@@ -78,9 +79,11 @@ class JobEngine(Protocol):
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         """The job's record once it has finished; TimeoutError after `timeout` seconds."""
 
-    async def cancel(self, job_id: str, reason: str) -> None:
+    async def cancel(self, job_id: str, reason: str,
+                     ending: Outcome = Outcome.CANCELLED) -> None:
         """Stop the job wherever it is: a queued one never starts, a running one has its
-        child processes killed. Nothing for a finished job."""
+        child processes killed. Nothing for a finished job. `reason` goes to the log,
+        `ending` to the metrics (a client's cancel, a deadline, a shutdown)."""
 
     async def delete(self, job_id: str) -> None:
         """Forget a finished job and remove its files."""
@@ -97,6 +100,10 @@ class JobEngine(Protocol):
     async def list(self, status: str | None, job_type: str | None, limit: int, offset: int,
                    owner: str) -> list[JobRecord]:
         """Summaries (records without options or result data), newest first."""
+
+    async def throughput(self, owner: str, since: float) -> list[MinuteFigures]:
+        """`owner`'s jobs that ran to an end since `since`, per kind and minute, with their
+        run times: from the records, so the figures outlive a restart."""
 
     async def worker_processes(self) -> list[dict] | None:
         """The live worker processes, from their heartbeats: name, slots per kind, seconds since

@@ -27,7 +27,8 @@ from ..errors import (BadInput, DiskFull, JobCancelled, QueueFull, ShuttingDown,
 from ..events import Feed
 from ..events import Listener as FeedListener
 from ..jobs import FINISHED, JobKind, JobStatus, Output, Progress
-from ..records import JobRecord, JobStore, Origin, SqliteJobStore
+from ..metrics import Metrics, Outcome, outcome
+from ..records import JobRecord, JobStore, MinuteFigures, Origin, SqliteJobStore
 from ..settings import KindLimits, Settings
 from .base import NewJob
 
@@ -75,6 +76,8 @@ class Job:
     # When the engine's watchdog stops the job (epoch seconds), and whether it has.
     deadline: float | None = None
     timed_out: bool = False
+    # What the first cancel said it was (a client's, a deadline, a shutdown): its outcome.
+    cancelled_as: Outcome | None = None
     # Called from whichever thread finishes the job, before the loop side hears of it.
     on_finish: Callable[[Job], None] | None = None
     # Called on the loop after every change (the dashboard's feed).
@@ -233,11 +236,12 @@ class WorkerPool:
     # thread is given up on and a new one takes its place, so the pool keeps its workers.
     abandon_after = 10.0
 
-    def __init__(self, kind: JobKind, limits: KindLimits, store: JobStore,
+    def __init__(self, kind: JobKind, limits: KindLimits, store: JobStore, metrics: Metrics,
                  max_run_seconds: float = 3600):
         self.kind = kind
         self.limits = limits
         self.store = store
+        self.metrics = metrics
         # How long a POST /jobs job may run; a /put job's deadline is its kind's timeout.
         self.max_run_seconds = max_run_seconds
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=limits.queue_size)
@@ -273,6 +277,7 @@ class WorkerPool:
             if not job.timed_out:
                 job.timed_out = True
                 log.warning("job %s: past its deadline; stopping it", job.id)
+                job.cancelled_as = job.cancelled_as or Outcome.DEADLINE
                 job.cancel()  # kills its child processes; the handler stops at its next check
             elif over > self.abandon_after:
                 self._abandon(job)
@@ -401,6 +406,7 @@ class WorkerPool:
                 if job.deadline is None:
                     job.deadline = job.started_at + self.max_run_seconds
                 self.running.add(job)
+            self.metrics.job_started(self.kind.name, job.created_at, job.started_at)
             self._tell_waiting_jobs()
             try:
                 self.store.save(job.record())  # so GET /jobs?status=running finds it
@@ -453,13 +459,15 @@ class EmbeddedEngine:
     """The `JobEngine` of one process: a `WorkerPool` per kind, records in SQLite."""
 
     def __init__(self, settings: Settings, kinds: dict[str, JobKind],
-                 store: JobStore | None = None):
+                 metrics: Metrics | None = None, store: JobStore | None = None):
         self.settings = settings
         self.out_dir = settings.out_dir
         self.kinds = kinds
+        self.metrics = metrics or Metrics(kinds)
         self.store: JobStore = store or SqliteJobStore(settings.job_db)
         self.pools = {
-            name: WorkerPool(kind, settings.limits(name), self.store, settings.job_max_seconds)
+            name: WorkerPool(kind, settings.limits(name), self.store, self.metrics,
+                             settings.job_max_seconds)
             for name, kind in kinds.items()
         }
         self._active: dict[str, Job] = {}  # jobs not finished yet, by id
@@ -507,7 +515,7 @@ class EmbeddedEngine:
     def _end_put_jobs(self, status: JobStatus) -> None:
         for job in list(self._active.values()):
             if job.origin is Origin.PUT and job.status is status:
-                self._cancel(job, "the server is shutting down")
+                self._cancel(job, "the server is shutting down", Outcome.SHUTDOWN)
 
     async def busy(self) -> bool:
         return any(pool.stats()["busy"] for pool in self.pools.values())
@@ -549,7 +557,7 @@ class EmbeddedEngine:
                 await self.store.written()
             except BaseException:  # a full disk (507), or a client gone before its answer
                 # Not accepted after all. The job may have started: it ends as cancelled.
-                self._cancel(job, "its record could not be written")
+                self._cancel(job, "its record could not be written", Outcome.FAILED)
                 raise
         return record
 
@@ -575,10 +583,11 @@ class EmbeddedEngine:
             raise TimeoutError
         return record
 
-    async def cancel(self, job_id: str, reason: str) -> None:
+    async def cancel(self, job_id: str, reason: str,
+                     ending: Outcome = Outcome.CANCELLED) -> None:
         job = self._active.get(job_id)
         if job is not None:
-            self._cancel(job, reason)
+            self._cancel(job, reason, ending)
 
     async def delete(self, job_id: str) -> None:
         record = self.store.get(job_id)
@@ -615,6 +624,9 @@ class EmbeddedEngine:
 
     async def stats(self) -> dict[str, dict[str, int]]:
         return {name: pool.stats() for name, pool in self.pools.items()}
+
+    async def throughput(self, owner: str, since: float) -> list[MinuteFigures]:
+        return await asyncio.to_thread(self.store.throughput, owner, since)
 
     async def worker_processes(self) -> None:
         return None  # the workers are threads of this process
@@ -662,10 +674,15 @@ class EmbeddedEngine:
         if job.status is JobStatus.CANCELLED or (job.origin is Origin.PUT
                                                  and job.status is JobStatus.FAILED):
             jobfiles.remove_job_dir(self.out_dir, job.id)
-        self.store.save(job.record())
+        record = job.record()
+        self.store.save(record)
+        self.metrics.job_ended(job.kind.name,
+                               outcome(record.status, record.error_kind, job.cancelled_as),
+                               record.started_at, record.finished_at)
 
-    def _cancel(self, job: Job, reason: str) -> None:
+    def _cancel(self, job: Job, reason: str, ending: Outcome = Outcome.CANCELLED) -> None:
         """Stop a job wherever it is; a queued one gives its queue slot back at once."""
+        job.cancelled_as = job.cancelled_as or ending
         found = job.cancel()
         if found.finished:
             return

@@ -1,10 +1,11 @@
 """What the distributed engine keeps in PostgreSQL, beside procrastinate's own tables.
 
-`jobqueue_jobs` holds the job records (the same fields as the embedded engine's SQLite table);
-a record and its procrastinate job are written in one transaction. `jobqueue_workers` holds a
-heartbeat per worker process, with the kinds it serves and how many of each at once: the
-cluster's live workers, for /health and the dashboard. Every change of a record is announced
-with NOTIFY on CHANNEL, in the transaction that makes it.
+`jobqueue_jobs` holds the job records (the same fields as the embedded engine's SQLite table,
+and what a cancel said it was, for the worker's metrics); a record and its procrastinate job
+are written in one transaction. `jobqueue_workers` holds a heartbeat per worker process, with
+the kinds it serves, how many of each at once and where its metrics are: the cluster's live
+workers, for /health and the dashboard. Every change of a record is announced with NOTIFY on
+CHANNEL, in the transaction that makes it.
 """
 
 from __future__ import annotations
@@ -43,18 +44,24 @@ CREATE TABLE IF NOT EXISTS jobqueue_jobs (
     owner text NOT NULL DEFAULT '',
     attempt integer NOT NULL DEFAULT 0,
     idempotency_key text,
-    procrastinate_id bigint
+    procrastinate_id bigint,
+    cancelled_as text
 );
 CREATE INDEX IF NOT EXISTS jobqueue_jobs_waiting ON jobqueue_jobs (job_type, status, seq);
 CREATE INDEX IF NOT EXISTS jobqueue_jobs_listing ON jobqueue_jobs (owner, seq);
+CREATE INDEX IF NOT EXISTS jobqueue_jobs_finished ON jobqueue_jobs (owner, finished_at);
 CREATE INDEX IF NOT EXISTS jobqueue_jobs_procrastinate ON jobqueue_jobs (procrastinate_id);
 CREATE UNIQUE INDEX IF NOT EXISTS jobqueue_jobs_idempotency
     ON jobqueue_jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS jobqueue_workers (
     name text PRIMARY KEY,
     kinds jsonb NOT NULL,
-    heartbeat double precision NOT NULL
+    heartbeat double precision NOT NULL,
+    metrics text
 );
+-- Columns added since the first tables were made.
+ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS cancelled_as text;
+ALTER TABLE jobqueue_workers ADD COLUMN IF NOT EXISTS metrics text;
 """
 
 JSON_FIELDS = ("options", "progress", "result")

@@ -41,6 +41,7 @@ from ..errors import (BadInput, DiskFull, JobCancelled, TimedOut, is_disk_full, 
                       user_message)
 from ..jobs import JobKind, JobStatus, Output, Progress
 from ..kinds import KINDS
+from ..metrics import Metrics, outcome
 from ..records import JobRecord, Origin
 from ..settings import Settings
 from . import pgschema
@@ -156,10 +157,14 @@ class Runner:
     """procrastinate workers for `kinds` in this process, sharing `pool`."""
 
     def __init__(self, settings: Settings, kinds: dict[str, JobKind], pool: AsyncConnectionPool,
-                 app: procrastinate.App | None = None):
+                 metrics: Metrics, app: procrastinate.App | None = None):
         self.settings = settings
         self.kinds = kinds
         self.pool = pool
+        self.metrics = metrics
+        # Where a worker process serves its metrics (its heartbeat tells /health); None in a
+        # replica --with-workers, whose /metrics has them.
+        self.metrics_url: str | None = None
         self.app = app or make_app()
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self.running: dict[str, WorkerJob] = {}
@@ -178,6 +183,9 @@ class Runner:
                       asyncio.create_task(self._rescue(), name="rescue stalled jobs")]
         self._workers = [asyncio.create_task(self._work(name), name=f"worker {name}")
                          for name in self.kinds]
+        for name in self.kinds:  # this process's own slots; the replicas show the cluster's
+            self.metrics.workers.labels(name, "process").set(self.settings.limits(name).workers)
+            self.metrics.running.labels(name, "process").set(0)
         log.info("worker %s serves %s", self.name,
                  {name: self.settings.limits(name).workers for name in self.kinds})
 
@@ -239,10 +247,11 @@ class Runner:
             with contextlib.suppress(Exception):
                 async with self.pool.connection() as conn:
                     await conn.execute(
-                        "INSERT INTO jobqueue_workers (name, kinds, heartbeat) "
-                        "VALUES (%s, %s, %s) ON CONFLICT (name) DO UPDATE "
-                        "SET kinds = excluded.kinds, heartbeat = excluded.heartbeat",
-                        (self.name, kinds, time.time()))
+                        "INSERT INTO jobqueue_workers (name, kinds, heartbeat, metrics) "
+                        "VALUES (%s, %s, %s, %s) ON CONFLICT (name) DO UPDATE "
+                        "SET kinds = excluded.kinds, heartbeat = excluded.heartbeat, "
+                        "metrics = excluded.metrics",
+                        (self.name, kinds, time.time(), self.metrics_url))
                     await conn.execute("DELETE FROM jobqueue_workers WHERE heartbeat < %s",
                                        (time.time() - 10 * STALLED_SECONDS,))
             await asyncio.sleep(HEARTBEAT_SECONDS)
@@ -288,6 +297,9 @@ class Runner:
         job = WorkerJob(record, kind, options, self.settings,
                         on_progress=lambda: loop.call_soon_threadsafe(changed.set))
         self.running[job_id] = job
+        self.metrics.job_started(record.job_type, record.created_at, record.started_at)
+        running = self.metrics.running.labels(record.job_type, "process")
+        running.inc()
         pusher = asyncio.create_task(self._push_progress(job, changed))
         log.info("job %s: %s started on %s", job_id, record.job_type, self.name)
         handler = loop.run_in_executor(self.executor, run_handler, kind, job)
@@ -315,6 +327,7 @@ class Runner:
             await self._finish(job, status, output, error)
         finally:
             pusher.cancel()
+            running.dec()
             self.running.pop(job_id, None)
 
     async def _claim(self, job_id: str) -> JobRecord | None:
@@ -353,27 +366,33 @@ class Runner:
             await asyncio.to_thread(jobfiles.remove_job_dir, self.settings.out_dir, job.id)
         result = ({"data": output.data, "files": [path.name for path in output.files]}
                   if output else None)
+        error_kind = kind_of(error) if error is not None else None
+        finished_at = time.time()
         while True:
             try:
                 async with self.pool.connection() as conn, conn.transaction():
                     cursor = await conn.execute(
                         "UPDATE jobqueue_jobs SET status = %s, finished_at = %s, progress = %s, "
                         "error = %s, error_kind = %s, result = %s "
-                        "WHERE id = %s AND attempt = %s AND status = 'running'",
-                        (status.value, time.time(), Jsonb(job.progress.as_dict()),
-                         user_message(error, job.id),
-                         kind_of(error) if error is not None else None,
+                        "WHERE id = %s AND attempt = %s AND status = 'running' "
+                        "RETURNING cancelled_as",
+                        (status.value, finished_at, Jsonb(job.progress.as_dict()),
+                         user_message(error, job.id), error_kind,
                          Jsonb(result) if result is not None else None,
                          job.id, record.attempt))
-                    if cursor.rowcount:
+                    ended = await cursor.fetchone()  # None: a later run owns the job now
+                    if ended:
                         await pgschema.notify(conn, job.id, record.owner)
                 break
             except Exception as db_error:
                 log.warning("job %s: could not record its end (%s); trying again", job.id,
                             db_error)
                 await asyncio.sleep(RETRY_SECONDS)
+        if ended:
+            self.metrics.job_ended(record.job_type, outcome(status.value, error_kind, ended[0]),
+                                   record.started_at, finished_at)
         log.info("job %s: %s after %.3f s", job.id, status.value,
-                 time.time() - (job.record.started_at or time.time()))
+                 finished_at - (record.started_at or finished_at))
 
     async def _requeue(self, job: WorkerJob) -> None:
         """A shutdown stopped the job: queue it again (with a procrastinate job of its own)."""

@@ -30,7 +30,8 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from .. import jobfiles
 from ..errors import QueueFull, ShuttingDown, Unavailable
 from ..jobs import FINISHED, JobKind, JobStatus
-from ..records import JobRecord, Origin
+from ..metrics import Metrics, Outcome
+from ..records import JobRecord, MinuteFigures, Origin, throughput_query
 from ..settings import Settings
 from . import pgschema
 from .base import NewJob
@@ -48,9 +49,11 @@ REFRESH_SECONDS = 3.0
 class PostgresEngine:
     """An API replica's `JobEngine`; with `with_workers`, it runs workers of every kind too."""
 
-    def __init__(self, settings: Settings, kinds: dict[str, JobKind], with_workers: bool = False):
+    def __init__(self, settings: Settings, kinds: dict[str, JobKind], metrics: Metrics,
+                 with_workers: bool = False):
         self.settings = settings
         self.kinds = kinds
+        self.metrics = metrics
         self.url = settings.database_url.get_secret_value()
         self.pool = AsyncConnectionPool(
             self.url, min_size=1, max_size=POOL_SIZE, open=False, timeout=POOL_TIMEOUT_SECONDS,
@@ -58,7 +61,8 @@ class PostgresEngine:
             kwargs={"connect_timeout": int(POOL_TIMEOUT_SECONDS)})
         self.app = make_app()
         self.store = PgJobStore(self.url)
-        self.runner = Runner(settings, kinds, self.pool, self.app) if with_workers else None
+        self.runner = (Runner(settings, kinds, self.pool, metrics, self.app) if with_workers
+                       else None)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._feeds: set[_PgListener] = set()
         self._listening = False
@@ -104,7 +108,7 @@ class PostgresEngine:
 
     async def end_put_jobs(self) -> None:
         for job_id in list(self._putting):
-            await self.cancel(job_id, "the server is shutting down")
+            await self.cancel(job_id, "the server is shutting down", Outcome.SHUTDOWN)
 
     async def health(self) -> dict[str, str]:
         try:
@@ -217,7 +221,8 @@ class PostgresEngine:
             finally:
                 self._putting.discard(job_id)
 
-    async def cancel(self, job_id: str, reason: str) -> None:
+    async def cancel(self, job_id: str, reason: str,
+                     ending: Outcome = Outcome.CANCELLED) -> None:
         removed = None
         async with self._db() as conn, conn.transaction():
             rows = await pgschema.fetch(
@@ -226,6 +231,11 @@ class PostgresEngine:
                 return
             record = rows[0]
             log.info("job %s: cancelling %s job (%s)", job_id, record.status, reason)
+            # The first cancel's outcome, for whoever ends the job (its worker, or this).
+            cursor = await conn.execute(
+                "UPDATE jobqueue_jobs SET cancelled_as = coalesce(cancelled_as, %s) "
+                "WHERE id = %s RETURNING cancelled_as", (ending.value, job_id))
+            ending = Outcome((await cursor.fetchone())[0])
             procrastinate_id = await self._procrastinate_id(conn, job_id)
             manager = self.app.job_manager
             if record.status == JobStatus.QUEUED.value and procrastinate_id is not None and \
@@ -241,6 +251,7 @@ class PostgresEngine:
                 await manager.cancel_job_by_id_async(procrastinate_id, abort=True,
                                                      connection=conn)
         if removed:
+            self.metrics.job_ended(record.job_type, ending, None, None)
             await asyncio.to_thread(jobfiles.remove_job_dir, self.settings.out_dir, removed)
 
     async def _procrastinate_id(self, conn: psycopg.AsyncConnection, job_id: str) -> int | None:
@@ -297,14 +308,19 @@ class PostgresEngine:
                        "capacity": self.settings.limits(name).queue_size}
                 for name in self.kinds}
 
+    async def throughput(self, owner: str, since: float) -> list[MinuteFigures]:
+        async with self._db() as conn:
+            cursor = await conn.execute(throughput_query("jobqueue_jobs", "%s"), (owner, since))
+            return [MinuteFigures(*row) for row in await cursor.fetchall()]
+
     async def worker_processes(self) -> list[dict]:
         async with self._db() as conn:
             cursor = await conn.execute(
-                "SELECT name, kinds, heartbeat FROM jobqueue_workers WHERE heartbeat > %s "
-                "ORDER BY name", (time.time() - STALLED_SECONDS,))
+                "SELECT name, kinds, heartbeat, metrics FROM jobqueue_workers "
+                "WHERE heartbeat > %s ORDER BY name", (time.time() - STALLED_SECONDS,))
             rows = await cursor.fetchall()
-        return [{"name": name, "kinds": kinds, "lastSeen": round(time.time() - beat, 1)}
-                for name, kinds, beat in rows]
+        return [{"name": name, "kinds": kinds, "lastSeen": round(time.time() - beat, 1),
+                 "metrics": metrics} for name, kinds, beat, metrics in rows]
 
     async def _live_workers(self, conn: psycopg.AsyncConnection) -> dict[str, int]:
         cursor = await conn.execute("SELECT kinds FROM jobqueue_workers WHERE heartbeat > %s",

@@ -13,6 +13,7 @@ from ..engines import JobEngine
 from ..errors import HTTP_STATUS
 from ..jobs import FINISHED, JobStatus
 from ..kinds import KINDS
+from ..metrics import Outcome
 from ..ratelimit import limiter, submit_limit
 from ..records import JobRecord, Origin
 from ..schemas import JobResult, PutData, PutResponse, error_responses
@@ -93,7 +94,7 @@ async def wait_for_job(request: Request, engine: JobEngine, record: JobRecord,
     except TimeoutError:
         current = await engine.get(record.id) or record
         if current.status not in FINISHED:  # it may have finished just as the timeout fired
-            await engine.cancel(record.id, "the /put timeout")
+            await engine.cancel(record.id, "the /put timeout", Outcome.DEADLINE)
             raise HTTPException(504, timed_out(current, timeout)) from None
         final = current
     finally:

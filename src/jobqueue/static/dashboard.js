@@ -1,4 +1,5 @@
-// The jobqueue dashboard: one EventSource on /events keeps the page live; no polling.
+// The jobqueue dashboard: one EventSource on /events keeps the page live; no polling. The
+// last hour's chart reads GET /throughput when a job finishes, and once a minute as it slides.
 "use strict";
 
 const MAX_JOBS = 50;        // job cards kept on the page
@@ -70,6 +71,7 @@ async function connect() {
   events.onopen = () => {
     setConnection(connection, "live", "live");
     $("#key-form").hidden = true;
+    refreshChart();
   };
   events.onerror = async () => {
     setConnection(connection, "down", "reconnecting…");
@@ -92,7 +94,11 @@ async function connect() {
     for (const view of JSON.parse(event.data)) showJob(view);
     $("#no-jobs").hidden = jobs.size > 0;
   });
-  events.addEventListener("job", (event) => showJob(JSON.parse(event.data)));
+  events.addEventListener("job", (event) => {
+    const view = JSON.parse(event.data);
+    showJob(view);
+    if (isFinished(view.status)) chartSoon();
+  });
   events.addEventListener("removed", (event) => removeJob(JSON.parse(event.data).id));
 }
 
@@ -120,6 +126,79 @@ function showWorkers(processes) {
     ? "No live worker process: jobs wait until one starts."
     : "Worker processes: " + processes.map((p) => `${p.name} (` +
         Object.entries(p.kinds).map(([kind, n]) => `${kind} ×${n}`).join(", ") + ")").join(" · ");
+}
+
+// ---- the last hour: jobs finished per minute, run time p50/p95 (uPlot) ----
+
+const CHART_MINUTES = 60;
+const CHART_COLORS = ["#2f6fde", "#1f8a4c", "#b7791f", "#8e44ad", "#c23a3a", "#16a2b8"];
+let charts = null;       // {finished, runtime, kinds}: made on the first answer
+let chartTimer = null;
+
+// Several jobs finishing together ask once.
+function chartSoon() {
+  if (chartTimer === null) chartTimer = setTimeout(refreshChart, 1000);
+}
+
+async function refreshChart() {
+  chartTimer = null;
+  const response = await fetch("/throughput?minutes=" + CHART_MINUTES, { headers: keyHeaders() })
+    .catch(() => null);
+  if (!response || !response.ok) return;
+  showThroughput(await response.json());
+}
+
+function showThroughput(answer) {
+  // Every minute of the window, so the chart always spans the hour; a quiet minute is 0.
+  const last = Math.floor(Date.now() / 60000) * 60;
+  const minutes = Array.from({ length: CHART_MINUTES }, (_, i) => last - (CHART_MINUTES - 1 - i) * 60);
+  const kinds = Object.keys(answer.kinds);
+  const finished = [], p50 = [], p95 = [];
+  const summary = [];
+  let total = 0;
+  for (const kind of kinds) {
+    const byMinute = new Map(answer.kinds[kind].map((m) => [m.minute, m]));
+    finished.push(minutes.map((m) => byMinute.get(m)?.finished ?? 0));
+    p50.push(minutes.map((m) => byMinute.get(m)?.p50Seconds ?? null));
+    p95.push(minutes.map((m) => byMinute.get(m)?.p95Seconds ?? null));
+    const count = answer.kinds[kind].reduce((sum, m) => sum + m.finished, 0);
+    total += count;
+    if (count) summary.push(`${kind} ${count}`);
+  }
+  const text = $("#throughput-summary");
+  text.textContent = total === 0 ? "No jobs finished in the last hour."
+    : `${total} job${total === 1 ? "" : "s"} finished in the last hour: ${summary.join(", ")}.`;
+  text.dataset.total = total;
+  const runtime = [];
+  kinds.forEach((_, i) => runtime.push(p50[i], p95[i]));
+  if (!charts || charts.kinds.join() !== kinds.join()) makeCharts(kinds);
+  charts.finished.setData([minutes, ...finished]);
+  charts.runtime.setData([minutes, ...runtime]);
+}
+
+function makeCharts(kinds) {
+  if (charts) {
+    charts.finished.destroy();
+    charts.runtime.destroy();
+  }
+  const color = (i) => CHART_COLORS[i % CHART_COLORS.length];
+  const width = $("#finished-chart").clientWidth || 400;
+  const options = (series, axisLabel) => ({
+    width, height: 150, legend: { live: false }, cursor: { drag: { x: false, y: false } },
+    scales: { x: { time: true } },
+    axes: [{}, { label: axisLabel, size: 50 }],
+    series: [{}, ...series],
+  });
+  charts = {
+    kinds,
+    finished: new uPlot(options(kinds.map((kind, i) => ({ label: kind, stroke: color(i), width: 1.5 })),
+                                "jobs/min"), [[]], $("#finished-chart")),
+    runtime: new uPlot(options(kinds.flatMap((kind, i) => [
+      // Points too: a minute between two quiet ones has no line to draw.
+      { label: `${kind} p50`, stroke: color(i), width: 1.5, points: { show: true, size: 4 } },
+      { label: `${kind} p95`, stroke: color(i), width: 1, dash: [4, 4], points: { show: true, size: 3 } },
+    ]), "s"), [[]], $("#runtime-chart")),
+  };
 }
 
 // ---- job cards ----
@@ -367,4 +446,5 @@ document.addEventListener("DOMContentLoaded", () => {
     connect();
   }
   setInterval(refreshAges, 1000);
+  setInterval(refreshChart, 60000);
 });

@@ -1,0 +1,209 @@
+"""Prometheus metrics: what `GET /metrics` serves, and a worker process's own port.
+
+Counters and histograms count what happened in this process since it started: the jobs it
+ran to their end (the embedded server, a worker process, a replica `--with-workers`), the
+submissions it refused, its 429s and its HTTP requests. They add up across processes (`sum`).
+Queue gauges are read from the engine when scraped: `scope="cluster"` for the whole queue,
+which every API replica of the distributed mode reports alike (take `max` over replicas, not
+`sum`); `scope="process"` for a worker process's own slots and running jobs (`sum` them).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from enum import Enum
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, make_wsgi_app)
+from prometheus_client.exposition import ThreadingWSGIServer
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import TimedOut, kind_of
+from .jobs import JobStatus
+
+# No `_created` series beside each counter and histogram: they double the scrape for a
+# timestamp Prometheus does not use.
+disable_created_metrics()
+
+# Jobs take from milliseconds (a message) to an hour (JOBQUEUE_JOB_MAX_SECONDS).
+JOB_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# A method outside these is labelled "other": a client's made-up methods must not each make
+# a series of their own (the label sets are all kept in memory).
+METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TIMED_OUT = kind_of(TimedOut())
+
+
+class Outcome(str, Enum):
+    """How a job ended, as `jobqueue_jobs_total` counts it."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # by its client: DELETE, or a /put client that hung up
+    DEADLINE = "deadline"  # stopped at a deadline: a /put timeout (504), JOBQUEUE_JOB_MAX_SECONDS
+    SHUTDOWN = "shutdown"  # a /put job the server's shutdown ended (its client got 503)
+    REFUSED = "refused"  # never accepted: 503, the kind's queue was full
+
+
+def outcome(status: str, error_kind: str | None, cancelled_as: str | None) -> Outcome:
+    """The outcome of a job that ended with `status`; `cancelled_as` is what its cancel said."""
+    if status == JobStatus.SUCCEEDED.value:
+        return Outcome.SUCCEEDED
+    if status == JobStatus.FAILED.value:
+        return Outcome.DEADLINE if error_kind == TIMED_OUT else Outcome.FAILED
+    return Outcome(cancelled_as) if cancelled_as else Outcome.CANCELLED
+
+
+class Metrics:
+    """One process's metrics, in a registry of its own (never the global one)."""
+
+    def __init__(self, kinds: Iterable[str]):
+        self.kinds = list(kinds)
+        self.registry = registry = CollectorRegistry()
+        self.jobs = Counter("jobqueue_jobs", "Jobs that ended in this process, by outcome",
+                            ["kind", "outcome"], registry=registry)
+        self.queue_seconds = Histogram(
+            "jobqueue_job_queue_seconds", "Seconds a job waited in its queue before it started",
+            ["kind"], buckets=JOB_BUCKETS, registry=registry)
+        self.run_seconds = Histogram(
+            "jobqueue_job_run_seconds", "Seconds a job ran, from its start to its end",
+            ["kind"], buckets=JOB_BUCKETS, registry=registry)
+        self.rate_limited = Counter(
+            "jobqueue_rate_limited", "Requests answered 429: over JOBQUEUE_RATE_LIMIT "
+            "(limit=submit), or locked out after wrong API keys (limit=wrong_key)", ["limit"],
+            registry=registry)
+        self.http_seconds = Histogram(
+            "jobqueue_http_request_duration_seconds", "Seconds from a request's arrival to the "
+            "start of its answer (streams and downloads: to their head)",
+            ["method", "route", "status"], buckets=HTTP_BUCKETS, registry=registry)
+        queue_labels = ["kind", "scope"]
+        self.waiting = Gauge("jobqueue_jobs_waiting", "Jobs queued, not started",
+                             queue_labels, registry=registry)
+        self.running = Gauge("jobqueue_jobs_running", "Jobs running", queue_labels,
+                             registry=registry)
+        self.workers = Gauge("jobqueue_workers", "Jobs that can run at once (worker threads, "
+                             "or the slots of live worker processes)", queue_labels,
+                             registry=registry)
+        self.capacity = Gauge("jobqueue_queue_capacity", "Jobs that may wait (the kind's "
+                              "JOBQUEUE_<KIND>_QUEUE_SIZE); past it, 503", queue_labels,
+                              registry=registry)
+        self.worker_processes = Gauge(
+            "jobqueue_worker_processes", "Live worker processes of the distributed mode (from "
+            "their heartbeats)", ["scope"], registry=registry)
+        self.dependency_up = Gauge("jobqueue_dependency_up", "1 when a dependency the server "
+                                   "needs (PostgreSQL) answers, else 0", ["dependency"],
+                                   registry=registry)
+        for kind in self.kinds:  # every series from the start, at 0: rates need a first sample
+            for ending in Outcome:
+                self.jobs.labels(kind, ending.value)
+            self.queue_seconds.labels(kind)
+            self.run_seconds.labels(kind)
+        for limit in ("submit", "wrong_key"):
+            self.rate_limited.labels(limit)
+
+    def job_started(self, kind: str, created_at: float, started_at: float) -> None:
+        self.queue_seconds.labels(kind).observe(max(0.0, started_at - created_at))
+
+    def job_ended(self, kind: str, ending: Outcome, started_at: float | None,
+                  finished_at: float | None) -> None:
+        self.jobs.labels(kind, ending.value).inc()
+        if started_at is not None and finished_at is not None:
+            self.run_seconds.labels(kind).observe(max(0.0, finished_at - started_at))
+
+    def refused(self, kind: str) -> None:
+        self.jobs.labels(kind, Outcome.REFUSED.value).inc()
+
+    def set_queues(self, stats: dict[str, dict[str, int]], scope: str) -> None:
+        """The queue gauges from an engine's (or a worker's) figures per kind."""
+        for kind, figures in stats.items():
+            self.waiting.labels(kind, scope).set(figures.get("queued", 0))
+            self.running.labels(kind, scope).set(figures.get("busy", 0))
+            self.workers.labels(kind, scope).set(figures.get("workers", 0))
+            if "capacity" in figures:
+                self.capacity.labels(kind, scope).set(figures["capacity"])
+
+
+class RequestTimer:
+    """Pure ASGI middleware: each request's time to its answer's head, by route template
+    (`/jobs/{job_id}`, never the id itself: one series per route, not per job)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        observed = False
+
+        def observe(status: int) -> None:
+            nonlocal observed
+            observed = True
+            # The router notes the matched route in the scope; a mount (/static) its prefix.
+            route = scope.get("route")
+            name = getattr(route, "path", None) or scope.get("root_path") or "unmatched"
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.http_seconds.labels(method, name, str(status)).observe(
+                time.perf_counter() - started)
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not observed:
+                observe(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            if not observed:  # an error before any answer: the server answers 500
+                observe(500)
+
+
+def loopback(host: str) -> bool:
+    """Whether a listening address takes connections from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def token_matches(authorization: str | None, token: str) -> bool:
+    """Whether an Authorization header carries `token` as a Bearer token."""
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                               token.encode())
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - wsgiref's signature
+        pass  # one line per scrape would drown the worker's log
+
+
+def serve_worker_metrics(metrics: Metrics, port: int, token: str
+                         ) -> tuple[str, Callable[[], None]]:
+    """A worker process's /metrics on `port` (0: a free one), on a thread: on every address
+    with a token (JOBQUEUE_METRICS_TOKEN, as a Bearer token), on loopback only without one.
+    Returns its URL and a function that stops it."""
+    host = "0.0.0.0" if token else "127.0.0.1"
+    exposition = make_wsgi_app(metrics.registry)
+
+    def app(environ, start_response):
+        if token and not token_matches(environ.get("HTTP_AUTHORIZATION"), token):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                                ("WWW-Authenticate", "Bearer")])
+            return [b"Send JOBQUEUE_METRICS_TOKEN as a Bearer token.\n"]
+        return exposition(environ, start_response)
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    shown = socket.gethostname() if token else host
+    return f"http://{shown}:{server.server_port}/metrics", server.shutdown

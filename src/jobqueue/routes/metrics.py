@@ -1,0 +1,64 @@
+"""`GET /metrics`: the server's metrics in the Prometheus text format.
+
+Server-wide, so not for tenants: with JOBQUEUE_METRICS_TOKEN set it takes that token as a
+Bearer token; without one it answers only on a server that listens on loopback. It needs no API
+key and no rate limit counts it, so a scraper is never locked out.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..errors import Unavailable
+from ..engines import JobEngine
+from ..metrics import Metrics, loopback, token_matches
+
+router = APIRouter(tags=["server"])
+
+
+@router.get("/metrics", summary="Metrics for Prometheus: queues, jobs by outcome, timings",
+            response_class=Response,
+            responses={200: {"content": {"text/plain": {}}},
+                       401: {"description": "JOBQUEUE_METRICS_TOKEN is set and the request "
+                                            "does not carry it as a Bearer token"},
+                       403: {"description": "No JOBQUEUE_METRICS_TOKEN, and the server listens "
+                                            "beyond loopback"}})
+async def scrape(request: Request) -> Response:
+    settings = request.app.state.settings
+    token = settings.metrics_token.get_secret_value()
+    if token:
+        if not token_matches(request.headers.get("Authorization"), token):
+            raise HTTPException(401, "Send JOBQUEUE_METRICS_TOKEN as a Bearer token "
+                                     "(Authorization: Bearer <token>).",
+                                headers={"WWW-Authenticate": "Bearer"})
+    elif not loopback(settings.host):
+        raise HTTPException(403, f"This server listens on {settings.host}, beyond loopback: "
+                                 "set JOBQUEUE_METRICS_TOKEN to open /metrics to a scraper "
+                                 "that sends it as a Bearer token.")
+    metrics: Metrics = request.app.state.metrics
+    await refresh_queues(request.app.state.engine, metrics)
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def refresh_queues(engine: JobEngine, metrics: Metrics) -> None:
+    """Set the gauges from the engine as it is now. While its database is down the counters
+    still answer; the gauges it cannot read are left out rather than shown stale."""
+    health = await engine.health()
+    for dependency, state in health.items():
+        metrics.dependency_up.labels(dependency).set(1 if state == "ok" else 0)
+    # While a dependency is down, no wait for the pool again: scrapes have a timeout.
+    stats = processes = None
+    if all(state == "ok" for state in health.values()):
+        try:
+            stats, processes = await engine.stats(), await engine.worker_processes()
+        except Unavailable:
+            pass
+    if stats is None:
+        for gauge in (metrics.waiting, metrics.running, metrics.workers, metrics.capacity,
+                      metrics.worker_processes):
+            gauge.clear()
+        return
+    metrics.set_queues(stats, "cluster")
+    if processes is not None:  # the distributed mode's worker processes
+        metrics.worker_processes.labels("cluster").set(len(processes))

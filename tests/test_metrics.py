@@ -1,0 +1,170 @@
+"""GET /metrics after a known sequence of jobs, read with prometheus_client's own parser, in
+both engines: the exact count of each outcome, summed over every process that serves metrics
+(the embedded server; the replicas and the worker process of the distributed mode)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import run_server
+from deployments import ENGINES, deploy
+
+ALPHA, BETA = "alpha-key-1234", "beta-key-5678"
+TOKEN = "scrape-token-0123456789"
+
+
+def scrape(url: str, token: str | None = None) -> dict[tuple, float]:
+    """Every sample of a /metrics answer: (name, sorted labels) -> value."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    answer = httpx.get(url, headers=headers, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(answer.text)
+            for sample in family.samples}
+
+
+def value(samples: dict[tuple, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def total(scrapes: list[dict[tuple, float]], name: str, **labels: str) -> float:
+    return sum(value(samples, name, **labels) for samples in scrapes)
+
+
+def wait_for_status(client: httpx.Client, job_id: str, statuses: tuple[str, ...]) -> dict:
+    deadline = time.monotonic() + 60
+    while (job := client.get(f"/jobs/{job_id}").json())["status"] not in statuses:
+        assert time.monotonic() < deadline, f"job {job_id} never reached {statuses}: {job}"
+        time.sleep(0.05)
+    return job
+
+
+def eventually(condition, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "never got there"
+        time.sleep(0.1)
+
+
+def submit(client: httpx.Client, seconds: float) -> str:
+    answer = client.post("/jobs", json={"seconds": seconds})
+    assert answer.status_code == 202, answer.text
+    return answer.json()["id"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_outcomes_timings_and_queues_count_exactly(engine, request, tmp_path):
+    postgres = request.getfixturevalue("postgres") if engine == "postgres" else None
+    with deploy(engine, tmp_path, postgres, replicas=2, message_workers=1,
+                message_queue_size=2, message_timeout=2) as cluster, \
+            cluster.client(0) as first, cluster.client(1) as second:
+        health = first.get("/health").json()
+        sources = [f"{replica.url}/metrics" for replica in cluster.replicas]
+        if engine == "postgres":  # each worker process serves its own, where /health says
+            sources += [process["metrics"] for process in health["workerProcesses"]]
+            assert len(sources) == 3
+
+        for _ in range(2):
+            assert first.post("/put", json={"seconds": 0}).status_code == 200
+        blocker = submit(first, 60)
+        wait_for_status(first, blocker, ("running",))
+        queued = [submit(second, 0), submit(first, 0)]
+        refused = second.post("/jobs", json={"seconds": 0})
+        assert refused.status_code == 503
+
+        # While the worker is busy: the queue as every replica sees it, the same on each.
+        for source in sources[:len(cluster.replicas)]:
+            samples = scrape(source)
+            assert value(samples, "jobqueue_jobs_waiting", kind="message", scope="cluster") == 2
+            assert value(samples, "jobqueue_jobs_running", kind="message", scope="cluster") == 1
+            assert value(samples, "jobqueue_workers", kind="message", scope="cluster") == 1
+            assert value(samples, "jobqueue_queue_capacity", kind="message",
+                         scope="cluster") == 2
+        if engine == "postgres":
+            eventually(lambda: value(scrape(sources[-1]), "jobqueue_jobs_running",
+                                     kind="message", scope="process") == 1)
+            worker = scrape(sources[-1])
+            assert value(worker, "jobqueue_workers", kind="message", scope="process") == 1
+            assert value(scrape(sources[0]), "jobqueue_worker_processes", scope="cluster") == 1
+            assert value(scrape(sources[0]), "jobqueue_dependency_up",
+                         dependency="postgresql") == 1
+
+        assert second.delete(f"/jobs/{queued[0]}").status_code == 200  # never started
+        assert first.delete(f"/jobs/{blocker}").status_code == 200  # running
+        wait_for_status(first, queued[1], ("succeeded",))
+        timed_out = second.post("/put", json={"seconds": 30})
+        assert timed_out.status_code == 504
+        put_id = re.search(r"Job ([0-9a-f-]{36})", timed_out.json()["detail"]).group(1)
+        wait_for_status(first, put_id, ("cancelled",))
+
+        expected = {"succeeded": 3, "failed": 0, "cancelled": 2, "deadline": 1, "shutdown": 0,
+                    "refused": 1}
+        # Counted as the record is written: wait for the state, then the counts are exact.
+        deadline = time.monotonic() + 30
+        while True:
+            scrapes = [scrape(source) for source in sources]
+            counted = {outcome: total(scrapes, "jobqueue_jobs_total", kind="message",
+                                      outcome=outcome) for outcome in expected}
+            if counted == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert counted == expected
+        assert total(scrapes, "jobqueue_jobs_total", kind="pdf2image", outcome="succeeded") == 0
+        # Five jobs started and ended; the one cancelled in the queue never started.
+        assert total(scrapes, "jobqueue_job_run_seconds_count", kind="message") == 5
+        assert total(scrapes, "jobqueue_job_queue_seconds_count", kind="message") == 5
+        assert total(scrapes, "jobqueue_job_run_seconds_bucket", kind="message", le="+Inf") == 5
+        assert total(scrapes, "jobqueue_http_request_duration_seconds_count", method="DELETE",
+                     route="/jobs/{job_id}", status="200") == 2
+        assert total(scrapes, "jobqueue_http_request_duration_seconds_count", method="POST",
+                     route="/put", status="504") == 1
+        assert total(scrapes, "jobqueue_http_request_duration_seconds_count", method="POST",
+                     route="/jobs", status="503") == 1
+
+
+def test_a_job_over_job_max_seconds_counts_as_a_deadline(tmp_path):
+    with run_server(tmp_path, job_max_seconds=0.5) as server, server.client() as client:
+        job_id = submit(client, 30)
+        assert wait_for_status(client, job_id, ("failed",))["error"].count(
+            "JOBQUEUE_JOB_MAX_SECONDS") == 1
+        samples = scrape(f"{server.url}/metrics")
+        assert value(samples, "jobqueue_jobs_total", kind="message", outcome="deadline") == 1
+        assert value(samples, "jobqueue_jobs_total", kind="message", outcome="failed") == 0
+
+
+def test_the_token_guards_metrics_which_no_limit_or_key_blocks(tmp_path):
+    with run_server(tmp_path, api_keys=f"{ALPHA},{BETA}", rate_limit="2/minute",
+                    metrics_token=TOKEN) as server, \
+            server.client(headers={"X-API-Key": ALPHA}) as alpha, \
+            server.client(headers={"X-API-Key": BETA}) as beta, \
+            server.client(headers={"X-API-Key": "not-a-key"}) as stranger:
+        url = f"{server.url}/metrics"
+        assert httpx.get(url).status_code == 401
+        wrong = httpx.get(url, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "JOBQUEUE_METRICS_TOKEN" in wrong.json()["detail"]
+        assert alpha.get("/metrics").status_code == 401, "an API key is no metrics token"
+
+        answers = [alpha.post("/put", json={"seconds": 0}).status_code for _ in range(3)]
+        assert answers == [200, 200, 429]
+        # The chart's figures are per key: alpha's two jobs, none of beta's.
+        mine = alpha.get("/throughput").json()
+        assert sum(minute["finished"] for minute in mine["kinds"]["message"]) == 2
+        assert all(minute["p95Seconds"] >= minute["p50Seconds"] >= 0
+                   for minute in mine["kinds"]["message"])
+        assert beta.get("/throughput").json()["kinds"]["message"] == []
+        assert httpx.get(f"{server.url}/throughput").status_code == 401
+
+        # The wrong-key lockout: 20 a minute from one address (every key's, then), then 429.
+        tries = [stranger.get("/jobs").status_code for _ in range(21)]
+        assert tries == [401] * 20 + [429]
+
+        samples = scrape(url, TOKEN)  # over the rate limit and locked out: still answered
+        assert value(samples, "jobqueue_rate_limited_total", limit="submit") == 1
+        assert value(samples, "jobqueue_rate_limited_total", limit="wrong_key") == 1
+        assert value(samples, "jobqueue_jobs_total", kind="message", outcome="succeeded") == 2
