@@ -25,7 +25,10 @@ import time
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
+from collections import Counter
 from typing import Any, NamedTuple, Protocol
+
+from . import rollup
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -46,7 +49,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
-"""
+""" + rollup.table_sql("job_minutes", "INTEGER")
 # Columns added after the first release, for databases made before them. (A database that
 # still has the old bad_input column keeps it, unused.)
 ADDED_COLUMNS = {
@@ -55,10 +58,7 @@ ADDED_COLUMNS = {
     "attempt": "INTEGER NOT NULL DEFAULT 0",
     "idempotency_key": "TEXT",
 }
-INDEXES = """
-CREATE INDEX IF NOT EXISTS jobs_idempotency ON jobs (owner, idempotency_key);
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (owner, finished_at);
-"""
+INDEXES = "CREATE INDEX IF NOT EXISTS jobs_idempotency ON jobs (owner, idempotency_key);"
 JSON_COLUMNS = ("options", "progress", "result")
 # After a failed commit (a full disk), the writer tries again this much later.
 RETRY_SECONDS = 1.0
@@ -118,38 +118,6 @@ class _Change(NamedTuple):
     row: tuple | None
 
 
-class MinuteFigures(NamedTuple):
-    """The jobs of one kind that ran to an end (succeeded or failed) in one minute."""
-
-    job_type: str
-    minute: int  # its start, in epoch seconds
-    finished: int
-    p50_seconds: float  # run times: the median and the 95th percentile (nearest rank)
-    p95_seconds: float
-
-
-def throughput_query(table: str, mark: str) -> str:
-    """SELECT of an owner's MinuteFigures since a time (parameters: owner, since), in the SQL
-    SQLite and PostgreSQL share; `mark` is the driver's placeholder. The percentiles are
-    worked out in the database: an hour of tiny jobs can be a million rows."""
-    return f"""
-        WITH ran AS (
-            SELECT job_type, CAST(finished_at AS BIGINT) / 60 * 60 AS minute,
-                   finished_at - started_at AS seconds
-            FROM {table}
-            WHERE owner = {mark} AND finished_at >= {mark} AND started_at IS NOT NULL
-              AND status IN ('succeeded', 'failed')),
-        ranked AS (
-            SELECT job_type, minute, seconds,
-                   ROW_NUMBER() OVER (PARTITION BY job_type, minute ORDER BY seconds) AS rank,
-                   COUNT(*) OVER (PARTITION BY job_type, minute) AS n
-            FROM ran)
-        SELECT job_type, minute, MAX(n),
-               MAX(CASE WHEN rank = (n + 1) / 2 THEN seconds END),
-               MAX(CASE WHEN rank = (95 * n + 99) / 100 THEN seconds END)
-        FROM ranked GROUP BY job_type, minute ORDER BY minute, job_type"""
-
-
 def _row(record: JobRecord) -> tuple:
     return tuple(json.dumps(getattr(record, column)) if column in JSON_COLUMNS
                  else record.origin.value if column == "origin"
@@ -159,7 +127,8 @@ def _row(record: JobRecord) -> tuple:
 class JobStore(Protocol):
     """Where job records are kept. Reads see every change made before them."""
 
-    def save(self, record: JobRecord) -> None: ...
+    def save(self, record: JobRecord, ended: bool = False) -> None:
+        """Insert or replace the record; `ended`: its job has just ended (rollup.py)."""
 
     def delete(self, job_id: str) -> None: ...
 
@@ -172,6 +141,9 @@ class JobStore(Protocol):
              limit: int = 50, offset: int = 0, owner: str = "") -> list[JobRecord]: ...
 
     def unfinished(self) -> list[JobRecord]: ...
+
+    def forget_minutes_before(self, timestamp: float) -> None:
+        """Drop the jobs-per-minute rollup (rollup.py) older than `timestamp`."""
 
     def finished_before(self, timestamp: float) -> list[JobRecord]: ...
 
@@ -204,6 +176,8 @@ class SqliteJobStore:
         # the order of arrival that `seq` keeps.
         self._pending: dict[str, _Change] = {}
         self._writing: dict[str, _Change] = {}  # taken by the writer, not committed yet
+        # Jobs that ran to an end, to add to the rollup with the pending changes.
+        self._ended: Counter[rollup.Key] = Counter()
         self._noted = 0  # changes noted so far
         self._written = 0  # of those, committed
         self._error: Exception | None = None  # why the last commit failed, if it did
@@ -225,20 +199,25 @@ class SqliteJobStore:
             self._db.close()
             self._reader.close()
 
-    def save(self, record: JobRecord) -> None:
-        """Insert or replace the record (the id keeps its place in the order of arrival)."""
+    def save(self, record: JobRecord, ended: bool = False) -> None:
+        """Insert or replace the record (the id keeps its place in the order of arrival).
+        `ended`: the job has just ended; it counts in the jobs-per-minute rollup."""
         # Made into a row here, so a record that cannot be stored fails its caller, not the
         # writer thread.
-        self._note(record.id, _Change(record, _row(record)))
+        ended_key = rollup.key(record.owner, record.job_type, record.status,
+                               record.started_at, record.finished_at) if ended else None
+        self._note(record.id, _Change(record, _row(record)), ended_key)
 
     def delete(self, job_id: str) -> None:
         self._note(job_id, _Change(None, None))
 
-    def _note(self, job_id: str, change: _Change) -> None:
+    def _note(self, job_id: str, change: _Change, ended: rollup.Key | None = None) -> None:
         with self._changed:
             if not self._pending:
                 self._changed.notify()  # the writer starts its batch
             self._pending[job_id] = change
+            if ended is not None:
+                self._ended[ended] += 1
             self._noted += 1
 
     def flush(self, raise_error: bool = True) -> None:
@@ -288,15 +267,17 @@ class SqliteJobStore:
                 self._hurry = False
                 # Still visible to get() while it is being committed.
                 batch, self._pending, self._writing = self._pending, {}, self._pending
+                ended, self._ended = self._ended, Counter()
                 target = self._noted
             try:
-                self._commit(batch)
+                self._commit(batch, ended)
             except Exception as error:  # the writer must outlive any one failed commit
                 log.error("could not write %d job records (trying again in %g s): %s",
                           len(batch), RETRY_SECONDS, error)
                 with self._changed:
                     self._error = error
                     self._pending = {**batch, **self._pending}  # newer changes win
+                    self._ended.update(ended)
                     self._writing = {}
                     self._changed.notify_all()
                     ready = self._ready_waiters()
@@ -336,7 +317,7 @@ class SqliteJobStore:
             except RuntimeError:  # its loop is closed: nobody waits any more
                 pass
 
-    def _commit(self, batch: dict[str, _Change]) -> None:
+    def _commit(self, batch: dict[str, _Change], ended: Counter[rollup.Key]) -> None:
         with self._lock:
             self._db.execute("BEGIN")
             try:
@@ -345,6 +326,8 @@ class SqliteJobStore:
                         self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
                     else:
                         self._db.execute(UPSERT, change.row)
+                self._db.executemany(rollup.upsert("job_minutes", "?"),
+                                     [(*key, jobs) for key, jobs in ended.items()])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -396,12 +379,17 @@ class SqliteJobStore:
     def finished_before(self, timestamp: float) -> list[JobRecord]:
         return self._query("SELECT * FROM jobs WHERE finished_at < ?", (timestamp,))
 
-    def throughput(self, owner: str, since: float) -> list[MinuteFigures]:
+    def throughput(self, owner: str, since: float) -> list[rollup.MinuteFigures]:
         """Per kind and minute since `since`: jobs that ran to an end, and their run times."""
         self.flush(raise_error=False)
         with self._read_lock:
-            rows = self._reader.execute(throughput_query("jobs", "?"), (owner, since)).fetchall()
-        return [MinuteFigures(*row) for row in rows]
+            rows = self._reader.execute(rollup.select("job_minutes", "?"),
+                                        (owner, since)).fetchall()
+        return rollup.figures(rows)
+
+    def forget_minutes_before(self, timestamp: float) -> None:
+        with self._lock:
+            self._db.execute(rollup.prune("job_minutes", "?"), (timestamp,))
 
     def _query(self, sql: str, params: tuple = (), flush: bool = True) -> list[JobRecord]:
         if flush:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Set
 from pathlib import Path
 
-from . import jobfiles
+from . import jobfiles, rollup
 from .engines import JobEngine
 from .errors import Unavailable
 from .settings import Settings
@@ -75,6 +75,8 @@ async def sweep_forever(engine: JobEngine, settings: Settings,
                          settings.result_ttl)
             await asyncio.to_thread(sweep_orphans, engine.store, settings.out_dir,
                                     set(receiving))
+            await asyncio.to_thread(engine.store.forget_minutes_before,
+                                    time.time() - rollup.KEPT_SECONDS)
         except Unavailable as error:
             log.warning("retention sweep skipped: %s", error)
         except Exception:

@@ -17,7 +17,8 @@ from pydantic import BaseModel
 
 from ..jobs import JobKind
 from ..metrics import Outcome
-from ..records import JobRecord, MinuteFigures, Origin
+from ..records import JobRecord, Origin
+from ..rollup import MinuteFigures
 from ..settings import Settings
 
 
@@ -103,7 +104,8 @@ class JobEngine(Protocol):
 
     async def throughput(self, owner: str, since: float) -> list[MinuteFigures]:
         """`owner`'s jobs that ran to an end since `since`, per kind and minute, with their
-        run times: from the records, so the figures outlive a restart."""
+        run times: from the rollup kept with the records (rollup.py), so the figures outlive a
+        restart."""
 
     async def worker_processes(self) -> list[dict] | None:
         """The live worker processes, from their heartbeats: name, slots per kind, seconds since

@@ -28,7 +28,8 @@ from ..events import Feed
 from ..events import Listener as FeedListener
 from ..jobs import FINISHED, JobKind, JobStatus, Output, Progress
 from ..metrics import Metrics, Outcome, outcome
-from ..records import JobRecord, JobStore, MinuteFigures, Origin, SqliteJobStore
+from ..records import JobRecord, JobStore, Origin, SqliteJobStore
+from ..rollup import MinuteFigures
 from ..settings import KindLimits, Settings
 from .base import NewJob
 
@@ -675,7 +676,7 @@ class EmbeddedEngine:
                                                  and job.status is JobStatus.FAILED):
             jobfiles.remove_job_dir(self.out_dir, job.id)
         record = job.record()
-        self.store.save(record)
+        self.store.save(record, ended=True)
         self.metrics.job_ended(job.kind.name,
                                outcome(record.status, record.error_kind, job.cancelled_as),
                                record.started_at, record.finished_at)

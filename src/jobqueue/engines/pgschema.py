@@ -4,7 +4,8 @@
 and what a cancel said it was, for the worker's metrics); a record and its procrastinate job
 are written in one transaction. `jobqueue_workers` holds a heartbeat per worker process, with
 the kinds it serves, how many of each at once and where its metrics are: the cluster's live
-workers, for /health and the dashboard. Every change of a record is announced with NOTIFY on
+workers, for /health and the dashboard. `jobqueue_minutes` counts the jobs that ran to an end
+per owner, kind, minute and run time (rollup.py), for the dashboard's chart. Every change of a record is announced with NOTIFY on
 CHANNEL, in the transaction that makes it.
 """
 
@@ -17,6 +18,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from .. import rollup
 from ..errors import Unavailable
 from ..records import COLUMNS, JobRecord
 
@@ -24,6 +26,7 @@ CHANNEL = "jobqueue_jobs"
 # Taken while the schema is made, so replicas and workers starting together make it once.
 SCHEMA_LOCK = 7357_0001
 
+MINUTES = "jobqueue_minutes"  # the jobs-per-minute rollup (rollup.py)
 TABLES = """
 CREATE TABLE IF NOT EXISTS jobqueue_jobs (
     seq bigserial UNIQUE,
@@ -49,7 +52,6 @@ CREATE TABLE IF NOT EXISTS jobqueue_jobs (
 );
 CREATE INDEX IF NOT EXISTS jobqueue_jobs_waiting ON jobqueue_jobs (job_type, status, seq);
 CREATE INDEX IF NOT EXISTS jobqueue_jobs_listing ON jobqueue_jobs (owner, seq);
-CREATE INDEX IF NOT EXISTS jobqueue_jobs_finished ON jobqueue_jobs (owner, finished_at);
 CREATE INDEX IF NOT EXISTS jobqueue_jobs_procrastinate ON jobqueue_jobs (procrastinate_id);
 CREATE UNIQUE INDEX IF NOT EXISTS jobqueue_jobs_idempotency
     ON jobqueue_jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
@@ -59,6 +61,7 @@ CREATE TABLE IF NOT EXISTS jobqueue_workers (
     heartbeat double precision NOT NULL,
     metrics text
 );
+""" + rollup.table_sql(MINUTES, "bigint") + """
 -- Columns added since the first tables were made.
 ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS cancelled_as text;
 ALTER TABLE jobqueue_workers ADD COLUMN IF NOT EXISTS metrics text;

@@ -13,6 +13,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from .. import rollup
 from ..records import COLUMNS, JobRecord
 from . import pgschema
 
@@ -45,12 +46,16 @@ class PgJobStore:
             cursor.execute(sql, args)
             return [pgschema.from_row(row) for row in cursor.fetchall()]
 
-    def save(self, record: JobRecord) -> None:
+    def save(self, record: JobRecord, ended: bool = False) -> None:
         updates = ", ".join(f"{column} = excluded.{column}" for column in COLUMNS
                             if column != "id")
+        minute = rollup.key(record.owner, record.job_type, record.status, record.started_at,
+                            record.finished_at) if ended else None
         with self._connection() as conn, conn.transaction():
             conn.execute(f"{pgschema.INSERT} ON CONFLICT (id) DO UPDATE SET {updates}",
                          pgschema.params(record))
+            if minute is not None:
+                conn.execute(rollup.upsert(pgschema.MINUTES, "%s"), (*minute, 1))
             conn.execute("SELECT pg_notify(%s, %s)", (
                 pgschema.CHANNEL, json.dumps({"id": record.id, "owner": record.owner})))
 
@@ -77,6 +82,10 @@ class PgJobStore:
 
     def finished_before(self, timestamp: float) -> list[JobRecord]:
         return self._fetch("SELECT * FROM jobqueue_jobs WHERE finished_at < %s", (timestamp,))
+
+    def forget_minutes_before(self, timestamp: float) -> None:
+        with self._connection() as conn:
+            conn.execute(rollup.prune(pgschema.MINUTES, "%s"), (timestamp,))
 
     async def written(self) -> None:
         return  # every call commits before it returns

@@ -36,7 +36,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
-from .. import jobfiles
+from .. import jobfiles, rollup
 from ..errors import (BadInput, DiskFull, JobCancelled, TimedOut, is_disk_full, kind_of,
                       user_message)
 from ..jobs import JobKind, JobStatus, Output, Progress
@@ -383,6 +383,11 @@ class Runner:
                     ended = await cursor.fetchone()  # None: a later run owns the job now
                     if ended:
                         await pgschema.notify(conn, job.id, record.owner)
+                        minute = rollup.key(record.owner, record.job_type, status.value,
+                                            record.started_at, finished_at)
+                        if minute is not None:
+                            await conn.execute(rollup.upsert(pgschema.MINUTES, "%s"),
+                                               (*minute, 1))
                 break
             except Exception as db_error:
                 log.warning("job %s: could not record its end (%s); trying again", job.id,

@@ -31,7 +31,8 @@ from .. import jobfiles
 from ..errors import QueueFull, ShuttingDown, Unavailable
 from ..jobs import FINISHED, JobKind, JobStatus
 from ..metrics import Metrics, Outcome
-from ..records import JobRecord, MinuteFigures, Origin, throughput_query
+from .. import rollup
+from ..records import JobRecord, Origin
 from ..settings import Settings
 from . import pgschema
 from .base import NewJob
@@ -308,10 +309,10 @@ class PostgresEngine:
                        "capacity": self.settings.limits(name).queue_size}
                 for name in self.kinds}
 
-    async def throughput(self, owner: str, since: float) -> list[MinuteFigures]:
+    async def throughput(self, owner: str, since: float) -> list[rollup.MinuteFigures]:
         async with self._db() as conn:
-            cursor = await conn.execute(throughput_query("jobqueue_jobs", "%s"), (owner, since))
-            return [MinuteFigures(*row) for row in await cursor.fetchall()]
+            cursor = await conn.execute(rollup.select(pgschema.MINUTES, "%s"), (owner, since))
+            return rollup.figures(await cursor.fetchall())
 
     async def worker_processes(self) -> list[dict]:
         async with self._db() as conn:
