@@ -141,6 +141,43 @@ def test_a_job_over_job_max_seconds_counts_as_a_deadline(tmp_path):
         assert value(samples, "jobqueue_jobs_total", kind="message", outcome="failed") == 0
 
 
+def test_without_a_token_metrics_answer_only_this_machine_directly(tmp_path):
+    with run_server(tmp_path) as server, server.client() as client:
+        assert client.get("/metrics").status_code == 200  # a loopback server, a local peer
+        # A reverse proxy on this host would make every client look local.
+        for header in ("X-Forwarded-For", "X-Real-IP", "Forwarded"):
+            refused = client.get("/metrics", headers={header: "203.0.113.9"})
+            assert refused.status_code == 403, header
+            assert "JOBQUEUE_METRICS_TOKEN" in refused.json()["detail"]
+        # Request durations by route template; Starlette's own routes by their path, a mount
+        # by its prefix, and a path no route takes as "unmatched", never as itself.
+        assert client.get("/docs").status_code == 200
+        assert client.get("/static/uPlot.min.css").status_code == 200
+        assert client.get("/no/such/path-1234").status_code == 404
+        routes = {dict(labels)["route"] for (name, labels) in scrape(f"{server.url}/metrics")
+                  if name == "jobqueue_http_request_duration_seconds_count"}
+        assert {"/docs", "/static", "unmatched", "/metrics"} <= routes
+        assert not any("1234" in route for route in routes)
+
+
+def test_the_rollup_reads_run_times_to_within_six_percent():
+    from jobqueue import rollup
+    from jobqueue.metrics import Outcome, outcome
+    for seconds in (0.00013, 0.0011, 0.0123, 0.31, 7.5, 1800.0):
+        row = rollup.key("o", "message", "succeeded", 100.0, 100.0 + seconds)
+        (shown,) = {f.p50_seconds for f in rollup.figures([("message", row[2], row[3], 1)])}
+        assert seconds / 1.06 <= shown <= seconds * 1.06, (seconds, shown)
+    tiny = rollup.key("o", "message", "succeeded", 100.0, 100.00001)
+    assert rollup.figures([("message", tiny[2], tiny[3], 1)])[0].p50_seconds == 0.0001
+    assert rollup.key("o", "message", "cancelled", 100.0, 101.0) is None
+    # The first stop decides: a client's cancel before the run-time limit stays a cancel.
+    assert outcome("failed", "timed_out", None) is Outcome.DEADLINE
+    assert outcome("failed", "timed_out", "cancelled") is Outcome.CANCELLED
+    assert outcome("failed", "bad_input", "cancelled") is Outcome.FAILED
+    assert outcome("cancelled", None, "deadline") is Outcome.DEADLINE
+    assert outcome("cancelled", None, None) is Outcome.CANCELLED
+
+
 def test_the_token_guards_metrics_which_no_limit_or_key_blocks(tmp_path):
     with run_server(tmp_path, api_keys=f"{ALPHA},{BETA}", rate_limit="2/minute",
                     metrics_token=TOKEN) as server, \

@@ -31,6 +31,14 @@ from .slots import Slots
 log = logging.getLogger("jobqueue.app")
 
 
+class JobQueueApp(FastAPI):
+    """FastAPI, with the request timer outside Starlette's error middleware: an error's
+    answer (500, or 507 for a full disk) is timed with the status the client got."""
+
+    def build_middleware_stack(self):  # noqa: ANN201 - Starlette's ASGIApp
+        return RequestTimer(super().build_middleware_stack(), self.state.metrics)
+
+
 def create_app(settings: Settings | None = None, with_workers: bool = True) -> FastAPI:
     """The app. `with_workers`: in distributed mode (JOBQUEUE_DATABASE_URL), whether this
     process also runs workers (`--with-workers`); the embedded engine always does."""
@@ -53,7 +61,7 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
         await engine.stop()
         log.info("workers stopped")
 
-    app = FastAPI(
+    app = JobQueueApp(
         title="jobqueue",
         summary="Slow work behind HTTP: bounded queues per job kind, served by worker threads.",
         version="0.1.0",
@@ -90,7 +98,6 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
             allow_headers=[access.HEADER, "Content-Type"],
             expose_headers=["Location", "Retry-After", "X-RateLimit-Limit",
                             "X-RateLimit-Remaining", "X-RateLimit-Reset"])
-    app.add_middleware(RequestTimer, metrics=app.state.metrics)  # outermost: times them all
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     return app
 

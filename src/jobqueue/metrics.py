@@ -10,6 +10,7 @@ which every API replica of the distributed mode reports alike (take `max` over r
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import socket
@@ -55,9 +56,13 @@ def outcome(status: str, error_kind: str | None, cancelled_as: str | None) -> Ou
     """The outcome of a job that ended with `status`; `cancelled_as` is what its cancel said."""
     if status == JobStatus.SUCCEEDED.value:
         return Outcome.SUCCEEDED
-    if status == JobStatus.FAILED.value:
-        return Outcome.DEADLINE if error_kind == TIMED_OUT else Outcome.FAILED
-    return Outcome(cancelled_as) if cancelled_as else Outcome.CANCELLED
+    if status == JobStatus.FAILED.value and error_kind != TIMED_OUT:
+        return Outcome.FAILED
+    # Cancelled, or stopped at its run-time limit (TimedOut): the first stop decides, so a
+    # client's cancel that came before the deadline stays a cancel.
+    if cancelled_as:
+        return Outcome(cancelled_as)
+    return Outcome.DEADLINE if status == JobStatus.FAILED.value else Outcome.CANCELLED
 
 
 class Metrics:
@@ -128,10 +133,19 @@ class Metrics:
             if "capacity" in figures:
                 self.capacity.labels(kind, scope).set(figures["capacity"])
 
+    def forget_cluster_queues(self) -> None:
+        """Drop the scope="cluster" series (the engine cannot be read); scope="process" ones
+        are a worker's own and stay."""
+        for gauge in (self.waiting, self.running, self.workers, self.capacity):
+            for kind in self.kinds:
+                gauge.remove(kind, "cluster")
+        self.worker_processes.remove("cluster")
+
 
 class RequestTimer:
     """Pure ASGI middleware: each request's time to its answer's head, by route template
-    (`/jobs/{job_id}`, never the id itself: one series per route, not per job)."""
+    (`/jobs/{job_id}`, never the id itself: one series per route, not per job); a path that
+    matches no route is "unmatched"."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
@@ -147,9 +161,12 @@ class RequestTimer:
         def observe(status: int) -> None:
             nonlocal observed
             observed = True
-            # The router notes the matched route in the scope; a mount (/static) its prefix.
+            # FastAPI's routes note themselves in the scope; a mount (/static) its prefix;
+            # Starlette's own routes (/docs, /openapi.json) only their endpoint, and they
+            # take no parameters, so their path is their template.
             route = scope.get("route")
-            name = getattr(route, "path", None) or scope.get("root_path") or "unmatched"
+            name = (getattr(route, "path", None) or scope.get("root_path")
+                    or (scope["path"] if "endpoint" in scope else "unmatched"))
             method = scope["method"] if scope["method"] in METHODS else "other"
             self.metrics.http_seconds.labels(method, name, str(status)).observe(
                 time.perf_counter() - started)
@@ -161,8 +178,12 @@ class RequestTimer:
 
         try:
             await self.app(scope, receive, timed_send)
+        except asyncio.CancelledError:
+            if not observed:  # stopped before any answer (a shutdown): nginx's "client
+                observe(499)  # closed request", no error of the server's
+            raise
         finally:
-            if not observed:  # an error before any answer: the server answers 500
+            if not observed:  # ended with no answer at all: the server answers 500
                 observe(500)
 
 
@@ -184,6 +205,9 @@ def token_matches(authorization: str | None, token: str) -> bool:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    # A connection that sends nothing is closed after this long, not held by a thread forever.
+    timeout = 10
+
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - wsgiref's signature
         pass  # one line per scrape would drown the worker's log
 

@@ -38,15 +38,21 @@ def parse_kinds(text: str) -> list[str]:
 
 
 async def serve(settings: Settings, kinds: list[str]) -> None:
+    metrics = Metrics(kinds)
+    try:  # first: a port in use stops the worker before it opens anything else
+        metrics_url, stop_metrics = serve_worker_metrics(
+            metrics, settings.worker_metrics_port, settings.metrics_token.get_secret_value())
+    except OSError as error:
+        raise SystemExit(f"cannot serve the worker's metrics on port "
+                         f"{settings.worker_metrics_port} (JOBQUEUE_WORKER_METRICS_PORT): "
+                         f"{error.strerror or error}. Free the port, or set 0 for a free one.")
+    log.info("worker metrics on %s", metrics_url)
     pool = AsyncConnectionPool(settings.database_url.get_secret_value(), min_size=1,
                                max_size=sum(settings.limits(k).workers for k in kinds) + 6,
                                open=False, check=AsyncConnectionPool.check_connection)
     await pool.open(wait=False)
-    metrics = Metrics(kinds)
     runner = Runner(settings, {name: KINDS[name] for name in kinds}, pool, metrics)
-    runner.metrics_url, stop_metrics = serve_worker_metrics(
-        metrics, settings.worker_metrics_port, settings.metrics_token.get_secret_value())
-    log.info("worker metrics on %s", runner.metrics_url)
+    runner.metrics_url = metrics_url
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0

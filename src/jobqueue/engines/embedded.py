@@ -558,7 +558,7 @@ class EmbeddedEngine:
                 await self.store.written()
             except BaseException:  # a full disk (507), or a client gone before its answer
                 # Not accepted after all. The job may have started: it ends as cancelled.
-                self._cancel(job, "its record could not be written", Outcome.FAILED)
+                self._cancel(job, "its record could not be written")
                 raise
         return record
 

@@ -272,7 +272,7 @@ class Runner:
         async with self.pool.connection() as conn, conn.transaction():
             rows = await pgschema.fetch(
                 conn, "UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, "
-                      "worker_name = NULL, progress = '{}' "
+                      "worker_name = NULL, progress = '{}', cancelled_as = NULL "
                       "WHERE procrastinate_id = %s AND status = 'running' RETURNING *",
                 (procrastinate_id,))
             for record in rows:
@@ -405,7 +405,7 @@ class Runner:
         async with self.pool.connection() as conn, conn.transaction():
             rows = await pgschema.fetch(
                 conn, "UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, "
-                      "worker_name = NULL, progress = '{}' "
+                      "worker_name = NULL, progress = '{}', cancelled_as = NULL "
                       "WHERE id = %s AND attempt = %s AND status = 'running' RETURNING *",
                 (job.id, record.attempt))
             if rows:

@@ -32,18 +32,30 @@ async def scrape(request: Request) -> Response:
             raise HTTPException(401, "Send JOBQUEUE_METRICS_TOKEN as a Bearer token "
                                      "(Authorization: Bearer <token>).",
                                 headers={"WWW-Authenticate": "Bearer"})
-    elif not loopback(settings.host):
-        raise HTTPException(403, f"This server listens on {settings.host}, beyond loopback: "
-                                 "set JOBQUEUE_METRICS_TOKEN to open /metrics to a scraper "
-                                 "that sends it as a Bearer token.")
+    elif not from_this_machine(request):
+        raise HTTPException(403, "Without JOBQUEUE_METRICS_TOKEN, /metrics answers only a "
+                                 "server that listens on loopback, asked from this machine "
+                                 "and not through a proxy: set JOBQUEUE_METRICS_TOKEN and send "
+                                 "it as a Bearer token.")
     metrics: Metrics = request.app.state.metrics
     await refresh_queues(request.app.state.engine, metrics)
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def from_this_machine(request: Request) -> bool:
+    """Whether a request surely comes from this machine: the server listens on loopback, the
+    peer is loopback, and no proxy forwarded it (a reverse proxy on the same host would make
+    every client of the internet look local)."""
+    client = request.client.host if request.client else ""
+    forwarded = any(name in request.headers for name in ("forwarded", "x-forwarded-for",
+                                                         "x-real-ip"))
+    return loopback(request.app.state.settings.host) and loopback(client) and not forwarded
+
+
 async def refresh_queues(engine: JobEngine, metrics: Metrics) -> None:
     """Set the gauges from the engine as it is now. While its database is down the counters
-    still answer; the gauges it cannot read are left out rather than shown stale."""
+    still answer; the cluster's gauges it cannot read are left out rather than shown stale
+    (a replica --with-workers keeps its own slots, scope="process")."""
     health = await engine.health()
     for dependency, state in health.items():
         metrics.dependency_up.labels(dependency).set(1 if state == "ok" else 0)
@@ -55,9 +67,7 @@ async def refresh_queues(engine: JobEngine, metrics: Metrics) -> None:
         except Unavailable:
             pass
     if stats is None:
-        for gauge in (metrics.waiting, metrics.running, metrics.workers, metrics.capacity,
-                      metrics.worker_processes):
-            gauge.clear()
+        metrics.forget_cluster_queues()
         return
     metrics.set_queues(stats, "cluster")
     if processes is not None:  # the distributed mode's worker processes

@@ -150,8 +150,8 @@ async function refreshChart() {
 
 function showThroughput(answer) {
   // Every minute of the window, so the chart always spans the hour; a quiet minute is 0.
-  const last = Math.floor(Date.now() / 60000) * 60;
-  const minutes = Array.from({ length: CHART_MINUTES }, (_, i) => last - (CHART_MINUTES - 1 - i) * 60);
+  // The server's clock, not the browser's: the rows are keyed by its minutes.
+  const minutes = Array.from({ length: answer.minutes }, (_, i) => answer.since + i * 60);
   const kinds = Object.keys(answer.kinds);
   const finished = [], p50 = [], p95 = [];
   const summary = [];
