@@ -1,5 +1,6 @@
 """Deleting finished jobs and their files once they are older than JOBQUEUE_RESULT_TTL, and job
-folders that no record owns (what an upload cut off by `kill -9` leaves behind)."""
+folders (or objects, with object storage) that no record owns (what an upload cut off by
+`kill -9` leaves behind)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from . import jobfiles, rollup
 from .engines import JobEngine
 from .errors import Unavailable
+from .filestore import FileStore
 from .settings import Settings
 from .records import JobStore
 
@@ -48,6 +50,23 @@ def sweep_orphans(store: JobStore, out_dir: Path, receiving: Set[str] = frozense
     return removed
 
 
+def sweep_stored_orphans(store: JobStore, files: FileStore) -> list[str]:
+    """With object storage: remove the objects of jobs that no record owns (a replica killed
+    between storing an upload and writing its record; a delete while the store was down),
+    once their newest object is ORPHAN_SECONDS old. Returns their ids."""
+    if not files.remote:
+        return []
+    cutoff = time.time() - ORPHAN_SECONDS
+    removed = []
+    for job_id, newest in files.job_ids().items():
+        if newest > cutoff or store.get(job_id) is not None:
+            continue
+        files.remove(job_id)
+        log.info("job %s: its objects had no record; removed", job_id)
+        removed.append(job_id)
+    return removed
+
+
 def _last_written(folder: Path) -> float:
     """The newest modification time in a job folder: its own, its files' and its input's."""
     newest = folder.lstat().st_mtime
@@ -75,6 +94,7 @@ async def sweep_forever(engine: JobEngine, settings: Settings,
                          settings.result_ttl)
             await asyncio.to_thread(sweep_orphans, engine.store, settings.out_dir,
                                     set(receiving))
+            await asyncio.to_thread(sweep_stored_orphans, engine.store, engine.files)
             await asyncio.to_thread(engine.store.forget_minutes_before,
                                     time.time() - rollup.KEPT_SECONDS)
         except Unavailable as error:

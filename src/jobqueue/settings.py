@@ -68,6 +68,10 @@ class Settings(BaseSettings):
 
     database_url: SecretStr = Field(SecretStr(""), description="postgresql://... selects the "
                                     "distributed engine; empty: the embedded one")
+    storage_url: str = Field("", description="s3://bucket/prefix keeps uploads and results "
+                             "in object storage (distributed mode); empty: in out_dir")
+    s3_endpoint: str = Field("", description="The S3 API's address, e.g. http://127.0.0.1:8333 "
+                             "for SeaweedFS or MinIO; empty: AWS (or AWS_ENDPOINT_URL)")
     api_keys: SecretStr = Field(SecretStr(""),
                                 description="Comma-separated API keys; empty: no keys needed")
     metrics_token: SecretStr = Field(SecretStr(""), description="Bearer token /metrics "

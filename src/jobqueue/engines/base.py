@@ -20,6 +20,7 @@ from ..metrics import Outcome
 from ..records import JobRecord, Origin
 from ..rollup import MinuteFigures
 from ..settings import Settings
+from ..filestore import FileStore
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Listener(Protocol):
 class JobEngine(Protocol):
     settings: Settings
     kinds: dict[str, JobKind]
+    files: FileStore  # where the jobs' files are: routes read them through it
 
     async def start(self) -> None:
         """Recover what a previous run left, then start working."""

@@ -25,6 +25,7 @@ from .. import jobfiles
 from ..errors import (BadInput, DiskFull, JobCancelled, QueueFull, ShuttingDown, TimedOut,
                       is_disk_full, kind_of, user_message)
 from ..events import Feed
+from ..filestore import FileStore, LocalFiles
 from ..events import Listener as FeedListener
 from ..jobs import FINISHED, JobKind, JobStatus, Output, Progress
 from ..metrics import Metrics, Outcome, outcome
@@ -463,6 +464,11 @@ class EmbeddedEngine:
                  metrics: Metrics | None = None, store: JobStore | None = None):
         self.settings = settings
         self.out_dir = settings.out_dir
+        self.files: FileStore = LocalFiles(settings.out_dir)
+        if settings.storage_url.strip():
+            log.warning("JOBQUEUE_STORAGE_URL is for the distributed mode (with "
+                        "JOBQUEUE_DATABASE_URL); this embedded server keeps files in %s",
+                        settings.out_dir)
         self.kinds = kinds
         self.metrics = metrics or Metrics(kinds)
         self.store: JobStore = store or SqliteJobStore(settings.job_db)

@@ -37,8 +37,9 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
 from .. import jobfiles, rollup
-from ..errors import (BadInput, DiskFull, JobCancelled, TimedOut, is_disk_full, kind_of,
-                      user_message)
+from ..errors import (BadInput, DiskFull, JobCancelled, TimedOut, Unavailable, is_disk_full,
+                      kind_of, user_message)
+from ..filestore import FileStore, make_file_store
 from ..jobs import JobKind, JobStatus, Output, Progress
 from ..kinds import KINDS
 from ..metrics import Metrics, outcome
@@ -129,14 +130,21 @@ class WorkerJob:
             process.kill()
 
 
-def run_handler(kind: JobKind, job: WorkerJob) -> tuple[JobStatus, Output | None,
-                                                        BaseException | None]:
-    """On a thread: the kind's handler, and how it ended."""
+def run_handler(kind: JobKind, job: WorkerJob, files: FileStore
+                ) -> tuple[JobStatus, Output | None, BaseException | None]:
+    """On a thread: fetch the job's input, run the kind's handler, keep its outputs; and how
+    it ended."""
     try:
         if kind.writes_files:
             jobfiles.make_job_dir(job.out_dir)
             jobfiles.discard_output(job.out_dir)  # what a dead run of this job left
+        if job.record.input_path:
+            job.input_path = until_stored(job, lambda: files.fetch_input(
+                job.id, job.record.input_path))
         output = kind.handler(job)
+        job.raise_if_cancelled()
+        if output.files:
+            until_stored(job, lambda: files.publish(job.record, output.files))
     except JobCancelled:
         return JobStatus.CANCELLED, None, None
     except BadInput as error:
@@ -148,20 +156,36 @@ def run_handler(kind: JobKind, job: WorkerJob) -> tuple[JobStatus, Output | None
             return JobStatus.FAILED, None, DiskFull(job.id)
         log.exception("job %s: failed", job.id)
         return JobStatus.FAILED, None, error
-    if job.cancel_requested.is_set():
-        return JobStatus.CANCELLED, None, None
     return JobStatus.SUCCEEDED, output, None
+
+
+def until_stored(job: WorkerJob, action: Any) -> Any:
+    """`action` (a transfer to or from the object store), tried again while the store cannot
+    be reached: an outage holds the job, it does not fail it. A cancel, or the job's run-time
+    limit, still stops it."""
+    warned = False
+    while True:
+        try:
+            return action()
+        except Unavailable as error:
+            if not warned:
+                log.warning("job %s: %s; waiting for it", job.id, error)
+                warned = True
+        if job.cancel_requested.wait(RETRY_SECONDS):
+            raise JobCancelled(job.id)
 
 
 class Runner:
     """procrastinate workers for `kinds` in this process, sharing `pool`."""
 
     def __init__(self, settings: Settings, kinds: dict[str, JobKind], pool: AsyncConnectionPool,
-                 metrics: Metrics, app: procrastinate.App | None = None):
+                 metrics: Metrics, app: procrastinate.App | None = None,
+                 files: FileStore | None = None):
         self.settings = settings
         self.kinds = kinds
         self.pool = pool
         self.metrics = metrics
+        self.files = files or make_file_store(settings)
         # Where a worker process serves its metrics (its heartbeat tells /health); None in a
         # replica --with-workers, whose /metrics has them.
         self.metrics_url: str | None = None
@@ -302,7 +326,7 @@ class Runner:
         running.inc()
         pusher = asyncio.create_task(self._push_progress(job, changed))
         log.info("job %s: %s started on %s", job_id, record.job_type, self.name)
-        handler = loop.run_in_executor(self.executor, run_handler, kind, job)
+        handler = loop.run_in_executor(self.executor, run_handler, kind, job, self.files)
         try:
             try:
                 status, output, error = await asyncio.wait_for(asyncio.shield(handler),
@@ -363,6 +387,9 @@ class Runner:
         if status is JobStatus.CANCELLED or (record.origin is Origin.PUT
                                              and status is JobStatus.FAILED):
             # Partial output is no use to anyone, nor is a failed /put job's.
+            with contextlib.suppress(Unavailable):  # else the sweep of orphans removes it
+                await asyncio.to_thread(self.files.remove, job.id)
+        elif self.files.remote:  # this machine's scratch copy: the store has what is kept
             await asyncio.to_thread(jobfiles.remove_job_dir, self.settings.out_dir, job.id)
         result = ({"data": output.data, "files": [path.name for path in output.files]}
                   if output else None)

@@ -10,7 +10,9 @@ waiters read it again every few seconds in case a notification fell into a recon
 
 While PostgreSQL cannot be reached, every call fails within POOL_TIMEOUT_SECONDS with
 `Unavailable` (503), and /health names it; the pool and the listener reconnect by themselves.
-Job files live in JOBQUEUE_OUT_DIR, a folder every node mounts.
+Job files live in JOBQUEUE_OUT_DIR, a folder every node mounts, or with JOBQUEUE_STORAGE_URL
+in object storage (objectstore.py): then a replica stores a checked upload there before the
+job's record is written, and no node needs a shared disk.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from .. import jobfiles
 from ..errors import QueueFull, ShuttingDown, Unavailable
+from ..filestore import FileStore, make_file_store
 from ..jobs import FINISHED, JobKind, JobStatus
 from ..metrics import Metrics, Outcome
 from .. import rollup
@@ -62,8 +64,9 @@ class PostgresEngine:
             kwargs={"connect_timeout": int(POOL_TIMEOUT_SECONDS)})
         self.app = make_app()
         self.store = PgJobStore(self.url)
-        self.runner = (Runner(settings, kinds, self.pool, metrics, self.app) if with_workers
-                       else None)
+        self.files: FileStore = make_file_store(settings)
+        self.runner = (Runner(settings, kinds, self.pool, metrics, self.app, self.files)
+                       if with_workers else None)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._feeds: set[_PgListener] = set()
         self._listening = False
@@ -137,9 +140,11 @@ class PostgresEngine:
             raise ShuttingDown
         kind = new.kind.name
         capacity = self.settings.limits(kind).queue_size
+        input_path = None
+        if new.input_path:  # in object storage, before the record that points to it
+            input_path = await asyncio.to_thread(self.files.keep_input, new.id, new.input_path)
         record = JobRecord(id=new.id, job_type=kind, status=JobStatus.QUEUED.value,
-                           options=new.options.model_dump(mode="json"),
-                           input_path=str(new.input_path) if new.input_path else None,
+                           options=new.options.model_dump(mode="json"), input_path=input_path,
                            created_at=time.time(), origin=new.origin, owner=new.owner,
                            idempotency_key=new.idempotency_key)
         try:
@@ -149,8 +154,7 @@ class PostgresEngine:
                         conn, "SELECT * FROM jobqueue_jobs WHERE owner = %s "
                               "AND idempotency_key = %s", (new.owner, new.idempotency_key))
                     if earlier:
-                        await asyncio.to_thread(jobfiles.remove_job_dir,
-                                                self.settings.out_dir, new.id)
+                        await asyncio.to_thread(self._remove_files, new.id)
                         return earlier[0]
                 # One submit of a kind at a time, cluster-wide: the count is exact.
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
@@ -170,7 +174,7 @@ class PostgresEngine:
         except psycopg.errors.UniqueViolation:  # the same idempotency key, at the same moment
             return await self.submit(new, durable)
         except BaseException:
-            await asyncio.to_thread(jobfiles.remove_job_dir, self.settings.out_dir, new.id)
+            await asyncio.to_thread(self._remove_files, new.id)
             raise
         if new.origin is Origin.PUT:
             self._putting.add(record.id)
@@ -253,7 +257,7 @@ class PostgresEngine:
                                                      connection=conn)
         if removed:
             self.metrics.job_ended(record.job_type, ending, None, None)
-            await asyncio.to_thread(jobfiles.remove_job_dir, self.settings.out_dir, removed)
+            await asyncio.to_thread(self._remove_files, removed)
 
     async def _procrastinate_id(self, conn: psycopg.AsyncConnection, job_id: str) -> int | None:
         cursor = await conn.execute(
@@ -267,7 +271,15 @@ class PostgresEngine:
             row = await cursor.fetchone()
             if row:
                 await pgschema.notify(conn, job_id, row[0], removed=True)
-        await asyncio.to_thread(jobfiles.remove_job_dir, self.settings.out_dir, job_id)
+        await asyncio.to_thread(self._remove_files, job_id)
+
+    def _remove_files(self, job_id: str) -> None:
+        """A job's files, wherever they are. With the object store down, the objects stay
+        until the sweep of files no record owns removes them."""
+        try:
+            self.files.remove(job_id)
+        except Unavailable as error:
+            log.warning("job %s: its files stay in the store for now: %s", job_id, error)
 
     async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
         async with self._subscribed(job_id) as changed:

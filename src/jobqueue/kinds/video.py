@@ -184,7 +184,10 @@ def ffmpeg_command(source: str, target: str, scale: tuple[int, int]) -> list[str
 def preview_command(source: str, fps: float | None, width: int | None) -> list[str]:
     """ffmpeg decoding `source` at its own pace (-re) into multipart JPEG frames on stdout:
     the body of a `multipart/x-mixed-replace` response, which an <img> tag plays."""
-    stream = ffmpeg.input(source, re=None, **INPUT_OPTIONS)["v:0"]
+    options = dict(INPUT_OPTIONS)
+    if source.startswith(("http://", "https://")):  # a presigned URL of the object store
+        options["protocol_whitelist"] = "http,https,tcp,tls,crypto"
+    stream = ffmpeg.input(source, re=None, **options)["v:0"]
     if fps:
         stream = stream.filter("fps", fps=fps)
     if width:

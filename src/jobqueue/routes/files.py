@@ -1,19 +1,22 @@
-"""`GET /jobs/{id}/files/{name}`: the output files a job wrote into `out/<id>/`."""
+"""`GET /jobs/{id}/files/{name}`: the output files of a job, from `out/<id>/` or the object
+store (filestore.py), and thumbnails of its images."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse
 
 from .. import jobfiles, processes
 from .. import thumbnail as thumbnail_program
+from ..filestore import CACHE, FileStore, LocalFiles
 from ..jobs import JobStatus
 from ..records import JobRecord
 from ..schemas import error_responses
@@ -29,8 +32,6 @@ THUMBNAIL_DIR = "thumbnails"
 _decoding = threading.BoundedSemaphore(2)
 THUMBNAIL_PROGRAM = Path(thumbnail_program.__file__)
 THUMBNAIL_SECONDS = 30
-# Output files never change once written.
-CACHE = {"Cache-Control": "private, max-age=3600"}
 
 
 @router.get(
@@ -38,29 +39,40 @@ CACHE = {"Cache-Control": "private, max-age=3600"}
     name="job_file",
     summary="Download one output file of a job",
     description="For example `page-001.png` of a pdf2image job or `video.mp4` of a video job. "
-                "`?w=` turns an image into a JPEG thumbnail at most that many pixels wide.",
+                "`?w=` turns an image into a JPEG thumbnail at most that many pixels wide. "
+                "With object storage, `?redirect=1` answers 307 to a presigned URL of the file "
+                "(valid an hour); on a local disk it is ignored.",
     response_class=FileResponse,
     responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "video/mp4": {}}},
-               **error_responses(404, 409, 422)},
+               307: {"description": "?redirect=1 with object storage: the file's presigned URL"},
+               **error_responses(404, 409, 422, 503)},
 )
 async def job_file(job_id: str, name: str, request: Request,
                    record: JobRecord = Depends(find_job),  # 404 for another API key's job
                    w: int | None = Query(None, ge=16, le=2048,
-                                         description="Thumbnail width in pixels")) -> Response:
+                                         description="Thumbnail width in pixels"),
+                   redirect: bool = Query(False, description="With object storage: answer "
+                                          "307 to a presigned URL of the file instead")
+                   ) -> Response:
     if record.status != JobStatus.SUCCEEDED.value or record.result is None:
         # A running job's pages are still being written: none is served half done.
         raise HTTPException(409, f"Job {job_id} is {record.status}; its files are ready once "
                                  "it has succeeded.")
-    path = jobfiles.output_file(request.app.state.settings.out_dir, job_id, name)
-    if path is None or name not in record.result["files"]:
+    files: FileStore = request.app.state.engine.files
+    if name not in record.result["files"] or not await run_in_threadpool(files.exists, record,
+                                                                        name):
         raise HTTPException(404, f"Job {job_id!r} has no output file {name!r}.")
     if w is None:
-        return FileResponse(path, headers=CACHE)
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        link = files.link(record, name) if redirect else None  # None on a local disk
+        if link:
+            return RedirectResponse(link, status_code=307, headers={"Cache-Control": "no-store"})
+        return await run_in_threadpool(files.download, record, name)
+    if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
         raise HTTPException(422, f"{name!r} is not an image; ?w= makes thumbnails of "
                                  "PNG and JPEG files only.")
     try:
-        jpeg = await run_in_threadpool(thumbnail, path, w, request.app.state.settings)
+        jpeg = await run_in_threadpool(thumbnail, files, record, name, w,
+                                       request.app.state.settings)
     except (processes.OutputTooLarge, subprocess.TimeoutExpired, ThumbnailFailed):
         raise HTTPException(422, f"No thumbnail can be made of {name!r}; download it without "
                                  "?w=.") from None
@@ -73,14 +85,34 @@ class ThumbnailFailed(Exception):
     pass
 
 
-def thumbnail(path: Path, width: int, settings: Settings) -> bytes:
-    """A JPEG at most `width` pixels wide, made by the thumbnail program in a child process
-    under the render memory cap (a page can be 100 megapixels: never decoded in the server);
-    cached in the job's `thumbnails/` folder."""
-    cached = path.parent / THUMBNAIL_DIR / f"{width}-{path.stem}.jpg"
-    if cached.is_file():
-        return cached.read_bytes()
-    cached.parent.mkdir(exist_ok=True)
+def thumbnail(files: FileStore, record: JobRecord, name: str, width: int,
+              settings: Settings) -> bytes:
+    """A JPEG at most `width` pixels wide, made once per width and kept beside the job's
+    files: beside the image on a local disk, under the job's `thumbnails/` in object storage
+    (made from a scratch copy of the image)."""
+    if isinstance(files, LocalFiles):
+        path = files.output_path(record, name)
+        if path is None:
+            raise FileNotFoundError(name)
+        cached = path.parent / THUMBNAIL_DIR / f"{width}-{path.stem}.jpg"
+        if cached.is_file():
+            return cached.read_bytes()
+        cached.parent.mkdir(exist_ok=True)
+        return make_thumbnail(path, cached, width, settings)
+    key = files.thumbnail_key(record, name, width)
+    if (jpeg := files.read_small(key)) is not None:
+        return jpeg
+    with tempfile.TemporaryDirectory(prefix="jobqueue-thumbnail-") as scratch:
+        source = Path(scratch) / jobfiles.safe_name(name)
+        files.copy_to(record, name, source)
+        jpeg = make_thumbnail(source, Path(scratch) / "thumbnail.jpg", width, settings)
+    files.write_small(key, jpeg)
+    return jpeg
+
+
+def make_thumbnail(path: Path, cached: Path, width: int, settings: Settings) -> bytes:
+    """The thumbnail program, in a child process under the render memory cap (a page can be
+    100 megapixels: never decoded in the server); its JPEG is kept as `cached`."""
     partial = cached.with_suffix(f".{threading.get_ident()}.tmp")
     try:
         with _decoding:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import time
 import zipfile
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse
 
 from .. import jobfiles
 from ..access import owner
 from ..engines import JobEngine
+from ..filestore import FileStore
 from ..jobs import FINISHED, JobStatus
 from ..kinds import KINDS
 from ..ratelimit import limiter, submit_limit
@@ -192,23 +195,24 @@ async def job_events(request: Request, record: JobRecord = Depends(find_job)
                 "answers its JSON result. 409 until the job has succeeded.",
     responses={200: {"content": {"application/zip": {}, "video/mp4": {},
                                  "application/json": {}}},
-               **error_responses(404, 409)},
+               **error_responses(404, 409, 503)},
 )
 async def job_result(request: Request, record: JobRecord = Depends(find_job)) -> Response:
     if record.status != JobStatus.SUCCEEDED.value or record.result is None:
         reason = f": {record.error}" if record.error else ""
         raise HTTPException(409, f"Job {record.id} is {record.status}{reason}; the result "
                                  "is ready once it has succeeded.")
-    folder = jobfiles.job_dir(request.app.state.settings.out_dir, record.id)
-    files = [folder / name for name in record.result["files"]]
-    if not all(path.is_file() for path in files):
-        raise HTTPException(404, f"The files of job {record.id} have been deleted.")
-    if not files:
+    names = record.result["files"]
+    if not names:
         return JSONResponse(record.result["data"])
-    if len(files) == 1:
-        return FileResponse(files[0], filename=f"{record.job_type}-{record.id}{files[0].suffix}")
+    files: FileStore = request.app.state.engine.files
+    if not await run_in_threadpool(lambda: all(files.exists(record, name) for name in names)):
+        raise HTTPException(404, f"The files of job {record.id} have been deleted.")
+    if len(names) == 1:
+        return await run_in_threadpool(files.download, record, names[0],
+                                       f"{record.job_type}-{record.id}{Path(names[0]).suffix}")
     return StreamingResponse(
-        zip_stream(files), media_type="application/zip",
+        zip_stream(files, record, names), media_type="application/zip",
         headers={"Content-Disposition":
                  f'attachment; filename="{record.job_type}-{record.id}.zip"'},
     )
@@ -235,15 +239,18 @@ class _Chunks:
 ZIP_CHUNK_BYTES = 256 * 1024
 
 
-def zip_stream(files: list[Path]) -> Iterator[bytes]:
-    """A zip of `files`, produced a chunk at a time as the client reads (PNGs are compressed
-    already: stored), so a download holds a chunk of memory, not a page (which can be 60 MB)."""
+def zip_stream(files: FileStore, record: JobRecord, names: list[str]) -> Iterator[bytes]:
+    """A zip of a job's output files, produced a chunk at a time as the client reads and as
+    the files are read (from the disk or the object store; PNGs are compressed already:
+    stored), so a download holds a chunk of memory, not a page (which can be 60 MB)."""
     chunks = _Chunks()
+    stamp = time.localtime(record.finished_at or time.time())[:6]
     with zipfile.ZipFile(chunks, "w", zipfile.ZIP_STORED) as archive:
-        for path in files:
-            info = zipfile.ZipInfo.from_file(path, path.name)
-            with path.open("rb") as source, archive.open(info, "w", force_zip64=True) as entry:
-                while block := source.read(ZIP_CHUNK_BYTES):
+        for name in names:
+            info = zipfile.ZipInfo(name, date_time=stamp)
+            info.external_attr = 0o644 << 16  # rw-r--r-- once unzipped
+            with archive.open(info, "w", force_zip64=True) as entry:
+                for block in files.chunks(record, name):
                     entry.write(block)
                     yield chunks.take()
     yield chunks.take()

@@ -7,12 +7,13 @@ import logging
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from .. import jobfiles, processes
+from .. import processes
+from ..filestore import FileStore
 from ..jobs import JobStatus
 from ..kinds import video
 from ..records import JobRecord
@@ -54,23 +55,24 @@ class PreviewSlots:
         self.playing -= 1
 
 
-def preview_source(request: Request, record: JobRecord) -> Path:
-    """The output video once the job has succeeded, its uploaded input while it waits or runs."""
+def preview_source(request: Request, record: JobRecord) -> str:
+    """The output video once the job has succeeded, its uploaded input while it waits or runs:
+    a path, or with object storage a presigned URL ffmpeg reads over HTTP."""
     if record.job_type != video.KIND.name:
         raise HTTPException(404, f"Job {record.id} is a {record.job_type} job; only "
                                  f"{video.KIND.name} jobs have a preview.")
-    out_dir = request.app.state.settings.out_dir
-    path = None
+    files: FileStore = request.app.state.engine.files
+    source = None
     if record.status == JobStatus.SUCCEEDED.value and record.result and record.result["files"]:
-        path = jobfiles.output_file(out_dir, record.id, record.result["files"][0])
-    elif record.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value) and record.input_path:
-        path = Path(record.input_path)
-        if jobfiles.job_dir(out_dir, record.id) not in path.parents:
-            path = None  # the bundled sample, not this job's own file
-    if path is None or not path.is_file():
+        name = record.result["files"][0]
+        if files.exists(record, name):
+            source = files.link(record, name) or str(files.output_path(record, name))
+    elif record.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+        source = files.input_source(record)
+    if source is None:
         raise HTTPException(404, f"Job {record.id} is {record.status} and has no video of its "
                                  "own to preview.")
-    return path
+    return source
 
 
 @router.get(
@@ -91,7 +93,7 @@ async def preview(
     fps: float | None = Query(None, gt=0, le=60, description="Most frames per second"),
     width: int | None = Query(None, ge=16, le=3840, description="Most pixels wide"),
 ) -> StreamingResponse:
-    source = preview_source(request, record)
+    source = await run_in_threadpool(preview_source, request, record)  # the store: I/O
     slots: PreviewSlots = request.app.state.preview_slots
     ticket = slots.grant()
     if ticket is None:
@@ -99,7 +101,7 @@ async def preview(
                                  "JOBQUEUE_PREVIEW_STREAMS allows; retry in a few seconds.",
                             headers={"Retry-After": "5"})
     return StreamingResponse(
-        frames(processes.guarded(video.preview_command(str(source), fps, width),
+        frames(processes.guarded(video.preview_command(source, fps, width),
                                  request.app.state.settings.video_max_mb),
                slots, ticket, record.id),
         media_type=f"multipart/x-mixed-replace;boundary={video.PREVIEW_BOUNDARY}",

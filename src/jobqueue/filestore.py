@@ -1,0 +1,126 @@
+"""Where a job's files live: `out/<id>/` on a disk (LocalFiles, the default) or a prefix of an
+S3-compatible bucket (ObjectFiles, JOBQUEUE_STORAGE_URL=s3://bucket/prefix).
+
+Handlers always work in a local folder, `out/<id>/`: with object storage that folder is
+scratch space on the machine that runs the job. The engine fetches the input into it before
+the handler runs and publishes the outputs after it succeeds; routes read the published files
+through this interface, never from a path of their own making.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from fastapi import HTTPException
+from fastapi.responses import FileResponse, Response
+
+from . import jobfiles
+from .records import JobRecord
+from .settings import Settings
+
+# Output files never change once written.
+CACHE = {"Cache-Control": "private, max-age=3600"}
+CHUNK_BYTES = 256 * 1024
+
+
+class FileStore(Protocol):
+    out_dir: Path  # the local folder jobs run in (with object storage: scratch space)
+    remote: bool  # whether files live elsewhere than out_dir
+
+    def keep_input(self, job_id: str, upload: Path) -> str:
+        """Keep a checked upload for its job; returns what the record's input_path holds."""
+
+    def fetch_input(self, job_id: str, input_path: str) -> Path:
+        """The upload as a local file for the handler (downloaded into out/<id>/input/)."""
+
+    def publish(self, record: JobRecord, files: list[Path]) -> None:
+        """Keep the outputs of the run that succeeded (record.attempt), then free its folder."""
+
+    def exists(self, record: JobRecord, name: str) -> bool:
+        """Whether a succeeded job's output file `name` is there."""
+
+    def download(self, record: JobRecord, name: str, filename: str | None = None) -> Response:
+        """The answer that sends an output file (as an attachment named `filename`)."""
+
+    def chunks(self, record: JobRecord, name: str) -> Iterator[bytes]:
+        """An output file's bytes, a chunk at a time (for the zip of all pages)."""
+
+    def link(self, record: JobRecord, name: str) -> str | None:
+        """A URL a client or ffmpeg can read an output file from; None on a local disk."""
+
+    def input_source(self, record: JobRecord) -> str | None:
+        """Where ffmpeg can read a queued or running job's upload (a path or a URL)."""
+
+    def remove(self, job_id: str) -> None:
+        """Remove every file of a job, wherever it is."""
+
+
+class LocalFiles:
+    """Files in `out/<id>/` on this machine's disk (or a folder all machines share)."""
+
+    remote = False
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+
+    def keep_input(self, job_id: str, upload: Path) -> str:
+        return str(upload)
+
+    def fetch_input(self, job_id: str, input_path: str) -> Path:
+        return Path(input_path)
+
+    def publish(self, record: JobRecord, files: list[Path]) -> None:
+        pass  # written in place
+
+    def exists(self, record: JobRecord, name: str) -> bool:
+        return jobfiles.output_file(self.out_dir, record.id, name) is not None
+
+    def download(self, record: JobRecord, name: str, filename: str | None = None) -> Response:
+        path = jobfiles.output_file(self.out_dir, record.id, name)
+        if path is None:
+            raise gone(record.id, name)
+        return FileResponse(path, filename=filename, headers=CACHE)
+
+    def chunks(self, record: JobRecord, name: str) -> Iterator[bytes]:
+        path = jobfiles.output_file(self.out_dir, record.id, name)
+        if path is None:
+            raise gone(record.id, name)
+        with path.open("rb") as source:
+            while block := source.read(CHUNK_BYTES):
+                yield block
+
+    def link(self, record: JobRecord, name: str) -> str | None:
+        return None
+
+    def input_source(self, record: JobRecord) -> str | None:
+        if not record.input_path:
+            return None
+        path = Path(record.input_path)
+        # The bundled sample is not this job's own file.
+        inside = jobfiles.job_dir(self.out_dir, record.id) in path.parents
+        return str(path) if inside and path.is_file() else None
+
+    def output_path(self, record: JobRecord, name: str) -> Path | None:
+        return jobfiles.output_file(self.out_dir, record.id, name)
+
+    def remove(self, job_id: str) -> None:
+        jobfiles.remove_job_dir(self.out_dir, job_id)
+
+
+def gone(job_id: str, name: str) -> HTTPException:
+    return HTTPException(404, f"Job {job_id!r} has no output file {name!r} (deleted?).")
+
+
+def media_type(name: str) -> str:
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+def make_file_store(settings: Settings) -> FileStore:
+    url = settings.storage_url.strip()
+    if not url:
+        return LocalFiles(settings.out_dir)
+    from .objectstore import ObjectFiles  # obstore is loaded only when it is used
+    return ObjectFiles(settings)

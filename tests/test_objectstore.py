@@ -1,0 +1,193 @@
+"""Uploads and results in object storage (JOBQUEUE_STORAGE_URL), against a real SeaweedFS S3
+server: an API replica and a worker process with separate out/ folders, so nothing can pass by
+reading a local file; the store stopped and started under them."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import httpx
+import obstore
+import pytest
+from obstore.store import S3Store
+
+from conftest import DATA
+from deployments import deploy
+from jobqueue import retention
+from jobqueue.localweed import LocalSeaweed
+from jobqueue.objectstore import ObjectFiles
+from jobqueue.records import SqliteJobStore
+from jobqueue.settings import Settings
+from test_contract import submit, wait_until
+
+BUCKET = "jobqueue"
+# SeaweedFS without an identity file takes any credentials; obstore wants some to sign with.
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test-secret",
+               "AWS_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def seaweed():
+    folder = Path(tempfile.mkdtemp(prefix="jobqueue-weed-"))
+    server = LocalSeaweed(folder)
+    server.start()
+    server.make_bucket(BUCKET)
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def aws_credentials(monkeypatch):
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+
+
+def storage(endpoint: str) -> dict[str, str]:
+    """Settings for a deployment on its own prefix of the bucket."""
+    return {"storage_url": f"s3://{BUCKET}/t-{uuid.uuid4().hex[:10]}", "s3_endpoint": endpoint}
+
+
+def bucket(endpoint: str, storage_url: str) -> S3Store:
+    return S3Store.from_url(storage_url, config={"endpoint": endpoint,
+                                                 "virtual_hosted_style_request": False},
+                            client_options={"allow_http": True})
+
+
+def keys(store: S3Store, job_id: str) -> set[str]:
+    return {meta["path"] for batch in obstore.list(store, prefix=f"jobs/{job_id}/")
+            for meta in batch}
+
+
+def job_folders(out_dir: Path) -> list[str]:
+    return [path.name for path in out_dir.iterdir() if len(path.name) == 36] \
+        if out_dir.exists() else []
+
+
+def test_pdf_and_video_through_the_store_with_separate_folders(postgres, seaweed, tmp_path):
+    settings = storage(seaweed.url)
+    store = bucket(seaweed.url, settings["storage_url"])
+    worker_out = tmp_path / "worker-out"
+    with deploy("postgres", tmp_path, postgres, workers=0, **settings) as cluster, \
+            cluster.client() as client:
+        cluster.start_worker(out_dir=worker_out)
+        with open(DATA / "sample.pdf", "rb") as pdf:
+            job = submit(client, data={"jobType": "pdf2image", "dpi": "50"},
+                         files={"file": ("my scan.pdf", pdf, "application/pdf")})
+        done = wait_until(client, job["id"])
+        assert done["status"] == "succeeded", done
+        pages = [url.rsplit("/", 1)[-1] for url in done["result"]["files"]]
+        assert len(pages) >= 2
+        stored = keys(store, job["id"])
+        assert f"jobs/{job['id']}/input/my_scan.pdf" in stored
+        assert {f"jobs/{job['id']}/attempt-1/{name}" for name in pages} <= stored
+        assert f"jobs/{job['id']}/manifest.json" in stored
+        # Neither machine keeps the job's files: the replica's upload went to the store, the
+        # worker's scratch folder went once its outputs were published.
+        assert job_folders(cluster.out_dir) == [] and job_folders(worker_out) == []
+
+        first = client.get(f"/jobs/{job['id']}/files/{pages[0]}")
+        assert first.status_code == 200 and first.content.startswith(b"\x89PNG")
+        assert first.headers["content-type"] == "image/png"
+        assert int(first.headers["content-length"]) == len(first.content)
+        result = client.get(f"/jobs/{job['id']}/result")
+        assert result.status_code == 200
+        with zipfile.ZipFile(io.BytesIO(result.content)) as archive:
+            assert archive.namelist() == pages
+            assert archive.read(pages[0]) == first.content
+        moved = client.get(f"/jobs/{job['id']}/files/{pages[0]}", params={"redirect": 1})
+        assert moved.status_code == 307
+        assert httpx.get(moved.headers["location"]).content == first.content
+        thumbnail = client.get(f"/jobs/{job['id']}/files/{pages[0]}", params={"w": 64})
+        assert thumbnail.status_code == 200 and thumbnail.content.startswith(b"\xff\xd8")
+        assert f"jobs/{job['id']}/thumbnails/64-{Path(pages[0]).stem}.jpg" in keys(
+            store, job["id"])
+        assert client.get(f"/jobs/{job['id']}/files/nope.png").status_code == 404
+
+        with open(DATA / "sample.mp4", "rb") as video:
+            clip = submit(client, data={"jobType": "video", "width": "160"},
+                          files={"file": ("clip.mp4", video, "video/mp4")})
+        assert wait_until(client, clip["id"])["status"] == "succeeded"
+        movie = client.get(f"/jobs/{clip['id']}/result")
+        assert movie.status_code == 200 and movie.content[4:8] == b"ftyp"
+        # ffmpeg plays the output from a presigned URL: at least a frame comes.
+        with client.stream("GET", f"/jobs/{clip['id']}/preview.mjpg",
+                           params={"fps": 2}) as preview:
+            assert preview.status_code == 200
+            seen = b""
+            for chunk in preview.iter_bytes():
+                seen += chunk
+                if b"\xff\xd8" in seen or len(seen) > 2**20:
+                    break
+            assert b"Content-type: image/jpeg" in seen and b"\xff\xd8" in seen
+
+        assert client.delete(f"/jobs/{job['id']}").status_code == 200
+        assert keys(store, job["id"]) == set()
+
+
+def test_an_upload_over_the_cap_is_413_and_stores_nothing(postgres, seaweed, tmp_path):
+    settings = storage(seaweed.url)
+    store = bucket(seaweed.url, settings["storage_url"])
+    with deploy("postgres", tmp_path, postgres, workers=0, max_upload_mb=1,
+                **settings) as cluster, cluster.client() as client:
+        answer = client.post("/jobs", data={"jobType": "pdf2image"},
+                             files={"file": ("big.pdf", b"%PDF-1.4\n" + b"0" * 2**21)})
+        assert answer.status_code == 413 and "JOBQUEUE_MAX_UPLOAD_MB" in answer.json()["detail"]
+        assert list(obstore.list(store, prefix="jobs/").collect()) == []
+        assert job_folders(cluster.out_dir) == []
+
+
+def test_the_store_down_is_503_and_loses_no_accepted_job(postgres, tmp_path):
+    folder = Path(tempfile.mkdtemp(prefix="jobqueue-weed-outage-"))
+    server = LocalSeaweed(folder)
+    try:
+        server.start()
+        server.make_bucket(BUCKET)
+        with deploy("postgres", tmp_path, postgres, workers=0,
+                    **storage(server.url)) as cluster, cluster.client(timeout=60) as client:
+            with open(DATA / "sample.pdf", "rb") as pdf:
+                accepted = submit(client, data={"jobType": "pdf2image", "dpi": "40"},
+                                  files={"file": ("a.pdf", pdf, "application/pdf")})
+            server.stop()
+            with open(DATA / "sample.pdf", "rb") as pdf:
+                refused = client.post("/jobs", data={"jobType": "pdf2image"},
+                                      files={"file": ("b.pdf", pdf, "application/pdf")})
+            assert refused.status_code == 503, refused.text
+            assert "JOBQUEUE_STORAGE_URL" in refused.json()["detail"]
+            assert "retry-after" in refused.headers
+            assert job_folders(cluster.out_dir) == []  # the refused upload is not kept
+            # A worker that starts while the store is down waits for it with the job.
+            cluster.start_worker(out_dir=tmp_path / "worker-out")
+            wait_until(client, accepted["id"], ("running",))
+            server.start()
+            assert wait_until(client, accepted["id"], seconds=120)["status"] == "succeeded"
+            page = wait_until(client, accepted["id"])["result"]["files"][0]
+            assert client.get(page).status_code == 200
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_sweep_removes_objects_no_record_owns(seaweed, tmp_path, monkeypatch):
+    settings = Settings(out_dir=tmp_path / "out", **storage(seaweed.url))
+    files = ObjectFiles(settings)
+    records = SqliteJobStore(tmp_path / "jobs.db")
+    orphan, young = str(uuid.uuid4()), str(uuid.uuid4())
+    for job_id in (orphan, young):
+        obstore.put(files.store, f"jobs/{job_id}/input/a.pdf", b"%PDF-1.4")
+    obstore.put(files.store, "not-a-job/keep.txt", b"someone else's")
+    monkeypatch.setattr(retention, "ORPHAN_SECONDS", 0.0)
+    monkeypatch.setattr(files, "job_ids", lambda real=files.job_ids: {
+        job_id: (0.0 if job_id == orphan else time.time() + 60)
+        for job_id in real()})  # `young` was written "now": an upload whose record is coming
+    assert retention.sweep_stored_orphans(records, files) == [orphan]
+    assert list(obstore.list(files.store, prefix=f"jobs/{orphan}/").collect()) == []
+    assert len(list(obstore.list(files.store, prefix=f"jobs/{young}/").collect())) == 1
+    assert bytes(obstore.get(files.store, "not-a-job/keep.txt").bytes()) == b"someone else's"
+    records.close()
