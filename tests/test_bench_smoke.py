@@ -14,7 +14,8 @@ def test_every_benchmark_runs_on_tiny_input():
     assert result.returncode == 0, result.stderr[-3000:]
     report = (ROOT / "bench" / "results" / "smoke.md").read_text()
     for heading in ("pdf: 4 ×", "naive peer", "pdf ratio", "video:", "connections (wrk)",
-                    "responsiveness:", "streams:", "upload memory:", "scaling:"):
+                    "responsiveness:", "streams:", "upload memory:", "scaling:",
+                    "objectstore:", "S3 client"):
         assert heading in report, heading
     assert "| answer | 415 |" in report, "the upload benchmark streamed its whole body"
     assert (ROOT / "bench" / "results" / "smoke.png").stat().st_size > 1000

@@ -161,6 +161,14 @@ def test_the_store_down_is_503_and_loses_no_accepted_job(postgres, tmp_path):
             assert refused.status_code == 503, refused.text
             assert "JOBQUEUE_STORAGE_URL" in refused.json()["detail"]
             assert "retry-after" in refused.headers
+            health = client.get("/health")  # names the store; PostgreSQL is fine
+            assert health.status_code == 503
+            assert set(health.json()["dependencies"]) == {"objectStorage"}
+            metrics = client.get("/metrics").text
+            assert 'jobqueue_dependency_up{dependency="objectStorage"} 0.0' in metrics
+            assert 'jobqueue_jobs_waiting{kind="pdf2image",scope="cluster"}' in metrics
+            # Reading a job still works: its record is in PostgreSQL.
+            assert client.get(f"/jobs/{accepted['id']}").status_code == 200
             assert job_folders(cluster.out_dir) == []  # the refused upload is not kept
             # A worker that starts while the store is down waits for it with the job.
             cluster.start_worker(out_dir=tmp_path / "worker-out")

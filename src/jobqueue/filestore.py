@@ -42,6 +42,9 @@ class FileStore(Protocol):
     def exists(self, record: JobRecord, name: str) -> bool:
         """Whether a succeeded job's output file `name` is there."""
 
+    def complete(self, record: JobRecord) -> bool:
+        """Whether every output file of a succeeded job is there (not deleted meanwhile)."""
+
     def download(self, record: JobRecord, name: str, filename: str | None = None) -> Response:
         """The answer that sends an output file (as an attachment named `filename`)."""
 
@@ -56,6 +59,9 @@ class FileStore(Protocol):
 
     def remove(self, job_id: str) -> None:
         """Remove every file of a job, wherever it is."""
+
+    def health(self) -> str:
+        """"ok", or why the files cannot be reached (object storage only)."""
 
 
 class LocalFiles:
@@ -77,6 +83,9 @@ class LocalFiles:
 
     def exists(self, record: JobRecord, name: str) -> bool:
         return jobfiles.output_file(self.out_dir, record.id, name) is not None
+
+    def complete(self, record: JobRecord) -> bool:
+        return all(self.exists(record, name) for name in record.result["files"])
 
     def download(self, record: JobRecord, name: str, filename: str | None = None) -> Response:
         path = jobfiles.output_file(self.out_dir, record.id, name)
@@ -108,6 +117,9 @@ class LocalFiles:
 
     def remove(self, job_id: str) -> None:
         jobfiles.remove_job_dir(self.out_dir, job_id)
+
+    def health(self) -> str:
+        return "ok"
 
 
 def gone(job_id: str, name: str) -> HTTPException:

@@ -102,8 +102,8 @@ class Metrics:
             "jobqueue_worker_processes", "Live worker processes of the distributed mode (from "
             "their heartbeats)", ["scope"], registry=registry)
         self.dependency_up = Gauge("jobqueue_dependency_up", "1 when a dependency the server "
-                                   "needs (PostgreSQL) answers, else 0", ["dependency"],
-                                   registry=registry)
+                                   "needs (postgresql, objectStorage) answers, else 0",
+                                   ["dependency"], registry=registry)
         for kind in self.kinds:  # every series from the start, at 0: rates need a first sample
             for ending in Outcome:
                 self.jobs.labels(kind, ending.value)

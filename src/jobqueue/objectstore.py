@@ -22,6 +22,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -42,6 +43,7 @@ THUMBNAILS = "thumbnails"
 LINK_SECONDS = 3600  # how long a presigned URL (?redirect=1, a preview's source) stays valid
 PART_BYTES = 8 * 2**20  # multipart upload part size: a few parts in memory at once, no more
 PARTS_AT_ONCE = 4
+FILES_AT_ONCE = 6
 
 
 class StoreUnavailable(Unavailable):
@@ -132,11 +134,16 @@ class ObjectFiles:
 
     def publish(self, record: JobRecord, files: list[Path]) -> None:
         prefix = f"{self._job(record.id)}attempt-{record.attempt}/"
+
+        def put(path: Path) -> None:
+            with path.open("rb") as source:
+                obstore.put(self.store, prefix + path.name, source, chunk_size=PART_BYTES,
+                            max_concurrency=PARTS_AT_ONCE)
+
         try:
-            for path in files:
-                with path.open("rb") as source:
-                    obstore.put(self.store, prefix + path.name, source, chunk_size=PART_BYTES,
-                                max_concurrency=PARTS_AT_ONCE)
+            # Pages several at once: one at a time, the round trips add up (17 pages, 0.18 s).
+            with ThreadPoolExecutor(FILES_AT_ONCE, thread_name_prefix="publish") as pool:
+                list(pool.map(put, files))
             manifest = {"attempt": record.attempt, "files": [path.name for path in files],
                         "publishedAt": time.time()}
             obstore.put(self.store, self._job(record.id) + MANIFEST,
@@ -170,6 +177,16 @@ class ObjectFiles:
             raise unavailable(error) from None
         return newest
 
+    def health(self) -> str:
+        """"ok" when the store answers (a missing object is an answer), else why not."""
+        try:
+            obstore.head(self.store, "jobs/health-check")
+        except FileNotFoundError:  # obstore's "no such object": reached, and allowed to ask
+            return "ok"
+        except Exception as error:
+            return str(unavailable(error))
+        return "ok"
+
     # ---- the routes' side ----
 
     def exists(self, record: JobRecord, name: str) -> bool:
@@ -183,6 +200,15 @@ class ObjectFiles:
         except Exception as error:
             raise unavailable(error) from None
         return True
+
+    def complete(self, record: JobRecord) -> bool:
+        """One read, not one per page: the manifest is written after every file, and names
+        the attempt the record says succeeded."""
+        manifest = self.read_small(self._job(record.id) + MANIFEST)
+        try:
+            return manifest is not None and json.loads(manifest)["attempt"] == record.attempt
+        except (ValueError, KeyError, TypeError):
+            return False
 
     def download(self, record: JobRecord, name: str, filename: str | None = None) -> Response:
         key = self._output(record, name)

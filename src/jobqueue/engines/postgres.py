@@ -115,14 +115,18 @@ class PostgresEngine:
             await self.cancel(job_id, "the server is shutting down", Outcome.SHUTDOWN)
 
     async def health(self) -> dict[str, str]:
+        states = {"postgresql": "ok"}
+        if self.files.remote:
+            states["objectStorage"] = await asyncio.to_thread(self.files.health)
         try:
             async with self._db() as conn:
                 await conn.execute("SELECT 1")
         except Unavailable as error:
-            return {"postgresql": str(error)}
-        if not self._listening:
-            return {"postgresql": "connected, but not listening for job changes yet"}
-        return {"postgresql": "ok"}
+            states["postgresql"] = str(error)
+        else:
+            if not self._listening:
+                states["postgresql"] = "connected, but not listening for job changes yet"
+        return states
 
     @contextlib.asynccontextmanager
     async def _db(self) -> AsyncIterator[psycopg.AsyncConnection]:

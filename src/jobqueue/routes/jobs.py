@@ -206,7 +206,7 @@ async def job_result(request: Request, record: JobRecord = Depends(find_job)) ->
     if not names:
         return JSONResponse(record.result["data"])
     files: FileStore = request.app.state.engine.files
-    if not await run_in_threadpool(lambda: all(files.exists(record, name) for name in names)):
+    if not await run_in_threadpool(files.complete, record):
         raise HTTPException(404, f"The files of job {record.id} have been deleted.")
     if len(names) == 1:
         return await run_in_threadpool(files.download, record, names[0],

@@ -61,7 +61,7 @@ async def refresh_queues(engine: JobEngine, metrics: Metrics) -> None:
         metrics.dependency_up.labels(dependency).set(1 if state == "ok" else 0)
     # While a dependency is down, no wait for the pool again: scrapes have a timeout.
     stats = processes = None
-    if all(state == "ok" for state in health.values()):
+    if health.get("postgresql", "ok") == "ok":  # the queues are in the database
         try:
             stats, processes = await engine.stats(), await engine.worker_processes()
         except Unavailable:
