@@ -131,6 +131,21 @@ def test_pdf_and_video_through_the_store_with_separate_folders(postgres, seaweed
         assert keys(store, job["id"]) == set()
 
 
+def test_retention_removes_the_objects_with_the_record(postgres, seaweed, tmp_path):
+    settings = storage(seaweed.url)
+    store = bucket(seaweed.url, settings["storage_url"])
+    with deploy("postgres", tmp_path, postgres, result_ttl=1, **settings) as cluster, \
+            cluster.client() as client:
+        with open(DATA / "sample.pdf", "rb") as pdf:
+            job = submit(client, data={"jobType": "pdf2image", "dpi": "20"},
+                         files={"file": ("a.pdf", pdf, "application/pdf")})
+        deadline = time.monotonic() + 60
+        while client.get(f"/jobs/{job['id']}").status_code != 404:  # ran, then expired
+            assert time.monotonic() < deadline, "the job was never swept"
+            time.sleep(0.1)
+        assert keys(store, job["id"]) == set()
+
+
 def test_an_upload_over_the_cap_is_413_and_stores_nothing(postgres, seaweed, tmp_path):
     settings = storage(seaweed.url)
     store = bucket(seaweed.url, settings["storage_url"])
