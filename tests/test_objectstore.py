@@ -4,6 +4,7 @@ reading a local file; the store stopped and started under them."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ from deployments import deploy
 from jobqueue import retention
 from jobqueue.localweed import LocalSeaweed
 from jobqueue.objectstore import ObjectFiles
-from jobqueue.records import SqliteJobStore
+from jobqueue.records import JobRecord, SqliteJobStore
 from jobqueue.settings import Settings
 from test_contract import submit, wait_until
 
@@ -66,8 +67,9 @@ def keys(store: S3Store, job_id: str) -> set[str]:
 
 
 def job_folders(out_dir: Path) -> list[str]:
-    return [path.name for path in out_dir.iterdir() if len(path.name) == 36] \
-        if out_dir.exists() else []
+    """Job folders in an out/ folder, and in the scratch folders of its worker processes."""
+    return [path.name for path in out_dir.glob("*") if len(path.name) == 36] + \
+        [path.name for path in out_dir.glob("scratch-*/*")]
 
 
 def test_pdf_and_video_through_the_store_with_separate_folders(postgres, seaweed, tmp_path):
@@ -126,6 +128,21 @@ def test_pdf_and_video_through_the_store_with_separate_folders(postgres, seaweed
                 if b"\xff\xd8" in seen or len(seen) > 2**20:
                     break
             assert b"Content-type: image/jpeg" in seen and b"\xff\xd8" in seen
+
+        # The same Idempotency-Key twice at once: one job, and no objects of the other.
+        def send(_: int) -> str:
+            with open(DATA / "sample.pdf", "rb") as pdf:
+                return submit(client, data={"jobType": "pdf2image", "dpi": "20"},
+                              files={"file": ("again.pdf", pdf, "application/pdf")},
+                              headers={"Idempotency-Key": "same-key-1"})["id"]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            twins = set(pool.map(send, range(2)))
+        assert len(twins) == 1
+        assert wait_until(client, *twins)["status"] == "succeeded"
+        stored_jobs = {path.split("/")[1] for path in (meta["path"] for batch in obstore.list(
+            store, prefix="jobs/") for meta in batch)}
+        assert stored_jobs == {job["id"], clip["id"], *twins}
+        assert job_folders(cluster.out_dir) == [] and job_folders(worker_out) == []
 
         assert client.delete(f"/jobs/{job['id']}").status_code == 200
         assert keys(store, job["id"]) == set()
@@ -201,16 +218,23 @@ def test_the_sweep_removes_objects_no_record_owns(seaweed, tmp_path, monkeypatch
     settings = Settings(out_dir=tmp_path / "out", **storage(seaweed.url))
     files = ObjectFiles(settings)
     records = SqliteJobStore(tmp_path / "jobs.db")
-    orphan, young = str(uuid.uuid4()), str(uuid.uuid4())
-    for job_id in (orphan, young):
+    orphan, coming = str(uuid.uuid4()), str(uuid.uuid4())
+    for job_id in (orphan, coming):
         obstore.put(files.store, f"jobs/{job_id}/input/a.pdf", b"%PDF-1.4")
     obstore.put(files.store, "not-a-job/keep.txt", b"someone else's")
     monkeypatch.setattr(retention, "ORPHAN_SECONDS", 0.0)
-    monkeypatch.setattr(files, "job_ids", lambda real=files.job_ids: {
-        job_id: (0.0 if job_id == orphan else time.time() + 60)
-        for job_id in real()})  # `young` was written "now": an upload whose record is coming
-    assert retention.sweep_stored_orphans(records, files) == [orphan]
+    sweeper = retention.StoredOrphans()
+    # The first sweep finds both without a record: suspects, nothing removed yet (an upload
+    # is stored before its record is written).
+    assert sweeper.sweep(records, files) == []
+    assert set(sweeper.suspects) == {orphan, coming}
+    # Meanwhile `coming` gets its record; the next sweep removes only the orphan.
+    records.save(JobRecord(id=coming, job_type="pdf2image", status="queued", options={},
+                           input_path=f"jobs/{coming}/input/a.pdf", created_at=time.time()))
+    records.flush()
+    assert sweeper.sweep(records, files) == [orphan]
     assert list(obstore.list(files.store, prefix=f"jobs/{orphan}/").collect()) == []
-    assert len(list(obstore.list(files.store, prefix=f"jobs/{young}/").collect())) == 1
+    assert len(list(obstore.list(files.store, prefix=f"jobs/{coming}/").collect())) == 1
     assert bytes(obstore.get(files.store, "not-a-job/keep.txt").bytes()) == b"someone else's"
+    assert sweeper.suspects == {}
     records.close()

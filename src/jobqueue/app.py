@@ -52,7 +52,6 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
         await engine.start()
         try:
             await asyncio.to_thread(retention.sweep_orphans, engine.store, settings.out_dir)
-            await asyncio.to_thread(retention.sweep_stored_orphans, engine.store, engine.files)
         except Exception as error:  # the database may be down: the periodic sweep tries again
             log.warning("the sweep of leftover job folders failed at start: %s", error)
         sweeper = asyncio.create_task(retention.sweep_forever(engine, settings,

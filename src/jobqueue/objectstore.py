@@ -2,24 +2,27 @@
 JOBQUEUE_S3_ENDPOINT for anything but AWS and credentials from the usual AWS_* variables.
 
 Under the prefix, each job has
-    jobs/<id>/input/<name>              the upload, stored once it passed its checks
-    jobs/<id>/attempt-<n>/<name>        the outputs of run n
-    jobs/<id>/manifest.json             {"attempt": n, "files": [...]}: the run that succeeded
-    jobs/<id>/thumbnails/<w>-<stem>.jpg thumbnails, made on the first request for them
+    jobs/<id>/input/<name>                 the upload, stored once it passed its checks
+    jobs/<id>/attempt-<n>/<name>           the outputs of run n
+    jobs/<id>/attempt-<n>/manifest.json    written last by run n: its outputs are all there
+    jobs/<id>/manifest.json                {"attempt": n, "files": [...]}: the run that
+                                           succeeded, written once the record says so
+    jobs/<id>/thumbnails/<w>-<stem>.jpg    thumbnails, made on the first request for them
 A run writes only under its own attempt-<n>/, so a rerun after a crash never mixes its pages
-with a dead run's; the record names the attempt that succeeded, and the manifest says it too
-for whoever reads the bucket without the database.
+with a dead run's, and a run that was given up on (its worker stopped beating) but still
+finishes cannot touch what the run that owns the job wrote: the record names the attempt that
+succeeded, and the other attempts' objects are removed then.
 
 Client: obstore (Rust's object_store): multipart uploads from a file without reading it into
-memory, streamed downloads, presigned URLs, and several times boto3's throughput on the same
-server (bench/storage_clients.py; the README has the figures).
+memory, streamed downloads, presigned URLs, and several times boto3's throughput for
+page-sized files on the same server (bench/objectstore.py; docs/performance.md).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import obstore
 from fastapi.responses import Response, StreamingResponse
+from obstore.exceptions import BaseError as StoreError
 from obstore.store import S3Store
 
 from . import jobfiles
@@ -41,9 +45,12 @@ log = logging.getLogger("jobqueue.objectstore")
 MANIFEST = "manifest.json"
 THUMBNAILS = "thumbnails"
 LINK_SECONDS = 3600  # how long a presigned URL (?redirect=1, a preview's source) stays valid
-PART_BYTES = 8 * 2**20  # multipart upload part size: a few parts in memory at once, no more
-PARTS_AT_ONCE = 4
-FILES_AT_ONCE = 6
+# Multipart uploads: parts of 8 MB, two in flight, at most four uploads at once per process,
+# so uploads to the store hold about 100 MB of memory at most, however many clients send.
+PART_BYTES = 8 * 2**20
+PARTS_AT_ONCE = 2
+UPLOADS_AT_ONCE = 4
+FILES_AT_ONCE = 6  # a job's outputs published at once: one at a time, round trips add up
 
 
 class StoreUnavailable(Unavailable):
@@ -69,18 +76,25 @@ class ObjectFiles:
             raise ValueError(f"JOBQUEUE_STORAGE_URL must look like s3://bucket/prefix, not "
                              f"{self.url!r}")
         endpoint = settings.s3_endpoint.strip() or None
-        options = {"connect_timeout": "5s", "timeout": "60s"}
-        if endpoint and endpoint.startswith("http://"):
-            options["allow_http"] = True
+        config = ({"endpoint": endpoint, "virtual_hosted_style_request": False}
+                  if endpoint else None)
+        plain = {"allow_http": True} if endpoint and endpoint.startswith("http://") else {}
         # A few quick retries: a store that is down must turn into a 503 within seconds, not
         # hold a request for object_store's default three minutes.
         retry = {"max_retries": 2, "retry_timeout": timedelta(seconds=10),
                  "backoff": {"init_backoff": timedelta(milliseconds=100),
                              "max_backoff": timedelta(seconds=2), "base": 2}}
-        config = {"endpoint": endpoint, "virtual_hosted_style_request": False} if endpoint \
-            else {}
-        self.store = S3Store.from_url(self.url, config=config or None, client_options=options,
-                                      retry_config=retry)
+        # Two clients: object_store's `timeout` bounds a whole request, body included. Small
+        # requests get a short one; file contents (a 1 GB video to a slow client) a long one,
+        # with a read timeout to notice a stalled connection instead.
+        self.store = S3Store.from_url(
+            self.url, config=config, retry_config=retry,
+            client_options={**plain, "connect_timeout": "5s", "timeout": "20s"})
+        self.transfers = S3Store.from_url(
+            self.url, config=config, retry_config=retry,
+            client_options={**plain, "connect_timeout": "5s", "timeout": "6h",
+                            "read_timeout": "60s"})
+        self._uploads = threading.BoundedSemaphore(UPLOADS_AT_ONCE)
 
     # ---- keys ----
 
@@ -90,21 +104,24 @@ class ObjectFiles:
             raise ValueError(f"not a job id: {job_id!r}")
         return f"jobs/{job_id}/"
 
+    def _attempt(self, record: JobRecord) -> str:
+        return f"{self._job(record.id)}attempt-{record.attempt}/"
+
     def _output(self, record: JobRecord, name: str) -> str | None:
         if name != jobfiles.safe_name(name, default="") or not record.result \
                 or name not in record.result.get("files", ()):
             return None
-        return f"{self._job(record.id)}attempt-{record.attempt}/{name}"
+        return self._attempt(record) + name
 
     # ---- the engine's side ----
 
     def keep_input(self, job_id: str, upload: Path) -> str:
         key = f"{self._job(job_id)}input/{upload.name}"
         try:
-            with upload.open("rb") as source:  # multipart: read a part at a time
-                obstore.put(self.store, key, source, chunk_size=PART_BYTES,
+            with self._uploads, upload.open("rb") as source:  # a part at a time
+                obstore.put(self.transfers, key, source, chunk_size=PART_BYTES,
                             max_concurrency=PARTS_AT_ONCE)
-        except Exception as error:
+        except StoreError as error:
             raise unavailable(error) from None
         finally:
             jobfiles.remove_job_dir(self.out_dir, job_id)  # the local copy was for the checks
@@ -113,77 +130,96 @@ class ObjectFiles:
     def fetch_input(self, job_id: str, input_path: str) -> Path:
         if not input_path.startswith(self._job(job_id) + "input/"):
             return Path(input_path)  # the kind's bundled sample
-        folder = jobfiles.job_dir(self.out_dir, job_id) / jobfiles.INPUT_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / jobfiles.safe_name(input_path.rsplit("/", 1)[-1])
+        folder = jobfiles.job_dir(self.out_dir, job_id)
+        jobfiles.make_job_dir(folder)
+        (folder / jobfiles.INPUT_DIR).mkdir(exist_ok=True)
+        target = folder / jobfiles.INPUT_DIR / jobfiles.safe_name(input_path.rsplit("/", 1)[-1])
         partial = target.with_suffix(target.suffix + ".part")
         try:
             with partial.open("wb") as sink:
-                for chunk in obstore.get(self.store, input_path):
+                for chunk in obstore.get(self.transfers, input_path):
                     sink.write(chunk)
-        except FileNotFoundError:  # obstore's "no such object"
+        except FileNotFoundError as error:
             partial.unlink(missing_ok=True)
+            if error.errno is not None:
+                raise  # this machine's folder went, not the object
             raise FileNotFoundError(f"job {job_id}: its upload is gone from the store") from None
-        except Exception as error:
+        except StoreError as error:
             partial.unlink(missing_ok=True)
-            if isinstance(error, OSError) and error.errno is not None:
-                raise  # this machine's disk (full?), not the store
             raise unavailable(error) from None
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         partial.replace(target)
         return target
 
     def publish(self, record: JobRecord, files: list[Path]) -> None:
-        prefix = f"{self._job(record.id)}attempt-{record.attempt}/"
+        prefix = self._attempt(record)
 
         def put(path: Path) -> None:
             with path.open("rb") as source:
-                obstore.put(self.store, prefix + path.name, source, chunk_size=PART_BYTES,
-                            max_concurrency=PARTS_AT_ONCE)
+                obstore.put(self.transfers, prefix + path.name, source,
+                            chunk_size=PART_BYTES, max_concurrency=PARTS_AT_ONCE)
 
         try:
-            # Pages several at once: one at a time, the round trips add up (17 pages, 0.18 s).
             with ThreadPoolExecutor(FILES_AT_ONCE, thread_name_prefix="publish") as pool:
                 list(pool.map(put, files))
-            manifest = {"attempt": record.attempt, "files": [path.name for path in files],
-                        "publishedAt": time.time()}
-            obstore.put(self.store, self._job(record.id) + MANIFEST,
-                        json.dumps(manifest).encode())
-        except Exception as error:
+            # Last: the attempt's outputs are all there once this is.
+            obstore.put(self.store, prefix + MANIFEST, self._manifest(record, files))
+        except StoreError as error:
             raise unavailable(error) from None
-        shutil.rmtree(jobfiles.job_dir(self.out_dir, record.id), ignore_errors=True)
+
+    def finished(self, record: JobRecord) -> None:
+        """The record says `record.attempt` succeeded: name it in the job's manifest, drop
+        the other attempts' objects and this machine's scratch copy."""
+        jobfiles.remove_job_dir(self.out_dir, record.id)
+        job = self._job(record.id)
+        try:
+            obstore.put(self.store, job + MANIFEST, self._manifest(record, None))
+            mine = self._attempt(record)
+            others = [meta["path"] for batch in obstore.list(self.store, prefix=job + "attempt-")
+                      for meta in batch if not meta["path"].startswith(mine)]
+            if others:
+                obstore.delete(self.store, others)
+        except StoreError as error:  # they go with the job; the manifest is for people
+            log.warning("job %s: its manifest could not be written: %s", record.id, error)
+
+    @staticmethod
+    def _manifest(record: JobRecord, files: list[Path] | None) -> bytes:
+        names = [path.name for path in files] if files is not None else \
+            (record.result or {}).get("files", [])
+        return json.dumps({"attempt": record.attempt, "files": names,
+                           "at": time.time()}).encode()
 
     def remove(self, job_id: str) -> None:
         jobfiles.remove_job_dir(self.out_dir, job_id)
-        prefix = self._job(job_id)
         try:
-            keys = [meta["path"] for batch in obstore.list(self.store, prefix=prefix)
+            keys = [meta["path"] for batch in obstore.list(self.store, prefix=self._job(job_id))
                     for meta in batch]
             if keys:
                 obstore.delete(self.store, keys)
-        except Exception as error:
+        except StoreError as error:
             raise unavailable(error) from None
 
-    def job_ids(self) -> dict[str, float]:
-        """Every job that has objects, with the time of its newest one."""
-        newest: dict[str, float] = {}
+    def job_ids(self) -> set[str]:
+        """Every job that has objects: one name per job from the store (its "folders"), not
+        every object."""
         try:
-            for batch in obstore.list(self.store, prefix="jobs/"):
-                for meta in batch:
-                    parts = meta["path"].split("/")
-                    if len(parts) > 2 and jobfiles.is_job_id(parts[1]):
-                        at = meta["last_modified"].timestamp()
-                        newest[parts[1]] = max(newest.get(parts[1], 0.0), at)
-        except Exception as error:
+            listing = obstore.list_with_delimiter(self.store, prefix="jobs/")
+        except FileNotFoundError:  # obstore's "no such object": nothing under jobs/ yet
+            return set()
+        except StoreError as error:
             raise unavailable(error) from None
-        return newest
+        names = (prefix.rstrip("/").rsplit("/", 1)[-1] for prefix in listing["common_prefixes"])
+        return {name for name in names if jobfiles.is_job_id(name)}
 
     def health(self) -> str:
-        """"ok" when the store answers (a missing object is an answer), else why not."""
+        """"ok" when the bucket answers a listing, else why not (a missing bucket too)."""
         try:
-            obstore.head(self.store, "jobs/health-check")
-        except FileNotFoundError:  # obstore's "no such object": reached, and allowed to ask
-            return "ok"
-        except Exception as error:
+            next(iter(obstore.list(self.store, prefix="jobs/", chunk_size=1)), None)
+        except FileNotFoundError:  # obstore's "no such bucket"
+            return f"the bucket of JOBQUEUE_STORAGE_URL ({self.url}) does not exist"
+        except StoreError as error:
             return str(unavailable(error))
         return "ok"
 
@@ -197,42 +233,41 @@ class ObjectFiles:
             obstore.head(self.store, key)
         except FileNotFoundError:  # obstore's "no such object"
             return False
-        except Exception as error:
+        except StoreError as error:
             raise unavailable(error) from None
         return True
 
     def complete(self, record: JobRecord) -> bool:
-        """One read, not one per page: the manifest is written after every file, and names
-        the attempt the record says succeeded."""
-        manifest = self.read_small(self._job(record.id) + MANIFEST)
-        try:
-            return manifest is not None and json.loads(manifest)["attempt"] == record.attempt
-        except (ValueError, KeyError, TypeError):
-            return False
+        """One read, not one per page: the attempt's manifest is written after its files."""
+        return self.read_small(self._attempt(record) + MANIFEST) is not None
 
     def download(self, record: JobRecord, name: str, filename: str | None = None) -> Response:
         key = self._output(record, name)
         if key is None:
             raise gone(record.id, name)
         try:
-            found = obstore.get(self.store, key, options={"head": False})
+            found = obstore.get(self.transfers, key)
         except FileNotFoundError:  # obstore's "no such object"
             raise gone(record.id, name) from None
-        except Exception as error:
+        except StoreError as error:
             raise unavailable(error) from None
         headers = {**CACHE, "Content-Length": str(found.meta["size"])}
         if filename:
             headers["Content-Disposition"] = f'attachment; filename="{filename}"'
-        return StreamingResponse(_stream(found), media_type=media_type(name), headers=headers)
+        return StreamingResponse(_stream(found, record.id), media_type=media_type(name),
+                                 headers=headers)
 
     def chunks(self, record: JobRecord, name: str) -> Iterator[bytes]:
         key = self._output(record, name)
         if key is None:
             raise gone(record.id, name)
         try:
-            yield from _stream(obstore.get(self.store, key))
+            found = obstore.get(self.transfers, key)
         except FileNotFoundError:  # obstore's "no such object"
             raise gone(record.id, name) from None
+        except StoreError as error:
+            raise unavailable(error) from None
+        yield from _stream(found, record.id)
 
     def link(self, record: JobRecord, name: str) -> str | None:
         key = self._output(record, name)
@@ -245,7 +280,7 @@ class ObjectFiles:
     def _sign(self, key: str) -> str:
         try:
             return obstore.sign(self.store, "GET", key, timedelta(seconds=LINK_SECONDS))
-        except Exception as error:
+        except StoreError as error:
             raise unavailable(error) from None
 
     def thumbnail_key(self, record: JobRecord, name: str, width: int) -> str:
@@ -256,13 +291,13 @@ class ObjectFiles:
             return bytes(obstore.get(self.store, key).bytes())
         except FileNotFoundError:  # obstore's "no such object"
             return None
-        except Exception as error:
+        except StoreError as error:
             raise unavailable(error) from None
 
     def write_small(self, key: str, data: bytes) -> None:
         try:
             obstore.put(self.store, key, data)
-        except Exception as error:
+        except StoreError as error:
             raise unavailable(error) from None
 
     def copy_to(self, record: JobRecord, name: str, target: Path) -> None:
@@ -272,6 +307,12 @@ class ObjectFiles:
                 sink.write(chunk)
 
 
-def _stream(found: obstore.GetResult) -> Iterator[bytes]:
-    for chunk in found.stream(min_chunk_size=CHUNK_BYTES):
-        yield bytes(chunk)
+def _stream(found: obstore.GetResult, job_id: str) -> Iterator[bytes]:
+    """A GET's body. Once the answer's head is out, an error can only cut it short: it is
+    logged as what it is (the store), and the client sees a short body, never a 500."""
+    try:
+        for chunk in found.stream(min_chunk_size=CHUNK_BYTES):
+            yield bytes(chunk)
+    except StoreError as error:
+        log.warning("job %s: a download from the object store broke off: %s", job_id, error)
+        raise unavailable(error) from None

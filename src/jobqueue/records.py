@@ -134,6 +134,9 @@ class JobStore(Protocol):
 
     def get(self, job_id: str) -> JobRecord | None: ...
 
+    def known(self, job_ids: list[str]) -> set[str]:
+        """Which of these jobs have a record."""
+
     def find_idempotent(self, owner: str, key: str) -> JobRecord | None:
         """The job an owner submitted with this Idempotency-Key, if it is still kept."""
 
@@ -352,6 +355,9 @@ class SqliteJobStore:
                     return changes[job_id].record
         rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,), flush=False)
         return rows[0] if rows else None
+
+    def known(self, job_ids: list[str]) -> set[str]:
+        return {job_id for job_id in job_ids if self.get(job_id) is not None}
 
     def list(self, status: str | None = None, job_type: str | None = None,
              limit: int = 50, offset: int = 0, owner: str = "") -> list[JobRecord]:

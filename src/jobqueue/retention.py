@@ -24,6 +24,8 @@ log = logging.getLogger("jobqueue.retention")
 # still going on writes at least every 30 s (JOBQUEUE_MIN_UPLOAD_KBPS cuts off one that
 # stalls), and its record is written within the 30 s its content check may take once it is in.
 ORPHAN_SECONDS = 600.0
+# Listing the object store costs a request per thousand jobs: not every minute.
+STORED_SWEEP_SECONDS = 300.0
 
 
 def sweep_orphans(store: JobStore, out_dir: Path, receiving: Set[str] = frozenset()
@@ -50,21 +52,38 @@ def sweep_orphans(store: JobStore, out_dir: Path, receiving: Set[str] = frozense
     return removed
 
 
-def sweep_stored_orphans(store: JobStore, files: FileStore) -> list[str]:
-    """With object storage: remove the objects of jobs that no record owns (a replica killed
-    between storing an upload and writing its record; a delete while the store was down),
-    once their newest object is ORPHAN_SECONDS old. Returns their ids."""
-    if not files.remote:
-        return []
-    cutoff = time.time() - ORPHAN_SECONDS
-    removed = []
-    for job_id, newest in files.job_ids().items():
-        if newest > cutoff or store.get(job_id) is not None:
-            continue
-        files.remove(job_id)
-        log.info("job %s: its objects had no record; removed", job_id)
-        removed.append(job_id)
-    return removed
+class StoredOrphans:
+    """With object storage: the objects of jobs that no record owns (a replica killed between
+    storing an upload and writing its record, a delete while the store was down).
+
+    A job whose objects have no record is only a suspect at first: its record may be on its
+    way (the upload is stored before the record is written). It is removed once a later sweep,
+    ORPHAN_SECONDS after the first that found it, still finds no record. Each sweep reads one
+    listing of job "folders" and asks for their records in one query per thousand."""
+
+    def __init__(self) -> None:
+        self.suspects: dict[str, float] = {}  # job id -> when it was first found orphaned
+
+    def sweep(self, store: JobStore, files: FileStore) -> list[str]:
+        """Remove the confirmed orphans; returns their ids."""
+        if not files.remote:
+            return []
+        now = time.time()
+        ids = sorted(files.job_ids())
+        known: set[str] = set()
+        for start in range(0, len(ids), 1000):
+            known |= store.known(ids[start:start + 1000])
+        self.suspects = {job_id: self.suspects.get(job_id, now)
+                         for job_id in ids if job_id not in known}
+        removed = []
+        for job_id, since in list(self.suspects.items()):
+            if since < now - ORPHAN_SECONDS:
+                files.remove(job_id)
+                del self.suspects[job_id]
+                log.info("job %s: its objects had no record for %g s; removed", job_id,
+                         ORPHAN_SECONDS)
+                removed.append(job_id)
+        return removed
 
 
 def _last_written(folder: Path) -> float:
@@ -83,7 +102,17 @@ async def sweep_forever(engine: JobEngine, settings: Settings,
     """Every JOBQUEUE_RESULT_TTL / 10 seconds (a minute at most): delete the finished jobs
     older than the TTL with their files, and the job folders no record owns."""
     interval = min(60.0, max(0.5, settings.result_ttl / 10))
+    stored = StoredOrphans()
+    stored_next = 0.0  # the store's listing: at start, then every STORED_SWEEP_SECONDS
     while True:
+        if time.monotonic() >= stored_next:
+            stored_next = time.monotonic() + STORED_SWEEP_SECONDS
+            try:
+                await asyncio.to_thread(stored.sweep, engine.store, engine.files)
+            except Unavailable as error:
+                log.warning("sweep of stored files skipped: %s", error)
+            except Exception:
+                log.exception("sweep of stored files failed")
         await asyncio.sleep(interval)
         try:
             expired = await asyncio.to_thread(engine.store.finished_before,
@@ -94,7 +123,6 @@ async def sweep_forever(engine: JobEngine, settings: Settings,
                          settings.result_ttl)
             await asyncio.to_thread(sweep_orphans, engine.store, settings.out_dir,
                                     set(receiving))
-            await asyncio.to_thread(sweep_stored_orphans, engine.store, engine.files)
             await asyncio.to_thread(engine.store.forget_minutes_before,
                                     time.time() - rollup.KEPT_SECONDS)
         except Unavailable as error:

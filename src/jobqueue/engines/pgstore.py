@@ -67,6 +67,12 @@ class PgJobStore:
         rows = self._fetch("SELECT * FROM jobqueue_jobs WHERE id = %s", (job_id,))
         return rows[0] if rows else None
 
+    def known(self, job_ids: list[str]) -> set[str]:
+        with self._connection() as conn:
+            rows = conn.execute("SELECT id FROM jobqueue_jobs WHERE id = ANY(%s)",
+                                (job_ids,)).fetchall()
+        return {row[0] for row in rows}
+
     def find_idempotent(self, owner: str, key: str) -> JobRecord | None:
         rows = self._fetch("SELECT * FROM jobqueue_jobs WHERE owner = %s "
                            "AND idempotency_key = %s", (owner, key))

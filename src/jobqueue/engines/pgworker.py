@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -59,6 +60,8 @@ FETCH_POLL_SECONDS = 1.0
 PROGRESS_SECONDS = 0.25
 # After a database error, how long before the next try (the outage may last).
 RETRY_SECONDS = 1.0
+# With object storage, each worker process runs its jobs in out/scratch-<host>-<pid>/.
+SCRATCH_PREFIX = "scratch-"
 
 
 def task_name(kind: str) -> str:
@@ -88,16 +91,17 @@ class WorkerJob:
     """A handler's `JobContext` in a worker process."""
 
     def __init__(self, record: JobRecord, kind: JobKind, options: BaseModel, settings: Settings,
-                 on_progress: Any):
+                 on_progress: Any, out_dir: Path | None = None):
         self.id = record.id
         self.record = record
         self.kind = kind
         self.options = options
         self.settings = settings
-        self.out_dir = jobfiles.job_dir(settings.out_dir, record.id)
+        self.out_dir = jobfiles.job_dir(out_dir or settings.out_dir, record.id)
         self.input_path = Path(record.input_path) if record.input_path else kind.sample
         self.cancel_requested = threading.Event()
         self.timed_out = False
+        self.store_down_since: float | None = None  # while it waits for the object store
         self.progress = Progress()
         self._on_progress = on_progress
         self._processes: set[subprocess.Popen] = set()
@@ -159,18 +163,31 @@ def run_handler(kind: JobKind, job: WorkerJob, files: FileStore
     return JobStatus.SUCCEEDED, output, None
 
 
+def clear_dead_scratch(out_dir: Path) -> None:
+    """Remove the scratch folders of this machine's worker processes that are gone (killed:
+    nothing else removes them), never a live one's."""
+    host = socket.gethostname()
+    for folder in out_dir.glob(f"{SCRATCH_PREFIX}{host}-*"):
+        pid = folder.name.removeprefix(f"{SCRATCH_PREFIX}{host}-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            log.info("removing %s, the scratch folder of a worker that is gone", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def until_stored(job: WorkerJob, action: Any) -> Any:
     """`action` (a transfer to or from the object store), tried again while the store cannot
     be reached: an outage holds the job, it does not fail it. A cancel, or the job's run-time
     limit, still stops it."""
-    warned = False
     while True:
         try:
-            return action()
+            result = action()
         except Unavailable as error:
-            if not warned:
+            if job.store_down_since is None:
                 log.warning("job %s: %s; waiting for it", job.id, error)
-                warned = True
+                job.store_down_since = time.monotonic()
+        else:
+            job.store_down_since = None
+            return result
         if job.cancel_requested.wait(RETRY_SECONDS):
             raise JobCancelled(job.id)
 
@@ -185,12 +202,17 @@ class Runner:
         self.kinds = kinds
         self.pool = pool
         self.metrics = metrics
+        self.name = f"{socket.gethostname()}-{os.getpid()}"
         self.files = files or make_file_store(settings)
+        if self.files.remote:
+            # Scratch space of this process's own: another worker on this machine may run
+            # the same job again after a crash, and neither may clear the other's folder.
+            self.files = make_file_store(settings.model_copy(update={
+                "out_dir": settings.out_dir / f"{SCRATCH_PREFIX}{self.name}"}))
         # Where a worker process serves its metrics (its heartbeat tells /health); None in a
         # replica --with-workers, whose /metrics has them.
         self.metrics_url: str | None = None
         self.app = app or make_app()
-        self.name = f"{socket.gethostname()}-{os.getpid()}"
         self.running: dict[str, WorkerJob] = {}
         concurrency = sum(settings.limits(name).workers for name in kinds)
         self.executor = ThreadPoolExecutor(concurrency + 1, thread_name_prefix="job")
@@ -199,6 +221,8 @@ class Runner:
         self._app_opened = app is None
 
     async def start(self) -> None:
+        if self.files.remote:
+            await asyncio.to_thread(clear_dead_scratch, self.settings.out_dir)
         if self._app_opened:
             await self.app.open_async(pool=self.pool)
         async with self.pool.connection() as conn:
@@ -235,6 +259,8 @@ class Runner:
         self.executor.shutdown(wait=False)
         if self._app_opened:
             await self.app.close_async()
+        if self.files.remote and not self.running:  # every job requeued or ended by now
+            await asyncio.to_thread(shutil.rmtree, self.files.out_dir, True)
 
     def kill_children(self) -> None:
         """From any thread, when the loop is gone: no child outlives this process."""
@@ -318,7 +344,7 @@ class Runner:
         options = kind.options.model_validate(record.options)
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
-        job = WorkerJob(record, kind, options, self.settings,
+        job = WorkerJob(record, kind, options, self.settings, out_dir=self.files.out_dir,
                         on_progress=lambda: loop.call_soon_threadsafe(changed.set))
         self.running[job_id] = job
         self.metrics.job_started(record.job_type, record.created_at, record.started_at)
@@ -339,6 +365,12 @@ class Runner:
                     f"Job {job_id} ran longer than {self.settings.job_max_seconds:g} s "
                     "(JOBQUEUE_JOB_MAX_SECONDS) and was stopped. Send smaller input, or raise "
                     "the setting.")
+                if job.store_down_since is not None:  # not the input's fault: say whose
+                    error = Unavailable(
+                        f"Job {job_id} waited {time.monotonic() - job.store_down_since:.0f} s "
+                        "for the object store (JOBQUEUE_STORAGE_URL), which could not be "
+                        "reached, until JOBQUEUE_JOB_MAX_SECONDS stopped it. Send it again "
+                        "once the store is back.")
             except asyncio.CancelledError:  # procrastinate's abort: a cancel, or a shutdown
                 job.cancel()
                 with contextlib.suppress(BaseException):
@@ -384,13 +416,6 @@ class Runner:
         """Write how the job ended; only the run that claimed it last may. An outage of the
         database holds the end until the database is back."""
         record = job.record
-        if status is JobStatus.CANCELLED or (record.origin is Origin.PUT
-                                             and status is JobStatus.FAILED):
-            # Partial output is no use to anyone, nor is a failed /put job's.
-            with contextlib.suppress(Unavailable):  # else the sweep of orphans removes it
-                await asyncio.to_thread(self.files.remove, job.id)
-        elif self.files.remote:  # this machine's scratch copy: the store has what is kept
-            await asyncio.to_thread(jobfiles.remove_job_dir, self.settings.out_dir, job.id)
         result = ({"data": output.data, "files": [path.name for path in output.files]}
                   if output else None)
         error_kind = kind_of(error) if error is not None else None
@@ -423,8 +448,27 @@ class Runner:
         if ended:
             self.metrics.job_ended(record.job_type, outcome(status.value, error_kind, ended[0]),
                                    record.started_at, finished_at)
+        await asyncio.to_thread(self._tidy, job, status, result, bool(ended))
         log.info("job %s: %s after %.3f s", job.id, status.value,
                  finished_at - (record.started_at or finished_at))
+
+    def _tidy(self, job: WorkerJob, status: JobStatus, result: dict | None, ended: bool) -> None:
+        """The files of a run that ended. Only the run that owns the job touches what is
+        kept: a run given up on (its worker stopped beating) that ends later clears its own
+        scratch and nothing else."""
+        record = job.record
+        discard = status is JobStatus.CANCELLED or (record.origin is Origin.PUT
+                                                   and status is JobStatus.FAILED)
+        if ended and discard:  # partial output is no use to anyone, nor a failed /put's
+            try:
+                self.files.remove(job.id)
+            except Unavailable as error:  # the sweep of objects no record owns gets them
+                log.warning("job %s: its files stay in the store for now: %s", job.id, error)
+        elif ended and status is JobStatus.SUCCEEDED and self.files.remote:
+            record.result = result
+            self.files.finished(record)
+        elif self.files.remote:  # the store keeps what there is; this was scratch
+            jobfiles.remove_job_dir(self.files.out_dir, job.id)
 
     async def _requeue(self, job: WorkerJob) -> None:
         """A shutdown stopped the job: queue it again (with a procrastinate job of its own)."""
@@ -442,4 +486,6 @@ class Runner:
                 await conn.execute("UPDATE jobqueue_jobs SET procrastinate_id = %s "
                                    "WHERE id = %s", (procrastinate_id, job.id))
                 await pgschema.notify(conn, job.id, record.owner)
+        if self.files.remote:  # it runs again from the store's copy, wherever it runs
+            await asyncio.to_thread(jobfiles.remove_job_dir, self.files.out_dir, job.id)
         log.info("job %s: stopped by the worker's shutdown; queued again", job.id)

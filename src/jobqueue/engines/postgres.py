@@ -142,48 +142,59 @@ class PostgresEngine:
     async def submit(self, new: NewJob, durable: bool) -> JobRecord:
         if self._closed:
             raise ShuttingDown
-        kind = new.kind.name
-        capacity = self.settings.limits(kind).queue_size
         input_path = None
         if new.input_path:  # in object storage, before the record that points to it
             input_path = await asyncio.to_thread(self.files.keep_input, new.id, new.input_path)
-        record = JobRecord(id=new.id, job_type=kind, status=JobStatus.QUEUED.value,
+        record = JobRecord(id=new.id, job_type=new.kind.name, status=JobStatus.QUEUED.value,
                            options=new.options.model_dump(mode="json"), input_path=input_path,
                            created_at=time.time(), origin=new.origin, owner=new.owner,
                            idempotency_key=new.idempotency_key)
         try:
-            async with self._db() as conn, conn.transaction():
-                if new.idempotency_key:
-                    earlier = await pgschema.fetch(
-                        conn, "SELECT * FROM jobqueue_jobs WHERE owner = %s "
-                              "AND idempotency_key = %s", (new.owner, new.idempotency_key))
-                    if earlier:
-                        await asyncio.to_thread(self._remove_files, new.id)
-                        return earlier[0]
-                # One submit of a kind at a time, cluster-wide: the count is exact.
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
-                                   (f"jobqueue:{kind}",))
-                cursor = await conn.execute(
-                    "SELECT count(*) FROM jobqueue_jobs WHERE job_type = %s "
-                    "AND status = 'queued'", (kind,))
-                if (await cursor.fetchone())[0] >= capacity:
-                    raise QueueFull(kind, capacity, await self._retry_after(conn, kind))
-                await conn.execute(pgschema.INSERT, pgschema.params(record))
-                task = self.app.tasks[task_name(kind)]
-                procrastinate_id = await task.configure(connection=conn).defer_async(
-                    job_id=record.id)
-                await conn.execute("UPDATE jobqueue_jobs SET procrastinate_id = %s "
-                                   "WHERE id = %s", (procrastinate_id, record.id))
-                await pgschema.notify(conn, record.id, record.owner)
-        except psycopg.errors.UniqueViolation:  # the same idempotency key, at the same moment
-            return await self.submit(new, durable)
+            while True:
+                try:
+                    earlier = await self._insert(record)
+                    break
+                except psycopg.errors.UniqueViolation:  # the same idempotency key at once:
+                    continue  # the other one is in now, and this finds it
         except BaseException:
             await asyncio.to_thread(self._remove_files, new.id)
             raise
+        if earlier is not None:  # a retry of a job already accepted: that one
+            await asyncio.to_thread(self._remove_files, new.id)
+            return earlier
         if new.origin is Origin.PUT:
             self._putting.add(record.id)
-        log.debug("job %s: %s queued", record.id, kind)
+        log.debug("job %s: %s queued", record.id, record.job_type)
         return record
+
+    async def _insert(self, record: JobRecord) -> JobRecord | None:
+        """Write the record and its queue entry in one transaction; the earlier job instead
+        when the idempotency key was used before. QueueFull at the kind's capacity."""
+        kind = record.job_type
+        capacity = self.settings.limits(kind).queue_size
+        async with self._db() as conn, conn.transaction():
+            if record.idempotency_key:
+                earlier = await pgschema.fetch(
+                    conn, "SELECT * FROM jobqueue_jobs WHERE owner = %s "
+                          "AND idempotency_key = %s", (record.owner, record.idempotency_key))
+                if earlier:
+                    return earlier[0]
+            # One submit of a kind at a time, cluster-wide: the count is exact.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                               (f"jobqueue:{kind}",))
+            cursor = await conn.execute(
+                "SELECT count(*) FROM jobqueue_jobs WHERE job_type = %s "
+                "AND status = 'queued'", (kind,))
+            if (await cursor.fetchone())[0] >= capacity:
+                raise QueueFull(kind, capacity, await self._retry_after(conn, kind))
+            await conn.execute(pgschema.INSERT, pgschema.params(record))
+            task = self.app.tasks[task_name(kind)]
+            procrastinate_id = await task.configure(connection=conn).defer_async(
+                job_id=record.id)
+            await conn.execute("UPDATE jobqueue_jobs SET procrastinate_id = %s "
+                               "WHERE id = %s", (procrastinate_id, record.id))
+            await pgschema.notify(conn, record.id, record.owner)
+        return None
 
     async def _retry_after(self, conn: psycopg.AsyncConnection, kind: str) -> int:
         """Seconds until a slot is likely to free: the recent average job, per live worker."""

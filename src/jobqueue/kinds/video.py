@@ -186,7 +186,7 @@ def preview_command(source: str, fps: float | None, width: int | None) -> list[s
     the body of a `multipart/x-mixed-replace` response, which an <img> tag plays."""
     options = dict(INPUT_OPTIONS)
     if source.startswith(("http://", "https://")):  # a presigned URL of the object store
-        options["protocol_whitelist"] = "http,https,tcp,tls,crypto"
+        options["protocol_whitelist"] = "http,https,tcp,tls"
     stream = ffmpeg.input(source, re=None, **options)["v:0"]
     if fps:
         stream = stream.filter("fps", fps=fps)

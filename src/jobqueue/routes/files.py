@@ -3,6 +3,8 @@ store (filestore.py), and thumbnails of its images."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 
 from .. import jobfiles, processes
 from .. import thumbnail as thumbnail_program
+from ..errors import Unavailable
 from ..filestore import CACHE, FileStore, LocalFiles
 from ..jobs import JobStatus
 from ..records import JobRecord
@@ -23,6 +26,7 @@ from ..schemas import error_responses
 from ..settings import Settings
 from .jobs import find_job
 
+log = logging.getLogger("jobqueue.files")
 router = APIRouter(tags=["jobs"])
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -62,7 +66,8 @@ async def job_file(job_id: str, name: str, request: Request,
     if name not in record.result["files"]:  # a file gone since is a 404 of the reads below
         raise HTTPException(404, f"Job {job_id!r} has no output file {name!r}.")
     if w is None:
-        link = files.link(record, name) if redirect else None  # None on a local disk
+        # None on a local disk. Signing may fetch credentials (an instance role): a thread.
+        link = await run_in_threadpool(files.link, record, name) if redirect else None
         if link:
             return RedirectResponse(link, status_code=307, headers={"Cache-Control": "no-store"})
         return await run_in_threadpool(files.download, record, name)
@@ -101,20 +106,27 @@ def thumbnail(files: FileStore, record: JobRecord, name: str, width: int,
     key = files.thumbnail_key(record, name, width)
     if (jpeg := files.read_small(key)) is not None:
         return jpeg
-    with tempfile.TemporaryDirectory(prefix="jobqueue-thumbnail-") as scratch:
+    # The copy under the same semaphore as the decoding: N requests, not N copies at once.
+    with _decoding, tempfile.TemporaryDirectory(prefix="jobqueue-thumbnail-") as scratch:
         source = Path(scratch) / jobfiles.safe_name(name)
         files.copy_to(record, name, source)
-        jpeg = make_thumbnail(source, Path(scratch) / "thumbnail.jpg", width, settings)
-    files.write_small(key, jpeg)
+        jpeg = make_thumbnail(source, Path(scratch) / "thumbnail.jpg", width, settings,
+                              decoding=False)
+    try:
+        files.write_small(key, jpeg)
+    except Unavailable as error:  # made, just not kept: the next request makes it again
+        log.warning("job %s: thumbnail not kept: %s", record.id, error)
     return jpeg
 
 
-def make_thumbnail(path: Path, cached: Path, width: int, settings: Settings) -> bytes:
+def make_thumbnail(path: Path, cached: Path, width: int, settings: Settings,
+                   decoding: bool = True) -> bytes:
     """The thumbnail program, in a child process under the render memory cap (a page can be
-    100 megapixels: never decoded in the server); its JPEG is kept as `cached`."""
+    100 megapixels: never decoded in the server); its JPEG is kept as `cached`. `decoding`:
+    take a place under the decoding semaphore (False: the caller holds one)."""
     partial = cached.with_suffix(f".{threading.get_ident()}.tmp")
     try:
-        with _decoding:
+        with _decoding if decoding else contextlib.nullcontext():
             done = processes.output(
                 [sys.executable, "-I", str(THUMBNAIL_PROGRAM), str(path), str(partial),
                  str(width)], THUMBNAIL_SECONDS, settings.render_max_mb)

@@ -66,7 +66,10 @@ def preview_source(request: Request, record: JobRecord) -> str:
     if record.status == JobStatus.SUCCEEDED.value and record.result and record.result["files"]:
         name = record.result["files"][0]
         if files.exists(record, name):
-            source = files.link(record, name) or str(files.output_path(record, name))
+            source = files.link(record, name)
+            if source is None:  # on a local disk: the path itself
+                path = files.output_path(record, name)
+                source = str(path) if path is not None else None
     elif record.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
         source = files.input_source(record)
     if source is None:
