@@ -448,7 +448,10 @@ class Runner:
         if ended:
             self.metrics.job_ended(record.job_type, outcome(status.value, error_kind, ended[0]),
                                    record.started_at, finished_at)
-        await asyncio.to_thread(self._tidy, job, status, result, bool(ended))
+        try:
+            await asyncio.to_thread(self._tidy, job, status, result, bool(ended))
+        except Exception:  # the end is recorded; a file left over is the sweeps' to find
+            log.exception("job %s: tidying its files failed", job.id)
         log.info("job %s: %s after %.3f s", job.id, status.value,
                  finished_at - (record.started_at or finished_at))
 

@@ -116,8 +116,7 @@ class PostgresEngine:
 
     async def health(self) -> dict[str, str]:
         states = {"postgresql": "ok"}
-        if self.files.remote:
-            states["objectStorage"] = await asyncio.to_thread(self.files.health)
+        store = (asyncio.create_task(self._store_health()) if self.files.remote else None)
         try:
             async with self._db() as conn:
                 await conn.execute("SELECT 1")
@@ -126,7 +125,17 @@ class PostgresEngine:
         else:
             if not self._listening:
                 states["postgresql"] = "connected, but not listening for job changes yet"
+        if store is not None:
+            states["objectStorage"] = await store
         return states
+
+    async def _store_health(self) -> str:
+        try:  # as quick as the database's check: a load balancer is waiting
+            return await asyncio.wait_for(asyncio.to_thread(self.files.health),
+                                          POOL_TIMEOUT_SECONDS)
+        except TimeoutError:
+            return (f"the object store (JOBQUEUE_STORAGE_URL) did not answer within "
+                    f"{POOL_TIMEOUT_SECONDS:g} s")
 
     @contextlib.asynccontextmanager
     async def _db(self) -> AsyncIterator[psycopg.AsyncConnection]:

@@ -236,9 +236,6 @@ class _Chunks:
         return data
 
 
-ZIP_CHUNK_BYTES = 256 * 1024
-
-
 def zip_stream(files: FileStore, record: JobRecord, names: list[str]) -> Iterator[bytes]:
     """A zip of a job's output files, produced a chunk at a time as the client reads and as
     the files are read (from the disk or the object store; PNGs are compressed already:
