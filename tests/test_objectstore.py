@@ -237,4 +237,12 @@ def test_the_sweep_removes_objects_no_record_owns(seaweed, tmp_path, monkeypatch
     assert len(list(obstore.list(files.store, prefix=f"jobs/{coming}/").collect())) == 1
     assert bytes(obstore.get(files.store, "not-a-job/keep.txt").bytes()) == b"someone else's"
     assert sweeper.suspects == {}
+    # A leftover from long ago goes at the first sweep that finds it (the one at start).
+    old = str(uuid.uuid4())
+    obstore.put(files.store, f"jobs/{old}/attempt-1/page-001.png", b"png")
+    monkeypatch.setattr(retention, "ORPHAN_SECONDS", 3600.0)
+    monkeypatch.setattr(retention, "STALE_OBJECT_SECONDS", 0.0)
+    assert retention.StoredOrphans().sweep(records, files) == [old]
+    assert list(obstore.list(files.store, prefix=f"jobs/{old}/").collect()) == []
+    assert len(list(obstore.list(files.store, prefix=f"jobs/{coming}/").collect())) == 1
     records.close()

@@ -37,7 +37,10 @@ class FileStore(Protocol):
         """The upload as a local file for the handler (downloaded into out/<id>/input/)."""
 
     def publish(self, record: JobRecord, files: list[Path]) -> None:
-        """Keep the outputs of the run that succeeded (record.attempt), then free its folder."""
+        """Keep the outputs of a run (record.attempt) that is about to record its success."""
+
+    def finished(self, record: JobRecord) -> None:
+        """The record says record.attempt succeeded: drop what other runs left."""
 
     def exists(self, record: JobRecord, name: str) -> bool:
         """Whether a succeeded job's output file `name` is there."""
@@ -63,6 +66,12 @@ class FileStore(Protocol):
     def health(self) -> str:
         """"ok", or why the files cannot be reached (object storage only)."""
 
+    def job_ids(self) -> set[str]:
+        """Object storage: every job that has objects."""
+
+    def newest(self, job_id: str) -> float | None:
+        """Object storage: when the newest object of a job was written; None: it has none."""
+
 
 class LocalFiles:
     """Files in `out/<id>/` on this machine's disk (or a folder all machines share)."""
@@ -80,6 +89,9 @@ class LocalFiles:
 
     def publish(self, record: JobRecord, files: list[Path]) -> None:
         pass  # written in place
+
+    def finished(self, record: JobRecord) -> None:
+        pass  # a rerun cleared the folder before it ran
 
     def exists(self, record: JobRecord, name: str) -> bool:
         return jobfiles.output_file(self.out_dir, record.id, name) is not None
@@ -120,6 +132,12 @@ class LocalFiles:
 
     def health(self) -> str:
         return "ok"
+
+    def job_ids(self) -> set[str]:
+        return set()  # retention.sweep_orphans looks after out/
+
+    def newest(self, job_id: str) -> float | None:
+        return None
 
 
 def gone(job_id: str, name: str) -> HTTPException:

@@ -213,6 +213,16 @@ class ObjectFiles:
         names = (prefix.rstrip("/").rsplit("/", 1)[-1] for prefix in listing["common_prefixes"])
         return {name for name in names if jobfiles.is_job_id(name)}
 
+    def newest(self, job_id: str) -> float | None:
+        """When the newest object of a job was written (epoch seconds); None: it has none."""
+        try:
+            times = [meta["last_modified"].timestamp()
+                     for batch in obstore.list(self.store, prefix=self._job(job_id))
+                     for meta in batch]
+        except StoreError as error:
+            raise unavailable(error) from None
+        return max(times, default=None)
+
     def health(self) -> str:
         """"ok" when the bucket answers a listing, else why not (a missing bucket too)."""
         try:

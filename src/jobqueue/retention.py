@@ -26,6 +26,9 @@ log = logging.getLogger("jobqueue.retention")
 ORPHAN_SECONDS = 600.0
 # Listing the object store costs a request per thousand jobs: not every minute.
 STORED_SWEEP_SECONDS = 300.0
+# An object with no record written this long ago is no upload on its way to its record (the
+# replica stores an upload in seconds, then writes the record).
+STALE_OBJECT_SECONDS = 3600.0
 
 
 def sweep_orphans(store: JobStore, out_dir: Path, receiving: Set[str] = frozenset()
@@ -58,8 +61,10 @@ class StoredOrphans:
 
     A job whose objects have no record is only a suspect at first: its record may be on its
     way (the upload is stored before the record is written). It is removed once a later sweep,
-    ORPHAN_SECONDS after the first that found it, still finds no record. Each sweep reads one
-    listing of job "folders" and asks for their records in one query per thousand."""
+    ORPHAN_SECONDS after the first that found it, still finds no record, or at once when its
+    newest object is STALE_OBJECT_SECONDS old (a leftover from long ago: the first sweep, at
+    start, removes those). Each sweep reads one listing of job "folders" and asks for their
+    records in one query per thousand."""
 
     def __init__(self) -> None:
         self.suspects: dict[str, float] = {}  # job id -> when it was first found orphaned
@@ -77,7 +82,8 @@ class StoredOrphans:
                          for job_id in ids if job_id not in known}
         removed = []
         for job_id, since in list(self.suspects.items()):
-            if since < now - ORPHAN_SECONDS:
+            newest = files.newest(job_id) if since == now else None  # found just now
+            if since < now - ORPHAN_SECONDS or (newest or now) < now - STALE_OBJECT_SECONDS:
                 files.remove(job_id)
                 del self.suspects[job_id]
                 log.info("job %s: its objects had no record for %g s; removed", job_id,
