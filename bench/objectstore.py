@@ -102,7 +102,7 @@ def workloads(runs: int, pdf: Path, clip: Path, database: LocalPostgres, weed: L
     return pdf_walls, clip_walls
 
 
-def clients(runs: int, weed: LocalSeaweed, folder: Path, big_mb: int
+def clients(runs: int, weed: LocalSeaweed, folder: Path, big_mb: int, pages_count: int
             ) -> dict[str, dict[str, list[float]]]:
     """Seconds to put and get one big file and many page-sized ones, per client."""
     import boto3
@@ -112,7 +112,7 @@ def clients(runs: int, weed: LocalSeaweed, folder: Path, big_mb: int
     big = folder / "big.bin"
     big.write_bytes(os.urandom(big_mb * 2**20))
     pages = []
-    for number in range(CONCURRENT * 17):
+    for number in range(pages_count):
         page = folder / f"page-{number:03d}.png"
         page.write_bytes(os.urandom(600_000))
         pages.append(page)
@@ -148,7 +148,7 @@ def clients(runs: int, weed: LocalSeaweed, folder: Path, big_mb: int
     for _ in range(runs):
         for name, put, get in (("obstore", obstore_put, obstore_get),
                                ("boto3", boto3_put, boto3_get)):
-            for what, paths in ((f"{big_mb} MB", [big]), ("68 × 0.6 MB", pages)):
+            for what, paths in ((f"{big_mb} MB", [big]), (f"{pages_count} × 0.6 MB", pages)):
                 results.setdefault(name, {}).setdefault(f"put {what}", []).append(
                     timed(put, paths))
                 results[name].setdefault(f"get {what}", []).append(timed(get, paths))
@@ -156,7 +156,7 @@ def clients(runs: int, weed: LocalSeaweed, folder: Path, big_mb: int
 
 
 def run(runs: int, pdf: Path = SHARED / "regal-17pages.pdf", seconds: int = 10,
-        big_mb: int = 64) -> dict:
+        big_mb: int = 64, pages_count: int = CONCURRENT * 17) -> dict:
     clip = make_clip(CACHE / f"clip-720p-{seconds}s.mp4", seconds, "1280x720")
     folder = Path(tempfile.mkdtemp(prefix="jobqueue-bench-objects-"))
     # Not inside `folder`: PostgreSQL runs as the postgres user, who may not enter it.
@@ -167,7 +167,7 @@ def run(runs: int, pdf: Path = SHARED / "regal-17pages.pdf", seconds: int = 10,
         weed.start()
         weed.make_bucket(BUCKET)
         pdf_walls, clip_walls = workloads(runs, pdf, clip, database, weed, folder)
-        client_times = clients(runs, weed, folder, big_mb)
+        client_times = clients(runs, weed, folder, big_mb, pages_count)
     finally:
         weed.stop()
         database.stop()

@@ -57,7 +57,8 @@ def main() -> None:
                 lambda: streams.run(1, seconds=1, streams=10),
                 lambda: upload.run(1, megabytes=8),
                 lambda: scaling.run(1, jobs=4, seconds=0.1, workers=(1, 2)),
-                lambda: objectstore.run(1, pdf=sample, seconds=2, big_mb=4)]
+                lambda: objectstore.run(1, pdf=sample, seconds=2, big_mb=4,
+                                          pages_count=8)]
     else:
         plan = [lambda: pdf.run(args.runs), lambda: video.run(max(args.runs, 7)),
                 lambda: overhead.run(args.runs), lambda: responsiveness.run(args.runs),

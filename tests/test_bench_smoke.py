@@ -1,4 +1,5 @@
-"""The benchmark scripts still run: each once, on tiny input (timings are not checked here)."""
+"""The benchmark scripts still run: each once, on tiny input (timings are not checked here;
+the time-out only bounds a hang: a loaded 2-core machine took 2 minutes)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from conftest import ROOT
 
 def test_every_benchmark_runs_on_tiny_input():
     result = subprocess.run([sys.executable, "run.py", "--smoke"], cwd=ROOT / "bench",
-                            capture_output=True, text=True, timeout=240)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = (ROOT / "bench" / "results" / "smoke.md").read_text()
     for heading in ("pdf: 4 ×", "naive peer", "pdf ratio", "video:", "connections (wrk)",
