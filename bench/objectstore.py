@@ -12,7 +12,6 @@ loopback) against the same deployment sharing a folder, in the same run.
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import shutil
 import tempfile
@@ -20,9 +19,9 @@ import uuid
 from pathlib import Path
 from statistics import median
 
-import httpx
-import psycopg
 
+import pdf as pdf_bench
+import video as video_bench
 from common import CACHE, SHARED, free_port, make_clip, spread, table, timed
 from jobqueue import cluster
 from jobqueue.localpg import LocalPostgres
@@ -31,34 +30,8 @@ from jobqueue.localweed import LocalSeaweed
 BUCKET = "bench"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
                "AWS_REGION": "us-east-1"}
-CONCURRENT = 4
-DPI = 200
-WIDTH = 640
-
-
-def put_pdfs(url: str, pdf: Path) -> None:
-    def put(_: int) -> None:
-        with open(pdf, "rb") as file:
-            response = httpx.post(f"{url}/put", data={"jobType": "pdf2image", "dpi": str(DPI)},
-                                  files={"file": (pdf.name, file)}, timeout=600)
-        response.raise_for_status()
-    with concurrent.futures.ThreadPoolExecutor(CONCURRENT) as pool:
-        list(pool.map(put, range(CONCURRENT)))
-
-
-def put_clip(url: str, clip: Path) -> None:
-    with open(clip, "rb") as file:
-        response = httpx.post(f"{url}/put", data={"jobType": "video", "width": str(WIDTH)},
-                              files={"file": (clip.name, file)}, timeout=600)
-    response.raise_for_status()
-
-
-def new_database(postgres: LocalPostgres) -> str:
-    name = f"bench_{uuid.uuid4().hex[:12]}"
-    admin = postgres.url.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return postgres.url.rsplit("/", 1)[0] + f"/{name}"
+# The same workloads as pdf.py and video.py, through their own /put helpers.
+CONCURRENT, DPI, WIDTH = pdf_bench.CONCURRENT, pdf_bench.DPI, video_bench.WIDTH
 
 
 def deployment(database_url: str, folder: Path, storage: dict[str, str]) -> tuple[str, list]:
@@ -87,15 +60,15 @@ def workloads(runs: int, pdf: Path, clip: Path, database: LocalPostgres, weed: L
     deployments = {}
     try:
         for name, storage in modes.items():  # a database each: a queue each
-            deployments[name] = deployment(new_database(database),
+            deployments[name] = deployment(database.new_database(),
                                            folder / name.replace(" ", "-"), storage)
         for url, _ in deployments.values():  # warm-up, not counted
-            put_clip(url, clip)
+            video_bench.through_server(url, clip)
         for run_number in range(runs):  # interleaved, each first in turn: a slow spell of
             order = list(deployments.items())  # the machine hits both alike
             for name, (url, _) in order[run_number % 2:] + order[:run_number % 2]:
-                pdf_walls.setdefault(name, []).append(timed(put_pdfs, url, pdf))
-                clip_walls.setdefault(name, []).append(timed(put_clip, url, clip))
+                pdf_walls.setdefault(name, []).append(timed(pdf_bench.through_server, url, pdf))
+                clip_walls.setdefault(name, []).append(timed(video_bench.through_server, url, clip))
     finally:
         for _, processes in deployments.values():
             cluster.stop(processes, 15)
@@ -177,7 +150,7 @@ def run(runs: int, pdf: Path = SHARED / "regal-17pages.pdf", seconds: int = 10,
     ratios = {what: median(walls[stored]) / median(walls[shared])
               for what, walls in (("pdf", pdf_walls), ("video", clip_walls))}
     text = table(
-        [f"objectstore: 1 replica + 1 worker", "shared folder, wall s", "object storage, wall s",
+        ["objectstore: 1 replica + 1 worker", "shared folder, wall s", "object storage, wall s",
          "ratio (target ≤ 1.15)"],
         [[f"{CONCURRENT} × {pdf.name} at {DPI} dpi, /put", spread(pdf_walls[shared]),
           spread(pdf_walls[stored]), f"**{ratios['pdf']:.2f}**"],

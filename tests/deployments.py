@@ -7,29 +7,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import psycopg
 
 from conftest import Server, free_port, run_server
 from jobqueue import cluster
 from jobqueue.localpg import LocalPostgres
 
 ENGINES = ["embedded", "postgres"]
-
-
-def new_database(postgres: LocalPostgres) -> str:
-    """A fresh, empty database on the tests' PostgreSQL; its URL."""
-    name = f"jq_{uuid.uuid4().hex[:12]}"
-    admin = postgres.url.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return postgres.url.rsplit("/", 1)[0] + f"/{name}"
 
 
 def settings_env(out_dir: Path, settings: dict[str, object]) -> dict[str, str]:
@@ -118,7 +107,7 @@ def deploy(engine: str, folder: Path, postgres: LocalPostgres | None = None,
         with run_server(folder, **settings) as server:
             yield Deployment(engine, [server], folder)
         return
-    url = database_url or new_database(postgres)
+    url = database_url or postgres.new_database()
     env = settings_env(folder / "out", {**settings, "database_url": url})
     deployment = Deployment(engine, [], folder, env)
     try:

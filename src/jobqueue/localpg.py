@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -56,6 +57,15 @@ class LocalPostgres:
     @property
     def url(self) -> str:
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{DATABASE}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database on this server (a deployment of its own in a test or a
+        benchmark); its URL."""
+        name = f"jq_{uuid.uuid4().hex[:12]}"
+        base = self.url.rsplit("/", 1)[0]
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"{base}/{name}"
 
     def _user_prefix(self, die_with_parent: bool = False) -> list[str]:
         # setpriv, not su: no session, and the server stays our direct child. The death signal

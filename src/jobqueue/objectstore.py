@@ -252,15 +252,7 @@ class ObjectFiles:
         return self.read_small(self._attempt(record) + MANIFEST) is not None
 
     def download(self, record: JobRecord, name: str, filename: str | None = None) -> Response:
-        key = self._output(record, name)
-        if key is None:
-            raise gone(record.id, name)
-        try:
-            found = obstore.get(self.transfers, key)
-        except FileNotFoundError:  # obstore's "no such object"
-            raise gone(record.id, name) from None
-        except StoreError as error:
-            raise unavailable(error) from None
+        found = self._open(record, name)
         headers = {**CACHE, "Content-Length": str(found.meta["size"])}
         if filename:
             headers["Content-Disposition"] = f'attachment; filename="{filename}"'
@@ -268,16 +260,19 @@ class ObjectFiles:
                                  headers=headers)
 
     def chunks(self, record: JobRecord, name: str) -> Iterator[bytes]:
+        yield from _stream(self._open(record, name), record.id)
+
+    def _open(self, record: JobRecord, name: str) -> obstore.GetResult:
+        """The GET of an output file, its body not read yet: 404 or 503 before any byte."""
         key = self._output(record, name)
         if key is None:
             raise gone(record.id, name)
         try:
-            found = obstore.get(self.transfers, key)
+            return obstore.get(self.transfers, key)
         except FileNotFoundError:  # obstore's "no such object"
             raise gone(record.id, name) from None
         except StoreError as error:
             raise unavailable(error) from None
-        yield from _stream(found, record.id)
 
     def link(self, record: JobRecord, name: str) -> str | None:
         key = self._output(record, name)

@@ -86,8 +86,8 @@ class StoredOrphans:
             if since < now - ORPHAN_SECONDS or (newest or now) < now - STALE_OBJECT_SECONDS:
                 files.remove(job_id)
                 del self.suspects[job_id]
-                log.info("job %s: its objects had no record for %g s; removed", job_id,
-                         ORPHAN_SECONDS)
+                log.info("job %s: its objects had no record (a replica stopped between "
+                         "storing its upload and writing its record?); removed", job_id)
                 removed.append(job_id)
         return removed
 
