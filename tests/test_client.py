@@ -19,6 +19,7 @@ def cli(server: Server, *args: object, cwd: Path, timeout: float = 120,
     """`python -m jobqueue.client --url <server> ...` from outside the repository, so it only
     works when make setup has installed the package into the venv."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env["COLUMNS"] = "60"  # a narrow terminal: the job list must still show whole ids
     return subprocess.run(
         [sys.executable, "-m", "jobqueue.client", "--url", server.url, *map(str, args)],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,

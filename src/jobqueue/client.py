@@ -281,7 +281,10 @@ async def run_list(client: httpx.AsyncClient, args: argparse.Namespace) -> int:
         query["jobType"] = args.type
     items = check(await client.get("/jobs", params=query)).json()["items"]
     table = Table(box=None)
-    for column in ("id", "type", "status", "progress", "age"):
+    # An id is what a reader copies: never cut short, however narrow the terminal or pipe
+    # (rich shortens the other columns instead).
+    table.add_column("id", no_wrap=True, min_width=36)
+    for column in ("type", "status", "progress", "age"):
         table.add_column(column, no_wrap=True)
     now = time.time()
     for view in items:
