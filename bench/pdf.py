@@ -85,7 +85,8 @@ def megabytes(folder: Path, pattern: str) -> float:
     return sum(path.stat().st_size for path in folder.rglob(pattern)) / 1e6
 
 
-def run(runs: int, pdf: Path = SHARED / "regal-17pages.pdf") -> dict:
+def run(runs: int, pdf: Path = SHARED / "regal-17pages.pdf", every_setting: bool = True) -> dict:
+    """`every_setting=False`: the default server and poppler's only (the smoke run)."""
     pages = page_count(pdf) * CONCURRENT
     walls: dict[str, list[float]] = {}
     sizes: dict[str, float] = {}
@@ -95,7 +96,8 @@ def run(runs: int, pdf: Path = SHARED / "regal-17pages.pdf") -> dict:
     peer, pdftoppm, alone = local
     with contextlib.ExitStack() as stack:
         servers = {name: stack.enter_context(server(pdf2image_timeout=3600, **settings))
-                   for name, settings in SERVERS.items()}
+                   for name, settings in SERVERS.items()
+                   if every_setting or name == DEFAULT or "poppler" in name}
         for _ in range(runs):
             for name, (work, pattern) in local.items():
                 with tempfile.TemporaryDirectory() as folder:

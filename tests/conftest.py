@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -62,10 +63,26 @@ def wait_finished(client: httpx.Client, job_id: str, seconds: float = 60) -> dic
     return job
 
 
+# Test servers listen on ports below the kernel's ephemeral range (32768-60999 on Linux), from
+# which outgoing connections and bind(0) draw theirs, in a block of their own per
+# pytest-xdist worker: a port found free here cannot be taken by another worker's server or by
+# a client's connection before the server binds it.
+PORT_BLOCK = 2000
+_worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_ports = iter(range(20000 + PORT_BLOCK * _worker + random.randrange(PORT_BLOCK // 2),
+                    20000 + PORT_BLOCK * (_worker + 1)))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on, never the same twice in a session."""
+    for port in _ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+            return port
+    raise RuntimeError("this test worker has used up its block of ports")
 
 
 @contextmanager
@@ -130,7 +147,7 @@ def postgres() -> Iterator["LocalPostgres"]:
     from jobqueue.localpg import LocalPostgres
 
     folder = Path(tempfile.mkdtemp(prefix="jobqueue-pg-"))
-    server = LocalPostgres(folder, fast=True)
+    server = LocalPostgres(folder, port=free_port(), fast=True)
     server.start()
     yield server
     server.stop()
@@ -142,7 +159,7 @@ def redis(tmp_path_factory) -> Iterator[str]:
     """A redis-server (Debian's package) for rate limits shared by replicas; its URL."""
     from jobqueue.cluster import LocalRedis
 
-    server = LocalRedis(tmp_path_factory.mktemp("redis"))
+    server = LocalRedis(tmp_path_factory.mktemp("redis"), port=free_port())
     server.start()
     yield server.url
     server.stop()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import DATA
+from conftest import DATA, free_port
 from deployments import children_of, deploy, kill
 from jobqueue.localpg import LocalPostgres
 from test_contract import submit, wait_until
@@ -112,7 +112,7 @@ def test_postgresql_stopped_and_started_mid_run(tmp_path):
     """Replicas answer 503 naming the database while it is down (no 500, no hang), reconnect by
     themselves when it is back, and every accepted job succeeds."""
     folder = Path(tempfile.mkdtemp(prefix="jobqueue-pg-outage-"))
-    database = LocalPostgres(folder, fast=True)
+    database = LocalPostgres(folder, port=free_port(), fast=True)
     try:
         database.start()
         with deploy("postgres", tmp_path, database_url=database.url, workers=1,
