@@ -22,6 +22,8 @@ SHARED = ROOT.parent / "shared"
 CACHE = ROOT / "bench" / ".cache"
 sys.path.insert(0, str(ROOT / "src"))
 
+from jobqueue import cluster  # noqa: E402 - found through the path above
+
 
 @dataclass
 class Server:
@@ -59,12 +61,7 @@ def server(**settings: object) -> Iterator[Server]:
                 time.sleep(0.1)
             yield Server(url, process, Path(folder))
         finally:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            cluster.stop([process], 15, signal.SIGINT)
 
 
 def timed(function, *args) -> float:

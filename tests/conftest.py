@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from jobqueue import cluster
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -53,6 +57,29 @@ class Server:
         return pids
 
 
+def scrape(url: str, token: str | None = None) -> dict[tuple, float]:
+    """Every sample of a /metrics answer: (name, sorted labels) -> value."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    answer = httpx.get(url, headers=headers, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(answer.text)
+            for sample in family.samples}
+
+
+def value(samples: dict[tuple, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def eventually(condition, seconds: float = 30) -> None:
+    """Until `condition()` holds (polled every 0.1 s); fails after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "never got there"
+        time.sleep(0.1)
+
+
 def wait_finished(client: httpx.Client, job_id: str, seconds: float = 60) -> dict:
     """Poll GET /jobs/{id} until the job has finished; its last state."""
     deadline = time.monotonic() + seconds
@@ -66,11 +93,14 @@ def wait_finished(client: httpx.Client, job_id: str, seconds: float = 60) -> dic
 # Test servers listen on ports below the kernel's ephemeral range (32768-60999 on Linux), from
 # which outgoing connections and bind(0) draw theirs, in a block of their own per
 # pytest-xdist worker: a port found free here cannot be taken by another worker's server or by
-# a client's connection before the server binds it.
+# a client's connection before the server binds it. (Another test session on the same machine
+# can: run_server then starts again on the next port.)
 PORT_BLOCK = 2000
-_worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-_ports = iter(range(20000 + PORT_BLOCK * _worker + random.randrange(PORT_BLOCK // 2),
-                    20000 + PORT_BLOCK * (_worker + 1)))
+BLOCKS = 6  # 20000-31999
+_worker = int(re.sub(r"\D", "", os.environ.get("PYTEST_XDIST_WORKER", "")) or 0) % BLOCKS
+_first = 20000 + PORT_BLOCK * _worker
+_start = _first + random.randrange(PORT_BLOCK)
+_ports = itertools.chain(range(_start, _first + PORT_BLOCK), range(_first, _start))
 
 
 def free_port() -> int:
@@ -88,41 +118,36 @@ def free_port() -> int:
 @contextmanager
 def run_server(tmp_path: Path, **settings: object) -> Iterator[Server]:
     """Start `python src/main.py` on a free loopback port with JOBQUEUE_* settings."""
-    port = free_port()
     tmp_path.mkdir(parents=True, exist_ok=True)
-    out_dir = tmp_path / "out"
-    log_path = tmp_path / "server.log"
     # No shutdown grace unless a test asks for one: stopping a test server should not wait.
-    env = {**os.environ, "JOBQUEUE_OUT_DIR": str(out_dir), "JOBQUEUE_RATE_LIMIT": "100000/minute",
-           "JOBQUEUE_SHUTDOWN_GRACE": "0"}
+    env = {**os.environ, "JOBQUEUE_OUT_DIR": str(tmp_path / "out"),
+           "JOBQUEUE_RATE_LIMIT": "100000/minute", "JOBQUEUE_SHUTDOWN_GRACE": "0"}
     env.update({f"JOBQUEUE_{key.upper()}": str(value) for key, value in settings.items()})
+    for attempt in range(3):
+        server = _start_server(tmp_path, env)
+        try:
+            cluster.wait_ready(server.url, server.process, server.log_path, STARTUP_SECONDS)
+            break
+        except BaseException as error:
+            cluster.stop([server.process], 15, signal.SIGINT)
+            # Another test session's server took the port first: start on the next one.
+            if "address already in use" not in str(error) or attempt == 2:
+                raise
+    try:
+        yield server
+    finally:
+        cluster.stop([server.process], 15, signal.SIGINT)
+
+
+def _start_server(tmp_path: Path, env: dict[str, str]) -> Server:
+    port = free_port()
+    log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "src/main.py", "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
-    server = Server(f"http://127.0.0.1:{port}", process, out_dir, log_path)
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited at start:\n{server.log()}")
-            try:
-                if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{server.log()}")
-            time.sleep(0.1)
-        yield server
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    return Server(f"http://127.0.0.1:{port}", process, tmp_path / "out", log_path)
 
 
 @pytest.fixture(scope="session")

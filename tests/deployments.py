@@ -60,13 +60,19 @@ class Deployment:
         return worker
 
     def start_replica(self) -> Server:
-        port = free_port()
-        log_path = self.folder / f"replica-{port}.log"
-        process = cluster.start_replica(self.env, port, log_path)
-        server = Server(f"http://127.0.0.1:{port}", process, self.out_dir, log_path)
-        self.replicas.append(server)
-        cluster.wait_ready(server.url, process, log_path)
-        return server
+        for attempt in range(3):
+            port = free_port()
+            log_path = self.folder / f"replica-{port}.log"
+            process = cluster.start_replica(self.env, port, log_path)
+            server = Server(f"http://127.0.0.1:{port}", process, self.out_dir, log_path)
+            self.replicas.append(server)  # stopped with the others if it fails to start
+            try:
+                cluster.wait_ready(server.url, process, log_path)
+                return server
+            except RuntimeError as error:  # a port taken by another test session: next one
+                if "address already in use" not in str(error) or attempt == 2:
+                    raise
+                self.replicas.remove(server)
 
     def job_processes(self) -> list[subprocess.Popen]:
         """The processes that run jobs: the workers, or the embedded server."""

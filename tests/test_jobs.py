@@ -11,7 +11,7 @@ import zipfile
 import httpx
 import pytest
 
-from conftest import DATA, Server, run_server
+from conftest import DATA, Server, eventually, run_server
 from media import pdf_page_points, png_size, probe_streams
 
 
@@ -103,7 +103,8 @@ def test_cancel_queued_and_running_jobs(client, jobs_server):
     assert cancelled["status"] == "cancelled" and "startedAt" not in cancelled
     started = time.monotonic()
     cancelled = client.delete(running["links"]["cancel"]).json()
-    assert cancelled["status"] == "cancelled" and time.monotonic() - started < 1
+    # Stopped, not waited for: the job had 30 s to run.
+    assert cancelled["status"] == "cancelled" and time.monotonic() - started < 10
     assert client.get(running["links"]["result"]).status_code == 409
     # A second DELETE of a finished job deletes it and its files; after that it is gone.
     assert client.delete(running["links"]["cancel"]).status_code == 200
@@ -192,11 +193,9 @@ def test_retention_sweep_deletes_old_finished_jobs(tmp_path):
         job = submit(client, json={"jobType": "pdf2image", "dpi": 20})
         assert wait_until(client, job["id"])["status"] == "succeeded"
         assert (server.out_dir / job["id"] / "page-001.png").exists()
-        deadline = time.monotonic() + 5
-        while client.get(job["links"]["self"]).status_code == 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert client.get(job["links"]["self"]).status_code == 404
-        assert not (server.out_dir / job["id"]).exists()
+        eventually(lambda: client.get(job["links"]["self"]).status_code == 404)
+        # The record goes first (nobody is sent to missing files), its folder right after.
+        eventually(lambda: not (server.out_dir / job["id"]).exists())
 
 
 def test_restart_after_kill_9_runs_every_accepted_job(tmp_path):

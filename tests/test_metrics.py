@@ -9,28 +9,12 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import run_server
+from conftest import eventually, run_server, scrape, value
 from deployments import ENGINES, deploy
 
 ALPHA, BETA = "alpha-key-1234", "beta-key-5678"
 TOKEN = "scrape-token-0123456789"
-
-
-def scrape(url: str, token: str | None = None) -> dict[tuple, float]:
-    """Every sample of a /metrics answer: (name, sorted labels) -> value."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    answer = httpx.get(url, headers=headers, timeout=30)
-    assert answer.status_code == 200, answer.text
-    assert answer.headers["content-type"].startswith("text/plain")
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(answer.text)
-            for sample in family.samples}
-
-
-def value(samples: dict[tuple, float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def total(scrapes: list[dict[tuple, float]], name: str, **labels: str) -> float:
@@ -43,13 +27,6 @@ def wait_for_status(client: httpx.Client, job_id: str, statuses: tuple[str, ...]
         assert time.monotonic() < deadline, f"job {job_id} never reached {statuses}: {job}"
         time.sleep(0.05)
     return job
-
-
-def eventually(condition, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "never got there"
-        time.sleep(0.1)
 
 
 def submit(client: httpx.Client, seconds: float) -> str:

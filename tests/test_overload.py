@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import DATA, Server, run_server
+from conftest import DATA, Server, eventually, run_server, scrape, value
 
 MESSAGE_TIMEOUT = 2
 VIDEO_TIMEOUT = 1
@@ -39,33 +39,37 @@ def test_full_queue_answers_503_with_retry_after(tight):
     assert "message queue is full (2 jobs waiting)" in refused.json()["detail"]
 
 
-def test_timeout_is_504_and_the_worker_is_free_again_within_a_second(tight):
+def test_timeout_is_504_and_the_worker_is_free_again(tight):
     with tight.client() as client:
         started = time.monotonic()
         response = client.post("/put", json={"data": "slow", "seconds": 30})
         assert response.status_code == 504
-        assert time.monotonic() - started < MESSAGE_TIMEOUT + 1
+        assert time.monotonic() - started < MESSAGE_TIMEOUT + 5  # not the job's 30 s
         detail = response.json()["detail"]
         assert "in the queue and ran" in detail and "JOBQUEUE_MESSAGE_TIMEOUT" in detail
-        after_504 = time.monotonic()
+        # Had the job kept running, this one would wait behind it on the only worker past
+        # its own 2 s timeout, and get a 504 too.
         response = client.post("/put", json={"data": "next", "seconds": 0})
         assert response.status_code == 200
-        assert time.monotonic() - after_504 < 1.0
         assert response.json()["data"]["result"]["workerName"] == "message-worker-1"
         assert client.get("/health").json()["queues"]["message"]["busy"] == 0
 
 
 def test_client_disconnect_cancels_the_job(tight):
+    def ended(outcome: str) -> float:
+        return value(scrape(f"{tight.url}/metrics"), "jobqueue_jobs_total", kind="message",
+                     outcome=outcome)
+
+    cancelled, deadline = ended("cancelled"), ended("deadline")
     with tight.client(timeout=0.5) as client:
         with pytest.raises(httpx.ReadTimeout):
             client.post("/put", json={"data": "abandoned", "seconds": 30})
-    hung_up = time.monotonic()
-    with tight.client() as client:
-        response = client.post("/put", json={"data": "next", "seconds": 0})
-    assert response.status_code == 200
-    # Without the cancel, this job would wait for the abandoned one's 2 s timeout.
-    assert time.monotonic() - hung_up < 1.0
+    # Ended by its client's leaving, not by its 2 s timeout (which counts as a deadline).
+    eventually(lambda: ended("cancelled") == cancelled + 1)
+    assert ended("deadline") == deadline
     assert "client disconnected" in tight.log()
+    with tight.client() as client:
+        assert client.post("/put", json={"data": "next", "seconds": 0}).status_code == 200
 
 
 def test_video_timeout_kills_ffmpeg(tight):

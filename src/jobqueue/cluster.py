@@ -81,11 +81,13 @@ def wait_ready(url: str, process: subprocess.Popen, log_path: Path,
         time.sleep(0.1)
 
 
-def stop(processes: list[subprocess.Popen], seconds: float = STOP_SECONDS) -> None:
-    """SIGTERM, then SIGKILL whatever has not ended within `seconds`."""
+def stop(processes: list[subprocess.Popen], seconds: float = STOP_SECONDS,
+         first: signal.Signals = signal.SIGTERM) -> None:
+    """`first` (SIGTERM, or SIGINT as Ctrl-C sends it), then SIGKILL whatever has not ended
+    within `seconds`."""
     for process in processes:
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(first)
     deadline = time.monotonic() + seconds
     for process in processes:
         try:

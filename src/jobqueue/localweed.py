@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -36,9 +37,10 @@ def weed_program() -> str:
 class LocalSeaweed:
     """`weed server` with an S3 gateway, data in `folder`; `url` is its S3 endpoint."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, ports: Callable[[], int] = free_port):
         self.folder = folder
-        self.port = free_port()
+        self.free_port = ports  # where its eight ports come from
+        self.port = ports()
         self.process: subprocess.Popen | None = None
 
     @property
@@ -47,8 +49,8 @@ class LocalSeaweed:
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        ports = {name: free_port() for name in ("master", "volume", "filer")}
-        grpc = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+        ports = {name: self.free_port() for name in ("master", "volume", "filer")}
+        grpc = {name: self.free_port() for name in ("master", "volume", "filer", "s3")}
         args = [weed_program(), "server", f"-dir={self.folder}", "-ip=127.0.0.1",
                 "-ip.bind=127.0.0.1", "-filer", "-s3", f"-s3.port={self.port}",
                 f"-master.port={ports['master']}", f"-master.port.grpc={grpc['master']}",
