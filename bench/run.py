@@ -51,7 +51,8 @@ def main() -> None:
 
     if args.smoke:
         sample = ROOT / "data" / "sample.pdf"
-        plan = [lambda: pdf.run(1, pdf=sample, every_setting=False), lambda: video.run(1, seconds=2),
+        plan = [lambda: pdf.run(1, pdf=sample, every_setting=False),
+                lambda: video.run(1, seconds=2),
                 lambda: overhead.run(1, seconds=1),
                 lambda: responsiveness.run(1, seconds=1, pdf=sample, clip_seconds=2),
                 lambda: streams.run(1, seconds=1, streams=10),

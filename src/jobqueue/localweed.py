@@ -39,7 +39,7 @@ class LocalSeaweed:
 
     def __init__(self, folder: Path, ports: Callable[[], int] = free_port):
         self.folder = folder
-        self.free_port = ports  # where its eight ports come from
+        self.next_port = ports  # where its eight ports come from
         self.port = ports()
         self.process: subprocess.Popen | None = None
 
@@ -49,8 +49,8 @@ class LocalSeaweed:
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        ports = {name: self.free_port() for name in ("master", "volume", "filer")}
-        grpc = {name: self.free_port() for name in ("master", "volume", "filer", "s3")}
+        ports = {name: self.next_port() for name in ("master", "volume", "filer")}
+        grpc = {name: self.next_port() for name in ("master", "volume", "filer", "s3")}
         args = [weed_program(), "server", f"-dir={self.folder}", "-ip=127.0.0.1",
                 "-ip.bind=127.0.0.1", "-filer", "-s3", f"-s3.port={self.port}",
                 f"-master.port={ports['master']}", f"-master.port.grpc={grpc['master']}",
