@@ -5,9 +5,13 @@ reading a local file; the store stopped and started under them."""
 from __future__ import annotations
 
 import concurrent.futures
+import http.server
 import io
+import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import uuid
 import zipfile
@@ -21,8 +25,9 @@ from obstore.store import S3Store
 from conftest import DATA, eventually, free_port
 from deployments import deploy
 from jobqueue import retention
+from jobqueue.engines.pgworker import SCRATCH_PREFIX, clear_dead_scratch
 from jobqueue.localweed import LocalSeaweed
-from jobqueue.objectstore import ObjectFiles
+from jobqueue.objectstore import ObjectFiles, StoreUnavailable
 from jobqueue.records import JobRecord, SqliteJobStore
 from jobqueue.settings import Settings
 from test_contract import submit, wait_until
@@ -176,6 +181,76 @@ def test_an_upload_over_the_cap_is_413_and_stores_nothing(postgres, seaweed, tmp
         assert job_folders(cluster.out_dir) == []
 
 
+def test_a_bucket_that_goes_missing_is_503_naming_the_setting(postgres, seaweed, tmp_path):
+    name = f"gone-{uuid.uuid4().hex[:10]}"
+    seaweed.make_bucket(name)
+    with deploy("postgres", tmp_path, postgres, workers=0, storage_url=f"s3://{name}/t",
+                s3_endpoint=seaweed.url) as cluster, cluster.client() as client:
+        assert httpx.delete(f"{seaweed.url}/{name}", timeout=10).status_code == 204
+
+        def upload() -> httpx.Response:
+            with open(DATA / "sample.pdf", "rb") as pdf:
+                return client.post("/jobs", data={"jobType": "pdf2image"},
+                                   files={"file": ("a.pdf", pdf, "application/pdf")})
+        refused = upload()
+        assert refused.status_code == 503, refused.text
+        assert "JOBQUEUE_STORAGE_URL" in refused.json()["detail"]
+        health = client.get("/health")
+        assert health.status_code == 503 and "bucket was not found" in health.text
+        assert job_folders(cluster.out_dir) == []
+        seaweed.make_bucket(name)
+        assert upload().status_code == 202
+
+
+class NoSuchBucket(http.server.BaseHTTPRequestHandler):
+    """S3's answer to any request for a bucket that does not exist (SeaweedFS answers a
+    write with 403 instead; AWS with this 404)."""
+
+    def answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchBucket</Code>'
+                b"<Message>The specified bucket does not exist</Message></Error>")
+        self.send_response(404)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_s3s_404_on_a_write_is_the_store_unavailable_not_a_missing_file(tmp_path):
+    """obstore raises the built-in FileNotFoundError for any 404: on a write it means the
+    bucket is missing, which must be a 503 naming the setting (and hold a worker's job), not
+    a 500 or a failed job."""
+    fake = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), NoSuchBucket)
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    try:
+        files = ObjectFiles(Settings(out_dir=tmp_path, storage_url="s3://missing/p",
+                                     s3_endpoint=f"http://127.0.0.1:{fake.server_port}"))
+        job_id = str(uuid.uuid4())
+        upload = tmp_path / job_id / "input" / "a.pdf"
+        upload.parent.mkdir(parents=True)
+        upload.write_bytes(b"%PDF-1.4\n")
+        with pytest.raises(StoreUnavailable, match="bucket was not found"):
+            files.keep_input(job_id, upload)
+        page = tmp_path / "page-001.png"
+        page.write_bytes(b"png")
+        record = JobRecord(id=job_id, job_type="pdf2image", status="running", options={},
+                           input_path=None, created_at=time.time(), attempt=1)
+        with pytest.raises(StoreUnavailable, match="bucket was not found"):
+            files.publish(record, [page])
+        with pytest.raises(StoreUnavailable):
+            files.remove(job_id)
+        assert "bucket was not found" in files.health()
+    finally:
+        fake.shutdown()
+
+
 def test_the_store_down_is_503_and_loses_no_accepted_job(postgres, tmp_path):
     folder = Path(tempfile.mkdtemp(prefix="jobqueue-weed-outage-"))
     server = LocalSeaweed(folder, ports=free_port)
@@ -247,3 +322,17 @@ def test_the_sweep_removes_objects_no_record_owns(seaweed, tmp_path, monkeypatch
     assert list(obstore.list(files.store, prefix=f"jobs/{old}/").collect()) == []
     assert len(list(obstore.list(files.store, prefix=f"jobs/{coming}/").collect())) == 1
     records.close()
+
+
+def test_a_worker_clears_its_own_pids_scratch_left_by_an_earlier_process(tmp_path):
+    """A restarted container's worker has the same pid and host name as the one killed
+    before it: that one's scratch is this one's to clear; a live worker's never is."""
+    host = socket.gethostname()
+    mine = tmp_path / f"{SCRATCH_PREFIX}{host}-{os.getpid()}" / str(uuid.uuid4())
+    live = tmp_path / f"{SCRATCH_PREFIX}{host}-{os.getppid()}" / str(uuid.uuid4())
+    gone = tmp_path / f"{SCRATCH_PREFIX}{host}-{2**22 + 1}" / str(uuid.uuid4())  # over pid_max
+    for folder in (mine, live, gone):
+        folder.mkdir(parents=True)
+    clear_dead_scratch(tmp_path)
+    assert not mine.parent.exists() and not gone.parent.exists() and live.exists()
+

@@ -58,9 +58,21 @@ class StoreUnavailable(Unavailable):
 
 
 def unavailable(error: Exception) -> StoreUnavailable:
-    text = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+    # obstore's FileNotFoundError on a write, S3's NoSuchBucket code on a listing
+    if isinstance(error, FileNotFoundError) or "NoSuchBucket" in str(error):
+        text = "its bucket was not found"
+    else:
+        text = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
     return StoreUnavailable(f"The object store (JOBQUEUE_STORAGE_URL) cannot be reached: "
                             f"{text}. Retry in a few seconds.")
+
+
+def from_store(error: Exception) -> bool:
+    """Whether an error came from the store: obstore's own, or the built-in FileNotFoundError
+    it raises for any 404, which has no errno (this machine's missing files have one). On a
+    write or a listing, a 404 means the bucket is missing."""
+    return isinstance(error, StoreError) or (isinstance(error, FileNotFoundError)
+                                             and error.errno is None)
 
 
 class ObjectFiles:
@@ -86,14 +98,18 @@ class ObjectFiles:
                              "max_backoff": timedelta(seconds=2), "base": 2}}
         # Two clients: object_store's `timeout` bounds a whole request, body included. Small
         # requests get a short one; file contents (a 1 GB video to a slow client) a long one,
-        # with a read timeout to notice a stalled connection instead.
+        # with a read timeout to notice a stalled connection instead. On an upload that read
+        # timeout runs from the request's start to the answer, sending the part included, so
+        # it is long enough for an 8 MB part at 30 KB/s; and a part that took a while is
+        # still retried (object_store retries nothing older than `retry_timeout`).
         self.store = S3Store.from_url(
             self.url, config=config, retry_config=retry,
             client_options={**plain, "connect_timeout": "5s", "timeout": "20s"})
         self.transfers = S3Store.from_url(
-            self.url, config=config, retry_config=retry,
+            self.url, config=config,
+            retry_config={**retry, "retry_timeout": timedelta(minutes=10)},
             client_options={**plain, "connect_timeout": "5s", "timeout": "6h",
-                            "read_timeout": "60s"})
+                            "read_timeout": "300s"})
         self._uploads = threading.BoundedSemaphore(UPLOADS_AT_ONCE)
 
     # ---- keys ----
@@ -121,7 +137,9 @@ class ObjectFiles:
             with self._uploads, upload.open("rb") as source:  # a part at a time
                 obstore.put(self.transfers, key, source, chunk_size=PART_BYTES,
                             max_concurrency=PARTS_AT_ONCE)
-        except StoreError as error:
+        except (StoreError, FileNotFoundError) as error:
+            if not from_store(error):
+                raise
             raise unavailable(error) from None
         finally:
             jobfiles.remove_job_dir(self.out_dir, job_id)  # the local copy was for the checks
@@ -166,7 +184,9 @@ class ObjectFiles:
                 list(pool.map(put, files))
             # Last: the attempt's outputs are all there once this is.
             obstore.put(self.store, prefix + MANIFEST, self._manifest(record, files))
-        except StoreError as error:
+        except (StoreError, FileNotFoundError) as error:
+            if not from_store(error):
+                raise
             raise unavailable(error) from None
 
     def finished(self, record: JobRecord) -> None:
@@ -181,7 +201,10 @@ class ObjectFiles:
                       for meta in batch if not meta["path"].startswith(mine)]
             if others:
                 obstore.delete(self.store, others)
-        except StoreError as error:  # they go with the job; the manifest is for people
+        except (StoreError, FileNotFoundError) as error:
+            if not from_store(error):
+                raise
+            # The other attempts' objects go with the job; the manifest is for people.
             log.warning("job %s: its manifest could not be written: %s", record.id, error)
 
     @staticmethod
@@ -198,7 +221,9 @@ class ObjectFiles:
                     for meta in batch]
             if keys:
                 obstore.delete(self.store, keys)
-        except StoreError as error:
+        except (StoreError, FileNotFoundError) as error:
+            if not from_store(error):
+                raise
             raise unavailable(error) from None
 
     def job_ids(self) -> set[str]:
@@ -219,7 +244,9 @@ class ObjectFiles:
             times = [meta["last_modified"].timestamp()
                      for batch in obstore.list(self.store, prefix=self._job(job_id))
                      for meta in batch]
-        except StoreError as error:
+        except (StoreError, FileNotFoundError) as error:
+            if not from_store(error):
+                raise
             raise unavailable(error) from None
         return max(times, default=None)
 
@@ -302,7 +329,9 @@ class ObjectFiles:
     def write_small(self, key: str, data: bytes) -> None:
         try:
             obstore.put(self.store, key, data)
-        except StoreError as error:
+        except (StoreError, FileNotFoundError) as error:
+            if not from_store(error):
+                raise
             raise unavailable(error) from None
 
     def copy_to(self, record: JobRecord, name: str, target: Path) -> None:

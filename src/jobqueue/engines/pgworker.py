@@ -164,12 +164,14 @@ def run_handler(kind: JobKind, job: WorkerJob, files: FileStore
 
 
 def clear_dead_scratch(out_dir: Path) -> None:
-    """Remove the scratch folders of this machine's worker processes that are gone (killed:
-    nothing else removes them), never a live one's."""
+    """At start: remove the scratch folders of this machine's worker processes that are gone
+    (killed: nothing else removes them), never a live one's. This process's own pid may name
+    one too, left by an earlier process with the same pid and host name (a restarted
+    container's pid 1): nothing of this process is in it yet."""
     host = socket.gethostname()
     for folder in out_dir.glob(f"{SCRATCH_PREFIX}{host}-*"):
         pid = folder.name.removeprefix(f"{SCRATCH_PREFIX}{host}-")
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        if pid.isdigit() and (int(pid) == os.getpid() or not Path(f"/proc/{pid}").exists()):
             log.info("removing %s, the scratch folder of a worker that is gone", folder)
             shutil.rmtree(folder, ignore_errors=True)
 
