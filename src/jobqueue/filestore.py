@@ -24,6 +24,8 @@ from .settings import Settings
 # Output files never change once written.
 CACHE = {"Cache-Control": "private, max-age=3600"}
 CHUNK_BYTES = 256 * 1024
+# Uploads going to object storage at once per process (each holds two 8 MB parts in memory).
+STORE_UPLOADS_AT_ONCE = 4
 
 
 class FileStore(Protocol):

@@ -36,7 +36,7 @@ from obstore.store import S3Store
 
 from . import jobfiles
 from .errors import Unavailable
-from .filestore import CACHE, CHUNK_BYTES, gone, media_type
+from .filestore import CACHE, CHUNK_BYTES, STORE_UPLOADS_AT_ONCE, gone, media_type
 from .records import JobRecord
 from .settings import Settings
 
@@ -45,11 +45,11 @@ log = logging.getLogger("jobqueue.objectstore")
 MANIFEST = "manifest.json"
 THUMBNAILS = "thumbnails"
 LINK_SECONDS = 3600  # how long a presigned URL (?redirect=1, a preview's source) stays valid
-# Multipart uploads: parts of 8 MB, two in flight, at most four uploads at once per process,
-# so uploads to the store hold about 100 MB of memory at most, however many clients send.
+# Multipart uploads: parts of 8 MB, two in flight, at most STORE_UPLOADS_AT_ONCE (4) uploads
+# at once per process, so uploads to the store hold about 100 MB of memory at most, however
+# many clients send.
 PART_BYTES = 8 * 2**20
 PARTS_AT_ONCE = 2
-UPLOADS_AT_ONCE = 4
 FILES_AT_ONCE = 6  # a job's outputs published at once: one at a time, round trips add up
 
 
@@ -110,7 +110,7 @@ class ObjectFiles:
             retry_config={**retry, "retry_timeout": timedelta(minutes=10)},
             client_options={**plain, "connect_timeout": "5s", "timeout": "6h",
                             "read_timeout": "300s"})
-        self._uploads = threading.BoundedSemaphore(UPLOADS_AT_ONCE)
+        self._uploads = threading.BoundedSemaphore(STORE_UPLOADS_AT_ONCE)
 
     # ---- keys ----
 

@@ -24,13 +24,14 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..errors import QueueFull, ShuttingDown, Unavailable
-from ..filestore import FileStore, make_file_store
+from ..filestore import STORE_UPLOADS_AT_ONCE, FileStore, make_file_store
 from ..jobs import FINISHED, JobKind, JobStatus
 from ..metrics import Metrics, Outcome
 from .. import rollup
@@ -65,6 +66,10 @@ class PostgresEngine:
         self.app = make_app()
         self.store = PgJobStore(self.url)
         self.files: FileStore = make_file_store(settings)
+        # Uploads on their way to object storage (minutes each over a slow link) wait here for
+        # a thread, not in the loop's default threads, which /health and the sweeps need.
+        self._store_uploads = ThreadPoolExecutor(STORE_UPLOADS_AT_ONCE,
+                                                 thread_name_prefix="store-upload")
         self.runner = (Runner(settings, kinds, self.pool, metrics, self.app, self.files)
                        if with_workers else None)
         self._waiters: dict[str, set[asyncio.Event]] = {}
@@ -98,6 +103,7 @@ class PostgresEngine:
         await self.app.close_async()
         await self.pool.close()
         self.store.close()
+        self._store_uploads.shutdown(wait=False, cancel_futures=True)
 
     def stop_now(self) -> None:
         if self.runner is not None:
@@ -153,7 +159,8 @@ class PostgresEngine:
             raise ShuttingDown
         input_path = None
         if new.input_path:  # in object storage, before the record that points to it
-            input_path = await asyncio.to_thread(self.files.keep_input, new.id, new.input_path)
+            input_path = await asyncio.get_running_loop().run_in_executor(
+                self._store_uploads, self.files.keep_input, new.id, new.input_path)
         record = JobRecord(id=new.id, job_type=new.kind.name, status=JobStatus.QUEUED.value,
                            options=new.options.model_dump(mode="json"), input_path=input_path,
                            created_at=time.time(), origin=new.origin, owner=new.owner,
