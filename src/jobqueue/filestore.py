@@ -24,7 +24,8 @@ from .settings import Settings
 # Output files never change once written.
 CACHE = {"Cache-Control": "private, max-age=3600"}
 CHUNK_BYTES = 256 * 1024
-# Uploads going to object storage at once per process (each holds two 8 MB parts in memory).
+# Uploads going to object storage at once per process (each holds two 8 MB parts in memory):
+# the distributed engine runs keep_input on this many threads.
 STORE_UPLOADS_AT_ONCE = 4
 
 

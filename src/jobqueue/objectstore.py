@@ -20,9 +20,9 @@ page-sized files on the same server (bench/objectstore.py; docs/performance.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +36,7 @@ from obstore.store import S3Store
 
 from . import jobfiles
 from .errors import Unavailable
-from .filestore import CACHE, CHUNK_BYTES, STORE_UPLOADS_AT_ONCE, gone, media_type
+from .filestore import CACHE, CHUNK_BYTES, gone, media_type
 from .records import JobRecord
 from .settings import Settings
 
@@ -45,9 +45,9 @@ log = logging.getLogger("jobqueue.objectstore")
 MANIFEST = "manifest.json"
 THUMBNAILS = "thumbnails"
 LINK_SECONDS = 3600  # how long a presigned URL (?redirect=1, a preview's source) stays valid
-# Multipart uploads: parts of 8 MB, two in flight, at most STORE_UPLOADS_AT_ONCE (4) uploads
-# at once per process, so uploads to the store hold about 100 MB of memory at most, however
-# many clients send.
+# Multipart uploads: parts of 8 MB, two in flight; the engine runs at most
+# STORE_UPLOADS_AT_ONCE (4) uploads at once per process, so uploads to the store hold about
+# 100 MB of memory at most, however many clients send.
 PART_BYTES = 8 * 2**20
 PARTS_AT_ONCE = 2
 FILES_AT_ONCE = 6  # a job's outputs published at once: one at a time, round trips add up
@@ -67,12 +67,18 @@ def unavailable(error: Exception) -> StoreUnavailable:
                             f"{text}. Retry in a few seconds.")
 
 
-def from_store(error: Exception) -> bool:
-    """Whether an error came from the store: obstore's own, or the built-in FileNotFoundError
-    it raises for any 404, which has no errno (this machine's missing files have one). On a
-    write or a listing, a 404 means the bucket is missing."""
-    return isinstance(error, StoreError) or (isinstance(error, FileNotFoundError)
-                                             and error.errno is None)
+@contextlib.contextmanager
+def outages() -> Iterator[None]:
+    """Around a write or a listing: the store's errors as StoreUnavailable (503), this
+    machine's as they are. The store's are obstore's own, and the built-in FileNotFoundError it
+    raises for any 404, which has no errno (this machine's missing files have one); on a write
+    or a listing, a 404 means the bucket is missing."""
+    try:
+        yield
+    except (StoreError, FileNotFoundError) as error:
+        if isinstance(error, FileNotFoundError) and error.errno is not None:
+            raise
+        raise unavailable(error) from None
 
 
 class ObjectFiles:
@@ -100,7 +106,7 @@ class ObjectFiles:
         # requests get a short one; file contents (a 1 GB video to a slow client) a long one,
         # with a read timeout to notice a stalled connection instead. On an upload that read
         # timeout runs from the request's start to the answer, sending the part included, so
-        # it is long enough for an 8 MB part at 30 KB/s; and a part that took a while is
+        # it is long enough for an 8 MB part at about 28 KB/s; and a part that took a while is
         # still retried (object_store retries nothing older than `retry_timeout`).
         self.store = S3Store.from_url(
             self.url, config=config, retry_config=retry,
@@ -110,7 +116,6 @@ class ObjectFiles:
             retry_config={**retry, "retry_timeout": timedelta(minutes=10)},
             client_options={**plain, "connect_timeout": "5s", "timeout": "6h",
                             "read_timeout": "300s"})
-        self._uploads = threading.BoundedSemaphore(STORE_UPLOADS_AT_ONCE)
 
     # ---- keys ----
 
@@ -134,13 +139,9 @@ class ObjectFiles:
     def keep_input(self, job_id: str, upload: Path) -> str:
         key = f"{self._job(job_id)}input/{upload.name}"
         try:
-            with self._uploads, upload.open("rb") as source:  # a part at a time
+            with outages(), upload.open("rb") as source:  # a part at a time
                 obstore.put(self.transfers, key, source, chunk_size=PART_BYTES,
                             max_concurrency=PARTS_AT_ONCE)
-        except (StoreError, FileNotFoundError) as error:
-            if not from_store(error):
-                raise
-            raise unavailable(error) from None
         finally:
             jobfiles.remove_job_dir(self.out_dir, job_id)  # the local copy was for the checks
         return key
@@ -179,15 +180,11 @@ class ObjectFiles:
                 obstore.put(self.transfers, prefix + path.name, source,
                             chunk_size=PART_BYTES, max_concurrency=PARTS_AT_ONCE)
 
-        try:
+        with outages():
             with ThreadPoolExecutor(FILES_AT_ONCE, thread_name_prefix="publish") as pool:
                 list(pool.map(put, files))
             # Last: the attempt's outputs are all there once this is.
             obstore.put(self.store, prefix + MANIFEST, self._manifest(record, files))
-        except (StoreError, FileNotFoundError) as error:
-            if not from_store(error):
-                raise
-            raise unavailable(error) from None
 
     def finished(self, record: JobRecord) -> None:
         """The record says `record.attempt` succeeded: name it in the job's manifest, drop
@@ -195,15 +192,15 @@ class ObjectFiles:
         jobfiles.remove_job_dir(self.out_dir, record.id)
         job = self._job(record.id)
         try:
-            obstore.put(self.store, job + MANIFEST, self._manifest(record, None))
-            mine = self._attempt(record)
-            others = [meta["path"] for batch in obstore.list(self.store, prefix=job + "attempt-")
-                      for meta in batch if not meta["path"].startswith(mine)]
-            if others:
-                obstore.delete(self.store, others)
-        except (StoreError, FileNotFoundError) as error:
-            if not from_store(error):
-                raise
+            with outages():
+                obstore.put(self.store, job + MANIFEST, self._manifest(record, None))
+                mine = self._attempt(record)
+                others = [meta["path"]
+                          for batch in obstore.list(self.store, prefix=job + "attempt-")
+                          for meta in batch if not meta["path"].startswith(mine)]
+                if others:
+                    obstore.delete(self.store, others)
+        except StoreUnavailable as error:
             # The other attempts' objects go with the job; the manifest is for people.
             log.warning("job %s: its manifest could not be written: %s", record.id, error)
 
@@ -216,15 +213,11 @@ class ObjectFiles:
 
     def remove(self, job_id: str) -> None:
         jobfiles.remove_job_dir(self.out_dir, job_id)
-        try:
+        with outages():
             keys = [meta["path"] for batch in obstore.list(self.store, prefix=self._job(job_id))
                     for meta in batch]
             if keys:
                 obstore.delete(self.store, keys)
-        except (StoreError, FileNotFoundError) as error:
-            if not from_store(error):
-                raise
-            raise unavailable(error) from None
 
     def job_ids(self) -> set[str]:
         """Every job that has objects: one name per job from the store (its "folders"), not
@@ -240,14 +233,10 @@ class ObjectFiles:
 
     def newest(self, job_id: str) -> float | None:
         """When the newest object of a job was written (epoch seconds); None: it has none."""
-        try:
+        with outages():
             times = [meta["last_modified"].timestamp()
                      for batch in obstore.list(self.store, prefix=self._job(job_id))
                      for meta in batch]
-        except (StoreError, FileNotFoundError) as error:
-            if not from_store(error):
-                raise
-            raise unavailable(error) from None
         return max(times, default=None)
 
     def health(self) -> str:
@@ -327,12 +316,8 @@ class ObjectFiles:
             raise unavailable(error) from None
 
     def write_small(self, key: str, data: bytes) -> None:
-        try:
+        with outages():
             obstore.put(self.store, key, data)
-        except (StoreError, FileNotFoundError) as error:
-            if not from_store(error):
-                raise
-            raise unavailable(error) from None
 
     def copy_to(self, record: JobRecord, name: str, target: Path) -> None:
         """An output file into a local file (a thumbnail is made from it)."""
