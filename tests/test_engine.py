@@ -8,10 +8,12 @@ import errno
 import threading
 import time
 
+import pytest
 from pydantic import BaseModel
 
 from jobqueue.engines import NewJob
 from jobqueue.engines.embedded import EmbeddedEngine
+from jobqueue.errors import QueueFull
 from jobqueue.jobfiles import job_dir, new_job_id
 from jobqueue.jobs import JobContext, JobKind, JobStatus, Output
 from jobqueue.records import JobRecord, Origin, SqliteJobStore
@@ -129,6 +131,23 @@ def test_a_cancelled_queued_job_never_starts_and_frees_its_slot(tmp_path):
         await engine.cancel(running, "test")
         record = await engine.wait(running, 5)
         assert record.status == JobStatus.CANCELLED.value and record.started_at is not None
+
+    run_engine(tmp_path, scenario)
+
+
+def test_check_room_refuses_exactly_when_the_queue_is_full(tmp_path):
+    async def scenario(engine: EmbeddedEngine) -> None:
+        running = await submit(engine, "block")
+        await until(lambda: status_is(engine, running, JobStatus.RUNNING))
+        waiting = [await submit(engine, "block") for _ in range(9)]
+        await engine.check_room("block")  # nine of ten slots taken: room for one
+        waiting.append(await submit(engine, "block"))
+        with pytest.raises(QueueFull, match="block queue is full"):
+            await engine.check_room("block")
+        await engine.cancel(waiting[0], "test")  # its slot is free at once
+        await engine.check_room("block")
+        for job_id in [running, *waiting]:
+            await engine.cancel(job_id, "test")
 
     run_engine(tmp_path, scenario)
 

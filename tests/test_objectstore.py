@@ -26,6 +26,7 @@ from conftest import DATA, eventually, free_port
 from deployments import deploy
 from jobqueue import retention
 from jobqueue.engines.pgworker import SCRATCH_PREFIX, clear_dead_scratch
+from jobqueue.errors import JobCancelled
 from jobqueue.localweed import LocalSeaweed
 from jobqueue.objectstore import ObjectFiles, StoreUnavailable
 from jobqueue.records import JobRecord, SqliteJobStore
@@ -202,6 +203,33 @@ def test_a_bucket_that_goes_missing_is_503_naming_the_setting(postgres, seaweed,
         assert upload().status_code == 202
 
 
+def test_a_full_queue_refuses_an_upload_before_reading_or_storing_it(postgres, seaweed,
+                                                                      tmp_path):
+    """With the pdf2image queue full (no worker takes its one job), an upload is 503 at once:
+    when jobType comes before the file, before the file is read (so a file over the size cap is
+    503, not 413); when it comes after, before the file goes to the store (so a missing bucket
+    is not what the client hears)."""
+    name = f"full-{uuid.uuid4().hex[:10]}"
+    seaweed.make_bucket(name)
+    with deploy("postgres", tmp_path, postgres, workers=0, max_upload_mb=1,
+                pdf2image_queue_size=1, storage_url=f"s3://{name}/t",
+                s3_endpoint=seaweed.url) as cluster, cluster.client() as client:
+        waiting = submit(client, json={"jobType": "pdf2image", "data": "sample"})
+        too_big = client.post("/jobs", data={"jobType": "pdf2image"},
+                              files={"file": ("big.pdf", b"%PDF-1.4\n" + b"0" * 2**21)})
+        assert too_big.status_code == 503, too_big.text
+        assert "pdf2image queue is full (1 jobs waiting)" in too_big.json()["detail"]
+        assert int(too_big.headers["Retry-After"]) >= 1
+        assert httpx.delete(f"{seaweed.url}/{name}", timeout=10).status_code == 204
+        with open(DATA / "sample.pdf", "rb") as pdf:
+            file_first = client.post("/jobs", files=[("file", ("a.pdf", pdf, "application/pdf")),
+                                                     ("jobType", (None, "pdf2image"))])
+        assert file_first.status_code == 503, file_first.text
+        assert "pdf2image queue is full" in file_first.json()["detail"]
+        assert job_folders(cluster.out_dir) == []
+        assert client.delete(f"/jobs/{waiting['id']}").status_code in (200, 202, 204)
+
+
 class NoSuchBucket(http.server.BaseHTTPRequestHandler):
     """S3's answer to any request for a bucket that does not exist (SeaweedFS answers a
     write with 403 instead; AWS with this 404)."""
@@ -249,6 +277,37 @@ def test_s3s_404_on_a_write_is_the_store_unavailable_not_a_missing_file(tmp_path
         assert "bucket was not found" in files.health()
     finally:
         fake.shutdown()
+
+
+def test_a_cancel_stops_transfers_under_way(seaweed, tmp_path):
+    """A worker's downloads and uploads ask whether the job was cancelled between chunks and
+    between files: a cancel does not wait for a large transfer over a slow link to end."""
+    settings = storage(seaweed.url)
+    files = ObjectFiles(Settings(out_dir=tmp_path, **settings))
+    store = bucket(seaweed.url, settings["storage_url"])
+    job_id = str(uuid.uuid4())
+    upload = tmp_path / "upload" / "a.pdf"
+    upload.parent.mkdir()
+    upload.write_bytes(b"%PDF-1.4\n" + os.urandom(2**20))
+    stored = files.keep_input(job_id, upload)
+
+    def cancelled() -> None:
+        raise JobCancelled(job_id)
+
+    with pytest.raises(JobCancelled):
+        files.fetch_input(job_id, stored, cancelled)
+    assert list((tmp_path / job_id / "input").iterdir()) == []  # no partial download left
+    pages = [tmp_path / f"page-00{n}.png" for n in range(1, 4)]
+    for page in pages:
+        page.write_bytes(b"png")
+    record = JobRecord(id=job_id, job_type="pdf2image", status="running", options={},
+                       input_path=stored, created_at=time.time(), attempt=1)
+    with pytest.raises(JobCancelled):
+        files.publish(record, pages, cancelled)
+    assert keys(store, job_id) == {f"jobs/{job_id}/{stored.split('/', 2)[2]}"}
+    files.publish(record, pages)  # without a cancel: every page, then the manifest
+    assert {key.rsplit("/", 1)[1] for key in keys(store, job_id)} >= {
+        "page-001.png", "page-003.png", "manifest.json"}
 
 
 def test_the_store_down_is_503_and_loses_no_accepted_job(postgres, tmp_path):

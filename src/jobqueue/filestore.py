@@ -10,7 +10,7 @@ through this interface, never from a path of their own making.
 from __future__ import annotations
 
 import mimetypes
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -36,11 +36,15 @@ class FileStore(Protocol):
     def keep_input(self, job_id: str, upload: Path) -> str:
         """Keep a checked upload for its job; returns what the record's input_path holds."""
 
-    def fetch_input(self, job_id: str, input_path: str) -> Path:
-        """The upload as a local file for the handler (downloaded into out/<id>/input/)."""
+    def fetch_input(self, job_id: str, input_path: str,
+                    check: Callable[[], None] = lambda: None) -> Path:
+        """The upload as a local file for the handler (downloaded into out/<id>/input/).
+        `check` is called between chunks: it raises to stop (a cancel)."""
 
-    def publish(self, record: JobRecord, files: list[Path]) -> None:
-        """Keep the outputs of a run (record.attempt) that is about to record its success."""
+    def publish(self, record: JobRecord, files: list[Path],
+                check: Callable[[], None] = lambda: None) -> None:
+        """Keep the outputs of a run (record.attempt) that is about to record its success.
+        `check` is called before each file: it raises to stop (a cancel)."""
 
     def finished(self, record: JobRecord) -> None:
         """The record says record.attempt succeeded: drop what other runs left."""
@@ -87,10 +91,12 @@ class LocalFiles:
     def keep_input(self, job_id: str, upload: Path) -> str:
         return str(upload)
 
-    def fetch_input(self, job_id: str, input_path: str) -> Path:
+    def fetch_input(self, job_id: str, input_path: str,
+                    check: Callable[[], None] = lambda: None) -> Path:
         return Path(input_path)
 
-    def publish(self, record: JobRecord, files: list[Path]) -> None:
+    def publish(self, record: JobRecord, files: list[Path],
+                check: Callable[[], None] = lambda: None) -> None:
         pass  # written in place
 
     def finished(self, record: JobRecord) -> None:

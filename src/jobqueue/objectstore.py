@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -146,7 +146,8 @@ class ObjectFiles:
             jobfiles.remove_job_dir(self.out_dir, job_id)  # the local copy was for the checks
         return key
 
-    def fetch_input(self, job_id: str, input_path: str) -> Path:
+    def fetch_input(self, job_id: str, input_path: str,
+                    check: Callable[[], None] = lambda: None) -> Path:
         if not input_path.startswith(self._job(job_id) + "input/"):
             return Path(input_path)  # the kind's bundled sample
         folder = jobfiles.job_dir(self.out_dir, job_id)
@@ -157,6 +158,7 @@ class ObjectFiles:
         try:
             with partial.open("wb") as sink:
                 for chunk in obstore.get(self.transfers, input_path):
+                    check()
                     sink.write(chunk)
         except FileNotFoundError as error:
             partial.unlink(missing_ok=True)
@@ -172,10 +174,12 @@ class ObjectFiles:
         partial.replace(target)
         return target
 
-    def publish(self, record: JobRecord, files: list[Path]) -> None:
+    def publish(self, record: JobRecord, files: list[Path],
+                check: Callable[[], None] = lambda: None) -> None:
         prefix = self._attempt(record)
 
         def put(path: Path) -> None:
+            check()  # a cancel waits for the files on their way, not for all of them
             with path.open("rb") as source:
                 obstore.put(self.transfers, prefix + path.name, source,
                             chunk_size=PART_BYTES, max_concurrency=PARTS_AT_ONCE)

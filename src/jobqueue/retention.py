@@ -106,7 +106,8 @@ def _last_written(folder: Path) -> float:
 async def sweep_forever(engine: JobEngine, settings: Settings,
                        receiving: Set[str] = frozenset()) -> None:
     """Every JOBQUEUE_RESULT_TTL / 10 seconds (a minute at most): delete the finished jobs
-    older than the TTL with their files, and the job folders no record owns."""
+    older than the TTL with their files, and the job folders no record owns (but not those
+    of uploads being received or on their way to the object store)."""
     interval = min(60.0, max(0.5, settings.result_ttl / 10))
     stored = StoredOrphans()
     stored_next = 0.0  # the store's listing: at start, then every STORED_SWEEP_SECONDS
@@ -128,7 +129,7 @@ async def sweep_forever(engine: JobEngine, settings: Settings,
                 log.info("job %s: deleted after the %g s retention", record.id,
                          settings.result_ttl)
             await asyncio.to_thread(sweep_orphans, engine.store, settings.out_dir,
-                                    set(receiving))
+                                    {*receiving, *engine.storing})
             await asyncio.to_thread(engine.store.forget_minutes_before,
                                     time.time() - rollup.KEPT_SECONDS)
         except Unavailable as error:

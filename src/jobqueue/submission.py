@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect
 
 from . import jobfiles, uploads
 from .engines import JobEngine, NewJob
-from .errors import HTTP_STATUS, TooLarge, UnsupportedInput, kind_of
+from .errors import HTTP_STATUS, QueueFull, TooLarge, Unavailable, UnsupportedInput, kind_of
 from .jobs import JobKind
 from .kinds import KINDS
 from .records import JobRecord, Origin
@@ -48,7 +48,8 @@ async def read_submission(request: Request, settings: Settings) -> Submission:
                 with request.app.state.uploads.slot(job_id):
                     fields, upload = await read_multipart(
                         request, jobfiles.job_dir(settings.out_dir, job_id) / jobfiles.INPUT_DIR,
-                        int(settings.max_upload_mb * 2**20), min_rate, file_refused)
+                        int(settings.max_upload_mb * 2**20), min_rate, file_refused,
+                        lambda fields: room_for_file(request, fields))
             else:
                 fields = await read_json(request, content_type, min_rate)
         except HTTPException as refusal:
@@ -74,6 +75,22 @@ def file_refused(fields: dict[str, str]) -> str | None:
     kind = KINDS.get(fields.get("jobType", ""))
     if kind is not None and kind.sample is None:
         return f"{kind.name} jobs take no file; send only the options."
+    return None
+
+
+async def room_for_file(request: Request, fields: dict[str, str]) -> HTTPException | None:
+    """503 when the queue of the kind named before the file is full already: the client
+    hears it before sending the file, not after (only a look; the submit decides)."""
+    kind = KINDS.get(fields.get("jobType", ""))
+    if kind is None or request.headers.get("idempotency-key"):
+        return None  # a retry of an accepted job gets that job back, full queue or not
+    try:
+        await request.app.state.engine.check_room(kind.name)
+    except QueueFull as full:
+        request.app.state.metrics.refused(kind.name)
+        return HTTPException(503, str(full), headers={"Retry-After": str(full.retry_after)})
+    except Unavailable:
+        pass  # the submit says so, if it is still down then
     return None
 
 

@@ -4,7 +4,7 @@ straight into the job's `input/` folder — never whole in memory, never copied 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from fastapi import HTTPException, Request
@@ -29,7 +29,10 @@ class UploadTooLarge(Exception):
 
 
 class _Form:
-    """multipart callbacks that route each part to a file or to the fields."""
+    """multipart callbacks that route each part to a file or to the fields.
+
+    The file is opened only once `open_file` is called, after the caller's (async) look at the
+    fields before it; what of it came meanwhile (the rest of one chunk) waits in memory."""
 
     def __init__(self, folder: Path, max_bytes: int,
                  refuse_file: Callable[[dict[str, str]], str | None]):
@@ -37,8 +40,11 @@ class _Form:
         self.max_bytes = max_bytes
         self.refuse_file = refuse_file
         self.fields: dict[str, str] = {}
-        self.file_path: Path | None = None
+        self.file_name: str | None = None  # set at the file part's headers
+        self.file_path: Path | None = None  # set when it is opened
         self._file = None
+        self._held: bytearray | None = None  # the file's bytes until it is opened
+        self._held_ended = False
         self._headers: dict[bytes, bytes] = {}
         self._header_name = b""
         self._header_value = b""
@@ -75,28 +81,44 @@ class _Form:
         _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
         self._name = params.get(b"name", b"").decode(errors="replace")
         filename = params.get(b"filename")
-        if self._name in self.fields or (self._name == "file" and self.file_path):
+        if self._name in self.fields or (self._name == "file" and self.file_name):
             raise HTTPException(422, f"The form field {self._name!r} is given twice; send it once.")
         if self._name == "file":
             if reason := self.refuse_file(self.fields):  # before a byte of it is stored
                 raise HTTPException(422, reason)
-            jobfiles.make_job_dir(self.folder.parent)
-            self.folder.mkdir(exist_ok=True)
-            self.file_path = self.folder / jobfiles.safe_name(
-                (filename or b"upload").decode(errors="replace"))
-            self._file = self.file_path.open("wb")
+            self.file_name = jobfiles.safe_name((filename or b"upload").decode(errors="replace"))
+            self._held = bytearray()
         elif filename is not None:
             raise HTTPException(422, f"The form field {self._name!r} must be text; only `file` "
                                      "may be a file.")
         elif len(self.fields) >= MAX_FIELDS:
             raise HTTPException(422, f"Too many form fields; at most {MAX_FIELDS}.")
 
+    @property
+    def file_waiting(self) -> bool:
+        """Whether the file part has begun and waits for `open_file`."""
+        return self._held is not None
+
+    def open_file(self) -> None:
+        jobfiles.make_job_dir(self.folder.parent)
+        self.folder.mkdir(exist_ok=True)
+        self.file_path = self.folder / self.file_name
+        self._file = self.file_path.open("wb")
+        self._file.write(self._held)
+        self._held = None
+        if self._held_ended:
+            self._file.close()
+            self._file = None
+
     def part_data(self, data: bytes) -> None:
-        if self._file is not None:
+        if self._file is not None or self._held is not None:
             self._written += len(data)
             if self._written > self.max_bytes:
                 raise UploadTooLarge
-            self._file.write(data)
+            if self._file is not None:
+                self._file.write(data)
+            else:
+                self._held += data
         else:
             self._value += data
             if len(self._value) > MAX_FIELD_BYTES:
@@ -107,6 +129,8 @@ class _Form:
         if self._file is not None:
             self._file.close()
             self._file = None
+        elif self._held is not None:
+            self._held_ended = True
         elif self._name != "file":
             self.fields[self._name] = self._value.decode(errors="replace")
 
@@ -176,11 +200,14 @@ async def body(request: Request, min_bytes_per_second: float,
 
 async def read_multipart(request: Request, folder: Path, max_bytes: int,
                          min_bytes_per_second: float,
-                         refuse_file: Callable[[dict[str, str]], str | None]
+                         refuse_file: Callable[[dict[str, str]], str | None],
+                         room_for_file: Callable[[dict[str, str]],
+                                                 Awaitable[HTTPException | None]]
                          ) -> tuple[dict[str, str], Path | None]:
     """Stream the body; the `file` part goes to `folder`. 413 over `max_bytes`, 408 slower than
-    `min_bytes_per_second` (the partial file removed either way); `refuse_file(fields so far)`
-    says why a file part is not wanted, before any of it is stored."""
+    `min_bytes_per_second` (the partial file removed either way). Given the fields before the
+    file part, `refuse_file` says why it is not wanted (422), and `room_for_file` may refuse it
+    for now (a full queue's 503), both before any of it is stored."""
     _, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if not boundary:
@@ -197,6 +224,10 @@ async def read_multipart(request: Request, folder: Path, max_bytes: int,
             if received > max_body:
                 raise UploadTooLarge
             parser.write(chunk)
+            if form.file_waiting:
+                if refusal := await room_for_file(form.fields):
+                    raise refusal
+                form.open_file()
             if parser.state == MultipartState.END:
                 break  # an epilogue after the closing boundary is not read: it means nothing
         parser.finalize()

@@ -7,7 +7,7 @@ run jobs in this process or on other machines.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Set
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +48,9 @@ class JobEngine(Protocol):
     settings: Settings
     kinds: dict[str, JobKind]
     files: FileStore  # where the jobs' files are: routes read them through it
+    # Jobs whose upload is still in this process's out/ folder on its way to `submit`'s end
+    # (object storage, a slow link): the sweep of leftover folders must leave them be.
+    storing: Set[str]
 
     async def start(self) -> None:
         """Recover what a previous run left, then start working."""
@@ -72,6 +75,10 @@ class JobEngine(Protocol):
         """Queue the job: its record, as accepted. With `durable`, the record is on disk
         before this returns. QueueFull at capacity, ShuttingDown, Unavailable. With an
         idempotency key the owner used before, the job submitted then, not a new one."""
+
+    async def check_room(self, kind: str) -> None:
+        """QueueFull when the kind's queue is full now: a look before an upload is read on or
+        stored, so that a full queue refuses it early. `submit` still decides."""
 
     async def get(self, job_id: str) -> JobRecord | None:
         """The job as it is now (live progress), or None."""

@@ -319,6 +319,10 @@ class WorkerPool:
             "capacity": self.limits.queue_size,
         }
 
+    def check_room(self) -> None:
+        if self.queue.qsize() >= self.limits.queue_size:
+            raise QueueFull(self.kind.name, self.limits.queue_size, self.retry_after())
+
     def submit(self, job: Job) -> None:
         """Queue a job without ever blocking; QueueFull when there is no room."""
         if self.closed:
@@ -478,6 +482,7 @@ class EmbeddedEngine:
             for name, kind in kinds.items()
         }
         self._active: dict[str, Job] = {}  # jobs not finished yet, by id
+        self.storing: frozenset[str] = frozenset()  # an upload stays where it was written
         self._feed = Feed()
         for pool in self.pools.values():
             pool.on_queue_moved = self._queue_moved
@@ -567,6 +572,9 @@ class EmbeddedEngine:
                 self._cancel(job, "its record could not be written")
                 raise
         return record
+
+    async def check_room(self, kind: str) -> None:
+        self.pools[kind].check_room()
 
     async def get(self, job_id: str) -> JobRecord | None:
         job = self._active.get(job_id)

@@ -144,11 +144,12 @@ def run_handler(kind: JobKind, job: WorkerJob, files: FileStore
             jobfiles.discard_output(job.out_dir)  # what a dead run of this job left
         if job.record.input_path:
             job.input_path = until_stored(job, lambda: files.fetch_input(
-                job.id, job.record.input_path))
+                job.id, job.record.input_path, job.raise_if_cancelled))
         output = kind.handler(job)
         job.raise_if_cancelled()
         if output.files:
-            until_stored(job, lambda: files.publish(job.record, output.files))
+            until_stored(job, lambda: files.publish(job.record, output.files,
+                                                    job.raise_if_cancelled))
     except JobCancelled:
         return JobStatus.CANCELLED, None, None
     except BadInput as error:
@@ -179,7 +180,7 @@ def clear_dead_scratch(out_dir: Path) -> None:
 def until_stored(job: WorkerJob, action: Any) -> Any:
     """`action` (a transfer to or from the object store), tried again while the store cannot
     be reached: an outage holds the job, it does not fail it. A cancel, or the job's run-time
-    limit, still stops it."""
+    limit, still stops it, between two tries and within a transfer (`action` checks)."""
     while True:
         try:
             result = action()

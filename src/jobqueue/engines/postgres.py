@@ -78,6 +78,7 @@ class PostgresEngine:
         self._listener: asyncio.Task | None = None
         self._closed = False
         self._putting: set[str] = set()  # /put jobs this replica's clients wait for
+        self.storing: set[str] = set()
 
     # ---- life ----
 
@@ -158,23 +159,31 @@ class PostgresEngine:
         if self._closed:
             raise ShuttingDown
         input_path = None
-        if new.input_path:  # in object storage, before the record that points to it
-            input_path = await asyncio.get_running_loop().run_in_executor(
-                self._store_uploads, self.files.keep_input, new.id, new.input_path)
+        self.storing.add(new.id)
+        try:
+            if new.input_path:  # in object storage, before the record that points to it
+                if not new.idempotency_key:  # (a retry of an accepted job is no new job)
+                    await self.check_room(new.kind.name)  # not stored only to be refused
+                input_path = await asyncio.get_running_loop().run_in_executor(
+                    self._store_uploads, self.files.keep_input, new.id, new.input_path)
+            return await self._submit(new, input_path)
+        except BaseException:
+            await asyncio.to_thread(self._remove_files, new.id)
+            raise
+        finally:
+            self.storing.discard(new.id)
+
+    async def _submit(self, new: NewJob, input_path: str | None) -> JobRecord:
         record = JobRecord(id=new.id, job_type=new.kind.name, status=JobStatus.QUEUED.value,
                            options=new.options.model_dump(mode="json"), input_path=input_path,
                            created_at=time.time(), origin=new.origin, owner=new.owner,
                            idempotency_key=new.idempotency_key)
-        try:
-            while True:
-                try:
-                    earlier = await self._insert(record)
-                    break
-                except psycopg.errors.UniqueViolation:  # the same idempotency key at once:
-                    continue  # the other one is in now, and this finds it
-        except BaseException:
-            await asyncio.to_thread(self._remove_files, new.id)
-            raise
+        while True:
+            try:
+                earlier = await self._insert(record)
+                break
+            except psycopg.errors.UniqueViolation:  # the same idempotency key at once:
+                continue  # the other one is in now, and this finds it
         if earlier is not None:  # a retry of a job already accepted: that one
             await asyncio.to_thread(self._remove_files, new.id)
             return earlier
@@ -187,7 +196,6 @@ class PostgresEngine:
         """Write the record and its queue entry in one transaction; the earlier job instead
         when the idempotency key was used before. QueueFull at the kind's capacity."""
         kind = record.job_type
-        capacity = self.settings.limits(kind).queue_size
         async with self._db() as conn, conn.transaction():
             if record.idempotency_key:
                 earlier = await pgschema.fetch(
@@ -198,11 +206,7 @@ class PostgresEngine:
             # One submit of a kind at a time, cluster-wide: the count is exact.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
                                (f"jobqueue:{kind}",))
-            cursor = await conn.execute(
-                "SELECT count(*) FROM jobqueue_jobs WHERE job_type = %s "
-                "AND status = 'queued'", (kind,))
-            if (await cursor.fetchone())[0] >= capacity:
-                raise QueueFull(kind, capacity, await self._retry_after(conn, kind))
+            await self._check_room(conn, kind)
             await conn.execute(pgschema.INSERT, pgschema.params(record))
             task = self.app.tasks[task_name(kind)]
             procrastinate_id = await task.configure(connection=conn).defer_async(
@@ -211,6 +215,17 @@ class PostgresEngine:
                                "WHERE id = %s", (procrastinate_id, record.id))
             await pgschema.notify(conn, record.id, record.owner)
         return None
+
+    async def check_room(self, kind: str) -> None:
+        async with self._db() as conn:
+            await self._check_room(conn, kind)
+
+    async def _check_room(self, conn: psycopg.AsyncConnection, kind: str) -> None:
+        capacity = self.settings.limits(kind).queue_size
+        cursor = await conn.execute("SELECT count(*) FROM jobqueue_jobs WHERE job_type = %s "
+                                    "AND status = 'queued'", (kind,))
+        if (await cursor.fetchone())[0] >= capacity:
+            raise QueueFull(kind, capacity, await self._retry_after(conn, kind))
 
     async def _retry_after(self, conn: psycopg.AsyncConnection, kind: str) -> int:
         """Seconds until a slot is likely to free: the recent average job, per live worker."""
