@@ -141,9 +141,15 @@ def test_check_room_refuses_exactly_when_the_queue_is_full(tmp_path):
         await until(lambda: status_is(engine, running, JobStatus.RUNNING))
         waiting = [await submit(engine, "block") for _ in range(9)]
         await engine.check_room("block")  # nine of ten slots taken: room for one
-        waiting.append(await submit(engine, "block"))
+        keyed = await engine.submit(NewJob(id=new_job_id(), kind=KINDS["block"],
+                                           options=NoOptions(), input_path=None,
+                                           origin=Origin.JOBS, idempotency_key="k"), False)
+        waiting.append(keyed.id)
         with pytest.raises(QueueFull, match="block queue is full"):
             await engine.check_room("block")
+        with pytest.raises(QueueFull):
+            await engine.check_room("block", "", "another key")
+        await engine.check_room("block", "", "k")  # a retry gets its job back: never refused
         await engine.cancel(waiting[0], "test")  # its slot is free at once
         await engine.check_room("block")
         for job_id in [running, *waiting]:

@@ -205,7 +205,8 @@ def test_a_bucket_that_goes_missing_is_503_naming_the_setting(postgres, seaweed,
 
 def test_a_full_queue_refuses_an_upload_before_reading_or_storing_it(postgres, seaweed,
                                                                       tmp_path):
-    """With the pdf2image queue full (no worker takes its one job), an upload is 503 at once:
+    """With the pdf2image queue full (no worker takes its one job), an upload is 503 at once
+    (unless it is a retry of an accepted one):
     when jobType comes before the file, before the file is read (so a file over the size cap is
     503, not 413); when it comes after, before the file goes to the store (so a missing bucket
     is not what the client hears)."""
@@ -214,7 +215,15 @@ def test_a_full_queue_refuses_an_upload_before_reading_or_storing_it(postgres, s
     with deploy("postgres", tmp_path, postgres, workers=0, max_upload_mb=1,
                 pdf2image_queue_size=1, storage_url=f"s3://{name}/t",
                 s3_endpoint=seaweed.url) as cluster, cluster.client() as client:
-        waiting = submit(client, json={"jobType": "pdf2image", "data": "sample"})
+        def upload(key: str) -> httpx.Response:
+            with open(DATA / "sample.pdf", "rb") as pdf:
+                return client.post("/jobs", data={"jobType": "pdf2image"},
+                                   headers={"Idempotency-Key": key},
+                                   files={"file": ("a.pdf", pdf, "application/pdf")})
+        waiting = upload("first").json()  # the queue's one slot
+        again = upload("first")  # a retry is no new job: it gets its job back, full or not
+        assert again.status_code == 202 and again.json()["id"] == waiting["id"], again.text
+        assert upload("second").status_code == 503
         too_big = client.post("/jobs", data={"jobType": "pdf2image"},
                               files={"file": ("big.pdf", b"%PDF-1.4\n" + b"0" * 2**21)})
         assert too_big.status_code == 503, too_big.text

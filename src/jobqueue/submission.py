@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from . import jobfiles, uploads
+from .access import owner
 from .engines import JobEngine, NewJob
 from .errors import HTTP_STATUS, QueueFull, TooLarge, Unavailable, UnsupportedInput, kind_of
 from .jobs import JobKind
@@ -82,10 +83,11 @@ async def room_for_file(request: Request, fields: dict[str, str]) -> HTTPExcepti
     """503 when the queue of the kind named before the file is full already: the client
     hears it before sending the file, not after (only a look; the submit decides)."""
     kind = KINDS.get(fields.get("jobType", ""))
-    if kind is None or request.headers.get("idempotency-key"):
-        return None  # a retry of an accepted job gets that job back, full queue or not
+    if kind is None:
+        return None
     try:
-        await request.app.state.engine.check_room(kind.name)
+        await request.app.state.engine.check_room(kind.name, owner(request),
+                                                  request.headers.get("idempotency-key"))
     except QueueFull as full:
         request.app.state.metrics.refused(kind.name)
         return HTTPException(503, str(full), headers={"Retry-After": str(full.retry_after)})

@@ -76,9 +76,11 @@ class JobEngine(Protocol):
         before this returns. QueueFull at capacity, ShuttingDown, Unavailable. With an
         idempotency key the owner used before, the job submitted then, not a new one."""
 
-    async def check_room(self, kind: str) -> None:
+    async def check_room(self, kind: str, owner: str = "",
+                         idempotency_key: str | None = None) -> None:
         """QueueFull when the kind's queue is full now: a look before an upload is read on or
-        stored, so that a full queue refuses it early. `submit` still decides."""
+        stored, so that a full queue refuses it early. `submit` still decides. Never for a
+        retry: a key `owner` used before gets its job back from `submit`."""
 
     async def get(self, job_id: str) -> JobRecord | None:
         """The job as it is now (live progress), or None."""

@@ -573,8 +573,10 @@ class EmbeddedEngine:
                 raise
         return record
 
-    async def check_room(self, kind: str) -> None:
-        self.pools[kind].check_room()
+    async def check_room(self, kind: str, owner: str = "",
+                         idempotency_key: str | None = None) -> None:
+        if not (idempotency_key and self.store.find_idempotent(owner, idempotency_key)):
+            self.pools[kind].check_room()
 
     async def get(self, job_id: str) -> JobRecord | None:
         job = self._active.get(job_id)

@@ -162,8 +162,8 @@ class PostgresEngine:
         self.storing.add(new.id)
         try:
             if new.input_path:  # in object storage, before the record that points to it
-                if not new.idempotency_key:  # (a retry of an accepted job is no new job)
-                    await self.check_room(new.kind.name)  # not stored only to be refused
+                # Not stored only to be refused.
+                await self.check_room(new.kind.name, new.owner, new.idempotency_key)
                 input_path = await asyncio.get_running_loop().run_in_executor(
                     self._store_uploads, self.files.keep_input, new.id, new.input_path)
             return await self._submit(new, input_path)
@@ -216,8 +216,15 @@ class PostgresEngine:
             await pgschema.notify(conn, record.id, record.owner)
         return None
 
-    async def check_room(self, kind: str) -> None:
+    async def check_room(self, kind: str, owner: str = "",
+                         idempotency_key: str | None = None) -> None:
         async with self._db() as conn:
+            if idempotency_key:
+                cursor = await conn.execute(
+                    "SELECT 1 FROM jobqueue_jobs WHERE owner = %s AND idempotency_key = %s",
+                    (owner, idempotency_key))
+                if await cursor.fetchone():
+                    return
             await self._check_room(conn, kind)
 
     async def _check_room(self, conn: psycopg.AsyncConnection, kind: str) -> None:
