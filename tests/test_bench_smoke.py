@@ -15,6 +15,7 @@ def test_every_benchmark_runs_on_tiny_input():
     assert result.returncode == 0, result.stderr[-3000:]
     report = (ROOT / "bench" / "results" / "smoke.md").read_text()
     for heading in ("pdf: 4 ×", "naive peer", "pdf ratio", "video:", "connections (wrk)",
+                    "server CPU ms per request",
                     "responsiveness:", "streams:", "upload memory:", "scaling:",
                     "objectstore:", "S3 client"):
         assert heading in report, heading
