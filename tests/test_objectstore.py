@@ -314,6 +314,17 @@ def test_a_cancel_stops_transfers_under_way(seaweed, tmp_path):
     with pytest.raises(JobCancelled):
         files.publish(record, pages, cancelled)
     assert keys(store, job_id) == {f"jobs/{job_id}/{stored.split('/', 2)[2]}"}
+    calls = []
+
+    def cancelled_after_the_first_file() -> None:
+        calls.append(1)
+        if len(calls) > 1:
+            raise JobCancelled(job_id)
+
+    with pytest.raises(JobCancelled):
+        files.publish(record, pages, cancelled_after_the_first_file)
+    names = {key.rsplit("/", 1)[1] for key in keys(store, job_id)}
+    assert "manifest.json" not in names and len(names & {p.name for p in pages}) < 3
     files.publish(record, pages)  # without a cancel: every page, then the manifest
     assert {key.rsplit("/", 1)[1] for key in keys(store, job_id)} >= {
         "page-001.png", "page-003.png", "manifest.json"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +17,14 @@ from starlette.requests import ClientDisconnect
 from . import jobfiles, uploads
 from .access import owner
 from .engines import JobEngine, NewJob
-from .errors import HTTP_STATUS, QueueFull, TooLarge, Unavailable, UnsupportedInput, kind_of
+from .errors import HTTP_STATUS, QueueFull, TooLarge, UnsupportedInput, kind_of
 from .jobs import JobKind
 from .kinds import KINDS
 from .records import JobRecord, Origin
 from .settings import Settings
 from .uploads import read_multipart
+
+log = logging.getLogger("jobqueue.submission")
 
 DEFAULT_JOB_TYPE = "message"
 MAX_JSON_BYTES = 1024 * 1024
@@ -91,8 +94,8 @@ async def room_for_file(request: Request, fields: dict[str, str]) -> HTTPExcepti
     except QueueFull as full:
         request.app.state.metrics.refused(kind.name)
         return HTTPException(503, str(full), headers={"Retry-After": str(full.retry_after)})
-    except Unavailable:
-        pass  # the submit says so, if it is still down then
+    except Exception as error:  # the database down, say: the submit answers for it then
+        log.warning("could not look at the %s queue before an upload: %s", kind.name, error)
     return None
 
 

@@ -43,6 +43,7 @@ class _Form:
         self.file_name: str | None = None  # set at the file part's headers
         self.file_path: Path | None = None  # set when it is opened
         self._file = None
+        self._in_file = False  # between the file part's headers and its end
         self._held: bytearray | None = None  # the file's bytes until it is opened
         self._held_ended = False
         self._headers: dict[bytes, bytes] = {}
@@ -87,6 +88,7 @@ class _Form:
             if reason := self.refuse_file(self.fields):  # before a byte of it is stored
                 raise HTTPException(422, reason)
             self.file_name = jobfiles.safe_name((filename or b"upload").decode(errors="replace"))
+            self._in_file = True
             self._held = bytearray()
         elif filename is not None:
             raise HTTPException(422, f"The form field {self._name!r} must be text; only `file` "
@@ -111,7 +113,7 @@ class _Form:
             self._file = None
 
     def part_data(self, data: bytes) -> None:
-        if self._file is not None or self._held is not None:
+        if self._in_file:
             self._written += len(data)
             if self._written > self.max_bytes:
                 raise UploadTooLarge
@@ -126,11 +128,13 @@ class _Form:
                                          f"{MAX_FIELD_BYTES // 1024} KB.")
 
     def part_end(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        elif self._held is not None:
-            self._held_ended = True
+        if self._in_file:
+            self._in_file = False
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            else:  # parts after it in the same chunk are fields, not more of the file
+                self._held_ended = True
         elif self._name != "file":
             self.fields[self._name] = self._value.decode(errors="replace")
 

@@ -34,7 +34,7 @@ from ..errors import QueueFull, ShuttingDown, Unavailable
 from ..filestore import STORE_UPLOADS_AT_ONCE, FileStore, make_file_store
 from ..jobs import FINISHED, JobKind, JobStatus
 from ..metrics import Metrics, Outcome
-from .. import rollup
+from .. import jobfiles, rollup
 from ..records import JobRecord, Origin
 from ..settings import Settings
 from . import pgschema
@@ -162,14 +162,19 @@ class PostgresEngine:
         self.storing.add(new.id)
         try:
             if new.input_path:  # in object storage, before the record that points to it
-                # Not stored only to be refused.
-                await self.check_room(new.kind.name, new.owner, new.idempotency_key)
+                try:  # not stored only to be refused
+                    await self.check_room(new.kind.name, new.owner, new.idempotency_key)
+                except BaseException:
+                    await asyncio.to_thread(jobfiles.remove_job_dir, self.files.out_dir, new.id)
+                    raise
+                # It removes the local copy, stored or not.
                 input_path = await asyncio.get_running_loop().run_in_executor(
                     self._store_uploads, self.files.keep_input, new.id, new.input_path)
-            return await self._submit(new, input_path)
-        except BaseException:
-            await asyncio.to_thread(self._remove_files, new.id)
-            raise
+            try:
+                return await self._submit(new, input_path)
+            except BaseException:
+                await asyncio.to_thread(self._remove_files, new.id)
+                raise
         finally:
             self.storing.discard(new.id)
 
