@@ -116,7 +116,8 @@ def test_postgresql_stopped_and_started_mid_run(tmp_path):
     try:
         database.start()
         with deploy("postgres", tmp_path, database_url=database.url, workers=1,
-                    message_workers=2) as cluster, cluster.client(timeout=30) as client:
+                    message_workers=2, max_upload_mb=1) as cluster, \
+                cluster.client(timeout=30) as client:
             jobs = [submit(client, json={"data": f"job {n}", "seconds": 1})["id"]
                     for n in range(4)]
             wait_until(client, jobs[0], ("running",))
@@ -124,8 +125,12 @@ def test_postgresql_stopped_and_started_mid_run(tmp_path):
             health = client.get("/health")
             assert health.status_code == 503
             assert "postgresql" in health.json()["dependencies"]
+            # An upload hears it before its file is read (over the size cap: not a 413).
+            upload = client.post("/jobs", data={"jobType": "pdf2image"},
+                                 files={"file": ("a.pdf", b"%PDF-1.4\n" + b"0" * 2**21)})
             for answer in (client.get(f"/jobs/{jobs[0]}"),
-                           client.post("/jobs", json={"data": "while down", "seconds": 0})):
+                           client.post("/jobs", json={"data": "while down", "seconds": 0}),
+                           upload):
                 assert answer.status_code == 503, answer.text
                 assert "PostgreSQL" in answer.json()["detail"]
             metrics = client.get("/metrics")  # the counters still answer; the queues cannot

@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from . import jobfiles, uploads
 from .access import owner
 from .engines import JobEngine, NewJob
-from .errors import HTTP_STATUS, QueueFull, TooLarge, UnsupportedInput, kind_of
+from .errors import HTTP_STATUS, QueueFull, TooLarge, Unavailable, UnsupportedInput, kind_of
 from .jobs import JobKind
 from .kinds import KINDS
 from .records import JobRecord, Origin
@@ -94,7 +94,9 @@ async def room_for_file(request: Request, fields: dict[str, str]) -> HTTPExcepti
     except QueueFull as full:
         request.app.state.metrics.refused(kind.name)
         return HTTPException(503, str(full), headers={"Retry-After": str(full.retry_after)})
-    except Exception as error:  # the database down, say: the submit answers for it then
+    except Unavailable as error:  # the database is down: the submit could not take it either
+        return HTTPException(503, str(error), headers={"Retry-After": str(error.retry_after)})
+    except Exception as error:  # the look is a courtesy: the submit decides
         log.warning("could not look at the %s queue before an upload: %s", kind.name, error)
     return None
 
