@@ -205,36 +205,35 @@ def test_a_bucket_that_goes_missing_is_503_naming_the_setting(postgres, seaweed,
 
 def test_a_full_queue_refuses_an_upload_before_reading_or_storing_it(postgres, seaweed,
                                                                       tmp_path):
-    """With the pdf2image queue full (no worker takes its one job), an upload is 503 at once
-    (unless it is a retry of an accepted one):
+    """With the pdf2image queue full (no worker takes its one job), an upload is 503 at once:
     when jobType comes before the file, before the file is read (so a file over the size cap is
-    503, not 413); when it comes after, before the file goes to the store (so a missing bucket
-    is not what the client hears)."""
+    503, not 413); when it comes after, before the file goes to the store. A retry of the
+    accepted upload gets its job back without sending the file to the store again. The bucket
+    is deleted after the first upload, so nothing here that reaches the store can pass."""
     name = f"full-{uuid.uuid4().hex[:10]}"
     seaweed.make_bucket(name)
     with deploy("postgres", tmp_path, postgres, workers=0, max_upload_mb=1,
                 pdf2image_queue_size=1, storage_url=f"s3://{name}/t",
                 s3_endpoint=seaweed.url) as cluster, cluster.client() as client:
-        def upload(key: str) -> httpx.Response:
+        def upload(key: str | None, file_first: bool = False) -> httpx.Response:
             with open(DATA / "sample.pdf", "rb") as pdf:
-                return client.post("/jobs", data={"jobType": "pdf2image"},
-                                   headers={"Idempotency-Key": key},
-                                   files={"file": ("a.pdf", pdf, "application/pdf")})
+                parts = [("jobType", (None, "pdf2image")),
+                         ("file", ("a.pdf", pdf, "application/pdf"))]
+                return client.post("/jobs", files=parts[::-1] if file_first else parts,
+                                   headers={"Idempotency-Key": key} if key else {})
         waiting = upload("first").json()  # the queue's one slot
-        again = upload("first")  # a retry is no new job: it gets its job back, full or not
-        assert again.status_code == 202 and again.json()["id"] == waiting["id"], again.text
-        assert upload("second").status_code == 503
+        assert httpx.delete(f"{seaweed.url}/{name}", timeout=10).status_code == 204
+        for file_first in (False, True):  # a retry is no new job: it gets its job back
+            again = upload("first", file_first)
+            assert again.status_code == 202 and again.json()["id"] == waiting["id"], again.text
+            refused = upload(None, file_first)
+            assert refused.status_code == 503, refused.text
+            assert "pdf2image queue is full (1 jobs waiting)" in refused.json()["detail"]
+            assert int(refused.headers["Retry-After"]) >= 1
         too_big = client.post("/jobs", data={"jobType": "pdf2image"},
                               files={"file": ("big.pdf", b"%PDF-1.4\n" + b"0" * 2**21)})
         assert too_big.status_code == 503, too_big.text
-        assert "pdf2image queue is full (1 jobs waiting)" in too_big.json()["detail"]
-        assert int(too_big.headers["Retry-After"]) >= 1
-        assert httpx.delete(f"{seaweed.url}/{name}", timeout=10).status_code == 204
-        with open(DATA / "sample.pdf", "rb") as pdf:
-            file_first = client.post("/jobs", files=[("file", ("a.pdf", pdf, "application/pdf")),
-                                                     ("jobType", (None, "pdf2image"))])
-        assert file_first.status_code == 503, file_first.text
-        assert "pdf2image queue is full" in file_first.json()["detail"]
+        assert "pdf2image queue is full" in too_big.json()["detail"]
         assert job_folders(cluster.out_dir) == []
         assert client.delete(f"/jobs/{waiting['id']}").status_code in (200, 202, 204)
 

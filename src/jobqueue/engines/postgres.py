@@ -162,11 +162,18 @@ class PostgresEngine:
         self.storing.add(new.id)
         try:
             if new.input_path:  # in object storage, before the record that points to it
-                try:  # not stored only to be refused
-                    await self.check_room(new.kind.name, new.owner, new.idempotency_key)
+                # A retry of an accepted job gets it back, and a full queue refuses, before
+                # the upload goes to the store.
+                try:
+                    earlier = await self._earlier(new.owner, new.idempotency_key)
+                    if earlier is None:
+                        await self.check_room(new.kind.name)
                 except BaseException:
                     await asyncio.to_thread(jobfiles.remove_job_dir, self.files.out_dir, new.id)
                     raise
+                if earlier is not None:
+                    await asyncio.to_thread(jobfiles.remove_job_dir, self.files.out_dir, new.id)
+                    return earlier
                 # It removes the local copy, stored or not.
                 input_path = await asyncio.get_running_loop().run_in_executor(
                     self._store_uploads, self.files.keep_input, new.id, new.input_path)
@@ -223,14 +230,18 @@ class PostgresEngine:
 
     async def check_room(self, kind: str, owner: str = "",
                          idempotency_key: str | None = None) -> None:
+        if await self._earlier(owner, idempotency_key) is None:
+            async with self._db() as conn:
+                await self._check_room(conn, kind)
+
+    async def _earlier(self, owner: str, idempotency_key: str | None) -> JobRecord | None:
+        """The job `owner` submitted with this key before, if any."""
+        if not idempotency_key:
+            return None
         async with self._db() as conn:
-            if idempotency_key:
-                cursor = await conn.execute(
-                    "SELECT 1 FROM jobqueue_jobs WHERE owner = %s AND idempotency_key = %s",
-                    (owner, idempotency_key))
-                if await cursor.fetchone():
-                    return
-            await self._check_room(conn, kind)
+            rows = await pgschema.fetch(conn, "SELECT * FROM jobqueue_jobs WHERE owner = %s "
+                                              "AND idempotency_key = %s", (owner, idempotency_key))
+        return rows[0] if rows else None
 
     async def _check_room(self, conn: psycopg.AsyncConnection, kind: str) -> None:
         capacity = self.settings.limits(kind).queue_size
