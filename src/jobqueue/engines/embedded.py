@@ -575,8 +575,11 @@ class EmbeddedEngine:
 
     async def check_room(self, kind: str, owner: str = "",
                          idempotency_key: str | None = None) -> None:
-        if not (idempotency_key and self.store.find_idempotent(owner, idempotency_key)):
+        try:
             self.pools[kind].check_room()
+        except QueueFull:  # only then is the key worth a look in the store
+            if not (idempotency_key and self.store.find_idempotent(owner, idempotency_key)):
+                raise
 
     async def get(self, job_id: str) -> JobRecord | None:
         job = self._active.get(job_id)

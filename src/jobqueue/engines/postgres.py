@@ -230,9 +230,12 @@ class PostgresEngine:
 
     async def check_room(self, kind: str, owner: str = "",
                          idempotency_key: str | None = None) -> None:
-        if await self._earlier(owner, idempotency_key) is None:
+        try:
             async with self._db() as conn:
                 await self._check_room(conn, kind)
+        except QueueFull:  # only then is the key worth a look in the database
+            if await self._earlier(owner, idempotency_key) is None:
+                raise
 
     async def _earlier(self, owner: str, idempotency_key: str | None) -> JobRecord | None:
         """The job `owner` submitted with this key before, if any."""
