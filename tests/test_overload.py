@@ -55,13 +55,15 @@ def test_timeout_is_504_and_the_worker_is_free_again(tight):
         assert client.get("/health").json()["queues"]["message"]["busy"] == 0
 
 
-def test_client_disconnect_cancels_the_job(tight):
+# 0.02 s: gone before the server starts watching for it (put.WATCH_AFTER_SECONDS).
+@pytest.mark.parametrize("leave_after", [0.02, 0.5])
+def test_client_disconnect_cancels_the_job(tight, leave_after):
     def ended(outcome: str) -> float:
         return value(scrape(f"{tight.url}/metrics"), "jobqueue_jobs_total", kind="message",
                      outcome=outcome)
 
     cancelled, deadline = ended("cancelled"), ended("deadline")
-    with tight.client(timeout=0.5) as client:
+    with tight.client(timeout=httpx.Timeout(5, read=leave_after)) as client:
         with pytest.raises(httpx.ReadTimeout):
             client.post("/put", json={"data": "abandoned", "seconds": 30})
     # Ended by its client's leaving, not by its 2 s timeout (which counts as a deadline).

@@ -112,10 +112,10 @@ UPSERT = (f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len
 
 
 class _Change(NamedTuple):
-    """A noted save (the record and its row) or delete (both None)."""
+    """A noted save (the record, and its row if made already) or delete (record None)."""
 
     record: JobRecord | None
-    row: tuple | None
+    row: tuple | None = None
 
 
 def _row(record: JobRecord) -> tuple:
@@ -205,14 +205,20 @@ class SqliteJobStore:
     def save(self, record: JobRecord, ended: bool = False) -> None:
         """Insert or replace the record (the id keeps its place in the order of arrival).
         `ended`: the job has just ended; it counts in the jobs-per-minute rollup."""
-        # Made into a row here, so a record that cannot be stored fails its caller, not the
-        # writer thread.
+        if not ended:
+            # Made into a row by the writer, and only if it is still the job's latest when
+            # the batch is committed (a short job's queued record seldom is). It holds only
+            # what the server made: its options as validated, no handler output yet.
+            self._note(record.id, _Change(record))
+            return
+        # Made into a row here, so a result that cannot be stored (data JSON cannot hold)
+        # fails its caller, not the writer thread.
         ended_key = rollup.key(record.owner, record.job_type, record.status,
-                               record.started_at, record.finished_at) if ended else None
+                               record.started_at, record.finished_at)
         self._note(record.id, _Change(record, _row(record)), ended_key)
 
     def delete(self, job_id: str) -> None:
-        self._note(job_id, _Change(None, None))
+        self._note(job_id, _Change(None))
 
     def _note(self, job_id: str, change: _Change, ended: rollup.Key | None = None) -> None:
         with self._changed:
@@ -325,10 +331,10 @@ class SqliteJobStore:
             self._db.execute("BEGIN")
             try:
                 for job_id, change in batch.items():
-                    if change.row is None:
+                    if change.record is None:
                         self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
                     else:
-                        self._db.execute(UPSERT, change.row)
+                        self._db.execute(UPSERT, change.row or _row(change.record))
                 self._db.executemany(rollup.upsert("job_minutes", "?"),
                                      [(*key, jobs) for key, jobs in ended.items()])
                 self._db.execute("COMMIT")

@@ -8,6 +8,7 @@ only the `JobEngine` facade (engines/base.py) and records.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import queue
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -52,7 +54,8 @@ class Job:
     id: str
     kind: JobKind
     options: BaseModel
-    out_dir: Path
+    # Where job folders are (JOBQUEUE_OUT_DIR); the job's own is `out_dir`.
+    files_root: Path
     input_path: Path | None
     loop: asyncio.AbstractEventLoop
     # Set (through the loop) once the job has reached a finished status.
@@ -92,6 +95,15 @@ class Job:
     _notify_scheduled: bool = False
     # One queue per event-stream listener; touched only on the loop.
     _listeners: set[asyncio.Queue[None]] = field(default_factory=set)
+
+    @functools.cached_property
+    def out_dir(self) -> Path:
+        """The job's folder: made when it starts, and only for kinds that write files."""
+        return jobfiles.job_dir(self.files_root, self.id)
+
+    @functools.cached_property
+    def _options_json(self) -> dict[str, Any]:
+        return self.options.model_dump(mode="json")  # the same in each of its records
 
     def start(self, worker_name: str) -> bool:
         """Mark the job running; False when it was cancelled while it waited in the queue."""
@@ -200,7 +212,7 @@ class Job:
         output, error = self.output, self.error
         return JobRecord(
             id=self.id, job_type=self.kind.name, status=self.status.value,
-            options=self.options.model_dump(mode="json"),
+            options=self._options_json,
             input_path=str(self.input_path) if self.input_path else None,
             created_at=self.created_at, started_at=self.started_at,
             finished_at=self.finished_at, worker_name=self.worker_name,
@@ -554,7 +566,8 @@ class EmbeddedEngine:
                 return earlier
         job = self._new_job(new.kind, new.options, new.id, new.input_path, new.origin,
                             new.owner, new.idempotency_key)
-        self.store.save(job.record())  # before the queue, so a worker's update comes after it
+        record = job.record()
+        self.store.save(record)  # before the queue, so a worker's update comes after it
         try:
             self.pools[job.kind.name].submit(job)
         except (QueueFull, ShuttingDown):
@@ -563,7 +576,6 @@ class EmbeddedEngine:
         self._track(job)
         self._feed.job_changed(job)
         log.debug("job %s: %s queued", job.id, job.kind.name)
-        record = job.record()
         if durable:  # answered 202: accepted means on disk, to survive a restart
             try:
                 await self.store.written()
@@ -667,8 +679,7 @@ class EmbeddedEngine:
                  idempotency_key: str | None = None) -> Job:
         """A job not yet queued; call from the event loop."""
         loop = asyncio.get_running_loop()
-        out_dir = jobfiles.job_dir(self.out_dir, job_id)  # made when the job starts, if needed
-        job = Job(id=job_id, kind=kind, options=options, out_dir=out_dir,
+        job = Job(id=job_id, kind=kind, options=options, files_root=self.out_dir,
                   input_path=input_path or kind.sample, loop=loop, done=loop.create_future(),
                   origin=origin, owner=owner, settings=self.settings,
                   idempotency_key=idempotency_key, on_finish=self._record_end,
