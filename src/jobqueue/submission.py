@@ -22,6 +22,7 @@ from .jobs import JobKind
 from .kinds import KINDS
 from .records import JobRecord, Origin
 from .settings import Settings
+from .shutdown import refuse_while_draining
 from .uploads import read_multipart
 
 log = logging.getLogger("jobqueue.submission")
@@ -41,6 +42,7 @@ class Submission:
 async def read_submission(request: Request, settings: Settings) -> Submission:
     """Parse `{"jobType": ..., <options>}` from a JSON body, or from multipart fields with the
     upload streamed into the new job's folder (removed again if anything is wrong)."""
+    refuse_while_draining(request)
     job_id = jobfiles.new_job_id()
     content_type = request.headers.get("content-type", "").lower()
     min_rate = settings.min_upload_kbps * 1024

@@ -85,6 +85,8 @@ class Job:
     cancelled_as: Outcome | None = None
     # Called from whichever thread finishes the job, before the loop side hears of it.
     on_finish: Callable[[Job], None] | None = None
+    # The record stored as it ended: what its waiters get, without making it again.
+    ended_record: JobRecord | None = None
     # Called on the loop after every change (the dashboard's feed).
     on_change: Callable[[Job], None] | None = None
     # Whether anything beyond the job's own streams shows its changes (the dashboard's feed);
@@ -606,7 +608,7 @@ class EmbeddedEngine:
         if job is not None:
             # shield: the timeout must not cancel `done`, which other waiters may share.
             await asyncio.wait_for(asyncio.shield(job.done), timeout)
-            return job.record()
+            return job.ended_record or job.record()
         record = self.store.get(job_id)
         if record is None:
             raise LookupError(job_id)
@@ -707,6 +709,7 @@ class EmbeddedEngine:
             jobfiles.remove_job_dir(self.out_dir, job.id)
         record = job.record()
         self.store.save(record, ended=True)
+        job.ended_record = record
         self.metrics.job_ended(job.kind.name,
                                outcome(record.status, record.error_kind, job.cancelled_as),
                                record.started_at, record.finished_at)

@@ -23,7 +23,6 @@ from ..ratelimit import limiter, submit_limit
 from ..records import JobRecord, Origin
 from ..schemas import (Accepted, JobList, JobSummary, JobView, Links, ProgressView,
                        ResultSummary, ResultView, error_responses)
-from ..shutdown import refuse_while_draining
 from ..submission import read_submission, start_job
 from .put import REQUEST_EXAMPLES
 
@@ -95,7 +94,6 @@ def _file_urls(request: Request, record: JobRecord) -> list[str]:
     response_model=Accepted,
     responses=error_responses(400, 408, 413, 415, 422, 429, 503, 507),
     openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
-    dependencies=[Depends(refuse_while_draining)],
 )
 @limiter.limit(submit_limit)
 async def submit_job(request: Request, response: Response,

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 
 from ..access import owner
 from ..engines import JobEngine
@@ -17,7 +17,7 @@ from ..metrics import Outcome
 from ..ratelimit import limiter, submit_limit
 from ..records import JobRecord, Origin
 from ..schemas import JobResult, PutData, PutResponse, error_responses
-from ..shutdown import refuse_while_draining, shutting_down
+from ..shutdown import shutting_down
 from ..submission import read_submission, start_job
 
 router = APIRouter(tags=["jobs"])
@@ -72,7 +72,6 @@ REQUEST_EXAMPLES = {
     response_model=PutResponse,
     responses=error_responses(400, 408, 409, 413, 415, 422, 429, 500, 503, 504, 507),
     openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
-    dependencies=[Depends(refuse_while_draining)],
 )
 @limiter.limit(submit_limit)
 async def put(request: Request) -> Response:
