@@ -1,6 +1,6 @@
-"""How long job-store calls hold their caller: p50/p99/max of JobStore.save (noting the change
-for the writer thread), save then flush (until it is committed, as POST /jobs waits), get and
-a page of list.
+"""How long job-store calls hold their caller: p50/p99/max of SqliteJobStore.save (noting the
+change for the writer thread, which makes the row), save then flush (until it is committed, as
+POST /jobs waits), get and a page of list.
 
 Run: .venv/bin/python bench/store_writes.py
 """
@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from jobqueue.records import JobRecord, JobStore  # noqa: E402
+from jobqueue.records import JobRecord, SqliteJobStore  # noqa: E402
 
 ROUNDS = 2000
 
@@ -25,7 +25,7 @@ def percentile(samples: list[float], fraction: float) -> float:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
-        store = JobStore(Path(folder) / "jobs.db")
+        store = SqliteJobStore(Path(folder) / "jobs.db")
         saves, commits, gets, lists = [], [], [], []
         for _ in range(ROUNDS):
             record = JobRecord(id=str(uuid.uuid4()), job_type="message", status="queued",
