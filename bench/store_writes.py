@@ -2,11 +2,12 @@
 change for the writer thread, which makes the row), save then flush (until it is committed, as
 POST /jobs waits), get and a page of list.
 
-Run: .venv/bin/python bench/store_writes.py
+Run: .venv/bin/python bench/store_writes.py [--rounds N]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -23,11 +24,11 @@ def percentile(samples: list[float], fraction: float) -> float:
     return sorted(samples)[int(fraction * (len(samples) - 1))] * 1e6
 
 
-def main() -> None:
+def main(rounds: int = ROUNDS) -> None:
     with tempfile.TemporaryDirectory() as folder:
         store = SqliteJobStore(Path(folder) / "jobs.db")
         saves, commits, gets, lists = [], [], [], []
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             record = JobRecord(id=str(uuid.uuid4()), job_type="message", status="queued",
                                options={"data": "x" * 100, "seconds": 3}, input_path=None,
                                created_at=time.time())
@@ -50,4 +51,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    main(parser.parse_args().rounds)

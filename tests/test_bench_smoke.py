@@ -21,3 +21,10 @@ def test_every_benchmark_runs_on_tiny_input():
         assert heading in report, heading
     assert "| answer | 415 |" in report, "the upload benchmark streamed its whole body"
     assert (ROOT / "bench" / "results" / "smoke.png").stat().st_size > 1000
+
+
+def test_the_store_benchmark_runs():
+    result = subprocess.run([sys.executable, "bench/store_writes.py", "--rounds", "20"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| save + flush |" in result.stdout
