@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import subprocess
+import time
 import uuid
+from types import SimpleNamespace
 
 import httpx
+import pytest
+from fastapi import HTTPException
+from starlette.requests import Request
+
+from jobqueue.records import JobRecord, Origin
+from jobqueue.routes import put
 
 from conftest import DATA
 from media import pdf_page_points, png_size, probe_streams
@@ -229,3 +238,31 @@ def test_reported_size_matches_ffmpeg_for_odd_aspect_ratios(client, tmp_path):
         probed = probe_streams(path)["video"]
         assert (result["data"]["width"], result["data"]["height"]) == (
             probed["width"], probed["height"]), options
+
+
+def test_a_put_job_stopped_at_its_deadline_before_the_wait_times_out_is_504():
+    """The embedded engine's watchdog stops a /put job at its deadline; when that comes first
+    (a busy event loop runs the wait's timer late), the client still gets 504, not 409. That
+    order shows on a real server only now and then, so an engine stands in for it here."""
+    now = time.time()
+    stopped = JobRecord(id=str(uuid.uuid4()), job_type="message", status="cancelled",
+                        options={}, input_path=None, created_at=now - 2.2, started_at=now - 2.1,
+                        finished_at=now - 0.1, origin=Origin.PUT)
+
+    class Engine:
+        async def wait(self, job_id: str, timeout: float) -> JobRecord:
+            return stopped
+
+        async def cancel(self, *args) -> None:
+            raise AssertionError("a job that has ended needs no cancel")
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()  # no disconnect
+        return {}
+
+    request = Request({"type": "http", "app": SimpleNamespace(state=SimpleNamespace(
+        draining=False))}, receive)
+    with pytest.raises(HTTPException) as answer:
+        asyncio.run(put.wait_for_job(request, Engine(), stopped, 2.0))
+    assert answer.value.status_code == 504
+    assert "JOBQUEUE_MESSAGE_TIMEOUT" in answer.value.detail

@@ -115,8 +115,13 @@ async def wait_for_job(request: Request, engine: JobEngine, record: JobRecord,
                 await watcher
         if final is None:  # the request ended first (the client left, the server stops)
             await asyncio.shield(engine.cancel(record.id, "the /put request ended first"))
-    if final.status == JobStatus.CANCELLED.value and request.app.state.draining:
-        raise shutting_down(request)  # shutdown stopped it first
+    if final.status == JobStatus.CANCELLED.value:
+        if request.app.state.draining:
+            raise shutting_down(request)  # shutdown stopped it first
+        if time.time() >= final.created_at + timeout:
+            # The engine stopped it at its deadline before the timeout above fired (a busy
+            # event loop runs its timers late): the same 504.
+            raise HTTPException(504, timed_out(final, timeout))
     raise_for_failure(final)
     return final
 
