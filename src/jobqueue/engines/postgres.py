@@ -164,16 +164,16 @@ class PostgresEngine:
             if new.input_path:  # in object storage, before the record that points to it
                 # A retry of an accepted job gets it back, and a full queue refuses, before
                 # the upload goes to the store.
+                wanted = False
                 try:
-                    earlier = await self._earlier(new.owner, new.idempotency_key)
-                    if earlier is None:
-                        await self.check_room(new.kind.name)
-                except BaseException:
-                    await asyncio.to_thread(jobfiles.remove_job_dir, self.files.out_dir, new.id)
-                    raise
-                if earlier is not None:
-                    await asyncio.to_thread(jobfiles.remove_job_dir, self.files.out_dir, new.id)
-                    return earlier
+                    if earlier := await self._earlier(new.owner, new.idempotency_key):
+                        return earlier
+                    await self.check_room(new.kind.name)
+                    wanted = True
+                finally:
+                    if not wanted:
+                        await asyncio.to_thread(jobfiles.remove_job_dir, self.files.out_dir,
+                                                new.id)
                 # It removes the local copy, stored or not.
                 input_path = await asyncio.get_running_loop().run_in_executor(
                     self._store_uploads, self.files.keep_input, new.id, new.input_path)
@@ -209,12 +209,8 @@ class PostgresEngine:
         when the idempotency key was used before. QueueFull at the kind's capacity."""
         kind = record.job_type
         async with self._db() as conn, conn.transaction():
-            if record.idempotency_key:
-                earlier = await pgschema.fetch(
-                    conn, "SELECT * FROM jobqueue_jobs WHERE owner = %s "
-                          "AND idempotency_key = %s", (record.owner, record.idempotency_key))
-                if earlier:
-                    return earlier[0]
+            if earlier := await self._earlier(record.owner, record.idempotency_key, conn):
+                return earlier
             # One submit of a kind at a time, cluster-wide: the count is exact.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
                                (f"jobqueue:{kind}",))
@@ -237,13 +233,16 @@ class PostgresEngine:
             if await self._earlier(owner, idempotency_key) is None:
                 raise
 
-    async def _earlier(self, owner: str, idempotency_key: str | None) -> JobRecord | None:
-        """The job `owner` submitted with this key before, if any."""
+    async def _earlier(self, owner: str, idempotency_key: str | None,
+                       conn: psycopg.AsyncConnection | None = None) -> JobRecord | None:
+        """The job `owner` submitted with this key before, if any (within `conn`, if given)."""
         if not idempotency_key:
             return None
-        async with self._db() as conn:
-            rows = await pgschema.fetch(conn, "SELECT * FROM jobqueue_jobs WHERE owner = %s "
-                                              "AND idempotency_key = %s", (owner, idempotency_key))
+        if conn is None:
+            async with self._db() as conn:
+                return await self._earlier(owner, idempotency_key, conn)
+        rows = await pgschema.fetch(conn, "SELECT * FROM jobqueue_jobs WHERE owner = %s "
+                                          "AND idempotency_key = %s", (owner, idempotency_key))
         return rows[0] if rows else None
 
     async def _check_room(self, conn: psycopg.AsyncConnection, kind: str) -> None:
