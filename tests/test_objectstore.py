@@ -234,6 +234,11 @@ def test_a_full_queue_refuses_an_upload_before_reading_or_storing_it(postgres, s
                               files={"file": ("big.pdf", b"%PDF-1.4\n" + b"0" * 2**21)})
         assert too_big.status_code == 503, too_big.text
         assert "pdf2image queue is full" in too_big.json()["detail"]
+        # /put takes no Idempotency-Key: a key of an accepted job does not let its file in.
+        put = client.post("/put", data={"jobType": "pdf2image"},
+                          files={"file": ("big.pdf", b"%PDF-1.4\n" + b"0" * 2**21)},
+                          headers={"Idempotency-Key": "first"})
+        assert put.status_code == 503, put.text
         assert job_folders(cluster.out_dir) == []
         assert client.delete(f"/jobs/{waiting['id']}").status_code in (200, 202, 204)
 

@@ -39,9 +39,11 @@ class Submission:
     upload: Path | None  # already stored in out/<job_id>/input/
 
 
-async def read_submission(request: Request, settings: Settings) -> Submission:
+async def read_submission(request: Request, settings: Settings,
+                          idempotency_key: str | None = None) -> Submission:
     """Parse `{"jobType": ..., <options>}` from a JSON body, or from multipart fields with the
-    upload streamed into the new job's folder (removed again if anything is wrong)."""
+    upload streamed into the new job's folder (removed again if anything is wrong).
+    `idempotency_key`: the route's (POST /jobs): a full queue lets in a retry of its job."""
     refuse_while_draining(request)
     job_id = jobfiles.new_job_id()
     content_type = request.headers.get("content-type", "").lower()
@@ -55,7 +57,7 @@ async def read_submission(request: Request, settings: Settings) -> Submission:
                     fields, upload = await read_multipart(
                         request, jobfiles.job_dir(settings.out_dir, job_id) / jobfiles.INPUT_DIR,
                         int(settings.max_upload_mb * 2**20), min_rate, file_refused,
-                        lambda fields: room_for_file(request, fields))
+                        lambda fields: room_for_file(request, fields, idempotency_key))
             else:
                 fields = await read_json(request, content_type, min_rate)
         except HTTPException as refusal:
@@ -84,15 +86,16 @@ def file_refused(fields: dict[str, str]) -> str | None:
     return None
 
 
-async def room_for_file(request: Request, fields: dict[str, str]) -> HTTPException | None:
+async def room_for_file(request: Request, fields: dict[str, str],
+                        idempotency_key: str | None) -> HTTPException | None:
     """503 when the queue of the kind named before the file is full already: the client
-    hears it before sending the file, not after (only a look; the submit decides)."""
+    hears it before sending the file, not after (only a look; the submit decides). A retry
+    with the Idempotency-Key of a job already accepted is let in: it gets that job back."""
     kind = KINDS.get(fields.get("jobType", ""))
     if kind is None:
         return None
     try:
-        await request.app.state.engine.check_room(kind.name, owner(request),
-                                                  request.headers.get("idempotency-key"))
+        await request.app.state.engine.check_room(kind.name, owner(request), idempotency_key)
     except QueueFull as full:
         request.app.state.metrics.refused(kind.name)
         return HTTPException(503, str(full), headers={"Retry-After": str(full.retry_after)})

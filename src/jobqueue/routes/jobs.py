@@ -101,7 +101,7 @@ async def submit_job(request: Request, response: Response,
                          None, max_length=200,
                          description="Any string unique to this submission: a retry with the "
                                      "same key gets the first job back")) -> Accepted:
-    submission = await read_submission(request, request.app.state.settings)
+    submission = await read_submission(request, request.app.state.settings, idempotency_key)
     record = await start_job(request.app.state.engine, submission, Origin.JOBS,
                              check_input=True, owner=owner(request),
                              idempotency_key=idempotency_key)
