@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import threading
 import time
 
 import pytest
 from pydantic import BaseModel
 
+from jobqueue import retention
 from jobqueue.engines import NewJob
 from jobqueue.engines.embedded import EmbeddedEngine
 from jobqueue.errors import QueueFull
-from jobqueue.jobfiles import job_dir, new_job_id
+from jobqueue.jobfiles import job_dir, make_job_dir, new_job_id
 from jobqueue.jobs import JobContext, JobKind, JobStatus, Output
 from jobqueue.records import JobRecord, Origin, SqliteJobStore
 from jobqueue.settings import Settings
@@ -213,3 +215,30 @@ def test_a_full_disk_fails_the_job_with_a_clear_error(tmp_path):
         assert all(thread.is_alive() for thread in engine.pools["full"].threads)
 
     run_engine(tmp_path, scenario)
+
+
+def test_the_sweep_passes_over_uploads_still_on_their_way(tmp_path):
+    """The retention sweep removes an old job folder with no record, but not the folder of a
+    job the engine is still storing (the distributed engine's upload on its way to the object
+    store, `engine.storing`) or of an upload being received, however old they look."""
+    async def scenario(engine: EmbeddedEngine) -> None:
+        orphan, storing, receiving = (job_dir(tmp_path, new_job_id()) for _ in range(3))
+        an_hour_ago = time.time() - 3600
+        for folder in (orphan, storing, receiving):
+            make_job_dir(folder)  # with the mark the server puts in each folder it makes
+            for path in (*folder.rglob("*"), folder):
+                os.utime(path, (an_hour_ago, an_hour_ago))
+        engine.storing = frozenset({storing.name})
+        sweeper = asyncio.create_task(
+            retention.sweep_forever(engine, engine.settings, {receiving.name}))
+
+        async def orphan_gone() -> bool:
+            return not orphan.exists()
+
+        try:
+            await until(orphan_gone, 60)
+        finally:
+            sweeper.cancel()
+        assert storing.exists() and receiving.exists()
+
+    run_engine(tmp_path, scenario, result_ttl=5)  # a sweep every 0.5 s
