@@ -16,7 +16,7 @@ from conftest import DATA, ROOT, Server, run_server, wait_finished
 sys.path.insert(0, str(ROOT / "tests" / "corpus"))
 import make_corpus  # noqa: E402
 
-KIND_OF = {".pdf": "pdf2image", ".mp4": "video", ".ts": "video"}
+KIND_OF = {".pdf": "pdf2image", ".mp4": "video", ".ts": "video", ".mkv": "video"}
 # What each file must come to. "refused": a 4xx naming the problem; "fails": refused, or
 # accepted and then failed with an error; "works": a job that succeeds.
 EXPECTED = {
@@ -38,6 +38,9 @@ EXPECTED = {
     "framerate-bomb.mp4": ("refused", "JOBQUEUE_VIDEO_MAX_FPS"),
     "lying-length.mp4": ("works", ""),
     "frame-burst.ts": ("works", ""),
+    "overflowing-page.pdf": ("refused", "too large for poppler to measure"),
+    "title-with-a-bad-size.pdf": ("works", ""),
+    "rotate-tag-lie.mkv": ("works", ""),
 }
 UNSAFE_NAMES = ["../../../evil.pdf", "/etc/absolute.pdf", "nul\x00byte.pdf", "x" * 1000 + ".pdf",
                 "résumé-文件.pdf", "..", ".hidden.pdf", "a\\..\\..\\win.pdf"]

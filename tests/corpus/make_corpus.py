@@ -76,6 +76,33 @@ def huge_page() -> bytes:
                     info=b"<< /Title (x\nPage    1 size:  10 x 10 pts\nPages: 1) >>")
 
 
+def overflowing_page() -> bytes:
+    """A page 10^400 points wide: more than a double holds, so pdfinfo prints its size as
+    "inf"."""
+    return one_page("0 0 " + "9" * 400 + " 792", b"")
+
+
+def title_with_a_bad_size() -> bytes:
+    """A plain small page with a title that poses as pdfinfo's size line, with no number in
+    it."""
+    return one_page("0 0 200 200", b"0 0 1 rg 0 0 100 100 re f",
+                    info=b"<< /Title (x\nPage    1 size:  1.2.3 x 5 pts\n) >>")
+
+
+def rotate_tag_lie(out: Path) -> None:
+    """A Matroska clip whose `rotate` tag says "abc" (Matroska tags hold any text; ffmpeg
+    writes no rotate tag of its own, so another name is written and renamed in the bytes)."""
+    clip = out / "rotate-source.mp4"
+    ffmpeg(clip, "-f", "lavfi", "-i", "testsrc=duration=1:size=64x48:rate=10",
+           "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast")
+    tagged = out / "rotate-tagged.mkv"
+    ffmpeg(tagged, "-i", str(clip), "-c", "copy", "-write_crc32", "0",
+           "-metadata:s:v", "rotatx=abc")
+    (out / "rotate-tag-lie.mkv").write_bytes(tagged.read_bytes().replace(b"ROTATX", b"rotate"))
+    clip.unlink()
+    tagged.unlink()
+
+
 def flate_bomb(megabytes: int = 300) -> bytes:
     """A content stream of about 300 KB that inflates to `megabytes` MB of path operators."""
     pack = zlib.compressobj(9)
@@ -154,6 +181,9 @@ def make(out: Path) -> list[Path]:
     (out / "huge-page.pdf").write_bytes(huge_page())
     (out / "flate-bomb.pdf").write_bytes(flate_bomb())
     (out / "nested-forms.pdf").write_bytes(nested_forms())
+    (out / "overflowing-page.pdf").write_bytes(overflowing_page())
+    (out / "title-with-a-bad-size.pdf").write_bytes(title_with_a_bad_size())
+    rotate_tag_lie(out)
     ffmpeg(out / "framerate-bomb.mp4", "-f", "lavfi", "-i",
            "testsrc=duration=1:size=32x32:rate=1000", "-pix_fmt", "yuv420p", "-c:v", "libx264",
            "-preset", "ultrafast")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -63,7 +64,8 @@ class PdfInfo:
 
 
 _PAGES = re.compile(r"^Pages:\s+(\d+)\s*$", re.MULTILINE)
-_PAGE_SIZE = re.compile(r"^Page\s+(\d+) size:\s+([0-9.e+-]+) x ([0-9.e+-]+) pts", re.MULTILINE)
+# Any word for the numbers: poppler prints "inf" for a size it cannot hold.
+_PAGE_SIZE = re.compile(r"^Page\s+(\d+) size:\s+(\S+) x (\S+) pts", re.MULTILINE)
 _PAGE_ROTATION = re.compile(r"^Page\s+(\d+) rot:\s+(-?\d+)", re.MULTILINE)
 
 
@@ -79,7 +81,7 @@ def parse_pdfinfo(text: str) -> PdfInfo:
     if not counts:
         raise BadInput("poppler could not read the PDF's page count. " + SEND_A_PDF)
     pages = int(counts[-1])
-    sizes = {int(page): (float(width), float(height))
+    sizes = {int(page): (_points(width), _points(height))
              for page, width, height in _PAGE_SIZE.findall(text)}
     rotations = {int(page): int(rotation) for page, rotation in _PAGE_ROTATION.findall(text)}
     shown = []
@@ -91,6 +93,14 @@ def parse_pdfinfo(text: str) -> PdfInfo:
             width, height = height, width
         shown.append((width, height))
     return PdfInfo(pages, shown)
+
+
+def _points(text: str) -> float:
+    """A page size as pdfinfo printed it; NaN for what is no number (a title's imitation)."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def _unreadable(stderr_tail: str) -> BadInput:
@@ -129,6 +139,13 @@ def check_limits(info: PdfInfo, dpi: int, settings: Settings) -> None:
     if info.pages == 0:
         raise BadInput("The PDF has no pages. " + SEND_A_PDF)
     for page in range(1, info.pages + 1):
+        if page > len(info.sizes):
+            raise BadInput(f"poppler could not read the size of page {page} of the PDF; the "
+                           "PDF may be damaged.")
+        if not all(math.isfinite(points) for points in info.sizes[page - 1]):
+            raise TooLarge(f"Page {page} of the PDF is too large for poppler to measure (its "
+                           f"size is {info.sizes[page - 1][0]:g} x {info.sizes[page - 1][1]:g} "
+                           "points); the PDF may be damaged.")
         width, height = info.pixel_size(page, dpi)
         if width < 1 or height < 1:
             raise BadInput(f"Page {page} of the PDF has no area ({width}x{height} pixels at "

@@ -164,8 +164,18 @@ class BackgroundProbe:
 def _rotation(video: dict) -> int:
     for side_data in video.get("side_data_list", []):
         if "rotation" in side_data:
-            return int(side_data["rotation"]) % 360
-    return int(video.get("tags", {}).get("rotate", 0)) % 360
+            return _degrees(side_data["rotation"])
+    return _degrees(video.get("tags", {}).get("rotate", 0))
+
+
+def _degrees(value: object) -> int:
+    """A rotation in whole degrees, 0 to 359; 0 for a tag that is no number (a container's
+    tags may hold any text, and ffmpeg turns no frame by it)."""
+    try:
+        degrees = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0
+    return int(degrees) % 360 if math.isfinite(degrees) else 0
 
 
 def ffmpeg_command(source: str, target: str, scale: tuple[int, int]) -> list[str]:
