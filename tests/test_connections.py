@@ -3,13 +3,17 @@ at once, huge list pages, and forwarded addresses from whoever claims to be a pr
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import socket
 import time
 
 import httpx
 from httpx_sse import connect_sse
+from starlette.requests import Request
 
 from conftest import run_server
+from jobqueue.app import internal_error
 
 
 def connect(server) -> socket.socket:
@@ -160,3 +164,17 @@ def test_forwarded_addresses_count_only_from_trusted_proxies(tmp_path):
     with run_server(tmp_path / "b", rate_limit="2/minute", trusted_proxies="127.0.0.1") as server, \
             server.client() as client:
         assert third_answer(client) == 202, "behind a trusted proxy each address has its own"
+
+
+def test_an_unexpected_error_says_its_connection_closes():
+    """Starlette raises an unexpected error again once its 500 (or a full disk's 507) is sent,
+    and uvicorn then closes the connection: the answer says `Connection: close`, so a client
+    does not send its next request on a connection that is going away."""
+    request = Request({"type": "http", "method": "POST", "scheme": "http", "path": "/jobs",
+                       "root_path": "", "query_string": b"", "headers": [],
+                       "server": ("127.0.0.1", 8000)})
+    for error, status in ((RuntimeError("a bug"), 500),
+                          (OSError(errno.ENOSPC, "No space left on device"), 507)):
+        answer = asyncio.run(internal_error(request, error))
+        assert answer.status_code == status
+        assert answer.headers["connection"] == "close"

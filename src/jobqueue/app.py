@@ -129,12 +129,17 @@ async def answer_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
 
+# Starlette raises the error again once this answer is sent, and uvicorn then closes the
+# connection: the answer says so, so a client sends its next request on a new one.
+CLOSE = {"Connection": "close"}
+
+
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     disk_full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
     if errors.is_disk_full(exc) or disk_full:
         log.error("disk full on %s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": "The server's disk is full; try again once space has "
-                                       "been freed."}, status_code=507)
+                                       "been freed."}, status_code=507, headers=CLOSE)
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"detail": "Internal server error; the server log has the details."},
-                        status_code=500)
+                        status_code=500, headers=CLOSE)
