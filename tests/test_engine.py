@@ -83,6 +83,15 @@ async def status_is(engine: EmbeddedEngine, job_id: str, status: JobStatus) -> b
     return (await engine.get(job_id)).status == status.value
 
 
+def uploaded(out_dir: Path) -> Path:
+    """An upload as read_submission leaves it: out/<new job id>/input/<name>."""
+    folder = job_dir(out_dir, new_job_id())
+    make_job_dir(folder)
+    (folder / "input").mkdir()
+    (folder / "input" / "scan.pdf").write_bytes(b"%PDF-1.4")
+    return folder / "input" / "scan.pdf"
+
+
 def run_engine(tmp_path, scenario, **settings) -> EmbeddedEngine:
     engine = EmbeddedEngine(Settings(out_dir=tmp_path, **settings), KINDS)
 
@@ -153,6 +162,17 @@ def test_check_room_refuses_exactly_when_the_queue_is_full(tmp_path):
         with pytest.raises(QueueFull):
             await engine.check_room("block", "", "another key")
         await engine.check_room("block", "", "k")  # a retry gets its job back: never refused
+        # An upload that becomes no job (refused, or a retry) leaves no folder behind.
+        for key in (None, "k"):
+            upload = uploaded(tmp_path)
+            new = NewJob(id=upload.parent.parent.name, kind=KINDS["block"], options=NoOptions(),
+                         input_path=upload, origin=Origin.JOBS, idempotency_key=key)
+            if key is None:
+                with pytest.raises(QueueFull):
+                    await engine.submit(new, False)
+            else:
+                assert (await engine.submit(new, False)).id == keyed.id
+            assert not upload.parent.parent.exists()
         await engine.cancel(waiting[0], "test")  # its slot is free at once
         await engine.check_room("block")
         for job_id in [running, *waiting]:

@@ -565,6 +565,7 @@ class EmbeddedEngine:
             # No await between the look and the save: one loop, one job per key.
             earlier = self.store.find_idempotent(new.owner, new.idempotency_key)
             if earlier is not None:
+                await self._remove_upload(new)  # the earlier job has its own
                 return earlier
         job = self._new_job(new.kind, new.options, new.id, new.input_path, new.origin,
                             new.owner, new.idempotency_key)
@@ -574,6 +575,7 @@ class EmbeddedEngine:
             self.pools[job.kind.name].submit(job)
         except (QueueFull, ShuttingDown):
             self.store.delete(job.id)
+            await self._remove_upload(new)
             raise
         self._track(job)
         self._feed.job_changed(job)
@@ -586,6 +588,12 @@ class EmbeddedEngine:
                 self._cancel(job, "its record could not be written")
                 raise
         return record
+
+    async def _remove_upload(self, new: NewJob) -> None:
+        """The folder of an upload that is no job after all (rather than the orphan sweep's,
+        10 minutes later, with the whole upload on disk meanwhile)."""
+        if new.input_path is not None:
+            await asyncio.to_thread(jobfiles.remove_job_dir, self.out_dir, new.id)
 
     async def check_room(self, kind: str, owner: str = "",
                          idempotency_key: str | None = None) -> None:
