@@ -35,6 +35,7 @@ EXPECTED = {
     # Bombs and lies (test_hostile.py holds them to tighter limits).
     "huge-page.pdf": ("refused", "JOBQUEUE_PDF_MAX_PIXELS"),
     "flate-bomb.pdf": ("fails", "JOBQUEUE_RENDER_MAX_MB"),
+    "good-page-then-bomb.pdf": ("fails", "JOBQUEUE_RENDER_MAX_MB"),
     "framerate-bomb.mp4": ("refused", "JOBQUEUE_VIDEO_MAX_FPS"),
     "lying-length.mp4": ("works", ""),
     "frame-burst.ts": ("works", ""),
@@ -80,6 +81,9 @@ def check_answer(client: httpx.Client, server: Server, response: httpx.Response,
             assert job["status"] == "succeeded", job
         else:
             assert job["status"] == "failed" and words.lower() in job["error"].lower(), job
+            # Its partial output is gone; its upload stays with its record.
+            folder = server.out_dir / job["id"]
+            assert sorted(path.name for path in folder.iterdir()) == [".job", "input"]
     else:
         assert expected == "works", response.text
 

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import sys
 import time
 
 import httpx
 import pytest
 
-from conftest import DATA
+from conftest import DATA, ROOT
 from deployments import ENGINES, Deployment, deploy, kill
+
+sys.path.insert(0, str(ROOT / "tests" / "corpus"))
+import make_corpus  # noqa: E402
 
 ALPHA, BETA = "alpha-key-1234", "beta-key-5678"
 CAPACITY = 5
@@ -196,6 +200,17 @@ def test_list_pages_and_filters(first, second):
     assert listed[:5] == ids[::-1], "newest first"
     assert second.get("/jobs?jobType=video&status=queued").json()["items"] == []
     assert second.get("/jobs?status=nonsense").status_code == 422
+
+
+def test_a_failed_job_keeps_its_upload_and_none_of_its_partial_output(deployment, first):
+    """Page 1 renders, page 2 is a flate bomb: the job fails, and page 1's PNG goes (it could
+    not be downloaded from a failed job anyway) while the upload stays with the record."""
+    job = submit(first, data={"jobType": "pdf2image"},
+                 files={"file": ("bomb.pdf", make_corpus.good_page_then_bomb())})
+    ended = wait_until(first, job["id"])
+    assert ended["status"] == "failed" and "JOBQUEUE_RENDER_MAX_MB" in ended["error"], ended
+    folder = deployment.out_dir / job["id"]
+    assert sorted(path.name for path in folder.iterdir()) == [".job", "input"]
 
 
 def test_an_idempotency_key_gets_the_first_job_back(first, second):

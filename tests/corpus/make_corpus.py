@@ -103,12 +103,30 @@ def rotate_tag_lie(out: Path) -> None:
     tagged.unlink()
 
 
-def flate_bomb(megabytes: int = 300) -> bytes:
-    """A content stream of about 300 KB that inflates to `megabytes` MB of path operators."""
+def bomb_stream(megabytes: int = 300) -> bytes:
+    """About 300 KB of Flate data that inflates to `megabytes` MB of path operators."""
     pack = zlib.compressobj(9)
     chunk = b"1 1 m 2 2 l " * (2**20 // 12)
-    compressed = b"".join(pack.compress(chunk) for _ in range(megabytes)) + pack.flush()
-    return one_page("0 0 200 200", compressed, content_filter="FlateDecode")
+    return b"".join(pack.compress(chunk) for _ in range(megabytes)) + pack.flush()
+
+
+def flate_bomb(megabytes: int = 300) -> bytes:
+    """A page whose content stream is the bomb."""
+    return one_page("0 0 200 200", bomb_stream(megabytes), content_filter="FlateDecode")
+
+
+def good_page_then_bomb() -> bytes:
+    """Two pages: a plain one, then the flate bomb's, so the job fails with a page written."""
+    plain, bomb = b"0 0 1 rg 0 0 100 100 re f", bomb_stream()
+    return assemble([
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R 5 0 R] /Count 2 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] /Contents 4 0 R >>",
+        f"<< /Length {len(plain)} >>\nstream\n".encode() + plain + b"\nendstream",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] /Contents 6 0 R >>",
+        f"<< /Length {len(bomb)} /Filter /FlateDecode >>\nstream\n".encode() + bomb
+        + b"\nendstream",
+    ])
 
 
 def nested_forms(depth: int = 40) -> bytes:
@@ -181,6 +199,7 @@ def make(out: Path) -> list[Path]:
     (out / "huge-page.pdf").write_bytes(huge_page())
     (out / "flate-bomb.pdf").write_bytes(flate_bomb())
     (out / "nested-forms.pdf").write_bytes(nested_forms())
+    (out / "good-page-then-bomb.pdf").write_bytes(good_page_then_bomb())
     (out / "overflowing-page.pdf").write_bytes(overflowing_page())
     (out / "title-with-a-bad-size.pdf").write_bytes(title_with_a_bad_size())
     rotate_tag_lie(out)

@@ -711,10 +711,13 @@ class EmbeddedEngine:
             log.info("job %s: stopped by shutdown; it runs again after a restart", job.id)
             return
         # Partial output is no use to anyone, nor is a failed /put job's: its answer carries
-        # the error.
+        # the error. A failed POST /jobs job keeps its upload, with its record, until it is
+        # deleted.
         if job.status is JobStatus.CANCELLED or (job.origin is Origin.PUT
                                                  and job.status is JobStatus.FAILED):
             jobfiles.remove_job_dir(self.out_dir, job.id)
+        elif job.status is JobStatus.FAILED:
+            jobfiles.discard_output(job.out_dir)
         record = job.record()
         self.store.save(record, ended=True)
         job.ended_record = record
