@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import signal
@@ -12,6 +13,9 @@ import httpx
 import pytest
 
 from conftest import DATA, Server, eventually, run_server
+from jobqueue.filestore import gone
+from jobqueue.records import JobRecord
+from jobqueue.routes.jobs import ZipDownload, zip_stream
 from media import pdf_page_points, png_size, probe_streams
 
 
@@ -235,3 +239,37 @@ def test_bad_ids_params_and_bodies_are_4xx(client):
     assert response.status_code == 400 and "cut off" in response.json()["detail"]
     too_big = client.post("/jobs", json={"data": "x" * 2 * 1024 * 1024})
     assert too_big.status_code == 413
+
+
+def test_a_zip_whose_files_go_midway_is_cut_short_not_finished(caplog):
+    """A job deleted while its zip is being sent: the download ends without its last chunk
+    (the client sees it cut short, not a valid zip of fewer pages), with a line in the log
+    rather than a traceback."""
+    record = JobRecord(id="3f1c9a52-58a4-4c36-9c6f-0d8f2a9d1b7e", job_type="pdf2image",
+                       status="succeeded", options={}, input_path=None, created_at=time.time(),
+                       finished_at=time.time(),
+                       result={"data": {}, "files": ["page-1.png", "page-2.png"]})
+
+    class DeletedAfterTheFirstPage:
+        def chunks(self, record: JobRecord, name: str):
+            if name == "page-2.png":
+                raise gone(record.id, name)
+            yield b"\x89PNG" + b"\0" * 100
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()  # the client stays
+        return {}
+
+    response = ZipDownload(zip_stream(DeletedAfterTheFirstPage(), record, record.result["files"]),
+                           media_type="application/zip")
+    asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+    bodies = [message for message in sent if message["type"] == "http.response.body"]
+    assert bodies and all(message["more_body"] for message in bodies), "no last chunk"
+    with pytest.raises(zipfile.BadZipFile):
+        zipfile.ZipFile(io.BytesIO(b"".join(message["body"] for message in bodies)))
+    assert f"job {record.id}" in caplog.text and "page-2.png" in caplog.text

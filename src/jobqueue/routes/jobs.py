@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import zipfile
 from collections.abc import AsyncIterator, Iterator
@@ -12,6 +13,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, R
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse
+from starlette.types import Send
 
 from .. import jobfiles
 from ..access import owner
@@ -25,6 +27,8 @@ from ..schemas import (Accepted, JobList, JobSummary, JobView, Links, ProgressVi
                        ResultSummary, ResultView, error_responses)
 from ..submission import read_submission, start_job
 from .put import REQUEST_EXAMPLES
+
+log = logging.getLogger("jobqueue.routes.jobs")
 
 router = APIRouter(tags=["async jobs"])
 
@@ -209,11 +213,28 @@ async def job_result(request: Request, record: JobRecord = Depends(find_job)) ->
     if len(names) == 1:
         return await run_in_threadpool(files.download, record, names[0],
                                        f"{record.job_type}-{record.id}{Path(names[0]).suffix}")
-    return StreamingResponse(
+    return ZipDownload(
         zip_stream(files, record, names), media_type="application/zip",
         headers={"Content-Disposition":
                  f'attachment; filename="{record.job_type}-{record.id}.zip"'},
     )
+
+
+class CutShort(Exception):
+    """A job's files could not be read (it was deleted, the store failed) while its zip was
+    being sent, so the rest of it cannot be."""
+
+
+class ZipDownload(StreamingResponse):
+    """A zip sent as it is made. Cut short, it ends without its last chunk, so the client sees
+    an incomplete download (not a valid zip of fewer pages), and the log gets a line saying
+    why (and uvicorn's that the answer was not completed) rather than a traceback."""
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        except CutShort as error:
+            log.warning("a zip download stopped partway: %s", error)
 
 
 class _Chunks:
@@ -245,7 +266,11 @@ def zip_stream(files: FileStore, record: JobRecord, names: list[str]) -> Iterato
             info = zipfile.ZipInfo(name, date_time=stamp)
             info.external_attr = 0o644 << 16  # rw-r--r-- once unzipped
             with archive.open(info, "w", force_zip64=True) as entry:
-                for block in files.chunks(record, name):
-                    entry.write(block)
-                    yield chunks.take()
+                try:
+                    for block in files.chunks(record, name):
+                        entry.write(block)
+                        yield chunks.take()
+                except (HTTPException, OSError) as error:
+                    reason = error.detail if isinstance(error, HTTPException) else error
+                    raise CutShort(f"job {record.id}: {reason}") from None
     yield chunks.take()
