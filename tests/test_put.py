@@ -225,11 +225,16 @@ def test_content_type_is_matched_case_insensitively(client):
 
 def test_reported_size_matches_ffmpeg_for_odd_aspect_ratios(client, tmp_path):
     """The summary's width and height are computed, not probed: check them against ffprobe."""
-    clip = tmp_path / "odd.mp4"
+    odd, thin = tmp_path / "odd.mp4", tmp_path / "thin.mp4"
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
                     "testsrc2=size=718x404:rate=10:duration=1", "-pix_fmt", "yuv420p",
-                    "-metadata:s:v", "rotate=90", str(clip)], check=True)
-    for options in ({"width": "300"}, {"height": "202"}, {"width": "100", "height": "60"}):
+                    "-metadata:s:v", "rotate=90", str(odd)], check=True)
+    # So thin that its height at 8 wide rounds to 0, which ffmpeg takes as the input's.
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
+                    "testsrc2=size=4000x10:rate=10:duration=1", "-pix_fmt", "yuv420p",
+                    str(thin)], check=True)
+    for clip, options in ((odd, {"width": "300"}), (odd, {"height": "202"}),
+                          (odd, {"width": "100", "height": "60"}), (thin, {"width": "8"})):
         with open(clip, "rb") as video:
             result = result_of(client.post("/put", data={"jobType": "video", **options},
                                            files={"file": ("odd.mp4", video)}))

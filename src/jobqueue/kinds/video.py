@@ -48,12 +48,13 @@ class VideoOptions(BaseModel):
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         """The size ffmpeg's scale filter gives a `width` x `height` frame: -2 is the other side
-        times the aspect ratio, rounded half up to an even number (av_rescale in scale_eval.c)."""
+        times the aspect ratio, rounded half up to an even number (av_rescale in scale_eval.c),
+        and a side that comes to 0 that way is the input's (0 means "as it is" to the filter)."""
         out_w, out_h = self.scale()
         if out_w < 0:
-            out_w = (out_h * width + height) // (2 * height) * 2
+            out_w = (out_h * width + height) // (2 * height) * 2 or width
         if out_h < 0:
-            out_h = (out_w * height + width) // (2 * width) * 2
+            out_h = (out_w * height + width) // (2 * width) * 2 or height
         return out_w, out_h
 
     def scale(self) -> tuple[int, int]:
