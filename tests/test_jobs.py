@@ -15,7 +15,9 @@ import pytest
 from conftest import DATA, Server, eventually, run_server
 from jobqueue.filestore import gone
 from jobqueue.records import JobRecord
+from jobqueue.routes.files import ThumbnailFailed, make_thumbnail
 from jobqueue.routes.jobs import ZipDownload, zip_stream
+from jobqueue.settings import Settings
 from media import pdf_page_points, png_size, probe_streams
 
 
@@ -273,3 +275,15 @@ def test_a_zip_whose_files_go_midway_is_cut_short_not_finished(caplog):
     with pytest.raises(zipfile.BadZipFile):
         zipfile.ZipFile(io.BytesIO(b"".join(message["body"] for message in bodies)))
     assert f"job {record.id}" in caplog.text and "page-2.png" in caplog.text
+
+
+def test_a_thumbnail_of_a_page_deleted_meanwhile_is_not_found_rather_than_unmakeable(tmp_path):
+    """A job deleted while a thumbnail of its page is being made: the thumbnail program finds
+    no file, which the route answers 404 (FileNotFoundError), not 422 "no thumbnail can be
+    made", which stays for an image it cannot read."""
+    settings = Settings(out_dir=tmp_path)
+    with pytest.raises(FileNotFoundError):
+        make_thumbnail(tmp_path / "page-1.png", tmp_path / "64-page-1.jpg", 64, settings)
+    (tmp_path / "page-2.png").write_bytes(b"not a PNG")
+    with pytest.raises(ThumbnailFailed):
+        make_thumbnail(tmp_path / "page-2.png", tmp_path / "64-page-2.jpg", 64, settings)

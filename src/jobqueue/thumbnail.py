@@ -15,14 +15,20 @@ import sys
 from PIL import Image
 
 QUALITY = 80
+# The exit status when the source or the target's folder is gone (its job was deleted
+# meanwhile): the server answers 404 for that, not "no thumbnail can be made".
+GONE = 3
 
 
 def main() -> int:
     source, target, width = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    with Image.open(source) as image:
-        image.draft("RGB", (width, width * 20))  # JPEG sources decode at a fraction
-        image.thumbnail((width, width * 20))
-        image.convert("RGB").save(target, "JPEG", quality=QUALITY)
+    try:
+        with Image.open(source) as image:
+            image.draft("RGB", (width, width * 20))  # JPEG sources decode at a fraction
+            image.thumbnail((width, width * 20))
+            image.convert("RGB").save(target, "JPEG", quality=QUALITY)
+    except FileNotFoundError:
+        return GONE
     return 0
 
 

@@ -130,6 +130,8 @@ def make_thumbnail(path: Path, cached: Path, width: int, settings: Settings,
             done = processes.output(
                 [sys.executable, "-I", str(THUMBNAIL_PROGRAM), str(path), str(partial),
                  str(width)], THUMBNAIL_SECONDS, settings.render_max_mb)
+        if done.returncode == thumbnail_program.GONE:
+            raise FileNotFoundError(path)  # deleted meanwhile: 404
         if done.returncode != 0:
             raise ThumbnailFailed(done.stderr.decode(errors="replace")[-300:])
         jpeg = partial.read_bytes()
