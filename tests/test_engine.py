@@ -19,7 +19,7 @@ from jobqueue.engines.embedded import EmbeddedEngine
 from jobqueue.errors import QueueFull
 from jobqueue.jobfiles import job_dir, make_job_dir, new_job_id
 from jobqueue.jobs import JobContext, JobKind, JobStatus, Output
-from jobqueue.records import JobRecord, Origin, SqliteJobStore
+from jobqueue.records import JobRecord, Origin, SqliteJobStore, list_query
 from jobqueue.settings import Settings
 
 
@@ -265,3 +265,19 @@ def test_the_sweep_passes_over_uploads_still_on_their_way(tmp_path):
         assert storing.exists() and receiving.exists()
 
     run_engine(tmp_path, scenario, result_ttl=5)  # a sweep every 0.5 s
+
+
+@pytest.mark.parametrize("status, job_type", [(None, None), ("succeeded", None),
+                                              (None, "message")])
+def test_a_page_of_jobs_stops_at_its_end_rather_than_sorting_them_all(tmp_path, status,
+                                                                      job_type):
+    """GET /jobs' query walks an index in the order of the page and stops at its end: no sort
+    of all of an owner's jobs first, which took 40 ms a page with 2,500 jobs of large results."""
+    store = SqliteJobStore(tmp_path / "jobs.db")
+    try:
+        sql, params = list_query(status, job_type, 20, 0, "")
+        plan = " / ".join(row[3] for row in store._reader.execute(f"EXPLAIN QUERY PLAN {sql}",
+                                                                  params))
+    finally:
+        store.close()
+    assert "TEMP B-TREE" not in plan, plan

@@ -58,7 +58,12 @@ ADDED_COLUMNS = {
     "attempt": "INTEGER NOT NULL DEFAULT 0",
     "idempotency_key": "TEXT",
 }
-INDEXES = "CREATE INDEX IF NOT EXISTS jobs_idempotency ON jobs (owner, idempotency_key);"
+# jobs_listing: a page of GET /jobs walks one owner's newest jobs and stops at the page's end,
+# rather than sorting all of them (and summarizing each one's result) first.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS jobs_idempotency ON jobs (owner, idempotency_key);
+CREATE INDEX IF NOT EXISTS jobs_listing ON jobs (owner, seq);
+"""
 JSON_COLUMNS = ("options", "progress", "result")
 # After a failed commit (a full disk), the writer tries again this much later.
 RETRY_SECONDS = 1.0
@@ -122,6 +127,24 @@ def _row(record: JobRecord) -> tuple:
     return tuple(json.dumps(getattr(record, column)) if column in JSON_COLUMNS
                  else record.origin.value if column == "origin"
                  else getattr(record, column) for column in COLUMNS)
+
+
+def list_query(status: str | None, job_type: str | None, limit: int, offset: int,
+               owner: str) -> tuple[str, tuple]:
+    """SqliteJobStore.list's query and its parameters."""
+    where, params = ["owner = ?"], [owner]
+    if status:
+        where.append("status = ?")
+        params.append(status)
+    if job_type:
+        where.append("job_type = ?")
+        params.append(job_type)
+    light = [column for column in COLUMNS if column not in ("options", "result")]
+    sql = (f"SELECT seq, {', '.join(light)}, '{{}}' AS options, "
+           "CASE WHEN json_type(result) = 'object' "
+           "THEN json_object('files', json_extract(result, '$.files')) END AS result "
+           "FROM jobs WHERE " + " AND ".join(where) + " ORDER BY seq DESC LIMIT ? OFFSET ?")
+    return sql, (*params, limit, offset)
 
 
 class JobStore(Protocol):
@@ -370,19 +393,7 @@ class SqliteJobStore:
         """One owner's jobs, newest first, optionally filtered by status and job type, as
         summaries: without their options, and with only the file names of their result (a
         page of jobs whose results or options are megabytes each stays small)."""
-        where, params = ["owner = ?"], [owner]
-        if status:
-            where.append("status = ?")
-            params.append(status)
-        if job_type:
-            where.append("job_type = ?")
-            params.append(job_type)
-        light = [column for column in COLUMNS if column not in ("options", "result")]
-        sql = (f"SELECT seq, {', '.join(light)}, '{{}}' AS options, "
-               "CASE WHEN json_type(result) = 'object' "
-               "THEN json_object('files', json_extract(result, '$.files')) END AS result "
-               "FROM jobs WHERE " + " AND ".join(where))
-        return self._query(sql + " ORDER BY seq DESC LIMIT ? OFFSET ?", (*params, limit, offset))
+        return self._query(*list_query(status, job_type, limit, offset, owner))
 
     def unfinished(self) -> list[JobRecord]:
         """Queued and running jobs in the order they arrived."""
