@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import DATA, ROOT, Server, run_server, wait_finished
+from conftest import DATA, ROOT, Server, eventually, run_server, wait_finished
 
 sys.path.insert(0, str(ROOT / "tests" / "corpus"))
 import make_corpus  # noqa: E402
@@ -81,9 +81,10 @@ def check_answer(client: httpx.Client, server: Server, response: httpx.Response,
             assert job["status"] == "succeeded", job
         else:
             assert job["status"] == "failed" and words.lower() in job["error"].lower(), job
-            # Its partial output is gone; its upload stays with its record.
+            # Its partial output goes (just after its end is recorded); its upload stays.
             folder = server.out_dir / job["id"]
-            assert sorted(path.name for path in folder.iterdir()) == [".job", "input"]
+            eventually(lambda: sorted(path.name for path in folder.iterdir())
+                       == [".job", "input"])
     else:
         assert expected == "works", response.text
 

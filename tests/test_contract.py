@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from conftest import DATA, ROOT
+from conftest import DATA, ROOT, eventually
 from deployments import ENGINES, Deployment, deploy, kill
 
 sys.path.insert(0, str(ROOT / "tests" / "corpus"))
@@ -209,8 +209,8 @@ def test_a_failed_job_keeps_its_upload_and_none_of_its_partial_output(deployment
                  files={"file": ("bomb.pdf", make_corpus.good_page_then_bomb())})
     ended = wait_until(first, job["id"])
     assert ended["status"] == "failed" and "JOBQUEUE_RENDER_MAX_MB" in ended["error"], ended
-    folder = deployment.out_dir / job["id"]
-    assert sorted(path.name for path in folder.iterdir()) == [".job", "input"]
+    folder = deployment.out_dir / job["id"]  # tidied just after the end is recorded
+    eventually(lambda: sorted(path.name for path in folder.iterdir()) == [".job", "input"])
 
 
 def test_an_idempotency_key_gets_the_first_job_back(first, second):

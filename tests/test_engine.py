@@ -153,8 +153,9 @@ def test_check_room_refuses_exactly_when_the_queue_is_full(tmp_path):
         await until(lambda: status_is(engine, running, JobStatus.RUNNING))
         waiting = [await submit(engine, "block") for _ in range(9)]
         await engine.check_room("block")  # nine of ten slots taken: room for one
-        keyed = await engine.submit(NewJob(id=new_job_id(), kind=KINDS["block"],
-                                           options=NoOptions(), input_path=None,
+        kept = uploaded(tmp_path)
+        keyed = await engine.submit(NewJob(id=kept.parent.parent.name, kind=KINDS["block"],
+                                           options=NoOptions(), input_path=kept,
                                            origin=Origin.JOBS, idempotency_key="k"), False)
         waiting.append(keyed.id)
         with pytest.raises(QueueFull, match="block queue is full"):
@@ -172,7 +173,7 @@ def test_check_room_refuses_exactly_when_the_queue_is_full(tmp_path):
                     await engine.submit(new, False)
             else:
                 assert (await engine.submit(new, False)).id == keyed.id
-            assert not upload.parent.parent.exists()
+            assert not upload.parent.parent.exists() and kept.exists()
         await engine.cancel(waiting[0], "test")  # its slot is free at once
         await engine.check_room("block")
         for job_id in [running, *waiting]:
@@ -267,8 +268,7 @@ def test_the_sweep_passes_over_uploads_still_on_their_way(tmp_path):
     run_engine(tmp_path, scenario, result_ttl=5)  # a sweep every 0.5 s
 
 
-@pytest.mark.parametrize("status, job_type", [(None, None), ("succeeded", None),
-                                              (None, "message")])
+@pytest.mark.parametrize("status, job_type", [(None, None), (None, "message")])
 def test_a_page_of_jobs_stops_at_its_end_rather_than_sorting_them_all(tmp_path, status,
                                                                       job_type):
     """GET /jobs' query walks an index in the order of the page and stops at its end: no sort
@@ -281,3 +281,34 @@ def test_a_page_of_jobs_stops_at_its_end_rather_than_sorting_them_all(tmp_path, 
     finally:
         store.close()
     assert "TEMP B-TREE" not in plan, plan
+
+
+def test_a_job_deleted_while_its_end_is_being_recorded_stays_deleted(tmp_path):
+    """GET shows a job's final status a moment before its worker thread has stored its end;
+    a DELETE in that moment waits for the store, or the record would come back."""
+    recording = threading.Event()
+    release = threading.Event()
+
+    async def scenario(engine: EmbeddedEngine) -> None:
+        save = engine.store.save
+
+        def slow_save(record: JobRecord, ended: bool = False) -> None:
+            if ended:
+                recording.set()
+                release.wait(30)
+            save(record, ended)
+
+        engine.store.save = slow_save
+        job_id = await submit(engine, "ok")
+        await until(lambda: asyncio.sleep(0, recording.is_set()))
+        assert (await engine.get(job_id)).status == JobStatus.SUCCEEDED.value
+        deleting = asyncio.create_task(engine.delete(job_id))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not deleting.done(), "it waits for the end to be stored"
+        release.set()
+        await deleting
+        engine.store.flush()
+        assert engine.store.get(job_id) is None
+
+    run_engine(tmp_path, scenario)

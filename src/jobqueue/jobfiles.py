@@ -68,8 +68,9 @@ def output_file(out_dir: Path, job_id: str, name: str) -> Path | None:
 def discard_output(folder: Path) -> None:
     """Remove what a run of the job wrote (before it runs again), keeping its upload."""
     for path in folder.iterdir() if folder.is_dir() else ():
-        if path.name not in (INPUT_DIR, JOB_MARK):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.name not in (INPUT_DIR, JOB_MARK):  # gone meanwhile (a DELETE) is as good
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(
+                missing_ok=True)
 
 
 def remove_job_dir(out_dir: Path, job_id: str) -> None:

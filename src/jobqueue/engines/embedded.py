@@ -632,6 +632,10 @@ class EmbeddedEngine:
             self._cancel(job, reason, ending)
 
     async def delete(self, job_id: str) -> None:
+        if (job := self._active.get(job_id)) is not None:
+            # It has just ended, and its thread is still recording that: after that, or the
+            # record would come back once deleted.
+            await asyncio.shield(job.done)
         record = self.store.get(job_id)
         self.store.delete(job_id)  # first, so nobody is sent to missing files
         if record is not None:
@@ -717,7 +721,11 @@ class EmbeddedEngine:
                                                  and job.status is JobStatus.FAILED):
             jobfiles.remove_job_dir(self.out_dir, job.id)
         elif job.status is JobStatus.FAILED:
-            jobfiles.discard_output(job.out_dir)
+            try:
+                jobfiles.discard_output(job.out_dir)
+            except OSError as error:  # its end is recorded all the same
+                log.warning("job %s: its partial output could not be removed: %s", job.id,
+                            error)
         record = job.record()
         self.store.save(record, ended=True)
         job.ended_record = record

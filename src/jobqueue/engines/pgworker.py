@@ -475,8 +475,8 @@ class Runner:
             self.files.finished(record)
         elif self.files.remote:  # the store keeps what there is; this was scratch
             jobfiles.remove_job_dir(self.files.out_dir, job.id)
-        elif ended and status is JobStatus.FAILED:  # its partial output; the upload stays
-            jobfiles.discard_output(job.out_dir)
+        elif ended and status is JobStatus.FAILED:  # shared folder: its partial output goes,
+            jobfiles.discard_output(job.out_dir)  # its upload stays with its record
 
     async def _requeue(self, job: WorkerJob) -> None:
         """A shutdown stopped the job: queue it again (with a procrastinate job of its own)."""

@@ -18,6 +18,7 @@ from starlette.types import Send
 from .. import jobfiles
 from ..access import owner
 from ..engines import JobEngine
+from ..errors import Unavailable
 from ..filestore import FileStore
 from ..jobs import FINISHED, JobStatus
 from ..kinds import KINDS
@@ -270,7 +271,7 @@ def zip_stream(files: FileStore, record: JobRecord, names: list[str]) -> Iterato
                     for block in files.chunks(record, name):
                         entry.write(block)
                         yield chunks.take()
-                except (HTTPException, OSError) as error:
+                except (HTTPException, OSError, Unavailable) as error:
                     reason = error.detail if isinstance(error, HTTPException) else error
                     raise CutShort(f"job {record.id}: {reason}") from None
     yield chunks.take()
