@@ -129,21 +129,29 @@ def _row(record: JobRecord) -> tuple:
                  else getattr(record, column) for column in COLUMNS)
 
 
+def list_filter(status: str | None, job_type: str | None, owner: str,
+                mark: str) -> tuple[str, list]:
+    """The WHERE of a page of jobs (one owner's, of one status and one kind if given) and
+    its parameters; `mark` is the driver's placeholder (sqlite3's ?, psycopg's %s)."""
+    where, params = [f"owner = {mark}"], [owner]
+    if status:
+        where.append(f"status = {mark}")
+        params.append(status)
+    if job_type:
+        where.append(f"job_type = {mark}")
+        params.append(job_type)
+    return " AND ".join(where), params
+
+
 def list_query(status: str | None, job_type: str | None, limit: int, offset: int,
                owner: str) -> tuple[str, tuple]:
     """SqliteJobStore.list's query and its parameters."""
-    where, params = ["owner = ?"], [owner]
-    if status:
-        where.append("status = ?")
-        params.append(status)
-    if job_type:
-        where.append("job_type = ?")
-        params.append(job_type)
+    where, params = list_filter(status, job_type, owner, "?")
     light = [column for column in COLUMNS if column not in ("options", "result")]
     sql = (f"SELECT seq, {', '.join(light)}, '{{}}' AS options, "
            "CASE WHEN json_type(result) = 'object' "
            "THEN json_object('files', json_extract(result, '$.files')) END AS result "
-           "FROM jobs WHERE " + " AND ".join(where) + " ORDER BY seq DESC LIMIT ? OFFSET ?")
+           f"FROM jobs WHERE {where} ORDER BY seq DESC LIMIT ? OFFSET ?")
     return sql, (*params, limit, offset)
 
 

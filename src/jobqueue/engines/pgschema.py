@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 
 from .. import rollup
 from ..errors import Unavailable
-from ..records import COLUMNS, JobRecord
+from ..records import COLUMNS, JobRecord, list_filter
 
 CHANNEL = "jobqueue_jobs"
 # Taken while the schema is made, so replicas and workers starting together make it once.
@@ -88,14 +88,8 @@ INSERT = (f"INSERT INTO jobqueue_jobs ({', '.join(COLUMNS)}) "
 def list_query(status: str | None, job_type: str | None, limit: int, offset: int,
                owner: str) -> tuple[str, tuple]:
     """SELECT of one owner's job summaries, newest first, filtered and paged."""
-    where, args = ["owner = %s"], [owner]
-    if status:
-        where.append("status = %s")
-        args.append(status)
-    if job_type:
-        where.append("job_type = %s")
-        args.append(job_type)
-    return (f"SELECT {SUMMARY_COLUMNS} FROM jobqueue_jobs WHERE {' AND '.join(where)} "
+    where, args = list_filter(status, job_type, owner, "%s")
+    return (f"SELECT {SUMMARY_COLUMNS} FROM jobqueue_jobs WHERE {where} "
             "ORDER BY seq DESC LIMIT %s OFFSET %s", (*args, limit, offset))
 
 
