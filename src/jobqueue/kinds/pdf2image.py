@@ -139,13 +139,10 @@ def check_limits(info: PdfInfo, dpi: int, settings: Settings) -> None:
     if info.pages == 0:
         raise BadInput("The PDF has no pages. " + SEND_A_PDF)
     for page in range(1, info.pages + 1):
-        if page > len(info.sizes):
+        if page > len(info.sizes) or any(map(math.isnan, info.sizes[page - 1])):
             raise BadInput(f"poppler could not read the size of page {page} of the PDF; the "
                            "PDF may be damaged.")
-        if any(math.isnan(points) for points in info.sizes[page - 1]):
-            raise BadInput(f"poppler could not read the size of page {page} of the PDF; the "
-                           "PDF may be damaged.")
-        if any(math.isinf(points) for points in info.sizes[page - 1]):
+        if any(map(math.isinf, info.sizes[page - 1])):
             raise TooLarge(f"Page {page} of the PDF is too large for poppler to measure (its "
                            f"size is {info.sizes[page - 1][0]:g} x {info.sizes[page - 1][1]:g} "
                            "points); the PDF may be damaged.")
