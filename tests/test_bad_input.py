@@ -35,7 +35,6 @@ EXPECTED = {
     # Bombs and lies (test_hostile.py holds them to tighter limits).
     "huge-page.pdf": ("refused", "JOBQUEUE_PDF_MAX_PIXELS"),
     "flate-bomb.pdf": ("fails", "JOBQUEUE_RENDER_MAX_MB"),
-    "good-page-then-bomb.pdf": ("fails", "JOBQUEUE_RENDER_MAX_MB"),
     "framerate-bomb.mp4": ("refused", "JOBQUEUE_VIDEO_MAX_FPS"),
     "lying-length.mp4": ("works", ""),
     "frame-burst.ts": ("works", ""),
