@@ -245,13 +245,16 @@ def test_bad_ids_params_and_bodies_are_4xx(client):
     assert too_big.status_code == 413
 
 
-@pytest.mark.parametrize("error", [gone("3f1c9a52-58a4-4c36-9c6f-0d8f2a9d1b7e", "page-2.png"),
+ZIPPED_JOB = "3f1c9a52-58a4-4c36-9c6f-0d8f2a9d1b7e"
+
+
+@pytest.mark.parametrize("error", [gone(ZIPPED_JOB, "page-2.png"),
                                    Unavailable("the object store did not answer")])
 def test_a_zip_whose_files_go_midway_is_cut_short_not_finished(caplog, error):
     """A job deleted (or its store failing) while its zip is being sent: the download ends
     without its last chunk (the client sees it cut short, not a valid zip of fewer pages),
     with a line in the log rather than a traceback."""
-    record = JobRecord(id="3f1c9a52-58a4-4c36-9c6f-0d8f2a9d1b7e", job_type="pdf2image",
+    record = JobRecord(id=ZIPPED_JOB, job_type="pdf2image",
                        status="succeeded", options={}, input_path=None, created_at=time.time(),
                        finished_at=time.time(),
                        result={"data": {}, "files": ["page-1.png", "page-2.png"]})
