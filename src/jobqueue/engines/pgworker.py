@@ -32,7 +32,7 @@ from typing import Any
 import procrastinate
 from procrastinate.job_context import AbortReason, JobContext as ProcrastinateContext
 from procrastinate.schema import SchemaManager
-from procrastinate.utils import utcnow
+from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
@@ -322,18 +322,21 @@ class Runner:
                 log.debug("looking for stalled jobs failed: %s", error)
 
     async def _rescue_one(self, procrastinate_id: int) -> None:
+        """Queue the job of a stalled procrastinate job again, with a procrastinate job of its
+        own, and end the stalled one. Not a retry of the same one: its run may still be alive
+        in a worker cut off from the database, and once the database is back that run would
+        end (and delete) the very procrastinate job that was to run it again."""
         async with self.pool.connection() as conn, conn.transaction():
             rows = await pgschema.fetch(
                 conn, "UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, "
                       "worker_name = NULL, progress = '{}', cancelled_as = NULL "
-                      "WHERE procrastinate_id = %s AND status = 'running' RETURNING *",
-                (procrastinate_id,))
+                      "WHERE procrastinate_id = %s AND status IN ('queued', 'running') "
+                      "RETURNING *", (procrastinate_id,))
             for record in rows:
-                await pgschema.notify(conn, record.id, record.owner)
-        try:
-            await self.app.job_manager.retry_job_by_id_async(procrastinate_id, retry_at=utcnow())
-        except Exception:  # another runner rescued it first
-            return
+                await self._queue_again(conn, record)
+        with contextlib.suppress(Exception):  # ended already: by its run, or another rescue
+            await self.app.job_manager.finish_job_by_id_async(
+                procrastinate_id, status=procrastinate.jobs.Status.FAILED, delete_job=True)
         for record in rows:
             log.warning("job %s: its worker stopped beating; it runs again", record.id)
 
@@ -478,6 +481,14 @@ class Runner:
         elif ended and status is JobStatus.FAILED:  # shared folder: its partial output goes,
             jobfiles.discard_output(job.out_dir)  # its upload stays with its record
 
+    async def _queue_again(self, conn: AsyncConnection, record: JobRecord) -> None:
+        """Give a job set back to queued (within `conn`'s transaction) a procrastinate job."""
+        task = self.app.tasks[task_name(record.job_type)]
+        procrastinate_id = await task.configure(connection=conn).defer_async(job_id=record.id)
+        await conn.execute("UPDATE jobqueue_jobs SET procrastinate_id = %s WHERE id = %s",
+                           (procrastinate_id, record.id))
+        await pgschema.notify(conn, record.id, record.owner)
+
     async def _requeue(self, job: WorkerJob) -> None:
         """A shutdown stopped the job: queue it again (with a procrastinate job of its own)."""
         record = job.record
@@ -488,12 +499,7 @@ class Runner:
                       "WHERE id = %s AND attempt = %s AND status = 'running' RETURNING *",
                 (job.id, record.attempt))
             if rows:
-                task = self.app.tasks[task_name(record.job_type)]
-                procrastinate_id = await task.configure(connection=conn).defer_async(
-                    job_id=job.id)
-                await conn.execute("UPDATE jobqueue_jobs SET procrastinate_id = %s "
-                                   "WHERE id = %s", (procrastinate_id, job.id))
-                await pgschema.notify(conn, job.id, record.owner)
+                await self._queue_again(conn, record)
         if self.files.remote:  # it runs again from the store's copy, wherever it runs
             await asyncio.to_thread(jobfiles.remove_job_dir, self.files.out_dir, job.id)
         log.info("job %s: stopped by the worker's shutdown; queued again", job.id)
