@@ -96,3 +96,86 @@ def test_full_disk_gives_a_clear_failure_and_the_server_keeps_serving(tmp_path, 
         assert client.post("/put", json={"data": "still here", "seconds": 0}).status_code == 200
         assert client.post("/put", json={"jobType": "pdf2image", "dpi": 20}).status_code == 200
     assert "Traceback" not in server.log()
+
+
+def age(folder: Path, seconds: float = 3600) -> None:
+    """Make a job folder look untouched for `seconds` (the orphan sweep waits 10 minutes)."""
+    then = time.time() - seconds
+    for path in (*folder.rglob("*"), folder):
+        os.utime(path, (then, then), follow_symlinks=False)
+
+
+def test_a_new_or_emptied_job_store_never_deletes_job_folders(tmp_path):
+    """Job folders that a store does not know, because it is new (jobs.db deleted, emptied,
+    JOBQUEUE_DB_PATH changed), are left alone with a warning naming both places; a folder
+    that a server of this very store left without a record (kill -9 mid-upload) still goes."""
+    out = tmp_path / "out"
+    with run_server(tmp_path) as server, server.client() as client:
+        job_id = client.post("/jobs", json={"jobType": "pdf2image", "dpi": 20}).json()["id"]
+        assert wait_finished(client, job_id)["status"] == "succeeded"
+    kept = out / job_id
+    pages = sorted(path.name for path in kept.glob("*.png"))
+    assert pages
+    age(kept)
+    for emptied in ("delete", "truncate", "elsewhere"):
+        db_path = tmp_path / "elsewhere.db" if emptied == "elsewhere" else out / "jobs.db"
+        if emptied == "delete":
+            for path in out.glob("jobs.db*"):
+                path.unlink()
+        elif emptied == "truncate":
+            (out / "jobs.db").write_bytes(b"")
+        settings = {"db_path": db_path} if emptied == "elsewhere" else {}
+        with run_server(tmp_path, **settings) as server, server.client() as client:
+            # The start-up sweep has run once /health answers; so has a periodic one by the
+            # time this job is done.
+            done = client.post("/put", json={"jobType": "pdf2image", "dpi": 20})
+            assert done.status_code == 200, done.text
+            assert client.get(f"/jobs/{job_id}").status_code == 404  # this store's answer
+            log = server.log()
+        assert sorted(path.name for path in kept.glob("*.png")) == pages, emptied
+        # This run's own earlier /put jobs are among them: each run is a new store.
+        assert f"job folders in {out} have no record in {db_path}" in log, log
+    # A record-less folder that this store's server made (an upload cut off by kill -9): swept.
+    store_id = (out / ".jobqueue-store").read_text()
+    leftover = out / str(uuid.uuid4())
+    (leftover / "input").mkdir(parents=True)
+    (leftover / ".job").write_text(store_id)
+    (leftover / "input" / "half.pdf").write_bytes(b"%PDF-1.4 cut off")
+    age(leftover)
+    with run_server(tmp_path, db_path=tmp_path / "elsewhere.db") as server:
+        pass
+    assert not leftover.exists()
+    assert sorted(path.name for path in kept.glob("*.png")) == pages
+
+
+@pytest.mark.parametrize("damage", ["pages overwritten", "not a database"])
+def test_a_damaged_job_database_stops_the_start_with_how_to_recover(tmp_path, damage):
+    with run_server(tmp_path) as server, server.client() as client:
+        for _ in range(30):  # records over several pages
+            assert client.post("/put", json={"data": "x" * 2000, "seconds": 0}
+                               ).status_code == 200
+    db_path = tmp_path / "out" / "jobs.db"
+    assert db_path.stat().st_size > 8 * 4096
+    with db_path.open("r+b") as db:
+        if damage == "pages overwritten":
+            # Leaf pages of the records: the schema stays readable, so the server used to
+            # start, and answer 500 for the jobs on them.
+            db.seek(db_path.stat().st_size - 4 * 4096)
+            db.write(os.urandom(3 * 4096))
+        else:
+            db.write(os.urandom(4096))
+    with pytest.raises(RuntimeError, match="exited at start") as refusal:
+        with run_server(tmp_path):
+            pass
+    assert f"The job database {db_path} is damaged" in str(refusal.value)
+    assert ".recover" in str(refusal.value)
+
+
+def test_an_output_folder_the_server_cannot_write_stops_the_start(tmp_path, small_disk):
+    (small_disk / "out").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(RuntimeError, match="exited at start") as refusal:
+        with run_server(tmp_path, out_dir=small_disk / "out", db_path=tmp_path / "jobs.db"):
+            pass
+    assert f"The output folder {small_disk / 'out'} cannot be written" in str(refusal.value)
+    assert "Read-only file system" in str(refusal.value)

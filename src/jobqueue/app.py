@@ -47,11 +47,18 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The engine opens its store and starts its threads here, never at import time.
-        engine = make_engine(settings, KINDS, app.state.metrics, with_workers)
-        app.state.engine = engine
-        await engine.start()
         try:
-            await asyncio.to_thread(retention.sweep_orphans, engine.store, settings.out_dir)
+            engine = make_engine(settings, KINDS, app.state.metrics, with_workers)
+            app.state.engine = engine
+            await engine.start()
+        except errors.CannotStart as error:
+            log.critical("cannot start: %s", error)  # what to do, before uvicorn's traceback
+            raise
+        try:
+            await asyncio.to_thread(retention.sweep_orphans, engine.store, settings.out_dir,
+                                    at_start=True)
+        except errors.CannotStart:
+            raise
         except Exception as error:  # the database may be down: the periodic sweep tries again
             log.warning("the sweep of leftover job folders failed at start: %s", error)
         sweeper = asyncio.create_task(retention.sweep_forever(engine, settings,

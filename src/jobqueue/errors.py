@@ -53,6 +53,11 @@ class ShuttingDown(Exception):
     """The server is stopping and takes no new jobs."""
 
 
+class CannotStart(Exception):
+    """The server must not start as configured (a damaged database, an output folder it
+    cannot write); the message names what and how to put it right."""
+
+
 class Unavailable(Exception):
     """Something the server needs (the database) cannot be reached; the message says what."""
 

@@ -22,6 +22,7 @@ import logging
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -29,6 +30,7 @@ from collections import Counter
 from typing import Any, NamedTuple, Protocol
 
 from . import rollup
+from .errors import CannotStart
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -49,6 +51,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+CREATE TABLE IF NOT EXISTS store (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """ + rollup.table_sql("job_minutes", "INTEGER")
 # Columns added after the first release, for databases made before them. (A database that
 # still has the old bad_input column keeps it, unused.)
@@ -186,22 +189,50 @@ class JobStore(Protocol):
 
     def close(self) -> None: ...
 
+    # Made once with the store and kept with it: each job folder is marked with it, so that a
+    # new or emptied store, which knows none of them, never takes them for leftovers.
+    store_id: str
+    location: str  # where the records are, for messages: a path, or a database's name
+
+
+def new_store_id() -> str:
+    return str(uuid.uuid4())
+
 
 class SqliteJobStore:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._lock = threading.Lock()  # the writer's connection: one statement at a time
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
-            present = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
-            for column, definition in ADDED_COLUMNS.items():
-                if column not in present:
-                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
-            self._db.executescript(INDEXES)
+        self.location = str(path)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._lock = threading.Lock()  # the writer's connection: one statement at a time
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                # A damaged file would otherwise open, and every read of a bad page be a 500.
+                problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]
+                if problems != ["ok"]:
+                    raise sqlite3.DatabaseError("; ".join(problems))
+                self._db.executescript(SCHEMA)
+                present = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+                for column, definition in ADDED_COLUMNS.items():
+                    if column not in present:
+                        self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
+                self._db.executescript(INDEXES)
+                self._db.execute("INSERT OR IGNORE INTO store VALUES ('id', ?)",
+                                 (new_store_id(),))
+                self.store_id = self._db.execute(
+                    "SELECT value FROM store WHERE name = 'id'").fetchone()[0]
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+                raise
+            raise CannotStart(
+                f"The job database {path} is damaged ({error}). Stop the server, keep a copy "
+                f"of the file, then recover what it holds: sqlite3 {path} \".recover\" | "
+                f"sqlite3 {path}.recovered && mv {path}.recovered {path} (remove {path}-wal "
+                "and -shm first). Or move it aside to start with no records; job folders are "
+                "then left alone.") from None
         # Reads have a connection of their own: in WAL mode they never wait for a commit.
         self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._reader.row_factory = sqlite3.Row

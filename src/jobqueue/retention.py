@@ -31,27 +31,42 @@ STORED_SWEEP_SECONDS = 300.0
 STALE_OBJECT_SECONDS = 3600.0
 
 
-def sweep_orphans(store: JobStore, out_dir: Path, receiving: Set[str] = frozenset()
-                  ) -> list[str]:
-    """Remove job folders under `out_dir` (named by a job id, and marked as one) that no
-    record owns, that this server is not `receiving` an upload for, and that nothing has
-    written to for ORPHAN_SECONDS; nothing else under `out_dir` is touched. Returns their ids."""
-    removed = []
-    cutoff = time.time() - ORPHAN_SECONDS
-    try:
-        entries = list(os.scandir(out_dir))
-    except FileNotFoundError:
+def sweep_orphans(store: JobStore, out_dir: Path, receiving: Set[str] = frozenset(),
+                  at_start: bool = False) -> list[str]:
+    """Remove job folders under `out_dir` (named by a job id, and marked as one by a server of
+    this very store) that no record owns, that this server is not `receiving` an upload for,
+    and that nothing has written to for ORPHAN_SECONDS; nothing else under `out_dir` is
+    touched. A folder another store's server made (or one made before folders were tied to
+    their store) is left alone: this store not knowing its job proves nothing. Returns the
+    ids removed. `at_start`: warn of the folders left alone that way."""
+    removed: list[str] = []
+    if not out_dir.is_dir():
         return removed
-    for entry in entries:
-        if not (jobfiles.is_job_id(entry.name) and entry.is_dir(follow_symlinks=False)
-                and Path(entry.path, jobfiles.JOB_MARK).is_file()) or entry.name in receiving:
+    store_id = store.store_id
+    jobfiles.claim_out_dir(out_dir, store_id)  # the folders made from now on are this store's
+    cutoff = time.time() - ORPHAN_SECONDS
+    strangers = 0
+    for entry in list(os.scandir(out_dir)):
+        if not (jobfiles.is_job_id(entry.name) and entry.is_dir(follow_symlinks=False)) \
+                or entry.name in receiving:
             continue
-        if store.get(entry.name) is not None or _last_written(Path(entry.path)) > cutoff:
+        maker = jobfiles.folder_store(Path(entry.path))
+        if maker is None or store.get(entry.name) is not None:
+            continue
+        if maker != store_id:
+            strangers += 1
+            continue
+        if _last_written(Path(entry.path)) > cutoff:
             continue
         jobfiles.remove_job_dir(out_dir, entry.name)
         log.info("job %s: its folder had no record (a leftover of a server killed mid-upload); "
                  "removed", entry.name)
         removed.append(entry.name)
+    if strangers and at_start:
+        log.warning("%d job folders in %s have no record in %s and were not made with it (a "
+                    "new or emptied job store, or another one's folders): left alone, never "
+                    "deleted. Start with the store they were made with to serve them again, or "
+                    "remove them yourself", strangers, out_dir, store.location)
     return removed
 
 

@@ -507,7 +507,7 @@ class EmbeddedEngine:
 
     async def start(self) -> None:
         """Queue again what a previous run accepted but did not finish, then start the threads."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        jobfiles.claim_out_dir(self.out_dir, self.store.store_id)
         for record in self.store.unfinished():
             self._recover(record)
         for pool in self.pools.values():

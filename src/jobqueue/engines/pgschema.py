@@ -62,6 +62,9 @@ CREATE TABLE IF NOT EXISTS jobqueue_workers (
     metrics text
 );
 """ + rollup.table_sql(MINUTES, "bigint") + """
+-- The store's own id (records.JobStore.store_id), made once by whoever makes the tables.
+CREATE TABLE IF NOT EXISTS jobqueue_store (name text PRIMARY KEY, value text NOT NULL);
+INSERT INTO jobqueue_store VALUES ('id', gen_random_uuid()::text) ON CONFLICT DO NOTHING;
 -- Columns added since the first tables were made.
 ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS cancelled_as text;
 ALTER TABLE jobqueue_workers ADD COLUMN IF NOT EXISTS metrics text;

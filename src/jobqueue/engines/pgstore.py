@@ -10,10 +10,12 @@ import threading
 from collections.abc import Iterator
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .. import rollup
+from ..errors import Unavailable
 from ..records import COLUMNS, JobRecord
 from . import pgschema
 
@@ -27,6 +29,9 @@ class PgJobStore:
                                     check=ConnectionPool.check_connection)
         self._opened = False
         self._lock = threading.Lock()
+        self._store_id: str | None = None
+        database = conninfo_to_dict(url).get("dbname", "")
+        self.location = f"the PostgreSQL database {database}"
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[psycopg.Connection]:
@@ -62,6 +67,19 @@ class PgJobStore:
     def delete(self, job_id: str) -> None:
         with self._connection() as conn:
             conn.execute(pgschema.DELETE, (job_id,))
+
+    @property
+    def store_id(self) -> str:
+        """Read once (Unavailable while PostgreSQL cannot be reached); the tables' maker
+        (pgschema.ensure) made it."""
+        if self._store_id is None:
+            with self._connection() as conn:
+                row = conn.execute("SELECT value FROM jobqueue_store WHERE name = 'id'"
+                                   ).fetchone()
+            if row is None:
+                raise Unavailable("The job database has no tables yet; retry in a few seconds.")
+            self._store_id = row[0]
+        return self._store_id
 
     def get(self, job_id: str) -> JobRecord | None:
         rows = self._fetch("SELECT * FROM jobqueue_jobs WHERE id = %s", (job_id,))

@@ -88,8 +88,12 @@ class PostgresEngine:
         try:
             async with self._db() as conn:
                 await pgschema.ensure(conn, _procrastinate_schema())
+            # The folders made from now on are this store's (the orphan sweep claims it too).
+            await asyncio.to_thread(jobfiles.claim_out_dir, self.settings.out_dir,
+                                    self.store.store_id)
         except Unavailable as error:  # it may come later: /health says so meanwhile
             log.error("%s; the server starts anyway and answers 503 until it is back", error)
+            jobfiles.check_writable(self.settings.out_dir)
         self._listener = asyncio.create_task(self._listen(), name="LISTEN jobqueue_jobs")
         if self.runner is not None:
             await self.runner.start()
