@@ -12,6 +12,8 @@ from httpx_sse import connect_sse
 
 from conftest import DATA, Server, run_server
 from jobqueue.access import TOKEN_SECONDS, make_token
+from jobqueue.settings import Settings
+from pydantic import ValidationError
 
 ALPHA, BETA = "alpha-key-1234", "beta-key-5678"
 
@@ -176,3 +178,13 @@ def test_guessing_keys_is_refused_after_twenty_wrong_ones(tmp_path):
         assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
         # For the rest of the window even the right key is refused from this address.
         assert anonymous.get("/jobs", headers={"X-API-Key": ALPHA}).status_code == 429
+
+
+@pytest.mark.parametrize("keys", ["alpha,clé-secrète", "alpha, with space", "tab\there"])
+def test_a_key_that_not_every_client_can_send_stops_the_start(keys):
+    """A non-ASCII key worked only from clients that send latin-1; it is refused at start,
+    and the refusal does not show the keys."""
+    with pytest.raises(ValidationError) as refusal:
+        Settings(api_keys=keys)
+    assert "visible ASCII" in str(refusal.value)
+    assert "secr" not in str(refusal.value) and "space" not in str(refusal.value)

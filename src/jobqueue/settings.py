@@ -21,7 +21,8 @@ class KindLimits:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="JOBQUEUE_")
+    # Errors never echo an input: it may be a key or a database password.
+    model_config = SettingsConfigDict(env_prefix="JOBQUEUE_", hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -94,6 +95,18 @@ class Settings(BaseSettings):
     @classmethod
     def valid_rate_limit(cls, value: str) -> str:
         parse_many(value)  # raises ValueError for text slowapi would not understand
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def header_safe_keys(cls, value: SecretStr) -> SecretStr:
+        # Clients send a key in a header, where only visible ASCII arrives the same from every
+        # client (others send UTF-8 or refuse it; the server reads latin-1).
+        for number, key in enumerate(value.get_secret_value().split(","), 1):
+            if not all("!" <= char <= "~" for char in key.strip()):
+                raise ValueError(f"key {number} has characters other than visible ASCII "
+                                 "(letters, digits, punctuation): not every client can send "
+                                 "it in the X-API-Key header")
         return value
 
     @property
