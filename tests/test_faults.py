@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Server, run_server, wait_finished
+from conftest import Server, eventually, run_server, wait_finished
 from media import make_clip
 
 
@@ -179,3 +179,53 @@ def test_an_output_folder_the_server_cannot_write_stops_the_start(tmp_path, smal
             pass
     assert f"The output folder {small_disk / 'out'} cannot be written" in str(refusal.value)
     assert "Read-only file system" in str(refusal.value)
+
+
+def fill(disk: Path) -> Path:
+    """Fill `disk` to its last byte; the filler file, to remove for room again."""
+    filler = disk / "filler"
+    sink = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(sink, b"\0" * 4096):
+            pass
+    except OSError:  # no space left
+        pass
+    finally:
+        os.close(sink)
+    return filler
+
+
+def test_a_full_disk_under_the_job_database_is_507_and_heals_without_a_restart(tmp_path,
+                                                                                small_disk):
+    """Records on a disk that fills up: 507 naming the disk, never 500 (a failed ROLLBACK used
+    to hide the failed COMMIT); a DELETE answered 200 stays deleted after a restart; once
+    there is room again, submissions work again without a restart."""
+    big = {"data": "x" * 600_000, "seconds": 0}  # a record the log has no room for
+    with run_server(tmp_path, out_dir=small_disk / "out") as server, server.client() as client:
+        kept = client.post("/jobs", json={"data": "kept", "seconds": 0}).json()["id"]
+        doomed = client.post("/jobs", json={"data": "doomed", "seconds": 0}).json()["id"]
+        assert wait_finished(client, kept)["status"] == wait_finished(client, doomed)[
+            "status"] == "succeeded"
+        filler = fill(small_disk)
+        refused = client.post("/jobs", json=big)
+        assert refused.status_code == 507, refused.text
+        assert "disk is full" in refused.json()["detail"]
+        deleted = client.delete(f"/jobs/{doomed}")
+        assert deleted.status_code in (200, 507), deleted.text
+        assert client.get("/health").status_code == 200
+        filler.unlink()
+        # Room again: accepted within seconds, with no restart.
+        deadline = time.monotonic() + 60
+        while (answer := client.post("/jobs", json=big)).status_code == 507:
+            assert time.monotonic() < deadline, "still refused with room on the disk"
+            time.sleep(0.2)
+        assert answer.status_code == 202, answer.text
+        assert wait_finished(client, answer.json()["id"])["status"] == "succeeded"
+        if deleted.status_code == 507:  # refused then: done once there was room
+            eventually(lambda: client.delete(f"/jobs/{doomed}").status_code in (200, 404))
+    log = server.log()
+    assert " 500 " not in log and "Traceback" not in log, log
+    assert "no transaction is active" not in log
+    with run_server(tmp_path, out_dir=small_disk / "out") as server, server.client() as client:
+        assert client.get(f"/jobs/{doomed}").status_code == 404
+        assert client.get(f"/jobs/{kept}").json()["status"] == "succeeded"

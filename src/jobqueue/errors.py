@@ -34,6 +34,14 @@ class DiskFull(Exception):
                          "write its files. Try again once space has been freed.")
 
 
+class RecordsDiskFull(DiskFull):
+    """The disk of the job records is full: the change asked for could not be recorded."""
+
+    def __init__(self, location: str):
+        Exception.__init__(self, f"The server's disk is full: the job records ({location}) "
+                           "could not be written. Try again once space has been freed.")
+
+
 class JobCancelled(Exception):
     """Raised inside a handler when its job was cancelled; the worker stops the job quietly."""
 

@@ -30,7 +30,7 @@ from collections import Counter
 from typing import Any, NamedTuple, Protocol
 
 from . import rollup
-from .errors import CannotStart
+from .errors import CannotStart, RecordsDiskFull
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -68,8 +68,11 @@ CREATE INDEX IF NOT EXISTS jobs_idempotency ON jobs (owner, idempotency_key);
 CREATE INDEX IF NOT EXISTS jobs_listing ON jobs (owner, seq);
 """
 JSON_COLUMNS = ("options", "progress", "result")
-# After a failed commit (a full disk), the writer tries again this much later.
+# After a failed commit (a full disk), the writer tries again this much later, twice as late
+# after each further failure up to RETRY_MAX_SECONDS: a disk with room again is used within
+# seconds, and a disk that stays full is not hammered every second meanwhile.
 RETRY_SECONDS = 1.0
+RETRY_MAX_SECONDS = 5.0
 # How long the writer lets changes pile up before it commits them, unless someone waits for
 # them (flush, written): fewer commits, and fewer wake-ups of the writer competing with the
 # event loop and the workers for the interpreter.
@@ -323,6 +326,7 @@ class SqliteJobStore:
         await future
 
     def _write_forever(self) -> None:
+        retry = RETRY_SECONDS
         while True:
             with self._changed:
                 while not self._pending and not self._closing:
@@ -343,8 +347,11 @@ class SqliteJobStore:
             try:
                 self._commit(batch, ended)
             except Exception as error:  # the writer must outlive any one failed commit
-                log.error("could not write %d job records (trying again in %g s): %s",
-                          len(batch), RETRY_SECONDS, error)
+                log.error("could not write %d job records to %s (trying again in %g s): %s",
+                          len(batch), self.location, retry, error)
+                self._shrink_log()
+                if isinstance(error, sqlite3.OperationalError) and "full" in str(error):
+                    error = RecordsDiskFull(self.location)  # SQLITE_FULL: 507, not a bug
                 with self._changed:
                     self._error = error
                     self._pending = {**batch, **self._pending}  # newer changes win
@@ -355,8 +362,12 @@ class SqliteJobStore:
                 self._tell(ready, error)
                 if self._closing:
                     return
-                time.sleep(RETRY_SECONDS)
+                time.sleep(retry)
+                retry = min(retry * 2, RETRY_MAX_SECONDS)
                 continue
+            if self._error is not None:
+                log.info("job records are written to %s again", self.location)
+            retry = RETRY_SECONDS
             with self._changed:
                 self._written = target
                 self._writing = {}
@@ -401,8 +412,24 @@ class SqliteJobStore:
                                      [(*key, jobs) for key, jobs in ended.items()])
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A failed COMMIT (a full disk) may have ended the transaction already; a
+                # ROLLBACK then fails too, and its error would hide the one that matters.
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error as error:
+                        log.warning("rollback after a failed commit failed: %s", error)
                 raise
+
+    def _shrink_log(self) -> None:
+        """After a failed commit: give the write-ahead log's space back to the disk (it holds
+        nothing committed that the database lacks once checkpointed), so that retrying the
+        backlog does not keep a full disk full."""
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as error:
+            log.warning("could not shrink %s-wal: %s", self.location, error)
 
     def find_idempotent(self, owner: str, key: str) -> JobRecord | None:
         with self._changed:

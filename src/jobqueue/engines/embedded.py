@@ -78,6 +78,9 @@ class Job:
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     # Set when shutdown stops the job: it is left as it was, to run again after a restart.
     rerun_after_restart: bool = False
+    # Its record could not be written (a full disk): refused (507), so it leaves no record,
+    # and no backlog of ended records a full disk can never take.
+    refused: bool = False
     # When the engine's watchdog stops the job (epoch seconds), and whether it has.
     deadline: float | None = None
     timed_out: bool = False
@@ -583,8 +586,10 @@ class EmbeddedEngine:
         if durable:  # answered 202: accepted means on disk, to survive a restart
             try:
                 await self.store.written()
-            except BaseException:  # a full disk (507), or a client gone before its answer
-                # Not accepted after all. The job may have started: it ends as cancelled.
+            except BaseException as error:  # a full disk (507), or a client gone meanwhile
+                # Not accepted after all. The job may have started: it stops, and is
+                # forgotten if it was never written (a gone client's job ends cancelled).
+                job.refused = not isinstance(error, asyncio.CancelledError)
                 self._cancel(job, "its record could not be written")
                 raise
         return record
@@ -640,6 +645,9 @@ class EmbeddedEngine:
         self.store.delete(job_id)  # first, so nobody is sent to missing files
         if record is not None:
             self._feed.job_removed(job_id, record.owner)
+        # Answered only once it is on disk: a delete answered 200 never comes back with a
+        # restart. A full disk raises here (507); the delete is written once there is room.
+        await self.store.written()
         await asyncio.to_thread(jobfiles.remove_job_dir, self.out_dir, job_id)
 
     async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
@@ -713,6 +721,10 @@ class EmbeddedEngine:
         """Store how a job ended (on whichever thread ended it) before waiters hear of it."""
         if job.rerun_after_restart:
             log.info("job %s: stopped by shutdown; it runs again after a restart", job.id)
+            return
+        if job.refused:
+            jobfiles.remove_job_dir(self.out_dir, job.id)
+            self.store.delete(job.id)
             return
         # Partial output is no use to anyone, nor is a failed /put job's: its answer carries
         # the error. A failed POST /jobs job keeps its upload, with its record, until it is
