@@ -33,6 +33,7 @@ import procrastinate
 from procrastinate.job_context import AbortReason, JobContext as ProcrastinateContext
 from procrastinate.schema import SchemaManager
 from psycopg import AsyncConnection
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
@@ -222,6 +223,10 @@ class Runner:
         self._workers: list[asyncio.Task] = []
         self._side: list[asyncio.Task] = []
         self._app_opened = app is None
+        # When this process last failed to reach the database (time.monotonic()). Right after
+        # an outage every worker's heartbeat is stale, the live ones' too: no job is taken
+        # for stranded until they have had the time to beat again.
+        self._db_failed_at = float("-inf")
 
     async def start(self) -> None:
         if self.files.remote:
@@ -231,7 +236,8 @@ class Runner:
         async with self.pool.connection() as conn:
             await pgschema.ensure(conn, schema_sql())
         self._side = [asyncio.create_task(self._heartbeat(), name="heartbeat"),
-                      asyncio.create_task(self._rescue(), name="rescue stalled jobs")]
+                      asyncio.create_task(self._rescue(), name="rescue stranded jobs"),
+                      asyncio.create_task(self._watch_cancels(), name="watch cancels")]
         self._workers = [asyncio.create_task(self._work(name), name=f"worker {name}")
                          for name in self.kinds]
         for name in self.kinds:  # this process's own slots; the replicas show the cluster's
@@ -297,7 +303,7 @@ class Runner:
     async def _heartbeat(self) -> None:
         kinds = Jsonb({name: self.settings.limits(name).workers for name in self.kinds})
         while True:
-            with contextlib.suppress(Exception):
+            try:
                 async with self.pool.connection() as conn:
                     await conn.execute(
                         "INSERT INTO jobqueue_workers (name, kinds, heartbeat, metrics) "
@@ -307,43 +313,109 @@ class Runner:
                         (self.name, kinds, time.time(), self.metrics_url))
                     await conn.execute("DELETE FROM jobqueue_workers WHERE heartbeat < %s",
                                        (time.time() - 10 * STALLED_SECONDS,))
+            except Exception:
+                self._db_failed_at = time.monotonic()
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def _rescue(self) -> None:
-        """Queue again the jobs of workers that stopped beating (killed, or cut off)."""
+        """Give the jobs that would otherwise never end their way to an end: those running on
+        a worker that stopped beating (killed, or cut off), running here on no run of this
+        process's, or queued with nothing left in procrastinate to run them."""
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
+            if time.monotonic() - self._db_failed_at < STALLED_SECONDS + 2 * HEARTBEAT_SECONDS:
+                continue  # just after an outage: the live workers have not beaten again yet
             try:
-                stalled = await self.app.job_manager.get_stalled_jobs(
+                async with self.pool.connection() as conn:
+                    cursor = await conn.execute(pgschema.STRANDED, {
+                        "kinds": list(self.kinds), "stale": time.time() - STALLED_SECONDS,
+                        "me": self.name, "mine": list(self.running)})
+                    stranded = await cursor.fetchall()
+                # A procrastinate job fetched by a worker that died before it claimed the
+                # record (procrastinate's heartbeats; the records' are ours).
+                fetched = await self.app.job_manager.get_stalled_jobs(
                     seconds_since_heartbeat=STALLED_SECONDS)
-                for job in stalled:
-                    await self._rescue_one(job.id)
+                for job_id, procrastinate_id in stranded:
+                    await self._rescue_one(procrastinate_id, job_id)
+                for job in fetched:
+                    await self._rescue_one(job.id, only_queued=True)
             except Exception as error:
-                log.debug("looking for stalled jobs failed: %s", error)
+                self._db_failed_at = time.monotonic()
+                log.debug("looking for stranded jobs failed: %s", error)
 
-    async def _rescue_one(self, procrastinate_id: int) -> None:
-        """Queue the job of a stalled procrastinate job again, with a procrastinate job of its
-        own, and end the stalled one. Not a retry of the same one: its run may still be alive
-        in a worker cut off from the database, and once the database is back that run would
-        end (and delete) the very procrastinate job that was to run it again."""
+    async def _watch_cancels(self) -> None:
+        """Stop the jobs of this process that a cancel (a DELETE) asked to stop. procrastinate's
+        abort does the same, but not while its worker drains: it stops polling for aborts
+        before it waits for its running jobs (procrastinate issue #1598)."""
+        while True:
+            await asyncio.sleep(ABORT_POLL_SECONDS)
+            if not self.running:
+                continue
+            with contextlib.suppress(Exception):  # the next round tries again
+                async with self.pool.connection() as conn:
+                    cursor = await conn.execute(
+                        "SELECT id FROM jobqueue_jobs WHERE id = ANY(%s) "
+                        "AND cancelled_as IS NOT NULL", (list(self.running),))
+                    for (job_id,) in await cursor.fetchall():
+                        if (job := self.running.get(job_id)) and not job.cancel_requested.is_set():
+                            log.info("job %s: cancelled; stopping it", job_id)
+                            job.cancel()
+
+    async def _rescue_one(self, procrastinate_id: int | None, job_id: str | None = None,
+                          only_queued: bool = False) -> None:
+        """Queue a stranded job again, with a procrastinate job of its own, and end its old
+        one; or, when a cancel asked for it, end it as cancelled. Not a retry of the old
+        procrastinate job: its run may still be alive in a worker cut off from the database,
+        and once the database is back that run would end (and delete) the very procrastinate
+        job that was to run it again. The record is locked and checked again: a run that
+        wrote its end meanwhile keeps it."""
+        statuses = ["queued"] if only_queued else ["queued", "running"]
+        cancelled: set[str] = set()
         async with self.pool.connection() as conn, conn.transaction():
-            rows = await pgschema.fetch(
-                conn, "UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, "
-                      "worker_name = NULL, progress = '{}', cancelled_as = NULL "
-                      "WHERE procrastinate_id = %s AND status IN ('queued', 'running') "
-                      "RETURNING *", (procrastinate_id,))
+            async with conn.cursor(row_factory=dict_row) as cursor:
+                await cursor.execute(
+                    "SELECT * FROM jobqueue_jobs WHERE (id = %s OR procrastinate_id = %s) "
+                    "AND status = ANY(%s) FOR UPDATE", (job_id, procrastinate_id, statuses))
+                found = await cursor.fetchall()
+            rows = [pgschema.from_row(row) for row in found]
+            cancelled = {row["id"] for row in found if row["cancelled_as"] is not None}
             for record in rows:
+                if record.id in cancelled:
+                    await conn.execute("UPDATE jobqueue_jobs SET status = 'cancelled', "
+                                       "finished_at = %s WHERE id = %s",
+                                       (time.time(), record.id))
+                    await pgschema.notify(conn, record.id, record.owner)
+                    continue
+                await conn.execute("UPDATE jobqueue_jobs SET status = 'queued', "
+                                   "started_at = NULL, worker_name = NULL, progress = '{}' "
+                                   "WHERE id = %s", (record.id,))
                 await self._queue_again(conn, record)
-        with contextlib.suppress(Exception):  # ended already: by its run, or another rescue
-            await self.app.job_manager.finish_job_by_id_async(
-                procrastinate_id, status=procrastinate.jobs.Status.FAILED, delete_job=True)
+        if procrastinate_id is not None:
+            with contextlib.suppress(Exception):  # ended already: by its run, or a rescue
+                await self.app.job_manager.finish_job_by_id_async(
+                    procrastinate_id, status=procrastinate.jobs.Status.FAILED, delete_job=True)
         for record in rows:
-            log.warning("job %s: its worker stopped beating; it runs again", record.id)
+            if record.id in cancelled:
+                log.warning("job %s: stranded after a cancel (nothing left to run it); ended "
+                            "as cancelled", record.id)
+                with contextlib.suppress(Unavailable):  # the orphan sweeps get them later
+                    await asyncio.to_thread(self.files.remove, record.id)
+            else:
+                log.warning("job %s: stranded %s (its worker stopped beating, or nothing "
+                            "was left to run it); it runs again", record.id, record.status)
 
     # ---- a job ----
 
     async def run_job(self, context: ProcrastinateContext, job_id: str) -> None:
-        record = await self._claim(job_id)
+        # Whole or not at all: an abort cutting a claim short would leave the record queued
+        # with its procrastinate job gone (the rescue would find it, later).
+        claim = asyncio.ensure_future(self._claim(job_id))
+        try:
+            record = await asyncio.shield(claim)
+        except asyncio.CancelledError:  # aborted before it started: it gives the job back
+            if (record := await claim) is not None:
+                await asyncio.shield(self._release(record, context.abort_reason()))
+            raise
         if record is None:
             return  # cancelled or deleted meanwhile
         kind = self.kinds[record.job_type]
@@ -393,16 +465,47 @@ class Runner:
             self.running.pop(job_id, None)
 
     async def _claim(self, job_id: str) -> JobRecord | None:
+        """The record, now running here; None when it is gone, ended, or was cancelled while
+        queued (then it ends here: a cancel that came as this worker took the job found no
+        procrastinate job left to delete, and asked an abort that may never come)."""
+        now = time.time()
         async with self.pool.connection() as conn, conn.transaction():
-            rows = await pgschema.fetch(
+            cancelled = await pgschema.fetch(
+                conn, "UPDATE jobqueue_jobs SET status = 'cancelled', finished_at = %s "
+                      "WHERE id = %s AND status = 'queued' AND cancelled_as IS NOT NULL "
+                      "RETURNING *", (now, job_id))
+            rows = [] if cancelled else await pgschema.fetch(
                 conn, "UPDATE jobqueue_jobs SET status = 'running', started_at = %s, "
                       "worker_name = %s, attempt = attempt + 1, progress = '{}', error = NULL, "
                       "error_kind = NULL, result = NULL "
                       "WHERE id = %s AND status IN ('queued', 'running') RETURNING *",
-                (time.time(), self.name, job_id))
-            for record in rows:
+                (now, self.name, job_id))
+            for record in cancelled + rows:
                 await pgschema.notify(conn, record.id, record.owner)
-            return rows[0] if rows else None
+        if cancelled:
+            log.info("job %s: cancelled before it started", job_id)
+            with contextlib.suppress(Unavailable):  # the orphan sweeps get them later
+                await asyncio.to_thread(self.files.remove, job_id)
+        return rows[0] if rows else None
+
+    async def _release(self, record: JobRecord, reason: AbortReason | None) -> None:
+        """A job claimed just as procrastinate aborted its run: queued again after a
+        shutdown, cancelled after a cancel."""
+        async with self.pool.connection() as conn, conn.transaction():
+            if reason == AbortReason.SHUTDOWN:
+                rows = await pgschema.fetch(
+                    conn, "UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, "
+                          "worker_name = NULL WHERE id = %s AND attempt = %s "
+                          "AND status = 'running' RETURNING *", (record.id, record.attempt))
+                for row in rows:
+                    await self._queue_again(conn, row)
+            else:
+                await conn.execute(
+                    "UPDATE jobqueue_jobs SET status = 'cancelled', finished_at = %s "
+                    "WHERE id = %s AND attempt = %s AND status = 'running'",
+                    (time.time(), record.id, record.attempt))
+                await pgschema.notify(conn, record.id, record.owner)
+        log.info("job %s: aborted as it started (%s)", record.id, reason)
 
     async def _push_progress(self, job: WorkerJob, changed: asyncio.Event) -> None:
         while True:
