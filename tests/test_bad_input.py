@@ -26,6 +26,9 @@ EXPECTED = {
     "html-behind-pdf-header.pdf": ("refused", "PDF"),
     "thousand-pages.pdf": ("refused", "JOBQUEUE_PDF_MAX_PAGES"),
     "encrypted.pdf": ("refused", "password"),
+    # Opens without asking, in any viewer: not refused as encrypted.
+    "encrypted-with-an-empty-password.pdf": ("works", ""),
+    "rotated-by-a-real-number.pdf": ("works", ""),
     "image-named.pdf": ("refused", "not a PDF"),
     "text-named.pdf": ("refused", "not a PDF"),
     "empty.mp4": ("refused", "video"),

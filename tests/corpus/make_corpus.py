@@ -8,6 +8,7 @@ downloaded. tests/test_bad_input.py sends each file to /put and /jobs.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 import subprocess
@@ -35,6 +36,61 @@ def pdf(pages: int, encrypted: bool = False) -> bytes:
                        + b"> /U <" + b"22" * 32 + b"> >>")
         trailer = f" /Encrypt {len(objects)} 0 R /ID [<{'ab' * 16}> <{'ab' * 16}>]"
     return assemble(objects, trailer)
+
+
+def rc4(key: bytes, data: bytes) -> bytes:
+    """RC4, the cipher of the PDF standard security handler's revision 2."""
+    state, j = list(range(256)), 0
+    for i in range(256):
+        j = (j + state[i] + key[i % len(key)]) % 256
+        state[i], state[j] = state[j], state[i]
+    out, i, j = bytearray(), 0, 0
+    for byte in data:
+        i = (i + 1) % 256
+        j = (j + state[i]) % 256
+        state[i], state[j] = state[j], state[i]
+        out.append(byte ^ state[(state[i] + state[j]) % 256])
+    return bytes(out)
+
+
+PASSWORD_PADDING = bytes.fromhex("28bf4e5e4e758a4164004e56fffa01082e2e00b6d0683e802f0ca9fe6453697a")
+
+
+def encrypted_with_an_empty_password() -> bytes:
+    """A one-page PDF encrypted (RC4, 40 bits) with an empty user password and an owner
+    password, as "protected" PDFs that only forbid printing or copying are: any viewer opens
+    it without asking. O, U and the page's encrypted content follow the PDF 1.4 reference,
+    algorithms 3.1 to 3.4."""
+    file_id, permissions = b"\xab" * 16, -4
+    owner_key = hashlib.md5(b"owner" + PASSWORD_PADDING[:-5]).digest()[:5]
+    owner = rc4(owner_key, PASSWORD_PADDING)
+    key = hashlib.md5(PASSWORD_PADDING + owner + struct.pack("<i", permissions)
+                      + file_id).digest()[:5]
+    user = rc4(key, PASSWORD_PADDING)
+    content = b"0 0 1 rg 0 0 100 100 re f"
+    object_key = hashlib.md5(key + struct.pack("<I", 4)[:3] + b"\0\0").digest()[:10]
+    sealed = rc4(object_key, content)
+    return assemble([
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] /Contents 4 0 R >>",
+        f"<< /Length {len(sealed)} >>\nstream\n".encode() + sealed + b"\nendstream",
+        (f"<< /Filter /Standard /V 1 /R 2 /P {permissions} /O <{owner.hex()}> "
+         f"/U <{user.hex()}> >>").encode(),
+    ], f" /Encrypt 5 0 R /ID [<{file_id.hex()}> <{file_id.hex()}>]")
+
+
+def rotated_by_a_real_number() -> bytes:
+    """A 612 x 100 page whose /Rotate is 90.0: a real where the PDF reference asks for an
+    integer. poppler ignores it (pdfinfo says "rot: 0"), PDFium turns the page by 90."""
+    content = b"0 0 1 rg 0 0 100 100 re f"
+    return assemble([
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        (b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 100] /Rotate 90.0 "
+         b"/Contents 4 0 R >>"),
+        f"<< /Length {len(content)} >>\nstream\n".encode() + content + b"\nendstream",
+    ])
 
 
 def one_page(media_box: str, content: bytes, content_filter: str = "",
@@ -241,6 +297,8 @@ def make(out: Path) -> list[Path]:
                                       b"</body></html>\n",
         "thousand-pages.pdf": pdf(1000),
         "encrypted.pdf": pdf(1, encrypted=True),
+        "encrypted-with-an-empty-password.pdf": encrypted_with_an_empty_password(),
+        "rotated-by-a-real-number.pdf": rotated_by_a_real_number(),
         "text-named.pdf": b"just some notes\n",
         "empty.mp4": b"",
         "text-named.mp4": b"not a video\n",
