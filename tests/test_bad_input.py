@@ -16,7 +16,8 @@ from conftest import DATA, ROOT, Server, eventually, run_server, wait_finished
 sys.path.insert(0, str(ROOT / "tests" / "corpus"))
 import make_corpus  # noqa: E402
 
-KIND_OF = {".pdf": "pdf2image", ".mp4": "video", ".ts": "video", ".mkv": "video"}
+KIND_OF = {".pdf": "pdf2image", ".mp4": "video", ".ts": "video", ".mkv": "video",
+           ".mov": "video"}
 # What each file must come to. "refused": a 4xx naming the problem; "fails": refused, or
 # accepted and then failed with an error; "works": a job that succeeds.
 EXPECTED = {
@@ -25,6 +26,9 @@ EXPECTED = {
     "html-behind-pdf-header.pdf": ("refused", "PDF"),
     "thousand-pages.pdf": ("refused", "JOBQUEUE_PDF_MAX_PAGES"),
     "encrypted.pdf": ("refused", "password"),
+    # Opens without asking, in any viewer: not refused as encrypted.
+    "encrypted-with-an-empty-password.pdf": ("works", ""),
+    "rotated-by-a-real-number.pdf": ("works", ""),
     "image-named.pdf": ("refused", "not a PDF"),
     "text-named.pdf": ("refused", "not a PDF"),
     "empty.mp4": ("refused", "video"),
@@ -32,6 +36,8 @@ EXPECTED = {
     "audio-only.mp4": ("refused", "no video stream"),
     "tiny-2x2.mp4": ("works", ""),
     "codec-lie.mp4": ("fails", "ffmpeg exited"),
+    "no-samples.mp4": ("refused", "no frames"),
+    "data-elsewhere.mov": ("refused", "no frames"),
     # Bombs and lies (test_hostile.py holds them to tighter limits).
     "huge-page.pdf": ("refused", "JOBQUEUE_PDF_MAX_PIXELS"),
     "flate-bomb.pdf": ("fails", "JOBQUEUE_RENDER_MAX_MB"),
@@ -182,6 +188,9 @@ def test_odd_query_values_are_422_not_500(guarded):
     ({"video_max_seconds": 2}, {}, "JOBQUEUE_VIDEO_MAX_SECONDS"),
     ({"video_max_pixels": 640 * 360}, {}, "JOBQUEUE_VIDEO_MAX_PIXELS"),
     ({"video_max_pixels": 1280 * 720}, {"width": "1920"}, "output frames would be"),
+    # An output frame too large for ffmpeg to set up under its memory cap: ffmpeg fails at
+    # once, before /put's probe beside it answers, and the answer is still the limit's.
+    ({"video_max_mb": 512}, {"width": "7680", "height": "4320"}, "output frames would be"),
     ({"pdf_max_pages": 3}, {}, "JOBQUEUE_PDF_MAX_PAGES"),
     ({"pdf_max_pixels": 1_000_000}, {}, "JOBQUEUE_PDF_MAX_PIXELS"),
 ])

@@ -5,6 +5,8 @@ server's memory does not grow."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,6 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, Server, run_server, wait_finished
+from jobqueue.errors import BadInput
+from jobqueue.kinds import video
+from jobqueue.settings import Settings
+from media import probe_streams
 
 sys.path.insert(0, str(ROOT / "tests" / "corpus"))
 import make_corpus  # noqa: E402
@@ -98,6 +104,61 @@ def test_frames_count_whatever_the_declared_rate_and_a_result_tells_the_real_len
                                files={"file": ("lie.mp4", video)})
         assert done.status_code == 200, done.text
         assert 19 <= done.json()["data"]["result"]["data"]["durationSeconds"] <= 20
+
+
+def test_a_turn_just_off_a_right_angle_is_judged_as_ffmpeg_does(tmp_path):
+    """A 384x128 clip whose display matrix turns it by 89.7°: ffprobe prints -89, ffmpeg rounds
+    to 90 and transposes. At width 384 it comes out 384x1152, which the result says (it is
+    probed); at width 768 (768x2304) it is over JOBQUEUE_VIDEO_MAX_PIXELS on both endpoints,
+    before it is encoded."""
+    clip, turned = tmp_path / "clip.mp4", tmp_path / "turned.mp4"
+    make_corpus.ffmpeg(clip, "-f", "lavfi", "-i", "testsrc=duration=1:size=384x128:rate=5",
+                       "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast")
+    make_corpus.display_matrix(clip, turned, 89.7)
+    with run_server(tmp_path / "server", video_max_pixels=1_000_000) as server, \
+            server.client() as client:
+        with turned.open("rb") as upload:
+            done = client.post("/put", data={"jobType": "video", "width": "384"},
+                               files={"file": (turned.name, upload)})
+        assert done.status_code == 200, done.text
+        result = done.json()["data"]["result"]
+        output = tmp_path / "output.mp4"
+        output.write_bytes(client.get(result["files"][0]).content)
+        probed = probe_streams(output)["video"]
+        assert (probed["width"], probed["height"]) == (384, 1152)
+        assert (result["data"]["width"], result["data"]["height"]) == (384, 1152)
+        for endpoint in ("/put", "/jobs"):
+            with turned.open("rb") as upload:
+                refused = client.post(endpoint, data={"jobType": "video", "width": "768"},
+                                      files={"file": (turned.name, upload)})
+            assert refused.status_code == 413, (endpoint, refused.text)
+            assert "768x2304" in refused.json()["detail"]
+            assert "JOBQUEUE_VIDEO_MAX_PIXELS" in refused.json()["detail"]
+
+
+def test_an_output_without_video_frames_is_no_result(tmp_path):
+    """What the output check makes of ffmpeg's output when it decoded nothing: an MP4 with no
+    stream at all (262 bytes, as ffmpeg writes when no frame reaches it), one whose video
+    track has no samples, and frames larger than the pixel limit."""
+    settings = Settings(video_max_pixels=100 * 100)
+
+    def verdict(path: Path) -> dict:
+        done = subprocess.run(video.probe_command(str(path)), capture_output=True, check=True)
+        return json.loads(done.stdout)
+
+    empty, clip, hollow = tmp_path / "empty.mp4", tmp_path / "clip.mp4", tmp_path / "hollow.mp4"
+    make_corpus.ffmpeg(empty, "-f", "lavfi", "-i", "testsrc=size=64x48", "-frames:v", "0",
+                       "-c:v", "libx264")
+    make_corpus.ffmpeg(clip, "-f", "lavfi", "-i", "testsrc=duration=1:size=64x48:rate=5",
+                       "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast")
+    make_corpus.no_samples(clip, hollow)
+    with pytest.raises(BadInput, match="no video stream"):
+        video.output_size(verdict(empty), settings)
+    with pytest.raises(BadInput, match="no video frames"):
+        video.output_size(verdict(hollow), settings)
+    assert video.output_size(verdict(clip), settings) == (64, 48)
+    with pytest.raises(BadInput, match="JOBQUEUE_VIDEO_MAX_PIXELS"):
+        video.output_size(verdict(clip), Settings(video_max_pixels=64 * 47))
 
 
 def test_a_file_sent_to_a_kind_that_takes_none_is_refused_before_it_is_stored(tmp_path):

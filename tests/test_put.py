@@ -224,7 +224,7 @@ def test_content_type_is_matched_case_insensitively(client):
 
 
 def test_reported_size_matches_ffmpeg_for_odd_aspect_ratios(client, tmp_path):
-    """The summary's width and height are computed, not probed: check them against ffprobe."""
+    """The summary's width and height are the output's, probed: check them against ffprobe."""
     odd, thin = tmp_path / "odd.mp4", tmp_path / "thin.mp4"
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
                     "testsrc2=size=718x404:rate=10:duration=1", "-pix_fmt", "yuv420p",

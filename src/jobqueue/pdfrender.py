@@ -9,8 +9,8 @@ PNGs are written with libpng's "Up" filter on every row rather than the adaptive
 row that Pillow always makes: on scanned, text and chart pages that is 2-3 times faster to
 encode at the same zlib level, for files 3-6% larger (docs/performance.md).
 
-    python -I pdfrender.py INPUT OUT_DIR --pages 1,2,3 [--dpi 200] [--digits 3]
-        [--max-pixels N] [--png-level 3] [--smooth-images]
+    python -I pdfrender.py INPUT OUT_DIR --pages 1,2,3 [--rotations 0,90,0] [--dpi 200]
+        [--digits 3] [--max-pixels N] [--png-level 3] [--smooth-images]
 
 It writes OUT_DIR/page-001.png ..., each page no other child of the same job has taken (see
 render()), and one JSON object a line on stdout: {"start": N} when it takes page N, {"page": N}
@@ -74,6 +74,7 @@ def render(args: argparse.Namespace) -> None:
         if width * height > args.max_pixels:
             raise Refused("too_large", page, f"{width}x{height}")
         sizes[page] = width, height
+    rotations = dict(zip(args.pages, args.rotations or [], strict=False))
     for page in args.pages:
         path = Path(args.out_dir) / f"page-{page:0{args.digits}d}.png"
         try:
@@ -85,7 +86,8 @@ def render(args: argparse.Namespace) -> None:
         with open(file, "wb") as png_file:
             emit(start=page)
             try:
-                png = render_page(document, page, args, sizes[page], imagecodecs)
+                png = render_page(document, page, args, sizes[page], rotations.get(page),
+                                  imagecodecs)
             except MemoryError:
                 # main() reports it once it has let go of this exception and the pixels.
                 raise Refused("out_of_memory", page) from None
@@ -99,10 +101,19 @@ def render(args: argparse.Namespace) -> None:
 
 
 def render_page(document, page: int, args: argparse.Namespace, expected: tuple[int, int],
-                imagecodecs) -> bytes:
-    """The page as PNG bytes. Its pixels are held once (3 bytes each, as PDFium drew them)."""
+                rotation: int | None, imagecodecs) -> bytes:
+    """The page as PNG bytes, turned by `rotation` when given (the turn the server measured
+    the page with) rather than by PDFium's reading of /Rotate. Its pixels are held once (3
+    bytes each, as PDFium drew them)."""
     pdf_page = document[page - 1]
     try:
+        own = pdf_page.get_rotation()
+        # PDFium reads /Rotate 90.0 (a real, where the PDF reference asks for an integer) as
+        # 90, poppler as no /Rotate: the page must come out as poppler measured it.
+        if rotation is not None and rotation != own:
+            pdf_page.set_rotation(rotation)
+            if (rotation - own) % 180:
+                expected = expected[1], expected[0]
         bitmap = pdf_page.render(scale=args.dpi / 72, rev_byteorder=True,
                                  no_smoothimage=not args.smooth_images)
         try:
@@ -126,6 +137,8 @@ def main() -> int:
     parser.add_argument("input")
     parser.add_argument("out_dir")
     parser.add_argument("--pages", type=page_list, required=True, help="1-based, comma-separated")
+    parser.add_argument("--rotations", type=page_list, default=None,
+                        help="the turn of each page of --pages, by default PDFium's own")
     parser.add_argument("--dpi", type=float, default=200)
     parser.add_argument("--digits", type=int, default=3, help="of the page number in file names")
     parser.add_argument("--max-pixels", type=int, default=100_000_000)

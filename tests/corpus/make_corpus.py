@@ -8,6 +8,8 @@ downloaded. tests/test_bad_input.py sends each file to /put and /jobs.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import struct
 import subprocess
 import sys
@@ -34,6 +36,61 @@ def pdf(pages: int, encrypted: bool = False) -> bytes:
                        + b"> /U <" + b"22" * 32 + b"> >>")
         trailer = f" /Encrypt {len(objects)} 0 R /ID [<{'ab' * 16}> <{'ab' * 16}>]"
     return assemble(objects, trailer)
+
+
+def rc4(key: bytes, data: bytes) -> bytes:
+    """RC4, the cipher of the PDF standard security handler's revision 2."""
+    state, j = list(range(256)), 0
+    for i in range(256):
+        j = (j + state[i] + key[i % len(key)]) % 256
+        state[i], state[j] = state[j], state[i]
+    out, i, j = bytearray(), 0, 0
+    for byte in data:
+        i = (i + 1) % 256
+        j = (j + state[i]) % 256
+        state[i], state[j] = state[j], state[i]
+        out.append(byte ^ state[(state[i] + state[j]) % 256])
+    return bytes(out)
+
+
+PASSWORD_PADDING = bytes.fromhex("28bf4e5e4e758a4164004e56fffa01082e2e00b6d0683e802f0ca9fe6453697a")
+
+
+def encrypted_with_an_empty_password() -> bytes:
+    """A one-page PDF encrypted (RC4, 40 bits) with an empty user password and an owner
+    password, as "protected" PDFs that only forbid printing or copying are: any viewer opens
+    it without asking. O, U and the page's encrypted content follow the PDF 1.4 reference,
+    algorithms 3.1 to 3.4."""
+    file_id, permissions = b"\xab" * 16, -4
+    owner_key = hashlib.md5(b"owner" + PASSWORD_PADDING[:-5]).digest()[:5]
+    owner = rc4(owner_key, PASSWORD_PADDING)
+    key = hashlib.md5(PASSWORD_PADDING + owner + struct.pack("<i", permissions)
+                      + file_id).digest()[:5]
+    user = rc4(key, PASSWORD_PADDING)
+    content = b"0 0 1 rg 0 0 100 100 re f"
+    object_key = hashlib.md5(key + struct.pack("<I", 4)[:3] + b"\0\0").digest()[:10]
+    sealed = rc4(object_key, content)
+    return assemble([
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] /Contents 4 0 R >>",
+        f"<< /Length {len(sealed)} >>\nstream\n".encode() + sealed + b"\nendstream",
+        (f"<< /Filter /Standard /V 1 /R 2 /P {permissions} /O <{owner.hex()}> "
+         f"/U <{user.hex()}> >>").encode(),
+    ], f" /Encrypt 5 0 R /ID [<{file_id.hex()}> <{file_id.hex()}>]")
+
+
+def rotated_by_a_real_number() -> bytes:
+    """A 612 x 100 page whose /Rotate is 90.0: a real where the PDF reference asks for an
+    integer. poppler ignores it (pdfinfo says "rot: 0"), PDFium turns the page by 90."""
+    content = b"0 0 1 rg 0 0 100 100 re f"
+    return assemble([
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        (b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 100] /Rotate 90.0 "
+         b"/Contents 4 0 R >>"),
+        f"<< /Length {len(content)} >>\nstream\n".encode() + content + b"\nendstream",
+    ])
 
 
 def one_page(media_box: str, content: bytes, content_filter: str = "",
@@ -161,6 +218,70 @@ def lying_length(clip: Path, target: Path) -> None:
     target.write_bytes(data)
 
 
+def grow_boxes(data: bytearray, at: int, path: list[bytes], extra: int) -> None:
+    """Add `extra` to the size of each box on `path` (outermost first) that holds offset
+    `at`: the boxes around a part of an MP4 that grew by that much."""
+    start = data.find(path[0]) - 4
+    for name in path:
+        box = data.find(name, start) - 4
+        assert box >= 0 and box < at, f"no {name!r} box around {at}"
+        size = struct.unpack(">I", data[box:box + 4])[0]
+        data[box:box + 4] = struct.pack(">I", size + extra)
+        start = box + 8
+
+
+def data_elsewhere(clip: Path, target: Path) -> None:
+    """`clip` (a MOV with its moov after its mdat) whose track's data reference is a Mac alias
+    to a file elsewhere, as QuickTime reference movies are: ffmpeg does not follow it (nor
+    should it), so the track's samples are in no file it reads, and ffprobe still reports a
+    640x480 stream of 1 s."""
+    data = bytearray(clip.read_bytes())
+    # The dref's one entry (size, type, flags: 1, "in this file") follows its own header and
+    # entry count. ffmpeg writes the moov last, so no sample offset moves as it grows.
+    url = data.find(b"dref", data.find(b"moov")) - 4 + 16
+    assert data[url + 4:url + 8] == b"url " and data.find(b"mdat") < url, "no data reference"
+    path = b"/Volumes/Other/elsewhere.mov"
+    # The alias record as mov_read_dref reads it: 150 bytes of fixed fields (volume and file
+    # name among them), then tagged fields, type 2 the absolute path, -1 the end.
+    alias = (b"\0" * 10 + bytes([5]) + b"Other".ljust(27, b"\0") + b"\0" * 12
+             + bytes([13]) + b"elsewhere.mov".ljust(63, b"\0") + b"\0" * 16
+             + struct.pack(">hh", -1, -1) + b"\0" * 16
+             + struct.pack(">HH", 2, len(path)) + path + struct.pack(">hH", -1, 0))
+    entry = struct.pack(">I", 12 + len(alias)) + b"alis" + b"\0\0\0\0" + alias
+    extra = len(entry) - 12
+    data[url:url + 12] = entry
+    grow_boxes(data, url, [b"moov", b"trak", b"mdia", b"minf", b"dinf", b"dref"], extra)
+    target.write_bytes(data)
+
+
+def no_samples(clip: Path, target: Path) -> None:
+    """`clip` (an MP4) with its video track's sample table emptied (no sizes, no durations):
+    ffprobe still reports the stream, with a frame rate guessed from its time base."""
+    data = bytearray(clip.read_bytes())
+    for atom, count_at in ((b"stsz", 12), (b"stts", 8)):  # after type, version/flags (, size)
+        start = data.find(atom, data.find(b"moov"))
+        assert start > 0, f"no {atom!r} box"
+        data[start + count_at:start + count_at + 4] = struct.pack(">I", 0)
+    target.write_bytes(data)
+
+
+def display_matrix(clip: Path, target: Path, degrees: float) -> None:
+    """`clip` (an MP4 of one video track) with a display matrix turning it by `degrees`, which
+    ffmpeg 5.1 cannot write itself (its mp4 muxer ignores a rotate tag)."""
+    data = bytearray(clip.read_bytes())
+    start = data.find(b"tkhd")
+    assert start > 0 and data[start + 4] == 0, "no version-0 tkhd box"
+    turn = math.radians(degrees)
+
+    def fixed(value: float) -> int:  # 16.16
+        return round(value * 65536)
+
+    matrix = (fixed(math.cos(turn)), fixed(math.sin(turn)), 0,
+              fixed(-math.sin(turn)), fixed(math.cos(turn)), 0, 0, 0, 1 << 30)
+    data[start + 44:start + 80] = struct.pack(">9i", *matrix)  # after the fields before it
+    target.write_bytes(data)
+
+
 def ffmpeg(target: Path, *args: str) -> None:
     subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", *args, str(target)],
                    check=True)
@@ -176,6 +297,8 @@ def make(out: Path) -> list[Path]:
                                       b"</body></html>\n",
         "thousand-pages.pdf": pdf(1000),
         "encrypted.pdf": pdf(1, encrypted=True),
+        "encrypted-with-an-empty-password.pdf": encrypted_with_an_empty_password(),
+        "rotated-by-a-real-number.pdf": rotated_by_a_real_number(),
         "text-named.pdf": b"just some notes\n",
         "empty.mp4": b"",
         "text-named.mp4": b"not a video\n",
@@ -193,7 +316,14 @@ def make(out: Path) -> list[Path]:
            "-pix_fmt", "yuv420p", "-c:v", "libx264")
     lying = source.read_bytes().replace(b"avc1", b"hvc1").replace(b"avcC", b"hvcC")
     (out / "codec-lie.mp4").write_bytes(lying)
+    no_samples(source, out / "no-samples.mp4")
     source.unlink()
+    # A MOV whose frames are "in another file": ffmpeg writes the moov after the mdat.
+    movie = out / "movie.mov"
+    ffmpeg(movie, "-f", "lavfi", "-i", "testsrc=duration=1:size=640x480:rate=10",
+           "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast", "-f", "mov")
+    data_elsewhere(movie, out / "data-elsewhere.mov")
+    movie.unlink()
     # Bombs and lies: a page too large to render, a content stream that inflates to 300 MB,
     # a drawing loop, a 1 s clip at 1000 frames a second, a 20 s clip whose header says 1 s,
     # and a stream declaring 10 frames a second that bursts into 500.

@@ -26,7 +26,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,7 +38,7 @@ from ..settings import DATA_DIR, Settings
 
 PDFINFO_TIMEOUT_SECONDS = 30
 RENDER_PROGRAM = Path(pdfrender.__file__)
-SEND_A_PDF = "Send an unencrypted PDF document."
+SEND_A_PDF = "Send a PDF document that opens without a password."
 
 
 class PdfOptions(BaseModel):
@@ -50,13 +50,18 @@ class PdfOptions(BaseModel):
 @dataclass(frozen=True)
 class PdfInfo:
     """The page count, and the width and height in points of each page as it is shown (its
-    crop box, turned by its rotation), read by pdfinfo."""
+    crop box, turned by its rotation), read by pdfinfo; `rotations`: each page's turn as
+    poppler takes it (0, 90, 180 or 270), which the pdfium engine is told to render by."""
 
     pages: int
     sizes: list[tuple[float, float]]
+    rotations: list[int] = field(default_factory=list)
 
     def pixel_size(self, page: int, dpi: float) -> tuple[int, int]:
         return pdfrender.pixel_size(*self.sizes[page - 1], dpi)
+
+    def rotation(self, page: int) -> int:
+        return self.rotations[page - 1] if page <= len(self.rotations) else 0
 
     def file_names(self) -> list[str]:
         digits = max(3, len(str(self.pages)))
@@ -84,15 +89,18 @@ def parse_pdfinfo(text: str) -> PdfInfo:
     sizes = {int(page): (_points(width), _points(height))
              for page, width, height in _PAGE_SIZE.findall(text)}
     rotations = {int(page): int(rotation) for page, rotation in _PAGE_ROTATION.findall(text)}
-    shown = []
+    shown, turns = [], []
     # Not range(pages): a PDF may claim any count. pdfinfo listed at most one page past the
     # limit, and check_limits refuses a PDF over it before looking at sizes.
     for page in range(1, min(pages, max(sizes, default=0)) + 1):
         width, height = sizes.get(page, (0.0, 0.0))
-        if rotations.get(page, 0) % 180 == 90:
+        rotation = rotations.get(page, 0)
+        if rotation % 180 == 90:
             width, height = height, width
         shown.append((width, height))
-    return PdfInfo(pages, shown)
+        # poppler turns a page only by a multiple of 90, and draws it upright otherwise.
+        turns.append(rotation if rotation % 90 == 0 else 0)
+    return PdfInfo(pages, shown, turns)
 
 
 def _points(text: str) -> float:
@@ -251,6 +259,7 @@ def render_with_pdfium(job: JobContext, info: PdfInfo, page_done: Callable[[], N
     command = [
         sys.executable, "-I", str(RENDER_PROGRAM), str(job.input_path), str(job.out_dir),
         "--pages", ",".join(str(page) for page in range(1, info.pages + 1)),
+        "--rotations", ",".join(str(info.rotation(page)) for page in range(1, info.pages + 1)),
         "--dpi", str(options.dpi), "--digits", str(digits),
         "--max-pixels", str(settings.pdf_max_pixels), "--png-level", str(settings.png_compression),
         *(["--smooth-images"] if settings.pdf_smooth_images else []),

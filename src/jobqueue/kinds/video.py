@@ -26,7 +26,7 @@ INPUT_OPTIONS = {
 PREVIEW_BOUNDARY = "frame"
 PROBE_TIMEOUT_SECONDS = 30
 PROBE_ENTRIES = ("format=duration:stream=codec_type,width,height,avg_frame_rate,r_frame_rate,"
-                 "nb_read_packets:stream_tags=rotate:stream_side_data=rotation")
+                 "nb_read_packets:stream_side_data=displaymatrix")
 SEND_A_VIDEO = "Send a video file such as MP4, MOV, MKV or WebM."
 NO_VIDEO = "The file has no video stream. " + SEND_A_VIDEO
 
@@ -88,6 +88,13 @@ def probe_result(path: str, returncode: int, out: bytes, err: bytes) -> dict:
     if not (video.get("width") and video.get("height")):
         raise UnsupportedInput("ffprobe cannot tell the video's frame size; the file may be "
                                "damaged. " + SEND_A_VIDEO)
+    if _frame_count(info) == 0:
+        # Its header describes a stream, but no frame of it is in the file: a track with no
+        # samples, or one whose data reference points at another file (ffmpeg reads only the
+        # upload). Said before any limit, so its header's other lies (a frame rate of
+        # 12800) are not what the user hears about.
+        raise UnsupportedInput("The video stream has no frames in the file (its data may be "
+                               "in another file, or the file is damaged). " + SEND_A_VIDEO)
     return info
 
 
@@ -162,21 +169,42 @@ class BackgroundProbe:
             self._output = self.process.communicate()
 
 
-def _rotation(video: dict) -> int:
-    for side_data in video.get("side_data_list", []):
-        if "rotation" in side_data:
-            return _degrees(side_data["rotation"])
-    return _degrees(video.get("tags", {}).get("rotate", 0))
+def _turn(video: dict) -> float:
+    """The angle, 0 to 360, ffmpeg's autorotate turns the frames by, decided as ffmpeg
+    (5.1, fftools get_rotation) decides it: from the display matrix alone (a `rotate` tag
+    turns nothing), its rotation rounded to whole degrees. Only 90 and 270 after rounding
+    transpose the frames; any other angle goes through the rotate filter, which keeps the
+    frame size. ffprobe's own "rotation" is that angle cut to an integer (89.7° prints as
+    89), so the matrix is read instead."""
+    matrix = next((side_data["displaymatrix"] for side_data in video.get("side_data_list", [])
+                   if "displaymatrix" in side_data), None)
+    rotation = _display_rotation(matrix) if isinstance(matrix, str) else None
+    if rotation is None:
+        return 0.0
+    theta = -_round_half_away(rotation)
+    return theta - 360 * math.floor(theta / 360 + 0.9 / 360)
 
 
-def _degrees(value: object) -> int:
-    """A rotation in whole degrees, 0 to 359; 0 for a tag that is no number (a container's
-    tags may hold any text, and ffmpeg turns no frame by it)."""
+def _display_rotation(text: str) -> float | None:
+    """libavutil's av_display_rotation_get of the matrix ffprobe printed (three lines of
+    "index: a b c"); None for one that is not nine integers or has no scale (NaN to ffmpeg,
+    which turns nothing then)."""
+    numbers = [word for line in text.splitlines() for word in line.partition(":")[2].split()]
     try:
-        degrees = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return 0
-    return int(degrees) % 360 if math.isfinite(degrees) else 0
+        a, b, _, c, d, *_ = (int(word) / 65536 for word in numbers)
+    except ValueError:
+        return None
+    if len(numbers) != 9:
+        return None
+    scale_x, scale_y = math.hypot(a, c), math.hypot(b, d)
+    if scale_x == 0 or scale_y == 0:
+        return None
+    return -math.degrees(math.atan2(b / scale_y, a / scale_x))
+
+
+def _round_half_away(value: float) -> float:
+    """C's round(): halves away from zero (Python's round() takes them to the even side)."""
+    return math.copysign(math.floor(abs(value) + 0.5), value)
 
 
 def ffmpeg_command(source: str, target: str, scale: tuple[int, int]) -> list[str]:
@@ -253,10 +281,14 @@ def resize_video(job: JobContext) -> Output:
             # (a 320x240 start, then 7680x7680) cannot take the machine's memory.
             processes.run(job, args, on_line=on_progress, memory_mb=settings.video_max_mb)
         except processes.ProcessFailed:
-            background.info()  # a clearer message when the file is no video at all
+            # A clearer message when the file is no video at all, or is over a limit (an
+            # output too large for ffmpeg to set up fails it before the probe has answered):
+            # the same answer POST /jobs gives before queueing.
+            check_size(background.info(), settings, options)
             raise
         info = background.info()
         check_size(info, settings, options)
+        out_width, out_height = check_output(job, target)
     except BaseException:
         target.unlink(missing_ok=True)  # a partial output is no use to anyone
         raise
@@ -266,7 +298,6 @@ def resize_video(job: JobContext) -> Output:
     # The output's real length, as ffmpeg wrote it; the header's only if ffmpeg never said.
     duration = encoded or _duration(info)
     job.set_progress(round(duration, 2), round(duration, 2), "seconds")
-    out_width, out_height = options.output_size(*_frame_size(info))
     return Output(
         data={"width": out_width, "height": out_height, "durationSeconds": round(duration, 3),
               "audio": any(s.get("codec_type") == "audio" for s in info["streams"])},
@@ -274,11 +305,44 @@ def resize_video(job: JobContext) -> Output:
     )
 
 
+def check_output(job: JobContext, target: Path) -> tuple[int, int]:
+    """The width and height of the video ffmpeg wrote, probed, not computed: BadInput for an
+    output with no video stream or no frames (ffmpeg may end well having decoded nothing),
+    TooLarge for frames over JOBQUEUE_VIDEO_MAX_PIXELS (an input whose turn was misjudged
+    must not pass as the size it was meant to have)."""
+    settings: Settings = job.settings
+    lines: list[str] = []
+    try:
+        processes.run(job, probe_command(str(target)), on_line=lines.append,
+                      memory_mb=settings.video_max_mb)
+    except processes.ProcessFailed as error:
+        raise BadInput(f"ffmpeg's output cannot be read back ({error}); nothing usable was "
+                       "written. " + SEND_A_VIDEO) from None
+    return output_size(json.loads("\n".join(lines) or "{}"), settings)
+
+
+def output_size(info: dict, settings: Settings) -> tuple[int, int]:
+    """check_output's verdict on ffprobe's JSON of the output."""
+    video = next((s for s in info.get("streams", []) if s.get("codec_type") == "video"), None)
+    if video is None:
+        raise BadInput("ffmpeg wrote no video stream: it could decode no frame of the file. "
+                       + SEND_A_VIDEO)
+    if _frame_count(info) == 0:
+        raise BadInput("ffmpeg wrote no video frames: it could decode none of the file's. "
+                       + SEND_A_VIDEO)
+    width, height = int(video.get("width") or 0), int(video.get("height") or 0)
+    if width * height > settings.video_max_pixels:
+        raise TooLarge(f"The output frames came out {width}x{height} = {width * height} "
+                       f"pixels; this server takes at most {settings.video_max_pixels} "
+                       "(JOBQUEUE_VIDEO_MAX_PIXELS).")
+    return width, height
+
+
 def _frame_size(info: dict) -> tuple[int, int]:
     """Width and height of the first video stream, upright as ffmpeg turns it before scaling."""
     video = next(s for s in info["streams"] if s.get("codec_type") == "video")
     width, height = int(video["width"]), int(video["height"])
-    if _rotation(video) in (90, 270):
+    if _turn(video) in (90, 270):
         width, height = height, width
     return width, height
 
