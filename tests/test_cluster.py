@@ -92,6 +92,7 @@ def test_worker_kill_9_mid_video_reruns_elsewhere_and_leaves_no_ffmpeg(postgres,
         done = wait_until(client, job["id"], seconds=120)
         assert done["status"] == "succeeded", done
         assert done["result"]["data"]["width"] == 3840
+        assert done["attempt"] == 2  # the killed run, then the one that succeeded
         survivor = next(worker for worker in cluster.workers if worker is not victim)
         deadline = time.monotonic() + 60  # its heartbeat goes stale
         while len(client.get("/health").json()["workerProcesses"]) != 1:
@@ -110,9 +111,11 @@ def test_worker_sigterm_requeues_what_it_cannot_finish_in_the_grace(postgres, tm
         first.send_signal(signal.SIGTERM)
         assert first.wait(30) == 0
         assert "queued again" in first.log_path.read_text()
-        assert client.get(f"/jobs/{job['id']}").json()["status"] == "queued"
+        queued = client.get(f"/jobs/{job['id']}").json()
+        assert (queued["status"], queued["attempt"]) == ("queued", 1)
         cluster.start_worker()
-        assert wait_until(client, job["id"])["status"] == "succeeded"
+        done = wait_until(client, job["id"])
+        assert (done["status"], done["attempt"]) == ("succeeded", 2)
 
 
 def test_postgresql_stopped_and_started_mid_run(tmp_path):
