@@ -4,6 +4,7 @@ replicas share through redis; `make cluster`'s launcher keeping its processes up
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import DATA, ROOT, free_port
+from conftest import DATA, ROOT, eventually, free_port
 from deployments import children_of, deploy, kill, settings_env
 from jobqueue.localpg import LocalPostgres
 from test_contract import submit, wait_until
@@ -116,6 +117,41 @@ def test_worker_sigterm_requeues_what_it_cannot_finish_in_the_grace(postgres, tm
         cluster.start_worker()
         done = wait_until(client, job["id"])
         assert (done["status"], done["attempt"]) == ("succeeded", 2)
+
+
+def test_the_event_feed_shows_a_requeued_jobs_attempt(postgres, tmp_path):
+    """Queued at attempt 0, then queued again at attempt 1 by a worker's SIGTERM: the same
+    status, progress and queue position, a new attempt; the feed says so."""
+    with deploy("postgres", tmp_path, postgres, workers=0, message_workers=1,
+                shutdown_grace=1) as cluster, cluster.client() as client, \
+            cluster.client(timeout=httpx.Timeout(10, read=None)) as watcher:
+        job = submit(client, json={"data": "long", "seconds": 30})
+        seen: list[dict] = []
+
+        def read() -> None:
+            # Until the test ends and closes the client under it.
+            with contextlib.suppress(httpx.HTTPError), watcher.stream("GET", "/events") as response:
+                event = None
+                for line in response.iter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:") and event in ("jobs", "job"):
+                        data = json.loads(line[5:])
+                        seen.extend(item for item in (data if event == "jobs" else [data])
+                                    if item["id"] == job["id"])
+
+        threading.Thread(target=read, daemon=True).start()
+        eventually(lambda: seen and seen[0]["status"] == "queued")
+        assert seen[0]["attempt"] == 0
+        worker = cluster.start_worker()
+        wait_until(client, job["id"], ("running",))
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+        assert client.get(f"/jobs/{job['id']}").json()["attempt"] == 1
+        eventually(lambda: any(item["status"] == "running" for item in seen)
+                   and seen[-1]["status"] == "queued")
+        assert seen[-1]["attempt"] == 1, seen
+        client.delete(f"/jobs/{job['id']}")
 
 
 def test_postgresql_stopped_and_started_mid_run(tmp_path):
