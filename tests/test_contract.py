@@ -122,6 +122,21 @@ def test_put_waits_for_its_result_and_files_come_from_any_replica(first, second)
     assert page.status_code == 200 and page.content.startswith(b"\x89PNG")
 
 
+def test_a_one_page_pdfs_result_is_its_png(first, second, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "one-page.pdf"
+    Image.new("RGB", (200, 100), "white").save(path, "PDF")
+    with path.open("rb") as pdf:
+        job = submit(first, data={"jobType": "pdf2image", "dpi": "30"},
+                     files={"file": ("one-page.pdf", pdf, "application/pdf")})
+    assert wait_until(second, job["id"])["status"] == "succeeded"
+    result = second.get(f"/jobs/{job['id']}/result")
+    assert result.status_code == 200 and result.content.startswith(b"\x89PNG")
+    assert result.headers["content-type"] == "image/png"
+    assert f'filename="pdf2image-{job["id"]}.png"' in result.headers["content-disposition"]
+
+
 def test_exactly_capacity_of_forty_concurrent_submits_is_accepted(deployment, blocked):
     def post(number: int) -> httpx.Response:
         with deployment.client(number) as client:
