@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ import httpx
 
 from conftest import DATA, ROOT, eventually, free_port
 from deployments import children_of, deploy, kill, settings_env
+from jobqueue import cluster
 from jobqueue.localpg import LocalPostgres
 from test_contract import submit, wait_until
 
@@ -350,3 +352,31 @@ def test_launcher_gives_each_worker_its_own_fixed_metrics_port():
         for port in ports:
             assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200
         assert "exited with" not in log_path.read_text()
+
+
+def test_a_process_that_keeps_exiting_is_started_again_later_each_time(caplog):
+    """The launcher's back-off: 1 s, doubled up to 30 s while the process exits soon after its
+    start, 1 s again once it had run a while; each exit logged."""
+    caplog.set_level(logging.INFO, logger="jobqueue.cluster")
+    now = [1000.0]
+
+    class Exited:
+        pid = 4242
+
+        def poll(self) -> int:
+            return 1
+
+    service = cluster.Service("worker 1", Exited, Path("worker-1.log"), clock=lambda: now[0])
+    service.start()
+    delays = []
+    for _ in range(7):
+        service.check()  # sees the exit
+        delays.append(service.restart_at - now[0])
+        now[0] = service.restart_at
+        service.check()  # starts it again
+    assert delays == [1, 2, 4, 8, 16, 30, 30]
+    now[0] += cluster.RESTART_RESET_SECONDS + 1  # this start ran for a while before it exited
+    service.check()
+    assert service.restart_at - now[0] == 1
+    assert caplog.text.count("worker 1 (pid 4242) exited with code 1; starting it again") == 8
+    assert caplog.text.count("worker 1 started again (pid 4242)") == 7

@@ -122,9 +122,11 @@ def describe_exit(code: int) -> str:
 class Service:
     """A replica or a worker of the cluster, started again by `check` when it has exited."""
 
-    def __init__(self, name: str, start: Callable[[], subprocess.Popen], log_path: Path):
+    def __init__(self, name: str, start: Callable[[], subprocess.Popen], log_path: Path,
+                 clock: Callable[[], float] = time.monotonic):
         self.name = name
         self._start = start
+        self._clock = clock
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
         self.started = 0.0
@@ -134,14 +136,14 @@ class Service:
     def start(self) -> None:
         again = self.process is not None
         self.process = self._start()
-        self.started = time.monotonic()
+        self.started = self._clock()
         self.restart_at = None
         log.info("%s %s (pid %d)", self.name, "started again" if again else "started",
                  self.process.pid)
 
     def check(self) -> None:
         """Start it again if its back-off is over; note when it has exited."""
-        now = time.monotonic()
+        now = self._clock()
         if self.restart_at is not None:
             if now >= self.restart_at:
                 self.start()
