@@ -5,9 +5,12 @@ In the distributed mode, a job is submitted on one replica and followed on the o
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
+import sqlite3
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -58,6 +61,19 @@ def wait_until(client: httpx.Client, job_id: str, statuses=FINISHED, seconds: fl
     return job
 
 
+def wait_stored_attempt(database: Path, job_id: str, attempt: int, seconds: float = 30) -> None:
+    """Until the embedded engine's SQLite file holds `attempt` for the job (its writer
+    commits a moment after the change)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with contextlib.closing(sqlite3.connect(database, timeout=5)) as conn:
+            row = conn.execute("SELECT attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is not None and row[0] == attempt:
+            return
+        assert time.monotonic() < deadline, f"job {job_id}'s stored attempt is {row}"
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def blocked(first) -> dict:
     """The one message worker busy with a long job (cancelled afterwards)."""
@@ -104,6 +120,21 @@ def test_put_waits_for_its_result_and_files_come_from_any_replica(first, second)
     assert result["data"]["pages"] == 4 and len(result["files"]) == 4
     page = second.get(httpx.URL(result["files"][0]).path)
     assert page.status_code == 200 and page.content.startswith(b"\x89PNG")
+
+
+def test_a_one_page_pdfs_result_is_its_png(first, second, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "one-page.pdf"
+    Image.new("RGB", (200, 100), "white").save(path, "PDF")
+    with path.open("rb") as pdf:
+        job = submit(first, data={"jobType": "pdf2image", "dpi": "30"},
+                     files={"file": ("one-page.pdf", pdf, "application/pdf")})
+    assert wait_until(second, job["id"])["status"] == "succeeded"
+    result = second.get(f"/jobs/{job['id']}/result")
+    assert result.status_code == 200 and result.content.startswith(b"\x89PNG")
+    assert result.headers["content-type"] == "image/png"
+    assert f'filename="pdf2image-{job["id"]}.png"' in result.headers["content-disposition"]
 
 
 def test_exactly_capacity_of_forty_concurrent_submits_is_accepted(deployment, blocked):
@@ -186,6 +217,28 @@ def test_progress_events_rise_to_a_final_event_on_the_other_replica(first, secon
     assert progress == sorted(progress) and len(set(progress)) >= 3, progress
 
 
+def test_attempt_counts_the_runs_started(first, second, blocked):
+    assert first.get(f"/jobs/{blocked['id']}").json()["attempt"] == 1
+    never = submit(first, json={"data": "never runs", "seconds": 0})
+    job = submit(first, json={"data": "waits, then runs", "seconds": 0.2})
+    assert second.get(f"/jobs/{job['id']}").json()["attempt"] == 0
+    assert second.delete(f"/jobs/{never['id']}").json()["attempt"] == 0
+    events = []
+    with second.stream("GET", f"/jobs/{job['id']}/events") as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+                if len(events) == 1:  # the current state first: still waiting
+                    first.delete(f"/jobs/{blocked['id']}")
+    assert (events[0]["status"], events[0]["attempt"]) == ("queued", 0)
+    assert (events[-1]["status"], events[-1]["attempt"]) == ("succeeded", 1)
+    assert {event["attempt"] for event in events if event["status"] == "running"} <= {1}
+    assert second.get(f"/jobs/{job['id']}").json()["attempt"] == 1
+    assert second.get(f"/jobs/{never['id']}").json()["attempt"] == 0
+    listed = {item["id"]: item for item in first.get("/jobs?limit=5").json()["items"]}
+    assert listed[job["id"]]["attempt"] == 1 and listed[never["id"]]["attempt"] == 0
+
+
 def test_list_pages_and_filters(first, second):
     ids = [submit(first, json={"data": f"list {n}", "seconds": 0})["id"] for n in range(5)]
     for job_id in ids:
@@ -253,6 +306,8 @@ def test_every_accepted_job_runs_once_after_everything_is_killed(engine, request
         database = before.env.get("JOBQUEUE_DATABASE_URL")
         jobs = [submit(client, json={"data": f"job {n}", "seconds": 1}) for n in range(3)]
         wait_until(client, jobs[0]["id"], ("running",))
+        if engine == "embedded":  # the start in the store of record, not only in memory
+            wait_stored_attempt(before.out_dir / "jobs.db", jobs[0]["id"], 1)
         for process in [server.process for server in before.replicas] + before.workers:
             kill(process)
     with deploy(engine, tmp_path, database_url=database, **settings) as after, \
@@ -261,6 +316,8 @@ def test_every_accepted_job_runs_once_after_everything_is_killed(engine, request
         assert [job["status"] for job in finished] == ["succeeded"] * 3
         assert [job["result"]["data"]["message"] for job in finished] == [
             "job 0", "job 1", "job 2"]
+        # The one that was running when everything was killed ran again: its second run.
+        assert [job["attempt"] for job in finished] == [2, 1, 1]
         if engine == "postgres":  # the workers' logs of both runs (the same files)
             for job in jobs:
                 assert after.logs().count(f"job {job['id']}: succeeded") == 1

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import signal
+import sqlite3
 import time
+import uuid
 import zipfile
 
 import httpx
@@ -14,6 +17,7 @@ import pytest
 from fastapi import HTTPException
 
 from conftest import DATA, Server, eventually, run_server
+from jobqueue import records
 from jobqueue.errors import Unavailable
 from jobqueue.filestore import gone
 from jobqueue.records import JobRecord
@@ -225,6 +229,34 @@ def test_restart_after_kill_9_runs_every_accepted_job(tmp_path):
         assert starts == sorted(starts), "recovered in their original order"
         assert finished[3]["result"]["data"]["pages"] == 4
         assert "queued again after a restart" in server.log()
+
+
+def test_a_jobs_db_from_before_attempts_were_counted(tmp_path):
+    """A jobs.db without the attempt column gets it at start: a job that had run counts one
+    run, one still waiting none until it runs, and the one the old server died running runs
+    again as its second."""
+    (tmp_path / "out").mkdir()
+    now = time.time()
+    jobs = {"done": ("succeeded", now - 5, now - 4, {"data": {"message": "done"}, "files": []}),
+            "waiting": ("queued", None, None, None), "crashed": ("running", now - 3, None, None)}
+    ids = {name: str(uuid.uuid4()) for name in jobs}
+    with contextlib.closing(sqlite3.connect(tmp_path / "out" / "jobs.db")) as old:
+        old.executescript(records.SCHEMA)  # the first tables, before the added columns
+        assert "attempt" not in {row[1] for row in old.execute("PRAGMA table_info(jobs)")}
+        old.executemany(
+            "INSERT INTO jobs (id, job_type, status, options, created_at, started_at, "
+            "finished_at, worker_name, progress, result) VALUES (?, 'message', ?, ?, ?, ?, ?, "
+            "'message-worker-1', '{}', ?)",
+            [(ids[name], status, json.dumps({"data": name, "seconds": 0}), now - 6, started,
+              finished, json.dumps(result)) for name, (status, started, finished, result)
+             in jobs.items()])
+        old.commit()
+    with run_server(tmp_path) as server, server.client() as client:
+        finished = {name: wait_until(client, ids[name]) for name in jobs}
+        assert {name: job["status"] for name, job in finished.items()} == dict.fromkeys(
+            jobs, "succeeded")
+        assert {name: job["attempt"] for name, job in finished.items()} == {
+            "done": 1, "waiting": 1, "crashed": 2}
 
 
 def test_bad_ids_params_and_bodies_are_4xx(client):

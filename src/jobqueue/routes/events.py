@@ -38,8 +38,8 @@ async def _job_json(request: Request, record: JobRecord) -> str:
     position = (await engine.position(record.id)
                 if record.status == JobStatus.QUEUED.value else None)
     # The base URL too: the summary's file URLs are made from the request's Host.
-    key = (str(request.base_url), record.id, record.status, json.dumps(record.progress),
-           record.finished_at, position)
+    key = (str(request.base_url), record.id, record.status, record.attempt,
+           json.dumps(record.progress), record.finished_at, position)
     text = _summaries.get(key)
     if text is None:
         if len(_summaries) >= MAX_CACHED:

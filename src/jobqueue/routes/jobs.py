@@ -74,6 +74,7 @@ async def _fields(request: Request, record: JobRecord) -> dict:
         id=record.id,
         job_type=record.job_type,
         status=record.status,
+        attempt=record.attempt,
         progress=ProgressView(**{"done": 0, "total": 0, "unit": "", **record.progress}),
         queue_position=await engine.position(record.id) if waiting else None,
         created_at=_time(record.created_at),
