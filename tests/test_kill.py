@@ -47,13 +47,15 @@ def test_children_die_with_the_server_and_the_jobs_run_again(tmp_path):
 
 def test_a_folder_with_no_record_is_removed_once_it_is_old(tmp_path):
     out = tmp_path / "out"
+    with run_server(tmp_path):  # makes the job store, whose id marks the folders it makes
+        store_id = (out / ".jobqueue-store").read_text()
     leftover, fresh, unmarked = (out / str(uuid.uuid4()) for _ in range(3))
     other = out / "not-a-job"
     for folder in (leftover, fresh, unmarked, other):
         (folder / "input").mkdir(parents=True)
         (folder / "input" / "upload.pdf").write_bytes(b"%PDF-1.4 cut off by kill -9")
-        if folder is not unmarked:
-            (folder / ".job").touch()  # the mark the server puts in each folder it makes
+        if folder is not unmarked:  # the mark the server puts in each folder it makes
+            (folder / ".job").write_text(store_id)
     an_hour_ago = time.time() - 3600
     for folder in (leftover, unmarked, other):
         for path in (*folder.rglob("*"), folder):
