@@ -10,6 +10,7 @@ import io
 import os
 import shutil
 import socket
+import sqlite3
 import tempfile
 import threading
 import time
@@ -419,3 +420,27 @@ def test_a_worker_clears_its_own_pids_scratch_left_by_an_earlier_process(tmp_pat
     clear_dead_scratch(tmp_path)
     assert not mine.parent.exists() and not gone.parent.exists() and live.exists()
 
+
+
+def test_objects_older_than_the_job_store_are_never_swept(seaweed, tmp_path, monkeypatch):
+    """A new or emptied database knows none of the stored jobs: those written before it was
+    made are left alone, however old (test_the_sweep_removes_objects_no_record_owns: the
+    store's own still go)."""
+    settings = Settings(out_dir=tmp_path / "out", **storage(seaweed.url))
+    files = ObjectFiles(settings)
+    before = str(uuid.uuid4())
+    obstore.put(files.store, f"jobs/{before}/attempt-1/page-001.png", b"png")
+    db_path = tmp_path / "jobs.db"
+    SqliteJobStore(db_path).close()
+    with sqlite3.connect(db_path) as db:  # made an hour after that object was written
+        db.execute("UPDATE store SET value = ? WHERE name = 'created_at'",
+                   (str(time.time() + 3600),))
+    records = SqliteJobStore(db_path)
+    monkeypatch.setattr(retention, "STALE_OBJECT_SECONDS", 0.0)
+    monkeypatch.setattr(retention, "STORE_CLOCK_MARGIN", 0.0)
+    sweeper = retention.StoredOrphans()
+    assert sweeper.sweep(records, files) == []
+    assert sweeper.sweep(records, files) == []
+    assert before in sweeper.strangers
+    assert len(list(obstore.list(files.store, prefix=f"jobs/{before}/").collect())) == 1
+    records.close()

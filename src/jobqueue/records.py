@@ -201,6 +201,7 @@ class JobStore(Protocol):
     # Made once with the store and kept with it: each job folder is marked with it, so that a
     # new or emptied store, which knows none of them, never takes them for leftovers.
     store_id: str
+    created_at: float  # when the store was made (epoch seconds): nothing older is its own
     location: str  # where the records are, for messages: a path, or a database's name
 
 
@@ -233,10 +234,10 @@ class SqliteJobStore:
                             self._db.execute(BACKFILLS[column])
                         self._db.execute("COMMIT")
                 self._db.executescript(INDEXES)
-                self._db.execute("INSERT OR IGNORE INTO store VALUES ('id', ?)",
-                                 (new_store_id(),))
-                self.store_id = self._db.execute(
-                    "SELECT value FROM store WHERE name = 'id'").fetchone()[0]
+                self._db.executemany("INSERT OR IGNORE INTO store VALUES (?, ?)",
+                                     [("id", new_store_id()), ("created_at", str(time.time()))])
+                made = dict(self._db.execute("SELECT name, value FROM store").fetchall())
+                self.store_id, self.created_at = made["id"], float(made["created_at"])
         except sqlite3.DatabaseError as error:
             if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
                 raise

@@ -29,6 +29,9 @@ STORED_SWEEP_SECONDS = 300.0
 # An object with no record written this long ago is no upload on its way to its record (the
 # replica stores an upload in seconds, then writes the record).
 STALE_OBJECT_SECONDS = 3600.0
+# The object store's clock (and its whole seconds) against the database's: an object this much
+# older than the job store is surely not its own.
+STORE_CLOCK_MARGIN = 60.0
 
 
 def sweep_orphans(store: JobStore, out_dir: Path, receiving: Set[str] = frozenset(),
@@ -83,6 +86,9 @@ class StoredOrphans:
 
     def __init__(self) -> None:
         self.suspects: dict[str, float] = {}  # job id -> when it was first found orphaned
+        # Jobs whose newest object is older than the job store: another store's (a new or
+        # emptied database), never removed.
+        self.strangers: set[str] = set()
 
     def sweep(self, store: JobStore, files: FileStore) -> list[str]:
         """Remove the confirmed orphans; returns their ids."""
@@ -93,17 +99,26 @@ class StoredOrphans:
         known: set[str] = set()
         for start in range(0, len(ids), 1000):
             known |= store.known(ids[start:start + 1000])
-        self.suspects = {job_id: self.suspects.get(job_id, now)
-                         for job_id in ids if job_id not in known}
+        self.suspects = {job_id: self.suspects.get(job_id, now) for job_id in ids
+                         if job_id not in known and job_id not in self.strangers}
         removed = []
+        strangers = len(self.strangers)
         for job_id, since in list(self.suspects.items()):
             newest = files.newest(job_id) if since == now else None  # found just now
+            if newest is not None and newest < store.created_at - STORE_CLOCK_MARGIN:
+                self.strangers.add(job_id)
+                del self.suspects[job_id]
+                continue
             if since < now - ORPHAN_SECONDS or (newest or now) < now - STALE_OBJECT_SECONDS:
                 files.remove(job_id)
                 del self.suspects[job_id]
                 log.info("job %s: its objects had no record (a replica stopped between "
                          "storing its upload and writing its record?); removed", job_id)
                 removed.append(job_id)
+        if len(self.strangers) > strangers:
+            log.warning("%d jobs in the object store have no record in %s and are older than "
+                        "it (a new or emptied database, or another one's jobs): left alone, "
+                        "never deleted", len(self.strangers), store.location)
         return removed
 
 

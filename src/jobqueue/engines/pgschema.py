@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS jobqueue_workers (
 """ + rollup.table_sql(MINUTES, "bigint") + """
 -- The store's own id (records.JobStore.store_id), made once by whoever makes the tables.
 CREATE TABLE IF NOT EXISTS jobqueue_store (name text PRIMARY KEY, value text NOT NULL);
-INSERT INTO jobqueue_store VALUES ('id', gen_random_uuid()::text) ON CONFLICT DO NOTHING;
+INSERT INTO jobqueue_store VALUES ('id', gen_random_uuid()::text),
+    ('created_at', extract(epoch FROM clock_timestamp())::text) ON CONFLICT DO NOTHING;
 -- Columns added since the first tables were made.
 ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS cancelled_as text;
 ALTER TABLE jobqueue_workers ADD COLUMN IF NOT EXISTS metrics text;

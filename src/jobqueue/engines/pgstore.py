@@ -29,7 +29,7 @@ class PgJobStore:
                                     check=ConnectionPool.check_connection)
         self._opened = False
         self._lock = threading.Lock()
-        self._store_id: str | None = None
+        self._store: dict[str, str] | None = None
         database = conninfo_to_dict(url).get("dbname", "")
         self.location = f"the PostgreSQL database {database}"
 
@@ -70,16 +70,22 @@ class PgJobStore:
 
     @property
     def store_id(self) -> str:
-        """Read once (Unavailable while PostgreSQL cannot be reached); the tables' maker
-        (pgschema.ensure) made it."""
-        if self._store_id is None:
+        return self._made()["id"]
+
+    @property
+    def created_at(self) -> float:
+        return float(self._made()["created_at"])
+
+    def _made(self) -> dict[str, str]:
+        """The store's id and birth, read once (Unavailable while PostgreSQL cannot be
+        reached); the tables' maker (pgschema.ensure) wrote them."""
+        if self._store is None:
             with self._connection() as conn:
-                row = conn.execute("SELECT value FROM jobqueue_store WHERE name = 'id'"
-                                   ).fetchone()
-            if row is None:
+                made = dict(conn.execute("SELECT name, value FROM jobqueue_store").fetchall())
+            if {"id", "created_at"} - made.keys():
                 raise Unavailable("The job database has no tables yet; retry in a few seconds.")
-            self._store_id = row[0]
-        return self._store_id
+            self._store = made
+        return self._store
 
     def get(self, job_id: str) -> JobRecord | None:
         rows = self._fetch("SELECT * FROM jobqueue_jobs WHERE id = %s", (job_id,))
