@@ -77,6 +77,7 @@ cluster: setup databases
 	$(PY) -m jobqueue.cluster $(ARGS)
 
 test: dev-setup
+	$(VENV)/bin/ruff check src tests bench data
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: dev-setup

@@ -19,7 +19,6 @@ import uuid
 from pathlib import Path
 from statistics import median
 
-
 import pdf as pdf_bench
 import video as video_bench
 from common import CACHE, SHARED, free_port, make_clip, spread, table, timed

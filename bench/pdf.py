@@ -78,7 +78,8 @@ def through_server(url: str, pdf: Path) -> None:
 
 def page_count(pdf: Path) -> int:
     info = subprocess.run(["pdfinfo", str(pdf)], capture_output=True, text=True, check=True)
-    return int(next(l.split()[1] for l in info.stdout.splitlines() if l.startswith("Pages:")))
+    return int(next(line.split()[1] for line in info.stdout.splitlines()
+                    if line.startswith("Pages:")))
 
 
 def megabytes(folder: Path, pattern: str) -> float:

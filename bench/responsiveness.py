@@ -1,4 +1,5 @@
-"""responsiveness: GET /health latency every 50 ms while every pdf2image and video worker is busy."""
+"""responsiveness: GET /health latency every 50 ms while every pdf2image and video worker is
+busy."""
 
 from __future__ import annotations
 

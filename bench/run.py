@@ -74,7 +74,8 @@ def main() -> None:
         results.append(result)
 
     heading = (f"# Benchmarks\n\n{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
-               f"{platform.python_version()}, runs per measurement: {1 if args.smoke else args.runs}"
+               f"{platform.python_version()}, runs per measurement: "
+               f"{1 if args.smoke else args.runs}"
                f"{' (smoke run: tiny inputs)' if args.smoke else ''}\n")
     RESULTS.mkdir(exist_ok=True)
     name = "smoke" if args.smoke else "latest"

@@ -19,9 +19,11 @@ def make_pdf(path: Path) -> None:
     for number in range(1, PAGES + 1):
         page = Image.new("L", (827, 1169), 255)
         draw = ImageDraw.Draw(page)
-        draw.text((80, 80), f"jobqueue sample document - page {number} of {PAGES}", font=font, fill=0)
+        draw.text((80, 80), f"jobqueue sample document - page {number} of {PAGES}", font=font,
+                  fill=0)
         for line in range(30):
-            draw.line((80, 160 + line * 32, 747 - (line * 37) % 200, 160 + line * 32), fill=90, width=3)
+            draw.line((80, 160 + line * 32, 747 - (line * 37) % 200, 160 + line * 32), fill=90,
+                      width=3)
         draw.rectangle((80, 1100, 747, 1102), fill=0)
         pages.append(page)
     pages[0].save(path, save_all=True, append_images=pages[1:], resolution=DPI, quality=60)

@@ -17,11 +17,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-from jobqueue import cluster
 from prometheus_client.parser import text_string_to_metric_families
+
+from jobqueue import cluster
+
+if TYPE_CHECKING:
+    from jobqueue.localpg import LocalPostgres
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"

@@ -9,11 +9,11 @@ import time
 import httpx
 import pytest
 from httpx_sse import connect_sse
+from pydantic import ValidationError
 
 from conftest import DATA, Server, run_server
 from jobqueue.access import TOKEN_SECONDS, make_token
 from jobqueue.settings import Settings
-from pydantic import ValidationError
 
 ALPHA, BETA = "alpha-key-1234", "beta-key-5678"
 

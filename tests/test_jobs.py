@@ -95,7 +95,8 @@ def test_video_lifecycle_result_is_the_mp4(client, tmp_path):
                      files={"file": ("clip.mp4", video, "video/mp4")})
     done = wait_until(client, job["id"])
     assert done["status"] == "succeeded"
-    assert done["progress"]["unit"] == "seconds" and done["progress"]["done"] == pytest.approx(4, abs=0.1)
+    assert done["progress"]["unit"] == "seconds"
+    assert done["progress"]["done"] == pytest.approx(4, abs=0.1)
     response = client.get(job["links"]["result"])
     assert response.headers["content-type"] == "video/mp4"
     assert "attachment" in response.headers["content-disposition"]
@@ -151,8 +152,8 @@ def test_events_deliver_rising_progress_and_a_final_event(client):
     assert all(event["status"] in ("queued", "running") for event in events[:-1])
     # A client that connects late gets the final state at once, and the stream ends.
     late = client.get(job["links"]["events"])
-    assert [json.loads(l[5:])["status"] for l in late.text.splitlines()
-            if l.startswith("data:")] == ["succeeded"]
+    assert [json.loads(line[5:])["status"] for line in late.text.splitlines()
+            if line.startswith("data:")] == ["succeeded"]
 
 
 def test_uploads_are_checked_by_content_not_name(client, jobs_server):
@@ -188,7 +189,8 @@ def test_upload_over_the_cap_is_413_and_leaves_nothing(tmp_path):
     with run_server(tmp_path, max_upload_mb=1) as server, server.client() as client:
         def body():  # streamed, so the server only learns the size while reading
             yield b"--b\r\nContent-Disposition: form-data; name=\"jobType\"\r\n\r\nvideo\r\n"
-            yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.mp4\"\r\n\r\n"
+            yield (b"--b\r\nContent-Disposition: form-data; name=\"file\"; "
+                   b"filename=\"big.mp4\"\r\n\r\n")
             for _ in range(3):
                 yield b"\0" * 1024 * 1024
             yield b"\r\n--b--\r\n"

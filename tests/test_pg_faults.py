@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import signal
 import tempfile
-import time
 from pathlib import Path
 
 import psycopg

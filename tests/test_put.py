@@ -14,10 +14,9 @@ import pytest
 from fastapi import HTTPException
 from starlette.requests import Request
 
+from conftest import DATA
 from jobqueue.records import JobRecord, Origin
 from jobqueue.routes import put
-
-from conftest import DATA
 from media import pdf_page_points, png_size, probe_streams
 
 

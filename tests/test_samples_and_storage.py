@@ -35,7 +35,8 @@ def test_output_file_refuses_anything_but_a_plain_name_in_a_job_folder(tmp_path)
     (tmp_path / job_id).mkdir()
     (tmp_path / job_id / "page-001.png").write_bytes(b"png")
     (tmp_path / "secret.txt").write_text("no")
-    assert jobfiles.output_file(tmp_path, job_id, "page-001.png") == tmp_path / job_id / "page-001.png"
+    page = tmp_path / job_id / "page-001.png"
+    assert jobfiles.output_file(tmp_path, job_id, "page-001.png") == page
     assert jobfiles.output_file(tmp_path, job_id, "../secret.txt") is None
     assert jobfiles.output_file(tmp_path, "..", "secret.txt") is None
     assert jobfiles.output_file(tmp_path, job_id.upper(), "page-001.png") is None

@@ -23,10 +23,10 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from collections import Counter
 from typing import Any, NamedTuple, Protocol
 
 from . import rollup

@@ -15,8 +15,8 @@ from . import jobfiles, rollup
 from .engines import JobEngine
 from .errors import Unavailable
 from .filestore import FileStore
-from .settings import Settings
 from .records import JobStore
+from .settings import Settings
 
 log = logging.getLogger("jobqueue.retention")
 

@@ -18,7 +18,8 @@ class JobResult(CamelModel):
     process_elapsed_ms: float = Field(description="Time the worker spent on the job.")
     total_elapsed_ms: float = Field(description="From accepted to finished.")
     data: dict[str, Any] = Field(description="Kind-specific summary.",
-                                 examples=[{"message": "hello xdata team", "length": 16, "seconds": 3}])
+                                 examples=[{"message": "hello xdata team", "length": 16,
+                                            "seconds": 3}])
     files: list[str] = Field(description="URL of each output file.")
 
 

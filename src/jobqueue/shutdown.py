@@ -18,7 +18,6 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 
-
 log = logging.getLogger("jobqueue.shutdown")
 
 POLL_SECONDS = 0.1

@@ -195,7 +195,8 @@ def nested_forms(depth: int = 40) -> bytes:
         number = 5 + level
         draw = (b"0 0 1 1 re f" if level == 0 else
                 b"q 0.5 0 0 0.5 0 0 cm /F Do Q q 0.5 0 0 0.5 0.5 0.5 cm /F Do Q")
-        below = b"" if level == 0 else f"/Resources << /XObject << /F {number - 1} 0 R >> >> ".encode()
+        below = (b"" if level == 0
+                 else f"/Resources << /XObject << /F {number - 1} 0 R >> >> ".encode())
         forms.append(b"<< /Type /XObject /Subtype /Form /BBox [0 0 1 1] " + below
                      + f"/Length {len(draw)} >>\nstream\n".encode() + draw + b"\nendstream")
     top = 5 + depth - 1

@@ -15,12 +15,12 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
+from ..filestore import FileStore
 from ..jobs import JobKind
 from ..metrics import Outcome
 from ..records import JobRecord, Origin
 from ..rollup import MinuteFigures
 from ..settings import Settings
-from ..filestore import FileStore
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ and what a cancel said it was, for the worker's metrics); a record and its procr
 are written in one transaction. `jobqueue_workers` holds a heartbeat per worker process, with
 the kinds it serves, how many of each at once and where its metrics are: the cluster's live
 workers, for /health and the dashboard. `jobqueue_minutes` counts the jobs that ran to an end
-per owner, kind, minute and run time (rollup.py), for the dashboard's chart. Every change of a record is announced with NOTIFY on
-CHANNEL, in the transaction that makes it.
+per owner, kind, minute and run time (rollup.py), for the dashboard's chart. Every change of a
+record is announced with NOTIFY on CHANNEL, in the transaction that makes it.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ class VideoOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     width: int | None = Field(None, ge=2, le=7680,
-                              description="Output width; default 640 when height is not given either.")
+                              description="Output width; default 640 when height is not "
+                                          "given either.")
     height: int | None = Field(None, ge=2, le=4320,
                                description="Output height; missing sides keep the aspect ratio.")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..errors import Unavailable
 from ..engines import JobEngine
+from ..errors import Unavailable
 from ..metrics import Metrics, loopback, token_matches
 
 router = APIRouter(tags=["server"])
