@@ -379,6 +379,13 @@ class Runner:
                 found = await cursor.fetchall()
             rows = [pgschema.from_row(row) for row in found]
             cancelled = {row["id"] for row in found if row["cancelled_as"] is not None}
+            if only_queued and not rows:
+                cursor = await conn.execute("SELECT 1 FROM jobqueue_jobs WHERE procrastinate_id "
+                                            "= %s AND status = 'running'", (procrastinate_id,))
+                if await cursor.fetchone():
+                    # Its run may be alive (a worker draining, or cut off for a while): the
+                    # records' own heartbeats decide that (STRANDED), not procrastinate's.
+                    return
             for record in rows:
                 if record.id in cancelled:
                     await conn.execute("UPDATE jobqueue_jobs SET status = 'cancelled', "
