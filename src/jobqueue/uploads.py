@@ -9,7 +9,8 @@ from pathlib import Path
 
 from fastapi import HTTPException, Request
 from starlette.requests import ClientDisconnect
-from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from python_multipart.multipart import (MAX_BOUNDARY_LENGTH, MultipartParser, MultipartState,
+                                        parse_options_header)
 
 from . import jobfiles
 from .errors import is_disk_full
@@ -216,6 +217,10 @@ async def read_multipart(request: Request, folder: Path, max_bytes: int,
     boundary = params.get(b"boundary")
     if not boundary:
         raise HTTPException(422, "The multipart body has no boundary in its Content-Type.")
+    if len(boundary) > MAX_BOUNDARY_LENGTH:  # python-multipart's own limit (RFC 2046 says 70)
+        raise HTTPException(400, f"The multipart boundary is {len(boundary)} characters long; "
+                                 f"at most {MAX_BOUNDARY_LENGTH} are allowed (RFC 2046 asks for "
+                                 "at most 70).")
     form = _Form(folder, max_bytes, refuse_file)
     parser = MultipartParser(boundary, form.callbacks())
     stream = body(request, min_bytes_per_second)
