@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from limits import parse_many
 from pydantic import Field, SecretStr, field_validator
@@ -79,6 +80,9 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="Port of a worker "
                                      "process's /metrics; 0: a free one, logged")
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS")
+    public_url: str = Field("", description="The address clients reach the server at, e.g. "
+                            "https://jobs.example.com: links in answers are absolute from it; "
+                            "empty: links are paths (never from the request's Host header)")
 
     pdf_engine: Literal["pdfium", "poppler"] = "pdfium"
     pdf_max_pixels: int = Field(100_000_000, ge=1,
@@ -95,6 +99,19 @@ class Settings(BaseSettings):
     def valid_rate_limit(cls, value: str) -> str:
         parse_many(value)  # raises ValueError for text slowapi would not understand
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def valid_public_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query \
+                or parts.fragment:
+            raise ValueError("JOBQUEUE_PUBLIC_URL must be an http:// or https:// address "
+                             "(with a path if the server is behind a prefix), without a query: "
+                             f"not {value!r}")
+        return value.rstrip("/")
 
     @property
     def api_key_list(self) -> list[str]:
