@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import socket
 import time
+from pathlib import Path
 
 import httpx
 from httpx_sse import connect_sse
@@ -178,3 +180,36 @@ def test_an_unexpected_error_says_its_connection_closes():
         answer = asyncio.run(internal_error(request, error))
         assert answer.status_code == status
         assert answer.headers["connection"] == "close"
+
+
+def peak_rss_kb(server) -> int:
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+
+def send_head(server, header_bytes: int) -> bytes:
+    """A GET with one header line `header_bytes` long; all the server answers."""
+    with connect(server) as sock:
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: "
+                         + b"a" * header_bytes + b"\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the answer may still be there to read
+        return read_until_closed(sock)
+
+
+def test_a_request_head_over_64_kb_is_431_and_never_kept_whole(tmp_path):
+    """httptools keeps a header whole until it ends and has no cap: a 50 MB header line was
+    served 200 and took the server's memory. The head is capped at 64 KB: 431 naming the limit,
+    and what the client sends on is read and dropped, not kept."""
+    with run_server(tmp_path) as server:
+        assert send_head(server, 60_000).startswith(b"HTTP/1.1 200"), "under the cap"
+        before = peak_rss_kb(server)
+        for size in (70_000, 2**20, 50 * 2**20):
+            answer = send_head(server, size)
+            assert answer.startswith(b"HTTP/1.1 431"), (size, answer[:200])
+            body = answer.partition(b"\r\n\r\n")[2]
+            assert b"64 KB" in json.loads(body)["detail"].encode()
+        assert peak_rss_kb(server) - before < 20_000, "the big header was kept"
+        with server.client() as client:
+            assert client.get("/health").status_code == 200
