@@ -213,3 +213,37 @@ def test_a_request_head_over_64_kb_is_431_and_never_kept_whole(tmp_path):
         assert peak_rss_kb(server) - before < 20_000, "the big header was kept"
         with server.client() as client:
             assert client.get("/health").status_code == 200
+
+
+def read_for(sock: socket.socket, seconds: float) -> bytes:
+    """What the server sends until it closes the connection, or `seconds` pass."""
+    sock.settimeout(seconds)
+    answer = b""
+    try:
+        while chunk := sock.recv(4096):
+            answer += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        answer += b" (not closed)"
+    return answer
+
+
+def test_a_body_over_the_cap_by_its_content_length_is_413_before_any_of_it_is_sent(tmp_path):
+    """`Expect: 100-continue` with a Content-Length over JOBQUEUE_MAX_UPLOAD_MB got `100
+    Continue`, then the body was read up to the cap. A Content-Length over the cap is 413 at
+    once, with or without the Expect, and no 100 Continue; JSON over 1 MB likewise."""
+    multipart = "multipart/form-data; boundary=b0undary"
+    with run_server(tmp_path, max_upload_mb=1) as server:
+        for path, content_type, length, limit in (
+                ("/put", multipart, 10 * 2**20, b"JOBQUEUE_MAX_UPLOAD_MB"),
+                ("/jobs", multipart, 10 * 2**20, b"JOBQUEUE_MAX_UPLOAD_MB"),
+                ("/jobs", "application/json", 2 * 2**20, b"1024 KB")):
+            for expect in ("Expect: 100-continue\r\n", ""):
+                with connect(server) as sock:
+                    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n"
+                                 f"Content-Type: {content_type}\r\n{expect}\r\n".encode())
+                    answer = read_for(sock, 10)  # and not a byte of the body sent
+                assert answer.startswith(b"HTTP/1.1 413"), (path, expect, answer[:300])
+                assert limit in answer and b"100 Continue" not in answer
+        assert [p for p in server.out_dir.iterdir() if p.is_dir()] == [], "nothing stored"
