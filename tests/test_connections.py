@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import http.client
 import json
 import socket
 import time
@@ -247,3 +248,37 @@ def test_a_body_over_the_cap_by_its_content_length_is_413_before_any_of_it_is_se
                 assert answer.startswith(b"HTTP/1.1 413"), (path, expect, answer[:300])
                 assert limit in answer and b"100 Continue" not in answer
         assert [p for p in server.out_dir.iterdir() if p.is_dir()] == [], "nothing stored"
+
+
+def test_a_refusal_before_the_body_is_read_reaches_a_client_still_sending_it(tmp_path):
+    """A JSON body over 1 MB gets its 413 before the server reads it (at once by its
+    Content-Length; chunked, after the first MB). Closed there and then, the connection was
+    reset while http.client (and so requests) was still sending, and about half of the tries
+    ended in "connection reset" instead of the 413. The server now closes lingeringly: every
+    try gets its answer."""
+    body = b'{"data": "' + b"x" * (4 * 2**20) + b'"}'
+    with run_server(tmp_path) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        for attempt in range(30):
+            chunked = attempt >= 20  # the last ten without a Content-Length
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            try:
+                if chunked:
+                    connection.request("POST", "/jobs", headers={
+                        "Content-Type": "application/json"}, encode_chunked=True,
+                        body=(body[start:start + 65536]
+                              for start in range(0, len(body), 65536)))
+                else:
+                    connection.request("POST", "/jobs", body=body,
+                                       headers={"Content-Type": "application/json"})
+                response = connection.getresponse()
+                answer = response.read()
+            except OSError as error:
+                raise AssertionError(f"try {attempt + 1} ({'chunked' if chunked else 'sized'})"
+                                     f" lost its answer: {error!r}") from None
+            finally:
+                connection.close()
+            assert response.status == 413, answer
+            assert "1024 KB" in json.loads(answer)["detail"]
+        with server.client() as client:
+            assert client.get("/health").status_code == 200

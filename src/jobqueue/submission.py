@@ -145,7 +145,7 @@ async def read_json(request: Request, content_type: str, min_bytes_per_second: f
         async for chunk in uploads.body(request, min_bytes_per_second):
             body += chunk
             if len(body) > MAX_JSON_BYTES:
-                break  # no draining: a JSON client sends little, and gets its 413 at once
+                break  # the rest is read and dropped as the connection closes (connections.py)
     except uploads.TooSlow:
         raise uploads.too_slow(min_bytes_per_second) from None
     if len(body) > MAX_JSON_BYTES:
