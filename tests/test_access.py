@@ -3,6 +3,9 @@ CORS."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,7 +13,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from conftest import DATA, Server, run_server
+from conftest import DATA, ROOT, Server, run_server
 from jobqueue.access import TOKEN_SECONDS, make_token
 
 ALPHA, BETA = "alpha-key-1234", "beta-key-5678"
@@ -176,3 +179,16 @@ def test_guessing_keys_is_refused_after_twenty_wrong_ones(tmp_path):
         assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
         # For the rest of the window even the right key is refused from this address.
         assert anonymous.get("/jobs", headers={"X-API-Key": ALPHA}).status_code == 429
+
+
+def test_a_key_a_header_cannot_carry_is_refused_at_start(tmp_path):
+    """A non-ASCII key ("clé") worked only for clients that send it as latin-1 bytes (httpx,
+    curl with the right locale), not for the others. The server refuses to start with it,
+    naming the setting, without printing the key."""
+    env = {**os.environ, "JOBQUEUE_OUT_DIR": str(tmp_path / "out"),
+           "JOBQUEUE_API_KEYS": f"{ALPHA},secret-clé"}
+    done = subprocess.run([sys.executable, "src/main.py", "--port", "0"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=20, check=False)
+    assert done.returncode != 0
+    assert "JOBQUEUE_API_KEYS" in done.stderr and "ASCII" in done.stderr, done.stderr[-2000:]
+    assert "secret-cl" not in done.stderr + done.stdout, "the key is not printed"

@@ -8,7 +8,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from limits import parse_many
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,7 +22,8 @@ class KindLimits:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="JOBQUEUE_")
+    # hide_input_in_errors: a refused setting may be a secret (a key, a database password).
+    model_config = SettingsConfigDict(env_prefix="JOBQUEUE_", hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -98,6 +99,18 @@ class Settings(BaseSettings):
     @classmethod
     def valid_rate_limit(cls, value: str) -> str:
         parse_many(value)  # raises ValueError for text slowapi would not understand
+        return value
+
+    @field_validator("api_keys", "metrics_token")
+    @classmethod
+    def ascii_secrets(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        # A header carries ASCII: a client sends other text as latin-1 bytes, or refuses to,
+        # so a key such as "clé" would work for some clients only. Refused here, at start.
+        for number, key in enumerate(value.get_secret_value().split(","), 1):
+            if any(not " " <= char <= "~" for char in key.strip()):
+                raise ValueError(f"JOBQUEUE_{info.field_name.upper()}: value {number} has a "
+                                 "character that is not printable ASCII (letters, digits and "
+                                 "punctuation only: HTTP headers carry nothing else)")
         return value
 
     @field_validator("public_url")
