@@ -1,5 +1,7 @@
-"""What clients can hold: slow headers, slow or stalled uploads, many uploads and event streams
-at once, huge list pages, and forwarded addresses from whoever claims to be a proxy."""
+"""What clients can hold: slow or huge headers, slow or stalled uploads, bodies over the cap by
+their Content-Length (with Expect: 100-continue), refusals sent while a client is still sending,
+many uploads and event streams at once, huge list pages, and forwarded addresses from whoever
+claims to be a proxy."""
 
 from __future__ import annotations
 
