@@ -8,7 +8,7 @@ import logging
 import uvicorn
 
 from jobqueue.app import create_app
-from jobqueue.connections import with_header_timeout
+from jobqueue.connections import http_protocol
 from jobqueue.settings import Settings
 from jobqueue.shutdown import GracefulServer, stop_leftovers
 
@@ -40,7 +40,7 @@ def main() -> None:
     proxies = settings.trusted_proxy_list
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-                            http=with_header_timeout(settings.header_timeout),
+                            http=http_protocol(settings.header_timeout),
                             # X-Forwarded-For only from JOBQUEUE_TRUSTED_PROXIES: uvicorn
                             # would believe any local client, which could then pose as many.
                             proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None)

@@ -1,12 +1,17 @@
-"""What clients can hold: slow headers, slow or stalled uploads, many uploads and event streams
-at once, huge list pages, and forwarded addresses from whoever claims to be a proxy."""
+"""What clients can hold: slow or huge headers, slow or stalled uploads, bodies over the cap by
+their Content-Length (with Expect: 100-continue), refusals sent while a client is still sending,
+many uploads and event streams at once, huge list pages, and forwarded addresses from whoever
+claims to be a proxy."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import http.client
+import json
 import socket
 import time
+from pathlib import Path
 
 import httpx
 from httpx_sse import connect_sse
@@ -178,3 +183,104 @@ def test_an_unexpected_error_says_its_connection_closes():
         answer = asyncio.run(internal_error(request, error))
         assert answer.status_code == status
         assert answer.headers["connection"] == "close"
+
+
+def peak_rss_kb(server) -> int:
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+
+def send_head(server, header_bytes: int) -> bytes:
+    """A GET with one header line `header_bytes` long; all the server answers."""
+    with connect(server) as sock:
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: "
+                         + b"a" * header_bytes + b"\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the answer may still be there to read
+        return read_until_closed(sock)
+
+
+def test_a_request_head_over_64_kb_is_431_and_never_kept_whole(tmp_path):
+    """httptools keeps a header whole until it ends and has no cap: a 50 MB header line was
+    served 200 and took the server's memory. The head is capped at 64 KB: 431 naming the limit,
+    and what the client sends on is read and dropped, not kept."""
+    with run_server(tmp_path) as server:
+        assert send_head(server, 60_000).startswith(b"HTTP/1.1 200"), "under the cap"
+        before = peak_rss_kb(server)
+        for size in (70_000, 2**20, 50 * 2**20):
+            answer = send_head(server, size)
+            assert answer.startswith(b"HTTP/1.1 431"), (size, answer[:200])
+            body = answer.partition(b"\r\n\r\n")[2]
+            assert b"64 KB" in json.loads(body)["detail"].encode()
+        assert peak_rss_kb(server) - before < 20_000, "the big header was kept"
+        with server.client() as client:
+            assert client.get("/health").status_code == 200
+
+
+def read_for(sock: socket.socket, seconds: float) -> bytes:
+    """What the server sends until it closes the connection, or `seconds` pass."""
+    sock.settimeout(seconds)
+    answer = b""
+    try:
+        while chunk := sock.recv(4096):
+            answer += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        answer += b" (not closed)"
+    return answer
+
+
+def test_a_body_over_the_cap_by_its_content_length_is_413_before_any_of_it_is_sent(tmp_path):
+    """`Expect: 100-continue` with a Content-Length over JOBQUEUE_MAX_UPLOAD_MB got `100
+    Continue`, then the body was read up to the cap. A Content-Length over the cap is 413 at
+    once, with or without the Expect, and no 100 Continue; JSON over 1 MB likewise."""
+    multipart = "multipart/form-data; boundary=b0undary"
+    with run_server(tmp_path, max_upload_mb=1) as server:
+        for path, content_type, length, limit in (
+                ("/put", multipart, 10 * 2**20, b"JOBQUEUE_MAX_UPLOAD_MB"),
+                ("/jobs", multipart, 10 * 2**20, b"JOBQUEUE_MAX_UPLOAD_MB"),
+                ("/jobs", "application/json", 2 * 2**20, b"1024 KB")):
+            for expect in ("Expect: 100-continue\r\n", ""):
+                with connect(server) as sock:
+                    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n"
+                                 f"Content-Type: {content_type}\r\n{expect}\r\n".encode())
+                    answer = read_for(sock, 10)  # and not a byte of the body sent
+                assert answer.startswith(b"HTTP/1.1 413"), (path, expect, answer[:300])
+                assert limit in answer and b"100 Continue" not in answer
+        assert [p for p in server.out_dir.iterdir() if p.is_dir()] == [], "nothing stored"
+
+
+def test_a_refusal_before_the_body_is_read_reaches_a_client_still_sending_it(tmp_path):
+    """A JSON body over 1 MB gets its 413 before the server reads it (at once by its
+    Content-Length; chunked, after the first MB). Closed there and then, the connection was
+    reset while http.client (and so requests) was still sending, and about half of the tries
+    ended in "connection reset" instead of the 413. The server now closes lingeringly: every
+    try gets its answer."""
+    body = b'{"data": "' + b"x" * (4 * 2**20) + b'"}'
+    with run_server(tmp_path) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        for attempt in range(30):
+            chunked = attempt >= 20  # the last ten without a Content-Length
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            try:
+                if chunked:
+                    connection.request("POST", "/jobs", headers={
+                        "Content-Type": "application/json"}, encode_chunked=True,
+                        body=(body[start:start + 65536]
+                              for start in range(0, len(body), 65536)))
+                else:
+                    connection.request("POST", "/jobs", body=body,
+                                       headers={"Content-Type": "application/json"})
+                response = connection.getresponse()
+                answer = response.read()
+            except OSError as error:
+                raise AssertionError(f"try {attempt + 1} ({'chunked' if chunked else 'sized'})"
+                                     f" lost its answer: {error!r}") from None
+            finally:
+                connection.close()
+            assert response.status == 413, answer
+            assert "1024 KB" in json.loads(answer)["detail"]
+        with server.client() as client:
+            assert client.get("/health").status_code == 200

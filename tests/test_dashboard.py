@@ -83,9 +83,9 @@ def test_pdf_through_the_form_shows_progress_and_thumbnails(page):
     assert page.inner_text(f"{card} .progress-text") == "4 of 4 pages"
     thumbnails = page.locator(f"{card} img.thumbnail")
     eventually(lambda: thumbnails.evaluate_all(LOADED) == 4)
-    assert thumbnails.evaluate_all("images => images.map(i => i.naturalWidth)") == [160] * 4
+    assert thumbnails.evaluate_all("images => images.map(i => i.naturalWidth)") == [128] * 4
     first = thumbnails.first.evaluate("i => i.src")
-    assert first.endswith("/files/page-001.png?w=160")
+    assert first.endswith("/files/page-001.png?w=128")
     result = page.locator(f"{card} a.result")
     assert result.get_attribute("href") == f"/jobs/{job_id}/result"
 

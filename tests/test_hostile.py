@@ -174,3 +174,19 @@ def test_a_file_sent_to_a_kind_that_takes_none_is_refused_before_it_is_stored(tm
         assert response.status_code == 422
         assert "take no file" in response.json()["detail"]
         assert [p for p in server.out_dir.iterdir() if p.is_dir()] == [], "nothing stored"
+
+
+def test_a_boundary_longer_than_the_parser_allows_is_400_naming_the_limit(server, client):
+    """python-multipart refuses a boundary over 256 characters as it is built: that was a 500.
+    Now it is 400, on both routes, and nothing is stored."""
+    boundary = "b" * 300
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"jobType\"\r\n\r\n"
+            f"message\r\n--{boundary}--\r\n").encode()
+    before = set(server.out_dir.iterdir())
+    for endpoint in ("/put", "/jobs"):
+        response = client.post(endpoint, content=body, headers={
+            "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert response.status_code == 400, response.text
+        detail = response.json()["detail"]
+        assert "boundary" in detail and "300" in detail and "256" in detail
+    assert set(server.out_dir.iterdir()) == before, "nothing stored"

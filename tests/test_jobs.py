@@ -329,3 +329,38 @@ def test_a_thumbnail_of_a_page_deleted_meanwhile_is_not_found_rather_than_unmake
     (tmp_path / "page-2.png").write_bytes(b"not a PNG")
     with pytest.raises(ThumbnailFailed):
         make_thumbnail(tmp_path / "page-2.png", tmp_path / "64-page-2.jpg", 64, settings)
+
+
+def every_link(client: httpx.Client, headers: dict[str, str]) -> list[str]:
+    """The links a pdf2image job's answers carry: /put's file URLs, POST /jobs' Location and
+    links, the job's file URLs, a list page's items' and its next page's."""
+    put = client.post("/put", json={"jobType": "pdf2image", "dpi": 20}, headers=headers)
+    assert put.status_code == 200, put.text
+    accepted = client.post("/jobs", json={"jobType": "pdf2image", "dpi": 20}, headers=headers)
+    assert accepted.status_code == 202, accepted.text
+    job = wait_until(client, accepted.json()["id"])
+    assert job["status"] == "succeeded", job
+    view = client.get(f"/jobs/{job['id']}", headers=headers).json()
+    listed = client.get("/jobs", params={"limit": 1}, headers=headers).json()
+    return [*put.json()["data"]["result"]["files"], accepted.headers["Location"],
+            *accepted.json()["links"].values(), *view["result"]["files"],
+            *listed["items"][0]["result"]["files"], listed["next"]]
+
+
+def test_links_never_come_from_the_host_header(tmp_path, client):
+    """`Host: evil.example:666` made every file URL (and the next page's) point there. Links
+    are paths now, which a client resolves against the server's address; or absolute from
+    JOBQUEUE_PUBLIC_URL when it is set."""
+    links = every_link(client, {"Host": "evil.example:666"})
+    assert all(link.startswith("/jobs") for link in links), links
+    for link in links:  # each works, resolved against the address the client used
+        assert client.get(link).status_code == 200, link
+    page = client.get("/dashboard", headers={"Host": "evil.example:666"})
+    assert page.status_code == 200 and "evil.example" not in page.text, "nor its scripts"
+
+    public = "https://jobs.example.com/queue"
+    with run_server(tmp_path, public_url=public + "/") as server, server.client() as other:
+        links = every_link(other, {"Host": "evil.example:666"})
+        assert all(link.startswith(f"{public}/jobs") for link in links), links
+        page = other.get(links[0].removeprefix(public))  # through the proxy, as it were
+        assert page.status_code == 200 and page.content.startswith(b"\x89PNG")

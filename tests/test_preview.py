@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import Server, run_server
+from jobqueue.routes.files import THUMBNAIL_WIDTHS
 from media import make_clip
 
 JPEG_START = b"\xff\xd8"
@@ -118,17 +119,35 @@ def test_preview_streams_are_limited(tmp_path):
             assert again.status_code == 200
 
 
-@pytest.mark.parametrize("width", [16, 100, 400])
-def test_thumbnails_of_pages(client, width):
+@pytest.mark.parametrize(("width", "made"), [(16, 16), (100, 128), (400, 512), (1000, None)])
+def test_thumbnails_of_pages(client, width, made):
+    """?w= is rounded up to the next of 16, 32, ... 2048; a page narrower than that is not
+    enlarged."""
     job = client.post("/put", json={"jobType": "pdf2image", "dpi": 100}).json()["data"]
     page = job["result"]["files"][0]
+    with Image.open(io.BytesIO(client.get(page).content)) as original:
+        made = made or original.width  # 1024 is wider than the page itself
     response = client.get(page, params={"w": width})
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/jpeg"
     with Image.open(io.BytesIO(response.content)) as image:
         # A4 at 100 dpi is 827 x 1169: the thumbnail keeps that shape.
-        assert image.width == width
-        assert abs(image.height - round(width * 1169 / 827)) <= 1
+        assert image.width == made
+        assert abs(image.height - round(made * 1169 / 827)) <= 1
+
+
+def test_thumbnails_of_every_width_keep_a_bounded_few_per_page(server, client):
+    """Every distinct ?w= used to keep one more JPEG per page: a GET that fills the disk.
+    Widths are rounded up to a few sizes, so a page keeps at most that many."""
+    job = client.post("/put", json={"jobType": "pdf2image", "dpi": 40}).json()["data"]
+    page = job["result"]["files"][0]
+    for width in range(16, 2049, 37):  # 55 distinct widths
+        response = client.get(page, params={"w": width})
+        assert response.status_code == 200, response.text
+        with Image.open(io.BytesIO(response.content)) as image:
+            assert image.width >= min(width, 330), "never narrower than asked (or the page)"
+    kept = list((server.out_dir / job["id"]).rglob("thumbnails/*.jpg"))
+    assert 0 < len(kept) <= len(THUMBNAIL_WIDTHS), sorted(path.name for path in kept)
 
 
 def test_thumbnail_refusals(client):

@@ -153,7 +153,9 @@ async def download(client: httpx.AsyncClient, view: dict, folder: Path) -> list[
         if not name or name.startswith("."):
             raise Refused(f"the server sent an unusable file name in {url!r}")
         target = folder / name
-        async with client.stream("GET", url) as response:
+        # A path (the server's links are, unless JOBQUEUE_PUBLIC_URL is set) is resolved
+        # against the server's address, as a browser would.
+        async with client.stream("GET", client.base_url.join(url)) as response:
             await check_stream(response)
             with target.open("wb") as file:
                 async for chunk in response.aiter_bytes():

@@ -20,7 +20,8 @@ class JobResult(CamelModel):
     data: dict[str, Any] = Field(description="Kind-specific summary.",
                                  examples=[{"message": "hello xdata team", "length": 16,
                                             "seconds": 3}])
-    files: list[str] = Field(description="URL of each output file.")
+    files: list[str] = Field(description="Link to each output file: a path on this server, "
+                             "or absolute from JOBQUEUE_PUBLIC_URL.")
 
 
 class PutData(CamelModel):
@@ -54,7 +55,8 @@ class ProgressView(CamelModel):
 
 
 class ResultSummary(CamelModel):
-    files: list[str] = Field(description="URL of each output file.")
+    files: list[str] = Field(description="Link to each output file: a path on this server, "
+                             "or absolute from JOBQUEUE_PUBLIC_URL.")
 
 
 class ResultView(ResultSummary):
@@ -86,7 +88,8 @@ class JobView(JobSummary):
 
 class JobList(CamelModel):
     items: list[JobSummary]
-    next: str | None = Field(None, description="URL of the next page; null on the last page")
+    next: str | None = Field(None, description="Link to the next page (a path, or absolute "
+                             "from JOBQUEUE_PUBLIC_URL); null on the last page")
 
 
 class QueueStats(CamelModel):

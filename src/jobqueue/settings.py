@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from limits import parse_many
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,7 +22,7 @@ class KindLimits:
 
 
 class Settings(BaseSettings):
-    # Errors never echo an input: it may be a key or a database password.
+    # hide_input_in_errors: a refused setting may be a secret (a key, a database password).
     model_config = SettingsConfigDict(env_prefix="JOBQUEUE_", hide_input_in_errors=True)
 
     host: str = "127.0.0.1"
@@ -80,6 +81,9 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="Port of a worker "
                                      "process's /metrics; 0: a free one, logged")
     cors_origins: str = Field("", description="Comma-separated origins allowed by CORS")
+    public_url: str = Field("", description="The address clients reach the server at, e.g. "
+                            "https://jobs.example.com: links in answers are absolute from it; "
+                            "empty: links are paths (never from the request's Host header)")
 
     pdf_engine: Literal["pdfium", "poppler"] = "pdfium"
     pdf_max_pixels: int = Field(100_000_000, ge=1,
@@ -97,17 +101,30 @@ class Settings(BaseSettings):
         parse_many(value)  # raises ValueError for text slowapi would not understand
         return value
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "metrics_token")
     @classmethod
-    def header_safe_keys(cls, value: SecretStr) -> SecretStr:
-        # Clients send a key in a header, where only visible ASCII arrives the same from every
-        # client (others send UTF-8 or refuse it; the server reads latin-1).
+    def ascii_secrets(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        # A header carries ASCII: a client sends other text as latin-1 bytes, or refuses to,
+        # so a key such as "clé" would work for some clients only. Refused here, at start.
         for number, key in enumerate(value.get_secret_value().split(","), 1):
-            if not all("!" <= char <= "~" for char in key.strip()):
-                raise ValueError(f"key {number} has characters other than visible ASCII "
-                                 "(letters, digits, punctuation): not every client can send "
-                                 "it in the X-API-Key header")
+            if any(not " " <= char <= "~" for char in key.strip()):
+                raise ValueError(f"JOBQUEUE_{info.field_name.upper()}: value {number} has a "
+                                 "character that is not printable ASCII (letters, digits and "
+                                 "punctuation only: HTTP headers carry nothing else)")
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def valid_public_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query \
+                or parts.fragment:
+            raise ValueError("JOBQUEUE_PUBLIC_URL must be an http:// or https:// address "
+                             "(with a path if the server is behind a prefix), without a query: "
+                             f"not {value!r}")
+        return value.rstrip("/")
 
     @property
     def api_key_list(self) -> list[str]:

@@ -132,18 +132,24 @@ def _finite(text: str) -> float:
     return value
 
 
+def json_too_large() -> HTTPException:
+    return HTTPException(413, f"The JSON body is larger than {MAX_JSON_BYTES // 1024} KB; send "
+                              "files as multipart/form-data.")
+
+
 async def read_json(request: Request, content_type: str, min_bytes_per_second: float) -> dict:
+    if (uploads.declared_length(request) or 0) > MAX_JSON_BYTES:
+        raise json_too_large()  # before a byte is read (or an Expect: 100-continue answered)
     body = bytearray()
     try:
         async for chunk in uploads.body(request, min_bytes_per_second):
             body += chunk
             if len(body) > MAX_JSON_BYTES:
-                break  # no draining: a JSON client sends little, and gets its 413 at once
+                break  # the rest is read and dropped as the connection closes (connections.py)
     except uploads.TooSlow:
         raise uploads.too_slow(min_bytes_per_second) from None
     if len(body) > MAX_JSON_BYTES:
-        raise HTTPException(413, f"The JSON body is larger than {MAX_JSON_BYTES // 1024} KB;"
-                                 " send files as multipart/form-data.")
+        raise json_too_large()
     try:
         fields = (json.loads(body, parse_constant=_reject_constant, parse_float=_finite)
                   if body.strip() else {})

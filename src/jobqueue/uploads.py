@@ -9,7 +9,8 @@ from pathlib import Path
 
 from fastapi import HTTPException, Request
 from starlette.requests import ClientDisconnect
-from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from python_multipart.multipart import (MAX_BOUNDARY_LENGTH, MultipartParser, MultipartState,
+                                        parse_options_header)
 
 from . import jobfiles
 from .errors import is_disk_full
@@ -143,6 +144,11 @@ class _Form:
             self._file.close()
 
 
+def too_large(max_bytes: int) -> HTTPException:
+    return HTTPException(413, f"The upload is larger than the {max_bytes / 2**20:g} MB limit "
+                              "(JOBQUEUE_MAX_UPLOAD_MB).")
+
+
 def too_slow(min_bytes_per_second: float) -> HTTPException:
     return HTTPException(408, f"The body came in slower than {min_bytes_per_second / 1024:g} KB/s "
                               f"over {SPEED_WINDOW_SECONDS:g} s (JOBQUEUE_MIN_UPLOAD_KBPS); it "
@@ -169,6 +175,16 @@ async def _discard(form: _Form, stream: AsyncIterator[bytes] | None) -> None:
 
 class TooSlow(Exception):
     pass
+
+
+def declared_length(request: Request) -> int | None:
+    """The body's Content-Length, if it has one. A body over a cap by its Content-Length is
+    refused before any of it is read, and so before uvicorn answers an `Expect: 100-continue`
+    (it does at the first read): the client never sends it."""
+    try:
+        return int(request.headers["content-length"])
+    except (KeyError, ValueError):  # chunked; httptools refuses a malformed one itself
+        return None
 
 
 async def body(request: Request, min_bytes_per_second: float,
@@ -216,11 +232,17 @@ async def read_multipart(request: Request, folder: Path, max_bytes: int,
     boundary = params.get(b"boundary")
     if not boundary:
         raise HTTPException(422, "The multipart body has no boundary in its Content-Type.")
+    if len(boundary) > MAX_BOUNDARY_LENGTH:  # python-multipart's own limit (RFC 2046 says 70)
+        raise HTTPException(400, f"The multipart boundary is {len(boundary)} characters long; "
+                                 f"at most {MAX_BOUNDARY_LENGTH} are allowed (RFC 2046 asks for "
+                                 "at most 70).")
+    # The file, the fields, and room for part headers and boundaries: nothing more is read.
+    max_body = max_bytes + MAX_FIELDS * MAX_FIELD_BYTES + BODY_OVERHEAD_BYTES
+    if (declared_length(request) or 0) > max_body:
+        raise too_large(max_bytes)
     form = _Form(folder, max_bytes, refuse_file)
     parser = MultipartParser(boundary, form.callbacks())
     stream = body(request, min_bytes_per_second)
-    # The file, the fields, and room for part headers and boundaries: nothing more is read.
-    max_body = max_bytes + MAX_FIELDS * MAX_FIELD_BYTES + BODY_OVERHEAD_BYTES
     received = 0
     try:
         async for chunk in stream:
@@ -240,8 +262,7 @@ async def read_multipart(request: Request, folder: Path, max_bytes: int,
                                      "the upload was cut off.")
     except UploadTooLarge:
         await _discard(form, stream)
-        raise HTTPException(413, f"The upload is larger than the {max_bytes / 2**20:g} MB "
-                                 "limit (JOBQUEUE_MAX_UPLOAD_MB).") from None
+        raise too_large(max_bytes) from None
     except TooSlow:
         await _discard(form, None)
         raise too_slow(min_bytes_per_second) from None

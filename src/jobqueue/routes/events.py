@@ -15,6 +15,7 @@ from ..engines import JobEngine
 from ..jobs import JobStatus
 from ..records import JobRecord
 from ..schemas import error_responses
+from . import links
 from .jobs import job_summary, stream_slot
 
 router = APIRouter(tags=["server"])
@@ -37,8 +38,8 @@ async def _job_json(request: Request, record: JobRecord) -> str:
     engine: JobEngine = request.app.state.engine
     position = (await engine.position(record.id)
                 if record.status == JobStatus.QUEUED.value else None)
-    # The base URL too: the summary's file URLs are made from the request's Host.
-    key = (str(request.base_url), record.id, record.status, record.attempt,
+    # The links' base too: the summary's file URLs start with it.
+    key = (links.base(request), record.id, record.status, record.attempt,
            json.dumps(record.progress), record.finished_at, position)
     text = _summaries.get(key)
     if text is None:

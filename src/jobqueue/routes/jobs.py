@@ -27,6 +27,7 @@ from ..records import JobRecord, Origin
 from ..schemas import (Accepted, JobList, JobSummary, JobView, Links, ProgressView,
                        ResultSummary, ResultView, error_responses)
 from ..submission import read_submission, start_job
+from . import links
 from .put import REQUEST_EXAMPLES
 
 log = logging.getLogger("jobqueue.routes.jobs")
@@ -85,7 +86,7 @@ async def _fields(request: Request, record: JobRecord) -> dict:
 
 
 def _file_urls(request: Request, record: JobRecord) -> list[str]:
-    return [str(request.url_for("job_file", job_id=record.id, name=name))
+    return [links.route(request, "job_file", job_id=record.id, name=name)
             for name in record.result.get("files") or []]
 
 
@@ -111,7 +112,7 @@ async def submit_job(request: Request, response: Response,
     record = await start_job(request.app.state.engine, submission, Origin.JOBS,
                              check_input=True, owner=owner(request),
                              idempotency_key=idempotency_key)
-    url = f"/jobs/{record.id}"
+    url = links.link(request, f"/jobs/{record.id}")
     response.headers["Location"] = url
     # "queued" even if a worker picked it up meanwhile: that is what was accepted. A repeat
     # with an Idempotency-Key says where the first one is now.
@@ -140,7 +141,7 @@ async def list_jobs(
     items = [await job_summary(request, record) for record in records]
     next_page = None
     if len(records) == limit:
-        next_page = str(request.url.include_query_params(offset=offset + limit))
+        next_page = links.with_query(request, offset=offset + limit)
     return JobList(items=items, next=next_page)
 
 

@@ -19,6 +19,7 @@ from ..records import JobRecord, Origin
 from ..schemas import JobResult, PutData, PutResponse, error_responses
 from ..shutdown import shutting_down
 from ..submission import read_submission, start_job
+from . import links
 
 router = APIRouter(tags=["jobs"])
 
@@ -165,6 +166,6 @@ def job_result(request: Request, record: JobRecord) -> JobResult:
         process_elapsed_ms=round((record.finished_at - record.started_at) * 1000, 3),
         total_elapsed_ms=round((record.finished_at - record.created_at) * 1000, 3),
         data=result.get("data") or {},
-        files=[str(request.url_for("job_file", job_id=record.id, name=name))
+        files=[links.route(request, "job_file", job_id=record.id, name=name)
                for name in result.get("files") or []],
     )

@@ -4,7 +4,7 @@
 
 const MAX_JOBS = 50;        // job cards kept on the page
 const MAX_THUMBNAILS = 24;  // page thumbnails shown per pdf2image job
-const THUMBNAIL_WIDTH = 160;
+const THUMBNAIL_WIDTH = 128;  // one of the widths the server makes (?w= is rounded up)
 const PREVIEW = "fps=12&width=480";
 
 // With JOBQUEUE_API_KEYS set, the key typed in is kept for this tab only (sessionStorage) and
