@@ -8,9 +8,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from fastapi import HTTPException, Request
+from python_multipart.multipart import (
+    MAX_BOUNDARY_LENGTH,
+    MultipartParser,
+    MultipartState,
+    parse_options_header,
+)
 from starlette.requests import ClientDisconnect
-from python_multipart.multipart import (MAX_BOUNDARY_LENGTH, MultipartParser, MultipartState,
-                                        parse_options_header)
 
 from . import jobfiles
 from .errors import is_disk_full

@@ -24,11 +24,20 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .. import jobfiles
-from ..errors import (BadInput, DiskFull, JobCancelled, QueueFull, ShuttingDown, TimedOut,
-                      is_disk_full, kind_of, user_message)
+from ..errors import (
+    BadInput,
+    DiskFull,
+    JobCancelled,
+    QueueFull,
+    ShuttingDown,
+    TimedOut,
+    is_disk_full,
+    kind_of,
+    user_message,
+)
 from ..events import Feed
-from ..filestore import FileStore, LocalFiles
 from ..events import Listener as FeedListener
+from ..filestore import FileStore, LocalFiles
 from ..jobs import FINISHED, JobKind, JobStatus, Output, Progress
 from ..metrics import Metrics, Outcome, outcome
 from ..records import JobRecord, JobStore, Origin, SqliteJobStore

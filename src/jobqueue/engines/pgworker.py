@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import procrastinate
-from procrastinate.job_context import AbortReason, JobContext as ProcrastinateContext
+from procrastinate.job_context import AbortReason
+from procrastinate.job_context import JobContext as ProcrastinateContext
 from procrastinate.schema import SchemaManager
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
@@ -39,8 +40,16 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import BaseModel
 
 from .. import jobfiles, rollup
-from ..errors import (BadInput, DiskFull, JobCancelled, TimedOut, Unavailable, is_disk_full,
-                      kind_of, user_message)
+from ..errors import (
+    BadInput,
+    DiskFull,
+    JobCancelled,
+    TimedOut,
+    Unavailable,
+    is_disk_full,
+    kind_of,
+    user_message,
+)
 from ..filestore import FileStore, make_file_store
 from ..jobs import JobKind, JobStatus, Output, Progress
 from ..kinds import KINDS

@@ -30,11 +30,11 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from .. import jobfiles, rollup
 from ..errors import QueueFull, ShuttingDown, Unavailable
 from ..filestore import STORE_UPLOADS_AT_ONCE, FileStore, make_file_store
 from ..jobs import FINISHED, JobKind, JobStatus
 from ..metrics import Metrics, Outcome
-from .. import jobfiles, rollup
 from ..records import JobRecord, Origin
 from ..settings import Settings
 from . import pgschema

@@ -24,8 +24,17 @@ from ..jobs import FINISHED, JobStatus
 from ..kinds import KINDS
 from ..ratelimit import limiter, submit_limit
 from ..records import JobRecord, Origin
-from ..schemas import (Accepted, JobList, JobSummary, JobView, Links, ProgressView,
-                       ResultSummary, ResultView, error_responses)
+from ..schemas import (
+    Accepted,
+    JobList,
+    JobSummary,
+    JobView,
+    Links,
+    ProgressView,
+    ResultSummary,
+    ResultView,
+    error_responses,
+)
 from ..submission import read_submission, start_job
 from . import links
 from .put import REQUEST_EXAMPLES
