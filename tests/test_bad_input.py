@@ -123,10 +123,10 @@ def test_unsafe_file_names_stay_inside_the_job_folder(guarded, endpoint):
             [stored] = (guarded.out_dir / job_id / "input").iterdir()
             assert stored.name.isascii() and "/" not in stored.name and len(stored.name) <= 120
             assert not stored.name.startswith(".")
-    # Nothing anywhere but job folders and the job database.
+    # Nothing anywhere but job folders, the job database and the mark of its store.
     for path in guarded.out_dir.rglob("*"):
-        relative = path.relative_to(guarded.out_dir)
-        assert relative.parts[0].startswith("jobs.db") or len(relative.parts[0]) == 36, path
+        top = path.relative_to(guarded.out_dir).parts[0]
+        assert top.startswith("jobs.db") or len(top) == 36 or top == ".jobqueue-store", path
     assert not (guarded.out_dir.parent / "evil.pdf").exists()
     assert not Path("/etc/absolute.pdf").exists()
 
