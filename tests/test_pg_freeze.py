@@ -1,0 +1,97 @@
+"""The distributed mode with a frozen PostgreSQL (SIGSTOP of the server and its backends): the
+kernel still holds every TCP connection open, so nothing but the replica's own clock can end a
+request that waits on it. Every request answers 503 naming PostgreSQL, and the replica is back
+promptly after SIGCONT with no accepted job lost."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+from conftest import free_port
+from deployments import deploy
+from test_contract import submit, wait_until
+
+from jobqueue.localpg import LocalPostgres
+
+# A hang fails the test: without time-outs of its own a request waits for the whole freeze.
+CLIENT_SECONDS = 15
+
+
+def descendants(parent: int) -> list[int]:
+    """Every live process under `parent` (PostgreSQL's backends and helpers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [parent]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def assert_unavailable(answer) -> None:
+    assert answer.status_code == 503, answer.text
+    assert "PostgreSQL" in answer.json()["detail"], answer.text
+    assert int(answer.headers["Retry-After"]) > 0
+
+
+def test_frozen_postgresql_answers_503_and_recovers(tmp_path):
+    folder = Path(tempfile.mkdtemp(prefix="jobqueue-pg-freeze-"))
+    database = LocalPostgres(folder, port=free_port(), fast=True)
+    frozen: list[int] = []
+    try:
+        database.start()
+        with deploy("postgres", tmp_path, database_url=database.url, workers=1,
+                    message_workers=2) as cluster, \
+                cluster.client(timeout=CLIENT_SECONDS) as client:
+            done = submit(client, json={"data": "before", "seconds": 0})["id"]
+            assert wait_until(client, done)["status"] == "succeeded"
+            running = submit(client, json={"data": "across the freeze", "seconds": 2})["id"]
+            wait_until(client, running, ("running",))
+            # The postmaster first (it forks no new backend then), then everything under it.
+            postmaster = database.process.pid
+            os.kill(postmaster, signal.SIGSTOP)
+            frozen = [postmaster]
+            frozen += descendants(postmaster)
+            signal_all(frozen[1:], signal.SIGSTOP)
+            try:
+                for _ in range(2):  # pooled connections first, then the ones made since
+                    health = client.get("/health")
+                    assert health.status_code == 503, health.text
+                    assert "postgresql" in health.json()["dependencies"]
+                    assert_unavailable(client.get(f"/jobs/{done}"))
+                    assert_unavailable(client.post("/jobs", json={"data": "frozen",
+                                                                  "seconds": 0}))
+            finally:
+                signal_all(frozen, signal.SIGCONT)
+                frozen = []
+            deadline = time.monotonic() + 30
+            while client.get("/health").status_code != 200:
+                assert time.monotonic() < deadline, "the replica never recovered"
+                time.sleep(0.2)
+            after = submit(client, json={"data": "after", "seconds": 0})["id"]
+            for job_id in (done, running, after):
+                assert wait_until(client, job_id, seconds=90)["status"] == "succeeded"
+    finally:
+        signal_all(frozen, signal.SIGCONT)
+        database.stop()
+        shutil.rmtree(folder, ignore_errors=True)
