@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from jobqueue.localpg import LocalPostgres
 
 # A hang fails the test: without time-outs of its own a request waits for the whole freeze.
 CLIENT_SECONDS = 15
+# After a 20 s outage: what a reconnect back-off of at most a second gives, with room for a
+# busy machine.
+RECONNECT_SECONDS = 4
 
 
 def descendants(parent: int) -> list[int]:
@@ -93,5 +97,52 @@ def test_frozen_postgresql_answers_503_and_recovers(tmp_path):
                 assert wait_until(client, job_id, seconds=90)["status"] == "succeeded"
     finally:
         signal_all(frozen, signal.SIGCONT)
+        database.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_put_at_a_postgresql_stop_and_prompt_reconnection(tmp_path):
+    """A /put waiting when PostgreSQL stops gets its 503 (its wait and then its cancel each
+    need the database); after a 20 s outage the replica serves again within seconds of the
+    database being back, checked by a load balancer all along: the pool's reconnect back-off
+    does not keep doubling."""
+    folder = Path(tempfile.mkdtemp(prefix="jobqueue-pg-restart-"))
+    database = LocalPostgres(folder, port=free_port(), fast=True)
+    try:
+        database.start()
+        with deploy("postgres", tmp_path, database_url=database.url, workers=1,
+                    message_workers=2) as cluster, \
+                cluster.client(timeout=CLIENT_SECONDS) as client:
+            done = submit(client, json={"data": "before", "seconds": 0})["id"]
+            answers: dict[str, object] = {}
+
+            def put() -> None:
+                try:
+                    answers["put"] = client.post("/put", json={"data": "p", "seconds": 4})
+                except Exception as error:  # a hang: the assertion below says so
+                    answers["put"] = error
+
+            waiting = threading.Thread(target=put)
+            waiting.start()
+            time.sleep(1)
+            database.stop()
+            waiting.join(CLIENT_SECONDS + 5)
+            answer = answers["put"]
+            assert not isinstance(answer, Exception), answer
+            assert_unavailable(answer)
+            outage = time.monotonic() + 20
+            while time.monotonic() < outage:  # a load balancer's checks meanwhile
+                assert client.get("/health").status_code == 503
+                time.sleep(0.5)
+            database.start()
+            back = time.monotonic()
+            while client.get("/health").status_code != 200:
+                # Without a cap on the back-off, the next attempt may come 5-11 s later.
+                assert time.monotonic() - back < RECONNECT_SECONDS, "the replica is slow back"
+                time.sleep(0.1)
+            after = submit(client, json={"data": "after", "seconds": 0})["id"]
+            for job_id in (done, after):
+                assert wait_until(client, job_id, seconds=90)["status"] == "succeeded"
+    finally:
         database.stop()
         shutil.rmtree(folder, ignore_errors=True)

@@ -47,12 +47,16 @@ from .pgworker import STALLED_SECONDS, Runner, make_app, task_name
 log = logging.getLogger("jobqueue.engine")
 
 # Waiting for a free connection (or a new one); then the pool's check of it (CHECK_SECONDS).
+# Once a call found the database away, the next ones wait only DOWN_POOL_TIMEOUT_SECONDS until
+# one gets through (the pool keeps reconnecting meanwhile): a request that needs the database
+# twice, such as a /put that cancels its job after the wait failed, still answers within 5 s.
 POOL_TIMEOUT_SECONDS = 3.0
+DOWN_POOL_TIMEOUT_SECONDS = 1.0
 # The bound on one use of a connection, counted from the wait for it: a request answers 503
 # within the README's 5 s however the database fails. PostgreSQL itself ends a statement
 # after STATEMENT_SECONDS (a lock held elsewhere), keeping the connection usable.
-ANSWER_SECONDS = 4.5
-STATEMENT_SECONDS = 3.5
+ANSWER_SECONDS = 4.0
+STATEMENT_SECONDS = 3.0
 SCHEMA_SECONDS = 60.0
 POOL_SIZE = 20
 # A waiter or a stream reads the record again at least this often, notified or not.
@@ -85,6 +89,7 @@ class PostgresEngine:
         self._listening = False
         self._listener: asyncio.Task | None = None
         self._closed = False
+        self._reached = True  # the last call's connection worked
         self._putting: set[str] = set()  # /put jobs this replica's clients wait for
         self.storing: set[str] = set()
 
@@ -168,13 +173,16 @@ class PostgresEngine:
         and the pool drops it); Unavailable (503) when PostgreSQL cannot be reached or does not
         answer in time."""
         start = time.monotonic()
+        wait = POOL_TIMEOUT_SECONDS if self._reached else DOWN_POOL_TIMEOUT_SECONDS
         try:
-            async with self.pool.connection() as conn:
+            async with self.pool.connection(timeout=wait) as conn:
                 left = max(seconds - (time.monotonic() - start), 0.5)
                 with pgtimeouts.deadline(conn, left):
                     yield conn
         except (PoolTimeout, psycopg.OperationalError) as error:
+            self._reached = False
             raise pgschema.unavailable(error) from None
+        self._reached = True
 
     # ---- the facade: by job id ----
 
