@@ -18,14 +18,15 @@ import asyncio
 import logging
 import signal
 
-from psycopg_pool import AsyncConnectionPool
-
+from .engines import pgtimeouts
 from .engines.pgworker import Runner
 from .kinds import KINDS
 from .metrics import Metrics, serve_worker_metrics
 from .settings import Settings
 
 log = logging.getLogger("jobqueue.worker")
+
+POOL_TIMEOUT_SECONDS = 10.0
 
 
 def parse_kinds(text: str) -> list[str]:
@@ -47,9 +48,12 @@ async def serve(settings: Settings, kinds: list[str]) -> None:
                          f"{settings.worker_metrics_port} (JOBQUEUE_WORKER_METRICS_PORT): "
                          f"{error.strerror or error}. Free the port, or set 0 for a free one.")
     log.info("worker metrics on %s", metrics_url)
-    pool = AsyncConnectionPool(settings.database_url.get_secret_value(), min_size=1,
-                               max_size=sum(settings.limits(k).workers for k in kinds) + 6,
-                               open=False, check=AsyncConnectionPool.check_connection)
+    # Bounded connects and checks, keepalives, a reconnect back-off of at most 1 s
+    # (pgtimeouts.py); a wait for a free connection of POOL_TIMEOUT_SECONDS, then the caller
+    # retries (a held job end keeps trying).
+    pool = pgtimeouts.Pool(settings.database_url.get_secret_value(), min_size=1,
+                           max_size=sum(settings.limits(k).workers for k in kinds) + 6,
+                           open=False, timeout=POOL_TIMEOUT_SECONDS)
     await pool.open(wait=False)
     runner = Runner(settings, {name: KINDS[name] for name in kinds}, pool, metrics)
     runner.metrics_url = metrics_url

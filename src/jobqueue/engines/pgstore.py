@@ -1,6 +1,8 @@
 """The distributed engine's `JobStore`: the job records in PostgreSQL's `jobqueue_jobs`, for the
 callers that work on records rather than jobs (the retention sweep, the orphan sweep). Its calls
-block, so they run on threads; the engine itself uses its asynchronous pool."""
+block, so they run on threads; the engine itself uses its asynchronous pool. No call waits on
+the database without a bound, even a frozen one (pgtimeouts.py): a thread is back with
+Unavailable within USE_SECONDS."""
 
 from __future__ import annotations
 
@@ -12,21 +14,24 @@ from collections.abc import Iterator
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 
 from .. import rollup
 from ..errors import Unavailable
 from ..records import COLUMNS, JobRecord
-from . import pgschema
+from . import pgschema, pgtimeouts
 
 POOL_TIMEOUT_SECONDS = 4.0
+# A sweep's statement may read a large table: PostgreSQL ends it after STATEMENT_SECONDS; the
+# connection's socket is shut after USE_SECONDS if the server answers nothing at all.
+STATEMENT_SECONDS = 20.0
+USE_SECONDS = 30.0
 
 
 class PgJobStore:
     def __init__(self, url: str):
-        self._pool = ConnectionPool(url, min_size=0, max_size=2, open=False,
-                                    timeout=POOL_TIMEOUT_SECONDS,
-                                    check=ConnectionPool.check_connection)
+        self._pool = pgtimeouts.SyncPool(url, STATEMENT_SECONDS, min_size=0, max_size=2,
+                                         open=False, timeout=POOL_TIMEOUT_SECONDS)
         self._opened = False
         self._lock = threading.Lock()
         self._store: dict[str, str] | None = None
@@ -41,7 +46,7 @@ class PgJobStore:
                 self._pool.open(wait=False)
                 self._opened = True
         try:
-            with self._pool.connection() as conn:
+            with self._pool.bounded(USE_SECONDS, POOL_TIMEOUT_SECONDS) as conn:
                 yield conn
         except (PoolTimeout, psycopg.OperationalError) as error:
             raise pgschema.unavailable(error) from None

@@ -8,8 +8,10 @@ LISTEN for the NOTIFY each change of a record sends and wake `/put` waiters, eve
 the dashboard's feed; NOTIFY is not replayed, so every stream (re)starts from the table, and
 waiters read it again every few seconds in case a notification fell into a reconnection.
 
-While PostgreSQL cannot be reached, every call fails within POOL_TIMEOUT_SECONDS with
-`Unavailable` (503), and /health names it; the pool and the listener reconnect by themselves.
+While PostgreSQL cannot be reached, or is reached but answers nothing (frozen), every call
+fails within ANSWER_SECONDS with `Unavailable` (503), and /health names it (pgtimeouts.py: a
+deadline of the replica's own on each use of a connection); the pool and the listener reconnect
+by themselves, at most a second apart.
 Job files live in JOBQUEUE_OUT_DIR, a folder every node mounts, or with JOBQUEUE_STORAGE_URL
 in object storage (objectstore.py): then a replica stores a checked upload there before the
 job's record is written, and no node needs a shared disk.
@@ -28,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 
 from .. import jobfiles, rollup
 from ..errors import QueueFull, ShuttingDown, Unavailable
@@ -37,14 +39,25 @@ from ..jobs import FINISHED, JobKind, JobStatus
 from ..metrics import Metrics, Outcome
 from ..records import JobRecord, Origin
 from ..settings import Settings
-from . import pgschema
+from . import pgschema, pgtimeouts
 from .base import NewJob
 from .pgstore import PgJobStore
 from .pgworker import STALLED_SECONDS, Runner, make_app, task_name
 
 log = logging.getLogger("jobqueue.engine")
 
-POOL_TIMEOUT_SECONDS = 4.0
+# Waiting for a free connection (or a new one); then the pool's check of it (CHECK_SECONDS).
+# Once a call found the database away, the next ones wait only DOWN_POOL_TIMEOUT_SECONDS until
+# one gets through (the pool keeps reconnecting meanwhile): a request that needs the database
+# twice, such as a /put that cancels its job after the wait failed, still answers within 5 s.
+POOL_TIMEOUT_SECONDS = 3.0
+DOWN_POOL_TIMEOUT_SECONDS = 1.0
+# The bound on one use of a connection, counted from the wait for it: a request answers 503
+# within the README's 5 s however the database fails. PostgreSQL itself ends a statement
+# after STATEMENT_SECONDS (a lock held elsewhere), keeping the connection usable.
+ANSWER_SECONDS = 4.0
+STATEMENT_SECONDS = 3.0
+SCHEMA_SECONDS = 60.0
 POOL_SIZE = 20
 # A waiter or a stream reads the record again at least this often, notified or not.
 REFRESH_SECONDS = 3.0
@@ -59,10 +72,9 @@ class PostgresEngine:
         self.kinds = kinds
         self.metrics = metrics
         self.url = settings.database_url.get_secret_value()
-        self.pool = AsyncConnectionPool(
-            self.url, min_size=1, max_size=POOL_SIZE, open=False, timeout=POOL_TIMEOUT_SECONDS,
-            check=AsyncConnectionPool.check_connection,
-            kwargs={"connect_timeout": int(POOL_TIMEOUT_SECONDS)})
+        self.pool = pgtimeouts.Pool(self.url, STATEMENT_SECONDS, min_size=1,
+                                    max_size=POOL_SIZE, open=False,
+                                    timeout=POOL_TIMEOUT_SECONDS)
         self.app = make_app()
         self.store = PgJobStore(self.url)
         self.files: FileStore = make_file_store(settings)
@@ -77,6 +89,7 @@ class PostgresEngine:
         self._listening = False
         self._listener: asyncio.Task | None = None
         self._closed = False
+        self._reached = True  # the last call's connection worked
         self._putting: set[str] = set()  # /put jobs this replica's clients wait for
         self.storing: set[str] = set()
 
@@ -86,8 +99,13 @@ class PostgresEngine:
         await self.pool.open(wait=False)
         await self.app.open_async(pool=self.pool)
         try:
-            async with self._db() as conn:
-                await pgschema.ensure(conn, _procrastinate_schema())
+            # The schema's first making may take a while, or wait for another replica's.
+            async with self._db(SCHEMA_SECONDS) as conn:
+                await conn.execute("SET statement_timeout = 0")
+                try:
+                    await pgschema.ensure(conn, _procrastinate_schema())
+                finally:
+                    await conn.execute("RESET statement_timeout")
             # The folders made from now on are this store's (the orphan sweep claims it too).
             await asyncio.to_thread(jobfiles.claim_out_dir, self.settings.out_dir,
                                     self.store.store_id)
@@ -143,19 +161,28 @@ class PostgresEngine:
     async def _store_health(self) -> str:
         try:  # as quick as the database's check: a load balancer is waiting
             return await asyncio.wait_for(asyncio.to_thread(self.files.health),
-                                          POOL_TIMEOUT_SECONDS)
+                                          ANSWER_SECONDS)
         except TimeoutError:
             return (f"the object store (JOBQUEUE_STORAGE_URL) did not answer within "
-                    f"{POOL_TIMEOUT_SECONDS:g} s")
+                    f"{ANSWER_SECONDS:g} s")
 
     @contextlib.asynccontextmanager
-    async def _db(self) -> AsyncIterator[psycopg.AsyncConnection]:
-        """A connection from the pool; Unavailable (503) when PostgreSQL cannot be reached."""
+    async def _db(self, seconds: float = ANSWER_SECONDS
+                  ) -> AsyncIterator[psycopg.AsyncConnection]:
+        """A connection from the pool, for at most `seconds` from now (then its socket is shut
+        and the pool drops it); Unavailable (503) when PostgreSQL cannot be reached or does not
+        answer in time."""
+        start = time.monotonic()
+        wait = POOL_TIMEOUT_SECONDS if self._reached else DOWN_POOL_TIMEOUT_SECONDS
         try:
-            async with self.pool.connection() as conn:
-                yield conn
+            async with self.pool.connection(timeout=wait) as conn:
+                left = max(seconds - (time.monotonic() - start), 0.5)
+                with pgtimeouts.deadline(conn, left):
+                    yield conn
         except (PoolTimeout, psycopg.OperationalError) as error:
+            self._reached = False
             raise pgschema.unavailable(error) from None
+        self._reached = True
 
     # ---- the facade: by job id ----
 
@@ -445,9 +472,9 @@ class PostgresEngine:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                        self.url, autocommit=True,
-                        connect_timeout=int(POOL_TIMEOUT_SECONDS)) as conn:
-                    await conn.execute(f"LISTEN {pgschema.CHANNEL}")
+                        pgtimeouts.conninfo(self.url), autocommit=True) as conn:
+                    with pgtimeouts.deadline(conn, ANSWER_SECONDS):
+                        await conn.execute(f"LISTEN {pgschema.CHANNEL}")
                     self._listening = True
                     self._wake_everyone()
                     async for notification in conn.notifies():
