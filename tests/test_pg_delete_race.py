@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+import psycopg
 from conftest import eventually
 from deployments import deploy
 from test_contract import submit
@@ -77,3 +78,30 @@ def test_deletes_racing_the_pick_up_end_every_job(postgres, tmp_path):
             for job_id in ids:
                 assert deleter.delete(f"/jobs/{job_id}").status_code == 200
                 assert deleter.get(f"/jobs/{job_id}").status_code == 404
+
+
+def test_a_delete_ends_a_job_that_nothing_is_left_to_run(postgres, tmp_path):
+    """A record queued with its procrastinate job gone, or running with no run left (what the
+    race left behind, and what a job stranded that way looks like until a rescue): no worker
+    will ever take or abort it, so the DELETE ends it itself, and answers that end. With no
+    worker at all there is no rescue either: without this the job stayed for good."""
+    with deploy("postgres", tmp_path, postgres, workers=0) as cluster, \
+            cluster.client(timeout=30) as client, \
+            psycopg.connect(cluster.env["JOBQUEUE_DATABASE_URL"], autocommit=True) as conn:
+        queued = submit(client, json={"data": "queued", "seconds": 60})["id"]
+        running = submit(client, json={"data": "running", "seconds": 60})["id"]
+        conn.execute("DELETE FROM procrastinate_jobs WHERE id IN (SELECT procrastinate_id "
+                     "FROM jobqueue_jobs WHERE id = ANY(%s))", ([queued, running],))
+        conn.execute("UPDATE jobqueue_jobs SET status = 'running', started_at = %s, "
+                     "worker_name = 'a-worker-that-is-gone', attempt = 1 WHERE id = %s",
+                     (time.time(), running))
+        for job_id in (queued, running):
+            answer = client.delete(f"/jobs/{job_id}")
+            assert answer.status_code == 200 and answer.json()["status"] == "cancelled", (
+                answer.json())
+            assert client.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
+            # The second DELETE removes the ended job.
+            assert client.delete(f"/jobs/{job_id}").status_code == 200
+            assert client.get(f"/jobs/{job_id}").status_code == 404
+        queue = client.get("/health").json()["queues"]["message"]
+        assert queue["queued"] == 0 and queue["busy"] == 0, queue

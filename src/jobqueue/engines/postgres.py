@@ -321,15 +321,24 @@ class PostgresEngine:
             if record.status == JobStatus.QUEUED.value and procrastinate_id is not None and \
                     await manager.cancel_job_by_id_async(procrastinate_id, delete_job=True,
                                                          connection=conn):
-                # It never started: it ends here.
+                ended_here = True  # it never started: it ends here
+            elif procrastinate_id is not None and await manager.cancel_job_by_id_async(
+                    procrastinate_id, abort=True, connection=conn):
+                # It runs: its worker aborts it, kills its children and records the end.
+                ended_here = False
+            else:
+                # No procrastinate job is left to run or abort it (its run ended, or was cut
+                # short, without writing an end): nothing else would ever end it. A run of it
+                # still alive somewhere writes no end over this one (it must be 'running'),
+                # and its worker's watch of cancels stops it.
+                log.warning("job %s: %s with nothing left to run or abort it; it ends here",
+                            job_id, record.status)
+                ended_here = True
+            if ended_here:
                 await conn.execute("UPDATE jobqueue_jobs SET status = 'cancelled', "
                                    "finished_at = %s WHERE id = %s", (time.time(), job_id))
                 await pgschema.notify(conn, job_id, record.owner)
                 removed = job_id
-            elif procrastinate_id is not None:
-                # It runs: its worker aborts it, kills its children and records the end.
-                await manager.cancel_job_by_id_async(procrastinate_id, abort=True,
-                                                     connection=conn)
         if removed:
             self.metrics.job_ended(record.job_type, ending, None, None)
             await asyncio.to_thread(self._remove_files, removed)
