@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,7 @@ from .. import jobfiles, rollup
 from ..records import JobRecord, Origin
 from ..settings import Settings
 from . import pgschema
-from .base import NewJob
+from .base import NewJob, retry_after
 from .pgstore import PgJobStore
 from .pgworker import STALLED_SECONDS, Runner, make_app, task_name
 
@@ -257,14 +256,20 @@ class PostgresEngine:
             raise QueueFull(kind, capacity, await self._retry_after(conn, kind))
 
     async def _retry_after(self, conn: psycopg.AsyncConnection, kind: str) -> int:
-        """Seconds until a slot is likely to free: the recent average job, per live worker."""
+        """Seconds until a slot is likely to free: the first running job's expected end, from
+        the last 20 jobs' mean run time (base.retry_after)."""
         cursor = await conn.execute(
             "SELECT avg(finished_at - started_at) FROM (SELECT finished_at, started_at "
             "FROM jobqueue_jobs WHERE job_type = %s AND status = 'succeeded' "
             "ORDER BY seq DESC LIMIT 20) recent", (kind,))
         average = (await cursor.fetchone())[0] or 1.0
+        now = time.time()
+        cursor = await conn.execute("SELECT started_at FROM jobqueue_jobs WHERE job_type = %s "
+                                    "AND status = 'running' AND started_at IS NOT NULL",
+                                    (kind,))
+        elapsed = [now - started for (started,) in await cursor.fetchall()]
         workers = (await self._live_workers(conn)).get(kind, 0) or 1
-        return max(1, math.ceil(average / workers))
+        return retry_after(average, elapsed, workers)
 
     async def get(self, job_id: str) -> JobRecord | None:
         async with self._db() as conn:
