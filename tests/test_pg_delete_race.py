@@ -5,6 +5,7 @@ it."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 
 import psycopg
@@ -105,3 +106,25 @@ def test_a_delete_ends_a_job_that_nothing_is_left_to_run(postgres, tmp_path):
             assert client.get(f"/jobs/{job_id}").status_code == 404
         queue = client.get("/health").json()["queues"]["message"]
         assert queue["queued"] == 0 and queue["busy"] == 0, queue
+
+
+def test_a_delete_whose_job_is_deleted_as_it_waits_is_404(postgres, tmp_path):
+    """The DELETE of a running job waits for its end; the record deleted meanwhile (by a
+    second DELETE once it ended) is a 404, not a 500."""
+    with deploy("postgres", tmp_path, postgres, workers=0) as cluster, \
+            cluster.client(timeout=30) as client, \
+            psycopg.connect(cluster.env["JOBQUEUE_DATABASE_URL"], autocommit=True) as conn:
+        job_id = submit(client, json={"data": "running", "seconds": 60})["id"]
+        # Running on a worker that does not answer its abort: the DELETE waits.
+        conn.execute("UPDATE procrastinate_jobs SET status = 'doing' WHERE id = (SELECT "
+                     "procrastinate_id FROM jobqueue_jobs WHERE id = %s)", (job_id,))
+        conn.execute("UPDATE jobqueue_jobs SET status = 'running', started_at = %s, "
+                     "worker_name = 'a-worker-that-does-not-answer', attempt = 1 WHERE id = %s",
+                     (time.time(), job_id))
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(client.delete, f"/jobs/{job_id}")
+            eventually(lambda: conn.execute(
+                "SELECT cancelled_as FROM jobqueue_jobs WHERE id = %s", (job_id,)
+            ).fetchone()[0] is not None)
+            conn.execute("DELETE FROM jobqueue_jobs WHERE id = %s", (job_id,))
+            assert answer.result().status_code == 404, answer.result().text
