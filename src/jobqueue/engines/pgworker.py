@@ -200,11 +200,18 @@ async def whole(work: Any) -> Any:
     """Await `work` to its end even if the caller is cancelled meanwhile; the cancel is
     raised after."""
     task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
+    cancelled = False
+    while True:  # a second cancel meanwhile must not reach `work` either
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():  # `work` itself was cancelled
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 class Runner:
