@@ -321,3 +321,27 @@ def test_every_accepted_job_runs_once_after_everything_is_killed(engine, request
         if engine == "postgres":  # the workers' logs of both runs (the same files)
             for job in jobs:
                 assert after.logs().count(f"job {job['id']}: succeeded") == 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_retry_after_of_a_full_queue_is_when_a_slot_frees(engine, request, tmp_path):
+    """Every slot holds a long job that has run a while, after a history of short jobs: the
+    next slot frees when that job ends, not in the short jobs' mean per worker (1 s)."""
+    postgres = request.getfixturevalue("postgres") if engine == "postgres" else None
+    with deploy(engine, tmp_path, postgres, message_workers=1, message_queue_size=1) as cluster, \
+            cluster.client() as client:
+        for n in range(3):
+            assert wait_until(client, submit(client, json={"data": f"short {n}", "seconds": 0})
+                              ["id"])["status"] == "succeeded"
+        long = submit(client, json={"data": "long", "seconds": 120})["id"]
+        deadline = time.monotonic() + 60
+        while (client.get(f"/jobs/{long}").json().get("progress") or {}).get("done", 0) < 3:
+            assert time.monotonic() < deadline, client.get(f"/jobs/{long}").json()
+            time.sleep(0.1)
+        waiting = submit(client, json={"data": "waiting", "seconds": 0})["id"]
+        full = client.post("/jobs", json={"data": "one too many", "seconds": 0})
+        assert full.status_code == 503, full.text
+        # It has run 3 s or more, past the recent mean: about as long again is left.
+        assert 3 <= int(full.headers["Retry-After"]) <= 300, full.headers
+        for job_id in (waiting, long):
+            assert client.delete(f"/jobs/{job_id}").status_code == 200

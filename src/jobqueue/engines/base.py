@@ -7,7 +7,8 @@ run jobs in this process or on other machines.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Set
+import math
+from collections.abc import AsyncIterator, Iterable, Set
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,24 @@ from ..metrics import Outcome
 from ..records import JobRecord, Origin
 from ..rollup import MinuteFigures
 from ..settings import Settings
+
+# Retry-After of a full queue stays within this: a client is told to come back within
+# minutes, and may then be told again.
+RETRY_AFTER_MAX_SECONDS = 300
+
+
+def retry_after(average: float, elapsed: Iterable[float], workers: int) -> int:
+    """Seconds until a slot of a full queue likely frees: when the first running job is
+    expected to end (the next queued one then starts). A job that has run `e` seconds has
+    `average - e` left while it is within the recent average run time `average`; one running
+    past it is a long one, taken to run about as long again as it has so far. A slot not
+    taken (fewer running jobs than `workers`) frees at once. Within 1 s and
+    RETRY_AFTER_MAX_SECONDS."""
+    elapsed = list(elapsed)
+    if len(elapsed) < workers or not elapsed:
+        return 1
+    soonest = min(average - e if e < average else e for e in elapsed)
+    return max(1, min(RETRY_AFTER_MAX_SECONDS, math.ceil(soonest)))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import queue
 import subprocess
 import threading
@@ -43,7 +42,7 @@ from ..metrics import Metrics, Outcome, outcome
 from ..records import JobRecord, JobStore, Origin, SqliteJobStore
 from ..rollup import MinuteFigures
 from ..settings import KindLimits, Settings
-from .base import NewJob
+from .base import NewJob, retry_after
 
 log = logging.getLogger("jobqueue.engine")
 
@@ -378,8 +377,13 @@ class WorkerPool:
                 return None
 
     def retry_after(self) -> int:
-        """Seconds until a queue slot is likely to free up: one average job per worker."""
-        return max(1, math.ceil(self._average_seconds / self.limits.workers))
+        """Seconds until a queue slot is likely to free up: the first running job's expected
+        end (base.retry_after)."""
+        now = time.time()
+        with self._lock:
+            elapsed = [now - job.started_at for job in self.running
+                       if job.started_at is not None and not job.status.finished]
+        return retry_after(self._average_seconds, elapsed, self.limits.workers)
 
     def discard(self, job: Job) -> None:
         """Take a cancelled job out of the queue so its slot is free at once."""

@@ -205,6 +205,24 @@ def until_stored(job: WorkerJob, action: Any) -> Any:
             raise JobCancelled(job.id)
 
 
+async def whole(work: Any) -> Any:
+    """Await `work` to its end even if the caller is cancelled meanwhile; the cancel is
+    raised after."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:  # a second cancel meanwhile must not reach `work` either
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():  # `work` itself was cancelled
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
 class Runner:
     """procrastinate workers for `kinds` in this process, sharing `pool`."""
 
@@ -474,7 +492,10 @@ class Runner:
                 else:
                     await asyncio.shield(self._finish(job, JobStatus.CANCELLED, None, None))
                 raise
-            await self._finish(job, status, output, error)
+            # Whole, whatever aborts it: a cancel the watch of cancels saw first ends the
+            # handler, and procrastinate's abort of the same cancel may come as the end is
+            # written; cut short, the record would stay running until a rescue.
+            await whole(self._finish(job, status, output, error))
         finally:
             pusher.cancel()
             running.dec()

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +39,7 @@ from ..metrics import Metrics, Outcome
 from ..records import JobRecord, Origin
 from ..settings import Settings
 from . import pgschema, pgtimeouts
-from .base import NewJob
+from .base import NewJob, retry_after
 from .pgstore import PgJobStore
 from .pgworker import STALLED_SECONDS, Runner, make_app, task_name
 
@@ -284,14 +283,20 @@ class PostgresEngine:
             raise QueueFull(kind, capacity, await self._retry_after(conn, kind))
 
     async def _retry_after(self, conn: psycopg.AsyncConnection, kind: str) -> int:
-        """Seconds until a slot is likely to free: the recent average job, per live worker."""
+        """Seconds until a slot is likely to free: the first running job's expected end, from
+        the last 20 jobs' mean run time (base.retry_after)."""
         cursor = await conn.execute(
             "SELECT avg(finished_at - started_at) FROM (SELECT finished_at, started_at "
             "FROM jobqueue_jobs WHERE job_type = %s AND status = 'succeeded' "
             "ORDER BY seq DESC LIMIT 20) recent", (kind,))
         average = (await cursor.fetchone())[0] or 1.0
+        now = time.time()
+        cursor = await conn.execute("SELECT started_at FROM jobqueue_jobs WHERE job_type = %s "
+                                    "AND status = 'running' AND started_at IS NOT NULL",
+                                    (kind,))
+        elapsed = [now - started for (started,) in await cursor.fetchall()]
         workers = (await self._live_workers(conn)).get(kind, 0) or 1
-        return max(1, math.ceil(average / workers))
+        return retry_after(average, elapsed, workers)
 
     async def get(self, job_id: str) -> JobRecord | None:
         async with self._db() as conn:
@@ -348,15 +353,24 @@ class PostgresEngine:
             if record.status == JobStatus.QUEUED.value and procrastinate_id is not None and \
                     await manager.cancel_job_by_id_async(procrastinate_id, delete_job=True,
                                                          connection=conn):
-                # It never started: it ends here.
+                ended_here = True  # it never started: it ends here
+            elif procrastinate_id is not None and await manager.cancel_job_by_id_async(
+                    procrastinate_id, abort=True, connection=conn):
+                # It runs: its worker aborts it, kills its children and records the end.
+                ended_here = False
+            else:
+                # No procrastinate job is left to run or abort it (its run ended, or was cut
+                # short, without writing an end): nothing else would ever end it. A run of it
+                # still alive somewhere writes no end over this one (it must be 'running'),
+                # and its worker's watch of cancels stops it.
+                log.warning("job %s: %s with nothing left to run or abort it; it ends here",
+                            job_id, record.status)
+                ended_here = True
+            if ended_here:
                 await conn.execute("UPDATE jobqueue_jobs SET status = 'cancelled', "
                                    "finished_at = %s WHERE id = %s", (time.time(), job_id))
                 await pgschema.notify(conn, job_id, record.owner)
                 removed = job_id
-            elif procrastinate_id is not None:
-                # It runs: its worker aborts it, kills its children and records the end.
-                await manager.cancel_job_by_id_async(procrastinate_id, abort=True,
-                                                     connection=conn)
         if removed:
             self.metrics.job_ended(record.job_type, ending, None, None)
             await asyncio.to_thread(self._remove_files, removed)

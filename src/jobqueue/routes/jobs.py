@@ -176,6 +176,9 @@ async def delete_job(request: Request, record: JobRecord = Depends(find_job)) ->
             record = await engine.wait(record.id, CANCEL_WAIT_SECONDS)
         except TimeoutError:
             record = await engine.get(record.id) or record
+        except LookupError:  # ended, then deleted by another DELETE while this one waited
+            raise HTTPException(404, f"There is no job {record.id!r}; it was cancelled and "
+                                     "deleted meanwhile.") from None
         return await job_view(request, record)
     await engine.delete(record.id)
     return await job_view(request, record)
