@@ -238,9 +238,13 @@ class SqliteJobStore:
                                      [("id", new_store_id()), ("created_at", str(time.time()))])
                 made = dict(self._db.execute("SELECT name, value FROM store").fetchall())
                 self.store_id, self.created_at = made["id"], float(made["created_at"])
-        except sqlite3.DatabaseError as error:
-            if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+        except sqlite3.OperationalError as error:  # a full disk, no access: not damage
+            if "locked" in str(error):
                 raise
+            raise CannotStart(f"The job database {path} cannot be opened ({error}). Check the "
+                              "disk it is on and that this user may write it and its folder, "
+                              "or set JOBQUEUE_DB_PATH.") from None
+        except sqlite3.DatabaseError as error:
             raise CannotStart(
                 f"The job database {path} is damaged ({error}). Stop the server, keep a copy "
                 f"of the file, then recover what it holds: sqlite3 {path} \".recover\" | "

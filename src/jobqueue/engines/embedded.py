@@ -580,6 +580,8 @@ class EmbeddedEngine:
         if new.idempotency_key:
             # No await between the look and the save: one loop, one job per key.
             earlier = self.store.find_idempotent(new.owner, new.idempotency_key)
+            if earlier is not None and (gone := self._active.get(earlier.id)) and gone.refused:
+                earlier = None  # refused for a full disk, and going: this one is its retry
             if earlier is not None:
                 await self._remove_upload(new)  # the earlier job has its own
                 return earlier

@@ -85,16 +85,17 @@ DELETE = ("WITH gone AS (DELETE FROM jobqueue_jobs WHERE id = %s "
           "queue AS (DELETE FROM procrastinate_jobs WHERE id IN "
           "(SELECT procrastinate_id FROM gone) AND status NOT IN ('todo', 'doing')) "
           "SELECT owner FROM gone")
-# Jobs of `kinds` that nothing will bring to an end: running on a worker whose heartbeat is
-# older than `stale` (or gone), running here (`me`) on no run of this process (`mine`), or
-# queued with no procrastinate job left to run them (its abort came before its claim).
+# Jobs of `kinds` that nothing will bring to an end: running (since before `started`) on a
+# worker whose heartbeat is `stalled` seconds old by the database's clock (or gone), running
+# here (`me`) on no run of this process (`mine`), or queued with no procrastinate job left to
+# run them (its abort came before its claim).
 STRANDED = """
 SELECT j.id, j.procrastinate_id FROM jobqueue_jobs j
 WHERE j.job_type = ANY(%(kinds)s) AND (
-    (j.status = 'running' AND j.started_at < %(stale)s AND (
+    (j.status = 'running' AND j.started_at < %(started)s AND (
         j.worker_name = %(me)s AND NOT j.id = ANY(%(mine)s)
-        OR NOT EXISTS (SELECT 1 FROM jobqueue_workers w
-                       WHERE w.name = j.worker_name AND w.heartbeat >= %(stale)s)))
+        OR NOT EXISTS (SELECT 1 FROM jobqueue_workers w WHERE w.name = j.worker_name
+                       AND w.heartbeat >= extract(epoch FROM now()) - %(stalled)s)))
     OR (j.status = 'queued' AND NOT EXISTS (
         SELECT 1 FROM procrastinate_jobs p
         WHERE p.id = j.procrastinate_id AND p.status IN ('todo', 'doing'))))

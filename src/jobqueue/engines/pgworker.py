@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import procrastinate
+import psycopg
 from procrastinate.job_context import AbortReason
 from procrastinate.job_context import JobContext as ProcrastinateContext
 from procrastinate.schema import SchemaManager
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from pydantic import BaseModel
 
 from .. import jobfiles, rollup
@@ -333,11 +334,14 @@ class Runner:
             try:
                 async with self.pool.connection() as conn:
                     await conn.execute(
+                        # The database's clock, which the rescue (pgschema.STRANDED) reads
+                        # too: a worker whose own clock runs late never looks dead.
                         "INSERT INTO jobqueue_workers (name, kinds, heartbeat, metrics) "
-                        "VALUES (%s, %s, %s, %s) ON CONFLICT (name) DO UPDATE "
+                        "VALUES (%s, %s, extract(epoch FROM clock_timestamp()), %s) "
+                        "ON CONFLICT (name) DO UPDATE "
                         "SET kinds = excluded.kinds, heartbeat = excluded.heartbeat, "
                         "metrics = excluded.metrics",
-                        (self.name, kinds, time.time(), self.metrics_url))
+                        (self.name, kinds, self.metrics_url))
                     await conn.execute("DELETE FROM jobqueue_workers WHERE heartbeat < %s",
                                        (time.time() - 10 * STALLED_SECONDS,))
             except Exception:
@@ -355,20 +359,30 @@ class Runner:
             try:
                 async with self.pool.connection() as conn:
                     cursor = await conn.execute(pgschema.STRANDED, {
-                        "kinds": list(self.kinds), "stale": time.time() - STALLED_SECONDS,
+                        "kinds": list(self.kinds), "stalled": STALLED_SECONDS,
+                        "started": time.time() - STALLED_SECONDS,
                         "me": self.name, "mine": list(self.running)})
                     stranded = await cursor.fetchall()
                 # A procrastinate job fetched by a worker that died before it claimed the
                 # record (procrastinate's heartbeats; the records' are ours).
                 fetched = await self.app.job_manager.get_stalled_jobs(
                     seconds_since_heartbeat=STALLED_SECONDS)
-                for job_id, procrastinate_id in stranded:
-                    await self._rescue_one(procrastinate_id, job_id)
-                for job in fetched:
-                    await self._rescue_one(job.id, only_queued=True)
-            except Exception as error:
+            except Exception as error:  # the database is away: wait for it, then some
                 self._db_failed_at = time.monotonic()
                 log.debug("looking for stranded jobs failed: %s", error)
+                continue
+            rescues = [(procrastinate_id, job_id, False) for job_id, procrastinate_id in stranded]
+            rescues += [(job.id, None, True) for job in fetched]
+            for procrastinate_id, job_id, only_queued in rescues:
+                try:  # one that fails keeps none of the others from their rescue
+                    await self._rescue_one(procrastinate_id, job_id, only_queued)
+                except (PoolTimeout, psycopg.OperationalError) as error:
+                    self._db_failed_at = time.monotonic()
+                    log.warning("rescue of job %s stopped: %s", job_id or procrastinate_id,
+                                error)
+                    break
+                except Exception:
+                    log.exception("rescue of job %s failed", job_id or procrastinate_id)
 
     async def _watch_cancels(self) -> None:
         """Stop the jobs of this process that a cancel (a DELETE) asked to stop. procrastinate's
@@ -400,9 +414,16 @@ class Runner:
         cancelled: set[str] = set()
         async with self.pool.connection() as conn, conn.transaction():
             async with conn.cursor(row_factory=dict_row) as cursor:
+                # Still as it was found: another worker's rescue of the same job, done while
+                # this one waited for the lock, gave it a procrastinate job of its own.
                 await cursor.execute(
-                    "SELECT * FROM jobqueue_jobs WHERE (id = %s OR procrastinate_id = %s) "
-                    "AND status = ANY(%s) FOR UPDATE", (job_id, procrastinate_id, statuses))
+                    "SELECT * FROM jobqueue_jobs WHERE id = %s "
+                    "AND procrastinate_id IS NOT DISTINCT FROM %s AND status = ANY(%s) "
+                    "FOR UPDATE" if job_id is not None else
+                    "SELECT * FROM jobqueue_jobs WHERE procrastinate_id = %s "
+                    "AND status = ANY(%s) FOR UPDATE",
+                    (job_id, procrastinate_id, statuses) if job_id is not None
+                    else (procrastinate_id, statuses))
                 found = await cursor.fetchall()
             rows = [pgschema.from_row(row) for row in found]
             cancelled = {row["id"] for row in found if row["cancelled_as"] is not None}
@@ -443,12 +464,12 @@ class Runner:
     async def run_job(self, context: ProcrastinateContext, job_id: str) -> None:
         # Whole or not at all: an abort cutting a claim short would leave the record queued
         # with its procrastinate job gone (the rescue would find it, later).
-        claim = asyncio.ensure_future(self._claim(job_id))
+        claim = asyncio.ensure_future(self._claim(job_id, context.job.id))
         try:
             record = await asyncio.shield(claim)
         except asyncio.CancelledError:  # aborted before it started: it gives the job back
-            if (record := await claim) is not None:
-                await asyncio.shield(self._release(record, context.abort_reason()))
+            if (record := await whole(claim)) is not None:
+                await whole(self._release(record, context.abort_reason()))
             raise
         if record is None:
             return  # cancelled or deleted meanwhile
@@ -501,22 +522,26 @@ class Runner:
             running.dec()
             self.running.pop(job_id, None)
 
-    async def _claim(self, job_id: str) -> JobRecord | None:
+    async def _claim(self, job_id: str, procrastinate_id: int | None) -> JobRecord | None:
         """The record, now running here; None when it is gone, ended, or was cancelled while
         queued (then it ends here: a cancel that came as this worker took the job found no
-        procrastinate job left to delete, and asked an abort that may never come)."""
+        procrastinate job left to delete, and asked an abort that may never come). Only the
+        record's own procrastinate job may claim it: a stale or duplicate one never takes a
+        job over from its run."""
         now = time.time()
         async with self.pool.connection() as conn, conn.transaction():
             cancelled = await pgschema.fetch(
                 conn, "UPDATE jobqueue_jobs SET status = 'cancelled', finished_at = %s "
                       "WHERE id = %s AND status = 'queued' AND cancelled_as IS NOT NULL "
-                      "RETURNING *", (now, job_id))
+                      "AND procrastinate_id IS NOT DISTINCT FROM %s RETURNING *",
+                (now, job_id, procrastinate_id))
             rows = [] if cancelled else await pgschema.fetch(
                 conn, "UPDATE jobqueue_jobs SET status = 'running', started_at = %s, "
                       "worker_name = %s, attempt = attempt + 1, progress = '{}', error = NULL, "
                       "error_kind = NULL, result = NULL "
-                      "WHERE id = %s AND status IN ('queued', 'running') RETURNING *",
-                (now, self.name, job_id))
+                      "WHERE id = %s AND status IN ('queued', 'running') "
+                      "AND procrastinate_id IS NOT DISTINCT FROM %s RETURNING *",
+                (now, self.name, job_id, procrastinate_id))
             for record in cancelled + rows:
                 await pgschema.notify(conn, record.id, record.owner)
         if cancelled:

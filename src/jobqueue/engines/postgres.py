@@ -106,8 +106,8 @@ class PostgresEngine:
                 finally:
                     await conn.execute("RESET statement_timeout")
             # The folders made from now on are this store's (the orphan sweep claims it too).
-            await asyncio.to_thread(jobfiles.claim_out_dir, self.settings.out_dir,
-                                    self.store.store_id)
+            await asyncio.to_thread(  # store_id may read the database: on the thread too
+                lambda: jobfiles.claim_out_dir(self.settings.out_dir, self.store.store_id))
         except Unavailable as error:  # it may come later: /health says so meanwhile
             log.error("%s; the server starts anyway and answers 503 until it is back", error)
             jobfiles.check_writable(self.settings.out_dir)
