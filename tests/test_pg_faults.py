@@ -3,9 +3,12 @@ while PostgreSQL is stopped, and a worker draining after SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -80,3 +83,51 @@ def test_a_draining_worker_keeps_its_job_and_a_delete_still_reaches_it(postgres,
         logs = cluster.logs()
     assert starts(logs, job_id) == 1, logs
     assert f"job {job_id}: cancelled; stopping it" in logs
+
+
+def test_two_workers_rescuing_one_stranded_job_queue_it_again_once(postgres, tmp_path):
+    """Every worker looks for stranded jobs, unsynchronised: two that find the same one (its
+    worker dead) give it one procrastinate job between them, not one each (two runs)."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from jobqueue.engines import pgschema
+    from jobqueue.engines.pgworker import Runner, schema_sql
+    from jobqueue.kinds import KINDS
+    from jobqueue.metrics import Metrics
+    from jobqueue.records import JobRecord, Origin
+    from jobqueue.settings import Settings
+
+    url = postgres.new_database()
+    settings = Settings(database_url=url, out_dir=tmp_path / "out")
+    job_id = str(uuid.uuid4())
+
+    async def scenario() -> list[int]:
+        async with AsyncConnectionPool(url, min_size=1, max_size=6, open=False) as pool:
+            async with pool.connection() as conn:
+                await pgschema.ensure(conn, schema_sql())
+            runners = [Runner(settings, {"message": KINDS["message"]}, pool,
+                              Metrics(["message"])) for _ in range(2)]
+            for runner in runners:
+                await runner.app.open_async(pool=pool)
+            record = JobRecord(id=job_id, job_type="message", status="running",
+                               options={"data": "x", "seconds": 0}, input_path=None,
+                               created_at=time.time(), origin=Origin.JOBS)
+            async with pool.connection() as conn, conn.transaction():
+                await conn.execute(pgschema.INSERT, pgschema.params(record))
+                await conn.execute("UPDATE jobqueue_jobs SET worker_name = 'dead', "
+                                   "attempt = 1, procrastinate_id = NULL WHERE id = %s",
+                                   (job_id,))
+            # Both found it (job id, no procrastinate job left); both rescue it at once.
+            await asyncio.gather(*(runner._rescue_one(None, job_id) for runner in runners))
+            async with pool.connection() as conn:
+                cursor = await conn.execute(
+                    "SELECT id FROM procrastinate_jobs WHERE args->>'job_id' = %s "
+                    "AND status = 'todo'", (job_id,))
+                queued = [row[0] for row in await cursor.fetchall()]
+            for runner in runners:
+                await runner.app.close_async()
+                runner.executor.shutdown(wait=False)
+            return queued
+
+    queued = asyncio.run(scenario())
+    assert len(queued) == 1, queued
