@@ -70,3 +70,21 @@ def test_a_refused_file_is_never_written(tmp_path):
              100, refusal)
     assert raised.value is refusal
     assert not (tmp_path / "job").exists()
+
+
+def test_a_partial_upload_whose_flush_fails_again_is_still_discarded(tmp_path):
+    """A full disk fails the upload's write; closing the partial file flushes what is left
+    and fails again. That second failure must not replace the 507 with a 500 (seen now and
+    then in the full-disk test, depending on where the buffer's boundary fell)."""
+    import errno
+
+    from jobqueue import uploads
+
+    class FullDiskFile:
+        def close(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    form = uploads._Form(tmp_path / "input", 2**20, lambda fields: None)
+    form._file = FullDiskFile()
+    form.close()
+    assert form._file is None

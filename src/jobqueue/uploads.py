@@ -144,8 +144,14 @@ class _Form:
             self.fields[self._name] = self._value.decode(errors="replace")
 
     def close(self) -> None:
+        """Close a file left open by a failure (part_end closes a complete one): it is
+        deleted next, so a flush that fails again (a full disk) does not matter."""
         if self._file is not None:
-            self._file.close()
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:
+                pass
 
 
 def too_large(max_bytes: int) -> HTTPException:
