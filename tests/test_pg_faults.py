@@ -131,3 +131,36 @@ def test_two_workers_rescuing_one_stranded_job_queue_it_again_once(postgres, tmp
 
     queued = asyncio.run(scenario())
     assert len(queued) == 1, queued
+
+
+def test_procrastinate_s_wrapped_connection_errors_are_503_not_500(postgres, tmp_path):
+    """procrastinate wraps psycopg's errors (a connection terminated as PostgreSQL stops,
+    in the middle of deferring a job) in its ConnectorException: still the database being
+    away, a 503, never a 500 (seen as a /put in flight at a stop)."""
+    import psycopg
+    import pytest
+    from procrastinate.exceptions import ConnectorException
+
+    from jobqueue.engines.postgres import PostgresEngine
+    from jobqueue.errors import Unavailable
+    from jobqueue.kinds import KINDS
+    from jobqueue.metrics import Metrics
+    from jobqueue.settings import Settings
+
+    settings = Settings(database_url=postgres.new_database(), out_dir=tmp_path / "out")
+
+    async def scenario() -> None:
+        engine = PostgresEngine(settings, KINDS, Metrics(list(KINDS)))
+        await engine.start()
+        try:
+            with pytest.raises(Unavailable, match="PostgreSQL"):
+                async with engine._db():
+                    raise ConnectorException("Database error.") from psycopg.errors.AdminShutdown(
+                        "terminating connection due to administrator command")
+            with pytest.raises(ConnectorException):  # any other: not taken for an outage
+                async with engine._db():
+                    raise ConnectorException("Database error.") from ValueError("a bug")
+        finally:
+            await engine.stop()
+
+    asyncio.run(scenario())

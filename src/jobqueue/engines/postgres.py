@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
+from procrastinate.exceptions import ConnectorException
 from psycopg_pool import PoolTimeout
 
 from .. import jobfiles, rollup
@@ -181,6 +182,11 @@ class PostgresEngine:
         except (PoolTimeout, psycopg.OperationalError) as error:
             self._reached = False
             raise pgschema.unavailable(error) from None
+        except ConnectorException as error:  # procrastinate's wrapper of the same errors
+            if not isinstance(error.__cause__, psycopg.OperationalError):
+                raise
+            self._reached = False
+            raise pgschema.unavailable(error.__cause__) from None
         self._reached = True
 
     # ---- the facade: by job id ----
