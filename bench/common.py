@@ -22,7 +22,7 @@ SHARED = ROOT.parent / "shared"
 CACHE = ROOT / "bench" / ".cache"
 sys.path.insert(0, str(ROOT / "src"))
 
-from jobqueue import cluster  # noqa: E402 - found through the path above
+from jobqueue.local import cluster  # noqa: E402 - found through the path above
 
 
 @dataclass

@@ -22,9 +22,9 @@ from statistics import median
 import pdf as pdf_bench
 import video as video_bench
 from common import CACHE, SHARED, free_port, make_clip, spread, table, timed
-from jobqueue import cluster
-from jobqueue.localpg import LocalPostgres
-from jobqueue.localweed import LocalSeaweed
+from jobqueue.local import cluster
+from jobqueue.local.postgres import LocalPostgres
+from jobqueue.local.seaweedfs import LocalSeaweed
 
 BUCKET = "bench"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",

@@ -27,7 +27,7 @@ from common import ROOT, SHARED, server, spread, table, timed
 
 CONCURRENT = 4
 DPI = 200
-RENDER_PROGRAM = ROOT / "src" / "jobqueue" / "pdfrender.py"
+RENDER_PROGRAM = ROOT / "src" / "jobqueue" / "children/pdfrender.py"
 # The server configurations measured; the first is the default.
 SERVERS = {
     "jobqueue /put, pdfium, PNG level 3 (default)": {},

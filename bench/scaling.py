@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 
 from common import free_port, server, table
-from jobqueue import cluster
-from jobqueue.localpg import LocalPostgres
+from jobqueue.local import cluster
+from jobqueue.local.postgres import LocalPostgres
 
 JOBS = 24
 SECONDS = 0.5

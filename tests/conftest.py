@@ -23,10 +23,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobqueue import cluster
+from jobqueue.local import cluster
 
 if TYPE_CHECKING:
-    from jobqueue.localpg import LocalPostgres
+    from jobqueue.local.postgres import LocalPostgres
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -174,7 +174,7 @@ def postgres() -> Iterator["LocalPostgres"]:
     """One PostgreSQL for the whole session (Debian's package, started by the tests); each
     distributed deployment takes a database of its own on it. Its folder is not under pytest's
     tmp (whose parent only root may enter) because the server runs as the postgres user."""
-    from jobqueue.localpg import LocalPostgres
+    from jobqueue.local.postgres import LocalPostgres
 
     folder = Path(tempfile.mkdtemp(prefix="jobqueue-pg-"))
     server = LocalPostgres(folder, port=free_port(), fast=True)
@@ -187,7 +187,7 @@ def postgres() -> Iterator["LocalPostgres"]:
 @pytest.fixture(scope="session")
 def redis(tmp_path_factory) -> Iterator[str]:
     """A redis-server (Debian's package) for rate limits shared by replicas; its URL."""
-    from jobqueue.cluster import LocalRedis
+    from jobqueue.local.cluster import LocalRedis
 
     server = LocalRedis(tmp_path_factory.mktemp("redis"), port=free_port())
     server.start()

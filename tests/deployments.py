@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 
 from conftest import Server, free_port, run_server
-from jobqueue import cluster
-from jobqueue.localpg import LocalPostgres
+from jobqueue.local import cluster
+from jobqueue.local.postgres import LocalPostgres
 
 ENGINES = ["embedded", "postgres"]
 

@@ -14,7 +14,7 @@ import pytest
 from httpx_sse import connect_sse
 
 from conftest import DATA, ROOT, Server, run_server
-from jobqueue.access import TOKEN_SECONDS, make_token
+from jobqueue.api.access import TOKEN_SECONDS, make_token
 
 ALPHA, BETA = "alpha-key-1234", "beta-key-5678"
 

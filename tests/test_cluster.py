@@ -25,8 +25,8 @@ import httpx
 
 from conftest import DATA, ROOT, eventually, free_port
 from deployments import children_of, deploy, kill, settings_env
-from jobqueue import cluster
-from jobqueue.localpg import LocalPostgres
+from jobqueue.local import cluster
+from jobqueue.local.postgres import LocalPostgres
 from test_contract import submit, wait_until
 
 ALPHA = "alpha-key-1234"
@@ -237,9 +237,9 @@ def consecutive_ports(count: int) -> int:
 @contextmanager
 def launcher(replicas: int, workers: int, **settings: object
              ) -> Iterator[tuple[subprocess.Popen, Path, list[str]]]:
-    """`python -m jobqueue.cluster` as `make cluster` runs it, in a folder of its own (not under
-    pytest's tmp: its PostgreSQL runs as the postgres user); until its replicas answer. Yields
-    the launcher, its log and the replicas' URLs; stopped with SIGTERM."""
+    """`python -m jobqueue.local.cluster` as `make cluster` runs it, in a folder of its own
+    (not under pytest's tmp: its PostgreSQL runs as the postgres user); until its replicas
+    answer. Yields the launcher, its log and the replicas' URLs; stopped with SIGTERM."""
     folder = Path(tempfile.mkdtemp(prefix="jobqueue-cluster-"))
     folder.chmod(0o755)
     port = consecutive_ports(replicas)
@@ -247,7 +247,7 @@ def launcher(replicas: int, workers: int, **settings: object
     log_path = folder / "launcher.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "jobqueue.cluster", "--replicas", str(replicas),
+            [sys.executable, "-m", "jobqueue.local.cluster", "--replicas", str(replicas),
              "--workers", str(workers), "--port", str(port), "--folder", str(folder)],
             cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
@@ -357,7 +357,7 @@ def test_launcher_gives_each_worker_its_own_fixed_metrics_port():
 def test_a_process_that_keeps_exiting_is_started_again_later_each_time(caplog):
     """The launcher's back-off: 1 s, doubled up to 30 s while the process exits soon after its
     start, 1 s again once it had run a while; each exit logged."""
-    caplog.set_level(logging.INFO, logger="jobqueue.cluster")
+    caplog.set_level(logging.INFO, logger="jobqueue.local.cluster")
     now = [1000.0]
 
     class Exited:

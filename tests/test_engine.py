@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from jobqueue import retention
 from jobqueue.engines import NewJob
-from jobqueue.engines.embedded import EmbeddedEngine
+from jobqueue.engines.embedded.engine import EmbeddedEngine
 from jobqueue.errors import QueueFull
-from jobqueue.jobfiles import job_dir, make_job_dir, new_job_id
+from jobqueue.files import retention
+from jobqueue.files.jobfiles import job_dir, make_job_dir, new_job_id
 from jobqueue.jobs import JobContext, JobKind, JobStatus, Output
 from jobqueue.records import JobRecord, Origin, SqliteJobStore, list_query
 from jobqueue.settings import Settings

@@ -18,11 +18,11 @@ from fastapi import HTTPException
 
 from conftest import DATA, Server, eventually, run_server
 from jobqueue import records
+from jobqueue.api.routes.files import ThumbnailFailed, make_thumbnail
+from jobqueue.api.routes.jobs import ZipDownload, zip_stream
 from jobqueue.errors import Unavailable
-from jobqueue.filestore import gone
+from jobqueue.files.store import gone
 from jobqueue.records import JobRecord
-from jobqueue.routes.files import ThumbnailFailed, make_thumbnail
-from jobqueue.routes.jobs import ZipDownload, zip_stream
 from jobqueue.settings import Settings
 from media import pdf_page_points, png_size, probe_streams
 

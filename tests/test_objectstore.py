@@ -25,11 +25,11 @@ from obstore.store import S3Store
 
 from conftest import DATA, eventually, free_port
 from deployments import deploy
-from jobqueue import retention
-from jobqueue.engines.pgworker import SCRATCH_PREFIX, clear_dead_scratch
+from jobqueue.engines.postgres.runner import SCRATCH_PREFIX, clear_dead_scratch
 from jobqueue.errors import JobCancelled
-from jobqueue.localweed import LocalSeaweed
-from jobqueue.objectstore import ObjectFiles, StoreUnavailable
+from jobqueue.files import retention
+from jobqueue.files.objects import ObjectFiles, StoreUnavailable
+from jobqueue.local.seaweedfs import LocalSeaweed
 from jobqueue.records import JobRecord, SqliteJobStore
 from jobqueue.settings import Settings
 from test_contract import submit, wait_until

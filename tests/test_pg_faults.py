@@ -15,7 +15,7 @@ import psycopg
 
 from conftest import eventually, free_port
 from deployments import deploy
-from jobqueue.localpg import LocalPostgres
+from jobqueue.local.postgres import LocalPostgres
 from test_contract import submit, wait_until
 
 
@@ -90,8 +90,8 @@ def test_two_workers_rescuing_one_stranded_job_queue_it_again_once(postgres, tmp
     worker dead) give it one procrastinate job between them, not one each (two runs)."""
     from psycopg_pool import AsyncConnectionPool
 
-    from jobqueue.engines import pgschema
-    from jobqueue.engines.pgworker import Runner, schema_sql
+    from jobqueue.engines.postgres import schema
+    from jobqueue.engines.postgres.runner import Runner, schema_sql
     from jobqueue.kinds import KINDS
     from jobqueue.metrics import Metrics
     from jobqueue.records import JobRecord, Origin
@@ -104,7 +104,7 @@ def test_two_workers_rescuing_one_stranded_job_queue_it_again_once(postgres, tmp
     async def scenario() -> list[int]:
         async with AsyncConnectionPool(url, min_size=1, max_size=6, open=False) as pool:
             async with pool.connection() as conn:
-                await pgschema.ensure(conn, schema_sql())
+                await schema.ensure(conn, schema_sql())
             runners = [Runner(settings, {"message": KINDS["message"]}, pool,
                               Metrics(["message"])) for _ in range(2)]
             for runner in runners:
@@ -113,7 +113,7 @@ def test_two_workers_rescuing_one_stranded_job_queue_it_again_once(postgres, tmp
                                options={"data": "x", "seconds": 0}, input_path=None,
                                created_at=time.time(), origin=Origin.JOBS)
             async with pool.connection() as conn, conn.transaction():
-                await conn.execute(pgschema.INSERT, pgschema.params(record))
+                await conn.execute(schema.INSERT, schema.params(record))
                 await conn.execute("UPDATE jobqueue_jobs SET worker_name = 'dead', "
                                    "attempt = 1, procrastinate_id = NULL WHERE id = %s",
                                    (job_id,))
@@ -141,7 +141,7 @@ def test_procrastinate_s_wrapped_connection_errors_are_503_not_500(postgres, tmp
     import pytest
     from procrastinate.exceptions import ConnectorException
 
-    from jobqueue.engines.postgres import PostgresEngine
+    from jobqueue.engines.postgres.engine import PostgresEngine
     from jobqueue.errors import Unavailable
     from jobqueue.kinds import KINDS
     from jobqueue.metrics import Metrics

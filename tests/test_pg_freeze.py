@@ -16,7 +16,7 @@ from pathlib import Path
 
 from conftest import eventually, free_port
 from deployments import deploy
-from jobqueue.localpg import LocalPostgres
+from jobqueue.local.postgres import LocalPostgres
 from test_contract import submit, wait_until
 
 # A hang fails the test: without time-outs of its own a request waits for the whole freeze.

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import Server, run_server
-from jobqueue.routes.files import THUMBNAIL_WIDTHS
+from jobqueue.api.routes.files import THUMBNAIL_WIDTHS
 from media import make_clip
 
 JPEG_START = b"\xff\xd8"

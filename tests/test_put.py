@@ -15,8 +15,8 @@ from fastapi import HTTPException
 from starlette.requests import Request
 
 from conftest import DATA
+from jobqueue.api.routes import put
 from jobqueue.records import JobRecord, Origin
-from jobqueue.routes import put
 from media import pdf_page_points, png_size, probe_streams
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 from conftest import DATA
-from jobqueue import jobfiles
+from jobqueue.files import jobfiles
 from media import pdf_page_points, probe_streams
 
 

@@ -10,7 +10,7 @@ import pytest
 from fastapi import HTTPException
 from starlette.requests import Request
 
-from jobqueue.uploads import read_multipart
+from jobqueue.api.uploads import read_multipart
 
 BOUNDARY = "test-boundary"
 
@@ -78,7 +78,7 @@ def test_a_partial_upload_whose_flush_fails_again_is_still_discarded(tmp_path):
     then in the full-disk test, depending on where the buffer's boundary fell)."""
     import errno
 
-    from jobqueue import uploads
+    from jobqueue.api import uploads
 
     class FullDiskFile:
         def close(self) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
-    from .settings import Settings
+    from jobqueue.settings import Settings
 
 
 class JobStatus(str, Enum):

@@ -31,8 +31,8 @@ from prometheus_client import (
 from prometheus_client.exposition import ThreadingWSGIServer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import TimedOut, kind_of
-from .jobs import JobStatus
+from jobqueue.errors import TimedOut, kind_of
+from jobqueue.jobs import JobStatus
 
 # No `_created` series beside each counter and histogram: they double the scrape for a
 # timestamp Prometheus does not use.

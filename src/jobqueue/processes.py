@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from .errors import BadInput, DiskFull
-from .jobs import JobContext
+from jobqueue.errors import BadInput, DiskFull
+from jobqueue.jobs import JobContext
 
 STDERR_TAIL_BYTES = 2000
 # What `output` keeps of a check's stdout, and the longest stdout line a job's child may write

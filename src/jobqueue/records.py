@@ -29,8 +29,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from . import rollup
-from .errors import CannotStart, RecordsDiskFull
+from jobqueue import rollup
+from jobqueue.errors import CannotStart, RecordsDiskFull
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from .jobs import JobStatus
+from jobqueue.jobs import JobStatus
 
 BUCKETS_PER_DECADE = 20
 SMALLEST_SECONDS = 0.0001  # bucket 0: this long or less (a no-op job takes about this)

@@ -18,11 +18,11 @@ import asyncio
 import logging
 import signal
 
-from .engines import pgtimeouts
-from .engines.pgworker import Runner
-from .kinds import KINDS
-from .metrics import Metrics, serve_worker_metrics
-from .settings import Settings
+from jobqueue.engines.postgres import timeouts
+from jobqueue.engines.postgres.runner import Runner
+from jobqueue.kinds import KINDS
+from jobqueue.metrics import Metrics, serve_worker_metrics
+from jobqueue.settings import Settings
 
 log = logging.getLogger("jobqueue.worker")
 
@@ -49,9 +49,9 @@ async def serve(settings: Settings, kinds: list[str]) -> None:
                          f"{error.strerror or error}. Free the port, or set 0 for a free one.")
     log.info("worker metrics on %s", metrics_url)
     # Bounded connects and checks, keepalives, a reconnect back-off of at most 1 s
-    # (pgtimeouts.py); a wait for a free connection of POOL_TIMEOUT_SECONDS, then the caller
+    # (timeouts.py); a wait for a free connection of POOL_TIMEOUT_SECONDS, then the caller
     # retries (a held job end keeps trying).
-    pool = pgtimeouts.Pool(settings.database_url.get_secret_value(), min_size=1,
+    pool = timeouts.Pool(settings.database_url.get_secret_value(), min_size=1,
                            max_size=sum(settings.limits(k).workers for k in kinds) + 6,
                            open=False, timeout=POOL_TIMEOUT_SECONDS)
     await pool.open(wait=False)

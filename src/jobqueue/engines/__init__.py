@@ -4,10 +4,10 @@ processes through PostgreSQL (procrastinate)."""
 
 from __future__ import annotations
 
-from ..jobs import JobKind
-from ..metrics import Metrics
-from ..settings import Settings
-from .base import JobEngine, Listener, NewJob
+from jobqueue.engines.base import JobEngine, Listener, NewJob
+from jobqueue.jobs import JobKind
+from jobqueue.metrics import Metrics
+from jobqueue.settings import Settings
 
 __all__ = ["JobEngine", "Listener", "NewJob", "make_engine"]
 
@@ -17,9 +17,9 @@ def make_engine(settings: Settings, kinds: dict[str, JobKind], metrics: Metrics,
     """The engine the settings ask for: PostgreSQL with JOBQUEUE_DATABASE_URL, else embedded.
     It counts the jobs it starts and ends in `metrics`."""
     if settings.database_url.get_secret_value():
-        from .postgres import PostgresEngine
+        from jobqueue.engines.postgres.engine import PostgresEngine
 
         return PostgresEngine(settings, kinds, metrics, with_workers=with_workers)
-    from .embedded import EmbeddedEngine
+    from jobqueue.engines.embedded.engine import EmbeddedEngine
 
     return EmbeddedEngine(settings, kinds, metrics)

@@ -16,12 +16,12 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
-from ..filestore import FileStore
-from ..jobs import JobKind
-from ..metrics import Outcome
-from ..records import JobRecord, Origin
-from ..rollup import MinuteFigures
-from ..settings import Settings
+from jobqueue.files.store import FileStore
+from jobqueue.jobs import JobKind
+from jobqueue.metrics import Outcome
+from jobqueue.records import JobRecord, Origin
+from jobqueue.rollup import MinuteFigures
+from jobqueue.settings import Settings
 
 # Retry-After of a full queue stays within this: a client is told to come back within
 # minutes, and may then be told again.

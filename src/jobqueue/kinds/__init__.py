@@ -3,8 +3,8 @@
 A new kind is one module in this package (options, handler, `KIND`) plus one entry below.
 """
 
-from ..jobs import JobKind
-from . import message, pdf2image, video
+from jobqueue.jobs import JobKind
+from jobqueue.kinds import message, pdf2image, video
 
 KINDS: dict[str, JobKind] = {
     kind.name: kind

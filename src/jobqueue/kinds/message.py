@@ -6,7 +6,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..jobs import JobContext, JobKind, Output
+from jobqueue.jobs import JobContext, JobKind, Output
 
 # How often a running message job reports progress and notices a cancel.
 TICK_SECONDS = 0.1

@@ -4,8 +4,8 @@ Nothing of the PDF is parsed inside the server. poppler's pdfinfo reads the page
 sizes, so limits are checked before any page is rendered. The pages are rendered in child
 processes, under a memory cap (JOBQUEUE_RENDER_MAX_MB), by one of two engines:
 
-- `pdfium` (the default): `pdfrender.py`, which opens the document once and renders its share
-  of the pages with PDFium (pypdfium2) and writes them as PNGs with libpng (imagecodecs);
+- `pdfium` (the default): `children/pdfrender.py`, which opens the document once and renders
+  its share of the pages with PDFium (pypdfium2) and writes them as PNGs with libpng (imagecodecs);
 - `poppler`: one pdftoppm run per page, the command pdf2image's convert_from_path builds.
 
 A job that renders alone spreads its pages over every core; one that starts while others render
@@ -31,10 +31,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import pdfrender, processes
-from ..errors import BadInput, TooLarge, UnsupportedInput
-from ..jobs import JobContext, JobKind, Output
-from ..settings import DATA_DIR, Settings
+from jobqueue import processes
+from jobqueue.children import pdfrender
+from jobqueue.errors import BadInput, TooLarge, UnsupportedInput
+from jobqueue.jobs import JobContext, JobKind, Output
+from jobqueue.settings import DATA_DIR, Settings
 
 PDFINFO_TIMEOUT_SECONDS = 30
 RENDER_PROGRAM = Path(pdfrender.__file__)

@@ -10,10 +10,10 @@ from pathlib import Path
 import ffmpeg
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .. import processes
-from ..errors import BadInput, TooLarge, UnsupportedInput
-from ..jobs import JobContext, JobKind, Output
-from ..settings import DATA_DIR, Settings
+from jobqueue import processes
+from jobqueue.errors import BadInput, TooLarge, UnsupportedInput
+from jobqueue.jobs import JobContext, JobKind, Output
+from jobqueue.settings import DATA_DIR, Settings
 
 DEFAULT_WIDTH = 640
 OUTPUT_NAME = "video.mp4"

@@ -1,0 +1,157 @@
+"""Per-client rate limit on job submission, through slowapi.
+
+slowapi's decorator needs its Limiter when the routes are defined, before `create_app` has
+settings, so the limiter is module-level and `configure` gives it the app's limit and storage.
+
+The counters live in this process unless JOBQUEUE_RATE_LIMIT_STORAGE names a shared storage
+(redis://...): then every API replica counts against the same limit, the wrong-key lockout of
+api/access.py included. While that storage cannot be reached, each replica counts alone again
+(slowapi's in-memory fallback) rather than refusing or failing requests.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import threading
+import time
+
+import slowapi.wrappers
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from limits import RateLimitItem, parse_many, storage, strategies
+from slowapi import Limiter
+from slowapi.errors import RateLimitExceeded
+from slowapi.util import get_remote_address
+
+log = logging.getLogger("jobqueue.api.ratelimit")
+
+# A shared storage that does not answer within this long is taken as down.
+STORAGE_TIMEOUT_SECONDS = 0.5
+# After a failure, the shared storage is left alone this long (its calls block the loop for up
+# to STORAGE_TIMEOUT_SECONDS while it is down).
+RETRY_STORAGE_SECONDS = 5.0
+
+
+def client_key(request: Request) -> str:
+    """Whom a limit counts: the API key when the server has keys (`require_key` ran before
+    this), otherwise the client's address."""
+    owner = getattr(request.state, "owner", "")
+    return f"key:{owner}" if owner else get_remote_address(request)
+
+
+class MemoryCounts(storage.MemoryStorage):
+    """limits' in-process storage, dropping expired counters once a second rather than
+    starting a new timer thread 10 ms after every hit (limits 5.8), which under load competes
+    with the event loop for the interpreter. A counter past its window is reset when it is
+    next read either way; the sweep only frees the memory of clients that stopped coming."""
+
+    SWEEP_SECONDS = 1.0
+
+    # Overrides MemoryStorage's private __schedule_expiry (name-mangled), which incr() calls.
+    def _MemoryStorage__schedule_expiry(self) -> None:
+        if not self.timer.is_alive():
+            self.timer = threading.Timer(self.SWEEP_SECONDS, self._MemoryStorage__expire_events)
+            self.timer.daemon = True
+            self.timer.start()
+
+
+# No rate-limit headers on answers within the limit (slowapi would add Retry-After even to a
+# 202); a 429 gets them from rate_limited below.
+limiter = Limiter(key_func=client_key, headers_enabled=False)
+_submit_limit = "60/minute"
+
+
+def submit_limit() -> str:
+    """The limit on job submissions per client (`JOBQUEUE_RATE_LIMIT`); slowapi asks per request."""
+    return _submit_limit
+
+
+# slowapi looks, on every request, at the signatures of the key function and of a callable
+# limit (does it take the request?), and parses the limit string again: a signature kept on
+# the function and a cache of parsed strings answer that at once. The parsed limits are only
+# iterated, never changed.
+client_key.__signature__ = inspect.signature(client_key)  # type: ignore[attr-defined]
+submit_limit.__signature__ = inspect.signature(submit_limit)  # type: ignore[attr-defined]
+slowapi.wrappers.parse_many = functools.lru_cache(maxsize=16)(parse_many)
+
+
+class Counter:
+    """A fixed-window counter in the configured storage, counting in this process while that
+    storage cannot be reached (the wrong-key lockout uses it)."""
+
+    def __init__(self) -> None:
+        self.local = strategies.FixedWindowRateLimiter(MemoryCounts())
+        self.shared: strategies.FixedWindowRateLimiter | None = None
+        self.down_until = 0.0
+
+    def _call(self, method: str, *args):
+        if self.shared is not None and time.monotonic() >= self.down_until:
+            try:
+                return getattr(self.shared, method)(*args)
+            except Exception as error:  # the storage is down: count here meanwhile
+                self.down_until = time.monotonic() + RETRY_STORAGE_SECONDS
+                log.warning("rate-limit storage unreachable (%s); counting in this process",
+                            error)
+        return getattr(self.local, method)(*args)
+
+    def test(self, item: RateLimitItem, *identifiers: str) -> bool:
+        return self._call("test", item, *identifiers)
+
+    def hit(self, item: RateLimitItem, *identifiers: str) -> bool:
+        return self._call("hit", item, *identifiers)
+
+    def get_window_stats(self, item: RateLimitItem, *identifiers: str):
+        return self._call("get_window_stats", item, *identifiers)
+
+
+wrong_keys = Counter()
+
+
+def _shared_storage(uri: str) -> storage.Storage:
+    options = ({"socket_timeout": STORAGE_TIMEOUT_SECONDS,
+                "socket_connect_timeout": STORAGE_TIMEOUT_SECONDS}
+               if uri.startswith(("redis://", "rediss://", "redis+unix://")) else {})
+    return storage.storage_from_string(uri, **options)
+
+
+def configure(app: FastAPI, rate_limit: str, storage_uri: str = "") -> None:
+    global _submit_limit
+    _submit_limit = rate_limit
+    if storage_uri:
+        # slowapi takes its storage when the Limiter is made, at import: hand it the shared one
+        # (and its in-memory fallback) here. Pinned slowapi 0.1.10's attribute names.
+        shared = _shared_storage(storage_uri)
+        limiter._storage = shared
+        limiter._limiter = strategies.FixedWindowRateLimiter(shared)
+        limiter._in_memory_fallback_enabled = True
+        limiter._fallback_storage = MemoryCounts()
+        limiter._fallback_limiter = strategies.FixedWindowRateLimiter(limiter._fallback_storage)
+        wrong_keys.shared = strategies.FixedWindowRateLimiter(shared)
+    else:  # a fresh count for each app
+        limiter._storage = MemoryCounts()
+        limiter._limiter = strategies.FixedWindowRateLimiter(limiter._storage)
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, rate_limited)
+
+
+def rate_limited(request: Request, exc: RateLimitExceeded) -> JSONResponse:
+    request.app.state.metrics.rate_limited.labels("submit").inc()
+    response = JSONResponse(
+        {"detail": f"Rate limit exceeded: {exc.detail} per client (per API key when the "
+                   "server has keys). "
+                   "Wait the number of seconds in the Retry-After header, then try again."},
+        status_code=429,
+    )
+    # Retry-After and X-RateLimit-Limit/-Remaining/-Reset, as slowapi's own headers say them.
+    limit, keys = request.state.view_rate_limit
+    try:
+        reset_at, remaining = limiter.limiter.get_window_stats(limit, *keys)
+    except Exception:  # the shared storage went away just now
+        reset_at, remaining = time.time() + limit.get_expiry(), 0
+    response.headers["Retry-After"] = str(max(1, int(reset_at + 1 - time.time())))
+    response.headers["X-RateLimit-Limit"] = str(limit.amount)
+    response.headers["X-RateLimit-Remaining"] = str(remaining)
+    response.headers["X-RateLimit-Reset"] = str(int(reset_at + 1))
+    return response

@@ -1,0 +1,40 @@
+"""`GET /` and `GET /health`: is the server up, and how busy is each queue."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from jobqueue.api.schemas import Health
+from jobqueue.kinds import KINDS
+
+router = APIRouter(tags=["server"])
+
+
+@router.get("/", summary="Say hello, list the job types and point to the docs")
+async def root() -> dict[str, str | dict[str, str]]:
+    return {
+        "message": "Hello from jobqueue. The API is described at /docs; watch it at /dashboard.",
+        "docs": "/docs",
+        "dashboard": "/dashboard",
+        "jobTypes": {name: kind.description for name, kind in KINDS.items()},
+    }
+
+
+@router.get("/health", summary="Queue sizes and busy workers per job kind", response_model=Health,
+            response_model_exclude_none=True,
+            responses={503: {"model": Health, "description": "Draining (shutting down, taking "
+                                                            "no new jobs), or a dependency "
+                                                            "(the database) is down"}})
+async def health(request: Request, response: Response) -> Health:
+    engine = request.app.state.engine
+    problems = {name: state for name, state in (await engine.health()).items() if state != "ok"}
+    # Load balancers read the status code, not the body.
+    if problems:
+        response.status_code = 503
+        return Health(status="unavailable", dependencies=problems, queues={})
+    queues = await engine.stats()
+    processes = await engine.worker_processes()
+    if request.app.state.draining:
+        response.status_code = 503
+        return Health(status="draining", queues=queues, worker_processes=processes)
+    return Health(status="ok", queues=queues, worker_processes=processes)

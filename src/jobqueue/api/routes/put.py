@@ -1,0 +1,171 @@
+"""`POST /put`: run a job and answer with its result, waiting at most the kind's timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from fastapi import APIRouter, HTTPException, Request, Response
+
+from jobqueue.api.access import owner
+from jobqueue.api.ratelimit import limiter, submit_limit
+from jobqueue.api.routes import links
+from jobqueue.api.schemas import JobResult, PutData, PutResponse, error_responses
+from jobqueue.api.shutdown import shutting_down
+from jobqueue.api.submission import read_submission, start_job
+from jobqueue.engines import JobEngine
+from jobqueue.errors import HTTP_STATUS
+from jobqueue.jobs import FINISHED, JobStatus
+from jobqueue.kinds import KINDS
+from jobqueue.metrics import Outcome
+from jobqueue.records import JobRecord, Origin
+
+router = APIRouter(tags=["jobs"])
+
+# How long a job runs before its client's leaving is watched for (then it is cancelled).
+WATCH_AFTER_SECONDS = 0.1
+
+REQUEST_EXAMPLES = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "jobType": {"type": "string", "enum": list(KINDS),
+                            "default": "message"},
+                "data": {"type": "string"},
+                "seconds": {"type": "number", "default": 3},
+                "dpi": {"type": "integer", "default": 200},
+                "width": {"type": "integer"},
+                "height": {"type": "integer"},
+            },
+        },
+        "examples": {
+            "message": {"value": {"data": "hello xdata team"}},
+            "pdf2image": {"summary": "Convert the bundled sample PDF",
+                          "value": {"data": "sample", "jobType": "pdf2image", "dpi": 100}},
+            "video": {"summary": "Resize the bundled sample video",
+                      "value": {"jobType": "video", "width": 320}},
+        },
+    },
+    "multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "file": {"type": "string", "format": "binary"},
+                "jobType": {"type": "string",
+                            "enum": [name for name, kind in KINDS.items() if kind.sample]},
+                "dpi": {"type": "integer"},
+                "width": {"type": "integer"},
+                "height": {"type": "integer"},
+            },
+            "required": ["file", "jobType"],
+        },
+    },
+}
+
+
+@router.post(
+    "/put",
+    summary="Run a job and wait for its result",
+    description="JSON runs a job on the bundled sample (or a message job); multipart/form-data "
+                "with a `file` field processes the upload. Waits at most the kind's timeout.",
+    response_model=PutResponse,
+    responses=error_responses(400, 408, 409, 413, 415, 422, 429, 500, 503, 504, 507),
+    openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
+)
+@limiter.limit(submit_limit)
+async def put(request: Request) -> Response:
+    engine: JobEngine = request.app.state.engine
+    settings = request.app.state.settings
+    submission = await read_submission(request, settings)
+    record = await start_job(engine, submission, Origin.PUT, owner=owner(request))
+    timeout = settings.limits(record.job_type).timeout
+    record = await wait_for_job(request, engine, record, timeout)
+    answer = PutResponse(data=PutData(id=record.id, result=job_result(request, record)))
+    # Serialized here: a Response goes out as it is, where a model would be validated again.
+    return Response(answer.model_dump_json(by_alias=True), media_type="application/json")
+
+
+async def wait_for_job(request: Request, engine: JobEngine, record: JobRecord,
+                       timeout: float) -> JobRecord:
+    """The job's final record; a timeout or a client that hangs up cancels the job."""
+    watcher: asyncio.Task | None = None
+
+    def watch() -> None:
+        nonlocal watcher
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, engine, record.id))
+
+    # Most tiny jobs end before this and need no watcher task, which cost them a tenth of
+    # their time on the event loop.
+    start_watching = asyncio.get_running_loop().call_later(WATCH_AFTER_SECONDS, watch)
+    final = None
+    try:
+        final = await engine.wait(record.id, timeout)
+    except TimeoutError:
+        current = await engine.get(record.id) or record
+        if current.status not in FINISHED:  # it may have finished just as the timeout fired
+            await engine.cancel(record.id, "the /put timeout", Outcome.DEADLINE)
+            raise HTTPException(504, timed_out(current, timeout)) from None
+        final = current
+    finally:
+        start_watching.cancel()
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        if final is None:  # the request ended first (the client left, the server stops)
+            await asyncio.shield(engine.cancel(record.id, "the /put request ended first"))
+    if final.status == JobStatus.CANCELLED.value:
+        if request.app.state.draining:
+            raise shutting_down(request)  # shutdown stopped it first
+        if time.time() >= final.created_at + timeout:
+            # The engine stopped it at its deadline before the timeout above fired (a busy
+            # event loop runs its timers late): the same 504.
+            raise HTTPException(504, timed_out(final, timeout))
+    raise_for_failure(final)
+    return final
+
+
+def timed_out(record: JobRecord, timeout: float) -> str:
+    """The 504's detail: where the time went, since the timeout counts the wait in the queue."""
+    now = time.time()
+    setting = f"JOBQUEUE_{record.job_type.upper()}_TIMEOUT"
+    if record.started_at is None:
+        return (f"Job {record.id} waited {now - record.created_at:.1f} s in the "
+                f"{record.job_type} queue and never started: the {timeout:g} s {setting} counts "
+                "the wait too. It was cancelled. Retry when the queue is shorter (GET /health), "
+                "or use POST /jobs.")
+    return (f"Job {record.id} waited {record.started_at - record.created_at:.1f} s in the "
+            f"queue and ran {now - record.started_at:.1f} s without finishing within "
+            f"{timeout:g} s ({setting}); it was stopped. Send smaller input, raise the setting, "
+            "or use POST /jobs.")
+
+
+async def _cancel_on_disconnect(request: Request, engine: JobEngine, job_id: str) -> None:
+    # The body is already read, so the next message the server sends is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    await engine.cancel(job_id, "client disconnected")
+
+
+def raise_for_failure(record: JobRecord) -> None:
+    """The answer to a job that did not succeed: errors.HTTP_STATUS by the kind of its error."""
+    if record.status == JobStatus.CANCELLED.value:
+        raise HTTPException(409, f"Job {record.id} was cancelled before it finished.")
+    if record.status == JobStatus.FAILED.value:
+        raise HTTPException(HTTP_STATUS.get(record.error_kind or "internal", 500),
+                            record.error or f"Job {record.id} failed.")
+
+
+def job_result(request: Request, record: JobRecord) -> JobResult:
+    result = record.result or {}
+    return JobResult(
+        worker_name=record.worker_name or "",
+        dequeue_elapsed_ms=round((record.started_at - record.created_at) * 1000, 3),
+        process_elapsed_ms=round((record.finished_at - record.started_at) * 1000, 3),
+        total_elapsed_ms=round((record.finished_at - record.created_at) * 1000, 3),
+        data=result.get("data") or {},
+        files=[links.route(request, "job_file", job_id=record.id, name=name)
+               for name in result.get("files") or []],
+    )

@@ -1,0 +1,200 @@
+"""Turning a request into a job: read JSON or multipart, pick the kind, validate its options."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
+
+from jobqueue.api import uploads
+from jobqueue.api.access import owner
+from jobqueue.api.shutdown import refuse_while_draining
+from jobqueue.api.uploads import read_multipart
+from jobqueue.engines import JobEngine, NewJob
+from jobqueue.errors import HTTP_STATUS, QueueFull, TooLarge, Unavailable, UnsupportedInput, kind_of
+from jobqueue.files import jobfiles
+from jobqueue.jobs import JobKind
+from jobqueue.kinds import KINDS
+from jobqueue.records import JobRecord, Origin
+from jobqueue.settings import Settings
+
+log = logging.getLogger("jobqueue.api.submission")
+
+DEFAULT_JOB_TYPE = "message"
+MAX_JSON_BYTES = 1024 * 1024
+
+
+@dataclass
+class Submission:
+    job_id: str
+    kind: JobKind
+    options: BaseModel
+    upload: Path | None  # already stored in out/<job_id>/input/
+
+
+async def read_submission(request: Request, settings: Settings,
+                          idempotency_key: str | None = None) -> Submission:
+    """Parse `{"jobType": ..., <options>}` from a JSON body, or from multipart fields with the
+    upload streamed into the new job's folder (removed again if anything is wrong).
+    `idempotency_key`: the route's (POST /jobs): a full queue lets in a retry of its job."""
+    refuse_while_draining(request)
+    job_id = jobfiles.new_job_id()
+    content_type = request.headers.get("content-type", "").lower()
+    min_rate = settings.min_upload_kbps * 1024
+    try:
+        upload = None
+        try:
+            if content_type.startswith("multipart/form-data"):
+                # 503 past JOBQUEUE_MAX_UPLOADS; the orphan sweep leaves this job's folder be.
+                with request.app.state.uploads.slot(job_id):
+                    fields, upload = await read_multipart(
+                        request, jobfiles.job_dir(settings.out_dir, job_id) / jobfiles.INPUT_DIR,
+                        int(settings.max_upload_mb * 2**20), min_rate, file_refused,
+                        lambda fields: room_for_file(request, fields, idempotency_key))
+            else:
+                fields = await read_json(request, content_type, min_rate)
+        except HTTPException as refusal:
+            # Refused before the body was all read: the connection cannot carry another
+            # request, and a client still sending should stop.
+            refusal.headers = {**(refusal.headers or {}), "Connection": "close"}
+            raise
+        except ClientDisconnect:
+            raise HTTPException(400, "The client closed the connection before its request "
+                                     "body was complete.") from None
+        kind, options = parse_options(fields)
+        if upload is not None and kind.sample is None:
+            raise HTTPException(422, f"{kind.name} jobs take no file; send only the options.")
+    except BaseException:
+        jobfiles.remove_job_dir(settings.out_dir, job_id)
+        raise
+    return Submission(job_id, kind, options, upload)
+
+
+def file_refused(fields: dict[str, str]) -> str | None:
+    """Why a file part is not wanted, given the fields before it: a `jobType` named first
+    whose kind takes no file (a file before any jobType is judged once the form is read)."""
+    kind = KINDS.get(fields.get("jobType", ""))
+    if kind is not None and kind.sample is None:
+        return f"{kind.name} jobs take no file; send only the options."
+    return None
+
+
+async def room_for_file(request: Request, fields: dict[str, str],
+                        idempotency_key: str | None) -> HTTPException | None:
+    """503 when the queue of the kind named before the file is full already: the client
+    hears it before sending the file, not after (only a look; the submit decides). A retry
+    with the Idempotency-Key of a job already accepted is let in: it gets that job back."""
+    kind = KINDS.get(fields.get("jobType", ""))
+    if kind is None:
+        return None
+    try:
+        await request.app.state.engine.check_room(kind.name, owner(request), idempotency_key)
+    except QueueFull as full:
+        request.app.state.metrics.refused(kind.name)
+        return HTTPException(503, str(full), headers={"Retry-After": str(full.retry_after)})
+    except Unavailable as error:  # the database is down: the submit could not take it either
+        return HTTPException(503, str(error), headers={"Retry-After": str(error.retry_after)})
+    except Exception as error:  # the look is a courtesy: the submit decides
+        log.warning("could not look at the %s queue before an upload: %s", kind.name, error)
+    return None
+
+
+def parse_options(fields: dict) -> tuple[JobKind, BaseModel]:
+    kind_name = fields.pop("jobType", DEFAULT_JOB_TYPE)
+    kind = KINDS.get(kind_name) if isinstance(kind_name, str) else None
+    if kind is None:
+        raise HTTPException(422, f"Unknown jobType {kind_name!r}; valid job types: "
+                                 f"{', '.join(KINDS)}.")
+    try:
+        return kind, kind.options.model_validate(fields)
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])}
+             for e in error.errors(include_url=False, include_context=False)]
+        ) from None
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large a number")
+    return value
+
+
+def json_too_large() -> HTTPException:
+    return HTTPException(413, f"The JSON body is larger than {MAX_JSON_BYTES // 1024} KB; send "
+                              "files as multipart/form-data.")
+
+
+async def read_json(request: Request, content_type: str, min_bytes_per_second: float) -> dict:
+    if (uploads.declared_length(request) or 0) > MAX_JSON_BYTES:
+        raise json_too_large()  # before a byte is read (or an Expect: 100-continue answered)
+    body = bytearray()
+    try:
+        async for chunk in uploads.body(request, min_bytes_per_second):
+            body += chunk
+            if len(body) > MAX_JSON_BYTES:
+                break  # the rest is read and dropped as the connection closes (api/connections.py)
+    except uploads.TooSlow:
+        raise uploads.too_slow(min_bytes_per_second) from None
+    if len(body) > MAX_JSON_BYTES:
+        raise json_too_large()
+    try:
+        fields = (json.loads(body, parse_constant=_reject_constant, parse_float=_finite)
+                  if body.strip() else {})
+    except (ValueError, RecursionError) as error:
+        if content_type and not content_type.startswith("application/json"):
+            raise HTTPException(415, f"Unsupported Content-Type {content_type!r}: send "
+                                     "application/json, or multipart/form-data with a `file` "
+                                     "field and the options as text fields.") from None
+        raise HTTPException(422, f"The body is not valid JSON ({str(error)[:200]}).") from None
+    if not isinstance(fields, dict):
+        raise HTTPException(422, 'The JSON body must be an object, such as {"data": "hello"}.')
+    try:
+        json.dumps(fields, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # "\ud800": JSON allows it, nothing downstream can store it
+        raise HTTPException(422, "The JSON body has text that is not valid Unicode (a lone "
+                                 "surrogate escape such as \\ud800).") from None
+    return fields
+
+
+async def start_job(engine: JobEngine, submission: Submission, origin: Origin,
+                    check_input: bool = False, owner: str = "",
+                    idempotency_key: str | None = None) -> JobRecord:
+    """Queue the job: its record as accepted (QueueFull: 503). With `check_input`, an upload
+    of the wrong type is 415 and one over the server's limits 413, before it is queued.
+    A POST /jobs job is on disk before this returns; a /put job need not be, its client waits."""
+    kind = submission.kind
+    try:
+        if check_input and submission.upload and kind.check_input:
+            try:
+                await run_in_threadpool(kind.check_input, submission.upload,
+                                        submission.options, engine.settings)
+            except FileNotFoundError:
+                raise HTTPException(400, "The upload was removed before it could be checked "
+                                         "(the server may be shutting down); send it "
+                                         "again.") from None
+    except (UnsupportedInput, TooLarge) as error:
+        jobfiles.remove_job_dir(engine.settings.out_dir, submission.job_id)
+        raise HTTPException(HTTP_STATUS[kind_of(error)], str(error)) from None
+    except BaseException:
+        jobfiles.remove_job_dir(engine.settings.out_dir, submission.job_id)
+        raise
+    # From here the engine looks after the job's folder, whatever happens.
+    return await engine.submit(NewJob(id=submission.job_id, kind=kind,
+                                      options=submission.options, input_path=submission.upload,
+                                      origin=origin, owner=owner,
+                                      idempotency_key=idempotency_key),
+                               durable=origin is Origin.JOBS)

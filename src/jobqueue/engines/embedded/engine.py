@@ -1,0 +1,821 @@
+"""The embedded engine: every job runs in this process, on the worker threads of its kind.
+
+One bounded `queue.Queue` per kind, served by that kind's threads; records in SQLite. Jobs are
+live `Job` objects here, shared by a worker thread and the event loop; routes see none of them,
+only the `JobEngine` facade (engines/base.py) and records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import queue
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from jobqueue.engines.base import NewJob, retry_after
+from jobqueue.engines.embedded.feed import Feed
+from jobqueue.engines.embedded.feed import Listener as FeedListener
+from jobqueue.errors import (
+    BadInput,
+    DiskFull,
+    JobCancelled,
+    QueueFull,
+    ShuttingDown,
+    TimedOut,
+    is_disk_full,
+    kind_of,
+    user_message,
+)
+from jobqueue.files import jobfiles
+from jobqueue.files.store import FileStore, LocalFiles
+from jobqueue.jobs import FINISHED, JobKind, JobStatus, Output, Progress
+from jobqueue.metrics import Metrics, Outcome, outcome
+from jobqueue.records import JobRecord, JobStore, Origin, SqliteJobStore
+from jobqueue.rollup import MinuteFigures
+from jobqueue.settings import KindLimits, Settings
+
+log = logging.getLogger("jobqueue.engine")
+
+# How long stop() waits for a worker thread to finish its job after the job was told to cancel.
+JOIN_SECONDS = 5.0
+# How often the watchdog looks for jobs over their kind's timeout.
+WATCHDOG_SECONDS = 0.5
+# Threads given up on per pool before it stops replacing them: each one still holds memory,
+# and a handler that hangs this often needs fixing, not more threads.
+MAX_ABANDONED_THREADS = 4
+
+
+@dataclass(eq=False)  # compared and hashed by identity
+class Job:
+    """One unit of work. The worker thread and the event loop both touch it, under `_lock`."""
+
+    id: str
+    kind: JobKind
+    options: BaseModel
+    # Where job folders are (JOBQUEUE_OUT_DIR); the job's own is `out_dir`.
+    files_root: Path
+    input_path: Path | None
+    loop: asyncio.AbstractEventLoop
+    # Set (through the loop) once the job has reached a finished status.
+    done: asyncio.Future[None]
+    status: JobStatus = JobStatus.QUEUED
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker_name: str | None = None
+    progress: Progress = field(default_factory=Progress)
+    output: Output | None = None
+    error: BaseException | None = None
+    origin: Origin = Origin.JOBS
+    # The API key that submitted it, as `access.owner_of` names it; "" without API keys.
+    owner: str = ""
+    # The server's settings, for handlers with server-wide choices (pdf2image's engine).
+    settings: Settings | None = None
+    idempotency_key: str | None = None
+    attempt: int = 0
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+    # Set when shutdown stops the job: it is left as it was, to run again after a restart.
+    rerun_after_restart: bool = False
+    # Its record could not be written (a full disk): refused (507), so it leaves no record,
+    # and no backlog of ended records a full disk can never take.
+    refused: bool = False
+    # When the engine's watchdog stops the job (epoch seconds), and whether it has.
+    deadline: float | None = None
+    timed_out: bool = False
+    # What the first cancel said it was (a client's, a deadline, a shutdown): its outcome.
+    cancelled_as: Outcome | None = None
+    # Called from whichever thread finishes the job, before the loop side hears of it.
+    on_finish: Callable[[Job], None] | None = None
+    # The record stored as it ended: what its waiters get, without making it again.
+    ended_record: JobRecord | None = None
+    # Called on the loop after every change (the dashboard's feed).
+    on_change: Callable[[Job], None] | None = None
+    # Whether anything beyond the job's own streams shows its changes (the dashboard's feed);
+    # asked from any thread, so an answer a moment old is fine.
+    watched: Callable[[], bool] = lambda: False
+    _processes: set[subprocess.Popen] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _notify_scheduled: bool = False
+    # One queue per event-stream listener; touched only on the loop.
+    _listeners: set[asyncio.Queue[None]] = field(default_factory=set)
+
+    @functools.cached_property
+    def out_dir(self) -> Path:
+        """The job's folder: made when it starts, and only for kinds that write files."""
+        return jobfiles.job_dir(self.files_root, self.id)
+
+    @functools.cached_property
+    def _options_json(self) -> dict[str, Any]:
+        return self.options.model_dump(mode="json")  # the same in each of its records
+
+    def start(self, worker_name: str) -> bool:
+        """Mark the job running; False when it was cancelled while it waited in the queue."""
+        with self._lock:
+            if self.status is not JobStatus.QUEUED:
+                return False
+            self.status = JobStatus.RUNNING
+            self.started_at = time.time()
+            self.worker_name = worker_name
+            self.attempt += 1
+        self.changed()
+        return True
+
+    def finish(self, status: JobStatus, output: Output | None = None,
+               error: BaseException | None = None) -> bool:
+        """Move to a finished status once; later calls change nothing and return False."""
+        with self._lock:
+            if not self._finish_locked(status, output, error):
+                return False
+        self._finished()
+        return True
+
+    def cancel(self) -> JobStatus:
+        """Ask the job to stop: a queued job ends now, a running one has its child processes
+        killed and it stops at its handler's next check. Returns the status it found."""
+        self.cancel_requested.set()
+        with self._lock:
+            found = self.status
+            ended_here = found is JobStatus.QUEUED and self._finish_locked(JobStatus.CANCELLED)
+            processes = list(self._processes)
+        for process in processes:
+            process.kill()
+        if ended_here:
+            self._finished()
+        return found
+
+    def _finish_locked(self, status: JobStatus, output: Output | None = None,
+                       error: BaseException | None = None) -> bool:
+        if self.status.finished:
+            return False
+        self.status = status
+        self.finished_at = time.time()
+        self.output = output
+        self.error = error
+        return True
+
+    def _finished(self) -> None:
+        if self.on_finish is not None:
+            try:
+                self.on_finish(self)
+            except Exception:  # recording must not keep waiters from hearing the job ended
+                log.exception("job %s: could not record its end", self.id)
+        self.changed()
+
+    def set_progress(self, done: float, total: float, unit: str) -> None:
+        self.progress = Progress(done, total, unit)
+        self.changed()
+
+    def listen(self) -> asyncio.Queue[None]:
+        """A queue that gets an item whenever the job changes; call on the loop, then `unlisten`."""
+        changes: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
+        self._listeners.add(changes)
+        return changes
+
+    def unlisten(self, changes: asyncio.Queue[None]) -> None:
+        self._listeners.discard(changes)
+
+    def changed(self) -> None:
+        """Wake the loop side from any thread: the `done` future and event-stream listeners.
+        Changes that come faster than the loop takes them are told once, and only the end is
+        told while no stream watches (a stream that starts reads the job's state itself)."""
+        with self._lock:
+            if self._notify_scheduled:
+                return
+            if not (self.status.finished or self._listeners or self.watched()):
+                return
+            self._notify_scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self.notify_loop)
+        except RuntimeError:  # the loop is closed: the server is gone and nobody is waiting
+            pass
+
+    @property
+    def streamed(self) -> bool:
+        """Whether an event stream of this job listens (call on the loop)."""
+        return bool(self._listeners)
+
+    def notify_loop(self) -> None:
+        """Tell the loop side of a change now; call on the loop."""
+        with self._lock:
+            self._notify_scheduled = False
+        if self.status.finished and not self.done.done():
+            self.done.set_result(None)
+        for changes in self._listeners:
+            if changes.empty():
+                changes.put_nowait(None)
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def record(self) -> JobRecord:
+        """The job as the store keeps it."""
+        with self._lock:
+            return self._record_locked()
+
+    def _record_locked(self) -> JobRecord:
+        output, error = self.output, self.error
+        return JobRecord(
+            id=self.id, job_type=self.kind.name, status=self.status.value,
+            options=self._options_json,
+            input_path=str(self.input_path) if self.input_path else None,
+            created_at=self.created_at, started_at=self.started_at,
+            finished_at=self.finished_at, worker_name=self.worker_name,
+            progress=self.progress.as_dict(),
+            error=user_message(error, self.id),
+            error_kind=kind_of(error) if error is not None else None,
+            result={"data": output.data, "files": [path.name for path in output.files]}
+            if output else None,
+            origin=self.origin,
+            owner=self.owner,
+            attempt=self.attempt,
+            idempotency_key=self.idempotency_key,
+        )
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancel_requested.is_set():
+            raise JobCancelled(self.id)
+
+    def attach_process(self, process: subprocess.Popen) -> None:
+        """Remember a child process so cancelling the job kills it."""
+        with self._lock:
+            self._processes.add(process)
+        if self.cancel_requested.is_set():
+            process.kill()
+
+    def detach_process(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.discard(process)
+
+
+class WorkerPool:
+    """One job kind's bounded queue and the threads that take jobs from it."""
+
+    # A job still running this long after its timeout has a handler that ignores cancels: its
+    # thread is given up on and a new one takes its place, so the pool keeps its workers.
+    abandon_after = 10.0
+
+    def __init__(self, kind: JobKind, limits: KindLimits, store: JobStore, metrics: Metrics,
+                 max_run_seconds: float = 3600):
+        self.kind = kind
+        self.limits = limits
+        self.store = store
+        self.metrics = metrics
+        # How long a POST /jobs job may run; a /put job's deadline is its kind's timeout.
+        self.max_run_seconds = max_run_seconds
+        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=limits.queue_size)
+        self.threads: list[threading.Thread] = []
+        self.running: set[Job] = set()
+        # Threads whose job hung past its timeout: they exit if their handler ever returns.
+        self.abandoned: set[threading.Thread] = set()
+        self.closed = False
+        self._lock = threading.Lock()
+        # Moving average of how long a job takes, for the Retry-After of a full queue.
+        self._average_seconds = 1.0
+        # Called on the loop with the waiting jobs when the queue has moved (Engine sets it).
+        self.on_queue_moved: Callable[[list[Job]], None] = lambda jobs: None
+
+    def start(self) -> None:
+        for number in range(1, self.limits.workers + 1):
+            self._start_thread(f"{self.kind.name}-worker-{number}")
+
+    def _start_thread(self, name: str) -> None:
+        thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def enforce_timeout(self) -> None:
+        """Stop jobs running past their deadline; replace threads whose handler hangs."""
+        now = time.time()
+        with self._lock:
+            running = list(self.running)
+        for job in running:
+            over = now - job.deadline if job.deadline else -1
+            if over < 0 or job.status.finished:
+                continue
+            if not job.timed_out:
+                job.timed_out = True
+                log.warning("job %s: past its deadline; stopping it", job.id)
+                job.cancelled_as = job.cancelled_as or Outcome.DEADLINE
+                job.cancel()  # kills its child processes; the handler stops at its next check
+            elif over > self.abandon_after:
+                self._abandon(job)
+
+    def _abandon(self, job: Job) -> None:
+        with self._lock:
+            thread = next((t for t in self.threads if t.name == job.worker_name), None)
+            if (thread is None or job not in self.running or self.closed
+                    or len(self.abandoned) >= MAX_ABANDONED_THREADS):
+                return
+            self.abandoned.add(thread)
+            self.threads.remove(thread)
+            self.running.discard(job)
+            self._start_thread(f"{thread.name}+")
+        log.error("job %s: its handler ignored the cancel for %g s; %s is given up on and a "
+                  "new thread takes its place", job.id, self.abandon_after, thread.name)
+        job.finish(*self._timed_out(job))
+
+    def _timed_out(self, job: Job) -> tuple[JobStatus, None, TimedOut | None]:
+        """How a job stopped at its deadline ends: a /put job is cancelled (its client got
+        504 and its folder goes), a POST /jobs job fails, naming the setting."""
+        if job.origin is Origin.PUT:
+            return JobStatus.CANCELLED, None, None
+        return JobStatus.FAILED, None, TimedOut(
+            f"Job {job.id} ran longer than {self.max_run_seconds:g} s (JOBQUEUE_JOB_MAX_SECONDS)"
+            " and was stopped. Send smaller input, or raise the setting.")
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            # Busy until its status is final (not until the thread lets go of it), so stats
+            # read right after a job's last change already count it as done.
+            busy = sum(1 for job in self.running if not job.status.finished)
+        return {
+            "workers": len(self.threads),
+            "busy": busy,
+            "queued": self.queue.qsize(),
+            "capacity": self.limits.queue_size,
+        }
+
+    def check_room(self) -> None:
+        if self.queue.qsize() >= self.limits.queue_size:
+            raise QueueFull(self.kind.name, self.limits.queue_size, self.retry_after())
+
+    def submit(self, job: Job) -> None:
+        """Queue a job without ever blocking; QueueFull when there is no room."""
+        if self.closed:
+            raise ShuttingDown
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(self.kind.name, self.limits.queue_size, self.retry_after()) from None
+
+    def requeue(self, job: Job) -> None:
+        """Queue a job recovered after a restart, even past capacity: it was accepted already."""
+        self._append(job)
+
+    def _append(self, item: Job | None) -> None:
+        # queue.Queue has no put that ignores maxsize; its mutex and deque are the way in.
+        with self.queue.mutex:
+            self.queue.queue.append(item)
+            self.queue.unfinished_tasks += 1
+            self.queue.not_empty.notify()
+
+    def position(self, job: Job) -> int | None:
+        """1 for the next job to start; None when the job is not waiting."""
+        with self.queue.mutex:
+            try:
+                return self.queue.queue.index(job) + 1
+            except ValueError:
+                return None
+
+    def retry_after(self) -> int:
+        """Seconds until a queue slot is likely to free up: the first running job's expected
+        end (base.retry_after)."""
+        now = time.time()
+        with self._lock:
+            elapsed = [now - job.started_at for job in self.running
+                       if job.started_at is not None and not job.status.finished]
+        return retry_after(self._average_seconds, elapsed, self.limits.workers)
+
+    def discard(self, job: Job) -> None:
+        """Take a cancelled job out of the queue so its slot is free at once."""
+        with self.queue.mutex:
+            try:
+                self.queue.queue.remove(job)
+            except ValueError:
+                return
+            self.queue.not_full.notify()
+        self._tell_waiting_jobs()
+
+    def _tell_waiting_jobs(self) -> None:
+        """The queue moved: event streams of waiting jobs show their new position (one wake-up
+        of the loop for them all, and nothing to do when no stream watches)."""
+        with self.queue.mutex:
+            waiting = [job for job in self.queue.queue if job is not None]
+        # Read off the loop, so it may be a moment old; a stream that starts reads the state.
+        if any(job.streamed or job.watched() for job in waiting):
+            try:
+                waiting[0].loop.call_soon_threadsafe(self.on_queue_moved, waiting)
+            except RuntimeError:  # the loop is closed: nobody is watching
+                pass
+
+    def stop(self) -> None:
+        """Stop the threads. Queued jobs stay queued in the store and running ones are told to
+        stop and left as they were, so both run again after a restart."""
+        self.closed = True
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        with self._lock:
+            running = list(self.running)
+        for job in running:
+            if not job.cancel_requested.is_set():  # not cancelled by a client: run it again
+                job.rerun_after_restart = True
+            job.cancel()
+        for _ in self.threads:
+            self._append(None)  # past capacity if need be: put() could block forever
+        deadline = time.monotonic() + JOIN_SECONDS
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("%s did not stop within %.0f s", thread.name, JOIN_SECONDS)
+
+    def _serve(self) -> None:
+        worker_name = threading.current_thread().name
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            with self._lock:  # so stop() sees every job that has started
+                if self.closed or not job.start(worker_name):
+                    continue  # cancelled while it waited, or left for after a restart
+                if job.deadline is None:
+                    job.deadline = job.started_at + self.max_run_seconds
+                self.running.add(job)
+            self.metrics.job_started(self.kind.name, job.created_at, job.started_at)
+            self._tell_waiting_jobs()
+            try:
+                self.store.save(job.record())  # so GET /jobs?status=running finds it
+                self._run(job)
+            except BaseException as error:  # only a bug gets here; the thread keeps serving
+                log.exception("job %s: engine error", job.id)
+                job.finish(JobStatus.FAILED, error=error)
+            with self._lock:
+                self.running.discard(job)
+                given_up = threading.current_thread() in self.abandoned
+                self.abandoned.discard(threading.current_thread())
+            if given_up:
+                return  # a replacement serves the queue now
+
+    def _run(self, job: Job) -> None:
+        log.debug("job %s: %s started on %s", job.id, self.kind.name, job.worker_name)
+        try:
+            if self.kind.writes_files:
+                jobfiles.make_job_dir(job.out_dir)
+            output = self.kind.handler(job)
+        except JobCancelled:
+            status, output, error = JobStatus.CANCELLED, None, None
+        except BadInput as error_:
+            log.info("job %s: bad input: %s", job.id, error_)
+            status, output, error = JobStatus.FAILED, None, error_
+        except BaseException as error_:  # a job's failure must never end its worker thread
+            if isinstance(error_, DiskFull) or is_disk_full(error_):
+                log.error("job %s: the disk is full: %s", job.id, error_)
+                error_ = DiskFull(job.id)
+            else:
+                log.exception("job %s: failed", job.id)
+            status, output, error = JobStatus.FAILED, None, error_
+        else:
+            status, error = JobStatus.SUCCEEDED, None
+            if job.cancel_requested.is_set():
+                status, output = JobStatus.CANCELLED, None
+        if job.timed_out:  # whatever the handler made of being stopped
+            status, output, error = self._timed_out(job)
+        seconds = time.time() - job.started_at
+        self._average_seconds = 0.8 * self._average_seconds + 0.2 * seconds
+        # Logged before the waiters hear of it, so the line never holds up their answer. A
+        # /put job that succeeded shows in the access log already (its 200).
+        quiet = status is JobStatus.SUCCEEDED and job.origin is Origin.PUT
+        level = logging.DEBUG if quiet else logging.INFO
+        log.log(level, "job %s: %s after %.3f s", job.id, status.value, seconds)
+        job.finish(status, output=output, error=error)
+
+
+class EmbeddedEngine:
+    """The `JobEngine` of one process: a `WorkerPool` per kind, records in SQLite."""
+
+    def __init__(self, settings: Settings, kinds: dict[str, JobKind],
+                 metrics: Metrics | None = None, store: JobStore | None = None):
+        self.settings = settings
+        self.out_dir = settings.out_dir
+        self.files: FileStore = LocalFiles(settings.out_dir)
+        if settings.storage_url.strip():
+            log.warning("JOBQUEUE_STORAGE_URL is for the distributed mode (with "
+                        "JOBQUEUE_DATABASE_URL); this embedded server keeps files in %s",
+                        settings.out_dir)
+        self.kinds = kinds
+        self.metrics = metrics or Metrics(kinds)
+        self.store: JobStore = store or SqliteJobStore(settings.job_db)
+        self.pools = {
+            name: WorkerPool(kind, settings.limits(name), self.store, self.metrics,
+                             settings.job_max_seconds)
+            for name, kind in kinds.items()
+        }
+        self._active: dict[str, Job] = {}  # jobs not finished yet, by id
+        self.storing: frozenset[str] = frozenset()  # an upload stays where it was written
+        self._feed = Feed()
+        for pool in self.pools.values():
+            pool.on_queue_moved = self._queue_moved
+        self._stopping = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+
+    # ---- life ----
+
+    async def start(self) -> None:
+        """Queue again what a previous run accepted but did not finish, then start the threads."""
+        jobfiles.claim_out_dir(self.out_dir, self.store.store_id)
+        for record in self.store.unfinished():
+            self._recover(record)
+        for pool in self.pools.values():
+            pool.start()
+        self._watchdog.start()
+        log.info("workers started: %s",
+                 {name: pool.limits.workers for name, pool in self.pools.items()})
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.stop_now)
+        self.store.close()
+
+    def stop_now(self) -> None:
+        """Stop every pool (once; later calls do nothing), from any thread."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        for pool in self.pools.values():
+            pool.stop()
+
+    async def close_intake(self) -> None:
+        """Start no more queued jobs (they stay queued in the store for the next start) and
+        end the queued /put jobs, whose clients would wait in vain."""
+        for pool in self.pools.values():
+            pool.closed = True
+        self._end_put_jobs(JobStatus.QUEUED)
+
+    async def end_put_jobs(self) -> None:
+        self._end_put_jobs(JobStatus.RUNNING)
+
+    def _end_put_jobs(self, status: JobStatus) -> None:
+        for job in list(self._active.values()):
+            if job.origin is Origin.PUT and job.status is status:
+                self._cancel(job, "the server is shutting down", Outcome.SHUTDOWN)
+
+    async def busy(self) -> bool:
+        return any(pool.stats()["busy"] for pool in self.pools.values())
+
+    async def health(self) -> dict[str, str]:
+        return {}  # nothing outside this process to depend on
+
+    def _watch(self) -> None:
+        """Cut jobs that run past their deadline, on /put and /jobs alike."""
+        while not self._stopping.wait(WATCHDOG_SECONDS):
+            for pool in self.pools.values():
+                try:
+                    pool.enforce_timeout()
+                except Exception:  # the watchdog must outlive any one bad check
+                    log.exception("watchdog: checking %s jobs failed", pool.kind.name)
+
+    # ---- the facade: by job id ----
+
+    async def submit(self, new: NewJob, durable: bool) -> JobRecord:
+        if new.idempotency_key:
+            # No await between the look and the save: one loop, one job per key.
+            earlier = self.store.find_idempotent(new.owner, new.idempotency_key)
+            if earlier is not None and (gone := self._active.get(earlier.id)) and gone.refused:
+                earlier = None  # refused for a full disk, and going: this one is its retry
+            if earlier is not None:
+                await self._remove_upload(new)  # the earlier job has its own
+                return earlier
+        job = self._new_job(new.kind, new.options, new.id, new.input_path, new.origin,
+                            new.owner, new.idempotency_key)
+        record = job.record()
+        self.store.save(record)  # before the queue, so a worker's update comes after it
+        try:
+            self.pools[job.kind.name].submit(job)
+        except (QueueFull, ShuttingDown):
+            self.store.delete(job.id)
+            await self._remove_upload(new)
+            raise
+        self._track(job)
+        self._feed.job_changed(job)
+        log.debug("job %s: %s queued", job.id, job.kind.name)
+        if durable:  # answered 202: accepted means on disk, to survive a restart
+            try:
+                await self.store.written()
+            except BaseException as error:  # a full disk (507), or a client gone meanwhile
+                # Not accepted after all. The job may have started: it stops, and is
+                # forgotten if it was never written (a gone client's job ends cancelled).
+                job.refused = not isinstance(error, asyncio.CancelledError)
+                self._cancel(job, "its record could not be written")
+                raise
+        return record
+
+    async def _remove_upload(self, new: NewJob) -> None:
+        """The folder of an upload that is no job after all (rather than the orphan sweep's,
+        10 minutes later, with the whole upload on disk meanwhile)."""
+        if new.input_path is not None:
+            await asyncio.to_thread(jobfiles.remove_job_dir, self.out_dir, new.id)
+
+    async def check_room(self, kind: str, owner: str = "",
+                         idempotency_key: str | None = None) -> None:
+        try:
+            self.pools[kind].check_room()
+        except QueueFull:  # only then is the key worth a look in the store
+            if not (idempotency_key and self.store.find_idempotent(owner, idempotency_key)):
+                raise
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        job = self._active.get(job_id)
+        return job.record() if job else self.store.get(job_id)
+
+    async def position(self, job_id: str) -> int | None:
+        job = self._active.get(job_id)
+        return self.pools[job.kind.name].position(job) if job else None
+
+    async def wait(self, job_id: str, timeout: float) -> JobRecord:
+        job = self._active.get(job_id)
+        if job is not None:
+            # shield: the timeout must not cancel `done`, which other waiters may share.
+            await asyncio.wait_for(asyncio.shield(job.done), timeout)
+            return job.ended_record or job.record()
+        record = self.store.get(job_id)
+        if record is None:
+            raise LookupError(job_id)
+        if record.status not in FINISHED:  # left queued by a shutdown: it runs after a restart
+            await asyncio.sleep(timeout)
+            raise TimeoutError
+        return record
+
+    async def cancel(self, job_id: str, reason: str,
+                     ending: Outcome = Outcome.CANCELLED) -> None:
+        job = self._active.get(job_id)
+        if job is not None:
+            self._cancel(job, reason, ending)
+
+    async def delete(self, job_id: str) -> None:
+        if (job := self._active.get(job_id)) is not None:
+            # It has just ended, and its thread is still recording that: after that, or the
+            # record would come back once deleted.
+            await asyncio.shield(job.done)
+        record = self.store.get(job_id)
+        self.store.delete(job_id)  # first, so nobody is sent to missing files
+        if record is not None:
+            self._feed.job_removed(job_id, record.owner)
+        # Answered only once it is on disk: a delete answered 200 never comes back with a
+        # restart. A full disk raises here (507); the delete is written once there is room.
+        await self.store.written()
+        await asyncio.to_thread(jobfiles.remove_job_dir, self.out_dir, job_id)
+
+    async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
+        job = self._active.get(job_id)
+        if job is None:
+            record = self.store.get(job_id)
+            if record is not None:
+                yield record
+            return
+        changes = job.listen()
+        try:
+            while True:
+                finished = job.status.finished
+                yield job.record()
+                if finished:
+                    return
+                await changes.get()
+        finally:
+            job.unlisten(changes)
+
+    @asynccontextmanager
+    async def feed(self, owner: str) -> AsyncIterator[_FeedOf]:
+        listener = self._feed.listen(owner)
+        try:
+            yield _FeedOf(listener)
+        finally:
+            self._feed.unlisten(listener)
+
+    async def stats(self) -> dict[str, dict[str, int]]:
+        return {name: pool.stats() for name, pool in self.pools.items()}
+
+    async def throughput(self, owner: str, since: float) -> list[MinuteFigures]:
+        return await asyncio.to_thread(self.store.throughput, owner, since)
+
+    async def worker_processes(self) -> None:
+        return None  # the workers are threads of this process
+
+    async def list(self, status: str | None, job_type: str | None, limit: int, offset: int,
+                   owner: str) -> list[JobRecord]:
+        # In a thread: the store waits for records still being written.
+        records = await asyncio.to_thread(self.store.list, status, job_type, limit, offset,
+                                          owner)
+        # Live progress for the jobs not finished yet.
+        return [_summary(self._active[r.id].record()) if r.id in self._active else r
+                for r in records]
+
+    # ---- inside ----
+
+    def _new_job(self, kind: JobKind, options: BaseModel, job_id: str,
+                 input_path: Path | None = None, origin: Origin = Origin.JOBS, owner: str = "",
+                 idempotency_key: str | None = None) -> Job:
+        """A job not yet queued; call from the event loop."""
+        loop = asyncio.get_running_loop()
+        job = Job(id=job_id, kind=kind, options=options, files_root=self.out_dir,
+                  input_path=input_path or kind.sample, loop=loop, done=loop.create_future(),
+                  origin=origin, owner=owner, settings=self.settings,
+                  idempotency_key=idempotency_key, on_finish=self._record_end,
+                  on_change=self._feed.job_changed, watched=lambda: self._feed.listening)
+        if origin is Origin.PUT:  # its client stops waiting then: the watchdog makes sure it stops
+            job.deadline = job.created_at + self.pools[kind.name].limits.timeout
+        return job
+
+    def _queue_moved(self, waiting: list[Job]) -> None:
+        """On the loop: show waiting jobs' new positions to whoever streams them."""
+        feed_listens = self._feed.listening
+        for job in waiting:
+            if feed_listens or job.streamed:
+                job.notify_loop()
+
+    def _record_end(self, job: Job) -> None:
+        """Store how a job ended (on whichever thread ended it) before waiters hear of it."""
+        if job.rerun_after_restart:
+            log.info("job %s: stopped by shutdown; it runs again after a restart", job.id)
+            return
+        if job.refused:
+            jobfiles.remove_job_dir(self.out_dir, job.id)
+            self.store.delete(job.id)
+            return
+        # Partial output is no use to anyone, nor is a failed /put job's: its answer carries
+        # the error. A failed POST /jobs job keeps its upload, with its record, until it is
+        # deleted.
+        if job.status is JobStatus.CANCELLED or (job.origin is Origin.PUT
+                                                 and job.status is JobStatus.FAILED):
+            jobfiles.remove_job_dir(self.out_dir, job.id)
+        elif job.status is JobStatus.FAILED:
+            try:
+                jobfiles.discard_output(job.out_dir)
+            except OSError as error:  # its end is recorded all the same
+                log.warning("job %s: its partial output could not be removed: %s", job.id,
+                            error)
+        record = job.record()
+        self.store.save(record, ended=True)
+        job.ended_record = record
+        self.metrics.job_ended(job.kind.name,
+                               outcome(record.status, record.error_kind, job.cancelled_as),
+                               record.started_at, record.finished_at)
+
+    def _cancel(self, job: Job, reason: str, ending: Outcome = Outcome.CANCELLED) -> None:
+        """Stop a job wherever it is; a queued one gives its queue slot back at once."""
+        job.cancelled_as = job.cancelled_as or ending
+        found = job.cancel()
+        if found.finished:
+            return
+        log.info("job %s: cancelling %s job (%s)", job.id, found.value, reason)
+        if found is JobStatus.QUEUED:
+            self.pools[job.kind.name].discard(job)
+
+    def _track(self, job: Job) -> None:
+        self._active[job.id] = job
+        job.done.add_done_callback(lambda _: self._active.pop(job.id, None))
+
+    def _recover(self, record: JobRecord) -> None:
+        """Queue a job again from its start, its partial output discarded."""
+        if record.origin is Origin.PUT:  # its client was answered or dropped when the server went
+            record.status, record.finished_at = JobStatus.CANCELLED.value, time.time()
+            jobfiles.remove_job_dir(self.out_dir, record.id)
+            self.store.save(record)
+            return
+        kind = self.kinds.get(record.job_type)
+        try:
+            options = kind.options.model_validate(record.options) if kind else None
+        except ValidationError:
+            options = None
+        if kind is None or options is None:
+            record.status, record.error = JobStatus.FAILED.value, "unknown job type after restart"
+            record.finished_at = time.time()
+            self.store.save(record)
+            return
+        job = self._new_job(kind, options, record.id,
+                            Path(record.input_path) if record.input_path else None,
+                            owner=record.owner, idempotency_key=record.idempotency_key)
+        job.created_at, job.attempt = record.created_at, record.attempt
+        jobfiles.discard_output(job.out_dir)
+        self.store.save(job.record())
+        self.pools[kind.name].requeue(job)
+        self._track(job)
+        log.info("job %s: %s queued again after a restart", job.id, kind.name)
+
+
+class _FeedOf:
+    """A `/events` listener that hands over records (with live progress), not jobs."""
+
+    def __init__(self, listener: FeedListener):
+        self._listener = listener
+
+    async def next_batch(self) -> tuple[list[JobRecord], list[str]]:
+        jobs, removed = await self._listener.next_batch()
+        return [_summary(job.record()) for job in jobs], removed
+
+
+def _summary(record: JobRecord) -> JobRecord:
+    """A record as lists show it: no options, the result's file names only."""
+    record.options = {}
+    if record.result:
+        record.result = {"files": record.result["files"]}
+    return record

@@ -1,0 +1,562 @@
+"""The distributed engine: stateless API replicas and worker processes sharing PostgreSQL,
+with procrastinate as the queue (one procrastinate queue per job kind).
+
+Here is the replica's side of the `JobEngine` facade. A submit takes a per-kind advisory lock,
+counts the kind's waiting jobs against its capacity (503 at capacity, across every replica),
+then writes the record and defers its procrastinate job in that one transaction. Replicas
+LISTEN for the NOTIFY each change of a record sends and wake `/put` waiters, event streams and
+the dashboard's feed; NOTIFY is not replayed, so every stream (re)starts from the table, and
+waiters read it again every few seconds in case a notification fell into a reconnection.
+
+While PostgreSQL cannot be reached, or is reached but answers nothing (frozen), every call
+fails within ANSWER_SECONDS with `Unavailable` (503), and /health names it (timeouts.py: a
+deadline of the replica's own on each use of a connection); the pool and the listener reconnect
+by themselves, at most a second apart.
+Job files live in JOBQUEUE_OUT_DIR, a folder every node mounts, or with JOBQUEUE_STORAGE_URL
+in object storage (files/objects.py): then a replica stores a checked upload there before the
+job's record is written, and no node needs a shared disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+from procrastinate.exceptions import ConnectorException
+from psycopg_pool import PoolTimeout
+
+from jobqueue import rollup
+from jobqueue.engines.base import NewJob, retry_after
+from jobqueue.engines.postgres import schema, timeouts
+from jobqueue.engines.postgres.runner import STALLED_SECONDS, Runner, make_app, task_name
+from jobqueue.engines.postgres.store import PgJobStore
+from jobqueue.errors import QueueFull, ShuttingDown, Unavailable
+from jobqueue.files import jobfiles, make_file_store
+from jobqueue.files.store import STORE_UPLOADS_AT_ONCE, FileStore
+from jobqueue.jobs import FINISHED, JobKind, JobStatus
+from jobqueue.metrics import Metrics, Outcome
+from jobqueue.records import JobRecord, Origin
+from jobqueue.settings import Settings
+
+log = logging.getLogger("jobqueue.engine")
+
+# Waiting for a free connection (or a new one); then the pool's check of it (CHECK_SECONDS).
+# Once a call found the database away, the next ones wait only DOWN_POOL_TIMEOUT_SECONDS until
+# one gets through (the pool keeps reconnecting meanwhile): a request that needs the database
+# twice, such as a /put that cancels its job after the wait failed, still answers within 5 s.
+POOL_TIMEOUT_SECONDS = 3.0
+DOWN_POOL_TIMEOUT_SECONDS = 1.0
+# The bound on one use of a connection, counted from the wait for it: a request answers 503
+# within the README's 5 s however the database fails. PostgreSQL itself ends a statement
+# after STATEMENT_SECONDS (a lock held elsewhere), keeping the connection usable.
+ANSWER_SECONDS = 4.0
+STATEMENT_SECONDS = 3.0
+SCHEMA_SECONDS = 60.0
+POOL_SIZE = 20
+# A waiter or a stream reads the record again at least this often, notified or not.
+REFRESH_SECONDS = 3.0
+
+
+class PostgresEngine:
+    """An API replica's `JobEngine`; with `with_workers`, it runs workers of every kind too."""
+
+    def __init__(self, settings: Settings, kinds: dict[str, JobKind], metrics: Metrics,
+                 with_workers: bool = False):
+        self.settings = settings
+        self.kinds = kinds
+        self.metrics = metrics
+        self.url = settings.database_url.get_secret_value()
+        self.pool = timeouts.Pool(self.url, STATEMENT_SECONDS, min_size=1,
+                                    max_size=POOL_SIZE, open=False,
+                                    timeout=POOL_TIMEOUT_SECONDS)
+        self.app = make_app()
+        self.store = PgJobStore(self.url)
+        self.files: FileStore = make_file_store(settings)
+        # Uploads on their way to object storage (minutes each over a slow link) wait here for
+        # a thread, not in the loop's default threads, which /health and the sweeps need.
+        self._store_uploads = ThreadPoolExecutor(STORE_UPLOADS_AT_ONCE,
+                                                 thread_name_prefix="store-upload")
+        self.runner = (Runner(settings, kinds, self.pool, metrics, self.app, self.files)
+                       if with_workers else None)
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._feeds: set[_PgListener] = set()
+        self._listening = False
+        self._listener: asyncio.Task | None = None
+        self._closed = False
+        self._reached = True  # the last call's connection worked
+        self._putting: set[str] = set()  # /put jobs this replica's clients wait for
+        self.storing: set[str] = set()
+
+    # ---- life ----
+
+    async def start(self) -> None:
+        await self.pool.open(wait=False)
+        await self.app.open_async(pool=self.pool)
+        try:
+            # The schema's first making may take a while, or wait for another replica's.
+            async with self._db(SCHEMA_SECONDS) as conn:
+                await conn.execute("SET statement_timeout = 0")
+                try:
+                    await schema.ensure(conn, _procrastinate_schema())
+                finally:
+                    await conn.execute("RESET statement_timeout")
+            # The folders made from now on are this store's (the orphan sweep claims it too).
+            await asyncio.to_thread(  # store_id may read the database: on the thread too
+                lambda: jobfiles.claim_out_dir(self.settings.out_dir, self.store.store_id))
+        except Unavailable as error:  # it may come later: /health says so meanwhile
+            log.error("%s; the server starts anyway and answers 503 until it is back", error)
+            jobfiles.check_writable(self.settings.out_dir)
+        self._listener = asyncio.create_task(self._listen(), name="LISTEN jobqueue_jobs")
+        if self.runner is not None:
+            await self.runner.start()
+
+    async def stop(self) -> None:
+        self._closed = True
+        if self.runner is not None:
+            await self.runner.stop()
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        await self.app.close_async()
+        await self.pool.close()
+        self.store.close()
+        self._store_uploads.shutdown(wait=False, cancel_futures=True)
+
+    def stop_now(self) -> None:
+        if self.runner is not None:
+            self.runner.kill_children()
+
+    async def close_intake(self) -> None:
+        if self.runner is not None:
+            self.runner.close_intake()
+
+    async def busy(self) -> bool:
+        return self.runner is not None and self.runner.busy()
+
+    async def end_put_jobs(self) -> None:
+        for job_id in list(self._putting):
+            await self.cancel(job_id, "the server is shutting down", Outcome.SHUTDOWN)
+
+    async def health(self) -> dict[str, str]:
+        states = {"postgresql": "ok"}
+        store = (asyncio.create_task(self._store_health()) if self.files.remote else None)
+        try:
+            async with self._db() as conn:
+                await conn.execute("SELECT 1")
+        except Unavailable as error:
+            states["postgresql"] = str(error)
+        else:
+            if not self._listening:
+                states["postgresql"] = "connected, but not listening for job changes yet"
+        if store is not None:
+            states["objectStorage"] = await store
+        return states
+
+    async def _store_health(self) -> str:
+        try:  # as quick as the database's check: a load balancer is waiting
+            return await asyncio.wait_for(asyncio.to_thread(self.files.health),
+                                          ANSWER_SECONDS)
+        except TimeoutError:
+            return (f"the object store (JOBQUEUE_STORAGE_URL) did not answer within "
+                    f"{ANSWER_SECONDS:g} s")
+
+    @contextlib.asynccontextmanager
+    async def _db(self, seconds: float = ANSWER_SECONDS
+                  ) -> AsyncIterator[psycopg.AsyncConnection]:
+        """A connection from the pool, for at most `seconds` from now (then its socket is shut
+        and the pool drops it); Unavailable (503) when PostgreSQL cannot be reached or does not
+        answer in time."""
+        start = time.monotonic()
+        wait = POOL_TIMEOUT_SECONDS if self._reached else DOWN_POOL_TIMEOUT_SECONDS
+        try:
+            async with self.pool.connection(timeout=wait) as conn:
+                left = max(seconds - (time.monotonic() - start), 0.5)
+                with timeouts.deadline(conn, left):
+                    yield conn
+        except (PoolTimeout, psycopg.OperationalError) as error:
+            self._reached = False
+            raise schema.unavailable(error) from None
+        except ConnectorException as error:  # procrastinate's wrapper of the same errors
+            if not isinstance(error.__cause__, psycopg.OperationalError):
+                raise
+            self._reached = False
+            raise schema.unavailable(error.__cause__) from None
+        self._reached = True
+
+    # ---- the facade: by job id ----
+
+    async def submit(self, new: NewJob, durable: bool) -> JobRecord:
+        if self._closed:
+            raise ShuttingDown
+        input_path = None
+        self.storing.add(new.id)
+        try:
+            if new.input_path:  # in object storage, before the record that points to it
+                # A retry of an accepted job gets it back, and a full queue refuses, before
+                # the upload goes to the store.
+                wanted = False
+                try:
+                    if earlier := await self._earlier(new.owner, new.idempotency_key):
+                        return earlier
+                    await self.check_room(new.kind.name)
+                    wanted = True
+                finally:
+                    if not wanted:
+                        await asyncio.to_thread(jobfiles.remove_job_dir, self.files.out_dir,
+                                                new.id)
+                # It removes the local copy, stored or not.
+                input_path = await asyncio.get_running_loop().run_in_executor(
+                    self._store_uploads, self.files.keep_input, new.id, new.input_path)
+            try:
+                return await self._submit(new, input_path)
+            except BaseException:
+                await asyncio.to_thread(self._remove_files, new.id)
+                raise
+        finally:
+            self.storing.discard(new.id)
+
+    async def _submit(self, new: NewJob, input_path: str | None) -> JobRecord:
+        record = JobRecord(id=new.id, job_type=new.kind.name, status=JobStatus.QUEUED.value,
+                           options=new.options.model_dump(mode="json"), input_path=input_path,
+                           created_at=time.time(), origin=new.origin, owner=new.owner,
+                           idempotency_key=new.idempotency_key)
+        while True:
+            try:
+                earlier = await self._insert(record)
+                break
+            except psycopg.errors.UniqueViolation:  # the same idempotency key at once:
+                continue  # the other one is in now, and this finds it
+        if earlier is not None:  # a retry of a job already accepted: that one
+            await asyncio.to_thread(self._remove_files, new.id)
+            return earlier
+        if new.origin is Origin.PUT:
+            self._putting.add(record.id)
+        log.debug("job %s: %s queued", record.id, record.job_type)
+        return record
+
+    async def _insert(self, record: JobRecord) -> JobRecord | None:
+        """Write the record and its queue entry in one transaction; the earlier job instead
+        when the idempotency key was used before. QueueFull at the kind's capacity."""
+        kind = record.job_type
+        async with self._db() as conn, conn.transaction():
+            if earlier := await self._earlier(record.owner, record.idempotency_key, conn):
+                return earlier
+            # One submit of a kind at a time, cluster-wide: the count is exact.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                               (f"jobqueue:{kind}",))
+            await self._check_room(conn, kind)
+            await conn.execute(schema.INSERT, schema.params(record))
+            task = self.app.tasks[task_name(kind)]
+            procrastinate_id = await task.configure(connection=conn).defer_async(
+                job_id=record.id)
+            await conn.execute("UPDATE jobqueue_jobs SET procrastinate_id = %s "
+                               "WHERE id = %s", (procrastinate_id, record.id))
+            await schema.notify(conn, record.id, record.owner)
+        return None
+
+    async def check_room(self, kind: str, owner: str = "",
+                         idempotency_key: str | None = None) -> None:
+        try:
+            async with self._db() as conn:
+                await self._check_room(conn, kind)
+        except QueueFull:  # only then is the key worth a look in the database
+            if await self._earlier(owner, idempotency_key) is None:
+                raise
+
+    async def _earlier(self, owner: str, idempotency_key: str | None,
+                       conn: psycopg.AsyncConnection | None = None) -> JobRecord | None:
+        """The job `owner` submitted with this key before, if any (within `conn`, if given)."""
+        if not idempotency_key:
+            return None
+        if conn is None:
+            async with self._db() as conn:
+                return await self._earlier(owner, idempotency_key, conn)
+        rows = await schema.fetch(conn, "SELECT * FROM jobqueue_jobs WHERE owner = %s "
+                                          "AND idempotency_key = %s", (owner, idempotency_key))
+        return rows[0] if rows else None
+
+    async def _check_room(self, conn: psycopg.AsyncConnection, kind: str) -> None:
+        capacity = self.settings.limits(kind).queue_size
+        cursor = await conn.execute("SELECT count(*) FROM jobqueue_jobs WHERE job_type = %s "
+                                    "AND status = 'queued'", (kind,))
+        if (await cursor.fetchone())[0] >= capacity:
+            raise QueueFull(kind, capacity, await self._retry_after(conn, kind))
+
+    async def _retry_after(self, conn: psycopg.AsyncConnection, kind: str) -> int:
+        """Seconds until a slot is likely to free: the first running job's expected end, from
+        the last 20 jobs' mean run time (base.retry_after)."""
+        cursor = await conn.execute(
+            "SELECT avg(finished_at - started_at) FROM (SELECT finished_at, started_at "
+            "FROM jobqueue_jobs WHERE job_type = %s AND status = 'succeeded' "
+            "ORDER BY seq DESC LIMIT 20) recent", (kind,))
+        average = (await cursor.fetchone())[0] or 1.0
+        now = time.time()
+        cursor = await conn.execute("SELECT started_at FROM jobqueue_jobs WHERE job_type = %s "
+                                    "AND status = 'running' AND started_at IS NOT NULL",
+                                    (kind,))
+        elapsed = [now - started for (started,) in await cursor.fetchall()]
+        workers = (await self._live_workers(conn)).get(kind, 0) or 1
+        return retry_after(average, elapsed, workers)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        async with self._db() as conn:
+            rows = await schema.fetch(conn, "SELECT * FROM jobqueue_jobs WHERE id = %s",
+                                        (job_id,))
+        return rows[0] if rows else None
+
+    async def position(self, job_id: str) -> int | None:
+        async with self._db() as conn:
+            cursor = await conn.execute(
+                "SELECT count(*) FROM jobqueue_jobs other, jobqueue_jobs job "
+                "WHERE job.id = %s AND job.status = 'queued' AND other.job_type = job.job_type "
+                "AND other.status = 'queued' AND other.seq <= job.seq", (job_id,))
+            count = (await cursor.fetchone())[0]
+        return count or None
+
+    async def wait(self, job_id: str, timeout: float) -> JobRecord:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with self._subscribed(job_id) as changed:
+            try:
+                while True:
+                    record = await self.get(job_id)
+                    if record is None:
+                        raise LookupError(job_id)
+                    if record.status in FINISHED:
+                        return record
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise TimeoutError
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), min(left, REFRESH_SECONDS))
+                    changed.clear()
+            finally:
+                self._putting.discard(job_id)
+
+    async def cancel(self, job_id: str, reason: str,
+                     ending: Outcome = Outcome.CANCELLED) -> None:
+        removed = None
+        async with self._db() as conn, conn.transaction():
+            rows = await schema.fetch(
+                conn, "SELECT * FROM jobqueue_jobs WHERE id = %s FOR UPDATE", (job_id,))
+            if not rows or rows[0].status in FINISHED:
+                return
+            record = rows[0]
+            log.info("job %s: cancelling %s job (%s)", job_id, record.status, reason)
+            # The first cancel's outcome, for whoever ends the job (its worker, or this).
+            cursor = await conn.execute(
+                "UPDATE jobqueue_jobs SET cancelled_as = coalesce(cancelled_as, %s) "
+                "WHERE id = %s RETURNING cancelled_as", (ending.value, job_id))
+            ending = Outcome((await cursor.fetchone())[0])
+            procrastinate_id = await self._procrastinate_id(conn, job_id)
+            manager = self.app.job_manager
+            if record.status == JobStatus.QUEUED.value and procrastinate_id is not None and \
+                    await manager.cancel_job_by_id_async(procrastinate_id, delete_job=True,
+                                                         connection=conn):
+                ended_here = True  # it never started: it ends here
+            elif procrastinate_id is not None and await manager.cancel_job_by_id_async(
+                    procrastinate_id, abort=True, connection=conn):
+                # It runs: its worker aborts it, kills its children and records the end.
+                ended_here = False
+            else:
+                # No procrastinate job is left to run or abort it (its run ended, or was cut
+                # short, without writing an end): nothing else would ever end it. A run of it
+                # still alive somewhere writes no end over this one (it must be 'running'),
+                # and its worker's watch of cancels stops it.
+                log.warning("job %s: %s with nothing left to run or abort it; it ends here",
+                            job_id, record.status)
+                ended_here = True
+            if ended_here:
+                await conn.execute("UPDATE jobqueue_jobs SET status = 'cancelled', "
+                                   "finished_at = %s WHERE id = %s", (time.time(), job_id))
+                await schema.notify(conn, job_id, record.owner)
+                removed = job_id
+        if removed:
+            self.metrics.job_ended(record.job_type, ending, None, None)
+            await asyncio.to_thread(self._remove_files, removed)
+
+    async def _procrastinate_id(self, conn: psycopg.AsyncConnection, job_id: str) -> int | None:
+        cursor = await conn.execute(
+            "SELECT procrastinate_id FROM jobqueue_jobs WHERE id = %s", (job_id,))
+        row = await cursor.fetchone()
+        return row[0] if row else None
+
+    async def delete(self, job_id: str) -> None:
+        async with self._db() as conn, conn.transaction():
+            cursor = await conn.execute(schema.DELETE, (job_id,))
+            row = await cursor.fetchone()
+            if row:
+                await schema.notify(conn, job_id, row[0], removed=True)
+        await asyncio.to_thread(self._remove_files, job_id)
+
+    def _remove_files(self, job_id: str) -> None:
+        """A job's files, wherever they are. With the object store down, the objects stay
+        until the sweep of files no record owns removes them."""
+        try:
+            self.files.remove(job_id)
+        except Unavailable as error:
+            log.warning("job %s: its files stay in the store for now: %s", job_id, error)
+
+    async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
+        async with self._subscribed(job_id) as changed:
+            last = None
+            while True:
+                record = await self.get(job_id)
+                if record is None:
+                    return
+                state = (record.status, json.dumps(record.progress), record.attempt)
+                if state != last:
+                    yield record
+                    last = state
+                if record.status in FINISHED:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), REFRESH_SECONDS)
+                changed.clear()
+
+    @contextlib.asynccontextmanager
+    async def feed(self, owner: str) -> AsyncIterator[_PgListener]:
+        listener = _PgListener(self, owner)
+        self._feeds.add(listener)
+        try:
+            yield listener
+        finally:
+            self._feeds.discard(listener)
+
+    async def stats(self) -> dict[str, dict[str, int]]:
+        """Cluster-wide: jobs waiting and running, and the live workers' slots, per kind."""
+        async with self._db() as conn:
+            cursor = await conn.execute(
+                "SELECT job_type, status, count(*) FROM jobqueue_jobs "
+                "WHERE status IN ('queued', 'running') GROUP BY job_type, status")
+            counts = {(kind, status): count for kind, status, count in await cursor.fetchall()}
+            workers = await self._live_workers(conn)
+        return {name: {"workers": workers.get(name, 0),
+                       "busy": counts.get((name, "running"), 0),
+                       "queued": counts.get((name, "queued"), 0),
+                       "capacity": self.settings.limits(name).queue_size}
+                for name in self.kinds}
+
+    async def throughput(self, owner: str, since: float) -> list[rollup.MinuteFigures]:
+        async with self._db() as conn:
+            cursor = await conn.execute(rollup.select(schema.MINUTES, "%s"), (owner, since))
+            return rollup.figures(await cursor.fetchall())
+
+    async def worker_processes(self) -> list[dict]:
+        async with self._db() as conn:
+            cursor = await conn.execute(
+                "SELECT name, kinds, heartbeat, metrics FROM jobqueue_workers "
+                "WHERE heartbeat > %s ORDER BY name", (time.time() - STALLED_SECONDS,))
+            rows = await cursor.fetchall()
+        return [{"name": name, "kinds": kinds, "lastSeen": round(time.time() - beat, 1),
+                 "metrics": metrics} for name, kinds, beat, metrics in rows]
+
+    async def _live_workers(self, conn: psycopg.AsyncConnection) -> dict[str, int]:
+        cursor = await conn.execute("SELECT kinds FROM jobqueue_workers WHERE heartbeat > %s",
+                                    (time.time() - STALLED_SECONDS,))
+        workers: dict[str, int] = {}
+        for (kinds,) in await cursor.fetchall():
+            for name, count in kinds.items():
+                workers[name] = workers.get(name, 0) + int(count)
+        return workers
+
+    async def list(self, status: str | None, job_type: str | None, limit: int, offset: int,
+                   owner: str) -> list[JobRecord]:
+        async with self._db() as conn:
+            return await schema.fetch(
+                conn, *schema.list_query(status, job_type, limit, offset, owner))
+
+    # ---- notifications ----
+
+    @contextlib.asynccontextmanager
+    async def _subscribed(self, job_id: str) -> AsyncIterator[asyncio.Event]:
+        changed = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(changed)
+        try:
+            yield changed
+        finally:
+            waiters = self._waiters.get(job_id, set())
+            waiters.discard(changed)
+            if not waiters:
+                self._waiters.pop(job_id, None)
+
+    async def _listen(self) -> None:
+        """LISTEN for job changes for as long as the replica runs, reconnecting after an
+        outage (everyone then reads again: notifications may have been missed)."""
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                        timeouts.conninfo(self.url), autocommit=True) as conn:
+                    with timeouts.deadline(conn, ANSWER_SECONDS):
+                        await conn.execute(f"LISTEN {schema.CHANNEL}")
+                    self._listening = True
+                    self._wake_everyone()
+                    async for notification in conn.notifies():
+                        self._dispatch(json.loads(notification.payload))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                if self._listening:
+                    log.warning("lost the database connection that listens for job changes "
+                                "(%s); connecting again", schema.unavailable(error))
+                self._listening = False
+                self._wake_everyone()
+                await asyncio.sleep(1.0)
+
+    def _dispatch(self, change: dict[str, Any]) -> None:
+        for changed in self._waiters.get(change["id"], ()):
+            changed.set()
+        for listener in self._feeds:
+            listener.note(change)
+
+    def _wake_everyone(self) -> None:
+        for waiters in self._waiters.values():
+            for changed in waiters:
+                changed.set()
+
+
+class _PgListener:
+    """One `/events` stream's share of the notifications: ids changed since its last batch."""
+
+    def __init__(self, engine: PostgresEngine, owner: str):
+        self.engine = engine
+        self.owner = owner
+        self.changed: set[str] = set()
+        self.removed: set[str] = set()
+        self.wake = asyncio.Event()
+
+    def note(self, change: dict[str, Any]) -> None:
+        if change.get("owner", "") != self.owner:
+            return
+        if change.get("removed"):
+            self.changed.discard(change["id"])
+            self.removed.add(change["id"])
+        else:
+            self.changed.add(change["id"])
+        self.wake.set()
+
+    async def next_batch(self) -> tuple[list[JobRecord], list[str]]:
+        await self.wake.wait()
+        self.wake.clear()
+        changed, self.changed = list(self.changed), set()
+        removed, self.removed = sorted(self.removed), set()
+        records = []
+        if changed:
+            async with self.engine._db() as conn:
+                records = await schema.fetch(
+                    conn, f"SELECT {schema.SUMMARY_COLUMNS} FROM jobqueue_jobs "
+                          "WHERE id = ANY(%s) ORDER BY seq", (changed,))
+        return records, removed
+
+
+def _procrastinate_schema() -> str:
+    from jobqueue.engines.postgres.runner import schema_sql
+
+    return schema_sql()

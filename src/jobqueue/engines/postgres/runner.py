@@ -1,0 +1,670 @@
+"""Running jobs in the distributed engine: procrastinate workers, one per job kind, in a worker
+process (`python -m jobqueue.worker`) or in an API replica started with `--with-workers`.
+
+Each kind is a procrastinate task on a queue of its name, `jobqueue.<kind>`, whose only
+argument is the job id; the job itself lives in `jobqueue_jobs`. The `Runner` claims the record,
+runs the kind's handler on a thread of its own with a `WorkerJob` as its context (the same
+handlers as the embedded engine), pushes progress to the record, and writes how it ended, each
+with a NOTIFY the API replicas listen for.
+
+A cancel (DELETE, a /put timeout) reaches a running job as procrastinate's abort, which
+cancels the task here: its child processes are killed at once. A worker SIGTERMed gives its
+jobs JOBQUEUE_SHUTDOWN_GRACE, then aborts and queues them again. A worker that dies (`kill -9`)
+stops its heartbeat; every runner looks for jobs of dead workers and queues them again
+(procrastinate does not by itself). Only the run that claimed a job last may write its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import procrastinate
+import psycopg
+from procrastinate.job_context import AbortReason
+from procrastinate.job_context import JobContext as ProcrastinateContext
+from procrastinate.schema import SchemaManager
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from pydantic import BaseModel
+
+from jobqueue import rollup
+from jobqueue.engines.postgres import schema
+from jobqueue.errors import (
+    BadInput,
+    DiskFull,
+    JobCancelled,
+    TimedOut,
+    Unavailable,
+    is_disk_full,
+    kind_of,
+    user_message,
+)
+from jobqueue.files import FileStore, jobfiles, make_file_store
+from jobqueue.jobs import JobKind, JobStatus, Output, Progress
+from jobqueue.kinds import KINDS
+from jobqueue.metrics import Metrics, outcome
+from jobqueue.records import JobRecord, Origin
+from jobqueue.settings import Settings
+
+log = logging.getLogger("jobqueue.worker")
+
+# A worker that has not beaten for STALLED_SECONDS is dead: its running jobs are queued again.
+HEARTBEAT_SECONDS = 2.0
+STALLED_SECONDS = 8.0
+# How often procrastinate looks for jobs to abort and new jobs, beside LISTEN/NOTIFY.
+ABORT_POLL_SECONDS = 0.5
+FETCH_POLL_SECONDS = 1.0
+# Progress reaches the record at most this often.
+PROGRESS_SECONDS = 0.25
+# After a database error, how long before the next try (the outage may last).
+RETRY_SECONDS = 1.0
+# With object storage, each worker process runs its jobs in out/scratch-<host>-<pid>/.
+SCRATCH_PREFIX = "scratch-"
+
+
+def task_name(kind: str) -> str:
+    return f"jobqueue.{kind}"
+
+
+def make_app() -> procrastinate.App:
+    """The procrastinate app, with a task per job kind (replicas defer them, runners run
+    them). It is opened on the caller's pool."""
+    # procrastinate logs each job's start and end at INFO, an abort with a traceback; the
+    # runner's own lines say the same with the job id. Its warnings and errors still show.
+    logging.getLogger("procrastinate").setLevel(logging.WARNING)
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector())
+    for name in KINDS:
+        async def run(context: ProcrastinateContext, job_id: str) -> None:
+            await context.additional_context["runner"].run_job(context, job_id)
+
+        app.task(name=task_name(name), queue=name, pass_context=True)(run)
+    return app
+
+
+def schema_sql() -> str:
+    return SchemaManager.get_schema()
+
+
+class WorkerJob:
+    """A handler's `JobContext` in a worker process."""
+
+    def __init__(self, record: JobRecord, kind: JobKind, options: BaseModel, settings: Settings,
+                 on_progress: Any, out_dir: Path | None = None):
+        self.id = record.id
+        self.record = record
+        self.kind = kind
+        self.options = options
+        self.settings = settings
+        self.out_dir = jobfiles.job_dir(out_dir or settings.out_dir, record.id)
+        self.input_path = Path(record.input_path) if record.input_path else kind.sample
+        self.cancel_requested = threading.Event()
+        self.timed_out = False
+        self.store_down_since: float | None = None  # while it waits for the object store
+        self.progress = Progress()
+        self._on_progress = on_progress
+        self._processes: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    def set_progress(self, done: float, total: float, unit: str) -> None:
+        self.progress = Progress(done, total, unit)
+        self._on_progress()
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancel_requested.is_set():
+            raise JobCancelled(self.id)
+
+    def attach_process(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.add(process)
+        if self.cancel_requested.is_set():
+            process.kill()
+
+    def detach_process(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.discard(process)
+
+    def cancel(self) -> None:
+        """Ask the handler to stop and kill its children (from any thread)."""
+        self.cancel_requested.set()
+        with self._lock:
+            running = list(self._processes)
+        for process in running:
+            process.kill()
+
+
+def run_handler(kind: JobKind, job: WorkerJob, files: FileStore
+                ) -> tuple[JobStatus, Output | None, BaseException | None]:
+    """On a thread: fetch the job's input, run the kind's handler, keep its outputs; and how
+    it ended."""
+    try:
+        if kind.writes_files:
+            jobfiles.make_job_dir(job.out_dir)
+            jobfiles.discard_output(job.out_dir)  # what a dead run of this job left
+        if job.record.input_path:
+            job.input_path = until_stored(job, lambda: files.fetch_input(
+                job.id, job.record.input_path, job.raise_if_cancelled))
+        output = kind.handler(job)
+        job.raise_if_cancelled()
+        if output.files:
+            until_stored(job, lambda: files.publish(job.record, output.files,
+                                                    job.raise_if_cancelled))
+    except JobCancelled:
+        return JobStatus.CANCELLED, None, None
+    except BadInput as error:
+        log.info("job %s: bad input: %s", job.id, error)
+        return JobStatus.FAILED, None, error
+    except BaseException as error:  # a job's failure must never end the worker
+        if isinstance(error, DiskFull) or is_disk_full(error):
+            log.error("job %s: the disk is full: %s", job.id, error)
+            return JobStatus.FAILED, None, DiskFull(job.id)
+        log.exception("job %s: failed", job.id)
+        return JobStatus.FAILED, None, error
+    return JobStatus.SUCCEEDED, output, None
+
+
+def clear_dead_scratch(out_dir: Path) -> None:
+    """At start: remove the scratch folders of this machine's worker processes that are gone
+    (killed: nothing else removes them), never a live one's. This process's own pid may name
+    one too, left by an earlier process with the same pid and host name (a restarted
+    container's pid 1): nothing of this process is in it yet."""
+    host = socket.gethostname()
+    for folder in out_dir.glob(f"{SCRATCH_PREFIX}{host}-*"):
+        pid = folder.name.removeprefix(f"{SCRATCH_PREFIX}{host}-")
+        if pid.isdigit() and (int(pid) == os.getpid() or not Path(f"/proc/{pid}").exists()):
+            log.info("removing %s, the scratch folder of a worker that is gone", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def until_stored(job: WorkerJob, action: Any) -> Any:
+    """`action` (a transfer to or from the object store), tried again while the store cannot
+    be reached: an outage holds the job, it does not fail it. A cancel, or the job's run-time
+    limit, still stops it, between two tries and within a transfer (`action` checks)."""
+    while True:
+        try:
+            result = action()
+        except Unavailable as error:
+            if job.store_down_since is None:
+                log.warning("job %s: %s; waiting for it", job.id, error)
+                job.store_down_since = time.monotonic()
+        else:
+            job.store_down_since = None
+            return result
+        if job.cancel_requested.wait(RETRY_SECONDS):
+            raise JobCancelled(job.id)
+
+
+async def whole(work: Any) -> Any:
+    """Await `work` to its end even if the caller is cancelled meanwhile; the cancel is
+    raised after."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:  # a second cancel meanwhile must not reach `work` either
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():  # `work` itself was cancelled
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+class Runner:
+    """procrastinate workers for `kinds` in this process, sharing `pool`."""
+
+    def __init__(self, settings: Settings, kinds: dict[str, JobKind], pool: AsyncConnectionPool,
+                 metrics: Metrics, app: procrastinate.App | None = None,
+                 files: FileStore | None = None):
+        self.settings = settings
+        self.kinds = kinds
+        self.pool = pool
+        self.metrics = metrics
+        self.name = f"{socket.gethostname()}-{os.getpid()}"
+        self.files = files or make_file_store(settings)
+        if self.files.remote:
+            # Scratch space of this process's own: another worker on this machine may run
+            # the same job again after a crash, and neither may clear the other's folder.
+            self.files = make_file_store(settings.model_copy(update={
+                "out_dir": settings.out_dir / f"{SCRATCH_PREFIX}{self.name}"}))
+        # Where a worker process serves its metrics (its heartbeat tells /health); None in a
+        # replica --with-workers, whose /metrics has them.
+        self.metrics_url: str | None = None
+        self.app = app or make_app()
+        self.running: dict[str, WorkerJob] = {}
+        concurrency = sum(settings.limits(name).workers for name in kinds)
+        self.executor = ThreadPoolExecutor(concurrency + 1, thread_name_prefix="job")
+        self._workers: list[asyncio.Task] = []
+        self._side: list[asyncio.Task] = []
+        self._app_opened = app is None
+        # When this process last failed to reach the database (time.monotonic()). Right after
+        # an outage every worker's heartbeat is stale, the live ones' too: no job is taken
+        # for stranded until they have had the time to beat again.
+        self._db_failed_at = float("-inf")
+
+    async def start(self) -> None:
+        if self.files.remote:
+            await asyncio.to_thread(clear_dead_scratch, self.settings.out_dir)
+        if self._app_opened:
+            await self.app.open_async(pool=self.pool)
+        async with self.pool.connection() as conn:
+            await schema.ensure(conn, schema_sql())
+        self._side = [asyncio.create_task(self._heartbeat(), name="heartbeat"),
+                      asyncio.create_task(self._rescue(), name="rescue stranded jobs"),
+                      asyncio.create_task(self._watch_cancels(), name="watch cancels")]
+        self._workers = [asyncio.create_task(self._work(name), name=f"worker {name}")
+                         for name in self.kinds]
+        for name in self.kinds:  # this process's own slots; the replicas show the cluster's
+            self.metrics.workers.labels(name, "process").set(self.settings.limits(name).workers)
+            self.metrics.running.labels(name, "process").set(0)
+        log.info("worker %s serves %s", self.name,
+                 {name: self.settings.limits(name).workers for name in self.kinds})
+
+    def close_intake(self) -> None:
+        """Take no more jobs: the procrastinate workers stop, giving running jobs the grace."""
+        for worker in self._workers:
+            worker.cancel()
+
+    def busy(self) -> bool:
+        return bool(self.running)
+
+    async def stop(self) -> None:
+        """Stop taking jobs; running ones get JOBQUEUE_SHUTDOWN_GRACE, then are aborted and
+        queued again. Then stop beating: this worker is gone."""
+        self.close_intake()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        for task in self._side:
+            task.cancel()
+        await asyncio.gather(*self._side, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            async with self.pool.connection() as conn:
+                await conn.execute("DELETE FROM jobqueue_workers WHERE name = %s", (self.name,))
+        self.executor.shutdown(wait=False)
+        if self._app_opened:
+            await self.app.close_async()
+        if self.files.remote and not self.running:  # every job requeued or ended by now
+            await asyncio.to_thread(shutil.rmtree, self.files.out_dir, True)
+
+    def kill_children(self) -> None:
+        """From any thread, when the loop is gone: no child outlives this process."""
+        for job in list(self.running.values()):
+            job.cancel()
+
+    # ---- procrastinate's side ----
+
+    async def _work(self, kind: str) -> None:
+        """One procrastinate worker for `kind`; started again after a database outage."""
+        while True:
+            try:
+                await self.app.run_worker_async(
+                    queues=[kind], name=f"{self.name}-{kind}",
+                    concurrency=self.settings.limits(kind).workers,
+                    wait=True, install_signal_handlers=False, listen_notify=True,
+                    fetch_job_polling_interval=FETCH_POLL_SECONDS,
+                    abort_job_polling_interval=ABORT_POLL_SECONDS,
+                    update_heartbeat_interval=HEARTBEAT_SECONDS,
+                    stalled_worker_timeout=STALLED_SECONDS,
+                    shutdown_graceful_timeout=self.settings.shutdown_grace,
+                    additional_context={"runner": self}, delete_jobs="always")
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # most often the database went away: try again
+                log.warning("%s worker stopped (%s); starting again in %g s", kind, error,
+                            RETRY_SECONDS)
+                await asyncio.sleep(RETRY_SECONDS)
+
+    async def _heartbeat(self) -> None:
+        kinds = Jsonb({name: self.settings.limits(name).workers for name in self.kinds})
+        while True:
+            try:
+                async with self.pool.connection() as conn:
+                    await conn.execute(
+                        # The database's clock, which the rescue (schema.STRANDED) reads
+                        # too: a worker whose own clock runs late never looks dead.
+                        "INSERT INTO jobqueue_workers (name, kinds, heartbeat, metrics) "
+                        "VALUES (%s, %s, extract(epoch FROM clock_timestamp()), %s) "
+                        "ON CONFLICT (name) DO UPDATE "
+                        "SET kinds = excluded.kinds, heartbeat = excluded.heartbeat, "
+                        "metrics = excluded.metrics",
+                        (self.name, kinds, self.metrics_url))
+                    await conn.execute("DELETE FROM jobqueue_workers WHERE heartbeat < %s",
+                                       (time.time() - 10 * STALLED_SECONDS,))
+            except Exception:
+                self._db_failed_at = time.monotonic()
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _rescue(self) -> None:
+        """Give the jobs that would otherwise never end their way to an end: those running on
+        a worker that stopped beating (killed, or cut off), running here on no run of this
+        process's, or queued with nothing left in procrastinate to run them."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            if time.monotonic() - self._db_failed_at < STALLED_SECONDS + 2 * HEARTBEAT_SECONDS:
+                continue  # just after an outage: the live workers have not beaten again yet
+            try:
+                async with self.pool.connection() as conn:
+                    cursor = await conn.execute(schema.STRANDED, {
+                        "kinds": list(self.kinds), "stalled": STALLED_SECONDS,
+                        "started": time.time() - STALLED_SECONDS,
+                        "me": self.name, "mine": list(self.running)})
+                    stranded = await cursor.fetchall()
+                # A procrastinate job fetched by a worker that died before it claimed the
+                # record (procrastinate's heartbeats; the records' are ours).
+                fetched = await self.app.job_manager.get_stalled_jobs(
+                    seconds_since_heartbeat=STALLED_SECONDS)
+            except Exception as error:  # the database is away: wait for it, then some
+                self._db_failed_at = time.monotonic()
+                log.debug("looking for stranded jobs failed: %s", error)
+                continue
+            rescues = [(procrastinate_id, job_id, False) for job_id, procrastinate_id in stranded]
+            rescues += [(job.id, None, True) for job in fetched]
+            for procrastinate_id, job_id, only_queued in rescues:
+                try:  # one that fails keeps none of the others from their rescue
+                    await self._rescue_one(procrastinate_id, job_id, only_queued)
+                except (PoolTimeout, psycopg.OperationalError) as error:
+                    self._db_failed_at = time.monotonic()
+                    log.warning("rescue of job %s stopped: %s", job_id or procrastinate_id,
+                                error)
+                    break
+                except Exception:
+                    log.exception("rescue of job %s failed", job_id or procrastinate_id)
+
+    async def _watch_cancels(self) -> None:
+        """Stop the jobs of this process that a cancel (a DELETE) asked to stop. procrastinate's
+        abort does the same, but not while its worker drains: it stops polling for aborts
+        before it waits for its running jobs (procrastinate issue #1598)."""
+        while True:
+            await asyncio.sleep(ABORT_POLL_SECONDS)
+            if not self.running:
+                continue
+            with contextlib.suppress(Exception):  # the next round tries again
+                async with self.pool.connection() as conn:
+                    cursor = await conn.execute(
+                        "SELECT id FROM jobqueue_jobs WHERE id = ANY(%s) "
+                        "AND cancelled_as IS NOT NULL", (list(self.running),))
+                    for (job_id,) in await cursor.fetchall():
+                        if (job := self.running.get(job_id)) and not job.cancel_requested.is_set():
+                            log.info("job %s: cancelled; stopping it", job_id)
+                            job.cancel()
+
+    async def _rescue_one(self, procrastinate_id: int | None, job_id: str | None = None,
+                          only_queued: bool = False) -> None:
+        """Queue a stranded job again, with a procrastinate job of its own, and end its old
+        one; or, when a cancel asked for it, end it as cancelled. Not a retry of the old
+        procrastinate job: its run may still be alive in a worker cut off from the database,
+        and once the database is back that run would end (and delete) the very procrastinate
+        job that was to run it again. The record is locked and checked again: a run that
+        wrote its end meanwhile keeps it."""
+        statuses = ["queued"] if only_queued else ["queued", "running"]
+        cancelled: set[str] = set()
+        async with self.pool.connection() as conn, conn.transaction():
+            async with conn.cursor(row_factory=dict_row) as cursor:
+                # Still as it was found: another worker's rescue of the same job, done while
+                # this one waited for the lock, gave it a procrastinate job of its own.
+                await cursor.execute(
+                    "SELECT * FROM jobqueue_jobs WHERE id = %s "
+                    "AND procrastinate_id IS NOT DISTINCT FROM %s AND status = ANY(%s) "
+                    "FOR UPDATE" if job_id is not None else
+                    "SELECT * FROM jobqueue_jobs WHERE procrastinate_id = %s "
+                    "AND status = ANY(%s) FOR UPDATE",
+                    (job_id, procrastinate_id, statuses) if job_id is not None
+                    else (procrastinate_id, statuses))
+                found = await cursor.fetchall()
+            rows = [schema.from_row(row) for row in found]
+            cancelled = {row["id"] for row in found if row["cancelled_as"] is not None}
+            if only_queued and not rows:
+                cursor = await conn.execute("SELECT 1 FROM jobqueue_jobs WHERE procrastinate_id "
+                                            "= %s AND status = 'running'", (procrastinate_id,))
+                if await cursor.fetchone():
+                    # Its run may be alive (a worker draining, or cut off for a while): the
+                    # records' own heartbeats decide that (STRANDED), not procrastinate's.
+                    return
+            for record in rows:
+                if record.id in cancelled:
+                    await conn.execute("UPDATE jobqueue_jobs SET status = 'cancelled', "
+                                       "finished_at = %s WHERE id = %s",
+                                       (time.time(), record.id))
+                    await schema.notify(conn, record.id, record.owner)
+                    continue
+                await conn.execute("UPDATE jobqueue_jobs SET status = 'queued', "
+                                   "started_at = NULL, worker_name = NULL, progress = '{}' "
+                                   "WHERE id = %s", (record.id,))
+                await self._queue_again(conn, record)
+        if procrastinate_id is not None:
+            with contextlib.suppress(Exception):  # ended already: by its run, or a rescue
+                await self.app.job_manager.finish_job_by_id_async(
+                    procrastinate_id, status=procrastinate.jobs.Status.FAILED, delete_job=True)
+        for record in rows:
+            if record.id in cancelled:
+                log.warning("job %s: stranded after a cancel (nothing left to run it); ended "
+                            "as cancelled", record.id)
+                with contextlib.suppress(Unavailable):  # the orphan sweeps get them later
+                    await asyncio.to_thread(self.files.remove, record.id)
+            else:
+                log.warning("job %s: stranded %s (its worker stopped beating, or nothing "
+                            "was left to run it); it runs again", record.id, record.status)
+
+    # ---- a job ----
+
+    async def run_job(self, context: ProcrastinateContext, job_id: str) -> None:
+        # Whole or not at all: an abort cutting a claim short would leave the record queued
+        # with its procrastinate job gone (the rescue would find it, later).
+        claim = asyncio.ensure_future(self._claim(job_id, context.job.id))
+        try:
+            record = await asyncio.shield(claim)
+        except asyncio.CancelledError:  # aborted before it started: it gives the job back
+            if (record := await whole(claim)) is not None:
+                await whole(self._release(record, context.abort_reason()))
+            raise
+        if record is None:
+            return  # cancelled or deleted meanwhile
+        kind = self.kinds[record.job_type]
+        options = kind.options.model_validate(record.options)
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        job = WorkerJob(record, kind, options, self.settings, out_dir=self.files.out_dir,
+                        on_progress=lambda: loop.call_soon_threadsafe(changed.set))
+        self.running[job_id] = job
+        self.metrics.job_started(record.job_type, record.created_at, record.started_at)
+        running = self.metrics.running.labels(record.job_type, "process")
+        running.inc()
+        pusher = asyncio.create_task(self._push_progress(job, changed))
+        log.info("job %s: %s started on %s", job_id, record.job_type, self.name)
+        handler = loop.run_in_executor(self.executor, run_handler, kind, job, self.files)
+        try:
+            try:
+                status, output, error = await asyncio.wait_for(asyncio.shield(handler),
+                                                               self.settings.job_max_seconds)
+            except TimeoutError:  # JOBQUEUE_JOB_MAX_SECONDS
+                job.timed_out = True
+                job.cancel()
+                await handler
+                status, output, error = JobStatus.FAILED, None, TimedOut(
+                    f"Job {job_id} ran longer than {self.settings.job_max_seconds:g} s "
+                    "(JOBQUEUE_JOB_MAX_SECONDS) and was stopped. Send smaller input, or raise "
+                    "the setting.")
+                if job.store_down_since is not None:  # not the input's fault: say whose
+                    error = Unavailable(
+                        f"Job {job_id} waited {time.monotonic() - job.store_down_since:.0f} s "
+                        "for the object store (JOBQUEUE_STORAGE_URL), which could not be "
+                        "reached, until JOBQUEUE_JOB_MAX_SECONDS stopped it. Send it again "
+                        "once the store is back.")
+            except asyncio.CancelledError:  # procrastinate's abort: a cancel, or a shutdown
+                job.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(handler)
+                if context.abort_reason() == AbortReason.SHUTDOWN:
+                    await asyncio.shield(self._requeue(job))
+                else:
+                    await asyncio.shield(self._finish(job, JobStatus.CANCELLED, None, None))
+                raise
+            # Whole, whatever aborts it: a cancel the watch of cancels saw first ends the
+            # handler, and procrastinate's abort of the same cancel may come as the end is
+            # written; cut short, the record would stay running until a rescue.
+            await whole(self._finish(job, status, output, error))
+        finally:
+            pusher.cancel()
+            running.dec()
+            self.running.pop(job_id, None)
+
+    async def _claim(self, job_id: str, procrastinate_id: int | None) -> JobRecord | None:
+        """The record, now running here; None when it is gone, ended, or was cancelled while
+        queued (then it ends here: a cancel that came as this worker took the job found no
+        procrastinate job left to delete, and asked an abort that may never come). Only the
+        record's own procrastinate job may claim it: a stale or duplicate one never takes a
+        job over from its run."""
+        now = time.time()
+        async with self.pool.connection() as conn, conn.transaction():
+            cancelled = await schema.fetch(
+                conn, "UPDATE jobqueue_jobs SET status = 'cancelled', finished_at = %s "
+                      "WHERE id = %s AND status = 'queued' AND cancelled_as IS NOT NULL "
+                      "AND procrastinate_id IS NOT DISTINCT FROM %s RETURNING *",
+                (now, job_id, procrastinate_id))
+            rows = [] if cancelled else await schema.fetch(
+                conn, "UPDATE jobqueue_jobs SET status = 'running', started_at = %s, "
+                      "worker_name = %s, attempt = attempt + 1, progress = '{}', error = NULL, "
+                      "error_kind = NULL, result = NULL "
+                      "WHERE id = %s AND status IN ('queued', 'running') "
+                      "AND procrastinate_id IS NOT DISTINCT FROM %s RETURNING *",
+                (now, self.name, job_id, procrastinate_id))
+            for record in cancelled + rows:
+                await schema.notify(conn, record.id, record.owner)
+        if cancelled:
+            log.info("job %s: cancelled before it started", job_id)
+            with contextlib.suppress(Unavailable):  # the orphan sweeps get them later
+                await asyncio.to_thread(self.files.remove, job_id)
+        return rows[0] if rows else None
+
+    async def _release(self, record: JobRecord, reason: AbortReason | None) -> None:
+        """A job claimed just as procrastinate aborted its run: queued again after a
+        shutdown, cancelled after a cancel."""
+        async with self.pool.connection() as conn, conn.transaction():
+            if reason == AbortReason.SHUTDOWN:
+                rows = await schema.fetch(
+                    conn, "UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, "
+                          "worker_name = NULL WHERE id = %s AND attempt = %s "
+                          "AND status = 'running' RETURNING *", (record.id, record.attempt))
+                for row in rows:
+                    await self._queue_again(conn, row)
+            else:
+                await conn.execute(
+                    "UPDATE jobqueue_jobs SET status = 'cancelled', finished_at = %s "
+                    "WHERE id = %s AND attempt = %s AND status = 'running'",
+                    (time.time(), record.id, record.attempt))
+                await schema.notify(conn, record.id, record.owner)
+        log.info("job %s: aborted as it started (%s)", record.id, reason)
+
+    async def _push_progress(self, job: WorkerJob, changed: asyncio.Event) -> None:
+        while True:
+            await changed.wait()
+            changed.clear()
+            with contextlib.suppress(Exception):  # progress may be lost; the end may not
+                async with self.pool.connection() as conn, conn.transaction():
+                    await conn.execute(
+                        "UPDATE jobqueue_jobs SET progress = %s WHERE id = %s AND attempt = %s "
+                        "AND status = 'running'",
+                        (Jsonb(job.progress.as_dict()), job.id, job.record.attempt))
+                    await schema.notify(conn, job.id, job.record.owner)
+            await asyncio.sleep(PROGRESS_SECONDS)
+
+    async def _finish(self, job: WorkerJob, status: JobStatus, output: Output | None,
+                      error: BaseException | None) -> None:
+        """Write how the job ended; only the run that claimed it last may. An outage of the
+        database holds the end until the database is back."""
+        record = job.record
+        result = ({"data": output.data, "files": [path.name for path in output.files]}
+                  if output else None)
+        error_kind = kind_of(error) if error is not None else None
+        finished_at = time.time()
+        while True:
+            try:
+                async with self.pool.connection() as conn, conn.transaction():
+                    cursor = await conn.execute(
+                        "UPDATE jobqueue_jobs SET status = %s, finished_at = %s, progress = %s, "
+                        "error = %s, error_kind = %s, result = %s "
+                        "WHERE id = %s AND attempt = %s AND status = 'running' "
+                        "RETURNING cancelled_as",
+                        (status.value, finished_at, Jsonb(job.progress.as_dict()),
+                         user_message(error, job.id), error_kind,
+                         Jsonb(result) if result is not None else None,
+                         job.id, record.attempt))
+                    ended = await cursor.fetchone()  # None: a later run owns the job now
+                    if ended:
+                        await schema.notify(conn, job.id, record.owner)
+                        minute = rollup.key(record.owner, record.job_type, status.value,
+                                            record.started_at, finished_at)
+                        if minute is not None:
+                            await conn.execute(rollup.upsert(schema.MINUTES, "%s"),
+                                               (*minute, 1))
+                break
+            except Exception as db_error:
+                log.warning("job %s: could not record its end (%s); trying again", job.id,
+                            db_error)
+                await asyncio.sleep(RETRY_SECONDS)
+        if ended:
+            self.metrics.job_ended(record.job_type, outcome(status.value, error_kind, ended[0]),
+                                   record.started_at, finished_at)
+        try:
+            await asyncio.to_thread(self._tidy, job, status, result, bool(ended))
+        except Exception:  # the end is recorded; a file left over is the sweeps' to find
+            log.exception("job %s: tidying its files failed", job.id)
+        log.info("job %s: %s after %.3f s", job.id, status.value,
+                 finished_at - (record.started_at or finished_at))
+
+    def _tidy(self, job: WorkerJob, status: JobStatus, result: dict | None, ended: bool) -> None:
+        """The files of a run that ended. Only the run that owns the job touches what is
+        kept: a run given up on (its worker stopped beating) that ends later clears its own
+        scratch and nothing else."""
+        record = job.record
+        discard = status is JobStatus.CANCELLED or (record.origin is Origin.PUT
+                                                   and status is JobStatus.FAILED)
+        if ended and discard:  # partial output is no use to anyone, nor a failed /put's
+            try:
+                self.files.remove(job.id)
+            except Unavailable as error:  # the sweep of objects no record owns gets them
+                log.warning("job %s: its files stay in the store for now: %s", job.id, error)
+        elif ended and status is JobStatus.SUCCEEDED and self.files.remote:
+            record.result = result
+            self.files.finished(record)
+        elif self.files.remote:  # the store keeps what there is; this was scratch
+            jobfiles.remove_job_dir(self.files.out_dir, job.id)
+        elif ended and status is JobStatus.FAILED:  # shared folder: its partial output goes,
+            jobfiles.discard_output(job.out_dir)  # its upload stays with its record
+
+    async def _queue_again(self, conn: AsyncConnection, record: JobRecord) -> None:
+        """Give a job set back to queued (within `conn`'s transaction) a procrastinate job."""
+        task = self.app.tasks[task_name(record.job_type)]
+        procrastinate_id = await task.configure(connection=conn).defer_async(job_id=record.id)
+        await conn.execute("UPDATE jobqueue_jobs SET procrastinate_id = %s WHERE id = %s",
+                           (procrastinate_id, record.id))
+        await schema.notify(conn, record.id, record.owner)
+
+    async def _requeue(self, job: WorkerJob) -> None:
+        """A shutdown stopped the job: queue it again (with a procrastinate job of its own)."""
+        record = job.record
+        async with self.pool.connection() as conn, conn.transaction():
+            rows = await schema.fetch(
+                conn, "UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, "
+                      "worker_name = NULL, progress = '{}', cancelled_as = NULL "
+                      "WHERE id = %s AND attempt = %s AND status = 'running' RETURNING *",
+                (job.id, record.attempt))
+            if rows:
+                await self._queue_again(conn, record)
+        if self.files.remote:  # it runs again from the store's copy, wherever it runs
+            await asyncio.to_thread(jobfiles.remove_job_dir, self.files.out_dir, job.id)
+        log.info("job %s: stopped by the worker's shutdown; queued again", job.id)

@@ -1,0 +1,133 @@
+"""Job files: a folder per job under the output directory, `out/<job-id>/`, with the job's
+outputs and, in `input/`, its upload.
+
+Every path here is built from a job id that parsed as a UUID and a file name that passed
+`safe_name`, so nothing a client sends can point outside its job's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import unicodedata
+import uuid
+from pathlib import Path
+
+from jobqueue.errors import CannotStart
+
+INPUT_DIR = "input"
+# In every job folder: what the orphan sweep looks for before it removes one (so it never
+# touches a folder this server did not make, whatever its name). It holds the id of the job
+# store whose server made the folder: a store that is new, emptied or another one (a deleted
+# jobs.db, JOBQUEUE_DB_PATH changed) has no record of the folder, yet must not remove it.
+JOB_MARK = ".job"
+# In the output folder: the id of the job store that uses it now (claim_out_dir), which each
+# new job folder's mark copies.
+STORE_MARK = ".jobqueue-store"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_NAME_LENGTH = 120
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+def is_job_id(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
+
+
+def safe_name(name: str, default: str = "upload") -> str:
+    """A plain file name made from what a client sent: no folders, no dot files, ASCII only."""
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    name = _UNSAFE.sub("_", name).lstrip(".")
+    if len(name) > MAX_NAME_LENGTH:
+        stem, ext = os.path.splitext(name)
+        ext = ext[:16]
+        name = stem[: MAX_NAME_LENGTH - len(ext)] + ext
+    return name or default
+
+
+def job_dir(out_dir: Path, job_id: str) -> Path:
+    if not is_job_id(job_id):
+        raise ValueError(f"not a job id: {job_id!r}")
+    return out_dir / job_id
+
+
+def make_job_dir(folder: Path) -> None:
+    """Create a job's folder (`job_dir`), marked as one, with the id of the store its record
+    is kept in (the output folder's STORE_MARK; none when nothing claimed it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mark = folder / JOB_MARK
+    if not mark.exists():
+        try:
+            store_id = (folder.parent / STORE_MARK).read_text().strip()
+        except FileNotFoundError:
+            store_id = ""
+        mark.write_text(store_id)
+
+
+def folder_store(folder: Path) -> str | None:
+    """The id of the store whose server made this job folder: "" when unknown (made before
+    folders were tied to their store), None when the folder is no job folder (no mark)."""
+    try:
+        return (folder / JOB_MARK).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+def claim_out_dir(out_dir: Path, store_id: str) -> None:
+    """Record that the job folders made in `out_dir` from now on belong to the store
+    `store_id`; CannotStart when the folder cannot be written."""
+    mark = out_dir / STORE_MARK
+    try:
+        if mark.is_file() and mark.read_text().strip() == store_id:
+            return
+    except OSError:
+        pass
+    _write_mark(out_dir, store_id)
+
+
+def check_writable(out_dir: Path) -> None:
+    """CannotStart, naming the folder, when files cannot be made in `out_dir`."""
+    partial = _write_mark(out_dir, None)
+    partial.unlink(missing_ok=True)
+
+
+def _write_mark(out_dir: Path, store_id: str | None) -> Path:
+    partial = out_dir / f"{STORE_MARK}.{os.getpid()}.part"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        partial.write_text(store_id or "")
+        if store_id is not None:
+            os.replace(partial, out_dir / STORE_MARK)  # whole or not at all to its readers
+    except OSError as error:
+        raise CannotStart(
+            f"The output folder {out_dir} cannot be written ({error.strerror or error}): "
+            "jobs keep their uploads and results there. Make it writable by this user, or "
+            "point JOBQUEUE_OUT_DIR at a folder that is.") from None
+    return partial
+
+
+def output_file(out_dir: Path, job_id: str, name: str) -> Path | None:
+    """The output file `name` of job `job_id`, or None when there is no such file."""
+    if not is_job_id(job_id) or name != safe_name(name, default=""):
+        return None
+    path = out_dir / job_id / name
+    return path if path.is_file() else None
+
+
+def discard_output(folder: Path) -> None:
+    """Remove what a run of the job wrote (before it runs again), keeping its upload."""
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if path.name not in (INPUT_DIR, JOB_MARK):  # gone meanwhile (a DELETE) is as good
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(
+                missing_ok=True)
+
+
+def remove_job_dir(out_dir: Path, job_id: str) -> None:
+    shutil.rmtree(job_dir(out_dir, job_id), ignore_errors=True)

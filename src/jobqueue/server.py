@@ -1,0 +1,56 @@
+"""The jobqueue server: python -m jobqueue (or python src/main.py) [--host H] [--port P]."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from jobqueue.api.app import create_app
+from jobqueue.api.connections import http_protocol
+from jobqueue.api.shutdown import GracefulServer, stop_leftovers
+from jobqueue.settings import Settings
+
+# After the drain (JOBQUEUE_SHUTDOWN_GRACE), seconds uvicorn lets open requests, such as event
+# streams, finish before it cancels them.
+GRACEFUL_SHUTDOWN_SECONDS = 3
+
+
+def main() -> None:
+    settings = Settings()
+    parser = argparse.ArgumentParser(description="Run the jobqueue server.")
+    parser.add_argument("--host", default=settings.host,
+                        help="address to listen on (env JOBQUEUE_HOST, default %(default)s)")
+    parser.add_argument("--port", type=int, default=settings.port,
+                        help="port to listen on (env JOBQUEUE_PORT, default %(default)s)")
+    parser.add_argument("--with-workers", action="store_true",
+                        help="with JOBQUEUE_DATABASE_URL: run workers of every kind in this "
+                             "process too (without it an API replica runs no jobs; the "
+                             "embedded engine always runs them)")
+    args = parser.parse_args()
+    settings = settings.model_copy(update={"host": args.host, "port": args.port})
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.database_url.get_secret_value() and "db_path" in settings.model_fields_set:
+        logging.getLogger("jobqueue").warning(
+            "JOBQUEUE_DB_PATH is ignored: JOBQUEUE_DATABASE_URL keeps the job records")
+    app = create_app(settings, with_workers=args.with_workers)
+    proxies = settings.trusted_proxy_list
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+                            http=http_protocol(settings.header_timeout),
+                            # X-Forwarded-For only from JOBQUEUE_TRUSTED_PROXIES: uvicorn
+                            # would believe any local client, which could then pose as many.
+                            proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None)
+    try:
+        GracefulServer(config, app, settings.shutdown_grace).run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down
+        pass
+    finally:
+        stop_leftovers(app)
+
+
+if __name__ == "__main__":
+    main()
