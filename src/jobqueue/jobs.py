@@ -14,9 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+
+from jobqueue.errors import JobCancelled
 
 if TYPE_CHECKING:
     from jobqueue.settings import Settings
@@ -55,31 +57,60 @@ class Progress:
         return {"done": self.done, "total": self.total, "unit": self.unit}
 
 
-class JobContext(Protocol):
+class JobContext:
     """What a handler gets: its job's options and files, progress, cancel, and children.
 
-    Handlers run on a thread of their own. They read `options` and `input_path`, write only
-    into `out_dir`, call `set_progress` as they go and `raise_if_cancelled()` between steps,
-    and run child processes through `processes.run`, which kills them on a cancel.
+    One class for both engines; each gives it a hook for progress (`on_progress`, called on
+    the handler's thread) and stops it through `cancel()`. Handlers run on a thread of their
+    own. They read `options` and `input_path`, write only into `out_dir`, call `set_progress`
+    as they go and `raise_if_cancelled()` between steps, and run child processes through
+    `processes.run`, which kills them on a cancel.
     """
 
-    id: str
-    options: BaseModel
-    input_path: Path | None
-    out_dir: Path
-    settings: Settings
-    # Set when the job is cancelled (a client, a timeout, a shutdown): wait on it, never sleep.
-    cancel_requested: threading.Event
+    def __init__(self, job_id: str, options: BaseModel, input_path: Path | None, out_dir: Path,
+                 settings: Settings | None,
+                 on_progress: Callable[[Progress], None] | None = None):
+        self.id = job_id
+        self.options = options
+        self.input_path = input_path
+        self.out_dir = out_dir
+        self.settings = settings
+        # Set when the job is cancelled (a client, a deadline, a shutdown): wait on it, never
+        # sleep.
+        self.cancel_requested = threading.Event()
+        self.progress = Progress()
+        self._on_progress = on_progress
+        self._processes: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
 
-    def set_progress(self, done: float, total: float, unit: str) -> None: ...
+    def set_progress(self, done: float, total: float, unit: str) -> None:
+        self.progress = Progress(done, total, unit)
+        if self._on_progress is not None:
+            self._on_progress(self.progress)
 
     def raise_if_cancelled(self) -> None:
         """JobCancelled once the job has been cancelled."""
+        if self.cancel_requested.is_set():
+            raise JobCancelled(self.id)
 
     def attach_process(self, process: subprocess.Popen) -> None:
         """Remember a child process so a cancel kills it (processes.run does this)."""
+        with self._lock:
+            self._processes.add(process)
+        if self.cancel_requested.is_set():
+            process.kill()
 
-    def detach_process(self, process: subprocess.Popen) -> None: ...
+    def detach_process(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.discard(process)
+
+    def cancel(self) -> None:
+        """Ask the handler to stop and kill its child processes (from any thread)."""
+        self.cancel_requested.set()
+        with self._lock:
+            running = list(self._processes)
+        for process in running:
+            process.kill()
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,8 @@ def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.P
     children in order) that dies with the launcher."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log_file:
+        # This very copy of the package, not whichever one the interpreter would find.
+        env = {**env, "PYTHONPATH": str(SRC)}
         return subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "--", *args], env=env,
                                 cwd=SRC.parent, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -73,8 +75,7 @@ def start_worker(env: dict[str, str], log_path: Path,
                  kinds: list[str] | None = None) -> subprocess.Popen:
     """`python -m jobqueue.worker`, for `kinds` (default: all)."""
     args = [sys.executable, "-m", "jobqueue.worker"]
-    return _start(args + (["--kinds", ",".join(kinds)] if kinds else []),
-                  {**env, "PYTHONPATH": str(SRC)}, log_path)
+    return _start(args + (["--kinds", ",".join(kinds)] if kinds else []), env, log_path)
 
 
 def wait_ready(url: str, process: subprocess.Popen, log_path: Path,

@@ -11,7 +11,6 @@ import asyncio
 import functools
 import logging
 import queue
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,23 +21,15 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from jobqueue import lifecycle
 from jobqueue.engines.base import NewJob, retry_after
 from jobqueue.engines.embedded.feed import Feed
 from jobqueue.engines.embedded.feed import Listener as FeedListener
-from jobqueue.errors import (
-    BadInput,
-    DiskFull,
-    JobCancelled,
-    QueueFull,
-    ShuttingDown,
-    TimedOut,
-    is_disk_full,
-    kind_of,
-    user_message,
-)
+from jobqueue.errors import QueueFull, ShuttingDown
 from jobqueue.files import jobfiles
 from jobqueue.files.store import FileStore, LocalFiles
-from jobqueue.jobs import FINISHED, JobKind, JobStatus, Output, Progress
+from jobqueue.jobs import FINISHED, JobContext, JobKind, JobStatus
+from jobqueue.lifecycle import Ending
 from jobqueue.metrics import Metrics, Outcome, outcome
 from jobqueue.records import JobRecord, JobStore, Origin, SqliteJobStore
 from jobqueue.rollup import MinuteFigures
@@ -57,7 +48,9 @@ MAX_ABANDONED_THREADS = 4
 
 @dataclass(eq=False)  # compared and hashed by identity
 class Job:
-    """One unit of work. The worker thread and the event loop both touch it, under `_lock`."""
+    """One unit of work as this engine holds it: its state, shared by a worker thread and the
+    event loop under `_lock`, and the `JobContext` its handler gets. Every change of state
+    asks `lifecycle` whether it may happen."""
 
     id: str
     kind: JobKind
@@ -73,9 +66,8 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     worker_name: str | None = None
-    progress: Progress = field(default_factory=Progress)
-    output: Output | None = None
-    error: BaseException | None = None
+    # How it ended (its output or error), once it has.
+    ending: Ending | None = None
     origin: Origin = Origin.JOBS
     # The API key that submitted it, as `access.owner_of` names it; "" without API keys.
     owner: str = ""
@@ -83,7 +75,6 @@ class Job:
     settings: Settings | None = None
     idempotency_key: str | None = None
     attempt: int = 0
-    cancel_requested: threading.Event = field(default_factory=threading.Event)
     # Set when shutdown stops the job: it is left as it was, to run again after a restart.
     rerun_after_restart: bool = False
     # Its record could not be written (a full disk): refused (507), so it leaves no record,
@@ -103,7 +94,6 @@ class Job:
     # Whether anything beyond the job's own streams shows its changes (the dashboard's feed);
     # asked from any thread, so an answer a moment old is fine.
     watched: Callable[[], bool] = lambda: False
-    _processes: set[subprocess.Popen] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _notify_scheduled: bool = False
     # One queue per event-stream listener; touched only on the loop.
@@ -115,26 +105,35 @@ class Job:
         return jobfiles.job_dir(self.files_root, self.id)
 
     @functools.cached_property
+    def context(self) -> JobContext:
+        """What its handler gets; its progress wakes whoever watches the job."""
+        return JobContext(self.id, self.options, self.input_path, self.out_dir, self.settings,
+                          on_progress=lambda _: self.changed())
+
+    @property
+    def cancel_requested(self) -> threading.Event:
+        return self.context.cancel_requested
+
+    @functools.cached_property
     def _options_json(self) -> dict[str, Any]:
         return self.options.model_dump(mode="json")  # the same in each of its records
 
     def start(self, worker_name: str) -> bool:
         """Mark the job running; False when it was cancelled while it waited in the queue."""
         with self._lock:
-            if self.status is not JobStatus.QUEUED:
+            if not lifecycle.can_start(self.status):
                 return False
             self.status = JobStatus.RUNNING
             self.started_at = time.time()
             self.worker_name = worker_name
-            self.attempt += 1
+            self.attempt = lifecycle.next_attempt(self.attempt)
         self.changed()
         return True
 
-    def finish(self, status: JobStatus, output: Output | None = None,
-               error: BaseException | None = None) -> bool:
+    def finish(self, ending: Ending) -> bool:
         """Move to a finished status once; later calls change nothing and return False."""
         with self._lock:
-            if not self._finish_locked(status, output, error):
+            if not self._finish_locked(ending):
                 return False
         self._finished()
         return True
@@ -142,25 +141,21 @@ class Job:
     def cancel(self) -> JobStatus:
         """Ask the job to stop: a queued job ends now, a running one has its child processes
         killed and it stops at its handler's next check. Returns the status it found."""
-        self.cancel_requested.set()
+        self.context.cancel()
         with self._lock:
             found = self.status
-            ended_here = found is JobStatus.QUEUED and self._finish_locked(JobStatus.CANCELLED)
-            processes = list(self._processes)
-        for process in processes:
-            process.kill()
+            ended_here = (lifecycle.at_cancel(found) is lifecycle.AtCancel.ENDS_NOW
+                          and self._finish_locked(Ending(JobStatus.CANCELLED)))
         if ended_here:
             self._finished()
         return found
 
-    def _finish_locked(self, status: JobStatus, output: Output | None = None,
-                       error: BaseException | None = None) -> bool:
-        if self.status.finished:
+    def _finish_locked(self, ending: Ending) -> bool:
+        if not lifecycle.can_end(self.status):
             return False
-        self.status = status
+        self.status = ending.status
         self.finished_at = time.time()
-        self.output = output
-        self.error = error
+        self.ending = ending
         return True
 
     def _finished(self) -> None:
@@ -169,10 +164,6 @@ class Job:
                 self.on_finish(self)
             except Exception:  # recording must not keep waiters from hearing the job ended
                 log.exception("job %s: could not record its end", self.id)
-        self.changed()
-
-    def set_progress(self, done: float, total: float, unit: str) -> None:
-        self.progress = Progress(done, total, unit)
         self.changed()
 
     def listen(self) -> asyncio.Queue[None]:
@@ -222,38 +213,22 @@ class Job:
             return self._record_locked()
 
     def _record_locked(self) -> JobRecord:
-        output, error = self.output, self.error
+        ending = self.ending
         return JobRecord(
             id=self.id, job_type=self.kind.name, status=self.status.value,
             options=self._options_json,
             input_path=str(self.input_path) if self.input_path else None,
             created_at=self.created_at, started_at=self.started_at,
             finished_at=self.finished_at, worker_name=self.worker_name,
-            progress=self.progress.as_dict(),
-            error=user_message(error, self.id),
-            error_kind=kind_of(error) if error is not None else None,
-            result={"data": output.data, "files": [path.name for path in output.files]}
-            if output else None,
+            progress=self.context.progress.as_dict(),
+            error=ending.error_message(self.id) if ending else None,
+            error_kind=ending.error_kind if ending else None,
+            result=ending.result if ending else None,
             origin=self.origin,
             owner=self.owner,
             attempt=self.attempt,
             idempotency_key=self.idempotency_key,
         )
-
-    def raise_if_cancelled(self) -> None:
-        if self.cancel_requested.is_set():
-            raise JobCancelled(self.id)
-
-    def attach_process(self, process: subprocess.Popen) -> None:
-        """Remember a child process so cancelling the job kills it."""
-        with self._lock:
-            self._processes.add(process)
-        if self.cancel_requested.is_set():
-            process.kill()
-
-    def detach_process(self, process: subprocess.Popen) -> None:
-        with self._lock:
-            self._processes.discard(process)
 
 
 class WorkerPool:
@@ -321,16 +296,10 @@ class WorkerPool:
             self._start_thread(f"{thread.name}+")
         log.error("job %s: its handler ignored the cancel for %g s; %s is given up on and a "
                   "new thread takes its place", job.id, self.abandon_after, thread.name)
-        job.finish(*self._timed_out(job))
+        job.finish(self._at_deadline(job))
 
-    def _timed_out(self, job: Job) -> tuple[JobStatus, None, TimedOut | None]:
-        """How a job stopped at its deadline ends: a /put job is cancelled (its client got
-        504 and its folder goes), a POST /jobs job fails, naming the setting."""
-        if job.origin is Origin.PUT:
-            return JobStatus.CANCELLED, None, None
-        return JobStatus.FAILED, None, TimedOut(
-            f"Job {job.id} ran longer than {self.max_run_seconds:g} s (JOBQUEUE_JOB_MAX_SECONDS)"
-            " and was stopped. Send smaller input, or raise the setting.")
+    def _at_deadline(self, job: Job) -> Ending:
+        return lifecycle.at_deadline(job.id, job.origin, self.max_run_seconds)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -449,7 +418,7 @@ class WorkerPool:
                 self._run(job)
             except BaseException as error:  # only a bug gets here; the thread keeps serving
                 log.exception("job %s: engine error", job.id)
-                job.finish(JobStatus.FAILED, error=error)
+                job.finish(Ending(JobStatus.FAILED, error=error))
             with self._lock:
                 self.running.discard(job)
                 given_up = threading.current_thread() in self.abandoned
@@ -459,36 +428,17 @@ class WorkerPool:
 
     def _run(self, job: Job) -> None:
         log.debug("job %s: %s started on %s", job.id, self.kind.name, job.worker_name)
-        try:
-            if self.kind.writes_files:
-                jobfiles.make_job_dir(job.out_dir)
-            output = self.kind.handler(job)
-        except JobCancelled:
-            status, output, error = JobStatus.CANCELLED, None, None
-        except BadInput as error_:
-            log.info("job %s: bad input: %s", job.id, error_)
-            status, output, error = JobStatus.FAILED, None, error_
-        except BaseException as error_:  # a job's failure must never end its worker thread
-            if isinstance(error_, DiskFull) or is_disk_full(error_):
-                log.error("job %s: the disk is full: %s", job.id, error_)
-                error_ = DiskFull(job.id)
-            else:
-                log.exception("job %s: failed", job.id)
-            status, output, error = JobStatus.FAILED, None, error_
-        else:
-            status, error = JobStatus.SUCCEEDED, None
-            if job.cancel_requested.is_set():
-                status, output = JobStatus.CANCELLED, None
+        ending = lifecycle.run(self.kind, job.context)
         if job.timed_out:  # whatever the handler made of being stopped
-            status, output, error = self._timed_out(job)
+            ending = self._at_deadline(job)
         seconds = time.time() - job.started_at
         self._average_seconds = 0.8 * self._average_seconds + 0.2 * seconds
         # Logged before the waiters hear of it, so the line never holds up their answer. A
         # /put job that succeeded shows in the access log already (its 200).
-        quiet = status is JobStatus.SUCCEEDED and job.origin is Origin.PUT
+        quiet = ending.status is JobStatus.SUCCEEDED and job.origin is Origin.PUT
         level = logging.DEBUG if quiet else logging.INFO
-        log.log(level, "job %s: %s after %.3f s", job.id, status.value, seconds)
-        job.finish(status, output=output, error=error)
+        log.log(level, "job %s: %s after %.3f s", job.id, ending.status.value, seconds)
+        job.finish(ending)
 
 
 class EmbeddedEngine:
@@ -741,13 +691,10 @@ class EmbeddedEngine:
             jobfiles.remove_job_dir(self.out_dir, job.id)
             self.store.delete(job.id)
             return
-        # Partial output is no use to anyone, nor is a failed /put job's: its answer carries
-        # the error. A failed POST /jobs job keeps its upload, with its record, until it is
-        # deleted.
-        if job.status is JobStatus.CANCELLED or (job.origin is Origin.PUT
-                                                 and job.status is JobStatus.FAILED):
+        keep = lifecycle.files_after(job.status, job.origin)
+        if keep is lifecycle.Keep.NOTHING:
             jobfiles.remove_job_dir(self.out_dir, job.id)
-        elif job.status is JobStatus.FAILED:
+        elif keep is lifecycle.Keep.INPUT:
             try:
                 jobfiles.discard_output(job.out_dir)
             except OSError as error:  # its end is recorded all the same
@@ -776,7 +723,7 @@ class EmbeddedEngine:
 
     def _recover(self, record: JobRecord) -> None:
         """Queue a job again from its start, its partial output discarded."""
-        if record.origin is Origin.PUT:  # its client was answered or dropped when the server went
+        if lifecycle.after_restart(record.origin) is JobStatus.CANCELLED:
             record.status, record.finished_at = JobStatus.CANCELLED.value, time.time()
             jobfiles.remove_job_dir(self.out_dir, record.id)
             self.store.save(record)

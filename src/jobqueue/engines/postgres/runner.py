@@ -3,7 +3,7 @@ process (`python -m jobqueue.worker`) or in an API replica started with `--with-
 
 Each kind is a procrastinate task on a queue of its name, `jobqueue.<kind>`, whose only
 argument is the job id; the job itself lives in `jobqueue_jobs`. The `Runner` claims the record,
-runs the kind's handler on a thread of its own with a `WorkerJob` as its context (the same
+runs the kind's handler on a thread of its own with a `JobContext` (the same
 handlers as the embedded engine), pushes progress to the record, and writes how it ended, each
 with a NOTIFY the API replicas listen for.
 
@@ -22,10 +22,9 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,25 +37,16 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
-from pydantic import BaseModel
 
-from jobqueue import rollup
+from jobqueue import lifecycle, rollup
 from jobqueue.engines.postgres import schema
-from jobqueue.errors import (
-    BadInput,
-    DiskFull,
-    JobCancelled,
-    TimedOut,
-    Unavailable,
-    is_disk_full,
-    kind_of,
-    user_message,
-)
+from jobqueue.errors import JobCancelled, Unavailable
 from jobqueue.files import FileStore, jobfiles, make_file_store
-from jobqueue.jobs import JobKind, JobStatus, Output, Progress
+from jobqueue.jobs import JobContext, JobKind, JobStatus, Output
 from jobqueue.kinds import KINDS
+from jobqueue.lifecycle import Ending
 from jobqueue.metrics import Metrics, outcome
-from jobqueue.records import JobRecord, Origin
+from jobqueue.records import JobRecord
 from jobqueue.settings import Settings
 
 log = logging.getLogger("jobqueue.worker")
@@ -98,81 +88,40 @@ def schema_sql() -> str:
     return SchemaManager.get_schema()
 
 
-class WorkerJob:
-    """A handler's `JobContext` in a worker process."""
+@dataclass(eq=False)
+class Run:
+    """One run of a job in this process: its record as claimed, its handler's context, and
+    what the runner learns of it as it goes."""
 
-    def __init__(self, record: JobRecord, kind: JobKind, options: BaseModel, settings: Settings,
-                 on_progress: Any, out_dir: Path | None = None):
-        self.id = record.id
-        self.record = record
-        self.kind = kind
-        self.options = options
-        self.settings = settings
-        self.out_dir = jobfiles.job_dir(out_dir or settings.out_dir, record.id)
-        self.input_path = Path(record.input_path) if record.input_path else kind.sample
-        self.cancel_requested = threading.Event()
-        self.timed_out = False
-        self.store_down_since: float | None = None  # while it waits for the object store
-        self.progress = Progress()
-        self._on_progress = on_progress
-        self._processes: set[subprocess.Popen] = set()
-        self._lock = threading.Lock()
+    record: JobRecord
+    context: JobContext
+    # Stopped at JOBQUEUE_JOB_MAX_SECONDS.
+    timed_out: bool = False
+    # Since when it has waited for the object store (time.monotonic()), while it does.
+    store_down_since: float | None = None
 
-    def set_progress(self, done: float, total: float, unit: str) -> None:
-        self.progress = Progress(done, total, unit)
-        self._on_progress()
-
-    def raise_if_cancelled(self) -> None:
-        if self.cancel_requested.is_set():
-            raise JobCancelled(self.id)
-
-    def attach_process(self, process: subprocess.Popen) -> None:
-        with self._lock:
-            self._processes.add(process)
-        if self.cancel_requested.is_set():
-            process.kill()
-
-    def detach_process(self, process: subprocess.Popen) -> None:
-        with self._lock:
-            self._processes.discard(process)
-
-    def cancel(self) -> None:
-        """Ask the handler to stop and kill its children (from any thread)."""
-        self.cancel_requested.set()
-        with self._lock:
-            running = list(self._processes)
-        for process in running:
-            process.kill()
+    @property
+    def id(self) -> str:
+        return self.record.id
 
 
-def run_handler(kind: JobKind, job: WorkerJob, files: FileStore
-                ) -> tuple[JobStatus, Output | None, BaseException | None]:
+def run_handler(kind: JobKind, run: Run, files: FileStore) -> Ending:
     """On a thread: fetch the job's input, run the kind's handler, keep its outputs; and how
-    it ended."""
-    try:
+    it ended (lifecycle.run)."""
+    context, record = run.context, run.record
+
+    def prepare() -> None:
         if kind.writes_files:
-            jobfiles.make_job_dir(job.out_dir)
-            jobfiles.discard_output(job.out_dir)  # what a dead run of this job left
-        if job.record.input_path:
-            job.input_path = until_stored(job, lambda: files.fetch_input(
-                job.id, job.record.input_path, job.raise_if_cancelled))
-        output = kind.handler(job)
-        job.raise_if_cancelled()
-        if output.files:
-            until_stored(job, lambda: files.publish(job.record, output.files,
-                                                    job.raise_if_cancelled))
-    except JobCancelled:
-        return JobStatus.CANCELLED, None, None
-    except BadInput as error:
-        log.info("job %s: bad input: %s", job.id, error)
-        return JobStatus.FAILED, None, error
-    except BaseException as error:  # a job's failure must never end the worker
-        if isinstance(error, DiskFull) or is_disk_full(error):
-            log.error("job %s: the disk is full: %s", job.id, error)
-            return JobStatus.FAILED, None, DiskFull(job.id)
-        log.exception("job %s: failed", job.id)
-        return JobStatus.FAILED, None, error
-    return JobStatus.SUCCEEDED, output, None
+            jobfiles.discard_output(context.out_dir)  # what a dead run of this job left
+        if record.input_path:
+            context.input_path = until_stored(run, lambda: files.fetch_input(
+                run.id, record.input_path, context.raise_if_cancelled))
+
+    def keep(output: Output) -> None:
+        until_stored(run, lambda: files.publish(record, output.files,
+                                                context.raise_if_cancelled))
+
+    return lifecycle.run(kind, context, prepare, keep)
 
 
 def clear_dead_scratch(out_dir: Path) -> None:
@@ -188,7 +137,7 @@ def clear_dead_scratch(out_dir: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def until_stored(job: WorkerJob, action: Any) -> Any:
+def until_stored(run: Run, action: Any) -> Any:
     """`action` (a transfer to or from the object store), tried again while the store cannot
     be reached: an outage holds the job, it does not fail it. A cancel, or the job's run-time
     limit, still stops it, between two tries and within a transfer (`action` checks)."""
@@ -196,14 +145,14 @@ def until_stored(job: WorkerJob, action: Any) -> Any:
         try:
             result = action()
         except Unavailable as error:
-            if job.store_down_since is None:
-                log.warning("job %s: %s; waiting for it", job.id, error)
-                job.store_down_since = time.monotonic()
+            if run.store_down_since is None:
+                log.warning("job %s: %s; waiting for it", run.id, error)
+                run.store_down_since = time.monotonic()
         else:
-            job.store_down_since = None
+            run.store_down_since = None
             return result
-        if job.cancel_requested.wait(RETRY_SECONDS):
-            raise JobCancelled(job.id)
+        if run.context.cancel_requested.wait(RETRY_SECONDS):
+            raise JobCancelled(run.id)
 
 
 async def whole(work: Any) -> Any:
@@ -245,7 +194,7 @@ class Runner:
         # replica --with-workers, whose /metrics has them.
         self.metrics_url: str | None = None
         self.app = app or make_app()
-        self.running: dict[str, WorkerJob] = {}
+        self.running: dict[str, Run] = {}
         concurrency = sum(settings.limits(name).workers for name in kinds)
         self.executor = ThreadPoolExecutor(concurrency + 1, thread_name_prefix="job")
         self._workers: list[asyncio.Task] = []
@@ -302,7 +251,7 @@ class Runner:
     def kill_children(self) -> None:
         """From any thread, when the loop is gone: no child outlives this process."""
         for job in list(self.running.values()):
-            job.cancel()
+            job.context.cancel()
 
     # ---- procrastinate's side ----
 
@@ -398,9 +347,10 @@ class Runner:
                         "SELECT id FROM jobqueue_jobs WHERE id = ANY(%s) "
                         "AND cancelled_as IS NOT NULL", (list(self.running),))
                     for (job_id,) in await cursor.fetchall():
-                        if (job := self.running.get(job_id)) and not job.cancel_requested.is_set():
+                        job = self.running.get(job_id)
+                        if job and not job.context.cancel_requested.is_set():
                             log.info("job %s: cancelled; stopping it", job_id)
-                            job.cancel()
+                            job.context.cancel()
 
     async def _rescue_one(self, procrastinate_id: int | None, job_id: str | None = None,
                           only_queued: bool = False) -> None:
@@ -435,7 +385,7 @@ class Runner:
                     # records' own heartbeats decide that (STRANDED), not procrastinate's.
                     return
             for record in rows:
-                if record.id in cancelled:
+                if lifecycle.after_interrupted_run(record.id in cancelled) is JobStatus.CANCELLED:
                     await conn.execute("UPDATE jobqueue_jobs SET status = 'cancelled', "
                                        "finished_at = %s WHERE id = %s",
                                        (time.time(), record.id))
@@ -461,15 +411,15 @@ class Runner:
 
     # ---- a job ----
 
-    async def run_job(self, context: ProcrastinateContext, job_id: str) -> None:
+    async def run_job(self, task_context: ProcrastinateContext, job_id: str) -> None:
         # Whole or not at all: an abort cutting a claim short would leave the record queued
         # with its procrastinate job gone (the rescue would find it, later).
-        claim = asyncio.ensure_future(self._claim(job_id, context.job.id))
+        claim = asyncio.ensure_future(self._claim(job_id, task_context.job.id))
         try:
             record = await asyncio.shield(claim)
         except asyncio.CancelledError:  # aborted before it started: it gives the job back
             if (record := await whole(claim)) is not None:
-                await whole(self._release(record, context.abort_reason()))
+                await whole(self._release(record, task_context.abort_reason()))
             raise
         if record is None:
             return  # cancelled or deleted meanwhile
@@ -477,8 +427,11 @@ class Runner:
         options = kind.options.model_validate(record.options)
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
-        job = WorkerJob(record, kind, options, self.settings, out_dir=self.files.out_dir,
-                        on_progress=lambda: loop.call_soon_threadsafe(changed.set))
+        context = JobContext(job_id, options,
+                             Path(record.input_path) if record.input_path else kind.sample,
+                             jobfiles.job_dir(self.files.out_dir, job_id), self.settings,
+                             on_progress=lambda _: loop.call_soon_threadsafe(changed.set))
+        job = Run(record, context)
         self.running[job_id] = job
         self.metrics.job_started(record.job_type, record.created_at, record.started_at)
         running = self.metrics.running.labels(record.job_type, "process")
@@ -488,35 +441,30 @@ class Runner:
         handler = loop.run_in_executor(self.executor, run_handler, kind, job, self.files)
         try:
             try:
-                status, output, error = await asyncio.wait_for(asyncio.shield(handler),
-                                                               self.settings.job_max_seconds)
+                ending = await asyncio.wait_for(asyncio.shield(handler),
+                                                self.settings.job_max_seconds)
             except TimeoutError:  # JOBQUEUE_JOB_MAX_SECONDS
                 job.timed_out = True
-                job.cancel()
+                context.cancel()
                 await handler
-                status, output, error = JobStatus.FAILED, None, TimedOut(
-                    f"Job {job_id} ran longer than {self.settings.job_max_seconds:g} s "
-                    "(JOBQUEUE_JOB_MAX_SECONDS) and was stopped. Send smaller input, or raise "
-                    "the setting.")
-                if job.store_down_since is not None:  # not the input's fault: say whose
-                    error = Unavailable(
-                        f"Job {job_id} waited {time.monotonic() - job.store_down_since:.0f} s "
-                        "for the object store (JOBQUEUE_STORAGE_URL), which could not be "
-                        "reached, until JOBQUEUE_JOB_MAX_SECONDS stopped it. Send it again "
-                        "once the store is back.")
+                down = job.store_down_since
+                ending = lifecycle.at_deadline(
+                    job_id, record.origin, self.settings.job_max_seconds,
+                    time.monotonic() - down if down is not None else None)
             except asyncio.CancelledError:  # procrastinate's abort: a cancel, or a shutdown
-                job.cancel()
+                context.cancel()
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(handler)
-                if context.abort_reason() == AbortReason.SHUTDOWN:
+                cancelled = task_context.abort_reason() != AbortReason.SHUTDOWN
+                if lifecycle.after_interrupted_run(cancelled) is JobStatus.QUEUED:
                     await asyncio.shield(self._requeue(job))
                 else:
-                    await asyncio.shield(self._finish(job, JobStatus.CANCELLED, None, None))
+                    await asyncio.shield(self._finish(job, Ending(JobStatus.CANCELLED)))
                 raise
             # Whole, whatever aborts it: a cancel the watch of cancels saw first ends the
             # handler, and procrastinate's abort of the same cancel may come as the end is
             # written; cut short, the record would stay running until a rescue.
-            await whole(self._finish(job, status, output, error))
+            await whole(self._finish(job, ending))
         finally:
             pusher.cancel()
             running.dec()
@@ -554,7 +502,8 @@ class Runner:
         """A job claimed just as procrastinate aborted its run: queued again after a
         shutdown, cancelled after a cancel."""
         async with self.pool.connection() as conn, conn.transaction():
-            if reason == AbortReason.SHUTDOWN:
+            asked_to_cancel = reason != AbortReason.SHUTDOWN
+            if lifecycle.after_interrupted_run(asked_to_cancel) is JobStatus.QUEUED:
                 rows = await schema.fetch(
                     conn, "UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, "
                           "worker_name = NULL WHERE id = %s AND attempt = %s "
@@ -569,7 +518,7 @@ class Runner:
                 await schema.notify(conn, record.id, record.owner)
         log.info("job %s: aborted as it started (%s)", record.id, reason)
 
-    async def _push_progress(self, job: WorkerJob, changed: asyncio.Event) -> None:
+    async def _push_progress(self, job: Run, changed: asyncio.Event) -> None:
         while True:
             await changed.wait()
             changed.clear()
@@ -578,18 +527,15 @@ class Runner:
                     await conn.execute(
                         "UPDATE jobqueue_jobs SET progress = %s WHERE id = %s AND attempt = %s "
                         "AND status = 'running'",
-                        (Jsonb(job.progress.as_dict()), job.id, job.record.attempt))
+                        (Jsonb(job.context.progress.as_dict()), job.id, job.record.attempt))
                     await schema.notify(conn, job.id, job.record.owner)
             await asyncio.sleep(PROGRESS_SECONDS)
 
-    async def _finish(self, job: WorkerJob, status: JobStatus, output: Output | None,
-                      error: BaseException | None) -> None:
+    async def _finish(self, job: Run, ending: Ending) -> None:
         """Write how the job ended; only the run that claimed it last may. An outage of the
         database holds the end until the database is back."""
-        record = job.record
-        result = ({"data": output.data, "files": [path.name for path in output.files]}
-                  if output else None)
-        error_kind = kind_of(error) if error is not None else None
+        record, status = job.record, ending.status
+        result, error_kind = ending.result, ending.error_kind
         finished_at = time.time()
         while True:
             try:
@@ -599,8 +545,8 @@ class Runner:
                         "error = %s, error_kind = %s, result = %s "
                         "WHERE id = %s AND attempt = %s AND status = 'running' "
                         "RETURNING cancelled_as",
-                        (status.value, finished_at, Jsonb(job.progress.as_dict()),
-                         user_message(error, job.id), error_kind,
+                        (status.value, finished_at, Jsonb(job.context.progress.as_dict()),
+                         ending.error_message(job.id), error_kind,
                          Jsonb(result) if result is not None else None,
                          job.id, record.attempt))
                     ended = await cursor.fetchone()  # None: a later run owns the job now
@@ -626,14 +572,13 @@ class Runner:
         log.info("job %s: %s after %.3f s", job.id, status.value,
                  finished_at - (record.started_at or finished_at))
 
-    def _tidy(self, job: WorkerJob, status: JobStatus, result: dict | None, ended: bool) -> None:
+    def _tidy(self, job: Run, status: JobStatus, result: dict | None, ended: bool) -> None:
         """The files of a run that ended. Only the run that owns the job touches what is
         kept: a run given up on (its worker stopped beating) that ends later clears its own
         scratch and nothing else."""
         record = job.record
-        discard = status is JobStatus.CANCELLED or (record.origin is Origin.PUT
-                                                   and status is JobStatus.FAILED)
-        if ended and discard:  # partial output is no use to anyone, nor a failed /put's
+        keep = lifecycle.files_after(status, record.origin)
+        if ended and keep is lifecycle.Keep.NOTHING:
             try:
                 self.files.remove(job.id)
             except Unavailable as error:  # the sweep of objects no record owns gets them
@@ -643,8 +588,8 @@ class Runner:
             self.files.finished(record)
         elif self.files.remote:  # the store keeps what there is; this was scratch
             jobfiles.remove_job_dir(self.files.out_dir, job.id)
-        elif ended and status is JobStatus.FAILED:  # shared folder: its partial output goes,
-            jobfiles.discard_output(job.out_dir)  # its upload stays with its record
+        elif ended and keep is lifecycle.Keep.INPUT:  # shared folder: its partial output
+            jobfiles.discard_output(job.context.out_dir)  # goes, its upload stays
 
     async def _queue_again(self, conn: AsyncConnection, record: JobRecord) -> None:
         """Give a job set back to queued (within `conn`'s transaction) a procrastinate job."""
@@ -654,7 +599,7 @@ class Runner:
                            (procrastinate_id, record.id))
         await schema.notify(conn, record.id, record.owner)
 
-    async def _requeue(self, job: WorkerJob) -> None:
+    async def _requeue(self, job: Run) -> None:
         """A shutdown stopped the job: queue it again (with a procrastinate job of its own)."""
         record = job.record
         async with self.pool.connection() as conn, conn.transaction():

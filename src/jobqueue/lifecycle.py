@@ -1,0 +1,191 @@
+"""A job's lifecycle: every transition and every rule attached to one, for both engines.
+
+    submit ──> queued ──start──> running ──end──> succeeded | failed | cancelled
+                 │  ^                │
+                 │  └───requeue──────┤   (a shutdown, a dead worker: it runs again)
+                 └──cancel──> cancelled <──cancel (stops the run; its end says cancelled)
+
+An ended job never changes again: a late cancel, a second DELETE, an end of a stale run (an
+attempt that is no longer the job's) or a second end change nothing. The engines keep the state
+(a `Job` under a lock in the embedded one, a row in PostgreSQL guarded by the same rules in its
+statements) and ask this module what each event does; neither decides an outcome itself.
+
+`run` is the ladder from a handler's run to its `Ending`; `at_deadline` is how a job stopped at
+its run-time limit ends; `files_after` says which of a job's files stay once it has ended.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from jobqueue.errors import (
+    BadInput,
+    DiskFull,
+    JobCancelled,
+    TimedOut,
+    Unavailable,
+    is_disk_full,
+    kind_of,
+    user_message,
+)
+from jobqueue.files import jobfiles
+from jobqueue.jobs import JobContext, JobKind, JobStatus, Output
+from jobqueue.records import Origin
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING = JobStatus.QUEUED, JobStatus.RUNNING
+SUCCEEDED, FAILED, CANCELLED = JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
+
+# Which statuses each transition leaves from. The PostgreSQL statements guard their UPDATEs
+# with these same sets (`status = ANY(...)`), the embedded engine checks them under its lock.
+CAN_START = frozenset({QUEUED})
+# A run ends, or is given back to the queue, only while it runs, and only the run that claimed
+# the job last (its `attempt`) may.
+CAN_END = frozenset({RUNNING})
+CAN_REQUEUE = frozenset({RUNNING})
+# A queued job ends at its cancel; a running one is told to stop and ends when its run does.
+ENDS_AT_CANCEL = frozenset({QUEUED})
+STOPS_AT_CANCEL = frozenset({RUNNING})
+
+
+def status_values(statuses: frozenset[JobStatus]) -> list[str]:
+    """A transition's statuses as the records store them, for a statement's `= ANY(%s)`."""
+    return sorted(status.value for status in statuses)
+
+
+def can_start(status: JobStatus) -> bool:
+    return status in CAN_START
+
+
+def can_end(status: JobStatus) -> bool:
+    """Whether an end may be written: never twice, never after a cancel ended it."""
+    return not status.finished
+
+
+def next_attempt(attempt: int) -> int:
+    """The attempt a start makes: every run, the first and each one after a requeue, counts."""
+    return attempt + 1
+
+
+class AtCancel(Enum):
+    """What a cancel does to a job, by the status it finds."""
+
+    ENDS_NOW = "ends now"  # queued: cancelled at once, its queue slot given back
+    STOPS_RUN = "stops its run"  # running: its children are killed, its run ends cancelled
+    NOTHING = "nothing"  # ended already: a late or second cancel changes nothing
+
+
+def at_cancel(status: JobStatus) -> AtCancel:
+    if status in ENDS_AT_CANCEL:
+        return AtCancel.ENDS_NOW
+    if status in STOPS_AT_CANCEL:
+        return AtCancel.STOPS_RUN
+    return AtCancel.NOTHING
+
+
+def after_interrupted_run(cancel_requested: bool) -> JobStatus:
+    """A run that stopped without an end of its own (its worker shut down, or died): a job a
+    cancel asked to stop is cancelled, any other is queued again to run from the start."""
+    return CANCELLED if cancel_requested else QUEUED
+
+
+def after_restart(origin: Origin) -> JobStatus:
+    """An unfinished job found at an embedded server's start: a /put job's client was answered
+    or gone with the server, so it is cancelled; a POST /jobs job is queued again."""
+    return CANCELLED if origin is Origin.PUT else QUEUED
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a run ended: its status, the handler's output (succeeded only) and its error."""
+
+    status: JobStatus
+    output: Output | None = None
+    error: BaseException | None = None
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        """The result as a record keeps it: the handler's data and its files' names."""
+        if self.output is None:
+            return None
+        return {"data": self.output.data, "files": [path.name for path in self.output.files]}
+
+    @property
+    def error_kind(self) -> str | None:
+        return kind_of(self.error) if self.error is not None else None
+
+    def error_message(self, job_id: str) -> str | None:
+        return user_message(self.error, job_id)
+
+
+def run(kind: JobKind, context: JobContext, prepare: Callable[[], None] | None = None,
+        keep: Callable[[Output], None] | None = None) -> Ending:
+    """Run a job's handler on this thread, and how it ended. `prepare` runs first (a worker
+    fetches the input), `keep` after a success (a worker publishes the outputs); a cancel
+    during either ends the job cancelled too.
+
+    The ladder: a handler that returns succeeds, unless a cancel came meanwhile; a cancel
+    (JobCancelled) cancels; BadInput (TooLarge, UnsupportedInput) fails with its message; a
+    full disk fails naming the disk; anything else fails as an internal error, its traceback
+    logged. A deadline or a shutdown is the engine's to apply on top (`at_deadline`,
+    `after_interrupted_run`)."""
+    try:
+        if kind.writes_files:
+            jobfiles.make_job_dir(context.out_dir)
+        if prepare is not None:
+            prepare()
+        output = kind.handler(context)
+        context.raise_if_cancelled()
+        if keep is not None and output.files:
+            keep(output)
+    except JobCancelled:
+        return Ending(CANCELLED)
+    except BadInput as error:
+        log.info("job %s: bad input: %s", context.id, error)
+        return Ending(FAILED, error=error)
+    except BaseException as error:  # a job's failure must never end its worker
+        if isinstance(error, DiskFull) or is_disk_full(error):
+            log.error("job %s: the disk is full: %s", context.id, error)
+            return Ending(FAILED, error=DiskFull(context.id))
+        log.exception("job %s: failed", context.id)
+        return Ending(FAILED, error=error)
+    return Ending(SUCCEEDED, output)
+
+
+def at_deadline(job_id: str, origin: Origin, max_seconds: float,
+                store_down_for: float | None = None) -> Ending:
+    """How a job stopped at its deadline ends, whatever its handler made of being stopped: a
+    /put job is cancelled (its client got 504 and its folder goes), a POST /jobs job fails
+    naming the setting, or naming the object store when the run waited for it all along."""
+    if origin is Origin.PUT:
+        return Ending(CANCELLED)
+    if store_down_for is not None:  # not the input's fault: say whose
+        return Ending(FAILED, error=Unavailable(
+            f"Job {job_id} waited {store_down_for:.0f} s for the object store "
+            "(JOBQUEUE_STORAGE_URL), which could not be reached, until "
+            "JOBQUEUE_JOB_MAX_SECONDS stopped it. Send it again once the store is back."))
+    return Ending(FAILED, error=TimedOut(
+        f"Job {job_id} ran longer than {max_seconds:g} s (JOBQUEUE_JOB_MAX_SECONDS) and was "
+        "stopped. Send smaller input, or raise the setting."))
+
+
+class Keep(Enum):
+    """Which of an ended job's files stay."""
+
+    ALL = "all"  # succeeded: its upload and its outputs, until it is deleted or expires
+    INPUT = "input"  # a failed POST /jobs job: its upload stays with its record, to look at
+    NOTHING = "nothing"  # cancelled, or a failed /put job (its answer carried the error)
+
+
+def files_after(status: JobStatus, origin: Origin) -> Keep:
+    """Partial output is no use to anyone, nor is a failed /put job's."""
+    if status is CANCELLED or (status is FAILED and origin is Origin.PUT):
+        return Keep.NOTHING
+    if status is FAILED:
+        return Keep.INPUT
+    return Keep.ALL
