@@ -21,7 +21,7 @@ from jobqueue.errors import QueueFull
 from jobqueue.files import retention
 from jobqueue.files.jobfiles import job_dir, make_job_dir, new_job_id
 from jobqueue.jobs import JobContext, JobKind, JobStatus, Output
-from jobqueue.records import JobRecord, Origin, SqliteJobStore, list_query
+from jobqueue.records import QUERIES, JobRecord, Origin, SqliteJobStore, list_query
 from jobqueue.settings import Settings
 
 
@@ -276,7 +276,7 @@ def test_a_page_of_jobs_stops_at_its_end_rather_than_sorting_them_all(tmp_path, 
     """GET /jobs' query walks an index in the order of the page and stops at its end: no sort
     of all of an owner's jobs first, which took 40 ms a page with 2,500 jobs of large results."""
     SqliteJobStore(tmp_path / "jobs.db").close()  # the schema, as the server makes it
-    sql, params = list_query(status, job_type, 20, 0, "")
+    sql, params = list_query(QUERIES, status, job_type, 20, 0, "")
     with contextlib.closing(sqlite3.connect(tmp_path / "jobs.db")) as db:
         plan = " / ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", params))
     assert "TEMP B-TREE" not in plan, plan

@@ -243,7 +243,8 @@ def test_a_jobs_db_from_before_attempts_were_counted(tmp_path):
             "waiting": ("queued", None, None, None), "crashed": ("running", now - 3, None, None)}
     ids = {name: str(uuid.uuid4()) for name in jobs}
     with contextlib.closing(sqlite3.connect(tmp_path / "out" / "jobs.db")) as old:
-        old.executescript(records.SCHEMA)  # the first tables, before the added columns
+        # The first tables, before the added columns.
+        old.executescript(records.QUERIES["make_tables"])
         assert "attempt" not in {row[1] for row in old.execute("PRAGMA table_info(jobs)")}
         old.executemany(
             "INSERT INTO jobs (id, job_type, status, options, created_at, started_at, "

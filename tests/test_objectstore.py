@@ -4,6 +4,7 @@ reading a local file; the store stopped and started under them."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import http.server
 import io
@@ -25,6 +26,7 @@ from obstore.store import S3Store
 
 from conftest import DATA, eventually, free_port
 from deployments import deploy
+from jobqueue.engines.embedded.engine import EmbeddedEngine
 from jobqueue.engines.postgres.runner import SCRATCH_PREFIX, clear_dead_scratch
 from jobqueue.errors import JobCancelled
 from jobqueue.files import retention
@@ -374,6 +376,13 @@ def test_the_store_down_is_503_and_loses_no_accepted_job(postgres, tmp_path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def sweep(sweeper: retention.StoredOrphans, records: SqliteJobStore,
+          files: ObjectFiles) -> list[str]:
+    """One sweep of the object store, with `records` the embedded engine's job store."""
+    engine = EmbeddedEngine(Settings(out_dir=files.out_dir), {}, store=records)
+    return asyncio.run(sweeper.sweep(engine, files))
+
+
 def test_the_sweep_removes_objects_no_record_owns(seaweed, tmp_path, monkeypatch):
     settings = Settings(out_dir=tmp_path / "out", **storage(seaweed.url))
     files = ObjectFiles(settings)
@@ -386,13 +395,13 @@ def test_the_sweep_removes_objects_no_record_owns(seaweed, tmp_path, monkeypatch
     sweeper = retention.StoredOrphans()
     # The first sweep finds both without a record: suspects, nothing removed yet (an upload
     # is stored before its record is written).
-    assert sweeper.sweep(records, files) == []
+    assert sweep(sweeper, records, files) == []
     assert set(sweeper.suspects) == {orphan, coming}
     # Meanwhile `coming` gets its record; the next sweep removes only the orphan.
     records.save(JobRecord(id=coming, job_type="pdf2image", status="queued", options={},
                            input_path=f"jobs/{coming}/input/a.pdf", created_at=time.time()))
     records.flush()
-    assert sweeper.sweep(records, files) == [orphan]
+    assert sweep(sweeper, records, files) == [orphan]
     assert list(obstore.list(files.store, prefix=f"jobs/{orphan}/").collect()) == []
     assert len(list(obstore.list(files.store, prefix=f"jobs/{coming}/").collect())) == 1
     assert bytes(obstore.get(files.store, "not-a-job/keep.txt").bytes()) == b"someone else's"
@@ -402,7 +411,7 @@ def test_the_sweep_removes_objects_no_record_owns(seaweed, tmp_path, monkeypatch
     obstore.put(files.store, f"jobs/{old}/attempt-1/page-001.png", b"png")
     monkeypatch.setattr(retention, "ORPHAN_SECONDS", 3600.0)
     monkeypatch.setattr(retention, "STALE_OBJECT_SECONDS", 0.0)
-    assert retention.StoredOrphans().sweep(records, files) == [old]
+    assert sweep(retention.StoredOrphans(), records, files) == [old]
     assert list(obstore.list(files.store, prefix=f"jobs/{old}/").collect()) == []
     assert len(list(obstore.list(files.store, prefix=f"jobs/{coming}/").collect())) == 1
     records.close()
@@ -439,8 +448,8 @@ def test_objects_older_than_the_job_store_are_never_swept(seaweed, tmp_path, mon
     monkeypatch.setattr(retention, "STALE_OBJECT_SECONDS", 0.0)
     monkeypatch.setattr(retention, "STORE_CLOCK_MARGIN", 0.0)
     sweeper = retention.StoredOrphans()
-    assert sweeper.sweep(records, files) == []
-    assert sweeper.sweep(records, files) == []
+    assert sweep(sweeper, records, files) == []
+    assert sweep(sweeper, records, files) == []
     assert before in sweeper.strangers
     assert len(list(obstore.list(files.store, prefix=f"jobs/{before}/").collect())) == 1
     records.close()

@@ -113,7 +113,7 @@ def test_two_workers_rescuing_one_stranded_job_queue_it_again_once(postgres, tmp
                                options={"data": "x", "seconds": 0}, input_path=None,
                                created_at=time.time(), origin=Origin.JOBS)
             async with pool.connection() as conn, conn.transaction():
-                await conn.execute(schema.INSERT, schema.params(record))
+                await conn.execute(schema.QUERIES["insert_job"], schema.params(record))
                 await conn.execute("UPDATE jobqueue_jobs SET worker_name = 'dead', "
                                    "attempt = 1, procrastinate_id = NULL WHERE id = %s",
                                    (job_id,))

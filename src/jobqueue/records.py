@@ -1,8 +1,8 @@
 """Job records: what is kept of each job, so accepted jobs survive a restart.
 
 `JobRecord` is a job as every part of the server sees it; `JobStore` is what keeps them. The
-embedded engine keeps them in SQLite (`SqliteJobStore`, here); the distributed one in its
-PostgreSQL table (`engines/postgres.py`).
+embedded engine keeps them in SQLite (`SqliteJobStore`, here, with its statements in
+records.sql); the distributed one in its PostgreSQL table (`engines/postgres/`).
 
 In SQLite, writes go behind:
 `save` and `delete` only note the change, and one writer thread commits
@@ -29,50 +29,19 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from jobqueue import rollup
+from jobqueue import rollup, sql
 from jobqueue.errors import CannotStart, RecordsDiskFull
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    job_type TEXT NOT NULL,
-    status TEXT NOT NULL,
-    options TEXT NOT NULL,
-    input_path TEXT,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    worker_name TEXT,
-    progress TEXT,
-    error TEXT,
-    result TEXT,
-    origin TEXT NOT NULL DEFAULT 'jobs',
-    owner TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
-CREATE TABLE IF NOT EXISTS store (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-""" + rollup.table_sql("job_minutes", "INTEGER")
-# Columns added after the first release, for databases made before them. (A database that
-# still has the old bad_input column keeps it, unused.)
+# Every statement the store sends, by name (records.sql).
+QUERIES = sql.load("jobqueue", "records.sql")
+# Columns added after the first release, for databases made before them: the query that adds
+# each, and the one that fills it in (in the same transaction), if it needs one.
 ADDED_COLUMNS = {
-    "owner": "TEXT NOT NULL DEFAULT ''",
-    "error_kind": "TEXT",
-    "attempt": "INTEGER NOT NULL DEFAULT 0",
-    "idempotency_key": "TEXT",
+    "owner": ("add_owner", None),
+    "error_kind": ("add_error_kind", None),
+    "attempt": ("add_attempt", "backfill_attempt"),
+    "idempotency_key": ("add_idempotency_key", None),
 }
-# What an added column's rows get in the same transaction: a record from before attempts
-# were counted that had started ran at least once (a job it was running when the server died
-# then counts its rerun as the second).
-BACKFILLS = {
-    "attempt": "UPDATE jobs SET attempt = 1 WHERE started_at IS NOT NULL",
-}
-# jobs_listing: a page of GET /jobs walks one owner's newest jobs and stops at the page's end,
-# rather than sorting all of them (and summarizing each one's result) first.
-INDEXES = """
-CREATE INDEX IF NOT EXISTS jobs_idempotency ON jobs (owner, idempotency_key);
-CREATE INDEX IF NOT EXISTS jobs_listing ON jobs (owner, seq);
-"""
 JSON_COLUMNS = ("options", "progress", "result")
 # After a failed commit (a full disk), the writer tries again this much later, twice as late
 # after each further failure up to RETRY_MAX_SECONDS: a disk with room again is used within
@@ -123,9 +92,6 @@ class JobRecord:
 
 COLUMNS = [column.name for column in fields(JobRecord)]
 COLUMN_SET = set(COLUMNS)
-UPSERT = (f"INSERT INTO jobs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
-          "ON CONFLICT(id) DO UPDATE SET "
-          + ", ".join(f"{column} = excluded.{column}" for column in COLUMNS if column != "id"))
 
 
 class _Change(NamedTuple):
@@ -141,30 +107,20 @@ def _row(record: JobRecord) -> tuple:
                  else getattr(record, column) for column in COLUMNS)
 
 
-def list_filter(status: str | None, job_type: str | None, owner: str,
-                mark: str) -> tuple[str, list]:
-    """The WHERE of a page of jobs (one owner's, of one status and one kind if given) and
-    its parameters; `mark` is the driver's placeholder (sqlite3's ?, psycopg's %s)."""
-    where, params = [f"owner = {mark}"], [owner]
+def list_query(queries: sql.Queries, status: str | None, job_type: str | None, limit: int,
+               offset: int, owner: str) -> tuple[str, tuple]:
+    """A page of one owner's job summaries, newest first, of one status and one kind if
+    given: the `list_jobs` query of `queries` (SQLite's QUERIES, or PostgreSQL's) with its
+    filters, and its parameters."""
+    filters, params = [], [owner]
     if status:
-        where.append(f"status = {mark}")
+        filters.append(queries["and_status"])
         params.append(status)
     if job_type:
-        where.append(f"job_type = {mark}")
+        filters.append(queries["and_job_type"])
         params.append(job_type)
-    return " AND ".join(where), params
-
-
-def list_query(status: str | None, job_type: str | None, limit: int, offset: int,
-               owner: str) -> tuple[str, tuple]:
-    """SqliteJobStore.list's query and its parameters."""
-    where, params = list_filter(status, job_type, owner, "?")
-    light = [column for column in COLUMNS if column not in ("options", "result")]
-    sql = (f"SELECT seq, {', '.join(light)}, '{{}}' AS options, "
-           "CASE WHEN json_type(result) = 'object' "
-           "THEN json_object('files', json_extract(result, '$.files')) END AS result "
-           f"FROM jobs WHERE {where} ORDER BY seq DESC LIMIT ? OFFSET ?")
-    return sql, (*params, limit, offset)
+    return (sql.fill(queries["list_jobs"], filters=" ".join(filters)),
+            (*params, limit, offset))
 
 
 class JobStore(Protocol):
@@ -218,25 +174,25 @@ class SqliteJobStore:
             self._db.row_factory = sqlite3.Row
             self._lock = threading.Lock()  # the writer's connection: one statement at a time
             with self._lock:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute(QUERIES["journal_mode"])
+                self._db.execute(QUERIES["synchronous"])
                 # A damaged file would otherwise open, and every read of a bad page be a 500.
-                problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]
+                problems = [row[0] for row in self._db.execute(QUERIES["quick_check"])]
                 if problems != ["ok"]:
                     raise sqlite3.DatabaseError("; ".join(problems))
-                self._db.executescript(SCHEMA)
-                present = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
-                for column, definition in ADDED_COLUMNS.items():
+                self._db.executescript(QUERIES["make_tables"])
+                present = {row["name"] for row in self._db.execute(QUERIES["table_columns"])}
+                for column, (add, backfill) in ADDED_COLUMNS.items():
                     if column not in present:
                         self._db.execute("BEGIN IMMEDIATE")
-                        self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
-                        if column in BACKFILLS:
-                            self._db.execute(BACKFILLS[column])
+                        self._db.execute(QUERIES[add])
+                        if backfill is not None:
+                            self._db.execute(QUERIES[backfill])
                         self._db.execute("COMMIT")
-                self._db.executescript(INDEXES)
-                self._db.executemany("INSERT OR IGNORE INTO store VALUES (?, ?)",
+                self._db.executescript(QUERIES["make_indexes"])
+                self._db.executemany(QUERIES["note_store"],
                                      [("id", new_store_id()), ("created_at", str(time.time()))])
-                made = dict(self._db.execute("SELECT name, value FROM store").fetchall())
+                made = dict(self._db.execute(QUERIES["store_made"]).fetchall())
                 self.store_id, self.created_at = made["id"], float(made["created_at"])
         except sqlite3.OperationalError as error:  # a full disk, no access: not damage
             if "locked" in str(error):
@@ -420,10 +376,10 @@ class SqliteJobStore:
             try:
                 for job_id, change in batch.items():
                     if change.record is None:
-                        self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                        self._db.execute(QUERIES["delete_job"], (job_id,))
                     else:
-                        self._db.execute(UPSERT, change.row or _row(change.record))
-                self._db.executemany(rollup.upsert("job_minutes", "?"),
+                        self._db.execute(QUERIES["save_job"], change.row or _row(change.record))
+                self._db.executemany(QUERIES["add_minutes"],
                                      [(*key, jobs) for key, jobs in ended.items()])
                 self._db.execute("COMMIT")
             except BaseException:
@@ -442,7 +398,7 @@ class SqliteJobStore:
         backlog does not keep a full disk full."""
         try:
             with self._lock:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._db.execute(QUERIES["shrink_log"])
         except sqlite3.Error as error:
             log.warning("could not shrink %s-wal: %s", self.location, error)
 
@@ -453,8 +409,7 @@ class SqliteJobStore:
                     record = change.record
                     if record and record.owner == owner and record.idempotency_key == key:
                         return record
-        rows = self._query("SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?",
-                           (owner, key), flush=False)
+        rows = self._query(QUERIES["select_idempotent"], (owner, key), flush=False)
         # A record deleted meanwhile (pending, not written yet) does not count.
         return next((r for r in rows if self.get(r.id) is not None), None)
 
@@ -463,7 +418,7 @@ class SqliteJobStore:
             for changes in (self._pending, self._writing):  # the newer first
                 if job_id in changes:
                     return changes[job_id].record
-        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,), flush=False)
+        rows = self._query(QUERIES["select_job"], (job_id,), flush=False)
         return rows[0] if rows else None
 
     def known(self, job_ids: list[str]) -> set[str]:
@@ -474,26 +429,25 @@ class SqliteJobStore:
         """One owner's jobs, newest first, optionally filtered by status and job type, as
         summaries: without their options, and with only the file names of their result (a
         page of jobs whose results or options are megabytes each stays small)."""
-        return self._query(*list_query(status, job_type, limit, offset, owner))
+        return self._query(*list_query(QUERIES, status, job_type, limit, offset, owner))
 
     def unfinished(self) -> list[JobRecord]:
         """Queued and running jobs in the order they arrived."""
-        return self._query("SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY seq")
+        return self._query(QUERIES["unfinished_jobs"])
 
     def finished_before(self, timestamp: float) -> list[JobRecord]:
-        return self._query("SELECT * FROM jobs WHERE finished_at < ?", (timestamp,))
+        return self._query(QUERIES["finished_before"], (timestamp,))
 
     def throughput(self, owner: str, since: float) -> list[rollup.MinuteFigures]:
         """Per kind and minute since `since`: jobs that ran to an end, and their run times."""
         self.flush(raise_error=False)
         with self._read_lock:
-            rows = self._reader.execute(rollup.select("job_minutes", "?"),
-                                        (owner, since)).fetchall()
+            rows = self._reader.execute(QUERIES["select_minutes"], (owner, since)).fetchall()
         return rollup.figures(rows)
 
     def forget_minutes_before(self, timestamp: float) -> None:
         with self._lock:
-            self._db.execute(rollup.prune("job_minutes", "?"), (timestamp,))
+            self._db.execute(QUERIES["forget_minutes"], (timestamp,))
 
     def _query(self, sql: str, params: tuple = (), flush: bool = True) -> list[JobRecord]:
         if flush:

@@ -5,7 +5,8 @@ the job records, in the same database and the same transaction as its end: (owne
 minute, run-time bucket) → jobs. The chart then reads at most a few thousand rows, however
 many jobs an hour holds; counting from the records themselves sorts every job of the hour
 (seconds of work at a few hundred jobs a second). Counters of /metrics would not do: they
-start at zero with each process, and each process has only its own.
+start at zero with each process, and each process has only its own. The table and its queries
+are in each engine's SQL (records.sql; engines/postgres/schema.sql and queries.sql).
 
 Run times go into buckets 20 to a decade (each 12% wider than the one before), so p50 and p95
 are read to within 6% above 0.1 ms (a shorter run shows as 0.1 ms); the count of jobs is
@@ -78,28 +79,3 @@ def _percentile(buckets: dict[int, int], rank: int) -> float:
         if seen >= rank:
             return float(f"{bucket_seconds(bucket):.3g}")  # the 6% is all the error
     return 0.0
-
-
-def upsert(table: str, mark: str) -> str:
-    """Add `jobs` to a row (parameters: owner, job type, minute, bucket, jobs)."""
-    return (f"INSERT INTO {table} (owner, job_type, minute, bucket, jobs) "
-            f"VALUES ({mark}, {mark}, {mark}, {mark}, {mark}) "
-            "ON CONFLICT (owner, job_type, minute, bucket) "
-            f"DO UPDATE SET jobs = {table}.jobs + excluded.jobs")
-
-
-def select(table: str, mark: str) -> str:
-    """An owner's rows since a minute (parameters: owner, since)."""
-    return (f"SELECT job_type, minute, bucket, jobs FROM {table} "
-            f"WHERE owner = {mark} AND minute >= {mark}")
-
-
-def prune(table: str, mark: str) -> str:
-    """Rows older than a time (parameter: the time)."""
-    return f"DELETE FROM {table} WHERE minute < {mark}"
-
-
-def table_sql(table: str, integer: str) -> str:
-    return (f"CREATE TABLE IF NOT EXISTS {table} (owner TEXT NOT NULL, job_type TEXT NOT NULL, "
-            f"minute {integer} NOT NULL, bucket INTEGER NOT NULL, jobs {integer} NOT NULL, "
-            "PRIMARY KEY (owner, job_type, minute, bucket));")

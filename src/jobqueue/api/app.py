@@ -67,8 +67,7 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
             log.critical("cannot start: %s", error)  # what to do, before uvicorn's traceback
             raise
         try:
-            await asyncio.to_thread(retention.sweep_orphans, engine.store, settings.out_dir,
-                                    at_start=True)
+            await retention.sweep_orphans(engine, settings.out_dir, at_start=True)
         except errors.CannotStart:
             raise
         except Exception as error:  # the database may be down: the periodic sweep tries again

@@ -70,6 +70,7 @@ class JobEngine(Protocol):
     # Jobs whose upload is still in this process's out/ folder on its way to `submit`'s end
     # (object storage, a slow link): the sweep of leftover folders must leave them be.
     storing: Set[str]
+    records_location: str  # where the job records are, for messages: a path, or a database
 
     async def start(self) -> None:
         """Recover what a previous run left, then start working."""
@@ -143,3 +144,22 @@ class JobEngine(Protocol):
 
     async def health(self) -> dict[str, str]:
         """Each dependency the engine needs: "ok", or what is wrong with it."""
+
+    # ---- for the retention sweeps (files/retention.py) ----
+
+    async def store_id(self) -> str:
+        """The job store's own id, made once with it: each job folder is marked with it, so
+        that a new or emptied store, which knows none of them, never takes them for
+        leftovers. Unavailable while it cannot be read."""
+
+    async def store_created_at(self) -> float:
+        """When the job store was made (epoch seconds): nothing older is its own."""
+
+    async def known(self, job_ids: list[str]) -> set[str]:
+        """Which of these jobs have a record."""
+
+    async def expired(self, before: float) -> list[str]:
+        """The jobs that finished before `before` (epoch seconds)."""
+
+    async def forget_minutes_before(self, timestamp: float) -> None:
+        """Drop the jobs-per-minute rollup (rollup.py) older than `timestamp`."""

@@ -659,6 +659,28 @@ class EmbeddedEngine:
         return [_summary(self._active[r.id].record()) if r.id in self._active else r
                 for r in records]
 
+    # ---- the facade: for the retention sweeps ----
+
+    @property
+    def records_location(self) -> str:
+        return self.store.location
+
+    async def store_id(self) -> str:
+        return self.store.store_id
+
+    async def store_created_at(self) -> float:
+        return self.store.created_at
+
+    async def known(self, job_ids: list[str]) -> set[str]:
+        return await asyncio.to_thread(self.store.known, job_ids)
+
+    async def expired(self, before: float) -> list[str]:
+        records = await asyncio.to_thread(self.store.finished_before, before)
+        return [record.id for record in records]
+
+    async def forget_minutes_before(self, timestamp: float) -> None:
+        await asyncio.to_thread(self.store.forget_minutes_before, timestamp)
+
     # ---- inside ----
 
     def _new_job(self, kind: JobKind, options: BaseModel, job_id: str,

@@ -30,19 +30,20 @@ from typing import Any
 
 import psycopg
 from procrastinate.exceptions import ConnectorException
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import PoolTimeout
 
 from jobqueue import rollup
 from jobqueue.engines.base import NewJob, retry_after
 from jobqueue.engines.postgres import schema, timeouts
 from jobqueue.engines.postgres.runner import STALLED_SECONDS, Runner, make_app, task_name
-from jobqueue.engines.postgres.store import PgJobStore
+from jobqueue.engines.postgres.schema import QUERIES
 from jobqueue.errors import QueueFull, ShuttingDown, Unavailable
 from jobqueue.files import jobfiles, make_file_store
 from jobqueue.files.store import STORE_UPLOADS_AT_ONCE, FileStore
 from jobqueue.jobs import FINISHED, JobKind, JobStatus
 from jobqueue.metrics import Metrics, Outcome
-from jobqueue.records import JobRecord, Origin
+from jobqueue.records import JobRecord, Origin, list_query
 from jobqueue.settings import Settings
 
 log = logging.getLogger("jobqueue.engine")
@@ -62,6 +63,10 @@ SCHEMA_SECONDS = 60.0
 POOL_SIZE = 20
 # A waiter or a stream reads the record again at least this often, notified or not.
 REFRESH_SECONDS = 3.0
+# A retention sweep's statement may read a large table: PostgreSQL ends it after
+# SWEEP_STATEMENT_SECONDS, and its use of a connection is bounded to SWEEP_SECONDS.
+SWEEP_STATEMENT_SECONDS = 20.0
+SWEEP_SECONDS = 30.0
 
 
 class PostgresEngine:
@@ -77,7 +82,9 @@ class PostgresEngine:
                                     max_size=POOL_SIZE, open=False,
                                     timeout=POOL_TIMEOUT_SECONDS)
         self.app = make_app()
-        self.store = PgJobStore(self.url)
+        database = conninfo_to_dict(self.url).get("dbname", "")
+        self.records_location = f"the PostgreSQL database {database}"
+        self._made: dict[str, str] | None = None  # the store's id and birth, once read
         self.files: FileStore = make_file_store(settings)
         # Uploads on their way to object storage (minutes each over a slow link) wait here for
         # a thread, not in the loop's default threads, which /health and the sweeps need.
@@ -86,7 +93,7 @@ class PostgresEngine:
         self.runner = (Runner(settings, kinds, self.pool, metrics, self.app, self.files)
                        if with_workers else None)
         self._waiters: dict[str, set[asyncio.Event]] = {}
-        self._feeds: set[_PgListener] = set()
+        self._feeds: set[_PostgresListener] = set()
         self._listening = False
         self._listener: asyncio.Task | None = None
         self._closed = False
@@ -102,14 +109,14 @@ class PostgresEngine:
         try:
             # The schema's first making may take a while, or wait for another replica's.
             async with self._db(SCHEMA_SECONDS) as conn:
-                await conn.execute("SET statement_timeout = 0")
+                await conn.execute(QUERIES["no_statement_timeout"])
                 try:
                     await schema.ensure(conn, _procrastinate_schema())
                 finally:
-                    await conn.execute("RESET statement_timeout")
+                    await conn.execute(QUERIES["reset_statement_timeout"])
             # The folders made from now on are this store's (the orphan sweep claims it too).
-            await asyncio.to_thread(  # store_id may read the database: on the thread too
-                lambda: jobfiles.claim_out_dir(self.settings.out_dir, self.store.store_id))
+            await asyncio.to_thread(jobfiles.claim_out_dir, self.settings.out_dir,
+                                    await self.store_id())
         except Unavailable as error:  # it may come later: /health says so meanwhile
             log.error("%s; the server starts anyway and answers 503 until it is back", error)
             jobfiles.check_writable(self.settings.out_dir)
@@ -126,7 +133,6 @@ class PostgresEngine:
             await asyncio.gather(self._listener, return_exceptions=True)
         await self.app.close_async()
         await self.pool.close()
-        self.store.close()
         self._store_uploads.shutdown(wait=False, cancel_futures=True)
 
     def stop_now(self) -> None:
@@ -149,7 +155,7 @@ class PostgresEngine:
         store = (asyncio.create_task(self._store_health()) if self.files.remote else None)
         try:
             async with self._db() as conn:
-                await conn.execute("SELECT 1")
+                await conn.execute(QUERIES["ping"])
         except Unavailable as error:
             states["postgresql"] = str(error)
         else:
@@ -249,15 +255,13 @@ class PostgresEngine:
             if earlier := await self._earlier(record.owner, record.idempotency_key, conn):
                 return earlier
             # One submit of a kind at a time, cluster-wide: the count is exact.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
-                               (f"jobqueue:{kind}",))
+            await conn.execute(QUERIES["lock_kind"], (f"jobqueue:{kind}",))
             await self._check_room(conn, kind)
-            await conn.execute(schema.INSERT, schema.params(record))
+            await conn.execute(QUERIES["insert_job"], schema.params(record))
             task = self.app.tasks[task_name(kind)]
             procrastinate_id = await task.configure(connection=conn).defer_async(
                 job_id=record.id)
-            await conn.execute("UPDATE jobqueue_jobs SET procrastinate_id = %s "
-                               "WHERE id = %s", (procrastinate_id, record.id))
+            await conn.execute(QUERIES["set_procrastinate_id"], (procrastinate_id, record.id))
             await schema.notify(conn, record.id, record.owner)
         return None
 
@@ -278,45 +282,34 @@ class PostgresEngine:
         if conn is None:
             async with self._db() as conn:
                 return await self._earlier(owner, idempotency_key, conn)
-        rows = await schema.fetch(conn, "SELECT * FROM jobqueue_jobs WHERE owner = %s "
-                                          "AND idempotency_key = %s", (owner, idempotency_key))
+        rows = await schema.fetch(conn, QUERIES["select_idempotent"], (owner, idempotency_key))
         return rows[0] if rows else None
 
     async def _check_room(self, conn: psycopg.AsyncConnection, kind: str) -> None:
         capacity = self.settings.limits(kind).queue_size
-        cursor = await conn.execute("SELECT count(*) FROM jobqueue_jobs WHERE job_type = %s "
-                                    "AND status = 'queued'", (kind,))
+        cursor = await conn.execute(QUERIES["count_queued"], (kind,))
         if (await cursor.fetchone())[0] >= capacity:
             raise QueueFull(kind, capacity, await self._retry_after(conn, kind))
 
     async def _retry_after(self, conn: psycopg.AsyncConnection, kind: str) -> int:
         """Seconds until a slot is likely to free: the first running job's expected end, from
         the last 20 jobs' mean run time (base.retry_after)."""
-        cursor = await conn.execute(
-            "SELECT avg(finished_at - started_at) FROM (SELECT finished_at, started_at "
-            "FROM jobqueue_jobs WHERE job_type = %s AND status = 'succeeded' "
-            "ORDER BY seq DESC LIMIT 20) recent", (kind,))
+        cursor = await conn.execute(QUERIES["recent_run_seconds"], (kind,))
         average = (await cursor.fetchone())[0] or 1.0
         now = time.time()
-        cursor = await conn.execute("SELECT started_at FROM jobqueue_jobs WHERE job_type = %s "
-                                    "AND status = 'running' AND started_at IS NOT NULL",
-                                    (kind,))
+        cursor = await conn.execute(QUERIES["running_started_at"], (kind,))
         elapsed = [now - started for (started,) in await cursor.fetchall()]
         workers = (await self._live_workers(conn)).get(kind, 0) or 1
         return retry_after(average, elapsed, workers)
 
     async def get(self, job_id: str) -> JobRecord | None:
         async with self._db() as conn:
-            rows = await schema.fetch(conn, "SELECT * FROM jobqueue_jobs WHERE id = %s",
-                                        (job_id,))
+            rows = await schema.fetch(conn, QUERIES["select_job"], (job_id,))
         return rows[0] if rows else None
 
     async def position(self, job_id: str) -> int | None:
         async with self._db() as conn:
-            cursor = await conn.execute(
-                "SELECT count(*) FROM jobqueue_jobs other, jobqueue_jobs job "
-                "WHERE job.id = %s AND job.status = 'queued' AND other.job_type = job.job_type "
-                "AND other.status = 'queued' AND other.seq <= job.seq", (job_id,))
+            cursor = await conn.execute(QUERIES["queue_position"], (job_id,))
             count = (await cursor.fetchone())[0]
         return count or None
 
@@ -344,16 +337,13 @@ class PostgresEngine:
                      ending: Outcome = Outcome.CANCELLED) -> None:
         removed = None
         async with self._db() as conn, conn.transaction():
-            rows = await schema.fetch(
-                conn, "SELECT * FROM jobqueue_jobs WHERE id = %s FOR UPDATE", (job_id,))
+            rows = await schema.fetch(conn, QUERIES["select_job_for_update"], (job_id,))
             if not rows or rows[0].status in FINISHED:
                 return
             record = rows[0]
             log.info("job %s: cancelling %s job (%s)", job_id, record.status, reason)
             # The first cancel's outcome, for whoever ends the job (its worker, or this).
-            cursor = await conn.execute(
-                "UPDATE jobqueue_jobs SET cancelled_as = coalesce(cancelled_as, %s) "
-                "WHERE id = %s RETURNING cancelled_as", (ending.value, job_id))
+            cursor = await conn.execute(QUERIES["ask_cancel"], (ending.value, job_id))
             ending = Outcome((await cursor.fetchone())[0])
             procrastinate_id = await self._procrastinate_id(conn, job_id)
             manager = self.app.job_manager
@@ -374,8 +364,7 @@ class PostgresEngine:
                             job_id, record.status)
                 ended_here = True
             if ended_here:
-                await conn.execute("UPDATE jobqueue_jobs SET status = 'cancelled', "
-                                   "finished_at = %s WHERE id = %s", (time.time(), job_id))
+                await conn.execute(QUERIES["end_cancelled"], (time.time(), job_id))
                 await schema.notify(conn, job_id, record.owner)
                 removed = job_id
         if removed:
@@ -383,14 +372,13 @@ class PostgresEngine:
             await asyncio.to_thread(self._remove_files, removed)
 
     async def _procrastinate_id(self, conn: psycopg.AsyncConnection, job_id: str) -> int | None:
-        cursor = await conn.execute(
-            "SELECT procrastinate_id FROM jobqueue_jobs WHERE id = %s", (job_id,))
+        cursor = await conn.execute(QUERIES["select_procrastinate_id"], (job_id,))
         row = await cursor.fetchone()
         return row[0] if row else None
 
     async def delete(self, job_id: str) -> None:
         async with self._db() as conn, conn.transaction():
-            cursor = await conn.execute(schema.DELETE, (job_id,))
+            cursor = await conn.execute(QUERIES["delete_job"], (job_id,))
             row = await cursor.fetchone()
             if row:
                 await schema.notify(conn, job_id, row[0], removed=True)
@@ -422,8 +410,8 @@ class PostgresEngine:
                 changed.clear()
 
     @contextlib.asynccontextmanager
-    async def feed(self, owner: str) -> AsyncIterator[_PgListener]:
-        listener = _PgListener(self, owner)
+    async def feed(self, owner: str) -> AsyncIterator[_PostgresListener]:
+        listener = _PostgresListener(self, owner)
         self._feeds.add(listener)
         try:
             yield listener
@@ -433,9 +421,7 @@ class PostgresEngine:
     async def stats(self) -> dict[str, dict[str, int]]:
         """Cluster-wide: jobs waiting and running, and the live workers' slots, per kind."""
         async with self._db() as conn:
-            cursor = await conn.execute(
-                "SELECT job_type, status, count(*) FROM jobqueue_jobs "
-                "WHERE status IN ('queued', 'running') GROUP BY job_type, status")
+            cursor = await conn.execute(QUERIES["count_unfinished"])
             counts = {(kind, status): count for kind, status, count in await cursor.fetchall()}
             workers = await self._live_workers(conn)
         return {name: {"workers": workers.get(name, 0),
@@ -446,20 +432,19 @@ class PostgresEngine:
 
     async def throughput(self, owner: str, since: float) -> list[rollup.MinuteFigures]:
         async with self._db() as conn:
-            cursor = await conn.execute(rollup.select(schema.MINUTES, "%s"), (owner, since))
+            cursor = await conn.execute(QUERIES["select_minutes"], (owner, since))
             return rollup.figures(await cursor.fetchall())
 
     async def worker_processes(self) -> list[dict]:
         async with self._db() as conn:
-            cursor = await conn.execute(
-                "SELECT name, kinds, heartbeat, metrics FROM jobqueue_workers "
-                "WHERE heartbeat > %s ORDER BY name", (time.time() - STALLED_SECONDS,))
+            cursor = await conn.execute(QUERIES["live_workers"],
+                                        (time.time() - STALLED_SECONDS,))
             rows = await cursor.fetchall()
         return [{"name": name, "kinds": kinds, "lastSeen": round(time.time() - beat, 1),
                  "metrics": metrics} for name, kinds, beat, metrics in rows]
 
     async def _live_workers(self, conn: psycopg.AsyncConnection) -> dict[str, int]:
-        cursor = await conn.execute("SELECT kinds FROM jobqueue_workers WHERE heartbeat > %s",
+        cursor = await conn.execute(QUERIES["live_worker_kinds"],
                                     (time.time() - STALLED_SECONDS,))
         workers: dict[str, int] = {}
         for (kinds,) in await cursor.fetchall():
@@ -471,7 +456,50 @@ class PostgresEngine:
                    owner: str) -> list[JobRecord]:
         async with self._db() as conn:
             return await schema.fetch(
-                conn, *schema.list_query(status, job_type, limit, offset, owner))
+                conn, *list_query(QUERIES, status, job_type, limit, offset, owner))
+
+    # ---- the facade: for the retention sweeps ----
+
+    async def store_id(self) -> str:
+        return (await self._store_made())["id"]
+
+    async def store_created_at(self) -> float:
+        return float((await self._store_made())["created_at"])
+
+    async def _store_made(self) -> dict[str, str]:
+        """The store's id and birth, read once (Unavailable while PostgreSQL cannot be
+        reached); the tables' maker (schema.ensure) wrote them."""
+        if self._made is None:
+            async with self._sweep_db() as conn:
+                cursor = await conn.execute(QUERIES["store_made"])
+                made = dict(await cursor.fetchall())
+            if {"id", "created_at"} - made.keys():
+                raise Unavailable("The job database has no tables yet; retry in a few seconds.")
+            self._made = made
+        return self._made
+
+    async def known(self, job_ids: list[str]) -> set[str]:
+        async with self._sweep_db() as conn:
+            cursor = await conn.execute(QUERIES["known_jobs"], (job_ids,))
+            return {job_id for (job_id,) in await cursor.fetchall()}
+
+    async def expired(self, before: float) -> list[str]:
+        async with self._sweep_db() as conn:
+            cursor = await conn.execute(QUERIES["expired_jobs"], (before,))
+            return [job_id for (job_id,) in await cursor.fetchall()]
+
+    async def forget_minutes_before(self, timestamp: float) -> None:
+        async with self._sweep_db() as conn:
+            await conn.execute(QUERIES["forget_minutes"], (timestamp,))
+
+    @contextlib.asynccontextmanager
+    async def _sweep_db(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        """`_db` for a sweep's statements, bounded by SWEEP_STATEMENT_SECONDS and
+        SWEEP_SECONDS rather than a request's few seconds."""
+        async with self._db(SWEEP_SECONDS) as conn:
+            await conn.execute(QUERIES["sweep_statement_timeout"],
+                               (str(int(SWEEP_STATEMENT_SECONDS * 1000)),))
+            yield conn
 
     # ---- notifications ----
 
@@ -495,7 +523,7 @@ class PostgresEngine:
                 async with await psycopg.AsyncConnection.connect(
                         timeouts.conninfo(self.url), autocommit=True) as conn:
                     with timeouts.deadline(conn, ANSWER_SECONDS):
-                        await conn.execute(f"LISTEN {schema.CHANNEL}")
+                        await conn.execute(QUERIES["listen"])
                     self._listening = True
                     self._wake_everyone()
                     async for notification in conn.notifies():
@@ -522,7 +550,7 @@ class PostgresEngine:
                 changed.set()
 
 
-class _PgListener:
+class _PostgresListener:
     """One `/events` stream's share of the notifications: ids changed since its last batch."""
 
     def __init__(self, engine: PostgresEngine, owner: str):
@@ -550,9 +578,7 @@ class _PgListener:
         records = []
         if changed:
             async with self.engine._db() as conn:
-                records = await schema.fetch(
-                    conn, f"SELECT {schema.SUMMARY_COLUMNS} FROM jobqueue_jobs "
-                          "WHERE id = ANY(%s) ORDER BY seq", (changed,))
+                records = await schema.fetch(conn, QUERIES["select_summaries"], (changed,))
         return records, removed
 
 

@@ -40,6 +40,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from jobqueue import lifecycle, rollup
 from jobqueue.engines.postgres import schema
+from jobqueue.engines.postgres.schema import QUERIES
 from jobqueue.errors import JobCancelled, Unavailable
 from jobqueue.files import FileStore, jobfiles, make_file_store
 from jobqueue.jobs import JobContext, JobKind, JobStatus, Output
@@ -241,7 +242,7 @@ class Runner:
         await asyncio.gather(*self._side, return_exceptions=True)
         with contextlib.suppress(Exception):
             async with self.pool.connection() as conn:
-                await conn.execute("DELETE FROM jobqueue_workers WHERE name = %s", (self.name,))
+                await conn.execute(QUERIES["forget_worker"], (self.name,))
         self.executor.shutdown(wait=False)
         if self._app_opened:
             await self.app.close_async()
@@ -282,16 +283,8 @@ class Runner:
         while True:
             try:
                 async with self.pool.connection() as conn:
-                    await conn.execute(
-                        # The database's clock, which the rescue (schema.STRANDED) reads
-                        # too: a worker whose own clock runs late never looks dead.
-                        "INSERT INTO jobqueue_workers (name, kinds, heartbeat, metrics) "
-                        "VALUES (%s, %s, extract(epoch FROM clock_timestamp()), %s) "
-                        "ON CONFLICT (name) DO UPDATE "
-                        "SET kinds = excluded.kinds, heartbeat = excluded.heartbeat, "
-                        "metrics = excluded.metrics",
-                        (self.name, kinds, self.metrics_url))
-                    await conn.execute("DELETE FROM jobqueue_workers WHERE heartbeat < %s",
+                    await conn.execute(QUERIES["heartbeat"], (self.name, kinds, self.metrics_url))
+                    await conn.execute(QUERIES["forget_dead_workers"],
                                        (time.time() - 10 * STALLED_SECONDS,))
             except Exception:
                 self._db_failed_at = time.monotonic()
@@ -307,7 +300,7 @@ class Runner:
                 continue  # just after an outage: the live workers have not beaten again yet
             try:
                 async with self.pool.connection() as conn:
-                    cursor = await conn.execute(schema.STRANDED, {
+                    cursor = await conn.execute(QUERIES["stranded_jobs"], {
                         "kinds": list(self.kinds), "stalled": STALLED_SECONDS,
                         "started": time.time() - STALLED_SECONDS,
                         "me": self.name, "mine": list(self.running)})
@@ -343,9 +336,7 @@ class Runner:
                 continue
             with contextlib.suppress(Exception):  # the next round tries again
                 async with self.pool.connection() as conn:
-                    cursor = await conn.execute(
-                        "SELECT id FROM jobqueue_jobs WHERE id = ANY(%s) "
-                        "AND cancelled_as IS NOT NULL", (list(self.running),))
+                    cursor = await conn.execute(QUERIES["cancelled_among"], (list(self.running),))
                     for (job_id,) in await cursor.fetchall():
                         job = self.running.get(job_id)
                         if job and not job.context.cancel_requested.is_set():
@@ -367,33 +358,25 @@ class Runner:
                 # Still as it was found: another worker's rescue of the same job, done while
                 # this one waited for the lock, gave it a procrastinate job of its own.
                 await cursor.execute(
-                    "SELECT * FROM jobqueue_jobs WHERE id = %s "
-                    "AND procrastinate_id IS NOT DISTINCT FROM %s AND status = ANY(%s) "
-                    "FOR UPDATE" if job_id is not None else
-                    "SELECT * FROM jobqueue_jobs WHERE procrastinate_id = %s "
-                    "AND status = ANY(%s) FOR UPDATE",
+                    QUERIES["lock_stranded"] if job_id is not None else
+                    QUERIES["lock_stranded_by_procrastinate_id"],
                     (job_id, procrastinate_id, statuses) if job_id is not None
                     else (procrastinate_id, statuses))
                 found = await cursor.fetchall()
             rows = [schema.from_row(row) for row in found]
             cancelled = {row["id"] for row in found if row["cancelled_as"] is not None}
             if only_queued and not rows:
-                cursor = await conn.execute("SELECT 1 FROM jobqueue_jobs WHERE procrastinate_id "
-                                            "= %s AND status = 'running'", (procrastinate_id,))
+                cursor = await conn.execute(QUERIES["running_on"], (procrastinate_id,))
                 if await cursor.fetchone():
                     # Its run may be alive (a worker draining, or cut off for a while): the
-                    # records' own heartbeats decide that (STRANDED), not procrastinate's.
+                    # records' own heartbeats decide that (stranded_jobs), not procrastinate's.
                     return
             for record in rows:
                 if lifecycle.after_interrupted_run(record.id in cancelled) is JobStatus.CANCELLED:
-                    await conn.execute("UPDATE jobqueue_jobs SET status = 'cancelled', "
-                                       "finished_at = %s WHERE id = %s",
-                                       (time.time(), record.id))
+                    await conn.execute(QUERIES["end_cancelled"], (time.time(), record.id))
                     await schema.notify(conn, record.id, record.owner)
                     continue
-                await conn.execute("UPDATE jobqueue_jobs SET status = 'queued', "
-                                   "started_at = NULL, worker_name = NULL, progress = '{}' "
-                                   "WHERE id = %s", (record.id,))
+                await conn.execute(QUERIES["requeue_stranded"], (record.id,))
                 await self._queue_again(conn, record)
         if procrastinate_id is not None:
             with contextlib.suppress(Exception):  # ended already: by its run, or a rescue
@@ -479,17 +462,9 @@ class Runner:
         now = time.time()
         async with self.pool.connection() as conn, conn.transaction():
             cancelled = await schema.fetch(
-                conn, "UPDATE jobqueue_jobs SET status = 'cancelled', finished_at = %s "
-                      "WHERE id = %s AND status = 'queued' AND cancelled_as IS NOT NULL "
-                      "AND procrastinate_id IS NOT DISTINCT FROM %s RETURNING *",
-                (now, job_id, procrastinate_id))
+                conn, QUERIES["claim_cancelled"], (now, job_id, procrastinate_id))
             rows = [] if cancelled else await schema.fetch(
-                conn, "UPDATE jobqueue_jobs SET status = 'running', started_at = %s, "
-                      "worker_name = %s, attempt = attempt + 1, progress = '{}', error = NULL, "
-                      "error_kind = NULL, result = NULL "
-                      "WHERE id = %s AND status IN ('queued', 'running') "
-                      "AND procrastinate_id IS NOT DISTINCT FROM %s RETURNING *",
-                (now, self.name, job_id, procrastinate_id))
+                conn, QUERIES["claim"], (now, self.name, job_id, procrastinate_id))
             for record in cancelled + rows:
                 await schema.notify(conn, record.id, record.owner)
         if cancelled:
@@ -505,16 +480,12 @@ class Runner:
             asked_to_cancel = reason != AbortReason.SHUTDOWN
             if lifecycle.after_interrupted_run(asked_to_cancel) is JobStatus.QUEUED:
                 rows = await schema.fetch(
-                    conn, "UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, "
-                          "worker_name = NULL WHERE id = %s AND attempt = %s "
-                          "AND status = 'running' RETURNING *", (record.id, record.attempt))
+                    conn, QUERIES["release"], (record.id, record.attempt))
                 for row in rows:
                     await self._queue_again(conn, row)
             else:
                 await conn.execute(
-                    "UPDATE jobqueue_jobs SET status = 'cancelled', finished_at = %s "
-                    "WHERE id = %s AND attempt = %s AND status = 'running'",
-                    (time.time(), record.id, record.attempt))
+                    QUERIES["end_run_cancelled"], (time.time(), record.id, record.attempt))
                 await schema.notify(conn, record.id, record.owner)
         log.info("job %s: aborted as it started (%s)", record.id, reason)
 
@@ -525,8 +496,7 @@ class Runner:
             with contextlib.suppress(Exception):  # progress may be lost; the end may not
                 async with self.pool.connection() as conn, conn.transaction():
                     await conn.execute(
-                        "UPDATE jobqueue_jobs SET progress = %s WHERE id = %s AND attempt = %s "
-                        "AND status = 'running'",
+                        QUERIES["set_progress"],
                         (Jsonb(job.context.progress.as_dict()), job.id, job.record.attempt))
                     await schema.notify(conn, job.id, job.record.owner)
             await asyncio.sleep(PROGRESS_SECONDS)
@@ -541,10 +511,7 @@ class Runner:
             try:
                 async with self.pool.connection() as conn, conn.transaction():
                     cursor = await conn.execute(
-                        "UPDATE jobqueue_jobs SET status = %s, finished_at = %s, progress = %s, "
-                        "error = %s, error_kind = %s, result = %s "
-                        "WHERE id = %s AND attempt = %s AND status = 'running' "
-                        "RETURNING cancelled_as",
+                        QUERIES["finish"],
                         (status.value, finished_at, Jsonb(job.context.progress.as_dict()),
                          ending.error_message(job.id), error_kind,
                          Jsonb(result) if result is not None else None,
@@ -555,8 +522,7 @@ class Runner:
                         minute = rollup.key(record.owner, record.job_type, status.value,
                                             record.started_at, finished_at)
                         if minute is not None:
-                            await conn.execute(rollup.upsert(schema.MINUTES, "%s"),
-                                               (*minute, 1))
+                            await conn.execute(QUERIES["add_minutes"], (*minute, 1))
                 break
             except Exception as db_error:
                 log.warning("job %s: could not record its end (%s); trying again", job.id,
@@ -595,8 +561,7 @@ class Runner:
         """Give a job set back to queued (within `conn`'s transaction) a procrastinate job."""
         task = self.app.tasks[task_name(record.job_type)]
         procrastinate_id = await task.configure(connection=conn).defer_async(job_id=record.id)
-        await conn.execute("UPDATE jobqueue_jobs SET procrastinate_id = %s WHERE id = %s",
-                           (procrastinate_id, record.id))
+        await conn.execute(QUERIES["set_procrastinate_id"], (procrastinate_id, record.id))
         await schema.notify(conn, record.id, record.owner)
 
     async def _requeue(self, job: Run) -> None:
@@ -604,10 +569,7 @@ class Runner:
         record = job.record
         async with self.pool.connection() as conn, conn.transaction():
             rows = await schema.fetch(
-                conn, "UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, "
-                      "worker_name = NULL, progress = '{}', cancelled_as = NULL "
-                      "WHERE id = %s AND attempt = %s AND status = 'running' RETURNING *",
-                (job.id, record.attempt))
+                conn, QUERIES["requeue_run"], (job.id, record.attempt))
             if rows:
                 await self._queue_again(conn, record)
         if self.files.remote:  # it runs again from the store's copy, wherever it runs

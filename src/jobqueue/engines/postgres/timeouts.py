@@ -19,12 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import threading
 from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from psycopg_pool import AsyncConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
 
 # libpq's connect_timeout (whole seconds, at least 2): the TCP connect and the start-up.
@@ -92,35 +91,6 @@ def deadline(conn: psycopg.AsyncConnection, seconds: float) -> Iterator[None]:
         raise _expired(seconds)
 
 
-@contextlib.contextmanager
-def thread_deadline(conn: psycopg.Connection, seconds: float) -> Iterator[None]:
-    """Bound the work on `conn` (in this thread) to `seconds`."""
-    lock = threading.Lock()
-    state = {"done": False, "fired": False}
-
-    def expire() -> None:
-        with lock:
-            if not state["done"]:
-                state["fired"] = True
-                shut(conn)
-
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    except psycopg.Error as error:
-        if state["fired"]:
-            raise _expired(seconds) from error
-        raise
-    finally:
-        with lock:  # after this the timer touches the connection no more
-            state["done"] = True
-        timer.cancel()
-    if state["fired"]:
-        raise _expired(seconds)
-
-
 class _Attempt(AttemptWithBackoff):
     def update_delay(self, now: float) -> None:
         super().update_delay(now)
@@ -148,25 +118,4 @@ class Pool(AsyncConnectionPool):
         """A connection (waiting at most `wait` s for one), its use bounded to `seconds`."""
         async with self.connection(timeout=wait) as conn:
             with deadline(conn, seconds):
-                yield conn
-
-
-class SyncPool(ConnectionPool):
-    """The same for the blocking pool used from threads."""
-
-    def __init__(self, url: str, statement_seconds: float | None = None, **kwargs):
-        super().__init__(conninfo(url, statement_seconds), check=self._bounded_check, **kwargs)
-
-    @staticmethod
-    def _bounded_check(conn: psycopg.Connection) -> None:
-        with thread_deadline(conn, CHECK_SECONDS):
-            ConnectionPool.check_connection(conn)
-
-    def _add_connection(self, attempt, growing: bool = False) -> None:
-        super()._add_connection(attempt or _Attempt(timeout=self.reconnect_timeout), growing)
-
-    @contextlib.contextmanager
-    def bounded(self, seconds: float, wait: float) -> Iterator[psycopg.Connection]:
-        with self.connection(timeout=wait) as conn:
-            with thread_deadline(conn, seconds):
                 yield conn

@@ -1,0 +1,255 @@
+-- What the distributed engine asks PostgreSQL, by name (sql.py): the replica (engine.py) and
+-- the workers (runner.py). The tables are made in schema.sql. Every change of a record is
+-- announced with `notify` in the transaction that makes it.
+
+-- ping --
+SELECT 1
+
+-- no_statement_timeout --
+-- While the schema is first made (it may take a while, or wait for another replica's).
+SET statement_timeout = 0
+
+-- reset_statement_timeout --
+RESET statement_timeout
+
+-- sweep_statement_timeout --
+-- A retention sweep's statement may read a large table: its own bound (milliseconds), to the
+-- end of the transaction.
+SELECT set_config('statement_timeout', %s, true)
+
+-- notify --
+-- Tell every replica a job changed (sent when the transaction commits); the payload is JSON:
+-- id, owner, and removed for a deleted job.
+SELECT pg_notify('jobqueue_jobs', %s)
+
+-- listen --
+LISTEN jobqueue_jobs
+
+-- insert_job --
+-- A new record; the parameters are schema.params(record), in records.COLUMNS' order.
+INSERT INTO jobqueue_jobs (id, job_type, status, options, input_path, created_at, started_at,
+                           finished_at, worker_name, progress, error, error_kind, result,
+                           origin, owner, attempt, idempotency_key)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+
+-- set_procrastinate_id --
+-- The procrastinate job that is to run the record's job (parameters: its id, the job's).
+UPDATE jobqueue_jobs SET procrastinate_id = %s WHERE id = %s
+
+-- select_job --
+SELECT * FROM jobqueue_jobs WHERE id = %s
+
+-- select_job_for_update --
+SELECT * FROM jobqueue_jobs WHERE id = %s FOR UPDATE
+
+-- select_idempotent --
+-- The job an owner submitted with this Idempotency-Key (parameters: owner, key).
+SELECT * FROM jobqueue_jobs WHERE owner = %s AND idempotency_key = %s
+
+-- select_procrastinate_id --
+SELECT procrastinate_id FROM jobqueue_jobs WHERE id = %s
+
+-- delete_job --
+-- A record and its procrastinate job if that has ended (workers delete theirs as they finish
+-- them; this catches one a worker died with). A job still to do or running stays for its
+-- worker, which finds no record and lets it go. Returns the record's owner.
+WITH gone AS (DELETE FROM jobqueue_jobs WHERE id = %s RETURNING owner, procrastinate_id),
+queue AS (DELETE FROM procrastinate_jobs WHERE id IN (SELECT procrastinate_id FROM gone)
+          AND status NOT IN ('todo', 'doing'))
+SELECT owner FROM gone
+
+-- list_jobs --
+-- A page of one owner's jobs, newest first, as summaries: no options, and only the file names
+-- of a result. {filters}: and_status, and_job_type, each if asked (records.list_query).
+SELECT id, job_type, status, '{}'::jsonb AS options, input_path, created_at, started_at,
+       finished_at, worker_name, progress, error, error_kind,
+       CASE WHEN jsonb_typeof(result) = 'object'
+            THEN jsonb_build_object('files', result -> 'files') END AS result,
+       origin, owner, attempt, idempotency_key
+FROM jobqueue_jobs WHERE owner = %s {filters}
+ORDER BY seq DESC LIMIT %s OFFSET %s
+
+-- and_status --
+AND status = %s
+
+-- and_job_type --
+AND job_type = %s
+
+-- select_summaries --
+-- These jobs as list_jobs shows them (parameter: their ids), in the order they came.
+SELECT id, job_type, status, '{}'::jsonb AS options, input_path, created_at, started_at,
+       finished_at, worker_name, progress, error, error_kind,
+       CASE WHEN jsonb_typeof(result) = 'object'
+            THEN jsonb_build_object('files', result -> 'files') END AS result,
+       origin, owner, attempt, idempotency_key
+FROM jobqueue_jobs WHERE id = ANY(%s) ORDER BY seq
+
+-- lock_kind --
+-- One submit of a kind at a time, cluster-wide (parameter: 'jobqueue:<kind>').
+SELECT pg_advisory_xact_lock(hashtext(%s))
+
+-- count_queued --
+SELECT count(*) FROM jobqueue_jobs WHERE job_type = %s AND status = 'queued'
+
+-- recent_run_seconds --
+-- The mean run time of a kind's last 20 succeeded jobs.
+SELECT avg(finished_at - started_at)
+FROM (SELECT finished_at, started_at FROM jobqueue_jobs
+      WHERE job_type = %s AND status = 'succeeded' ORDER BY seq DESC LIMIT 20) recent
+
+-- running_started_at --
+SELECT started_at FROM jobqueue_jobs
+WHERE job_type = %s AND status = 'running' AND started_at IS NOT NULL
+
+-- queue_position --
+-- 1 for the next queued job of its kind to start; 0 when it is not queued.
+SELECT count(*) FROM jobqueue_jobs other, jobqueue_jobs job
+WHERE job.id = %s AND job.status = 'queued' AND other.job_type = job.job_type
+  AND other.status = 'queued' AND other.seq <= job.seq
+
+-- count_unfinished --
+SELECT job_type, status, count(*) FROM jobqueue_jobs
+WHERE status IN ('queued', 'running') GROUP BY job_type, status
+
+-- ask_cancel --
+-- The first cancel's outcome, for whoever ends the job (its worker, or the replica).
+UPDATE jobqueue_jobs SET cancelled_as = coalesce(cancelled_as, %s) WHERE id = %s
+RETURNING cancelled_as
+
+-- end_cancelled --
+-- A job ended as cancelled where nothing is left to run it (parameters: finished_at, id).
+UPDATE jobqueue_jobs SET status = 'cancelled', finished_at = %s WHERE id = %s
+
+-- cancelled_among --
+-- Which of these jobs a cancel asked to stop.
+SELECT id FROM jobqueue_jobs WHERE id = ANY(%s) AND cancelled_as IS NOT NULL
+
+-- live_workers --
+-- The worker processes that beat since a time: for the dashboard.
+SELECT name, kinds, heartbeat, metrics FROM jobqueue_workers WHERE heartbeat > %s ORDER BY name
+
+-- live_worker_kinds --
+-- The slots per kind of each worker process that beat since a time.
+SELECT kinds FROM jobqueue_workers WHERE heartbeat > %s
+
+-- heartbeat --
+-- By the database's clock, which stranded_jobs reads too: a worker whose own clock runs late
+-- never looks dead (parameters: name, slots per kind, where its metrics are).
+INSERT INTO jobqueue_workers (name, kinds, heartbeat, metrics)
+VALUES (%s, %s, extract(epoch FROM clock_timestamp()), %s)
+ON CONFLICT (name) DO UPDATE
+SET kinds = excluded.kinds, heartbeat = excluded.heartbeat, metrics = excluded.metrics
+
+-- forget_worker --
+DELETE FROM jobqueue_workers WHERE name = %s
+
+-- forget_dead_workers --
+DELETE FROM jobqueue_workers WHERE heartbeat < %s
+
+-- stranded_jobs --
+-- Jobs of `kinds` that nothing will bring to an end: running (since before `started`) on a
+-- worker whose heartbeat is `stalled` seconds old by the database's clock (or gone), running
+-- here (`me`) on no run of this process (`mine`), or queued with no procrastinate job left to
+-- run them (its abort came before its claim).
+SELECT j.id, j.procrastinate_id FROM jobqueue_jobs j
+WHERE j.job_type = ANY(%(kinds)s) AND (
+    (j.status = 'running' AND j.started_at < %(started)s AND (
+        j.worker_name = %(me)s AND NOT j.id = ANY(%(mine)s)
+        OR NOT EXISTS (SELECT 1 FROM jobqueue_workers w WHERE w.name = j.worker_name
+                       AND w.heartbeat >= extract(epoch FROM now()) - %(stalled)s)))
+    OR (j.status = 'queued' AND NOT EXISTS (
+        SELECT 1 FROM procrastinate_jobs p
+        WHERE p.id = j.procrastinate_id AND p.status IN ('todo', 'doing'))))
+
+-- lock_stranded --
+-- A stranded job, if still as it was found (parameters: id, procrastinate id, statuses).
+SELECT * FROM jobqueue_jobs
+WHERE id = %s AND procrastinate_id IS NOT DISTINCT FROM %s AND status = ANY(%s) FOR UPDATE
+
+-- lock_stranded_by_procrastinate_id --
+-- The same for a procrastinate job fetched by a worker that died before it claimed the record
+-- (parameters: procrastinate id, statuses).
+SELECT * FROM jobqueue_jobs WHERE procrastinate_id = %s AND status = ANY(%s) FOR UPDATE
+
+-- running_on --
+-- Whether a job runs on this procrastinate job.
+SELECT 1 FROM jobqueue_jobs WHERE procrastinate_id = %s AND status = 'running'
+
+-- requeue_stranded --
+UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, worker_name = NULL,
+                         progress = '{}'
+WHERE id = %s
+
+-- claim_cancelled --
+-- A job cancelled while queued ends as it is taken (parameters: finished_at, id, the taker's
+-- procrastinate id).
+UPDATE jobqueue_jobs SET status = 'cancelled', finished_at = %s
+WHERE id = %s AND status = 'queued' AND cancelled_as IS NOT NULL
+  AND procrastinate_id IS NOT DISTINCT FROM %s
+RETURNING *
+
+-- claim --
+-- A run starts, if the record's own procrastinate job runs it (parameters: started_at, the
+-- worker's name, id, procrastinate id).
+UPDATE jobqueue_jobs SET status = 'running', started_at = %s, worker_name = %s,
+                         attempt = attempt + 1, progress = '{}', error = NULL,
+                         error_kind = NULL, result = NULL
+WHERE id = %s AND status IN ('queued', 'running') AND procrastinate_id IS NOT DISTINCT FROM %s
+RETURNING *
+
+-- release --
+-- A run aborted by a shutdown as it started gives its job back (parameters: id, attempt).
+UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, worker_name = NULL
+WHERE id = %s AND attempt = %s AND status = 'running'
+RETURNING *
+
+-- end_run_cancelled --
+-- A run aborted by a cancel as it started (parameters: finished_at, id, attempt).
+UPDATE jobqueue_jobs SET status = 'cancelled', finished_at = %s
+WHERE id = %s AND attempt = %s AND status = 'running'
+
+-- set_progress --
+-- Only the run that claimed the job last (parameters: progress, id, attempt).
+UPDATE jobqueue_jobs SET progress = %s WHERE id = %s AND attempt = %s AND status = 'running'
+
+-- finish --
+-- A run's end, if it is still the job's latest (parameters: status, finished_at, progress,
+-- error, error_kind, result, id, attempt); returns what a cancel said it was, if one did.
+UPDATE jobqueue_jobs SET status = %s, finished_at = %s, progress = %s, error = %s,
+                         error_kind = %s, result = %s
+WHERE id = %s AND attempt = %s AND status = 'running'
+RETURNING cancelled_as
+
+-- requeue_run --
+-- A run stopped by its worker's shutdown gives its job back (parameters: id, attempt).
+UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, worker_name = NULL,
+                         progress = '{}', cancelled_as = NULL
+WHERE id = %s AND attempt = %s AND status = 'running'
+RETURNING *
+
+-- add_minutes --
+-- Add `jobs` to a row of the rollup (rollup.py; parameters: owner, job type, minute, bucket,
+-- jobs).
+INSERT INTO jobqueue_minutes (owner, job_type, minute, bucket, jobs) VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (owner, job_type, minute, bucket)
+DO UPDATE SET jobs = jobqueue_minutes.jobs + excluded.jobs
+
+-- select_minutes --
+-- An owner's rows of the rollup since a minute (parameters: owner, since).
+SELECT job_type, minute, bucket, jobs FROM jobqueue_minutes WHERE owner = %s AND minute >= %s
+
+-- forget_minutes --
+-- The rollup's rows older than a time.
+DELETE FROM jobqueue_minutes WHERE minute < %s
+
+-- store_made --
+-- The store's id and birth (records.JobStore.store_id), written by schema.sql's make_tables.
+SELECT name, value FROM jobqueue_store
+
+-- known_jobs --
+-- Which of these jobs have a record.
+SELECT id FROM jobqueue_jobs WHERE id = ANY(%s)
+
+-- expired_jobs --
+-- The jobs that finished before a time.
+SELECT id FROM jobqueue_jobs WHERE finished_at < %s
