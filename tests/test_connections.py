@@ -18,7 +18,7 @@ from httpx_sse import connect_sse
 from starlette.requests import Request
 
 from conftest import run_server
-from jobqueue.api.app import internal_error
+from jobqueue.api.problems import internal_error
 
 
 def connect(server) -> socket.socket:

@@ -14,14 +14,12 @@ import zipfile
 
 import httpx
 import pytest
-from fastapi import HTTPException
 
 from conftest import DATA, Server, eventually, run_server
 from jobqueue import records
 from jobqueue.api.routes.files import ThumbnailFailed, make_thumbnail
 from jobqueue.api.routes.jobs import ZipDownload, zip_stream
-from jobqueue.errors import Unavailable
-from jobqueue.files.store import gone
+from jobqueue.errors import FilesGone, Unavailable
 from jobqueue.records import JobRecord
 from jobqueue.settings import Settings
 from media import pdf_page_points, png_size, probe_streams
@@ -283,7 +281,7 @@ def test_bad_ids_params_and_bodies_are_4xx(client):
 ZIPPED_JOB = "3f1c9a52-58a4-4c36-9c6f-0d8f2a9d1b7e"
 
 
-@pytest.mark.parametrize("error", [gone(ZIPPED_JOB, "page-2.png"),
+@pytest.mark.parametrize("error", [FilesGone(ZIPPED_JOB, "page-2.png"),
                                    Unavailable("the object store did not answer")])
 def test_a_zip_whose_files_go_midway_is_cut_short_not_finished(caplog, error):
     """A job deleted (or its store failing) while its zip is being sent: the download ends
@@ -317,7 +315,7 @@ def test_a_zip_whose_files_go_midway_is_cut_short_not_finished(caplog, error):
     with pytest.raises(zipfile.BadZipFile):
         zipfile.ZipFile(io.BytesIO(b"".join(message["body"] for message in bodies)))
     assert f"job {record.id}" in caplog.text
-    assert ("page-2.png" if isinstance(error, HTTPException) else "did not answer") in caplog.text
+    assert ("page-2.png" if isinstance(error, FilesGone) else "did not answer") in caplog.text
 
 
 def test_a_thumbnail_of_a_page_deleted_meanwhile_is_not_found_rather_than_unmakeable(tmp_path):

@@ -7,10 +7,10 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from fastapi import HTTPException
 from starlette.requests import Request
 
 from jobqueue.api.uploads import read_multipart
+from jobqueue.errors import QueueFull
 
 BOUNDARY = "test-boundary"
 
@@ -26,7 +26,7 @@ def form(*parts: tuple[str, bytes, str | None]) -> bytes:
     return body + f"--{BOUNDARY}--\r\n".encode()
 
 
-def read(body: bytes, folder: Path, chunk: int, refusal: HTTPException | None = None,
+def read(body: bytes, folder: Path, chunk: int, refusal: Exception | None = None,
          seen: list | None = None) -> tuple[dict[str, str], Path | None]:
     chunks = [body[start:start + chunk] for start in range(0, len(body), chunk)]
 
@@ -34,7 +34,7 @@ def read(body: bytes, folder: Path, chunk: int, refusal: HTTPException | None = 
         piece = chunks.pop(0)
         return {"type": "http.request", "body": piece, "more_body": bool(chunks)}
 
-    async def room_for_file(fields: dict[str, str]) -> HTTPException | None:
+    async def room_for_file(fields: dict[str, str]) -> Exception | None:
         if seen is not None:
             seen.append(dict(fields))
         return refusal
@@ -64,8 +64,8 @@ def test_an_empty_file_in_one_chunk(tmp_path):
 
 
 def test_a_refused_file_is_never_written(tmp_path):
-    refusal = HTTPException(503, "full")
-    with pytest.raises(HTTPException) as raised:
+    refusal = QueueFull("pdf2image", 10, 5)
+    with pytest.raises(QueueFull) as raised:
         read(form(("jobType", b"pdf2image", None), ("file", b"x" * 5000, "a.pdf")), tmp_path,
              100, refusal)
     assert raised.value is refusal

@@ -2,7 +2,9 @@
 
 A job's failure crosses processes (a worker writes it, an API replica answers it), so a failed
 job's record keeps the kind of its error (`kind_of`) beside its message, and HTTP_STATUS turns
-that kind into the status `/put` answers. Errors raised in a request go through the same table.
+that kind into the status `/put` answers. Errors raised in a request go through the same table:
+the code below the routes raises these, never HTTP's own, and api/problems.py alone turns them
+into answers (status, `{"detail": message}`, Retry-After and the like).
 """
 
 from __future__ import annotations
@@ -26,6 +28,60 @@ class TimedOut(BadInput):
     """The job ran longer than JOBQUEUE_JOB_MAX_SECONDS and was stopped."""
 
 
+class MalformedRequest(Exception):
+    """The request itself is broken (a multipart body cut off or garbled, a client gone before
+    its body was complete), whatever it asked for."""
+
+
+class UploadTooSlow(Exception):
+    """The body came in slower than JOBQUEUE_MIN_UPLOAD_KBPS allows and was cut off."""
+
+
+class NotAuthenticated(Exception):
+    """JOBQUEUE_API_KEYS is set and the request carries none of them (nor a valid token)."""
+
+
+class NotFound(Exception):
+    """What the request names is not there, or not the caller's: a job, a file."""
+
+
+class FilesGone(NotFound):
+    """A job's output file is not there any more (its job was deleted meanwhile)."""
+
+    def __init__(self, job_id: str, name: str):
+        super().__init__(f"Job {job_id!r} has no output file {name!r} (deleted?).")
+
+
+class Conflict(Exception):
+    """The job is not in the state the request needs (its files before it has succeeded)."""
+
+
+class RateLimited(Exception):
+    """One address asked too often (wrong API keys); it may again after `retry_after` s."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Busy(Exception):
+    """As many uploads, event streams or previews are open as the server allows; retry after
+    `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class JobFailed(Exception):
+    """A job waited for (`/put`) did not succeed: answered by the kind of error its record
+    keeps (`error_kind`, one of HTTP_STATUS's), with the record's message."""
+
+    def __init__(self, error_kind: str, message: str):
+        super().__init__(message)
+        self.error_kind = error_kind
+
+
 class DiskFull(Exception):
     """The output folder's disk is full: not the input's fault, but the user should know."""
 
@@ -40,6 +96,14 @@ class RecordsDiskFull(DiskFull):
     def __init__(self, location: str):
         Exception.__init__(self, f"The server's disk is full: the job records ({location}) "
                            "could not be written. Try again once space has been freed.")
+
+
+class UploadDiskFull(DiskFull):
+    """The disk filled up while an upload was being stored."""
+
+    def __init__(self) -> None:
+        Exception.__init__(self, "The server's disk is full; the upload could not be stored. "
+                                 "Try again once space has been freed.")
 
 
 class JobCancelled(Exception):
@@ -58,7 +122,8 @@ class QueueFull(Exception):
 
 
 class ShuttingDown(Exception):
-    """The server is stopping and takes no new jobs."""
+    """The server is stopping and takes no new jobs. Answered with the message and the
+    `retry_after` of api/shutdown.py's `shutting_down`, which knows when it will be back."""
 
 
 class CannotStart(Exception):
@@ -76,7 +141,8 @@ def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-# The kind of each error, most specific first: what a failed job's record keeps.
+# The kind of each error, most specific first: what a failed job's record keeps, and what a
+# request's error is answered by (the kinds after "unavailable" come of requests only).
 KINDS: list[tuple[type[BaseException], str]] = [
     (TooLarge, "too_large"),
     (UnsupportedInput, "unsupported"),
@@ -86,7 +152,17 @@ KINDS: list[tuple[type[BaseException], str]] = [
     (QueueFull, "queue_full"),
     (ShuttingDown, "shutting_down"),
     (Unavailable, "unavailable"),
+    (MalformedRequest, "malformed"),
+    (UploadTooSlow, "too_slow"),
+    (NotAuthenticated, "not_authenticated"),
+    (NotFound, "not_found"),
+    (Conflict, "conflict"),
+    (RateLimited, "rate_limited"),
+    (Busy, "busy"),
 ]
+
+# Every error api/problems.py answers: what code below the routes may raise for a client.
+ANSWERED: tuple[type[BaseException], ...] = (*(cls for cls, _ in KINDS), JobFailed)
 
 # How each kind is answered over HTTP. "internal" is a bug: the detail names the job, the
 # traceback is in the log.
@@ -99,6 +175,13 @@ HTTP_STATUS: dict[str, int] = {
     "queue_full": 503,
     "shutting_down": 503,
     "unavailable": 503,
+    "malformed": 400,
+    "too_slow": 408,
+    "not_authenticated": 401,
+    "not_found": 404,
+    "conflict": 409,
+    "rate_limited": 429,
+    "busy": 503,
     "internal": 500,
 }
 

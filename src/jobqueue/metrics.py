@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from enum import Enum
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
@@ -29,10 +30,12 @@ from prometheus_client import (
     make_wsgi_app,
 )
 from prometheus_client.exposition import ThreadingWSGIServer
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobqueue.errors import TimedOut, kind_of
 from jobqueue.jobs import JobStatus
+
+if TYPE_CHECKING:  # a worker process never loads Starlette
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # No `_created` series beside each counter and histogram: they double the scrape for a
 # timestamp Prometheus does not use.

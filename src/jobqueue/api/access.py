@@ -13,13 +13,14 @@ import hashlib
 import hmac
 import time
 
-from fastapi import APIRouter, HTTPException, Request, Security
+from fastapi import APIRouter, Request, Security
 from fastapi.security import APIKeyHeader
 from limits import parse
 from slowapi.util import get_remote_address
 
 from jobqueue.api.ratelimit import wrong_keys as _wrong_keys
 from jobqueue.api.schemas import AccessToken, error_responses
+from jobqueue.errors import NotAuthenticated, RateLimited
 
 HEADER = "X-API-Key"
 TOKEN_PARAMETER = "access_token"
@@ -73,7 +74,8 @@ def token_owner(token: str, keys: list[str]) -> str | None:
 
 
 async def require_key(request: Request, header: str | None = Security(api_key_header)) -> str:
-    """Dependency of every route that touches jobs: the caller's owner name, or 401."""
+    """Dependency of every route that touches jobs: the caller's owner name, or
+    NotAuthenticated (401); RateLimited (429) for an address that sent too many wrong keys."""
     keys = request.app.state.settings.api_key_list
     owner = ""
     if keys:
@@ -82,8 +84,8 @@ async def require_key(request: Request, header: str | None = Security(api_key_he
             retry = int(_wrong_keys.get_window_stats(WRONG_KEY_LIMIT, "wrong key", address)
                         .reset_time - time.time()) + 1
             request.app.state.metrics.rate_limited.labels("wrong_key").inc()
-            raise HTTPException(429, f"Too many wrong API keys from this address; wait {retry} s.",
-                                headers={"Retry-After": str(retry)})
+            raise RateLimited(f"Too many wrong API keys from this address; wait {retry} s.",
+                              retry)
         token = request.query_params.get(TOKEN_PARAMETER) if request.method == "GET" else None
         if header:
             owner = owner_of(header) if is_valid(header, keys) else ""
@@ -97,7 +99,7 @@ async def require_key(request: Request, header: str | None = Security(api_key_he
         if not owner:
             if header or token:  # a missing key is a mistake; a wrong one may be a guess
                 _wrong_keys.hit(WRONG_KEY_LIMIT, "wrong key", address)
-            raise HTTPException(401, problem, headers={"WWW-Authenticate": HEADER})
+            raise NotAuthenticated(problem)  # with WWW-Authenticate: X-API-Key
     request.state.owner = owner
     return owner
 

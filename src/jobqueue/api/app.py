@@ -1,23 +1,19 @@
-"""The application factory: settings, the queue engine's lifespan, error handlers and routes."""
+"""The application factory: settings, the queue engine's lifespan, error handlers (api/problems.py)
+and routes."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from jobqueue import errors
-from jobqueue.api import access, ratelimit
+from jobqueue.api import access, problems, ratelimit
 from jobqueue.api.disconnects import GoneClients
 from jobqueue.api.headers import SecurityHeaders
 from jobqueue.api.routes import (
@@ -32,7 +28,6 @@ from jobqueue.api.routes import (
     throughput,
 )
 from jobqueue.api.schemas import error_responses
-from jobqueue.api.shutdown import shutting_down
 from jobqueue.api.slots import Slots
 from jobqueue.engines import make_engine
 from jobqueue.files import retention
@@ -93,10 +88,7 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
     app.state.streams = Slots(settings.max_streams, "event streams", "JOBQUEUE_MAX_STREAMS")
     ratelimit.configure(app, settings.rate_limit,
                         settings.rate_limit_storage.get_secret_value())
-    app.add_exception_handler(RequestValidationError, invalid_request)
-    for error_class, _ in errors.KINDS:  # one handler, one table: errors.HTTP_STATUS
-        app.add_exception_handler(error_class, answer_error)
-    app.add_exception_handler(Exception, internal_error)
+    problems.install(app)  # errors.py's errors and the rest as HTTP answers
     app.include_router(health.router)
     app.include_router(metrics.router)  # its own token, never an API key or a rate limit
     app.include_router(dashboard.router)  # the page asks for a key itself
@@ -118,46 +110,3 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
                             "X-RateLimit-Remaining", "X-RateLimit-Reset"])
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     return app
-
-
-async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422, except that an input JSON cannot carry (inf, a lone surrogate) is shown
-    as its repr instead of turning the answer into a 500."""
-    errors = []
-    for error in exc.errors():
-        shown = {key: error[key] for key in ("type", "loc", "msg", "input") if key in error}
-        try:
-            json.dumps(jsonable_encoder(shown), allow_nan=False).encode()
-        except (ValueError, TypeError):  # UnicodeEncodeError is a ValueError
-            shown["input"] = repr(error.get("input"))[:200]
-        errors.append(jsonable_encoder(shown))
-    return JSONResponse({"detail": errors}, status_code=422)
-
-
-async def answer_error(request: Request, exc: Exception) -> JSONResponse:
-    """Any of the server's own errors, answered as errors.HTTP_STATUS says."""
-    if isinstance(exc, errors.ShuttingDown):
-        refusal = shutting_down(request)
-        return JSONResponse({"detail": refusal.detail}, status_code=refusal.status_code,
-                            headers=refusal.headers)
-    if isinstance(exc, errors.QueueFull):
-        request.app.state.metrics.refused(exc.kind)
-    headers = ({"Retry-After": str(exc.retry_after)} if hasattr(exc, "retry_after") else None)
-    status = errors.HTTP_STATUS[errors.kind_of(exc)]
-    return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
-
-
-# Starlette raises the error again once this answer is sent, and uvicorn then closes the
-# connection: the answer says so, so a client sends its next request on a new one.
-CLOSE = {"Connection": "close"}
-
-
-async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-    disk_full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
-    if errors.is_disk_full(exc) or disk_full:
-        log.error("disk full on %s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"detail": "The server's disk is full; try again once space has "
-                                       "been freed."}, status_code=507, headers=CLOSE)
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"detail": "Internal server error; the server log has the details."},
-                        status_code=500, headers=CLOSE)

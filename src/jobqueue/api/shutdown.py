@@ -16,7 +16,9 @@ import time
 from types import FrameType
 
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
+
+from jobqueue.errors import ShuttingDown
 
 log = logging.getLogger("jobqueue.api.shutdown")
 
@@ -30,12 +32,13 @@ def refuse_while_draining(request: Request) -> None:
         raise shutting_down(request)
 
 
-def shutting_down(request: Request) -> HTTPException:
-    """The 503 a client gets while the server stops, with when to come back."""
+def shutting_down(request: Request) -> ShuttingDown:
+    """What a client is told while the server stops (a 503), with when to come back."""
     retry = max(1, math.ceil(request.app.state.settings.shutdown_grace))
-    return HTTPException(503, "The server is shutting down and takes no new jobs; retry in "
-                              f"{retry} s, when it has restarted.",
-                         headers={"Retry-After": str(retry)})
+    refusal = ShuttingDown("The server is shutting down and takes no new jobs; retry in "
+                           f"{retry} s, when it has restarted.")
+    refusal.retry_after = retry
+    return refusal
 
 
 async def drain(app: FastAPI, grace: float) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from fastapi import HTTPException
+from jobqueue.errors import Busy
 
 RETRY_AFTER_SECONDS = 5
 
@@ -26,9 +26,8 @@ class Slots:
     @contextmanager
     def slot(self, holder: str | None = None) -> Iterator[None]:
         if self.used >= self.limit:
-            raise HTTPException(503, f"{self.limit} {self.what} are open, the most {self.setting} "
-                                     f"allows; retry in {RETRY_AFTER_SECONDS} s.",
-                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+            raise Busy(f"{self.limit} {self.what} are open, the most {self.setting} allows; "
+                       f"retry in {RETRY_AFTER_SECONDS} s.", RETRY_AFTER_SECONDS)
         self.used += 1
         if holder:
             self.holders.add(holder)

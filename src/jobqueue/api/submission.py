@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
@@ -19,7 +19,15 @@ from jobqueue.api.access import owner
 from jobqueue.api.shutdown import refuse_while_draining
 from jobqueue.api.uploads import read_multipart
 from jobqueue.engines import JobEngine, NewJob
-from jobqueue.errors import HTTP_STATUS, QueueFull, TooLarge, Unavailable, UnsupportedInput, kind_of
+from jobqueue.errors import (
+    ANSWERED,
+    BadInput,
+    MalformedRequest,
+    QueueFull,
+    TooLarge,
+    Unavailable,
+    UnsupportedInput,
+)
 from jobqueue.files import jobfiles
 from jobqueue.jobs import JobKind
 from jobqueue.kinds import KINDS
@@ -61,17 +69,17 @@ async def read_submission(request: Request, settings: Settings,
                         lambda fields: room_for_file(request, fields, idempotency_key))
             else:
                 fields = await read_json(request, content_type, min_rate)
-        except HTTPException as refusal:
+        except ANSWERED as refusal:
             # Refused before the body was all read: the connection cannot carry another
-            # request, and a client still sending should stop.
-            refusal.headers = {**(refusal.headers or {}), "Connection": "close"}
+            # request, and a client still sending should stop (api/problems.py closes it).
+            refusal.body_unread = True
             raise
         except ClientDisconnect:
-            raise HTTPException(400, "The client closed the connection before its request "
-                                     "body was complete.") from None
+            raise MalformedRequest("The client closed the connection before its request body "
+                                   "was complete.") from None
         kind, options = parse_options(fields)
         if upload is not None and kind.sample is None:
-            raise HTTPException(422, f"{kind.name} jobs take no file; send only the options.")
+            raise BadInput(f"{kind.name} jobs take no file; send only the options.")
     except BaseException:
         jobfiles.remove_job_dir(settings.out_dir, job_id)
         raise
@@ -88,20 +96,19 @@ def file_refused(fields: dict[str, str]) -> str | None:
 
 
 async def room_for_file(request: Request, fields: dict[str, str],
-                        idempotency_key: str | None) -> HTTPException | None:
-    """503 when the queue of the kind named before the file is full already: the client
-    hears it before sending the file, not after (only a look; the submit decides). A retry
-    with the Idempotency-Key of a job already accepted is let in: it gets that job back."""
+                        idempotency_key: str | None) -> Exception | None:
+    """QueueFull (503) when the queue of the kind named before the file is full already: the
+    client hears it before sending the file, not after (only a look; the submit decides). A
+    retry with the Idempotency-Key of a job already accepted is let in: it gets that job back."""
     kind = KINDS.get(fields.get("jobType", ""))
     if kind is None:
         return None
     try:
         await request.app.state.engine.check_room(kind.name, owner(request), idempotency_key)
-    except QueueFull as full:
-        request.app.state.metrics.refused(kind.name)
-        return HTTPException(503, str(full), headers={"Retry-After": str(full.retry_after)})
+    except QueueFull as full:  # counted as refused where it is answered (api/problems.py)
+        return full
     except Unavailable as error:  # the database is down: the submit could not take it either
-        return HTTPException(503, str(error), headers={"Retry-After": str(error.retry_after)})
+        return error
     except Exception as error:  # the look is a courtesy: the submit decides
         log.warning("could not look at the %s queue before an upload: %s", kind.name, error)
     return None
@@ -111,8 +118,7 @@ def parse_options(fields: dict) -> tuple[JobKind, BaseModel]:
     kind_name = fields.pop("jobType", DEFAULT_JOB_TYPE)
     kind = KINDS.get(kind_name) if isinstance(kind_name, str) else None
     if kind is None:
-        raise HTTPException(422, f"Unknown jobType {kind_name!r}; valid job types: "
-                                 f"{', '.join(KINDS)}.")
+        raise BadInput(f"Unknown jobType {kind_name!r}; valid job types: {', '.join(KINDS)}.")
     try:
         return kind, kind.options.model_validate(fields)
     except ValidationError as error:
@@ -133,9 +139,9 @@ def _finite(text: str) -> float:
     return value
 
 
-def json_too_large() -> HTTPException:
-    return HTTPException(413, f"The JSON body is larger than {MAX_JSON_BYTES // 1024} KB; send "
-                              "files as multipart/form-data.")
+def json_too_large() -> TooLarge:
+    return TooLarge(f"The JSON body is larger than {MAX_JSON_BYTES // 1024} KB; send files as "
+                    "multipart/form-data.")
 
 
 async def read_json(request: Request, content_type: str, min_bytes_per_second: float) -> dict:
@@ -156,17 +162,17 @@ async def read_json(request: Request, content_type: str, min_bytes_per_second: f
                   if body.strip() else {})
     except (ValueError, RecursionError) as error:
         if content_type and not content_type.startswith("application/json"):
-            raise HTTPException(415, f"Unsupported Content-Type {content_type!r}: send "
-                                     "application/json, or multipart/form-data with a `file` "
-                                     "field and the options as text fields.") from None
-        raise HTTPException(422, f"The body is not valid JSON ({str(error)[:200]}).") from None
+            raise UnsupportedInput(f"Unsupported Content-Type {content_type!r}: send "
+                                   "application/json, or multipart/form-data with a `file` "
+                                   "field and the options as text fields.") from None
+        raise BadInput(f"The body is not valid JSON ({str(error)[:200]}).") from None
     if not isinstance(fields, dict):
-        raise HTTPException(422, 'The JSON body must be an object, such as {"data": "hello"}.')
+        raise BadInput('The JSON body must be an object, such as {"data": "hello"}.')
     try:
         json.dumps(fields, ensure_ascii=False).encode()
     except UnicodeEncodeError:  # "\ud800": JSON allows it, nothing downstream can store it
-        raise HTTPException(422, "The JSON body has text that is not valid Unicode (a lone "
-                                 "surrogate escape such as \\ud800).") from None
+        raise BadInput("The JSON body has text that is not valid Unicode (a lone surrogate "
+                       "escape such as \\ud800).") from None
     return fields
 
 
@@ -174,7 +180,8 @@ async def start_job(engine: JobEngine, submission: Submission, origin: Origin,
                     check_input: bool = False, owner: str = "",
                     idempotency_key: str | None = None) -> JobRecord:
     """Queue the job: its record as accepted (QueueFull: 503). With `check_input`, an upload
-    of the wrong type is 415 and one over the server's limits 413, before it is queued.
+    of the wrong type is UnsupportedInput (415) and one over the server's limits TooLarge
+    (413), before it is queued.
     A POST /jobs job is on disk before this returns; a /put job need not be, its client waits."""
     kind = submission.kind
     try:
@@ -183,12 +190,9 @@ async def start_job(engine: JobEngine, submission: Submission, origin: Origin,
                 await run_in_threadpool(kind.check_input, submission.upload,
                                         submission.options, engine.settings)
             except FileNotFoundError:
-                raise HTTPException(400, "The upload was removed before it could be checked "
-                                         "(the server may be shutting down); send it "
-                                         "again.") from None
-    except (UnsupportedInput, TooLarge) as error:
-        jobfiles.remove_job_dir(engine.settings.out_dir, submission.job_id)
-        raise HTTPException(HTTP_STATUS[kind_of(error)], str(error)) from None
+                raise MalformedRequest("The upload was removed before it could be checked "
+                                       "(the server may be shutting down); send it "
+                                       "again.") from None
     except BaseException:
         jobfiles.remove_job_dir(engine.settings.out_dir, submission.job_id)
         raise

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 from python_multipart.multipart import (
     MAX_BOUNDARY_LENGTH,
     MultipartParser,
@@ -16,7 +16,15 @@ from python_multipart.multipart import (
 )
 from starlette.requests import ClientDisconnect
 
-from jobqueue.errors import is_disk_full
+from jobqueue.errors import (
+    ANSWERED,
+    BadInput,
+    MalformedRequest,
+    TooLarge,
+    UploadDiskFull,
+    UploadTooSlow,
+    is_disk_full,
+)
 from jobqueue.files import jobfiles
 
 MAX_FIELDS = 20
@@ -88,18 +96,18 @@ class _Form:
         self._name = params.get(b"name", b"").decode(errors="replace")
         filename = params.get(b"filename")
         if self._name in self.fields or (self._name == "file" and self.file_name):
-            raise HTTPException(422, f"The form field {self._name!r} is given twice; send it once.")
+            raise BadInput(f"The form field {self._name!r} is given twice; send it once.")
         if self._name == "file":
             if reason := self.refuse_file(self.fields):  # before a byte of it is stored
-                raise HTTPException(422, reason)
+                raise BadInput(reason)
             self.file_name = jobfiles.safe_name((filename or b"upload").decode(errors="replace"))
             self._in_file = True
             self._held = bytearray()
         elif filename is not None:
-            raise HTTPException(422, f"The form field {self._name!r} must be text; only `file` "
-                                     "may be a file.")
+            raise BadInput(f"The form field {self._name!r} must be text; only `file` may be a "
+                           "file.")
         elif len(self.fields) >= MAX_FIELDS:
-            raise HTTPException(422, f"Too many form fields; at most {MAX_FIELDS}.")
+            raise BadInput(f"Too many form fields; at most {MAX_FIELDS}.")
 
     @property
     def file_waiting(self) -> bool:
@@ -129,8 +137,8 @@ class _Form:
         else:
             self._value += data
             if len(self._value) > MAX_FIELD_BYTES:
-                raise HTTPException(422, f"The form field {self._name!r} is longer than "
-                                         f"{MAX_FIELD_BYTES // 1024} KB.")
+                raise BadInput(f"The form field {self._name!r} is longer than "
+                               f"{MAX_FIELD_BYTES // 1024} KB.")
 
     def part_end(self) -> None:
         if self._in_file:
@@ -154,15 +162,15 @@ class _Form:
                 pass
 
 
-def too_large(max_bytes: int) -> HTTPException:
-    return HTTPException(413, f"The upload is larger than the {max_bytes / 2**20:g} MB limit "
-                              "(JOBQUEUE_MAX_UPLOAD_MB).")
+def too_large(max_bytes: int) -> TooLarge:
+    return TooLarge(f"The upload is larger than the {max_bytes / 2**20:g} MB limit "
+                    "(JOBQUEUE_MAX_UPLOAD_MB).")
 
 
-def too_slow(min_bytes_per_second: float) -> HTTPException:
-    return HTTPException(408, f"The body came in slower than {min_bytes_per_second / 1024:g} KB/s "
-                              f"over {SPEED_WINDOW_SECONDS:g} s (JOBQUEUE_MIN_UPLOAD_KBPS); it "
-                              "was cut off. Send it again over a faster connection.")
+def too_slow(min_bytes_per_second: float) -> UploadTooSlow:
+    return UploadTooSlow(f"The body came in slower than {min_bytes_per_second / 1024:g} KB/s "
+                         f"over {SPEED_WINDOW_SECONDS:g} s (JOBQUEUE_MIN_UPLOAD_KBPS); it was "
+                         "cut off. Send it again over a faster connection.")
 
 
 async def _discard(form: _Form, stream: AsyncIterator[bytes] | None) -> None:
@@ -232,20 +240,21 @@ async def read_multipart(request: Request, folder: Path, max_bytes: int,
                          min_bytes_per_second: float,
                          refuse_file: Callable[[dict[str, str]], str | None],
                          room_for_file: Callable[[dict[str, str]],
-                                                 Awaitable[HTTPException | None]]
+                                                 Awaitable[Exception | None]]
                          ) -> tuple[dict[str, str], Path | None]:
-    """Stream the body; the `file` part goes to `folder`. 413 over `max_bytes`, 408 slower than
-    `min_bytes_per_second` (the partial file removed either way). Given the fields before the
-    file part, `refuse_file` says why it is not wanted (422), and `room_for_file` may refuse it
-    for now (a full queue's 503), both before any of it is stored."""
+    """Stream the body; the `file` part goes to `folder`. TooLarge (413) over `max_bytes`,
+    UploadTooSlow (408) slower than `min_bytes_per_second` (the partial file removed either
+    way). Given the fields before the file part, `refuse_file` says why it is not wanted
+    (BadInput, 422), and `room_for_file` may refuse it for now (it returns the error to raise:
+    a full queue's 503), both before any of it is stored."""
     _, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if not boundary:
-        raise HTTPException(422, "The multipart body has no boundary in its Content-Type.")
+        raise BadInput("The multipart body has no boundary in its Content-Type.")
     if len(boundary) > MAX_BOUNDARY_LENGTH:  # python-multipart's own limit (RFC 2046 says 70)
-        raise HTTPException(400, f"The multipart boundary is {len(boundary)} characters long; "
-                                 f"at most {MAX_BOUNDARY_LENGTH} are allowed (RFC 2046 asks for "
-                                 "at most 70).")
+        raise MalformedRequest(f"The multipart boundary is {len(boundary)} characters long; "
+                               f"at most {MAX_BOUNDARY_LENGTH} are allowed (RFC 2046 asks for "
+                               "at most 70).")
     # The file, the fields, and room for part headers and boundaries: nothing more is read.
     max_body = max_bytes + MAX_FIELDS * MAX_FIELD_BYTES + BODY_OVERHEAD_BYTES
     if (declared_length(request) or 0) > max_body:
@@ -268,15 +277,15 @@ async def read_multipart(request: Request, folder: Path, max_bytes: int,
                 break  # an epilogue after the closing boundary is not read: it means nothing
         parser.finalize()
         if parser.state != MultipartState.END:
-            raise HTTPException(400, "The multipart body ends before its closing boundary; "
-                                     "the upload was cut off.")
+            raise MalformedRequest("The multipart body ends before its closing boundary; the "
+                                   "upload was cut off.")
     except UploadTooLarge:
         await _discard(form, stream)
         raise too_large(max_bytes) from None
     except TooSlow:
         await _discard(form, None)
         raise too_slow(min_bytes_per_second) from None
-    except HTTPException:
+    except ANSWERED:
         await _discard(form, stream)  # a refused part: the client still gets to read why
         raise
     except ClientDisconnect:
@@ -284,11 +293,10 @@ async def read_multipart(request: Request, folder: Path, max_bytes: int,
     except OSError as error:  # writing the upload failed: the disk, not the body
         await _discard(form, stream)
         if is_disk_full(error):
-            raise HTTPException(507, "The server's disk is full; the upload could not be "
-                                     "stored. Try again once space has been freed.") from None
+            raise UploadDiskFull from None
         raise
     except Exception as error:  # python-multipart's errors for a malformed body
-        raise HTTPException(400, f"The multipart body is malformed ({error}).") from None
+        raise MalformedRequest(f"The multipart body is malformed ({error}).") from None
     finally:
         form.close()
     return form.fields, form.file_path

@@ -30,20 +30,18 @@ from datetime import timedelta
 from pathlib import Path
 
 import obstore
-from fastapi.responses import Response, StreamingResponse
 from obstore.exceptions import BaseError as StoreError
 from obstore.store import S3Store
 
-from jobqueue.errors import Unavailable
+from jobqueue.errors import FilesGone, Unavailable
 from jobqueue.files import jobfiles
-from jobqueue.files.store import CACHE, CHUNK_BYTES, gone, media_type
+from jobqueue.files.store import CHUNK_BYTES, THUMBNAIL_DIR, Download, media_type
 from jobqueue.records import JobRecord
 from jobqueue.settings import Settings
 
 log = logging.getLogger("jobqueue.files.objects")
 
 MANIFEST = "manifest.json"
-THUMBNAILS = "thumbnails"
 LINK_SECONDS = 3600  # how long a presigned URL (?redirect=1, a preview's source) stays valid
 # Multipart uploads: parts of 8 MB, two in flight; the engine runs at most
 # STORE_UPLOADS_AT_ONCE (4) uploads at once per process, so uploads to the store hold about
@@ -271,32 +269,33 @@ class ObjectFiles:
         """One read, not one per page: the attempt's manifest is written after its files."""
         return self.read_small(self._attempt(record) + MANIFEST) is not None
 
-    def download(self, record: JobRecord, name: str, filename: str | None = None) -> Response:
+    def download(self, record: JobRecord, name: str, filename: str | None = None) -> Download:
         found = self._open(record, name)
-        headers = {**CACHE, "Content-Length": str(found.meta["size"])}
-        if filename:
-            headers["Content-Disposition"] = f'attachment; filename="{filename}"'
-        return StreamingResponse(_stream(found, record.id), media_type=media_type(name),
-                                 headers=headers)
+        return Download(found.meta["size"], media_type(name), filename,
+                        chunks=_stream(found, record.id))
 
     def chunks(self, record: JobRecord, name: str) -> Iterator[bytes]:
         yield from _stream(self._open(record, name), record.id)
 
     def _open(self, record: JobRecord, name: str) -> obstore.GetResult:
-        """The GET of an output file, its body not read yet: 404 or 503 before any byte."""
+        """The GET of an output file, its body not read yet: FilesGone or StoreUnavailable
+        before any byte."""
         key = self._output(record, name)
         if key is None:
-            raise gone(record.id, name)
+            raise FilesGone(record.id, name)
         try:
             return obstore.get(self.transfers, key)
         except FileNotFoundError:  # obstore's "no such object"
-            raise gone(record.id, name) from None
+            raise FilesGone(record.id, name) from None
         except StoreError as error:
             raise unavailable(error) from None
 
     def link(self, record: JobRecord, name: str) -> str | None:
         key = self._output(record, name)
         return self._sign(key) if key else None
+
+    def output_source(self, record: JobRecord, name: str) -> str | None:
+        return self.link(record, name)  # ffmpeg reads it over HTTP
 
     def input_source(self, record: JobRecord) -> str | None:
         path = record.input_path or ""
@@ -309,7 +308,13 @@ class ObjectFiles:
             raise unavailable(error) from None
 
     def thumbnail_key(self, record: JobRecord, name: str, width: int) -> str:
-        return f"{self._job(record.id)}{THUMBNAILS}/{width}-{Path(name).stem}.jpg"
+        return f"{self._job(record.id)}{THUMBNAIL_DIR}/{width}-{Path(name).stem}.jpg"
+
+    def kept_thumbnail(self, record: JobRecord, name: str, width: int) -> bytes | None:
+        return self.read_small(self.thumbnail_key(record, name, width))
+
+    def keep_thumbnail(self, record: JobRecord, name: str, width: int, jpeg: bytes) -> None:
+        self.write_small(self.thumbnail_key(record, name, width), jpeg)
 
     def read_small(self, key: str) -> bytes | None:
         try:
@@ -323,11 +328,13 @@ class ObjectFiles:
         with outages():
             obstore.put(self.store, key, data)
 
-    def copy_to(self, record: JobRecord, name: str, target: Path) -> None:
-        """An output file into a local file (a thumbnail is made from it)."""
+    def local_copy(self, record: JobRecord, name: str, scratch: Path) -> Path:
+        """An output file copied into the folder `scratch` (a thumbnail is made from it)."""
+        target = scratch / jobfiles.safe_name(name)
         with target.open("wb") as sink:
             for chunk in self.chunks(record, name):
                 sink.write(chunk)
+        return target
 
 
 def _stream(found: obstore.GetResult, job_id: str) -> Iterator[bytes]:

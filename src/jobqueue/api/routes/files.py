@@ -12,17 +12,17 @@ import tempfile
 import threading
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse
 
 from jobqueue import processes
+from jobqueue.api.downloads import CACHE, file_response
 from jobqueue.api.routes.jobs import find_job
 from jobqueue.api.schemas import error_responses
 from jobqueue.children import thumbnail as thumbnail_program
-from jobqueue.errors import Unavailable
-from jobqueue.files import jobfiles
-from jobqueue.files.store import CACHE, FileStore, LocalFiles
+from jobqueue.errors import BadInput, Conflict, NotFound, Unavailable
+from jobqueue.files.store import FileStore
 from jobqueue.jobs import JobStatus
 from jobqueue.records import JobRecord
 from jobqueue.settings import Settings
@@ -31,8 +31,6 @@ log = logging.getLogger("jobqueue.files")
 router = APIRouter(tags=["jobs"])
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-# Thumbnails are kept beside the job's outputs, made once per width.
-THUMBNAIL_DIR = "thumbnails"
 # The widths thumbnails are made at: `?w=` is rounded up to the next of them, so a job keeps
 # at most this many thumbnails of a page, whatever widths are asked for (each distinct width
 # kept one more JPEG: 400 GETs took a job's folder from 0.3 to 89 MB).
@@ -70,28 +68,28 @@ async def job_file(job_id: str, name: str, request: Request,
                    ) -> Response:
     if record.status != JobStatus.SUCCEEDED.value or record.result is None:
         # A running job's pages are still being written: none is served half done.
-        raise HTTPException(409, f"Job {job_id} is {record.status}; its files are ready once "
-                                 "it has succeeded.")
+        raise Conflict(f"Job {job_id} is {record.status}; its files are ready once it has "
+                       "succeeded.")
     files: FileStore = request.app.state.engine.files
     if name not in record.result["files"]:  # a file gone since is a 404 of the reads below
-        raise HTTPException(404, f"Job {job_id!r} has no output file {name!r}.")
+        raise NotFound(f"Job {job_id!r} has no output file {name!r}.")
     if w is None:
         # None on a local disk. Signing may fetch credentials (an instance role): a thread.
         link = await run_in_threadpool(files.link, record, name) if redirect else None
         if link:
             return RedirectResponse(link, status_code=307, headers={"Cache-Control": "no-store"})
-        return await run_in_threadpool(files.download, record, name)
+        return file_response(await run_in_threadpool(files.download, record, name))
     if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-        raise HTTPException(422, f"{name!r} is not an image; ?w= makes thumbnails of "
-                                 "PNG and JPEG files only.")
+        raise BadInput(f"{name!r} is not an image; ?w= makes thumbnails of PNG and JPEG files "
+                       "only.")
     try:
         jpeg = await run_in_threadpool(thumbnail, files, record, name, snapped_width(w),
                                        request.app.state.settings)
     except (processes.OutputTooLarge, subprocess.TimeoutExpired, ThumbnailFailed):
-        raise HTTPException(422, f"No thumbnail can be made of {name!r}; download it without "
-                                 "?w=.") from None
+        raise BadInput(f"No thumbnail can be made of {name!r}; download it without ?w=.") \
+            from None
     except OSError:  # deleted meanwhile
-        raise HTTPException(404, f"Job {job_id!r} has no readable image {name!r}.") from None
+        raise NotFound(f"Job {job_id!r} has no readable image {name!r}.") from None
     return Response(jpeg, media_type="image/jpeg", headers=CACHE)
 
 
@@ -106,29 +104,18 @@ def snapped_width(width: int) -> int:
 
 def thumbnail(files: FileStore, record: JobRecord, name: str, width: int,
               settings: Settings) -> bytes:
-    """A JPEG at most `width` pixels wide, made once per width and kept beside the job's
-    files: beside the image on a local disk, under the job's `thumbnails/` in object storage
-    (made from a scratch copy of the image)."""
-    if isinstance(files, LocalFiles):
-        path = files.output_path(record, name)
-        if path is None:
-            raise FileNotFoundError(name)
-        cached = path.parent / THUMBNAIL_DIR / f"{width}-{path.stem}.jpg"
-        if cached.is_file():
-            return cached.read_bytes()
-        cached.parent.mkdir(exist_ok=True)
-        return make_thumbnail(path, cached, width, settings)
-    key = files.thumbnail_key(record, name, width)
-    if (jpeg := files.read_small(key)) is not None:
+    """A JPEG at most `width` pixels wide, made once per width and kept by the store beside
+    the job's files (beside the image on a local disk, under the job's `thumbnails/` in object
+    storage, made from a scratch copy of the image)."""
+    if (jpeg := files.kept_thumbnail(record, name, width)) is not None:
         return jpeg
-    # The copy under the same semaphore as the decoding: N requests, not N copies at once.
+    # A copy under the same semaphore as the decoding: N requests, not N copies at once.
     with _decoding, tempfile.TemporaryDirectory(prefix="jobqueue-thumbnail-") as scratch:
-        source = Path(scratch) / jobfiles.safe_name(name)
-        files.copy_to(record, name, source)
+        source = files.local_copy(record, name, Path(scratch))
         jpeg = make_thumbnail(source, Path(scratch) / "thumbnail.jpg", width, settings,
                               decoding=False)
     try:
-        files.write_small(key, jpeg)
+        files.keep_thumbnail(record, name, width, jpeg)
     except Unavailable as error:  # made, just not kept: the next request makes it again
         log.warning("job %s: thumbnail not kept: %s", record.id, error)
     return jpeg

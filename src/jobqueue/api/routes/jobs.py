@@ -9,13 +9,14 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse
 from starlette.types import Send
 
 from jobqueue.api.access import owner
+from jobqueue.api.downloads import file_response
 from jobqueue.api.ratelimit import limiter, submit_limit
 from jobqueue.api.routes import links
 from jobqueue.api.routes.put import REQUEST_EXAMPLES
@@ -32,7 +33,7 @@ from jobqueue.api.schemas import (
 )
 from jobqueue.api.submission import read_submission, start_job
 from jobqueue.engines import JobEngine
-from jobqueue.errors import Unavailable
+from jobqueue.errors import BadInput, Conflict, FilesGone, NotFound, Unavailable
 from jobqueue.files import jobfiles
 from jobqueue.files.store import FileStore
 from jobqueue.jobs import FINISHED, JobStatus
@@ -52,7 +53,7 @@ async def find_job(job_id: str, request: Request) -> JobRecord:
     engine: JobEngine = request.app.state.engine
     record = await engine.get(job_id) if jobfiles.is_job_id(job_id) else None
     if record is None or record.owner != owner(request):
-        raise HTTPException(404, f"There is no job {job_id!r}; it may have been deleted.")
+        raise NotFound(f"There is no job {job_id!r}; it may have been deleted.")
     return record
 
 
@@ -142,8 +143,7 @@ async def list_jobs(
     offset: int = Query(0, ge=0, le=2**62),
 ) -> JobList:
     if job_type is not None and job_type not in KINDS:
-        raise HTTPException(422, f"Unknown jobType {job_type!r}; valid job types: "
-                                 f"{', '.join(KINDS)}.")
+        raise BadInput(f"Unknown jobType {job_type!r}; valid job types: {', '.join(KINDS)}.")
     engine: JobEngine = request.app.state.engine
     records = await engine.list(status.value if status else None, job_type, limit, offset,
                                 owner(request))
@@ -177,8 +177,8 @@ async def delete_job(request: Request, record: JobRecord = Depends(find_job)) ->
         except TimeoutError:
             record = await engine.get(record.id) or record
         except LookupError:  # ended, then deleted by another DELETE while this one waited
-            raise HTTPException(404, f"There is no job {record.id!r}; it was cancelled and "
-                                     "deleted meanwhile.") from None
+            raise NotFound(f"There is no job {record.id!r}; it was cancelled and deleted "
+                           "meanwhile.") from None
         return await job_view(request, record)
     await engine.delete(record.id)
     return await job_view(request, record)
@@ -217,17 +217,18 @@ async def job_events(request: Request, record: JobRecord = Depends(find_job)
 async def job_result(request: Request, record: JobRecord = Depends(find_job)) -> Response:
     if record.status != JobStatus.SUCCEEDED.value or record.result is None:
         reason = f": {record.error}" if record.error else ""
-        raise HTTPException(409, f"Job {record.id} is {record.status}{reason}; the result "
-                                 "is ready once it has succeeded.")
+        raise Conflict(f"Job {record.id} is {record.status}{reason}; the result is ready once "
+                       "it has succeeded.")
     names = record.result["files"]
     if not names:
         return JSONResponse(record.result["data"])
     files: FileStore = request.app.state.engine.files
     if not await run_in_threadpool(files.complete, record):
-        raise HTTPException(404, f"The files of job {record.id} have been deleted.")
+        raise NotFound(f"The files of job {record.id} have been deleted.")
     if len(names) == 1:
-        return await run_in_threadpool(files.download, record, names[0],
-                                       f"{record.job_type}-{record.id}{Path(names[0]).suffix}")
+        return file_response(await run_in_threadpool(
+            files.download, record, names[0],
+            f"{record.job_type}-{record.id}{Path(names[0]).suffix}"))
     return ZipDownload(
         zip_stream(files, record, names), media_type="application/zip",
         headers={"Content-Disposition":
@@ -285,7 +286,6 @@ def zip_stream(files: FileStore, record: JobRecord, names: list[str]) -> Iterato
                     for block in files.chunks(record, name):
                         entry.write(block)
                         yield chunks.take()
-                except (HTTPException, OSError, Unavailable) as error:
-                    reason = error.detail if isinstance(error, HTTPException) else error
-                    raise CutShort(f"job {record.id}: {reason}") from None
+                except (FilesGone, OSError, Unavailable) as error:
+                    raise CutShort(f"job {record.id}: {error}") from None
     yield chunks.take()

@@ -8,13 +8,14 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from jobqueue import processes
 from jobqueue.api.routes.jobs import find_job
 from jobqueue.api.schemas import error_responses
+from jobqueue.errors import Busy, NotFound
 from jobqueue.files.store import FileStore
 from jobqueue.jobs import JobStatus
 from jobqueue.kinds import video
@@ -59,22 +60,19 @@ def preview_source(request: Request, record: JobRecord) -> str:
     """The output video once the job has succeeded, its uploaded input while it waits or runs:
     a path, or with object storage a presigned URL ffmpeg reads over HTTP."""
     if record.job_type != video.KIND.name:
-        raise HTTPException(404, f"Job {record.id} is a {record.job_type} job; only "
-                                 f"{video.KIND.name} jobs have a preview.")
+        raise NotFound(f"Job {record.id} is a {record.job_type} job; only {video.KIND.name} "
+                       "jobs have a preview.")
     files: FileStore = request.app.state.engine.files
     source = None
     if record.status == JobStatus.SUCCEEDED.value and record.result and record.result["files"]:
         name = record.result["files"][0]
         if files.exists(record, name):
-            source = files.link(record, name)
-            if source is None:  # on a local disk: the path itself
-                path = files.output_path(record, name)
-                source = str(path) if path is not None else None
+            source = files.output_source(record, name)
     elif record.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
         source = files.input_source(record)
     if source is None:
-        raise HTTPException(404, f"Job {record.id} is {record.status} and has no video of its "
-                                 "own to preview.")
+        raise NotFound(f"Job {record.id} is {record.status} and has no video of its own to "
+                       "preview.")
     return source
 
 
@@ -100,9 +98,8 @@ async def preview(
     slots: PreviewSlots = request.app.state.preview_slots
     ticket = slots.grant()
     if ticket is None:
-        raise HTTPException(503, f"{slots.limit} previews are playing, the most "
-                                 "JOBQUEUE_PREVIEW_STREAMS allows; retry in a few seconds.",
-                            headers={"Retry-After": "5"})
+        raise Busy(f"{slots.limit} previews are playing, the most JOBQUEUE_PREVIEW_STREAMS "
+                   "allows; retry in a few seconds.", 5)
     return StreamingResponse(
         frames(processes.guarded(video.preview_command(source, fps, width),
                                  request.app.state.settings.video_max_mb),

@@ -15,7 +15,7 @@ from jobqueue.api.schemas import JobResult, PutData, PutResponse, error_response
 from jobqueue.api.shutdown import shutting_down
 from jobqueue.api.submission import read_submission, start_job
 from jobqueue.engines import JobEngine
-from jobqueue.errors import HTTP_STATUS
+from jobqueue.errors import Conflict, JobFailed
 from jobqueue.jobs import FINISHED, JobStatus
 from jobqueue.kinds import KINDS
 from jobqueue.metrics import Outcome
@@ -150,12 +150,12 @@ async def _cancel_on_disconnect(request: Request, engine: JobEngine, job_id: str
 
 
 def raise_for_failure(record: JobRecord) -> None:
-    """The answer to a job that did not succeed: errors.HTTP_STATUS by the kind of its error."""
+    """A job that did not succeed as an error: JobFailed, answered by the kind of its error
+    (api/problems.py); a cancelled one as a Conflict (409)."""
     if record.status == JobStatus.CANCELLED.value:
-        raise HTTPException(409, f"Job {record.id} was cancelled before it finished.")
+        raise Conflict(f"Job {record.id} was cancelled before it finished.")
     if record.status == JobStatus.FAILED.value:
-        raise HTTPException(HTTP_STATUS.get(record.error_kind or "internal", 500),
-                            record.error or f"Job {record.id} failed.")
+        raise JobFailed(record.error_kind or "internal", record.error or f"Job {record.id} failed.")
 
 
 def job_result(request: Request, record: JobRecord) -> JobResult:
