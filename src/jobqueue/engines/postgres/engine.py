@@ -76,7 +76,7 @@ class PostgresEngine:
         self.pool = timeouts.Pool(self.url, STATEMENT_SECONDS, min_size=1,
                                     max_size=POOL_SIZE, open=False,
                                     timeout=POOL_TIMEOUT_SECONDS)
-        self.app = make_app()
+        self.app = make_app(kinds)
         self.store = PgJobStore(self.url)
         self.files: FileStore = make_file_store(settings)
         # Uploads on their way to object storage (minutes each over a slow link) wait here for
