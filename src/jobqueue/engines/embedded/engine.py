@@ -749,6 +749,7 @@ class EmbeddedEngine:
             record.status, record.finished_at = JobStatus.CANCELLED.value, time.time()
             jobfiles.remove_job_dir(self.out_dir, record.id)
             self.store.save(record)
+            self.metrics.job_ended(record.job_type, Outcome.SHUTDOWN, None, None)
             return
         kind = self.kinds.get(record.job_type)
         try:
@@ -759,6 +760,7 @@ class EmbeddedEngine:
             record.status, record.error = JobStatus.FAILED.value, "unknown job type after restart"
             record.finished_at = time.time()
             self.store.save(record)
+            self.metrics.job_ended(record.job_type, Outcome.FAILED, None, None)
             return
         job = self._new_job(kind, options, record.id,
                             Path(record.input_path) if record.input_path else None,

@@ -81,7 +81,7 @@ class PostgresEngine:
         self.pool = timeouts.Pool(self.url, STATEMENT_SECONDS, min_size=1,
                                     max_size=POOL_SIZE, open=False,
                                     timeout=POOL_TIMEOUT_SECONDS)
-        self.app = make_app()
+        self.app = make_app(kinds)
         database = conninfo_to_dict(self.url).get("dbname", "")
         self.records_location = f"the PostgreSQL database {database}"
         self._made: dict[str, str] | None = None  # the store's id and birth, once read

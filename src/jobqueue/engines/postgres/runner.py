@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,14 +71,15 @@ def task_name(kind: str) -> str:
     return f"jobqueue.{kind}"
 
 
-def make_app() -> procrastinate.App:
+def make_app(kinds: Iterable[str] = ()) -> procrastinate.App:
     """The procrastinate app, with a task per job kind (replicas defer them, runners run
-    them). It is opened on the caller's pool."""
+    them): the built-in kinds and those of `kinds` (an engine's own, such as a test's). It
+    is opened on the caller's pool."""
     # procrastinate logs each job's start and end at INFO, an abort with a traceback; the
     # runner's own lines say the same with the job id. Its warnings and errors still show.
     logging.getLogger("procrastinate").setLevel(logging.WARNING)
     app = procrastinate.App(connector=procrastinate.PsycopgConnector())
-    for name in KINDS:
+    for name in dict.fromkeys([*KINDS, *kinds]):
         async def run(context: ProcrastinateContext, job_id: str) -> None:
             await context.additional_context["runner"].run_job(context, job_id)
 
@@ -194,7 +196,7 @@ class Runner:
         # Where a worker process serves its metrics (its heartbeat tells /health); None in a
         # replica --with-workers, whose /metrics has them.
         self.metrics_url: str | None = None
-        self.app = app or make_app()
+        self.app = app or make_app(kinds)
         self.running: dict[str, Run] = {}
         concurrency = sum(settings.limits(name).workers for name in kinds)
         self.executor = ThreadPoolExecutor(concurrency + 1, thread_name_prefix="job")
