@@ -47,7 +47,7 @@ from jobqueue.files import FileStore, jobfiles, make_file_store
 from jobqueue.jobs import JobContext, JobKind, JobStatus, Output
 from jobqueue.kinds import KINDS
 from jobqueue.lifecycle import Ending
-from jobqueue.metrics import Metrics, outcome
+from jobqueue.metrics import Metrics, Outcome, outcome
 from jobqueue.records import JobRecord
 from jobqueue.settings import Settings
 
@@ -388,6 +388,7 @@ class Runner:
             if record.id in cancelled:
                 log.warning("job %s: stranded after a cancel (nothing left to run it); ended "
                             "as cancelled", record.id)
+                self._count_cancelled(record)
                 with contextlib.suppress(Unavailable):  # the orphan sweeps get them later
                     await asyncio.to_thread(self.files.remove, record.id)
             else:
@@ -471,6 +472,7 @@ class Runner:
                 await schema.notify(conn, record.id, record.owner)
         if cancelled:
             log.info("job %s: cancelled before it started", job_id)
+            self._count_cancelled(cancelled[0])
             with contextlib.suppress(Unavailable):  # the orphan sweeps get them later
                 await asyncio.to_thread(self.files.remove, job_id)
         return rows[0] if rows else None
@@ -486,10 +488,16 @@ class Runner:
                 for row in rows:
                     await self._queue_again(conn, row)
             else:
-                await conn.execute(
+                ended = await conn.execute(
                     QUERIES["end_run_cancelled"], (time.time(), record.id, record.attempt))
                 await schema.notify(conn, record.id, record.owner)
+                if ended.rowcount:
+                    self._count_cancelled(record)
         log.info("job %s: aborted as it started (%s)", record.id, reason)
+
+    def _count_cancelled(self, record: JobRecord) -> None:
+        """An end this process wrote without a run of its own behind it: counted like any."""
+        self.metrics.job_ended(record.job_type, Outcome.CANCELLED, None, None)
 
     async def _push_progress(self, job: Run, changed: asyncio.Event) -> None:
         while True:
