@@ -160,15 +160,16 @@ def run(kind: JobKind, context: JobContext, prepare: Callable[[], None] | None =
 def at_deadline(job_id: str, origin: Origin, max_seconds: float,
                 store_down_for: float | None = None) -> Ending:
     """How a job stopped at its deadline ends, whatever its handler made of being stopped: a
-    /put job is cancelled (its client got 504 and its folder goes), a POST /jobs job fails
-    naming the setting, or naming the object store when the run waited for it all along."""
-    if origin is Origin.PUT:
-        return Ending(CANCELLED)
-    if store_down_for is not None:  # not the input's fault: say whose
+    run that waited for the object store all along fails naming the store; otherwise a /put
+    job is cancelled (its client got 504 and its folder goes), a POST /jobs job fails naming
+    the setting."""
+    if store_down_for is not None:  # not the input's fault: say whose (a /put gets 503)
         return Ending(FAILED, error=Unavailable(
             f"Job {job_id} waited {store_down_for:.0f} s for the object store "
             "(JOBQUEUE_STORAGE_URL), which could not be reached, until "
             "JOBQUEUE_JOB_MAX_SECONDS stopped it. Send it again once the store is back."))
+    if origin is Origin.PUT:
+        return Ending(CANCELLED)
     return Ending(FAILED, error=TimedOut(
         f"Job {job_id} ran longer than {max_seconds:g} s (JOBQUEUE_JOB_MAX_SECONDS) and was "
         "stopped. Send smaller input, or raise the setting."))
