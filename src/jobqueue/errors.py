@@ -1,10 +1,11 @@
 """What can go wrong, and the one table that says how each is answered over HTTP.
 
 A job's failure crosses processes (a worker writes it, an API replica answers it), so a failed
-job's record keeps the kind of its error (`kind_of`) beside its message, and HTTP_STATUS turns
-that kind into the status `/put` answers. Errors raised in a request go through the same table:
-the code below the routes raises these, never HTTP's own, and api/problems.py alone turns them
-into answers (status, `{"detail": message}`, Retry-After and the like).
+job's record keeps the category of its error (`category_of`; the record's `error_kind`) beside
+its message, and HTTP_STATUS turns that category into the status `/put` answers. (A category is
+not a job kind: those are the `jobType`s in kinds/.) Errors raised in a request go through the
+same table: the code below the routes raises these, never HTTP's own, and api/problems.py
+alone turns them into answers (status, `{"detail": message}`, Retry-After and the like).
 """
 
 from __future__ import annotations
@@ -141,9 +142,9 @@ def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-# The kind of each error, most specific first: what a failed job's record keeps, and what a
-# request's error is answered by (the kinds after "unavailable" come of requests only).
-KINDS: list[tuple[type[BaseException], str]] = [
+# The category of each error, most specific first: what a failed job's record keeps, and what
+# a request's error is answered by (those after "unavailable" come of requests only).
+CATEGORIES: list[tuple[type[BaseException], str]] = [
     (TooLarge, "too_large"),
     (UnsupportedInput, "unsupported"),
     (TimedOut, "timed_out"),
@@ -162,7 +163,7 @@ KINDS: list[tuple[type[BaseException], str]] = [
 ]
 
 # Every error api/problems.py answers: what code below the routes may raise for a client.
-ANSWERED: tuple[type[BaseException], ...] = (*(cls for cls, _ in KINDS), JobFailed)
+ANSWERED: tuple[type[BaseException], ...] = (*(cls for cls, _ in CATEGORIES), JobFailed)
 
 # How each kind is answered over HTTP. "internal" is a bug: the detail names the job, the
 # traceback is in the log.
@@ -186,10 +187,10 @@ HTTP_STATUS: dict[str, int] = {
 }
 
 
-def kind_of(error: BaseException) -> str:
+def category_of(error: BaseException) -> str:
     if is_disk_full(error):
         return "disk_full"
-    return next((kind for cls, kind in KINDS if isinstance(error, cls)), "internal")
+    return next((kind for cls, kind in CATEGORIES if isinstance(error, cls)), "internal")
 
 
 def user_message(error: BaseException | None, job_id: str) -> str | None:
@@ -197,6 +198,6 @@ def user_message(error: BaseException | None, job_id: str) -> str | None:
     never the inside of a bug."""
     if error is None:
         return None
-    if kind_of(error) == "internal":
+    if category_of(error) == "internal":
         return f"Job {job_id} failed with an internal error; the server log has the details."
     return str(error) if not is_disk_full(error) else str(DiskFull(job_id))

@@ -28,8 +28,8 @@ from jobqueue.errors import (
     JobCancelled,
     TimedOut,
     Unavailable,
+    category_of,
     is_disk_full,
-    kind_of,
     user_message,
 )
 from jobqueue.files import jobfiles
@@ -116,8 +116,9 @@ class Ending:
         return {"data": self.output.data, "files": [path.name for path in self.output.files]}
 
     @property
-    def error_kind(self) -> str | None:
-        return kind_of(self.error) if self.error is not None else None
+    def error_category(self) -> str | None:
+        """What the record keeps as its `error_kind`: the error's category (errors.py)."""
+        return category_of(self.error) if self.error is not None else None
 
     def error_message(self, job_id: str) -> str | None:
         return user_message(self.error, job_id)

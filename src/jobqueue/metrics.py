@@ -31,7 +31,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from jobqueue.errors import TimedOut, kind_of
+from jobqueue.errors import TimedOut, category_of
 from jobqueue.jobs import JobStatus
 
 if TYPE_CHECKING:  # a worker process never loads Starlette
@@ -47,7 +47,7 @@ JOB_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
 # a series of their own (the label sets are all kept in memory).
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-TIMED_OUT = kind_of(TimedOut())
+TIMED_OUT = category_of(TimedOut())
 
 
 class Outcome(str, Enum):

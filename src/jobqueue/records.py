@@ -78,7 +78,8 @@ class JobRecord:
     worker_name: str | None = None
     progress: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
-    # Which kind of error it failed with (errors.kind_of): what /put answers, by errors.HTTP_STATUS.
+    # The category of the error it failed with (errors.category_of), not a job kind: what /put
+    # answers, by errors.HTTP_STATUS.
     error_kind: str | None = None
     result: dict[str, Any] | None = None
     origin: Origin = Origin.JOBS

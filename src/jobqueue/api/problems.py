@@ -60,7 +60,7 @@ async def answer_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, errors.JobFailed):
         status = errors.HTTP_STATUS.get(exc.error_kind, 500)
     else:
-        status = errors.HTTP_STATUS[errors.kind_of(exc)]
+        status = errors.HTTP_STATUS[errors.category_of(exc)]
     headers = {}
     if getattr(answered, "retry_after", None) is not None:
         headers["Retry-After"] = str(answered.retry_after)

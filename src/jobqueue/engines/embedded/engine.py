@@ -222,7 +222,7 @@ class Job:
             finished_at=self.finished_at, worker_name=self.worker_name,
             progress=self.context.progress.as_dict(),
             error=ending.error_message(self.id) if ending else None,
-            error_kind=ending.error_kind if ending else None,
+            error_kind=ending.error_category if ending else None,
             result=ending.result if ending else None,
             origin=self.origin,
             owner=self.owner,

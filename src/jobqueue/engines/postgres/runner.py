@@ -515,7 +515,7 @@ class Runner:
         """Write how the job ended; only the run that claimed it last may. An outage of the
         database holds the end until the database is back."""
         record, status = job.record, ending.status
-        result, error_kind = ending.result, ending.error_kind
+        result, error_kind = ending.result, ending.error_category
         finished_at = time.time()
         while True:
             try:
