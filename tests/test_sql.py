@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobqueue import records, sql
+from jobqueue import lifecycle, records, sql
 from jobqueue.engines.postgres import schema
 
 SRC = Path(__file__).parent.parent / "src" / "jobqueue"
@@ -79,3 +79,22 @@ def test_a_summary_has_every_column_of_a_record(queries, name):
     missing = [column for column in records.COLUMNS
                if not re.search(rf"(\b{column},|AS {column}\b|\b{column}\s*$)", selected)]
     assert missing == []
+
+
+@pytest.mark.parametrize("name, allowed", [
+    ("claim", lifecycle.CAN_CLAIM),
+    ("claim_cancelled", lifecycle.ENDS_AT_CANCEL),
+    ("finish", lifecycle.RUN_ENDS_FROM),
+    ("set_progress", lifecycle.RUN_ENDS_FROM),
+    ("release", lifecycle.RUN_ENDS_FROM),
+    ("requeue_run", lifecycle.RUN_ENDS_FROM),
+    ("end_run_cancelled", lifecycle.RUN_ENDS_FROM),
+])
+def test_the_distributed_transitions_leave_from_the_statuses_the_lifecycle_allows(name, allowed):
+    """The lifecycle module owns which status each transition leaves from; the statements that
+    write a transition in PostgreSQL guard their UPDATE with exactly those."""
+    where = schema.QUERIES[name].split("WHERE", 1)[1]
+    guard = re.search(r"\bstatus (?:= '(\w+)'|IN \(([^)]*)\))", where)
+    assert guard, f"{name} has no status guard"
+    found = {guard[1]} if guard[1] else {v.strip(" '") for v in guard[2].split(",")}
+    assert found == {status.value for status in allowed}

@@ -42,20 +42,19 @@ QUEUED, RUNNING = JobStatus.QUEUED, JobStatus.RUNNING
 SUCCEEDED, FAILED, CANCELLED = JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED
 
 # Which statuses each transition leaves from. The PostgreSQL statements guard their UPDATEs
-# with these same sets (`status = ANY(...)`), the embedded engine checks them under its lock.
+# with these same statuses (tests/test_sql.py holds them to it), the embedded engine checks
+# them under its lock.
 CAN_START = frozenset({QUEUED})
-# A run ends, or is given back to the queue, only while it runs, and only the run that claimed
-# the job last (its `attempt`) may.
-CAN_END = frozenset({RUNNING})
-CAN_REQUEUE = frozenset({RUNNING})
+# In the distributed engine the record's own procrastinate job may also claim it again while
+# it shows running (procrastinate ran that job anew after its fetch died): the claim's new
+# attempt makes the earlier run stale.
+CAN_CLAIM = CAN_START | {RUNNING}
+# A run's end, its progress and its requeue are written only while it runs, and only by the
+# run that claimed the job last (its `attempt`).
+RUN_ENDS_FROM = frozenset({RUNNING})
 # A queued job ends at its cancel; a running one is told to stop and ends when its run does.
 ENDS_AT_CANCEL = frozenset({QUEUED})
 STOPS_AT_CANCEL = frozenset({RUNNING})
-
-
-def status_values(statuses: frozenset[JobStatus]) -> list[str]:
-    """A transition's statuses as the records store them, for a statement's `= ANY(%s)`."""
-    return sorted(status.value for status in statuses)
 
 
 def can_start(status: JobStatus) -> bool:
@@ -63,7 +62,8 @@ def can_start(status: JobStatus) -> bool:
 
 
 def can_end(status: JobStatus) -> bool:
-    """Whether an end may be written: never twice, never after a cancel ended it."""
+    """Whether an end may be written: a run's (RUN_ENDS_FROM) or a cancel's (ENDS_AT_CANCEL);
+    never twice."""
     return not status.finished
 
 
