@@ -388,8 +388,9 @@ class WorkerPool:
         with self._lock:
             running = list(self.running)
         for job in running:
-            if not job.cancel_requested.is_set():  # not cancelled by a client: run it again
-                job.rerun_after_restart = True
+            asked_to_cancel = job.cancel_requested.is_set()
+            if lifecycle.after_interrupted_run(asked_to_cancel) is JobStatus.QUEUED:
+                job.rerun_after_restart = True  # left as it was, to run again after a restart
             job.cancel()
         for _ in self.threads:
             self._append(None)  # past capacity if need be: put() could block forever
