@@ -18,7 +18,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 
-log = logging.getLogger("jobqueue.api.shutdown")
+log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1
 

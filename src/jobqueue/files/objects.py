@@ -40,7 +40,7 @@ from jobqueue.files.store import CACHE, CHUNK_BYTES, gone, media_type
 from jobqueue.records import JobRecord
 from jobqueue.settings import Settings
 
-log = logging.getLogger("jobqueue.files.objects")
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 THUMBNAILS = "thumbnails"

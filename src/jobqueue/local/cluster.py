@@ -39,7 +39,7 @@ from jobqueue.local.postgres import LocalPostgres, free_port
 from jobqueue.local.seaweedfs import LocalSeaweed
 from jobqueue.settings import Settings
 
-log = logging.getLogger("jobqueue.local.cluster")
+log = logging.getLogger(__name__)
 
 SRC = Path(__file__).resolve().parents[2]
 START_SECONDS = 30
