@@ -308,6 +308,11 @@ def check_excerpt(block: Block, name: str) -> None:
     """An excerpt of a module that exists: run where it stands; what it assigns must be what
     the module has, plus what the docs' own modules add."""
     real = importlib.import_module(name)
+    for other in BLOCKS:  # the modules the same page defined before, whatever ran first
+        header = re.fullmatch(r"# src/(jobqueue/[\w/]+)\.py", other.text.splitlines()[0])
+        if other.path == block.path and other.line < block.line and header \
+                and not (ROOT / "src" / f"{header[1]}.py").exists():
+            load_doc_module(other, header[1].replace("/", "."))
     namespace = {**vars(real), **{doc.rsplit(".", 1)[-1]: module
                                   for doc, module in DOC_MODULES.items()}}
     assigned = set(re.findall(r"^(\w+)\s*[:=]", block.text, re.M))
