@@ -54,8 +54,10 @@ RESTART_RESET_SECONDS = 60.0
 
 def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     """A child in a session of its own (a Ctrl-C reaches the launcher only, which stops the
-    children in order) that dies with the launcher."""
+    children in order) that dies with the launcher. It imports the package from this SRC, not
+    from wherever an editable install of another checkout points."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**env, "PYTHONPATH": str(SRC)}
     with log_path.open("ab") as log_file:
         return subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "--", *args], env=env,
                                 cwd=SRC.parent, stdin=subprocess.DEVNULL, stdout=log_file,
@@ -73,8 +75,7 @@ def start_worker(env: dict[str, str], log_path: Path,
                  kinds: list[str] | None = None) -> subprocess.Popen:
     """`python -m jobqueue.worker`, for `kinds` (default: all)."""
     args = [sys.executable, "-m", "jobqueue.worker"]
-    return _start(args + (["--kinds", ",".join(kinds)] if kinds else []),
-                  {**env, "PYTHONPATH": str(SRC)}, log_path)
+    return _start(args + (["--kinds", ",".join(kinds)] if kinds else []), env, log_path)
 
 
 def wait_ready(url: str, process: subprocess.Popen, log_path: Path,
