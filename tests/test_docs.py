@@ -137,6 +137,10 @@ class Docs:
 
     def job(self, kind: str) -> str:
         """The id of a succeeded job of `kind` on its bundled sample (video: a small one)."""
+        if kind in self._jobs:  # unless a block deleted it
+            with self.client() as client:
+                if client.get(f"/jobs/{self._jobs[kind]}").status_code == 404:
+                    del self._jobs[kind]
         if kind not in self._jobs:
             body = {"jobType": kind, **({"width": 320} if kind == "video" else {})}
             with self.client() as client:
