@@ -125,7 +125,7 @@ class _Child:
     skipping: bool = False
 
 
-class Slots:
+class ChildSlots:
     """When `run_many` may start another child: while fewer than `limit` of its own run.
 
     A subclass may share a budget between several calls: `take` is asked before each start
@@ -153,7 +153,7 @@ def run(job: JobContext, args: list[str], on_line: Callable[[str], None] | None 
              memory_mb=memory_mb)
 
 
-def run_many(job: JobContext, commands: Iterable[list[str]], slots: Slots | None = None,
+def run_many(job: JobContext, commands: Iterable[list[str]], slots: ChildSlots | None = None,
              on_line: Callable[[int, str], None] | None = None,
              on_exit: Callable[[int], None] | None = None,
              memory_mb: float | None = None) -> None:
@@ -165,7 +165,7 @@ def run_many(job: JobContext, commands: Iterable[list[str]], slots: Slots | None
     others and raises ProcessFailed; a cancel of the job kills them all and raises
     JobCancelled. All are reaped either way, all on the calling thread.
     """
-    slots = slots or Slots()
+    slots = slots or ChildSlots()
     pending = iter(commands)
     running: set[_Child] = set()
     selector = selectors.DefaultSelector()

@@ -53,7 +53,7 @@ RETRY_MAX_SECONDS = 5.0
 # event loop and the workers for the interpreter.
 BATCH_SECONDS = 0.01
 
-log = logging.getLogger("jobqueue.records")
+log = logging.getLogger(__name__)
 
 
 class Origin(str, Enum):

@@ -34,7 +34,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.database_url.get_secret_value() and "db_path" in settings.model_fields_set:
-        logging.getLogger("jobqueue").warning(
+        logging.getLogger(__name__).warning(
             "JOBQUEUE_DB_PATH is ignored: JOBQUEUE_DATABASE_URL keeps the job records")
     app = create_app(settings, with_workers=args.with_workers)
     proxies = settings.trusted_proxy_list

@@ -24,7 +24,7 @@ from jobqueue.kinds import KINDS
 from jobqueue.metrics import Metrics, serve_worker_metrics
 from jobqueue.settings import Settings
 
-log = logging.getLogger("jobqueue.worker")
+log = logging.getLogger(__name__)
 
 POOL_TIMEOUT_SECONDS = 10.0
 

@@ -28,14 +28,14 @@ from jobqueue.api.routes import (
     throughput,
 )
 from jobqueue.api.schemas import error_responses
-from jobqueue.api.slots import Slots
+from jobqueue.api.slots import ConnectionSlots
 from jobqueue.engines import make_engine
 from jobqueue.files import retention
 from jobqueue.kinds import KINDS
 from jobqueue.metrics import Metrics, RequestTimer
 from jobqueue.settings import Settings
 
-log = logging.getLogger("jobqueue.api.app")
+log = logging.getLogger(__name__)
 
 
 class JobQueueApp(FastAPI):
@@ -84,8 +84,9 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
     app.state.metrics = Metrics(KINDS)
     app.state.draining = False  # set on SIGTERM / Ctrl-C: see api/shutdown.py
     app.state.preview_slots = preview.PreviewSlots(settings.preview_streams)
-    app.state.uploads = Slots(settings.max_uploads, "uploads", "JOBQUEUE_MAX_UPLOADS")
-    app.state.streams = Slots(settings.max_streams, "event streams", "JOBQUEUE_MAX_STREAMS")
+    app.state.uploads = ConnectionSlots(settings.max_uploads, "uploads", "JOBQUEUE_MAX_UPLOADS")
+    app.state.streams = ConnectionSlots(settings.max_streams, "event streams",
+                                        "JOBQUEUE_MAX_STREAMS")
     ratelimit.configure(app, settings.rate_limit,
                         settings.rate_limit_storage.get_secret_value())
     problems.install(app)  # errors.py's errors and the rest as HTTP answers

@@ -28,7 +28,7 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-log = logging.getLogger("jobqueue.api.connections")
+log = logging.getLogger(__name__)
 
 # The request line and header fields of one request, together.
 MAX_HEAD_BYTES = 64 * 1024

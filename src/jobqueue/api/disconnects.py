@@ -13,7 +13,7 @@ import logging
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-log = logging.getLogger("jobqueue.api.disconnects")
+log = logging.getLogger(__name__)
 
 
 class GoneClients:

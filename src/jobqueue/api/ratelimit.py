@@ -25,7 +25,7 @@ from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
 from slowapi.util import get_remote_address
 
-log = logging.getLogger("jobqueue.api.ratelimit")
+log = logging.getLogger(__name__)
 
 # A shared storage that does not answer within this long is taken as down.
 STORAGE_TIMEOUT_SECONDS = 0.5

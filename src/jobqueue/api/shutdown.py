@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 
 from jobqueue.errors import ShuttingDown
 
-log = logging.getLogger("jobqueue.api.shutdown")
+log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1
 

@@ -15,7 +15,7 @@ from jobqueue.errors import Busy
 RETRY_AFTER_SECONDS = 5
 
 
-class Slots:
+class ConnectionSlots:
     def __init__(self, limit: int, what: str, setting: str):
         self.limit = limit
         self.what = what  # "uploads", "event streams"

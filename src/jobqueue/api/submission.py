@@ -34,7 +34,7 @@ from jobqueue.kinds import KINDS
 from jobqueue.records import JobRecord, Origin
 from jobqueue.settings import Settings
 
-log = logging.getLogger("jobqueue.api.submission")
+log = logging.getLogger(__name__)
 
 DEFAULT_JOB_TYPE = "message"
 MAX_JSON_BYTES = 1024 * 1024

@@ -4,12 +4,12 @@ processes through PostgreSQL (procrastinate)."""
 
 from __future__ import annotations
 
-from jobqueue.engines.base import JobEngine, Listener, NewJob
+from jobqueue.engines.base import JobEngine, NewJob, RecordChanges
 from jobqueue.jobs import JobKind
 from jobqueue.metrics import Metrics
 from jobqueue.settings import Settings
 
-__all__ = ["JobEngine", "Listener", "NewJob", "make_engine"]
+__all__ = ["JobEngine", "NewJob", "RecordChanges", "make_engine"]
 
 
 def make_engine(settings: Settings, kinds: dict[str, JobKind], metrics: Metrics,

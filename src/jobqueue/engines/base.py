@@ -55,7 +55,7 @@ class NewJob:
     idempotency_key: str | None = None
 
 
-class Listener(Protocol):
+class RecordChanges(Protocol):
     """One `/events` stream's share of the feed: every change of its owner's jobs."""
 
     async def next_batch(self) -> tuple[list[JobRecord], list[str]]:
@@ -123,7 +123,7 @@ class JobEngine(Protocol):
     def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
         """The job's record now, then on every change, ending after its final state."""
 
-    def feed(self, owner: str) -> AbstractAsyncContextManager[Listener]:
+    def feed(self, owner: str) -> AbstractAsyncContextManager[RecordChanges]:
         """Every change of `owner`'s jobs, for as long as the context lasts."""
 
     async def stats(self) -> dict[str, dict[str, int]]:

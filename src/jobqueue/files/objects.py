@@ -39,7 +39,7 @@ from jobqueue.files.store import CHUNK_BYTES, THUMBNAIL_DIR, Download, media_typ
 from jobqueue.records import JobRecord
 from jobqueue.settings import Settings
 
-log = logging.getLogger("jobqueue.files.objects")
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LINK_SECONDS = 3600  # how long a presigned URL (?redirect=1, a preview's source) stays valid

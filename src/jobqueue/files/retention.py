@@ -18,7 +18,7 @@ from jobqueue.files import jobfiles
 from jobqueue.files.store import FileStore
 from jobqueue.settings import Settings
 
-log = logging.getLogger("jobqueue.files.retention")
+log = logging.getLogger(__name__)
 
 # A job folder with no record and nothing written in it for this long is a leftover. An upload
 # still going on writes at least every 30 s (JOBQUEUE_MIN_UPLOAD_KBPS cuts off one that

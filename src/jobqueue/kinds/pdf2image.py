@@ -224,7 +224,7 @@ class Cores:
         return JobCores(self, wanted)
 
 
-class JobCores(processes.Slots):
+class JobCores(processes.ChildSlots):
     """One job's children on the shared cores; `wanted(running)` says whether another would
     have work."""
 

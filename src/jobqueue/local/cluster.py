@@ -39,7 +39,7 @@ from jobqueue.local.postgres import LocalPostgres, free_port
 from jobqueue.local.seaweedfs import LocalSeaweed
 from jobqueue.settings import Settings
 
-log = logging.getLogger("jobqueue.local.cluster")
+log = logging.getLogger(__name__)
 
 SRC = Path(__file__).resolve().parents[2]
 START_SECONDS = 30
@@ -54,8 +54,10 @@ RESTART_RESET_SECONDS = 60.0
 
 def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     """A child in a session of its own (a Ctrl-C reaches the launcher only, which stops the
-    children in order) that dies with the launcher."""
+    children in order) that dies with the launcher. It imports the package from this SRC, not
+    from wherever an editable install of another checkout points."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**env, "PYTHONPATH": str(SRC)}
     with log_path.open("ab") as log_file:
         # This very copy of the package, not whichever one the interpreter would find.
         env = {**env, "PYTHONPATH": str(SRC)}

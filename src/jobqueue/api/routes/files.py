@@ -27,7 +27,7 @@ from jobqueue.jobs import JobStatus
 from jobqueue.records import JobRecord
 from jobqueue.settings import Settings
 
-log = logging.getLogger("jobqueue.files")
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["jobs"])
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}

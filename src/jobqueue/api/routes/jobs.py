@@ -40,7 +40,7 @@ from jobqueue.jobs import FINISHED, JobStatus
 from jobqueue.kinds import KINDS
 from jobqueue.records import JobRecord, Origin
 
-log = logging.getLogger("jobqueue.api.routes.jobs")
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["async jobs"])
 

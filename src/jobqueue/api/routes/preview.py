@@ -21,7 +21,7 @@ from jobqueue.jobs import JobStatus
 from jobqueue.kinds import video
 from jobqueue.records import JobRecord
 
-log = logging.getLogger("jobqueue.preview")
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["async jobs"])
 
 CHUNK_BYTES = 64 * 1024

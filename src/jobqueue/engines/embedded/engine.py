@@ -23,8 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from jobqueue import lifecycle
 from jobqueue.engines.base import NewJob, retry_after
-from jobqueue.engines.embedded.feed import Feed
-from jobqueue.engines.embedded.feed import Listener as FeedListener
+from jobqueue.engines.embedded.feed import Feed, PendingChanges
 from jobqueue.errors import QueueFull, ShuttingDown
 from jobqueue.files import jobfiles
 from jobqueue.files.store import FileStore, LocalFiles
@@ -35,7 +34,7 @@ from jobqueue.records import JobRecord, JobStore, Origin, SqliteJobStore
 from jobqueue.rollup import MinuteFigures
 from jobqueue.settings import KindLimits, Settings
 
-log = logging.getLogger("jobqueue.engine")
+log = logging.getLogger(__name__)
 
 # How long stop() waits for a worker thread to finish its job after the job was told to cancel.
 JOIN_SECONDS = 5.0
@@ -777,7 +776,7 @@ class EmbeddedEngine:
 class _FeedOf:
     """A `/events` listener that hands over records (with live progress), not jobs."""
 
-    def __init__(self, listener: FeedListener):
+    def __init__(self, listener: PendingChanges):
         self._listener = listener
 
     async def next_batch(self) -> tuple[list[JobRecord], list[str]]:

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from jobqueue.engines.embedded.engine import Job
 
 
-class Listener:
+class PendingChanges:
     """One `/events` stream's pending changes; many changes to a job collapse into one."""
 
     def __init__(self, owner: str = "") -> None:
@@ -31,14 +31,14 @@ class Feed:
     """Fans job changes out to every `/events` listener. Used only on the event loop."""
 
     def __init__(self) -> None:
-        self._listeners: set[Listener] = set()
+        self._listeners: set[PendingChanges] = set()
 
-    def listen(self, owner: str = "") -> Listener:
-        listener = Listener(owner)
+    def listen(self, owner: str = "") -> PendingChanges:
+        listener = PendingChanges(owner)
         self._listeners.add(listener)
         return listener
 
-    def unlisten(self, listener: Listener) -> None:
+    def unlisten(self, listener: PendingChanges) -> None:
         self._listeners.discard(listener)
 
     @property

@@ -46,7 +46,7 @@ from jobqueue.metrics import Metrics, Outcome
 from jobqueue.records import JobRecord, Origin, list_query
 from jobqueue.settings import Settings
 
-log = logging.getLogger("jobqueue.engine")
+log = logging.getLogger(__name__)
 
 # Waiting for a free connection (or a new one); then the pool's check of it (CHECK_SECONDS).
 # Once a call found the database away, the next ones wait only DOWN_POOL_TIMEOUT_SECONDS until

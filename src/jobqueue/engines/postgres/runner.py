@@ -51,7 +51,7 @@ from jobqueue.metrics import Metrics, Outcome, outcome
 from jobqueue.records import JobRecord
 from jobqueue.settings import Settings
 
-log = logging.getLogger("jobqueue.worker")
+log = logging.getLogger(__name__)
 
 # A worker that has not beaten for STALLED_SECONDS is dead: its running jobs are queued again.
 HEARTBEAT_SECONDS = 2.0
