@@ -3,6 +3,7 @@ imports FastAPI or Starlette (the code below the routes speaks data and domain e
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -25,3 +26,51 @@ def test_a_worker_process_never_imports_fastapi_or_starlette():
                           timeout=60, cwd=SRC, env={**os.environ, "PYTHONPATH": str(SRC)})
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [], "imported by jobqueue.worker"
+
+
+def imports_of_each_module() -> dict[str, set[str]]:
+    """Each module of the package and the modules of the package it imports anywhere in it
+    (at the top, in a function, under TYPE_CHECKING): `from pkg import module` counts as the
+    module, not its package."""
+    modules = {}
+    for path in (SRC / "jobqueue").rglob("*.py"):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jobqueue"):
+                submodules = [f"{node.module}.{alias.name}" for alias in node.names
+                              if f"{node.module}.{alias.name}" in modules]
+                found.update(submodules)
+                if len(submodules) < len(node.names):
+                    found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names
+                             if alias.name.startswith("jobqueue"))
+        graph[name] = {module for module in found if module in modules and module != name}
+    return graph
+
+
+def test_no_module_of_the_package_imports_one_that_imports_it_back():
+    graph = imports_of_each_module()
+    assert graph["jobqueue.engines.embedded.engine"] >= {"jobqueue.engines.embedded.feed"}
+    cycles = []
+    for start in graph:
+        path, seen = [start], set()
+        stack = [(start, iter(sorted(graph[start])))]
+        while stack:  # depth first, reporting the first way back to `start`
+            module, following = stack[-1]
+            step = next(following, None)
+            if step is None:
+                stack.pop()
+                path.pop()
+            elif step == start:
+                cycles.append(" -> ".join([*path, start]))
+                break
+            elif step not in seen:
+                seen.add(step)
+                path.append(step)
+                stack.append((step, iter(sorted(graph[step]))))
+    assert not cycles, cycles

@@ -59,8 +59,6 @@ def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.P
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**env, "PYTHONPATH": str(SRC)}
     with log_path.open("ab") as log_file:
-        # This very copy of the package, not whichever one the interpreter would find.
-        env = {**env, "PYTHONPATH": str(SRC)}
         return subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "--", *args], env=env,
                                 cwd=SRC.parent, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)

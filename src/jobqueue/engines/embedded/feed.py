@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from jobqueue.engines.embedded.engine import Job
+
+class Job(Protocol):
+    """What the feed needs of a job (the engine's `Job`): whose it is, and its id."""
+
+    id: str
+    owner: str
 
 
 class PendingChanges:
