@@ -75,7 +75,7 @@ class Busy(Exception):
 
 
 class JobFailed(Exception):
-    """A job waited for (`/put`) did not succeed: answered by the kind of error its record
+    """A job waited for (`/put`) did not succeed: answered by the category of error its record
     keeps (`error_kind`, one of HTTP_STATUS's), with the record's message."""
 
     def __init__(self, error_kind: str, message: str):
@@ -165,7 +165,7 @@ CATEGORIES: list[tuple[type[BaseException], str]] = [
 # Every error api/problems.py answers: what code below the routes may raise for a client.
 ANSWERED: tuple[type[BaseException], ...] = (*(cls for cls, _ in CATEGORIES), JobFailed)
 
-# How each kind is answered over HTTP. "internal" is a bug: the detail names the job, the
+# How each category is answered over HTTP. "internal" is a bug: the detail names the job, the
 # traceback is in the log.
 HTTP_STATUS: dict[str, int] = {
     "too_large": 413,
@@ -190,7 +190,8 @@ HTTP_STATUS: dict[str, int] = {
 def category_of(error: BaseException) -> str:
     if is_disk_full(error):
         return "disk_full"
-    return next((kind for cls, kind in CATEGORIES if isinstance(error, cls)), "internal")
+    return next((category for cls, category in CATEGORIES if isinstance(error, cls)),
+                "internal")
 
 
 def user_message(error: BaseException | None, job_id: str) -> str | None:

@@ -1,8 +1,8 @@
 """What a job kind is, and what its handler may use: the same in both engines.
 
 A kind module (`kinds/<name>.py`) defines a `JobKind`: its options, its handler and, optionally,
-a check of uploads before they are queued. The handler gets a `JobContext`: the embedded engine
-gives it its in-process job, a distributed worker its own; a kind module runs identically in
+a check of uploads before they are queued. The handler gets a `JobContext`, the one class
+both engines give it (each with its own hook for progress); a kind module runs identically in
 both.
 """
 

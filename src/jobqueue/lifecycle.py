@@ -64,7 +64,7 @@ def can_start(status: JobStatus) -> bool:
 def can_end(status: JobStatus) -> bool:
     """Whether an end may be written: a run's (RUN_ENDS_FROM) or a cancel's (ENDS_AT_CANCEL);
     never twice."""
-    return not status.finished
+    return status in RUN_ENDS_FROM | ENDS_AT_CANCEL
 
 
 def next_attempt(attempt: int) -> int:
@@ -156,6 +156,16 @@ def run(kind: JobKind, context: JobContext, prepare: Callable[[], None] | None =
         log.exception("job %s: failed", context.id)
         return Ending(FAILED, error=error)
     return Ending(SUCCEEDED, output)
+
+
+def deadline(origin: Origin, created_at: float, started_at: float, put_timeout: float,
+             max_seconds: float) -> float:
+    """When a running job is stopped (epoch seconds): a /put job when its client stops waiting
+    (its kind's timeout from its submission: the watchdog makes sure it stops), a POST /jobs
+    job JOBQUEUE_JOB_MAX_SECONDS after it started."""
+    if origin is Origin.PUT:
+        return created_at + put_timeout
+    return started_at + max_seconds
 
 
 def at_deadline(job_id: str, origin: Origin, max_seconds: float,

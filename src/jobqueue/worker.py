@@ -52,8 +52,8 @@ async def serve(settings: Settings, kinds: list[str]) -> None:
     # (timeouts.py); a wait for a free connection of POOL_TIMEOUT_SECONDS, then the caller
     # retries (a held job end keeps trying).
     pool = timeouts.Pool(settings.database_url.get_secret_value(), min_size=1,
-                           max_size=sum(settings.limits(k).workers for k in kinds) + 6,
-                           open=False, timeout=POOL_TIMEOUT_SECONDS)
+                         max_size=sum(settings.limits(k).workers for k in kinds) + 6,
+                         open=False, timeout=POOL_TIMEOUT_SECONDS)
     await pool.open(wait=False)
     runner = Runner(settings, {name: KINDS[name] for name in kinds}, pool, metrics)
     runner.metrics_url = metrics_url

@@ -1,4 +1,4 @@
-"""The one place errors become HTTP answers: each of errors.ANSWERED by its kind's row in
+"""The one place errors become HTTP answers: each of errors.ANSWERED by its category's row in
 errors.HTTP_STATUS, as `{"detail": <its message>}`, with the headers it calls for (Retry-After,
 WWW-Authenticate, Connection: close); a request FastAPI could not validate as its 422; anything
 else as 500 (507 for a full disk), its traceback in the log.
@@ -22,7 +22,7 @@ from jobqueue import errors
 from jobqueue.api.access import HEADER
 from jobqueue.api.shutdown import shutting_down
 
-log = logging.getLogger("jobqueue.api.problems")
+log = logging.getLogger(__name__)
 
 # Starlette raises the error again once this answer is sent, and uvicorn then closes the
 # connection: the answer says so, so a client sends its next request on a new one.

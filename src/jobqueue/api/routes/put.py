@@ -150,7 +150,7 @@ async def _cancel_on_disconnect(request: Request, engine: JobEngine, job_id: str
 
 
 def raise_for_failure(record: JobRecord) -> None:
-    """A job that did not succeed as an error: JobFailed, answered by the kind of its error
+    """A job that did not succeed as an error: JobFailed, answered by the category of its error
     (api/problems.py); a cancelled one as a Conflict (409)."""
     if record.status == JobStatus.CANCELLED.value:
         raise Conflict(f"Job {record.id} was cancelled before it finished.")

@@ -105,7 +105,8 @@ class Job:
 
     @functools.cached_property
     def context(self) -> JobContext:
-        """What its handler gets; its progress wakes whoever watches the job."""
+        """What its handler gets; its progress wakes whoever watches the job. Made on the loop
+        as the job is (`_new_job`), before any thread may ask for it."""
         return JobContext(self.id, self.options, self.input_path, self.out_dir, self.settings,
                           on_progress=lambda _: self.changed())
 
@@ -243,7 +244,8 @@ class WorkerPool:
         self.limits = limits
         self.store = store
         self.metrics = metrics
-        # How long a POST /jobs job may run; a /put job's deadline is its kind's timeout.
+        # How long a POST /jobs job may run; a /put job's deadline is its kind's timeout
+        # (lifecycle.deadline).
         self.max_run_seconds = max_run_seconds
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=limits.queue_size)
         self.threads: list[threading.Thread] = []
@@ -408,8 +410,8 @@ class WorkerPool:
             with self._lock:  # so stop() sees every job that has started
                 if self.closed or not job.start(worker_name):
                     continue  # cancelled while it waited, or left for after a restart
-                if job.deadline is None:
-                    job.deadline = job.started_at + self.max_run_seconds
+                job.deadline = lifecycle.deadline(job.origin, job.created_at, job.started_at,
+                                                  self.limits.timeout, self.max_run_seconds)
                 self.running.add(job)
             self.metrics.job_started(self.kind.name, job.created_at, job.started_at)
             self._tell_waiting_jobs()
@@ -693,8 +695,7 @@ class EmbeddedEngine:
                   origin=origin, owner=owner, settings=self.settings,
                   idempotency_key=idempotency_key, on_finish=self._record_end,
                   on_change=self._feed.job_changed, watched=lambda: self._feed.listening)
-        if origin is Origin.PUT:  # its client stops waiting then: the watchdog makes sure it stops
-            job.deadline = job.created_at + self.pools[kind.name].limits.timeout
+        job.context  # made now, on the loop: a cancel and a worker then share the one context
         return job
 
     def _queue_moved(self, waiting: list[Job]) -> None:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Any, Protocol
 
 
-class Job(Protocol):
-    """What the feed needs of a job (the engine's `Job`): whose it is, and its id."""
+class Watched(Protocol):
+    """What the feed needs of a job (the engine's `Job`): whose it is, its id, its record."""
 
     id: str
     owner: str
+
+    def record(self) -> Any: ...
 
 
 class PendingChanges:
@@ -18,11 +20,11 @@ class PendingChanges:
 
     def __init__(self, owner: str = "") -> None:
         self.owner = owner  # only this API key's jobs
-        self.changed: dict[str, Job] = {}
+        self.changed: dict[str, Watched] = {}
         self.removed: set[str] = set()
         self.wake = asyncio.Event()
 
-    async def next_batch(self) -> tuple[list[Job], list[str]]:
+    async def next_batch(self) -> tuple[list[Watched], list[str]]:
         """Wait for at least one change, then hand over everything pending."""
         await self.wake.wait()
         self.wake.clear()
@@ -49,7 +51,7 @@ class Feed:
     def listening(self) -> bool:
         return bool(self._listeners)
 
-    def job_changed(self, job: Job) -> None:
+    def job_changed(self, job: Watched) -> None:
         for listener in self._listeners:
             if listener.owner == job.owner:
                 listener.changed[job.id] = job

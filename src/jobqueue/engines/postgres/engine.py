@@ -33,7 +33,7 @@ from procrastinate.exceptions import ConnectorException
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import PoolTimeout
 
-from jobqueue import rollup
+from jobqueue import lifecycle, rollup
 from jobqueue.engines.base import NewJob, retry_after
 from jobqueue.engines.postgres import schema, timeouts
 from jobqueue.engines.postgres.runner import STALLED_SECONDS, Runner, make_app, task_name
@@ -79,8 +79,8 @@ class PostgresEngine:
         self.metrics = metrics
         self.url = settings.database_url.get_secret_value()
         self.pool = timeouts.Pool(self.url, STATEMENT_SECONDS, min_size=1,
-                                    max_size=POOL_SIZE, open=False,
-                                    timeout=POOL_TIMEOUT_SECONDS)
+                                  max_size=POOL_SIZE, open=False,
+                                  timeout=POOL_TIMEOUT_SECONDS)
         self.app = make_app(kinds)
         database = conninfo_to_dict(self.url).get("dbname", "")
         self.records_location = f"the PostgreSQL database {database}"
@@ -338,7 +338,8 @@ class PostgresEngine:
         removed = None
         async with self._db() as conn, conn.transaction():
             rows = await schema.fetch(conn, QUERIES["select_job_for_update"], (job_id,))
-            if not rows or rows[0].status in FINISHED:
+            found = lifecycle.at_cancel(JobStatus(rows[0].status)) if rows else None
+            if found in (None, lifecycle.AtCancel.NOTHING):  # gone, or ended already
                 return
             record = rows[0]
             log.info("job %s: cancelling %s job (%s)", job_id, record.status, reason)
@@ -347,13 +348,14 @@ class PostgresEngine:
             ending = Outcome((await cursor.fetchone())[0])
             procrastinate_id = await self._procrastinate_id(conn, job_id)
             manager = self.app.job_manager
-            if record.status == JobStatus.QUEUED.value and procrastinate_id is not None and \
+            if found is lifecycle.AtCancel.ENDS_NOW and procrastinate_id is not None and \
                     await manager.cancel_job_by_id_async(procrastinate_id, delete_job=True,
                                                          connection=conn):
                 ended_here = True  # it never started: it ends here
             elif procrastinate_id is not None and await manager.cancel_job_by_id_async(
                     procrastinate_id, abort=True, connection=conn):
-                # It runs: its worker aborts it, kills its children and records the end.
+                # It runs (or a worker takes it as we speak): its worker aborts it, kills its
+                # children and records the end.
                 ended_here = False
             else:
                 # No procrastinate job is left to run or abort it (its run ended, or was cut

@@ -204,9 +204,11 @@ WHERE id = %s AND attempt = %s AND status = 'running'
 RETURNING *
 
 -- end_run_cancelled --
--- A run aborted by a cancel as it started (parameters: finished_at, id, attempt).
+-- A run aborted by a cancel as it started (parameters: finished_at, id, attempt); returns
+-- what the cancel said it was.
 UPDATE jobqueue_jobs SET status = 'cancelled', finished_at = %s
 WHERE id = %s AND attempt = %s AND status = 'running'
+RETURNING cancelled_as
 
 -- set_progress --
 -- Only the run that claimed the job last (parameters: progress, id, attempt).

@@ -253,8 +253,8 @@ class Runner:
 
     def kill_children(self) -> None:
         """From any thread, when the loop is gone: no child outlives this process."""
-        for job in list(self.running.values()):
-            job.context.cancel()
+        for run in list(self.running.values()):
+            run.context.cancel()
 
     # ---- procrastinate's side ----
 
@@ -366,7 +366,9 @@ class Runner:
                     else (procrastinate_id, statuses))
                 found = await cursor.fetchall()
             rows = [schema.from_row(row) for row in found]
-            cancelled = {row["id"] for row in found if row["cancelled_as"] is not None}
+            # The stranded jobs a cancel asked to stop, and what it said it was.
+            cancelled = {row["id"]: row["cancelled_as"] for row in found
+                         if row["cancelled_as"] is not None}
             if only_queued and not rows:
                 cursor = await conn.execute(QUERIES["running_on"], (procrastinate_id,))
                 if await cursor.fetchone():
@@ -388,7 +390,7 @@ class Runner:
             if record.id in cancelled:
                 log.warning("job %s: stranded after a cancel (nothing left to run it); ended "
                             "as cancelled", record.id)
-                self._count_cancelled(record)
+                self._count_cancelled(record, cancelled[record.id])
                 with contextlib.suppress(Unavailable):  # the orphan sweeps get them later
                     await asyncio.to_thread(self.files.remove, record.id)
             else:
@@ -417,23 +419,26 @@ class Runner:
                              Path(record.input_path) if record.input_path else kind.sample,
                              jobfiles.job_dir(self.files.out_dir, job_id), self.settings,
                              on_progress=lambda _: loop.call_soon_threadsafe(changed.set))
-        job = Run(record, context)
-        self.running[job_id] = job
+        run = Run(record, context)
+        self.running[job_id] = run
         self.metrics.job_started(record.job_type, record.created_at, record.started_at)
         running = self.metrics.running.labels(record.job_type, "process")
         running.inc()
-        pusher = asyncio.create_task(self._push_progress(job, changed))
+        pusher = asyncio.create_task(self._push_progress(run, changed))
         log.info("job %s: %s started on %s", job_id, record.job_type, self.name)
-        handler = loop.run_in_executor(self.executor, run_handler, kind, job, self.files)
+        handler = loop.run_in_executor(self.executor, run_handler, kind, run, self.files)
         try:
+            stop_at = lifecycle.deadline(record.origin, record.created_at, record.started_at,
+                                         self.settings.limits(record.job_type).timeout,
+                                         self.settings.job_max_seconds)
             try:
                 ending = await asyncio.wait_for(asyncio.shield(handler),
-                                                self.settings.job_max_seconds)
-            except TimeoutError:  # JOBQUEUE_JOB_MAX_SECONDS
-                job.timed_out = True
+                                                max(0.0, stop_at - time.time()))
+            except TimeoutError:  # its deadline: JOBQUEUE_JOB_MAX_SECONDS, a /put's timeout
+                run.timed_out = True
                 context.cancel()
                 await handler
-                down = job.store_down_since
+                down = run.store_down_since
                 ending = lifecycle.at_deadline(
                     job_id, record.origin, self.settings.job_max_seconds,
                     time.monotonic() - down if down is not None else None)
@@ -443,14 +448,14 @@ class Runner:
                     await asyncio.shield(handler)
                 cancelled = task_context.abort_reason() != AbortReason.SHUTDOWN
                 if lifecycle.after_interrupted_run(cancelled) is JobStatus.QUEUED:
-                    await asyncio.shield(self._requeue(job))
+                    await asyncio.shield(self._requeue(run))
                 else:
-                    await asyncio.shield(self._finish(job, Ending(JobStatus.CANCELLED)))
+                    await asyncio.shield(self._finish(run, Ending(JobStatus.CANCELLED)))
                 raise
             # Whole, whatever aborts it: a cancel the watch of cancels saw first ends the
             # handler, and procrastinate's abort of the same cancel may come as the end is
             # written; cut short, the record would stay running until a rescue.
-            await whole(self._finish(job, ending))
+            await whole(self._finish(run, ending))
         finally:
             pusher.cancel()
             running.dec()
@@ -464,15 +469,17 @@ class Runner:
         job over from its run."""
         now = time.time()
         async with self.pool.connection() as conn, conn.transaction():
-            cancelled = await schema.fetch(
-                conn, QUERIES["claim_cancelled"], (now, job_id, procrastinate_id))
+            async with conn.cursor(row_factory=dict_row) as cursor:
+                await cursor.execute(QUERIES["claim_cancelled"], (now, job_id, procrastinate_id))
+                found = await cursor.fetchall()
+            cancelled = [schema.from_row(row) for row in found]
             rows = [] if cancelled else await schema.fetch(
                 conn, QUERIES["claim"], (now, self.name, job_id, procrastinate_id))
             for record in cancelled + rows:
                 await schema.notify(conn, record.id, record.owner)
         if cancelled:
             log.info("job %s: cancelled before it started", job_id)
-            self._count_cancelled(cancelled[0])
+            self._count_cancelled(cancelled[0], found[0]["cancelled_as"])
             with contextlib.suppress(Unavailable):  # the orphan sweeps get them later
                 await asyncio.to_thread(self.files.remove, job_id)
         return rows[0] if rows else None
@@ -480,6 +487,7 @@ class Runner:
     async def _release(self, record: JobRecord, reason: AbortReason | None) -> None:
         """A job claimed just as procrastinate aborted its run: queued again after a
         shutdown, cancelled after a cancel."""
+        ended = None
         async with self.pool.connection() as conn, conn.transaction():
             asked_to_cancel = reason != AbortReason.SHUTDOWN
             if lifecycle.after_interrupted_run(asked_to_cancel) is JobStatus.QUEUED:
@@ -488,18 +496,21 @@ class Runner:
                 for row in rows:
                     await self._queue_again(conn, row)
             else:
-                ended = await conn.execute(
+                cursor = await conn.execute(
                     QUERIES["end_run_cancelled"], (time.time(), record.id, record.attempt))
+                ended = await cursor.fetchone()  # None: ended, or another run's by now
                 await schema.notify(conn, record.id, record.owner)
-                if ended.rowcount:
-                    self._count_cancelled(record)
+        if ended:
+            self._count_cancelled(record, ended[0])
         log.info("job %s: aborted as it started (%s)", record.id, reason)
 
-    def _count_cancelled(self, record: JobRecord) -> None:
-        """An end this process wrote without a run of its own behind it: counted like any."""
-        self.metrics.job_ended(record.job_type, Outcome.CANCELLED, None, None)
+    def _count_cancelled(self, record: JobRecord, cancelled_as: str | None) -> None:
+        """An end this process wrote without a run of its own behind it: counted like any,
+        as what its cancel said it was (a client's, a deadline, a shutdown)."""
+        self.metrics.job_ended(record.job_type, outcome(JobStatus.CANCELLED.value, None,
+                                                        cancelled_as), None, None)
 
-    async def _push_progress(self, job: Run, changed: asyncio.Event) -> None:
+    async def _push_progress(self, run: Run, changed: asyncio.Event) -> None:
         while True:
             await changed.wait()
             changed.clear()
@@ -507,14 +518,14 @@ class Runner:
                 async with self.pool.connection() as conn, conn.transaction():
                     await conn.execute(
                         QUERIES["set_progress"],
-                        (Jsonb(job.context.progress.as_dict()), job.id, job.record.attempt))
-                    await schema.notify(conn, job.id, job.record.owner)
+                        (Jsonb(run.context.progress.as_dict()), run.id, run.record.attempt))
+                    await schema.notify(conn, run.id, run.record.owner)
             await asyncio.sleep(PROGRESS_SECONDS)
 
-    async def _finish(self, job: Run, ending: Ending) -> None:
+    async def _finish(self, run: Run, ending: Ending) -> None:
         """Write how the job ended; only the run that claimed it last may. An outage of the
         database holds the end until the database is back."""
-        record, status = job.record, ending.status
+        record, status = run.record, ending.status
         result, error_kind = ending.result, ending.error_category
         finished_at = time.time()
         while True:
@@ -522,50 +533,51 @@ class Runner:
                 async with self.pool.connection() as conn, conn.transaction():
                     cursor = await conn.execute(
                         QUERIES["finish"],
-                        (status.value, finished_at, Jsonb(job.context.progress.as_dict()),
-                         ending.error_message(job.id), error_kind,
+                        (status.value, finished_at, Jsonb(run.context.progress.as_dict()),
+                         ending.error_message(run.id), error_kind,
                          Jsonb(result) if result is not None else None,
-                         job.id, record.attempt))
+                         run.id, record.attempt))
                     ended = await cursor.fetchone()  # None: a later run owns the job now
                     if ended:
-                        await schema.notify(conn, job.id, record.owner)
+                        await schema.notify(conn, run.id, record.owner)
                         minute = rollup.key(record.owner, record.job_type, status.value,
                                             record.started_at, finished_at)
                         if minute is not None:
                             await conn.execute(QUERIES["add_minutes"], (*minute, 1))
                 break
             except Exception as db_error:
-                log.warning("job %s: could not record its end (%s); trying again", job.id,
+                log.warning("job %s: could not record its end (%s); trying again", run.id,
                             db_error)
                 await asyncio.sleep(RETRY_SECONDS)
         if ended:
-            self.metrics.job_ended(record.job_type, outcome(status.value, error_kind, ended[0]),
+            cancelled_as = ended[0] or (Outcome.DEADLINE.value if run.timed_out else None)
+            self.metrics.job_ended(record.job_type, outcome(status.value, error_kind, cancelled_as),
                                    record.started_at, finished_at)
         try:
-            await asyncio.to_thread(self._tidy, job, status, result, bool(ended))
+            await asyncio.to_thread(self._tidy, run, status, result, bool(ended))
         except Exception:  # the end is recorded; a file left over is the sweeps' to find
-            log.exception("job %s: tidying its files failed", job.id)
-        log.info("job %s: %s after %.3f s", job.id, status.value,
+            log.exception("job %s: tidying its files failed", run.id)
+        log.info("job %s: %s after %.3f s", run.id, status.value,
                  finished_at - (record.started_at or finished_at))
 
-    def _tidy(self, job: Run, status: JobStatus, result: dict | None, ended: bool) -> None:
+    def _tidy(self, run: Run, status: JobStatus, result: dict | None, ended: bool) -> None:
         """The files of a run that ended. Only the run that owns the job touches what is
         kept: a run given up on (its worker stopped beating) that ends later clears its own
         scratch and nothing else."""
-        record = job.record
+        record = run.record
         keep = lifecycle.files_after(status, record.origin)
         if ended and keep is lifecycle.Keep.NOTHING:
             try:
-                self.files.remove(job.id)
+                self.files.remove(run.id)
             except Unavailable as error:  # the sweep of objects no record owns gets them
-                log.warning("job %s: its files stay in the store for now: %s", job.id, error)
+                log.warning("job %s: its files stay in the store for now: %s", run.id, error)
         elif ended and status is JobStatus.SUCCEEDED and self.files.remote:
             record.result = result
             self.files.finished(record)
         elif self.files.remote:  # the store keeps what there is; this was scratch
-            jobfiles.remove_job_dir(self.files.out_dir, job.id)
+            jobfiles.remove_job_dir(self.files.out_dir, run.id)
         elif ended and keep is lifecycle.Keep.INPUT:  # shared folder: its partial output
-            jobfiles.discard_output(job.context.out_dir)  # goes, its upload stays
+            jobfiles.discard_output(run.context.out_dir)  # goes, its upload stays
 
     async def _queue_again(self, conn: AsyncConnection, record: JobRecord) -> None:
         """Give a job set back to queued (within `conn`'s transaction) a procrastinate job."""
@@ -574,14 +586,14 @@ class Runner:
         await conn.execute(QUERIES["set_procrastinate_id"], (procrastinate_id, record.id))
         await schema.notify(conn, record.id, record.owner)
 
-    async def _requeue(self, job: Run) -> None:
+    async def _requeue(self, run: Run) -> None:
         """A shutdown stopped the job: queue it again (with a procrastinate job of its own)."""
-        record = job.record
+        record = run.record
         async with self.pool.connection() as conn, conn.transaction():
             rows = await schema.fetch(
-                conn, QUERIES["requeue_run"], (job.id, record.attempt))
+                conn, QUERIES["requeue_run"], (run.id, record.attempt))
             if rows:
                 await self._queue_again(conn, record)
         if self.files.remote:  # it runs again from the store's copy, wherever it runs
-            await asyncio.to_thread(jobfiles.remove_job_dir, self.files.out_dir, job.id)
-        log.info("job %s: stopped by the worker's shutdown; queued again", job.id)
+            await asyncio.to_thread(jobfiles.remove_job_dir, self.files.out_dir, run.id)
+        log.info("job %s: stopped by the worker's shutdown; queued again", run.id)
