@@ -55,6 +55,8 @@ RUN_ENDS_FROM = frozenset({RUNNING})
 # A queued job ends at its cancel; a running one is told to stop and ends when its run does.
 ENDS_AT_CANCEL = frozenset({QUEUED})
 STOPS_AT_CANCEL = frozenset({RUNNING})
+# Any end: a run's or a cancel's.
+CAN_END = RUN_ENDS_FROM | ENDS_AT_CANCEL
 
 
 def can_start(status: JobStatus) -> bool:
@@ -64,7 +66,7 @@ def can_start(status: JobStatus) -> bool:
 def can_end(status: JobStatus) -> bool:
     """Whether an end may be written: a run's (RUN_ENDS_FROM) or a cancel's (ENDS_AT_CANCEL);
     never twice."""
-    return status in RUN_ENDS_FROM | ENDS_AT_CANCEL
+    return status in CAN_END
 
 
 def next_attempt(attempt: int) -> int:
