@@ -17,7 +17,7 @@ from jobqueue.settings import Settings
 GRACEFUL_SHUTDOWN_SECONDS = 3
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     parser = argparse.ArgumentParser(description="Run the jobqueue server.")
     parser.add_argument("--host", default=settings.host,
@@ -28,7 +28,7 @@ def main() -> None:
                         help="with JOBQUEUE_DATABASE_URL: run workers of every kind in this "
                              "process too (without it an API replica runs no jobs; the "
                              "embedded engine always runs them)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     settings = settings.model_copy(update={"host": args.host, "port": args.port})
 
     logging.basicConfig(level=logging.INFO,

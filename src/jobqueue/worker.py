@@ -84,12 +84,12 @@ async def serve(settings: Settings, kinds: list[str]) -> None:
         await pool.close()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     parser = argparse.ArgumentParser(description="Run jobs of the distributed engine.")
     parser.add_argument("--kinds", type=parse_kinds, default=list(KINDS),
                         help=f"comma-separated job kinds to run (default: all: {','.join(KINDS)})")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not settings.database_url.get_secret_value():
         parser.error("JOBQUEUE_DATABASE_URL is not set: a worker takes its jobs from PostgreSQL")
     logging.basicConfig(level=logging.INFO,
