@@ -4,8 +4,8 @@ write instead, in the same run:
 - the naive peer: pdf2image.convert_from_path(dpi=200, thread_count=4), then Pillow's
   page.save(png) for each page, the 4 documents on two worker threads;
 - render only: pdftoppm -r 200 writing PPM (no PNG encoding at all), two at a time;
-- the render program alone: src/jobqueue/pdfrender.py, the child the server runs, on each whole
-  document, two at a time (the server's own overhead is the server's wall against this);
+- the render program alone: src/jobqueue/kinds/pdfrender.py, the child the server runs, on each
+  whole document, two at a time (the server's own overhead is the server's wall against this);
 - the server with each engine and PNG level.
 
 Runs are interleaved (one of each, then the next round), so a slow spell hits all of them.
@@ -27,7 +27,7 @@ from common import ROOT, SHARED, server, spread, table, timed
 
 CONCURRENT = 4
 DPI = 200
-RENDER_PROGRAM = ROOT / "src" / "jobqueue" / "children/pdfrender.py"
+RENDER_PROGRAM = ROOT / "src" / "jobqueue" / "kinds" / "pdfrender.py"
 # The server configurations measured; the first is the default.
 SERVERS = {
     "jobqueue /put, pdfium, PNG level 3 (default)": {},

@@ -1,5 +1,7 @@
 """Make the bundled samples: data/sample.pdf (4 scanned-looking A4 pages) and data/sample.mp4
-(4 s of 720p test pattern with a tone). Run: python data/make_samples.py  (needs Pillow, ffmpeg)."""
+(4 s of 720p test pattern with a tone). Run: python data/make_samples.py  (needs Pillow, ffmpeg).
+
+Both are links to src/jobqueue/kinds/samples/, where the package (and its wheel) has them."""
 
 from __future__ import annotations
 

@@ -53,15 +53,18 @@ from pydantic import BaseModel
 from conftest import DATA, ROOT, free_port, run_server, wait_finished
 from jobqueue.errors import BadInput, JobCancelled
 from jobqueue.jobs import JobKind, Output
-from jobqueue.kinds import KINDS
+from jobqueue.kinds import DEFAULT_KINDS, load_kinds
 from jobqueue.local import cluster
-from jobqueue.settings import Settings
+from jobqueue.settings import Settings, kind_limits, kind_variables
 
 DOCS = ROOT / "docs"
 PACKAGE = ROOT / "src" / "jobqueue"
 VENV_BIN = Path(sys.executable).parent
 METRICS_TOKEN = "docs-metrics-token"
-SETTINGS = {f"JOBQUEUE_{name.upper()}" for name in Settings.model_fields}
+KINDS = load_kinds(DEFAULT_KINDS)
+# The settings, and each built-in kind's JOBQUEUE_<NAME>_WORKERS, _QUEUE_SIZE and _TIMEOUT.
+SETTINGS = {f"JOBQUEUE_{name.upper()}" for name in Settings.model_fields} | {
+    variable for name in KINDS for variable in kind_variables(name).values()}
 # Read by the command-line client, not the server.
 CLIENT_VARIABLES = set(re.findall(r'environ\.get\("(JOBQUEUE_\w+)"',
                                   (PACKAGE / "client.py").read_text()))
@@ -196,11 +199,15 @@ def check_environment(block: Block, assignments: dict[str, str]) -> None:
     for name, value in assignments.items():
         if name.startswith("JOBQUEUE_"):
             assert name in SETTINGS, f"{block}: {name} is not a setting"
-            values[name.removeprefix("JOBQUEUE_").lower()] = value
+            field = name.removeprefix("JOBQUEUE_").lower()
+            if field in Settings.model_fields:
+                values[field] = value
         else:
             assert name.startswith("AWS_"), f"{block}: what reads {name}?"
     try:
         Settings(**values)
+        for kind in KINDS.values():
+            kind_limits(kind, assignments)
     except ValueError as error:
         pytest.fail(f"{block}: these settings are refused: {error}")
 

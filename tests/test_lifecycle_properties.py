@@ -66,14 +66,6 @@ POLL_SECONDS = 0.02
 MAX_STOPS = 3
 
 
-class StepSettings(Settings):
-    """The settings, with limits for the test's kind (Settings.limits reads them by name)."""
-
-    step_workers: int = WORKERS
-    step_queue_size: int = QUEUE_SIZE
-    step_timeout: float = 600.0  # a /put job's deadline: never reached here
-
-
 class StepOptions(BaseModel):
     label: str = ""
 
@@ -93,8 +85,10 @@ class Control:
         self.over = False
 
     def kind(self, generation: int) -> JobKind:
+        # A /put job's deadline (timeout) is never reached here.
         return JobKind(KIND, "runs as the lifecycle test says", StepOptions,
-                       lambda job: self._run(generation, job))
+                       lambda job: self._run(generation, job), workers=WORKERS,
+                       queue_size=QUEUE_SIZE, timeout=600.0)
 
     def live(self, job_id: str) -> int:
         with self.cond:
@@ -201,7 +195,7 @@ class EmbeddedHarness:
     def __init__(self, folder: Path, control: Control, metrics: Metrics) -> None:
         self.control = control
         self.metrics = metrics
-        self.settings = StepSettings(out_dir=folder / "out", shutdown_grace=0)
+        self.settings = Settings(out_dir=folder / "out", shutdown_grace=0)
         self.out_dir = self.settings.out_dir
         self.loop = Loop("embedded-loop")
         self.generation = 0
@@ -262,7 +256,7 @@ class PostgresHarness:
         self.control = control
         self.metrics = metrics
         self.url = url
-        self.settings = StepSettings(out_dir=folder / "out", database_url=url, shutdown_grace=0)
+        self.settings = Settings(out_dir=folder / "out", database_url=url, shutdown_grace=0)
         self.out_dir = self.settings.out_dir
         self.loop = Loop("api-loop")
         self.generation = 0

@@ -92,7 +92,9 @@ def test_two_workers_rescuing_one_stranded_job_queue_it_again_once(postgres, tmp
 
     from jobqueue.engines.postgres import schema
     from jobqueue.engines.postgres.runner import Runner, schema_sql
-    from jobqueue.kinds import KINDS
+    from jobqueue.kinds import DEFAULT_KINDS, load_kinds
+
+    KINDS = load_kinds(DEFAULT_KINDS)
     from jobqueue.metrics import Metrics
     from jobqueue.records import JobRecord, Origin
     from jobqueue.settings import Settings
@@ -143,7 +145,9 @@ def test_procrastinate_s_wrapped_connection_errors_are_503_not_500(postgres, tmp
 
     from jobqueue.engines.postgres.engine import PostgresEngine
     from jobqueue.errors import Unavailable
-    from jobqueue.kinds import KINDS
+    from jobqueue.kinds import DEFAULT_KINDS, load_kinds
+
+    KINDS = load_kinds(DEFAULT_KINDS)
     from jobqueue.metrics import Metrics
     from jobqueue.settings import Settings
 

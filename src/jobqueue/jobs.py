@@ -69,12 +69,15 @@ class JobContext:
 
     def __init__(self, job_id: str, options: BaseModel, input_path: Path | None, out_dir: Path,
                  settings: Settings | None,
-                 on_progress: Callable[[Progress], None] | None = None):
+                 on_progress: Callable[[Progress], None] | None = None, resource: Any = None):
         self.id = job_id
         self.options = options
         self.input_path = input_path
         self.out_dir = out_dir
         self.settings = settings
+        # What the kind's `setup` returned in this process (its model, its client); None
+        # without a setup.
+        self.resource = resource
         # Set when the job is cancelled (a client, a deadline, a shutdown): wait on it, never
         # sleep.
         self.cancel_requested = threading.Event()
@@ -114,13 +117,34 @@ class JobContext:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """Adaptive batching: a worker takes the first queued job of its kind and up to
+    `max_size - 1` more that are queued within `max_wait` seconds, and runs them in one call
+    of the handler, which then takes a list of contexts and returns one `Output` or exception
+    per job, in order."""
+
+    max_size: int = 32
+    max_wait: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.max_size < 1 or self.max_wait < 0:
+            raise ValueError(f"Batch(max_size={self.max_size}, max_wait={self.max_wait}): "
+                             "max_size is at least 1 and max_wait at least 0")
+
+
+@dataclass(frozen=True)
 class JobKind:
-    """One kind of work: a name (the `jobType`), its options and the handler that runs it."""
+    """One kind of work: a name (the `jobType`), its options and the handler that runs it.
+
+    `workers`, `queue_size` and `timeout` are the kind's defaults for its
+    JOBQUEUE_<NAME>_WORKERS, _QUEUE_SIZE and _TIMEOUT settings.
+    """
 
     name: str
     description: str
     options: type[BaseModel]
-    handler: Callable[[JobContext], Output]
+    # handler(job) -> Output; with `batch`, handler(jobs) -> [Output | Exception, ...].
+    handler: Callable[[JobContext], Output] | Callable[[list[JobContext]], list[Any]]
     # Bundled file used when a request uploads none; None when the kind takes no file.
     sample: Path | None = None
     # Quick look at an upload before it is queued, given the job's options: UnsupportedInput
@@ -130,3 +154,15 @@ class JobKind:
     accept: str = ""
     # Whether the handler writes files into `out_dir` (made for it before it runs).
     writes_files: bool = True
+    # Threads (or a distributed worker's slots) that run its jobs at once, in each process.
+    workers: int = 1
+    # Jobs that may wait for a worker; past them a submission gets 503.
+    queue_size: int = 10
+    # How long `POST /put` waits for a job of this kind, from its submission (seconds).
+    timeout: float = 60.0
+    # setup(settings) runs once per process that serves the kind, before its first job; what
+    # it returns is each job's `resource` (a model, a client). teardown(resource) at shutdown.
+    setup: Callable[[Settings], Any] | None = None
+    teardown: Callable[[Any], None] | None = None
+    # Run queued jobs in batches (see Batch); None: one job per call.
+    batch: Batch | None = None

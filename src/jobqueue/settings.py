@@ -2,23 +2,52 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+import logging
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 from limits import parse_many
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class KindLimits:
-    """How many threads serve a job kind, how many jobs may wait, and how long `/put` waits."""
+PREFIX = "JOBQUEUE_"
+# Read by the command-line client (jobqueue submit …), not by the server: never a typo.
+CLIENT_VARIABLES = {"JOBQUEUE_URL", "JOBQUEUE_API_KEY"}
 
-    workers: int = 1
-    queue_size: int = 10
-    timeout: float = 60.0
+
+class KindLimits(BaseModel):
+    """How many threads serve a job kind, how many jobs may wait, and how long `/put` waits:
+    JOBQUEUE_<NAME>_WORKERS, _QUEUE_SIZE and _TIMEOUT, else what its JobKind declares."""
+
+    model_config = ConfigDict(frozen=True)
+
+    workers: int = Field(1, ge=1)
+    queue_size: int = Field(10, ge=1)
+    timeout: float = Field(60.0, gt=0)
+
+
+class KindDefaults(Protocol):
+    """What Settings.limits reads of a JobKind (jobs.py): its name and its defaults."""
+
+    name: str
+    workers: int
+    queue_size: int
+    timeout: float
 
 
 class Settings(BaseSettings):
@@ -36,17 +65,9 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(1024, gt=0)
     result_ttl: float = Field(86400, gt=0, description="Seconds finished jobs are kept")
 
-    message_workers: int = Field(1, ge=1)
-    message_queue_size: int = Field(10, ge=1)
-    message_timeout: float = Field(5, gt=0)
-
-    pdf2image_workers: int = Field(2, ge=1)
-    pdf2image_queue_size: int = Field(20, ge=1)
-    pdf2image_timeout: float = Field(60, gt=0)
-
-    video_workers: int = Field(1, ge=1)
-    video_queue_size: int = Field(10, ge=1)
-    video_timeout: float = Field(300, gt=0)
+    kinds: str = Field("message,pdf2image,video", description="Comma-separated job kinds "
+                       "served: built-in names, entry points (group jobqueue.kinds) or "
+                       "package.module:ATTRIBUTE")
 
     job_max_seconds: float = Field(3600, gt=0, description="Longest a POST /jobs job may run")
 
@@ -143,18 +164,48 @@ class Settings(BaseSettings):
     def job_db(self) -> Path:
         return self.db_path or self.out_dir / "jobs.db"
 
-    def limits(self, kind_name: str) -> KindLimits:
-        """The `<kind>_workers`, `<kind>_queue_size` and `<kind>_timeout` settings of a kind.
+    # Each kind's limits, read from the environment once (they are fixed for a process).
+    _limits: dict[str, KindLimits] = PrivateAttr(default_factory=dict)
 
-        A kind without its own fields here gets the `KindLimits` defaults.
-        """
-        default = KindLimits()
-        return KindLimits(
-            workers=getattr(self, f"{kind_name}_workers", default.workers),
-            queue_size=getattr(self, f"{kind_name}_queue_size", default.queue_size),
-            timeout=getattr(self, f"{kind_name}_timeout", default.timeout),
-        )
+    def limits(self, kind: KindDefaults) -> KindLimits:
+        """A kind's JOBQUEUE_<NAME>_WORKERS, _QUEUE_SIZE and _TIMEOUT, else its defaults.
+
+        ValueError naming the variable for a value that is not a number in range."""
+        if kind.name not in self._limits:
+            self._limits[kind.name] = kind_limits(kind, os.environ)
+        return self._limits[kind.name]
 
 
-# The bundled sample inputs (data/ at the repository root), used when a request uploads no file.
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+def kind_limits(kind: KindDefaults, environ: Mapping[str, str]) -> KindLimits:
+    names = kind_variables(kind.name)
+    values = {"workers": kind.workers, "queue_size": kind.queue_size, "timeout": kind.timeout}
+    values.update({field: environ[name] for field, name in names.items() if name in environ})
+    try:
+        return KindLimits.model_validate(values)
+    except ValidationError as error:
+        problems = "; ".join(f"{names[str(e['loc'][0])]}: {e['msg']}" for e in error.errors())
+        raise ValueError(f"job kind {kind.name}: {problems}") from None
+
+
+def kind_variables(kind_name: str) -> dict[str, str]:
+    """The environment variables of a kind's limits, by KindLimits field."""
+    return {field: f"{PREFIX}{kind_name.upper()}_{field.upper()}"
+            for field in KindLimits.model_fields}
+
+
+def unknown_variables(kind_names: Iterable[str],
+                      environ: Mapping[str, str] = os.environ) -> list[str]:
+    """A warning for each JOBQUEUE_* variable that is no setting and no served kind's limit,
+    naming the closest one: a typo would otherwise be silently ignored."""
+    known = {PREFIX + name.upper() for name in Settings.model_fields} | CLIENT_VARIABLES
+    for name in kind_names:
+        known.update(kind_variables(name).values())
+    warnings = []
+    for variable in sorted(name for name in environ if name.upper().startswith(PREFIX)):
+        if variable.upper() in known:
+            continue
+        closest = difflib.get_close_matches(variable.upper(), known, n=1, cutoff=0.6)
+        hint = f"; did you mean {closest[0]}?" if closest else ""
+        warnings.append(f"{variable} is not a jobqueue setting (ignored){hint}")
+    return warnings
+

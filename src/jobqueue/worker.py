@@ -1,6 +1,7 @@
-"""A worker process of the distributed engine: python -m jobqueue.worker [--kinds pdf2image,video]
+"""A worker process of the distributed engine: jobqueue worker [--kinds pdf2image,video]
 
-It runs the jobs of the kinds it is given, as many of each at once as JOBQUEUE_<KIND>_WORKERS
+It runs the jobs of the kinds it is given (default: JOBQUEUE_KINDS, all those the replicas
+serve), as many of each at once as JOBQUEUE_<KIND>_WORKERS
 says, taking them from PostgreSQL (JOBQUEUE_DATABASE_URL) through procrastinate; API replicas
 (`python src/main.py` with the same database) take the requests. SIGTERM or Ctrl-C: running
 jobs get JOBQUEUE_SHUTDOWN_GRACE, then are stopped and queued again; a second signal stops at
@@ -20,25 +21,18 @@ import signal
 
 from jobqueue.engines.postgres import timeouts
 from jobqueue.engines.postgres.runner import Runner
-from jobqueue.kinds import KINDS
+from jobqueue.errors import CannotStart
+from jobqueue.jobs import JobKind
+from jobqueue.kinds import load_kinds
 from jobqueue.metrics import Metrics, serve_worker_metrics
-from jobqueue.settings import Settings
+from jobqueue.settings import Settings, unknown_variables
 
 log = logging.getLogger(__name__)
 
 POOL_TIMEOUT_SECONDS = 10.0
 
 
-def parse_kinds(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in KINDS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown job kinds {unknown}; the kinds are "
-                                         f"{', '.join(KINDS)}")
-    return names
-
-
-async def serve(settings: Settings, kinds: list[str]) -> None:
+async def serve(settings: Settings, kinds: dict[str, JobKind]) -> None:
     metrics = Metrics(kinds)
     try:  # first: a port in use stops the worker before it opens anything else
         metrics_url, stop_metrics = serve_worker_metrics(
@@ -52,10 +46,10 @@ async def serve(settings: Settings, kinds: list[str]) -> None:
     # (timeouts.py); a wait for a free connection of POOL_TIMEOUT_SECONDS, then the caller
     # retries (a held job end keeps trying).
     pool = timeouts.Pool(settings.database_url.get_secret_value(), min_size=1,
-                         max_size=sum(settings.limits(k).workers for k in kinds) + 6,
+                         max_size=sum(settings.limits(kind).workers for kind in kinds.values()) + 6,
                          open=False, timeout=POOL_TIMEOUT_SECONDS)
     await pool.open(wait=False)
-    runner = Runner(settings, {name: KINDS[name] for name in kinds}, pool, metrics)
+    runner = Runner(settings, kinds, pool, metrics)
     runner.metrics_url = metrics_url
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -87,14 +81,25 @@ async def serve(settings: Settings, kinds: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     parser = argparse.ArgumentParser(description="Run jobs of the distributed engine.")
-    parser.add_argument("--kinds", type=parse_kinds, default=list(KINDS),
-                        help=f"comma-separated job kinds to run (default: all: {','.join(KINDS)})")
+    parser.add_argument("--kinds", default=settings.kinds,
+                        help="comma-separated job kinds to run: built-in names, entry points "
+                             "or package.module:ATTRIBUTE (default: JOBQUEUE_KINDS, "
+                             "%(default)s)")
     args = parser.parse_args(argv)
     if not settings.database_url.get_secret_value():
         parser.error("JOBQUEUE_DATABASE_URL is not set: a worker takes its jobs from PostgreSQL")
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(settings, args.kinds))
+    try:
+        kinds = load_kinds(args.kinds)
+        for kind in kinds.values():
+            settings.limits(kind)  # a wrong JOBQUEUE_<NAME>_* stops the start, named
+    except (CannotStart, ValueError) as error:
+        raise SystemExit(f"cannot start: {error}") from None
+    # The replicas' kinds count as known: a worker may run fewer of them.
+    for warning in unknown_variables([*kinds, *settings.kinds.split(",")]):
+        log.warning("%s", warning)
+    asyncio.run(serve(settings, kinds))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from jobqueue.api.schemas import error_responses
 from jobqueue.api.slots import ConnectionSlots
 from jobqueue.engines import make_engine
 from jobqueue.files import retention
-from jobqueue.kinds import KINDS
+from jobqueue.jobs import JobKind
+from jobqueue.kinds import load_kinds
 from jobqueue.metrics import Metrics, RequestTimer
 from jobqueue.settings import Settings
 
@@ -46,16 +47,26 @@ class JobQueueApp(FastAPI):
         return RequestTimer(super().build_middleware_stack(), self.state.metrics)
 
 
-def create_app(settings: Settings | None = None, with_workers: bool = True) -> FastAPI:
+def create_app(settings: Settings | None = None, with_workers: bool = True,
+               kinds: dict[str, JobKind] | None = None) -> FastAPI:
     """The app. `with_workers`: in distributed mode (JOBQUEUE_DATABASE_URL), whether this
-    process also runs workers (`--with-workers`); the embedded engine always does."""
+    process also runs workers (`--with-workers`); the embedded engine always does. `kinds`:
+    the job kinds served, by name; default: those JOBQUEUE_KINDS names.
+
+    CannotStart for a kind that cannot be loaded, or a wrong limit of one."""
     settings = settings or Settings()
+    kinds = load_kinds(settings.kinds) if kinds is None else kinds
+    for kind in kinds.values():
+        try:
+            settings.limits(kind)
+        except ValueError as error:
+            raise errors.CannotStart(str(error)) from None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The engine opens its store and starts its threads here, never at import time.
         try:
-            engine = make_engine(settings, KINDS, app.state.metrics, with_workers)
+            engine = make_engine(settings, kinds, app.state.metrics, with_workers)
             app.state.engine = engine
             await engine.start()
         except errors.CannotStart as error:
@@ -81,7 +92,8 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.metrics = Metrics(KINDS)
+    app.state.kinds = kinds
+    app.state.metrics = Metrics(kinds)
     app.state.draining = False  # set on SIGTERM / Ctrl-C: see api/shutdown.py
     app.state.preview_slots = preview.PreviewSlots(settings.preview_streams)
     app.state.uploads = ConnectionSlots(settings.max_uploads, "uploads", "JOBQUEUE_MAX_UPLOADS")
@@ -100,6 +112,7 @@ def create_app(settings: Settings | None = None, with_workers: bool = True) -> F
                    throughput.router, access.router):
         app.include_router(router, dependencies=keyed, responses=error_responses(401, 429)
                            if settings.api_key_list else None)
+    put.describe_kinds(app, kinds)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(GoneClients)
     if settings.cors_origin_list:  # off unless JOBQUEUE_CORS_ORIGINS names the origins

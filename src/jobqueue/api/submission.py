@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,6 @@ from jobqueue.errors import (
 )
 from jobqueue.files import jobfiles
 from jobqueue.jobs import JobKind
-from jobqueue.kinds import KINDS
 from jobqueue.records import JobRecord, Origin
 from jobqueue.settings import Settings
 
@@ -54,6 +54,7 @@ async def read_submission(request: Request, settings: Settings,
     upload streamed into the new job's folder (removed again if anything is wrong).
     `idempotency_key`: the route's (POST /jobs): a full queue lets in a retry of its job."""
     refuse_while_draining(request)
+    kinds = request.app.state.kinds
     job_id = jobfiles.new_job_id()
     content_type = request.headers.get("content-type", "").lower()
     min_rate = settings.min_upload_kbps * 1024
@@ -65,7 +66,7 @@ async def read_submission(request: Request, settings: Settings,
                 with request.app.state.uploads.slot(job_id):
                     fields, upload = await read_multipart(
                         request, jobfiles.job_dir(settings.out_dir, job_id) / jobfiles.INPUT_DIR,
-                        int(settings.max_upload_mb * 2**20), min_rate, file_refused,
+                        int(settings.max_upload_mb * 2**20), min_rate, file_refused(kinds),
                         lambda fields: room_for_file(request, fields, idempotency_key))
             else:
                 fields = await read_json(request, content_type, min_rate)
@@ -77,7 +78,7 @@ async def read_submission(request: Request, settings: Settings,
         except ClientDisconnect:
             raise MalformedRequest("The client closed the connection before its request body "
                                    "was complete.") from None
-        kind, options = parse_options(fields)
+        kind, options = parse_options(kinds, fields)
         if upload is not None and kind.sample is None:
             raise BadInput(f"{kind.name} jobs take no file; send only the options.")
     except BaseException:
@@ -86,13 +87,15 @@ async def read_submission(request: Request, settings: Settings,
     return Submission(job_id, kind, options, upload)
 
 
-def file_refused(fields: dict[str, str]) -> str | None:
+def file_refused(kinds: dict[str, JobKind]) -> Callable[[dict[str, str]], str | None]:
     """Why a file part is not wanted, given the fields before it: a `jobType` named first
     whose kind takes no file (a file before any jobType is judged once the form is read)."""
-    kind = KINDS.get(fields.get("jobType", ""))
-    if kind is not None and kind.sample is None:
-        return f"{kind.name} jobs take no file; send only the options."
-    return None
+    def refused(fields: dict[str, str]) -> str | None:
+        kind = kinds.get(fields.get("jobType", ""))
+        if kind is not None and kind.sample is None:
+            return f"{kind.name} jobs take no file; send only the options."
+        return None
+    return refused
 
 
 async def room_for_file(request: Request, fields: dict[str, str],
@@ -100,7 +103,7 @@ async def room_for_file(request: Request, fields: dict[str, str],
     """QueueFull (503) when the queue of the kind named before the file is full already: the
     client hears it before sending the file, not after (only a look; the submit decides). A
     retry with the Idempotency-Key of a job already accepted is let in: it gets that job back."""
-    kind = KINDS.get(fields.get("jobType", ""))
+    kind = request.app.state.kinds.get(fields.get("jobType", ""))
     if kind is None:
         return None
     try:
@@ -114,11 +117,11 @@ async def room_for_file(request: Request, fields: dict[str, str],
     return None
 
 
-def parse_options(fields: dict) -> tuple[JobKind, BaseModel]:
+def parse_options(kinds: dict[str, JobKind], fields: dict) -> tuple[JobKind, BaseModel]:
     kind_name = fields.pop("jobType", DEFAULT_JOB_TYPE)
-    kind = KINDS.get(kind_name) if isinstance(kind_name, str) else None
+    kind = kinds.get(kind_name) if isinstance(kind_name, str) else None
     if kind is None:
-        raise BadInput(f"Unknown jobType {kind_name!r}; valid job types: {', '.join(KINDS)}.")
+        raise BadInput(f"Unknown jobType {kind_name!r}; valid job types: {', '.join(kinds)}.")
     try:
         return kind, kind.options.model_validate(fields)
     except ValidationError as error:

@@ -2,7 +2,7 @@
 never enlarged, keeping the aspect ratio.
 
 Run as a child process under the render memory cap (JOBQUEUE_RENDER_MAX_MB), so decoding a
-100-megapixel page never takes the server's memory; like children/pdfrender.py it imports nothing of
+100-megapixel page never takes the server's memory; like kinds/pdfrender.py it imports nothing of
 the server:
 
     python -I children/thumbnail.py SOURCE TARGET WIDTH

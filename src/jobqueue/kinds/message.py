@@ -6,7 +6,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobqueue.jobs import JobContext, JobKind, Output
+from jobqueue import JobContext, JobKind, Output
 
 # How often a running message job reports progress and notices a cancel.
 TICK_SECONDS = 0.1
@@ -38,4 +38,7 @@ KIND = JobKind(
     options=MessageOptions,
     handler=process_message,
     writes_files=False,
+    workers=1,
+    queue_size=10,
+    timeout=5,
 )

@@ -4,7 +4,7 @@ Nothing of the PDF is parsed inside the server. poppler's pdfinfo reads the page
 sizes, so limits are checked before any page is rendered. The pages are rendered in child
 processes, under a memory cap (JOBQUEUE_RENDER_MAX_MB), by one of two engines:
 
-- `pdfium` (the default): `children/pdfrender.py`, which opens the document once and renders
+- `pdfium` (the default): `kinds/pdfrender.py`, which opens the document once and renders
   its share of the pages with PDFium (pypdfium2) and writes them as PNGs with libpng (imagecodecs);
 - `poppler`: one pdftoppm run per page, the command pdf2image's convert_from_path builds.
 
@@ -31,11 +31,21 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobqueue import processes
-from jobqueue.children import pdfrender
-from jobqueue.errors import BadInput, TooLarge, UnsupportedInput
-from jobqueue.jobs import JobContext, JobKind, Output
-from jobqueue.settings import DATA_DIR, Settings
+from jobqueue import (
+    BadInput,
+    ChildSlots,
+    JobContext,
+    JobKind,
+    Output,
+    ProcessFailed,
+    Settings,
+    TooLarge,
+    UnsupportedInput,
+    child_output,
+    run_child,
+    run_children,
+)
+from jobqueue.kinds import pdfrender
 
 PDFINFO_TIMEOUT_SECONDS = 30
 RENDER_PROGRAM = Path(pdfrender.__file__)
@@ -124,12 +134,12 @@ def read_info(path: Path, settings: Settings, job: JobContext | None = None) -> 
     if job is not None:
         lines: list[str] = []
         try:
-            processes.run(job, args, on_line=lines.append, memory_mb=settings.render_max_mb)
-        except processes.ProcessFailed as error:
+            run_child(job, args, on_line=lines.append, memory_mb=settings.render_max_mb)
+        except ProcessFailed as error:
             raise _unreadable(error.stderr_tail) from None
         return parse_pdfinfo("\n".join(lines))
     try:
-        done = processes.output(args, PDFINFO_TIMEOUT_SECONDS, settings.render_max_mb)
+        done = child_output(args, PDFINFO_TIMEOUT_SECONDS, settings.render_max_mb)
     except subprocess.TimeoutExpired:
         raise BadInput(f"poppler could not read the PDF within {PDFINFO_TIMEOUT_SECONDS} s; "
                        "the file may be damaged.") from None
@@ -224,7 +234,7 @@ class Cores:
         return JobCores(self, wanted)
 
 
-class JobCores(processes.ChildSlots):
+class JobCores(ChildSlots):
     """One job's children on the shared cores; `wanted(running)` says whether another would
     have work."""
 
@@ -302,10 +312,10 @@ def render_with_pdfium(job: JobContext, info: PdfInfo, page_done: Callable[[], N
         return untaken >= (2 if running else 1)
 
     try:
-        processes.run_many(job, itertools.repeat(command), CORES.for_job(wanted),
+        run_children(job, itertools.repeat(command), CORES.for_job(wanted),
                            on_line=on_line, on_exit=child_finished,
                            memory_mb=settings.render_max_mb)
-    except processes.ProcessFailed as error:
+    except ProcessFailed as error:
         page = rendering.get(error.index)
         refusal = refusals.get(error.index)
         if refusal is None:
@@ -313,14 +323,14 @@ def render_with_pdfium(job: JobContext, info: PdfInfo, page_done: Callable[[], N
         raise refused(job, refusal, page or 0, info) from None
 
 
-def _how(error: processes.ProcessFailed) -> str:
+def _how(error: ProcessFailed) -> str:
     how = (f"was killed by signal {-error.returncode}" if error.returncode < 0
            else f"exited with code {error.returncode}")
     tail = error.stderr_tail.strip().splitlines()
     return f"{how} ({tail[-1]})" if tail else how
 
 
-def _ran_out_of_memory(error: processes.ProcessFailed) -> bool:
+def _ran_out_of_memory(error: ProcessFailed) -> bool:
     """A renderer that says it ran out of memory under its cap (pdftoppm prints "Out of
     memory", the render program reports a MemoryError)."""
     return "out of memory" in error.stderr_tail.lower()
@@ -349,7 +359,7 @@ def out_of_memory(job: JobContext, page: int | None, info: PdfInfo) -> TooLarge:
 
 
 def render_failed(job: JobContext, page: int | None, info: PdfInfo, renderer: str,
-                  error: processes.ProcessFailed) -> BadInput:
+                  error: ProcessFailed) -> BadInput:
     """The error a renderer's death stands for: out of memory under its cap, or a crash."""
     if _ran_out_of_memory(error):
         return out_of_memory(job, page, info)
@@ -375,9 +385,9 @@ def render_with_poppler(job: JobContext, info: PdfInfo, page_done: Callable[[], 
         for page, name in enumerate(info.file_names(), 1)
     ]
     try:
-        processes.run_many(job, commands, CORES.for_job(lambda running: True),
+        run_children(job, commands, CORES.for_job(lambda running: True),
                            on_exit=lambda _: page_done(), memory_mb=job.settings.render_max_mb)
-    except processes.ProcessFailed as error:
+    except ProcessFailed as error:
         raise render_failed(job, error.index + 1, info, "pdftoppm", error) from None
 
 
@@ -430,7 +440,10 @@ KIND = JobKind(
     description="Renders each page of a PDF to a PNG at `dpi`.",
     options=PdfOptions,
     handler=convert_pdf,
-    sample=DATA_DIR / "sample.pdf",
+    sample=Path(__file__).parent / "samples" / "sample.pdf",
     accept="application/pdf,.pdf",
+    workers=2,
+    queue_size=20,
+    timeout=60,
     check_input=check_pdf,
 )

@@ -10,10 +10,19 @@ from pathlib import Path
 import ffmpeg
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from jobqueue import processes
-from jobqueue.errors import BadInput, TooLarge, UnsupportedInput
-from jobqueue.jobs import JobContext, JobKind, Output
-from jobqueue.settings import DATA_DIR, Settings
+from jobqueue import (
+    BadInput,
+    JobContext,
+    JobKind,
+    Output,
+    ProcessFailed,
+    Settings,
+    TooLarge,
+    UnsupportedInput,
+    child_output,
+    run_child,
+    start_child,
+)
 
 DEFAULT_WIDTH = 640
 OUTPUT_NAME = "video.mp4"
@@ -101,7 +110,7 @@ def probe_result(path: str, returncode: int, out: bytes, err: bytes) -> dict:
 
 def probe(path: str, settings: Settings) -> dict:
     try:
-        done = processes.output(probe_command(path), PROBE_TIMEOUT_SECONDS,
+        done = child_output(probe_command(path), PROBE_TIMEOUT_SECONDS,
                                 settings.video_max_mb)
     except subprocess.TimeoutExpired:  # run() has killed and reaped it
         raise BadInput(f"ffprobe could not read the file within {PROBE_TIMEOUT_SECONDS} s; it "
@@ -148,7 +157,7 @@ class BackgroundProbe:
     def __init__(self, job: JobContext, path: str):
         self.job = job
         self.path = path
-        self.process = processes.popen(probe_command(path), job.settings.video_max_mb,
+        self.process = start_child(probe_command(path), job.settings.video_max_mb,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         job.attach_process(self.process)
         self._output: tuple[bytes, bytes] | None = None
@@ -280,8 +289,8 @@ def resize_video(job: JobContext) -> Output:
         try:
             # Under a memory cap: a stream whose frames grow past what its header says
             # (a 320x240 start, then 7680x7680) cannot take the machine's memory.
-            processes.run(job, args, on_line=on_progress, memory_mb=settings.video_max_mb)
-        except processes.ProcessFailed:
+            run_child(job, args, on_line=on_progress, memory_mb=settings.video_max_mb)
+        except ProcessFailed:
             # A clearer message when the file is no video at all, or is over a limit (an
             # output too large for ffmpeg to set up fails it before the probe has answered):
             # the same answer POST /jobs gives before queueing.
@@ -314,9 +323,9 @@ def check_output(job: JobContext, target: Path) -> tuple[int, int]:
     settings: Settings = job.settings
     lines: list[str] = []
     try:
-        processes.run(job, probe_command(str(target)), on_line=lines.append,
+        run_child(job, probe_command(str(target)), on_line=lines.append,
                       memory_mb=settings.video_max_mb)
-    except processes.ProcessFailed as error:
+    except ProcessFailed as error:
         raise BadInput(f"ffmpeg's output cannot be read back ({error}); nothing usable was "
                        "written. " + SEND_A_VIDEO) from None
     return output_size(json.loads("\n".join(lines) or "{}"), settings)
@@ -384,7 +393,10 @@ KIND = JobKind(
     description="Resizes a video to `width` x `height` (H.264/AAC MP4), keeping its audio.",
     options=VideoOptions,
     handler=resize_video,
-    sample=DATA_DIR / "sample.mp4",
+    sample=Path(__file__).parent / "samples" / "sample.mp4",
     accept="video/*",
+    workers=1,
+    queue_size=10,
+    timeout=300,
     check_input=check_video,
 )

@@ -12,7 +12,6 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
 
 from jobqueue.jobs import JobKind
-from jobqueue.kinds import KINDS
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 STATIC_DIR = PACKAGE_DIR / "static"
@@ -66,7 +65,8 @@ class KindForm:
 @router.get("/dashboard", response_class=HTMLResponse,
             summary="A live dashboard: queues, recent jobs with progress, and a submit form")
 async def dashboard(request: Request) -> HTMLResponse:
-    forms = [KindForm(kind, form_fields(kind.options)) for kind in KINDS.values()]
+    kinds = request.app.state.kinds.values()
+    forms = [KindForm(kind, form_fields(kind.options)) for kind in kinds]
     keys_required = bool(request.app.state.settings.api_key_list)
     return templates.TemplateResponse(request, "dashboard.html",
                                       {"forms": forms, "keys_required": keys_required})

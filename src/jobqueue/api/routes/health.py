@@ -5,18 +5,17 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from jobqueue.api.schemas import Health
-from jobqueue.kinds import KINDS
 
 router = APIRouter(tags=["server"])
 
 
 @router.get("/", summary="Say hello, list the job types and point to the docs")
-async def root() -> dict[str, str | dict[str, str]]:
+async def root(request: Request) -> dict[str, str | dict[str, str]]:
     return {
         "message": "Hello from jobqueue. The API is described at /docs; watch it at /dashboard.",
         "docs": "/docs",
         "dashboard": "/dashboard",
-        "jobTypes": {name: kind.description for name, kind in KINDS.items()},
+        "jobTypes": {name: kind.description for name, kind in request.app.state.kinds.items()},
     }
 
 

@@ -37,7 +37,6 @@ from jobqueue.errors import BadInput, Conflict, FilesGone, NotFound, Unavailable
 from jobqueue.files import jobfiles
 from jobqueue.files.store import FileStore
 from jobqueue.jobs import FINISHED, JobStatus
-from jobqueue.kinds import KINDS
 from jobqueue.records import JobRecord, Origin
 
 log = logging.getLogger(__name__)
@@ -142,8 +141,9 @@ async def list_jobs(
     limit: int = Query(20, ge=1, le=100),
     offset: int = Query(0, ge=0, le=2**62),
 ) -> JobList:
-    if job_type is not None and job_type not in KINDS:
-        raise BadInput(f"Unknown jobType {job_type!r}; valid job types: {', '.join(KINDS)}.")
+    kinds = request.app.state.kinds
+    if job_type is not None and job_type not in kinds:
+        raise BadInput(f"Unknown jobType {job_type!r}; valid job types: {', '.join(kinds)}.")
     engine: JobEngine = request.app.state.engine
     records = await engine.list(status.value if status else None, job_type, limit, offset,
                                 owner(request))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import time
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
+from fastapi.routing import APIRoute
 
 from jobqueue.api.access import owner
 from jobqueue.api.ratelimit import limiter, submit_limit
@@ -16,8 +18,7 @@ from jobqueue.api.shutdown import shutting_down
 from jobqueue.api.submission import read_submission, start_job
 from jobqueue.engines import JobEngine
 from jobqueue.errors import Conflict, JobFailed
-from jobqueue.jobs import FINISHED, JobStatus
-from jobqueue.kinds import KINDS
+from jobqueue.jobs import FINISHED, JobKind, JobStatus
 from jobqueue.metrics import Outcome
 from jobqueue.records import JobRecord, Origin
 
@@ -31,8 +32,7 @@ REQUEST_EXAMPLES = {
         "schema": {
             "type": "object",
             "properties": {
-                "jobType": {"type": "string", "enum": list(KINDS),
-                            "default": "message"},
+                "jobType": {"type": "string", "default": "message"},
                 "data": {"type": "string"},
                 "seconds": {"type": "number", "default": 3},
                 "dpi": {"type": "integer", "default": 200},
@@ -53,8 +53,7 @@ REQUEST_EXAMPLES = {
             "type": "object",
             "properties": {
                 "file": {"type": "string", "format": "binary"},
-                "jobType": {"type": "string",
-                            "enum": [name for name, kind in KINDS.items() if kind.sample]},
+                "jobType": {"type": "string"},
                 "dpi": {"type": "integer"},
                 "width": {"type": "integer"},
                 "height": {"type": "integer"},
@@ -64,6 +63,25 @@ REQUEST_EXAMPLES = {
     },
 }
 
+# The served kinds' names are filled in by describe_kinds.
+REQUEST_BODY = {"requestBody": {"required": False, "content": REQUEST_EXAMPLES}}
+
+
+def describe_kinds(app: FastAPI, kinds: dict[str, JobKind]) -> None:
+    """Name the served kinds in /put's OpenAPI request body: those taking a file in the
+    multipart form, all of them in the JSON one."""
+    extra = copy.deepcopy(REQUEST_BODY)
+    content = extra["requestBody"]["content"]
+    content["application/json"]["schema"]["properties"]["jobType"]["enum"] = list(kinds)
+    content["multipart/form-data"]["schema"]["properties"]["jobType"]["enum"] = [
+        name for name, kind in kinds.items() if kind.sample]
+    examples = content["application/json"]["examples"]
+    content["application/json"]["examples"] = {
+        name: example for name, example in examples.items() if name in kinds}
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.endpoint is put:
+            route.openapi_extra = extra
+
 
 @router.post(
     "/put",
@@ -72,7 +90,7 @@ REQUEST_EXAMPLES = {
                 "with a `file` field processes the upload. Waits at most the kind's timeout.",
     response_model=PutResponse,
     responses=error_responses(400, 408, 409, 413, 415, 422, 429, 500, 503, 504, 507),
-    openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
+    openapi_extra=REQUEST_BODY,
 )
 @limiter.limit(submit_limit)
 async def put(request: Request) -> Response:
@@ -80,7 +98,7 @@ async def put(request: Request) -> Response:
     settings = request.app.state.settings
     submission = await read_submission(request, settings)
     record = await start_job(engine, submission, Origin.PUT, owner=owner(request))
-    timeout = settings.limits(record.job_type).timeout
+    timeout = settings.limits(request.app.state.kinds[record.job_type]).timeout
     record = await wait_for_job(request, engine, record, timeout)
     answer = PutResponse(data=PutData(id=record.id, result=job_result(request, record)))
     # Serialized here: a Response goes out as it is, where a model would be validated again.

@@ -13,7 +13,6 @@ from fastapi import APIRouter, Query, Request
 
 from jobqueue.api.access import owner
 from jobqueue.api.schemas import MinuteView, Throughput
-from jobqueue.kinds import KINDS
 
 router = APIRouter(tags=["server"])
 
@@ -24,7 +23,7 @@ async def throughput(request: Request, minutes: int = Query(60, ge=1, le=1440)) 
     # Whole minutes: this one and the `minutes - 1` before it.
     since = (int(time.time()) // 60 - (minutes - 1)) * 60
     figures = await request.app.state.engine.throughput(owner(request), since)
-    kinds: dict[str, list[MinuteView]] = {name: [] for name in KINDS}
+    kinds: dict[str, list[MinuteView]] = {name: [] for name in request.app.state.kinds}
     for row in figures:
         kinds.setdefault(row.job_type, []).append(MinuteView(
             minute=row.minute, finished=row.finished, p50_seconds=row.p50_seconds,

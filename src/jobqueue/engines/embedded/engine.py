@@ -459,7 +459,7 @@ class EmbeddedEngine:
         self.metrics = metrics or Metrics(kinds)
         self.store: JobStore = store or SqliteJobStore(settings.job_db)
         self.pools = {
-            name: WorkerPool(kind, settings.limits(name), self.store, self.metrics,
+            name: WorkerPool(kind, settings.limits(kind), self.store, self.metrics,
                              settings.job_max_seconds)
             for name, kind in kinds.items()
         }

@@ -286,7 +286,7 @@ class PostgresEngine:
         return rows[0] if rows else None
 
     async def _check_room(self, conn: psycopg.AsyncConnection, kind: str) -> None:
-        capacity = self.settings.limits(kind).queue_size
+        capacity = self.settings.limits(self.kinds[kind]).queue_size
         cursor = await conn.execute(QUERIES["count_queued"], (kind,))
         if (await cursor.fetchone())[0] >= capacity:
             raise QueueFull(kind, capacity, await self._retry_after(conn, kind))
@@ -429,7 +429,7 @@ class PostgresEngine:
         return {name: {"workers": workers.get(name, 0),
                        "busy": counts.get((name, "running"), 0),
                        "queued": counts.get((name, "queued"), 0),
-                       "capacity": self.settings.limits(name).queue_size}
+                       "capacity": self.settings.limits(self.kinds[name]).queue_size}
                 for name in self.kinds}
 
     async def throughput(self, owner: str, since: float) -> list[rollup.MinuteFigures]:

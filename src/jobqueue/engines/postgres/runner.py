@@ -45,7 +45,6 @@ from jobqueue.engines.postgres.schema import QUERIES
 from jobqueue.errors import JobCancelled, Unavailable
 from jobqueue.files import FileStore, jobfiles, make_file_store
 from jobqueue.jobs import JobContext, JobKind, JobStatus, Output
-from jobqueue.kinds import KINDS
 from jobqueue.lifecycle import Ending
 from jobqueue.metrics import Metrics, Outcome, outcome
 from jobqueue.records import JobRecord
@@ -71,15 +70,14 @@ def task_name(kind: str) -> str:
     return f"jobqueue.{kind}"
 
 
-def make_app(kinds: Iterable[str] = ()) -> procrastinate.App:
-    """The procrastinate app, with a task per job kind (replicas defer them, runners run
-    them): the built-in kinds and those of `kinds` (an engine's own, such as a test's). It
-    is opened on the caller's pool."""
+def make_app(kinds: Iterable[str]) -> procrastinate.App:
+    """The procrastinate app, with a task per job kind served (replicas defer them, runners
+    run them). It is opened on the caller's pool."""
     # procrastinate logs each job's start and end at INFO, an abort with a traceback; the
     # runner's own lines say the same with the job id. Its warnings and errors still show.
     logging.getLogger("procrastinate").setLevel(logging.WARNING)
     app = procrastinate.App(connector=procrastinate.PsycopgConnector())
-    for name in dict.fromkeys([*KINDS, *kinds]):
+    for name in kinds:
         async def run(context: ProcrastinateContext, job_id: str) -> None:
             await context.additional_context["runner"].run_job(context, job_id)
 
@@ -198,7 +196,8 @@ class Runner:
         self.metrics_url: str | None = None
         self.app = app or make_app(kinds)
         self.running: dict[str, Run] = {}
-        concurrency = sum(settings.limits(name).workers for name in kinds)
+        self.limits = {name: settings.limits(kind) for name, kind in kinds.items()}
+        concurrency = sum(limits.workers for limits in self.limits.values())
         self.executor = ThreadPoolExecutor(concurrency + 1, thread_name_prefix="job")
         self._workers: list[asyncio.Task] = []
         self._side: list[asyncio.Task] = []
@@ -221,10 +220,10 @@ class Runner:
         self._workers = [asyncio.create_task(self._work(name), name=f"worker {name}")
                          for name in self.kinds]
         for name in self.kinds:  # this process's own slots; the replicas show the cluster's
-            self.metrics.workers.labels(name, "process").set(self.settings.limits(name).workers)
+            self.metrics.workers.labels(name, "process").set(self.limits[name].workers)
             self.metrics.running.labels(name, "process").set(0)
         log.info("worker %s serves %s", self.name,
-                 {name: self.settings.limits(name).workers for name in self.kinds})
+                 {name: self.limits[name].workers for name in self.kinds})
 
     def close_intake(self) -> None:
         """Take no more jobs: the procrastinate workers stop, giving running jobs the grace."""
@@ -264,7 +263,7 @@ class Runner:
             try:
                 await self.app.run_worker_async(
                     queues=[kind], name=f"{self.name}-{kind}",
-                    concurrency=self.settings.limits(kind).workers,
+                    concurrency=self.limits[kind].workers,
                     wait=True, install_signal_handlers=False, listen_notify=True,
                     fetch_job_polling_interval=FETCH_POLL_SECONDS,
                     abort_job_polling_interval=ABORT_POLL_SECONDS,
@@ -281,7 +280,7 @@ class Runner:
                 await asyncio.sleep(RETRY_SECONDS)
 
     async def _heartbeat(self) -> None:
-        kinds = Jsonb({name: self.settings.limits(name).workers for name in self.kinds})
+        kinds = Jsonb({name: self.limits[name].workers for name in self.kinds})
         while True:
             try:
                 async with self.pool.connection() as conn:
@@ -429,7 +428,7 @@ class Runner:
         handler = loop.run_in_executor(self.executor, run_handler, kind, run, self.files)
         try:
             stop_at = lifecycle.deadline(record.origin, record.created_at, record.started_at,
-                                         self.settings.limits(record.job_type).timeout,
+                                         self.limits[record.job_type].timeout,
                                          self.settings.job_max_seconds)
             try:
                 ending = await asyncio.wait_for(asyncio.shield(handler),

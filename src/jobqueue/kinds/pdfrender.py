@@ -9,7 +9,7 @@ PNGs are written with libpng's "Up" filter on every row rather than the adaptive
 row that Pillow always makes: on scanned, text and chart pages that is 2-3 times faster to
 encode at the same zlib level, for files 3-6% larger (docs/performance.md).
 
-    python -I children/pdfrender.py INPUT OUT_DIR --pages 1,2,3 [--rotations 0,90,0] [--dpi 200]
+    python -I kinds/pdfrender.py INPUT OUT_DIR --pages 1,2,3 [--rotations 0,90,0] [--dpi 200]
         [--digits 3] [--max-pixels N] [--png-level 3] [--smooth-images]
 
 It writes OUT_DIR/page-001.png ..., each page no other child of the same job has taken (see
