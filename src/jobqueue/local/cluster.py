@@ -55,9 +55,10 @@ RESTART_RESET_SECONDS = 60.0
 def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     """A child in a session of its own (a Ctrl-C reaches the launcher only, which stops the
     children in order) that dies with the launcher. It imports the package from this SRC, not
-    from wherever an editable install of another checkout points."""
+    from wherever an editable install of another checkout points (then from the PYTHONPATH
+    `env` has, if any: the modules of kinds served by import path)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**env, "PYTHONPATH": str(SRC)}
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))}
     with log_path.open("ab") as log_file:
         return subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "--", *args], env=env,
                                 cwd=SRC.parent, stdin=subprocess.DEVNULL, stdout=log_file,
