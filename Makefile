@@ -5,8 +5,10 @@
 #              in .cluster/, API replicas on ports 8000 and 8001, two workers; Ctrl-C stops all
 # make setup - only install what serving needs: .venv with requirements.txt and the jobqueue
 #              package (editable), poppler-utils + ffmpeg via apt-get
-# Tests and benchmarks add requirements-dev.txt to the venv, and chromium (browser tests),
-# wrk (HTTP load), postgresql and redis-server (distributed mode) via apt-get.
+# make examples - the example kinds of examples/ (ocr, digits) as packages in the venv, with
+#              tesseract-ocr via apt-get and scikit-learn: then JOBQUEUE_KINDS=message,ocr make run
+# Tests and benchmarks add requirements-dev.txt and the examples to the venv, and chromium
+# (browser tests), wrk (HTTP load), postgresql and redis-server (distributed mode) via apt-get.
 
 PYTHON ?= python3
 VENV := .venv
@@ -14,11 +16,12 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 
-.PHONY: setup dev-setup system-packages browser wrk databases run cluster test bench samples clean
+.PHONY: setup dev-setup system-packages browser wrk databases tesseract examples run cluster test \
+	bench samples clean
 
 setup: system-packages $(VENV)/.installed
 
-dev-setup: setup browser wrk databases $(VENV)/.dev-installed
+dev-setup: setup browser wrk databases examples $(VENV)/.dev-installed
 
 system-packages:
 	@if ! command -v pdftoppm >/dev/null || ! command -v ffmpeg >/dev/null || ! command -v ffprobe >/dev/null \
@@ -50,6 +53,15 @@ databases:
 		$(SUDO) apt-get update -qq && $(APT_INSTALL) postgresql redis-server; \
 	fi
 
+# The OCR program of examples/ocr (Debian's package brings the English and OSD models).
+tesseract:
+	@if ! command -v tesseract >/dev/null; then \
+		echo "Installing tesseract-ocr with apt-get (for examples/ocr)"; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) tesseract-ocr; \
+	fi
+
+examples: setup tesseract $(VENV)/.examples-installed
+
 # Stock Debian and Ubuntu Pythons have no venv module until python3-venv is installed.
 $(PY):
 	@$(PYTHON) -c "import ensurepip, venv" 2>/dev/null || { \
@@ -61,6 +73,15 @@ $(PY):
 $(VENV)/.installed: $(PY) requirements.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+# Each example is a package of its own, installed editable: its entry point of group
+# jobqueue.kinds is how JOBQUEUE_KINDS=ocr finds it. scikit-learn (for digits) is pinned in
+# requirements-dev.txt; serving the built-in kinds needs neither.
+$(VENV)/.examples-installed: $(VENV)/.installed requirements-dev.txt \
+		examples/ocr/pyproject.toml examples/digits/pyproject.toml
+	$(PY) -m pip install -q $$(grep '^scikit-learn' requirements-dev.txt)
+	$(PY) -m pip install -q --no-deps -e examples/ocr -e examples/digits
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt requirements-bench.txt
@@ -77,7 +98,7 @@ cluster: setup databases
 	$(PY) -m jobqueue.local.cluster $(ARGS)
 
 test: dev-setup
-	$(VENV)/bin/ruff check src tests bench data
+	$(VENV)/bin/ruff check src tests bench data examples
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: dev-setup

@@ -68,7 +68,7 @@ def start_refused(tmp_path, kinds: str, **env: str) -> str:
 
 
 @pytest.mark.parametrize("kinds, says", [
-    ("message,ocr", "unknown kind 'ocr'"),
+    ("message,nosuchkind", "unknown kind 'nosuchkind'"),
     ("broken", "unknown kind 'broken'"),
     ("broken:KIND", "the kind 'broken:KIND' failed to import broken: ModuleNotFoundError"),
     ("echo:MISSING", "echo has no 'MISSING'"),
