@@ -115,7 +115,7 @@ def image_format(path: Path) -> str:
         raise TooLarge(too_large("far more than")) from None
     except Exception as error:  # noqa: BLE001 - Pillow raises many kinds over a bad header
         raise UnsupportedInput(f"The file starts as a {kind} but its header cannot be read "
-                               f"({error}). {SEND_A_DIGIT}") from None
+                               f"({reason(error, path)}). {SEND_A_DIGIT}") from None
     if width * height > MAX_PIXELS:
         raise TooLarge(too_large(f"{width}x{height} = {width * height}"))
     return kind
@@ -124,6 +124,11 @@ def image_format(path: Path) -> str:
 def too_large(pixels: str) -> str:
     return f"The image has {pixels} pixels; this kind reads at most {MAX_PIXELS} (a digit " \
            "needs far fewer)."
+
+
+def reason(error: Exception, path: Path) -> str:
+    """Pillow's message, without the server's path of the upload."""
+    return str(error).replace(f"'{path}'", "").replace(str(path), "the file").strip()
 
 
 def check_upload(path: Path, options: DigitsOptions, settings: Settings) -> None:
@@ -149,7 +154,8 @@ def features(path: Path) -> np.ndarray:
                 image = Image.alpha_composite(paper, image.convert("RGBA"))
             grey = image.convert("L")
     except Exception as error:  # noqa: BLE001 - a broken image: its job fails, not the batch
-        raise BadInput(f"The image cannot be read ({error}). {SEND_A_DIGIT}") from None
+        raise BadInput(f"The image cannot be read ({reason(error, path)}). "
+                       + SEND_A_DIGIT) from None
     pixels = np.asarray(grey, dtype=np.float64)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     small = np.asarray(grey.resize((SIDE, SIDE), Image.Resampling.BOX), dtype=np.float64)

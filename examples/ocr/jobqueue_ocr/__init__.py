@@ -86,7 +86,7 @@ def image_size(path: Path) -> tuple[str, int, int]:
         raise TooLarge(too_large("far more than")) from None
     except Exception as error:  # noqa: BLE001 - Pillow raises many kinds over a bad header
         raise UnsupportedInput(f"The file starts as a {kind} but its header cannot be read "
-                               f"({error}). {SEND_AN_IMAGE}") from None
+                               f"({reason(error, path)}). {SEND_AN_IMAGE}") from None
     if width * height > MAX_PIXELS:
         raise TooLarge(too_large(f"{width}x{height} = {width * height},"))
     return kind, width, height
@@ -95,6 +95,11 @@ def image_size(path: Path) -> tuple[str, int, int]:
 def too_large(pixels: str) -> str:
     return (f"The image has {pixels} pixels; this server reads at most {MAX_PIXELS} "
             "(OCR_MAX_PIXELS).")
+
+
+def reason(error: Exception, path: Path) -> str:
+    """Pillow's message, without the server's path of the upload."""
+    return str(error).replace(f"'{path}'", "").replace(str(path), "the file").strip()
 
 
 def check_upload(path: Path, options: OcrOptions, settings: Settings) -> None:
