@@ -39,11 +39,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(**settings: object) -> Iterator[Server]:
-    """`python src/main.py` with JOBQUEUE_* settings, in a throw-away output folder."""
+def server(env: dict[str, str] | None = None, **settings: object) -> Iterator[Server]:
+    """`python src/main.py` with JOBQUEUE_* settings (and other variables: `env`), in a
+    throw-away output folder."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="jobqueue-bench-") as folder:
-        env = {**os.environ, "JOBQUEUE_OUT_DIR": folder, "JOBQUEUE_RATE_LIMIT": "10000000/minute"}
+        env = {**os.environ, **(env or {}), "JOBQUEUE_OUT_DIR": folder,
+               "JOBQUEUE_RATE_LIMIT": "10000000/minute"}
         env.update({f"JOBQUEUE_{k.upper()}": str(v) for k, v in settings.items()})
         process = subprocess.Popen(
             [sys.executable, "src/main.py", "--port", str(port)], cwd=ROOT, env=env,

@@ -12,6 +12,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import digits
 import objectstore
 import overhead
 import pdf
@@ -64,7 +65,8 @@ def main() -> None:
         plan = [lambda: pdf.run(args.runs), lambda: video.run(max(args.runs, 7)),
                 lambda: overhead.run(args.runs), lambda: responsiveness.run(args.runs),
                 lambda: streams.run(args.runs), lambda: upload.run(args.runs),
-                lambda: scaling.run(args.runs), lambda: objectstore.run(args.runs)]
+                lambda: scaling.run(args.runs), lambda: objectstore.run(args.runs),
+                lambda: digits.run(args.runs)]
     results = []
     for benchmark in plan:
         started = time.monotonic()
