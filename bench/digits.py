@@ -92,8 +92,8 @@ def digit_pngs(folder: Path) -> list[Path]:
 
 def wrk(url: str, script: Path, seconds: float) -> dict:
     """One wrk run of `script` against /put: requests/s, p50 ms and the answers' batches."""
-    text = subprocess.run(["wrk", "-t1", f"-c{CLIENTS}", f"-d{seconds}s", "--latency",
-                           "-s", str(script), f"{url}/put"],
+    text = subprocess.run(["wrk", "-t1", f"-c{CLIENTS}", f"-d{max(1, round(seconds))}s",
+                           "--latency", "-s", str(script), f"{url}/put"],
                           capture_output=True, text=True, check=True).stdout
     answers, batches, failures = re.search(
         r"digits answers (\d+) batches ([\d.]+) failures (\d+)", text).groups()
@@ -155,7 +155,7 @@ def run(runs: int, seconds: float = 10) -> dict:
         for _ in range(runs):
             for size, srv in servers.items():
                 samples[size].append(wrk(srv.url, script, seconds))
-    one, thirty_two = model_alone(pngs)
+        one, thirty_two = model_alone(pngs)  # the servers idle meanwhile
     med = {size: {key: statistics.median(s[key] for s in runs_)
                   for key in ("rps", "p50", "mean_batch")} for size, runs_ in samples.items()}
     ratio = med[BATCHED]["rps"] / med[ALONE]["rps"]
