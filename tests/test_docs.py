@@ -175,7 +175,6 @@ def docs(tmp_path_factory, request) -> Iterator[Docs]:
 @pytest.mark.parametrize("block", BLOCKS, ids=str)
 def test_block(block: Block, docs: Docs):
     if block.path == DOCS / "kinds.md":  # one walkthrough, run by tests/test_own_kind.py
-        check_setting_names(block)
         return
     check = CHECKS.get(block.language)
     if check is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from conftest import ROOT, free_port
 from jobqueue.local import cluster
+from jobqueue.settings import Settings, kind_variables
 from test_docs import BLOCKS, Block, localize, pattern_of
 from venvs import pip_install, user_venv
 
@@ -42,6 +43,14 @@ def step_of(block: Block) -> str:
 def test_every_block_of_the_page_is_a_step():
     steps = [step_of(block) for block in walkthrough_blocks()]
     assert steps.count("file") >= 2 and "commands" in steps and "console" in steps, steps
+
+
+def test_the_page_names_only_settings_and_the_served_kinds_limits():
+    known = {f"JOBQUEUE_{name.upper()}" for name in Settings.model_fields}
+    for kind in ("message", "pdf2image", "video", "shout"):
+        known.update(kind_variables(kind).values())
+    named = set(re.findall(r"JOBQUEUE_[A-Z0-9_]*[A-Z0-9]", PAGE.read_text()))
+    assert named - known == set()
 
 
 def test_the_walkthrough_serves_the_new_kind(tmp_path):
