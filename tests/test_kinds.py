@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from conftest import ROOT, TEST_KINDS, run_server
+from deployments import deploy
 from jobqueue.errors import CannotStart
 from jobqueue.kinds import DEFAULT_KINDS, load_kinds
 from jobqueue.settings import Settings, kind_variables, unknown_variables
@@ -110,3 +111,12 @@ def test_the_readme_table_lists_every_setting_once():
     expected = {f"JOBQUEUE_{name.upper()}" for name in Settings.model_fields}
     expected |= set(kind_variables("<NAME>").values())
     assert set(rows) == expected
+
+
+def test_a_distributed_worker_runs_a_kind_from_an_import_path(tmp_path, postgres):
+    with deploy("postgres", tmp_path, postgres, workers=1,
+                kinds="echo:KIND,message") as cluster, cluster.client() as client:
+        answer = client.post("/put", json={"jobType": "echo", "text": "far"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["data"]["result"]["data"] == {"echo": "far"}
+        assert list(client.get("/").json()["jobTypes"]) == ["echo", "message"]
