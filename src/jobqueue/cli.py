@@ -1,73 +1,50 @@
-"""`python -m jobqueue.client`: submit files, follow their progress, download the results.
+"""`jobqueue`: the one command. `jobqueue serve …` runs the server (jobqueue.server),
+`jobqueue worker …` a worker process of the distributed mode (jobqueue.worker); every other
+command is the client: submit files, follow their progress, download the results.
 
-Talks to a running server over HTTP only (httpx, httpx-sse and rich; nothing of the server is
-imported). Exit code 0 when everything asked for worked, 1 when a job failed or the server
-refused a request, 2 for a usage error.
+The client commands are built on the client library (jobqueue.client, over HTTP only) and rich;
+they import nothing of the server, which `serve` and `worker` load only when run. Exit code 0
+when everything asked for worked, 1 when a job failed or the server refused a request (or
+could not be reached), 2 for a usage error. `python -m jobqueue.client` is the same command.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import json
 import os
 import sys
 import time
-import uuid
-from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path, PurePosixPath
-from urllib.parse import urlparse
+from dataclasses import dataclass
+from pathlib import Path
 
-import httpx
-from httpx_sse import aconnect_sse
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-FINISHED = {"succeeded", "failed", "cancelled"}
-# Answers that mean "not now": the client waits as Retry-After says and sends again.
-RETRY_STATUSES = {429, 503}
-# Reconnects of an event stream that broke before its job finished (a server restart).
-STREAM_RETRIES = 5
+from jobqueue.client import (
+    DEFAULT_URL,
+    FINISHED,
+    AsyncClient,
+    ClientError,
+    Job,
+    Retry,
+)
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-
-class Refused(Exception):
-    """The server answered with an error; the message is its `detail`."""
-
-
-def detail_of(response: httpx.Response) -> str:
-    try:
-        detail = response.json()["detail"]
-    except (ValueError, KeyError, TypeError):
-        return f"{response.status_code} {response.reason_phrase}"
-    if isinstance(detail, list):  # validation errors: where and what
-        detail = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in detail)
-    return f"{response.status_code}: {detail}"
+# What a retry message names: the file of the submission whose task is retrying.
+LABEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("label", default=None)
 
 
-def check(response: httpx.Response, *ok: int) -> httpx.Response:
-    if response.status_code not in (ok or (200,)):
-        raise Refused(detail_of(response))
-    return response
-
-
-async def check_stream(response: httpx.Response) -> None:
-    """`check` for a streamed response, whose error body must be read first."""
-    if response.status_code != 200:
-        await response.aread()
-        raise Refused(detail_of(response))
-
-
-def retry_after(response: httpx.Response) -> float:
-    try:
-        return max(0.5, float(response.headers.get("Retry-After", 1)))
-    except ValueError:
-        return 1.0
+def announce(retry: Retry) -> None:
+    """The library's on_retry hook: a line on stderr for each wait."""
+    label = LABEL.get() or f"{retry.method} {retry.url}"
+    reason = retry.detail if retry.status is None else f"{retry.status}: {retry.detail}"
+    err.print(f"[yellow]{label}: {reason}; retrying in {retry.wait:g} s", highlight=False)
 
 
 # ---- submitting ----
@@ -78,110 +55,45 @@ class Submission:
 
     path: Path | None
     label: str
-    # Sent as Idempotency-Key: a retry after a lost answer gets this job back, not a second.
-    idempotency_key: str = field(default_factory=lambda: str(uuid.uuid4()))
-    job_id: str | None = None
-    view: dict = field(default_factory=dict)
+    job: Job | None = None
     error: str | None = None
 
 
-async def submit(client: httpx.AsyncClient, kind: str, options: dict[str, str],
-                 item: Submission, retry_for: float) -> None:
-    """POST /jobs until it is accepted; 503 and 429 wait as Retry-After says, a lost
-    connection a second (the same Idempotency-Key: never two jobs for one file)."""
-    deadline = time.monotonic() + retry_for
-    headers = {"Idempotency-Key": item.idempotency_key}
-    while True:
-        try:
-            if item.path is None:
-                response = await client.post("/jobs", json={"jobType": kind, **options},
-                                             headers=headers)
-            else:
-                with item.path.open("rb") as upload:
-                    response = await client.post(
-                        "/jobs", data={"jobType": kind, **options}, headers=headers,
-                        files={"file": (item.path.name, upload, "application/octet-stream")})
-        except httpx.TransportError as error:
-            if time.monotonic() + 1 >= deadline:
-                raise
-            err.print(f"[yellow]{item.label}: {error or type(error).__name__}; retrying in 1 s")
-            await asyncio.sleep(1)
-            continue
-        wait = retry_after(response)
-        if response.status_code in RETRY_STATUSES and time.monotonic() + wait < deadline:
-            err.print(f"[yellow]{item.label}: {detail_of(response)}; retrying in {wait:g} s")
-            await asyncio.sleep(wait)
-            continue
-        item.job_id = check(response, 202).json()["id"]
-        return
-
-
-async def follow(client: httpx.AsyncClient, job_id: str, progress: Progress,
-                 task: TaskID, label: str) -> dict:
+async def follow(client: AsyncClient, job_id: str, progress: Progress, task: TaskID,
+                 label: str) -> Job:
     """Follow the job's event stream, moving its progress bar; returns its final state."""
-    view: dict = {}
-    for attempt in range(STREAM_RETRIES + 1):
-        try:
-            async with aconnect_sse(client, "GET", f"/jobs/{job_id}/events",
-                                    timeout=httpx.Timeout(30, read=None)) as events:
-                await check_stream(events.response)
-                async for event in events.aiter_sse():
-                    view = event.json()
-                    done, total = view["progress"]["done"], view["progress"]["total"]
-                    if view["status"] == "succeeded":
-                        done = total = total or 1
-                    unit = view["progress"]["unit"]
-                    progress.update(task, completed=done, total=total or None,
-                                    description=f"{label} [dim]{view['status']}",
-                                    amount=f"{done:g}/{total:g} {unit}" if total else "")
-                    if view["status"] in FINISHED:
-                        return view
-        except httpx.TransportError:
-            if attempt == STREAM_RETRIES:
-                raise
-            await asyncio.sleep(1 + attempt)
-    raise Refused(f"the event stream of job {job_id} ended before the job finished")
-
-
-async def download(client: httpx.AsyncClient, view: dict, folder: Path) -> list[Path]:
-    """Save a succeeded job's output files into `folder`, one by one (PNG pages, the mp4);
-    a job without files (message) makes no folder."""
-    saved = []
-    for url in view["result"]["files"]:
-        folder.mkdir(parents=True, exist_ok=True)
-        name = PurePosixPath(urlparse(url).path).name
-        if not name or name.startswith("."):
-            raise Refused(f"the server sent an unusable file name in {url!r}")
-        target = folder / name
-        # A path (the server's links are, unless JOBQUEUE_PUBLIC_URL is set) is resolved
-        # against the server's address, as a browser would.
-        async with client.stream("GET", client.base_url.join(url)) as response:
-            await check_stream(response)
-            with target.open("wb") as file:
-                async for chunk in response.aiter_bytes():
-                    file.write(chunk)
-        saved.append(target)
-    return saved
+    job = None
+    async for event in client.events(job_id):
+        job = event.job
+        done, total = job.progress.done, job.progress.total
+        if job.succeeded:
+            done = total = total or 1
+        unit = job.progress.unit
+        progress.update(task, completed=done, total=total or None,
+                        description=f"{label} [dim]{job.status}",
+                        amount=f"{done:g}/{total:g} {unit}" if total else "")
+    assert job is not None  # the stream ends after the final state, or raises
+    return job
 
 
 def report(item: Submission, files: list[Path] | None) -> bool:
     """One line per job on stdout; True when it succeeded."""
     if item.error:
-        err.print(f"[red]✘ {item.label}: {item.error}")
+        err.print(f"[red]✘ {item.label}: {item.error}", highlight=False)
         return False
-    status = item.view.get("status", "queued")
-    if status == "succeeded":
+    job = item.job
+    if job.succeeded:
         count = f"{len(files)} file{'s' if len(files) > 1 else ''}" if files else ""
         where = f" → {files[0].parent}/ ({count})" if files else ""
-        data = "" if files else f" {json.dumps(item.view['result']['data'])}"
-        out.print(f"[green]✔[/] {item.label}: {item.job_id} succeeded{where}{data}",
+        data = "" if files else f" {json.dumps(job.result.data)}"
+        out.print(f"[green]✔[/] {item.label}: {job.id} succeeded{where}{data}",
                   highlight=False)
         return True
-    if status in FINISHED:
-        reason = f": {item.view['error']}" if item.view.get("error") else ""
-        err.print(f"[red]✘ {item.label}: {item.job_id} {status}{reason}", highlight=False)
+    if job.finished:
+        reason = f": {job.error}" if job.error else ""
+        err.print(f"[red]✘ {item.label}: {job.id} {job.status}{reason}", highlight=False)
         return False
-    out.print(f"{item.job_id}  {item.label}", highlight=False)  # submitted, not waited for
+    out.print(f"{job.id}  {item.label}", highlight=False)  # submitted, not waited for
     return True
 
 
@@ -198,11 +110,11 @@ def output_folders(items: list[Submission], out_dir: Path) -> dict[int, Path]:
     return folders
 
 
-async def run_submit(client: httpx.AsyncClient, args: argparse.Namespace,
+async def run_submit(client: AsyncClient, args: argparse.Namespace,
                      options: dict[str, str]) -> int:
     for path in args.files:
         if not path.is_file():
-            raise Refused(f"no such file: {path}")
+            raise ClientError(f"no such file: {path}")
     items = [Submission(path, path.name) for path in args.files] or [
         Submission(None, f"{args.type} (no file)")]
     wait = args.wait or args.out is not None
@@ -212,16 +124,19 @@ async def run_submit(client: httpx.AsyncClient, args: argparse.Namespace,
 
     with progress_bars(enabled=wait) as progress:
         async def one(index: int, item: Submission) -> None:
+            LABEL.set(item.label)  # this task's own: its retries name its file
             async with slots:  # at most --parallel uploads and streams at once
                 task = progress.add_task(item.label, total=None, amount="")
                 try:
-                    await submit(client, args.type, options, item, args.retry_for)
+                    # The library sends an Idempotency-Key and keeps it across its retries:
+                    # a retry after a lost answer gets this job back, never a second one.
+                    item.job = await client.submit(args.type, item.path, **options)
                     if not wait:
                         return
-                    item.view = await follow(client, item.job_id, progress, task, item.label)
-                    if item.view["status"] == "succeeded" and args.out is not None:
-                        downloaded[index] = await download(client, item.view, folders[index])
-                except (Refused, httpx.HTTPError, OSError) as error:
+                    item.job = await follow(client, item.job.id, progress, task, item.label)
+                    if item.job.succeeded and args.out is not None:
+                        downloaded[index] = await client.download(item.job, folders[index])
+                except (ClientError, OSError) as error:
                     item.error = str(error) or type(error).__name__
                     progress.update(task, description=f"{item.label} [red]error")
 
@@ -238,50 +153,47 @@ def progress_bars(enabled: bool) -> Progress:
 
 # ---- one job by id ----
 
-async def run_wait(client: httpx.AsyncClient, args: argparse.Namespace) -> int:
-    item = Submission(None, args.id[:8], job_id=args.id)
-    check(await client.get(f"/jobs/{args.id}"))  # a clear 404 before any stream
+async def run_wait(client: AsyncClient, args: argparse.Namespace) -> int:
+    item = Submission(None, args.id[:8])
+    await client.get(args.id)  # a clear 404 before any stream
     with progress_bars(enabled=True) as progress:
         task = progress.add_task(item.label, total=None, amount="")
-        item.view = await follow(client, args.id, progress, task, item.label)
+        item.job = await follow(client, args.id, progress, task, item.label)
     files = None
-    if args.out is not None and item.view["status"] == "succeeded":
-        files = await download(client, item.view, args.out)
+    if args.out is not None and item.job.succeeded:
+        files = await client.download(item.job, args.out)
     return 0 if report(item, files) else 1
 
 
-async def run_download(client: httpx.AsyncClient, args: argparse.Namespace) -> int:
-    view = check(await client.get(f"/jobs/{args.id}")).json()
-    if view["status"] != "succeeded":
-        reason = f": {view['error']}" if view.get("error") else ""
-        raise Refused(f"job {args.id} is {view['status']}{reason}; only a succeeded job has "
-                      "files to download")
-    files = await download(client, view, args.out)
+async def run_download(client: AsyncClient, args: argparse.Namespace) -> int:
+    job = await client.get(args.id)
+    if not job.succeeded:
+        reason = f": {job.error}" if job.error else ""
+        raise ClientError(f"job {args.id} is {job.status}{reason}; only a succeeded job has "
+                          "files to download")
+    files = await client.download(job, args.out)
     if not files:
-        out.print_json(data=view["result"]["data"])
+        out.print_json(data=job.result.data)
     for path in files:
         out.print(str(path), highlight=False)
     return 0
 
 
-async def run_status(client: httpx.AsyncClient, args: argparse.Namespace) -> int:
-    out.print_json(data=check(await client.get(f"/jobs/{args.id}")).json())
+async def run_status(client: AsyncClient, args: argparse.Namespace) -> int:
+    out.print_json(data=(await client.get(args.id)).raw)
     return 0
 
 
-async def run_cancel(client: httpx.AsyncClient, args: argparse.Namespace) -> int:
-    view = check(await client.delete(f"/jobs/{args.id}")).json()
-    out.print(f"{view['id']} {view['status']}", highlight=False)
+async def run_cancel(client: AsyncClient, args: argparse.Namespace) -> int:
+    """DELETE /jobs/{id}: cancels an unfinished job, deletes a finished one."""
+    job = await client.get(args.id)
+    job = await (client.delete(job) if job.finished else client.cancel(job))
+    out.print(f"{job.id} {job.status}", highlight=False)
     return 0
 
 
-async def run_list(client: httpx.AsyncClient, args: argparse.Namespace) -> int:
-    query = {"limit": args.limit}
-    if args.status:
-        query["status"] = args.status
-    if args.type:
-        query["jobType"] = args.type
-    items = check(await client.get("/jobs", params=query)).json()["items"]
+async def run_list(client: AsyncClient, args: argparse.Namespace) -> int:
+    jobs = await client.jobs(status=args.status, job_type=args.type, limit=args.limit)
     table = Table(box=None)
     # An id is what a reader copies: never cut short, however narrow the terminal or pipe
     # (rich shortens the other columns instead).
@@ -289,10 +201,10 @@ async def run_list(client: httpx.AsyncClient, args: argparse.Namespace) -> int:
     for column in ("type", "status", "progress", "age"):
         table.add_column(column, no_wrap=True)
     now = time.time()
-    for view in items:
-        done, total, unit = (view["progress"][key] for key in ("done", "total", "unit"))
-        created = datetime.fromisoformat(view["createdAt"]).timestamp()
-        table.add_row(view["id"], view["jobType"], view["status"],
+    for job in jobs:
+        done, total, unit = job.progress.done, job.progress.total, job.progress.unit
+        created = job.created_at.timestamp() if job.created_at else now
+        table.add_row(job.id, job.job_type, job.status,
                       f"{done:g}/{total:g} {unit}" if total else "", age(now - created))
     out.print(table)
     return 0
@@ -310,6 +222,11 @@ def age(seconds: float) -> str:
 # The flags of `submit` itself; any other --name after `submit` is a job option.
 SUBMIT_FLAGS = {"--type", "--wait", "--out", "--parallel", "--retry-for", "--help", "--url",
                 "--api-key"}
+# Names a job option cannot have: the library's own arguments of submit().
+NOT_OPTIONS = {"file", "idempotency_key"}
+# Commands that are programs of their own, given the rest of the command line.
+PROGRAMS = {"serve": "run the server (jobqueue serve --help: its flags)",
+            "worker": "run a worker process of the distributed mode (jobqueue worker --help)"}
 
 
 def split_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -325,6 +242,8 @@ def split_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         if not arg.startswith("--") or name in SUBMIT_FLAGS or arg == "--":
             kept.append(arg)
             continue
+        if name[2:] in NOT_OPTIONS:
+            parser().error(f"{name} is not a job option")
         if not equals:
             if not rest:
                 parser().error(f"option {arg} needs a value")
@@ -335,8 +254,9 @@ def split_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(
-        prog="python -m jobqueue.client",
-        description="Submit jobs to a jobqueue server, follow them and download their results.",
+        prog="jobqueue",
+        description="Submit jobs to a jobqueue server, follow them and download their results; "
+                    "or run the server (serve) or a worker (worker).",
         epilog="Any other --name value pair after `submit` is a job option, e.g. --dpi 150 "
                "for pdf2image or --width 1280 for video.")
     main.add_argument("--url", default=os.environ.get("JOBQUEUE_URL", DEFAULT_URL),
@@ -370,6 +290,8 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--status", choices=["queued", "running", *sorted(FINISHED)])
     listing.add_argument("--type", help="only jobs of this kind")
     listing.add_argument("--limit", type=int, default=20)
+    for name, text in PROGRAMS.items():  # listed here; main() hands them their arguments
+        commands.add_parser(name, help=text, add_help=False)
     return main
 
 
@@ -378,24 +300,43 @@ COMMANDS = {"wait": run_wait, "download": run_download, "status": run_status,
 
 
 async def run(args: argparse.Namespace, options: dict[str, str]) -> int:
-    headers = {"X-API-Key": args.api_key} if args.api_key else {}
-    async with httpx.AsyncClient(base_url=args.url, timeout=httpx.Timeout(60),
-                                 headers=headers) as client:
+    # submit --retry-for caps both a single Retry-After and all of a job's retries.
+    retry_for = getattr(args, "retry_for", 600)
+    async with AsyncClient(args.url, api_key=args.api_key, max_retry_seconds=retry_for,
+                           max_retry_wait=retry_for, on_retry=announce) as client:
         try:
             if args.command == "submit":
                 return await run_submit(client, args, options)
             return await COMMANDS[args.command](client, args)
-        except Refused as error:
+        except ClientError as error:
             err.print(f"[red]error:[/] {error}", highlight=False)
-        except httpx.TransportError as error:
-            err.print(f"[red]error:[/] cannot reach {args.url}: {error or type(error).__name__}",
-                      highlight=False)
         return 1
 
 
+def run_program(name: str, argv: list[str]) -> int:
+    """`jobqueue serve` and `jobqueue worker`: loaded only now, so that the client commands
+    never import the server. Their usage lines say `jobqueue serve`, `jobqueue worker`."""
+    program, sys.argv[0] = sys.argv[0], f"jobqueue {name}"
+    try:
+        if name == "serve":
+            from jobqueue import server
+
+            return server.main(argv) or 0
+        from jobqueue import worker
+
+        return worker.main(argv) or 0
+    finally:
+        sys.argv[0] = program
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv, options = split_options(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PROGRAMS:
+        return run_program(argv[0], argv[1:])
+    argv, options = split_options(argv)
     args = parser().parse_args(argv)
+    if args.command in PROGRAMS:  # after client options, which are not theirs
+        parser().error(f"{args.command} comes first: jobqueue {args.command} [its flags]")
     if args.command == "submit" and args.parallel < 1:
         parser().error("--parallel must be at least 1")
     return asyncio.run(run(args, options))

@@ -24,9 +24,10 @@ from jobqueue.client.errors import (
 )
 from jobqueue.client.models import FINISHED, Event, Job, Links, Progress, Result, Retry
 from jobqueue.client.sync import Client
+from jobqueue.client.wire import DEFAULT_URL
 
 __all__ = [
-    "AsyncClient", "Client", "ClientError", "Event", "FINISHED", "Job", "JobCancelled",
-    "JobFailed", "Links", "Progress", "Refused", "Result", "Retry", "RetriesExhausted",
-    "Unreachable",
+    "DEFAULT_URL", "FINISHED", "AsyncClient", "Client", "ClientError", "Event", "Job",
+    "JobCancelled", "JobFailed", "Links", "Progress", "Refused", "Result", "Retry",
+    "RetriesExhausted", "Unreachable",
 ]
