@@ -67,7 +67,7 @@ SETTINGS = {f"JOBQUEUE_{name.upper()}" for name in Settings.model_fields} | {
     variable for name in KINDS for variable in kind_variables(name).values()}
 # Read by the command-line client, not the server.
 CLIENT_VARIABLES = set(re.findall(r'environ\.get\("(JOBQUEUE_\w+)"',
-                                  (PACKAGE / "client.py").read_text()))
+                                  (PACKAGE / "cli.py").read_text()))
 FENCE = re.compile(r"^(\s*)```(.*)$")
 
 
@@ -642,7 +642,8 @@ def client_help(*command: str) -> str:
 
 def check_usage(block: Block) -> None:
     first, *rest = block.text.splitlines()
-    assert first.startswith("python -m jobqueue.client "), f"{block}: {first}"
+    # `jobqueue` (the console script) and `python -m jobqueue.client` are the same command.
+    assert first.startswith(("jobqueue ", "python -m jobqueue.client ")), f"{block}: {first}"
     main = client_help()
     for option in re.findall(r"--[\w-]+", first):
         assert option in main, f"{block}: the client has no {option}"
