@@ -8,20 +8,31 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
-from conftest import DATA, Server, run_server
+from conftest import DATA, ROOT, STARTUP_SECONDS, Server, free_port, run_server
+from jobqueue.local import cluster
 from media import make_clip, png_size, probe_streams
 
+# The `jobqueue` command as its console script runs it (pyproject.toml: jobqueue.cli:main), and
+# `python -m jobqueue.client`, the same command under the name docs and scripts use.
+JOBQUEUE = [sys.executable, "-c", "import sys; from jobqueue.cli import main; sys.exit(main())"]
+MODULE = [sys.executable, "-m", "jobqueue.client"]
 
-def cli(server: Server, *args: object, cwd: Path, timeout: float = 120,
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Run from outside the repository, on this checkout's package (which the venv's editable
+    install may not be: another worktree's)."""
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), **extra}
+
+
+def cli(server: Server, *args: object, cwd: Path, timeout: float = 120, command=JOBQUEUE,
         ) -> subprocess.CompletedProcess:
-    """`python -m jobqueue.client --url <server> ...` from outside the repository, so it only
-    works when make setup has installed the package into the venv."""
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["COLUMNS"] = "60"  # a narrow terminal: the job list must still show whole ids
+    """`jobqueue --url <server> ...`."""
+    env = cli_env(COLUMNS="60")  # a narrow terminal: the job list must still show whole ids
     return subprocess.run(
-        [sys.executable, "-m", "jobqueue.client", "--url", server.url, *map(str, args)],
+        [*command, "--url", server.url, *map(str, args)],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
 
@@ -62,11 +73,10 @@ def test_refused_upload_exits_non_zero_with_the_servers_detail(server, tmp_path)
 
 def test_a_job_that_fails_while_running_exits_non_zero(server, tmp_path):
     clip = make_clip(tmp_path / "long.mp4", 20)
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     client = subprocess.Popen(
-        [sys.executable, "-m", "jobqueue.client", "--url", server.url, "submit", str(clip),
+        [*MODULE, "--url", server.url, "submit", str(clip),
          "--type", "video", "--width", "1280", "--wait"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while not (encoders := server.children("ffmpeg")) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -119,12 +129,11 @@ def test_status_list_cancel_wait_and_download(server, tmp_path):
 
 
 def test_unreachable_server_and_usage_errors(tmp_path):
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env["JOBQUEUE_URL"] = "http://127.0.0.1:9"  # the default comes from JOBQUEUE_URL
-    down = subprocess.run([sys.executable, "-m", "jobqueue.client", "list"], cwd=tmp_path,
+    env = cli_env(JOBQUEUE_URL="http://127.0.0.1:9")  # the default comes from JOBQUEUE_URL
+    down = subprocess.run([*MODULE, "list"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=30)
     assert down.returncode == 1 and "cannot reach http://127.0.0.1:9" in down.stderr
-    usage = subprocess.run([sys.executable, "-m", "jobqueue.client", "submit", "x.pdf"],
+    usage = subprocess.run([*JOBQUEUE, "submit", "x.pdf"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
     assert usage.returncode == 2 and "--type" in usage.stderr
 
@@ -132,8 +141,9 @@ def test_unreachable_server_and_usage_errors(tmp_path):
 def test_api_key_from_the_environment(tmp_path):
     (tmp_path / "keyed").mkdir()
     with run_server(tmp_path / "keyed", api_keys="cli-key") as server:
-        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-        command = [sys.executable, "-m", "jobqueue.client", "--url", server.url, "list"]
+        env = cli_env()
+        env.pop("JOBQUEUE_API_KEY", None)
+        command = [*JOBQUEUE, "--url", server.url, "list"]
         refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True,
                                  text=True, timeout=30)
         assert refused.returncode == 1 and "401" in refused.stderr
@@ -141,3 +151,44 @@ def test_api_key_from_the_environment(tmp_path):
         allowed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True,
                                  text=True, timeout=30)
         assert allowed.returncode == 0, allowed.stderr
+
+
+def test_one_command_serves_runs_a_worker_and_is_the_client(tmp_path):
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["jobqueue"] == "jobqueue.cli:main"
+    assert scripts["jobqueue-worker"] == "jobqueue.worker:main"
+    helped = subprocess.run([*JOBQUEUE, "--help"], cwd=tmp_path, env=cli_env(),
+                            capture_output=True, text=True, timeout=30)
+    assert helped.returncode == 0
+    assert "{submit,status,cancel,wait,download,list,serve,worker}" in helped.stdout
+    for program, flag in (("serve", "--with-workers"), ("worker", "--kinds")):
+        usage = subprocess.run([*JOBQUEUE, program, "--help"], cwd=tmp_path, env=cli_env(),
+                               capture_output=True, text=True, timeout=30)
+        assert usage.returncode == 0, usage.stderr
+        assert f"usage: jobqueue {program}" in usage.stdout and flag in usage.stdout
+
+    # The client commands load nothing of the server.
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys; from jobqueue import cli\n"
+         "try: cli.main(['--url', 'http://127.0.0.1:9', 'submit', 'missing.pdf', '--type', 'x'])\n"
+         "finally: print(sorted(m for m in sys.modules if m.split('.')[0] in "
+         "('fastapi', 'starlette', 'uvicorn') or m in ('jobqueue.server', 'jobqueue.api')))"],
+        cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=30)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+    assert "no such file: missing.pdf" in loaded.stderr
+
+    # `jobqueue serve` is the server.
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*JOBQUEUE, "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path,
+            env=cli_env(JOBQUEUE_OUT_DIR=str(tmp_path / "out"), JOBQUEUE_SHUTDOWN_GRACE="0"),
+            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        cluster.wait_ready(f"http://127.0.0.1:{port}", process, log_path, STARTUP_SECONDS)
+        listed = cli(Server(f"http://127.0.0.1:{port}", process, tmp_path / "out", log_path),
+                     "list", cwd=tmp_path)
+        assert listed.returncode == 0, listed.stderr
+    finally:
+        cluster.stop([process], 15, signal.SIGINT)

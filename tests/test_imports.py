@@ -74,3 +74,17 @@ def test_no_module_of_the_package_imports_one_that_imports_it_back():
                 path.append(step)
                 stack.append((step, iter(sorted(graph[step]))))
     assert not cycles, cycles
+
+
+def test_the_built_in_kinds_use_only_the_public_api():
+    """A kind imports `from jobqueue import ...` and nothing deeper (pdf2image also its own
+    render child, pdfrender.py beside it), as a user's kind in a package of its own does."""
+    for name in ("message", "pdf2image", "video"):
+        tree = ast.parse((SRC / "jobqueue" / "kinds" / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jobqueue"):
+                own = node.module == "jobqueue.kinds" and \
+                    [alias.name for alias in node.names] == ["pdfrender"]
+                assert node.module == "jobqueue" or own, f"{name}.py imports {node.module}"
+            elif isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("jobqueue") for alias in node.names)

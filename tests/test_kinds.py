@@ -7,15 +7,17 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT, TEST_KINDS, run_server
+from deployments import deploy
 from jobqueue.errors import CannotStart
 from jobqueue.kinds import DEFAULT_KINDS, load_kinds
-from jobqueue.settings import Settings, unknown_variables
+from jobqueue.settings import Settings, kind_variables, unknown_variables
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +103,20 @@ def test_two_kinds_of_one_name_are_refused(monkeypatch):
     with pytest.raises(CannotStart, match="two kinds are named 'echo'"):
         load_kinds("echo:KIND,echo:OTHER")
     assert list(load_kinds("echo:KIND,echo:SECOND")) == ["echo"]  # the same kind twice
+
+
+def test_the_readme_table_lists_every_setting_once():
+    rows = re.findall(r"^\| `(JOBQUEUE_[A-Z0-9_<>]+)`", (ROOT / "README.md").read_text(), re.M)
+    assert len(rows) == len(set(rows))
+    expected = {f"JOBQUEUE_{name.upper()}" for name in Settings.model_fields}
+    expected |= set(kind_variables("<NAME>").values())
+    assert set(rows) == expected
+
+
+def test_a_distributed_worker_runs_a_kind_from_an_import_path(tmp_path, postgres):
+    with deploy("postgres", tmp_path, postgres, workers=1,
+                kinds="echo:KIND,message") as cluster, cluster.client() as client:
+        answer = client.post("/put", json={"jobType": "echo", "text": "far"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["data"]["result"]["data"] == {"echo": "far"}
+        assert list(client.get("/").json()["jobTypes"]) == ["echo", "message"]

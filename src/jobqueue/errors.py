@@ -76,11 +76,13 @@ class Busy(Exception):
 
 class JobFailed(Exception):
     """A job waited for (`/put`) did not succeed: answered by the category of error its record
-    keeps (`error_kind`, one of HTTP_STATUS's), with the record's message."""
+    keeps (`error_kind`, one of HTTP_STATUS's), with the record's message, and with a
+    Location naming the job (`job_id`) so that a client can tell it from a refused request."""
 
-    def __init__(self, error_kind: str, message: str):
+    def __init__(self, error_kind: str, message: str, job_id: str | None = None):
         super().__init__(message)
         self.error_kind = error_kind
+        self.job_id = job_id
 
 
 class DiskFull(Exception):

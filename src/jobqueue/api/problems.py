@@ -1,7 +1,7 @@
 """The one place errors become HTTP answers: each of errors.ANSWERED by its category's row in
 errors.HTTP_STATUS, as `{"detail": <its message>}`, with the headers it calls for (Retry-After,
-WWW-Authenticate, Connection: close); a request FastAPI could not validate as its 422; anything
-else as 500 (507 for a full disk), its traceback in the log.
+WWW-Authenticate, Connection: close, a failed /put job's Location); a request FastAPI could
+not validate as its 422; anything else as 500 (507 for a full disk), its traceback in the log.
 
 The code below the routes raises errors.py's errors and knows nothing of HTTP; `install` puts
 these handlers on the app.
@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from jobqueue import errors
 from jobqueue.api.access import HEADER
+from jobqueue.api.routes import links
 from jobqueue.api.shutdown import shutting_down
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ async def answer_error(request: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = str(answered.retry_after)
     if isinstance(exc, errors.NotAuthenticated):
         headers["WWW-Authenticate"] = HEADER
+    if isinstance(exc, errors.JobFailed) and exc.job_id:  # the job ran: this is its end
+        headers["Location"] = links.link(request, f"/jobs/{exc.job_id}")
     if getattr(exc, "body_unread", False):  # refused before the body was all read (submission.py)
         headers.update(CLOSE)
     return JSONResponse({"detail": str(answered)}, status_code=status, headers=headers or None)

@@ -173,7 +173,8 @@ def raise_for_failure(record: JobRecord) -> None:
     if record.status == JobStatus.CANCELLED.value:
         raise Conflict(f"Job {record.id} was cancelled before it finished.")
     if record.status == JobStatus.FAILED.value:
-        raise JobFailed(record.error_kind or "internal", record.error or f"Job {record.id} failed.")
+        raise JobFailed(record.error_kind or "internal", record.error or f"Job {record.id} failed.",
+                        record.id)
 
 
 def job_result(request: Request, record: JobRecord) -> JobResult:

@@ -1,0 +1,486 @@
+"""The client library (jobqueue.client) against real servers, each test through Client and
+through AsyncClient; and its retry rules against a mock transport."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import DATA, ROOT, Server, eventually, run_server
+from jobqueue.client import (
+    AsyncClient,
+    Client,
+    ClientError,
+    Event,
+    Job,
+    JobCancelled,
+    JobFailed,
+    Refused,
+    Result,
+    RetriesExhausted,
+    Retry,
+    Unreachable,
+)
+from media import make_clip, png_size
+
+# ---- both clients, one test body -----------------------------------------------------------
+
+
+class SyncAPI:
+    """Client as it is; events() gathered into a list."""
+
+    def __init__(self, url: str, **options):
+        self.client = Client(url, **options)
+
+    def __getattr__(self, name: str):
+        return getattr(self.client, name)
+
+    def events(self, job) -> list[Event]:
+        return list(self.client.events(job))
+
+    def first_events(self, job, until) -> list[Event]:
+        """Events until one that `until` accepts; the stream is then closed."""
+        seen, stream = [], self.client.events(job)
+        for event in stream:
+            seen.append(event)
+            if until(event):
+                break
+        stream.close()
+        return seen
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class AsyncAPI:
+    """AsyncClient's coroutines, each run to its end on a loop of the test's own."""
+
+    def __init__(self, url: str, **options):
+        self.loop = asyncio.new_event_loop()
+        self.client = AsyncClient(url, **options)
+
+    def __getattr__(self, name: str):
+        method = getattr(self.client, name)
+        return lambda *args, **kwargs: self.loop.run_until_complete(method(*args, **kwargs))
+
+    def events(self, job) -> list[Event]:
+        async def gather() -> list[Event]:
+            return [event async for event in self.client.events(job)]
+        return self.loop.run_until_complete(gather())
+
+    def first_events(self, job, until) -> list[Event]:
+        async def gather() -> list[Event]:
+            seen = []
+            stream = self.client.events(job)
+            async for event in stream:
+                seen.append(event)
+                if until(event):
+                    break
+            await stream.aclose()
+            return seen
+        return self.loop.run_until_complete(gather())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.client.aclose())
+        self.loop.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def connect(request):
+    """connect(server, **options): a Client or an AsyncClient (through AsyncAPI) on it."""
+    made = []
+
+    def make(server: Server | str, **options):
+        url = server if isinstance(server, str) else server.url
+        api = (SyncAPI if request.param == "sync" else AsyncAPI)(url, **options)
+        made.append(api)
+        return api
+
+    yield make
+    for api in made:
+        api.close()
+
+
+@pytest.fixture
+def api(server, connect):
+    return connect(server)
+
+
+# ---- the calls -------------------------------------------------------------------------------
+
+def test_put_returns_the_result(api):
+    result = api.put("message", data="hello library", seconds=0)
+    assert isinstance(result, Result)
+    assert result.data == {"message": "hello library", "length": 13, "seconds": 0}
+    assert result.files == [] and result.worker_name.startswith("message-worker")
+    assert result.total_elapsed_ms >= result.process_elapsed_ms >= 0
+    assert api.get(result.job_id).status == "succeeded"  # /put jobs show up in /jobs too
+
+
+def test_submit_then_wait(api):
+    job = api.submit("message", data="later", seconds=0.2)
+    assert isinstance(job, Job) and job.status == "queued" and job.job_type == "message"
+    assert job.links.url == f"/jobs/{job.id}" and job.links.events == f"/jobs/{job.id}/events"
+    done = api.wait(job)
+    assert done.id == job.id and done.succeeded and done.finished
+    assert done.result.data == {"message": "later", "length": 5, "seconds": 0.2}
+    assert done.progress.fraction == 1 and done.finished_at >= done.started_at
+    assert api.get(job.id) == done
+    assert job.id in [listed.id for listed in api.jobs(job_type="message", limit=100)]
+
+
+def test_events_yield_progress_then_the_end(api):
+    job = api.submit("message", seconds=1.5)
+    events = api.events(job.id)
+    assert all(isinstance(event, Event) for event in events)
+    *before, last = events
+    assert last.finished and last.status == "succeeded" and last.job.result.data["seconds"] == 1.5
+    assert before and not any(event.finished for event in before)
+    assert any(event.status == "running" and event.progress.total == 1.5
+               and event.progress.unit == "seconds" for event in before)
+    done = [event.progress.done for event in events]
+    assert done == sorted(done)
+
+
+def test_download_writes_the_files(api, tmp_path):
+    job = api.wait(api.submit("pdf2image", dpi=20))
+    saved = api.download(job, tmp_path / "pages")
+    assert [path.name for path in saved] == [f"page-00{n}.png" for n in range(1, 5)]
+    assert sorted(path.name for path in (tmp_path / "pages").iterdir()) == [
+        path.name for path in saved]  # and no .part files
+    width, height = png_size(saved[0].read_bytes())
+    assert 160 < width < 170 and 230 < height < 240  # A4 at 20 dpi
+    # An upload through /put, downloaded from its Result; by id; a job without files.
+    result = api.put("pdf2image", DATA / "sample.pdf", dpi=20)
+    assert len(api.download(result, tmp_path / "put")) == 4
+    assert len(api.download(result.job_id, tmp_path / "by-id")) == 4
+    assert api.download(api.put("message", seconds=0).job_id, tmp_path / "none") == []
+    assert not (tmp_path / "none").exists()
+
+
+def test_download_of_an_unfinished_job_says_so(api, tmp_path):
+    job = api.submit("message", seconds=30)
+    try:
+        with pytest.raises(ClientError, match="only a succeeded job has files"):
+            api.download(job.id, tmp_path)
+    finally:
+        api.cancel(job)
+
+
+def running(event: Event) -> bool:
+    return event.status == "running"
+
+
+def test_cancel_a_running_message_job(api):
+    job = api.submit("message", seconds=60)
+    assert running(api.first_events(job, running)[-1])
+    cancelled = api.cancel(job)
+    assert cancelled.id == job.id and cancelled.status == "cancelled"
+    with pytest.raises(JobCancelled) as ended:
+        api.wait(job)
+    assert isinstance(ended.value, JobFailed) and ended.value.job.status == "cancelled"
+    # Cancelling a finished job leaves it be: it is not deleted.
+    assert api.cancel(job).status == "cancelled"
+    assert api.get(job).status == "cancelled"
+
+
+def test_delete(api):
+    finished = api.wait(api.submit("message", seconds=0))
+    assert api.delete(finished).status == "succeeded"
+    with pytest.raises(Refused) as missing:
+        api.get(finished)
+    assert missing.value.status == 404 and "There is no job" in missing.value.detail
+    # A running job is cancelled, then deleted.
+    job = api.submit("message", seconds=60)
+    api.first_events(job, running)
+    assert api.delete(job).status == "cancelled"
+    with pytest.raises(Refused, match="404"):
+        api.get(job)
+    with pytest.raises(Refused, match="404"):
+        api.delete(job)
+
+
+@pytest.fixture(scope="module")
+def codec_lie(tmp_path_factory) -> Path:
+    """A video whose container says HEVC over H.264 frames: ffprobe takes it, so it is
+    accepted, and ffmpeg then fails on it (tests/corpus/make_corpus.py's codec-lie.mp4)."""
+    folder = tmp_path_factory.mktemp("codec-lie")
+    clip = make_clip(folder / "h264.mp4", 1)
+    lie = folder / "codec-lie.mp4"
+    lie.write_bytes(clip.read_bytes().replace(b"avc1", b"hvc1").replace(b"avcC", b"hvcC"))
+    return lie
+
+
+def test_a_failed_job_raises_job_failed_with_its_error(api, codec_lie):
+    with pytest.raises(JobFailed) as put:
+        api.put("video", codec_lie, width=320)
+    job = put.value.job
+    assert type(put.value) is JobFailed and job.status == "failed" and "ffmpeg" in job.error
+    assert job.error in str(put.value) and api.get(job.id).status == "failed"
+
+    submitted = api.submit("video", codec_lie, width=320)
+    with pytest.raises(JobFailed) as waited:
+        api.wait(submitted)
+    assert waited.value.job.id == submitted.id and "ffmpeg" in waited.value.job.error
+    with pytest.raises(JobFailed):
+        api.download(submitted, "unused")
+
+
+def test_refusals_carry_the_status_and_the_servers_detail(api, tmp_path):
+    notes = tmp_path / "notes.pdf"
+    notes.write_text("not a PDF at all")
+    with pytest.raises(Refused) as refused:
+        api.submit("pdf2image", notes)
+    assert refused.value.status == 415 and "not a PDF" in refused.value.detail
+    assert str(refused.value).startswith("415: ")
+    with pytest.raises(Refused) as invalid:  # a validation error's detail is a list
+        api.put("video", width=641)
+    assert invalid.value.status == 422 and isinstance(invalid.value.detail, list)
+    assert invalid.value.message.startswith("width: ") and "even number" in invalid.value.message
+    with pytest.raises(Refused) as unknown:
+        api.submit("no-such-kind")
+    assert unknown.value.status == 422 and "valid job types" in unknown.value.message
+
+
+def test_a_wrong_api_key_is_refused_with_401(tmp_path, connect):
+    with run_server(tmp_path, api_keys="library-key") as keyed:
+        for key in ("wrong-key", None):
+            with pytest.raises(Refused) as refused:
+                connect(keyed, api_key=key).submit("message", seconds=0)
+            assert refused.value.status == 401 and not isinstance(refused.value,
+                                                                   RetriesExhausted)
+        client = connect(keyed, api_key="library-key")
+        assert client.wait(client.submit("message", seconds=0)).succeeded
+
+
+def test_an_unreachable_server(connect):
+    client = connect("http://127.0.0.1:9", network_retries=1)
+    with pytest.raises(Unreachable, match="cannot reach http://127.0.0.1:9"):
+        client.get("some-job")
+
+
+# ---- Idempotency-Key -------------------------------------------------------------------------
+
+class LoseFirstAnswer(httpx.HTTPTransport):
+    """Sends each request; the first POST /jobs's answer never reaches the client (as if the
+    connection broke just after the server took the job)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: list[str] = []
+        self.lost: list[dict] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        return self.deliver(request, response, response.read())
+
+    def deliver(self, request, response, body):
+        if request.method == "POST" and request.url.path == "/jobs":
+            self.keys.append(request.headers["Idempotency-Key"])
+            if not self.lost:
+                self.lost.append(json.loads(body))
+                raise httpx.ReadError("connection reset by peer", request=request)
+        return response
+
+
+class AsyncLoseFirstAnswer(httpx.AsyncHTTPTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: list[str] = []
+        self.lost: list[dict] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        return LoseFirstAnswer.deliver(self, request, response, await response.aread())
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_retried_submit_makes_one_job(server, client, tmp_path, flavour):
+    retries: list[Retry] = []
+    transport = LoseFirstAnswer() if flavour == "sync" else AsyncLoseFirstAnswer()
+    api = (SyncAPI if flavour == "sync" else AsyncAPI)(server.url, transport=transport,
+                                                       on_retry=retries.append)
+    try:
+        before = {job["id"] for job in client.get("/jobs?limit=50").json()["items"]}
+        upload = tmp_path / "scan.pdf"
+        upload.write_bytes((DATA / "sample.pdf").read_bytes())
+        job = api.submit("pdf2image", upload, dpi=20)  # a file: sent again on the retry
+        after = {job["id"] for job in client.get("/jobs?limit=50").json()["items"]}
+        assert after - before == {job.id}, "the retry made a second job"
+        assert transport.lost[0]["id"] == job.id
+        assert len(transport.keys) == 2 and transport.keys[0] == transport.keys[1]
+        assert [(retry.status, retry.idempotency_key) for retry in retries] == [
+            (None, transport.keys[0])]
+        assert api.wait(job).succeeded
+        # A key the caller gives is used as it is: the same key, the same job.
+        again = api.submit("pdf2image", upload, dpi=20, idempotency_key=transport.keys[0])
+        assert again.id == job.id
+    finally:
+        api.close()
+
+
+# ---- a busy server: 503 and Retry-After ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def busy(tmp_path_factory) -> Iterator[Server]:
+    """One message worker and room for one job in the queue."""
+    with run_server(tmp_path_factory.mktemp("busy"), message_workers=1,
+                    message_queue_size=1) as server:
+        yield server
+
+
+@pytest.fixture
+def full_queue(busy) -> Iterator[tuple[str, str]]:
+    """A long job running and another waiting: the message queue is full. Every job is
+    cancelled afterwards."""
+    with busy.client() as http:
+        first = http.post("/jobs", json={"seconds": 120}).json()["id"]
+        eventually(lambda: http.get(f"/jobs/{first}").json()["status"] == "running")
+        second = http.post("/jobs", json={"seconds": 120}).json()["id"]
+        assert http.post("/jobs", json={}).status_code == 503
+        yield first, second
+        for job in http.get("/jobs?limit=100").json()["items"]:
+            if job["status"] in ("queued", "running"):
+                http.delete(f"/jobs/{job['id']}")
+
+
+def test_a_503_is_retried_after_its_retry_after_until_the_job_gets_in(busy, full_queue,
+                                                                       connect):
+    retries: list[Retry] = []
+
+    def free_a_slot(retry: Retry) -> None:  # told before the wait: the queue then has room
+        retries.append(retry)
+        if len(retries) == 1:
+            assert httpx.delete(f"{busy.url}/jobs/{full_queue[1]}").status_code == 200
+
+    client = connect(busy, on_retry=free_a_slot)
+    job = client.submit("message", seconds=0)
+    assert job.status == "queued"
+    assert len(retries) == 1
+    retry = retries[0]
+    assert retry.status == 503 and "queue is full" in retry.detail
+    assert retry.retry_after >= 1 and retry.wait == retry.retry_after  # as the server said
+    assert retry.attempt == 1 and retry.method == "POST" and retry.url.endswith("/jobs")
+    assert retry.idempotency_key  # the same key for the attempt after it
+    assert client.get(job).status in ("queued", "running", "succeeded")
+
+
+def test_past_the_caps_the_503_is_raised(busy, full_queue, connect):
+    retries: list[Retry] = []
+    # A Retry-After (at least 1 s) longer than one wait may be; no time left at all.
+    for options in ({"max_retry_wait": 0.5}, {"max_retry_seconds": 0}):
+        with pytest.raises(RetriesExhausted) as exhausted:
+            connect(busy, on_retry=retries.append, **options).submit("message")
+        assert exhausted.value.status == 503 and exhausted.value.attempts == 1
+        assert "queue is full" in exhausted.value.detail and isinstance(exhausted.value, Refused)
+    assert retries == []
+    # Some retries, then no time left for the next wait.
+    with pytest.raises(RetriesExhausted) as exhausted:
+        connect(busy, on_retry=retries.append, max_retry_seconds=2.5).put("message")
+    assert exhausted.value.attempts == len(retries) + 1
+    assert all(retry.status == 503 for retry in retries)
+
+
+def test_wait_asks_for_the_job_when_no_event_stream_is_free(tmp_path, connect):
+    with run_server(tmp_path, max_streams=1, message_workers=2) as server:
+        client = connect(server)
+        long = client.submit("message", seconds=60)
+        with httpx.stream("GET", f"{server.url}/jobs/{long.id}/events") as held:
+            assert held.status_code == 200  # the one stream there is
+            job = client.submit("message", seconds=0.5)
+            assert httpx.get(f"{server.url}/jobs/{job.id}/events").status_code == 503
+            assert client.wait(job).succeeded
+        client.cancel(long)
+
+
+# ---- asyncio: many jobs at once --------------------------------------------------------------
+
+def test_async_client_follows_many_jobs_at_once(server):
+    async def main() -> list[Job]:
+        async with AsyncClient(server.url) as client:
+            jobs = await asyncio.gather(*(client.submit("message", data=str(n), seconds=0.3)
+                                          for n in range(4)))
+            return await asyncio.gather(*(client.wait(job) for job in jobs))
+
+    done = asyncio.run(main())
+    assert [job.result.data["message"] for job in done] == ["0", "1", "2", "3"]
+
+
+# ---- the retry rules, on a mock transport ----------------------------------------------------
+
+def answers(*responses: httpx.Response):
+    """A mock transport answering these in turn; the requests it got are in .requests."""
+    sent: list[httpx.Request] = []
+    queue = list(responses)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        answer = queue.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    transport = httpx.MockTransport(handle)
+    transport.requests = sent
+    return transport
+
+
+ACCEPTED = {"id": "j1", "jobType": "message", "status": "queued",
+            "links": {"self": "/jobs/j1", "events": "/jobs/j1/events",
+                      "result": "/jobs/j1/result", "cancel": "/jobs/j1"}}
+
+
+def test_429_and_503_are_retried_with_the_same_key_and_retry_after_honoured():
+    retries: list[Retry] = []
+    transport = answers(
+        httpx.Response(429, json={"detail": "Rate limit exceeded"}, headers={"Retry-After": "0"}),
+        httpx.Response(503, json={"detail": "The message queue is full"},
+                       headers={"Retry-After": "Thu, 01 Jan 1970 00:00:00 GMT"}),  # passed
+        httpx.Response(503, json={"detail": "busy"}),  # no Retry-After: 1 s
+        httpx.Response(202, json=ACCEPTED))
+    with Client("http://jobs.test", transport=transport, on_retry=retries.append) as client:
+        job = client.submit("message", seconds=1)
+    assert job.id == "j1" and job.links.url == "/jobs/j1"
+    assert [(r.status, r.retry_after, r.wait) for r in retries] == [
+        (429, 0, 0), (503, 0, 0), (503, None, 1)]
+    keys = {request.headers["Idempotency-Key"] for request in transport.requests}
+    assert len(transport.requests) == 4 and len(keys) == 1
+    assert json.loads(transport.requests[0].content) == {"seconds": 1, "jobType": "message"}
+
+
+def test_a_put_is_not_sent_again_once_it_may_have_reached_the_server():
+    transport = answers(httpx.ConnectError("refused"),  # never got there: sent again
+                        httpx.ReadError("reset"))  # may have run: not sent again
+    client = Client("http://jobs.test", transport=transport, on_retry=lambda retry: None)
+    with pytest.raises(Unreachable, match="reset"):
+        client.put("message")
+    assert len(transport.requests) == 2
+    # A GET is sent again after any network error, up to network_retries times in a row.
+    transport = answers(httpx.ReadError("reset"), httpx.ReadError("reset"),
+                        httpx.Response(200, json={"items": []}))
+    client = Client("http://jobs.test", transport=transport, network_retries=2,
+                    on_retry=lambda retry: None)
+    assert client.jobs() == []
+
+
+def test_the_library_imports_nothing_of_the_server():
+    code = ("import sys, httpx, httpx_sse\n"
+            "before = set(sys.modules)\n"
+            "import jobqueue.client\n"
+            "print(sorted(name for name in set(sys.modules) - before\n"
+            "             if name.split('.')[0] in ('fastapi', 'starlette', 'pydantic', 'rich',\n"
+            "                                       'uvicorn')\n"
+            "             or name.startswith('jobqueue.') and not\n"
+            "             name.startswith('jobqueue.client')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
