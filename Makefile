@@ -76,12 +76,13 @@ $(VENV)/.installed: $(PY) requirements.txt pyproject.toml
 	touch $@
 
 # Each example is a package of its own, installed editable: its entry point of group
-# jobqueue.kinds is how JOBQUEUE_KINDS=ocr finds it. scikit-learn (for digits) is pinned in
-# requirements-dev.txt; serving the built-in kinds needs neither.
+# jobqueue.kinds is how JOBQUEUE_KINDS=ocr finds it. scikit-learn (for digits) and the
+# setuptools that builds them (in the venv: no build backend fetched per package) are pinned in
+# requirements-dev.txt; serving the built-in kinds needs none of them.
 $(VENV)/.examples-installed: $(VENV)/.installed requirements-dev.txt \
 		examples/ocr/pyproject.toml examples/digits/pyproject.toml
-	$(PY) -m pip install -q $$(grep '^scikit-learn' requirements-dev.txt)
-	$(PY) -m pip install -q --no-deps -e examples/ocr -e examples/digits
+	$(PY) -m pip install -q $$(grep -E '^(scikit-learn|setuptools)==' requirements-dev.txt)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e examples/ocr -e examples/digits
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt requirements-bench.txt
