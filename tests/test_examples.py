@@ -5,6 +5,7 @@ trained at setup, predicting batches of jobs)."""
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import io
 import os
@@ -34,6 +35,19 @@ def test_the_examples_are_the_installed_packages_of_this_checkout():
     for module, folder in ((jobqueue_ocr, "ocr"), (jobqueue_digits, "digits")):
         assert Path(module.__file__).resolve().is_relative_to(ROOT / "examples" / folder), \
             f"{module.__name__} is imported from {module.__file__}, not from this checkout"
+
+
+def test_the_examples_import_only_the_public_api():
+    """`from jobqueue import ...` and nothing deeper, as a user's kind in a package of its own."""
+    for package in ("ocr/jobqueue_ocr", "digits/jobqueue_digits"):
+        for path in (ROOT / "examples" / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    assert not (node.module or "").startswith("jobqueue."), \
+                        f"{path} imports {node.module}"
+                elif isinstance(node, ast.Import):
+                    assert not any(alias.name.startswith("jobqueue.") for alias in node.names), \
+                        path
 
 
 # --- ocr -------------------------------------------------------------------------------------
