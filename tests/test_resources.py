@@ -7,15 +7,33 @@ for states, never for a time."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
+from pydantic import BaseModel
 
-from conftest import eventually, wait_finished
+from conftest import Server, eventually, free_port, wait_finished
 from deployments import ENGINES, Deployment, deploy
+from jobqueue.engines.postgres import schema
+from jobqueue.engines.postgres.engine import cluster_status, worker_status
+from jobqueue.engines.postgres.runner import schema_sql
+from jobqueue.errors import SetupFailed
+from jobqueue.jobs import JobKind, Output
+from jobqueue.local import cluster
+from jobqueue.resources import (
+    SETUP_FIRST_RETRY_SECONDS,
+    SETUP_MAX_RETRY_SECONDS,
+    Resource,
+    State,
+    Status,
+)
 
 COUNTED, SLOW, FLAKY = "resourceful:COUNTED", "resourceful:SLOW", "resourceful:FLAKY"
 
@@ -102,6 +120,22 @@ def test_each_worker_process_sets_up_its_own_and_an_api_replica_none(postgres, t
         assert files(deployment).joinpath(f"teardown-{pid}").exists()
 
 
+def test_a_replica_started_with_workers_sets_up_its_kinds_and_one_without_none(postgres,
+                                                                             tmp_path):
+    with deploy("postgres", tmp_path, postgres, workers=0, kinds=COUNTED) as deployment:
+        port = free_port()
+        url, log_path = f"http://127.0.0.1:{port}", tmp_path / "with-workers.log"
+        process = cluster.start_replica(deployment.env, port, log_path, with_workers=True)
+        deployment.replicas.append(Server(url, process, deployment.out_dir, log_path))
+        cluster.wait_ready(url, process, log_path)
+        with deployment.client(0) as client:  # the replica without workers
+            eventually(lambda: state_is(client, "counted", "ready"))
+            answer = succeeded(client, submit(client, "counted"))
+    assert answer["pid"] == process.pid and answer["setups"] == 1
+    assert files(deployment).joinpath("setups").read_text().split() == [str(process.pid)]
+    assert files(deployment).joinpath(f"teardown-{process.pid}").read_text() == "1"
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_jobs_wait_while_their_kind_loads_and_run_once_it_is_ready(request, engine, tmp_path):
     with serving(request, engine, tmp_path, f"message,{SLOW}", slow_timeout=1) as deployment:
@@ -164,3 +198,139 @@ def test_a_failed_setup_refuses_its_kind_and_is_tried_again(request, engine, tmp
             assert client.get("/health").json()["status"] == "ok"
             assert succeeded(client, waiting)["resource"] == "fixed"
             assert succeeded(client, submit(client, "flaky"))["resource"] == "fixed"
+
+
+# ---- in this process: the back-off, teardown, the distributed states -------------------------
+
+class NoOptions(BaseModel):
+    pass
+
+
+def kind_with(setup=None, teardown=None) -> JobKind:
+    return JobKind("k", "a kind with a setup", NoOptions, lambda job: Output(data={}),
+                   setup=setup, teardown=teardown)
+
+
+class Waits:
+    """Stands in for a Resource's shutdown event: notes each wait between tries, never waits;
+    with `tries`, the shutdown comes after that many."""
+
+    def __init__(self, tries: int | None = None) -> None:
+        self.waits: list[float] = []
+        self.closed = False
+        self.tries = tries
+
+    def is_set(self) -> bool:
+        return self.closed
+
+    def set(self) -> None:
+        self.closed = True
+
+    def wait(self, seconds: float | None = None) -> bool:
+        self.waits.append(seconds)
+        return self.closed or len(self.waits) == self.tries
+
+
+def test_a_failing_setup_is_tried_again_after_1_s_doubling_to_60_s():
+    seen: list[Status] = []
+
+    def setup(settings) -> str:
+        seen.append(resource.status())
+        if len(seen) < 10:
+            raise RuntimeError(f"try {len(seen)}")
+        return "up"
+
+    changes: list[State] = []
+    resource = Resource(kind_with(setup), None, lambda: changes.append(resource.status().state))
+    resource._closed = Waits()
+    assert resource.status() == Status(State.LOADING)
+    resource._load()  # on this thread: the same loop the setup thread runs
+    assert resource._closed.waits == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert (SETUP_FIRST_RETRY_SECONDS, SETUP_MAX_RETRY_SECONDS) == (1, 60)
+    # Failed (with the last try's error) from the first failure until a try succeeds.
+    assert seen[0].state is State.LOADING
+    assert [status.error for status in seen[1:]] == [f"RuntimeError: try {n}"
+                                                     for n in range(1, 10)]
+    assert {status.state for status in seen[1:]} == {State.FAILED}
+    assert changes == [State.FAILED] * 9 + [State.READY]
+    assert resource.ready and resource.value == "up" and resource.status().error is None
+
+
+def test_a_failed_kind_refuses_with_the_time_to_its_next_try():
+    resource = Resource(kind_with(lambda settings: 1 / 0), None)
+    resource._closed = Waits(tries=1)
+    resource._load()
+    with pytest.raises(SetupFailed) as refused:
+        resource.check()
+    assert refused.value.kind == "k" and refused.value.error == "ZeroDivisionError: " \
+        "division by zero"
+    assert str(refused.value).startswith("k jobs cannot run now: the kind's setup failed "
+                                         "(ZeroDivisionError: division by zero)")
+    assert refused.value.retry_after == 1  # the first retry is 1 s away at most
+    assert Resource(kind_with(), None).status() == Status(State.READY)  # no setup: ready
+
+
+def test_a_teardown_that_raises_is_logged_and_the_shutdown_goes_on(caplog):
+    def teardown(resource) -> None:
+        raise RuntimeError(f"could not free {resource}")
+
+    resource = Resource(kind_with(lambda settings: "the model", teardown), None)
+    resource._load()
+    resource.teardown()
+    resource.teardown()  # once only
+    assert caplog.text.count("k: teardown failed") == 1
+    assert "could not free the model" in caplog.text
+
+
+def test_a_setup_still_running_at_shutdown_is_not_waited_for_and_tears_down_itself():
+    release, torn_down = threading.Event(), threading.Event()
+    torn: list[str] = []
+
+    def setup(settings) -> str:
+        release.wait(30)
+        return "late"
+
+    def teardown(resource) -> None:
+        torn.append(resource)
+        torn_down.set()
+
+    resource = Resource(kind_with(setup, teardown), None)
+    resource.start()
+    resource.teardown()  # returns at once: nothing is ready to tear down yet
+    assert not resource.wait_ready()  # a worker slot waiting for it stops waiting
+    assert torn == []
+    release.set()
+    assert torn_down.wait(30)
+    assert torn == ["late"] and not resource.ready
+
+
+def test_a_replica_reads_a_kind_ready_if_any_worker_has_it():
+    ready, loading = Status(State.READY), Status(State.LOADING)
+    failed = [Status(State.FAILED, "OSError: a", 3.0), Status(State.FAILED, "OSError: b", 1.5)]
+    assert cluster_status([]) == ready  # nobody serves it: nothing is wrong with a resource
+    assert cluster_status([failed[0], loading, ready]) == ready
+    assert cluster_status([failed[0], loading]) == loading
+    assert cluster_status(failed) == Status(State.FAILED, "OSError: a", 1.5)
+    # As the heartbeats tell it: none (a worker of before states), a retry counted from now.
+    assert worker_status(None) == worker_status({}) == ready
+    assert worker_status({"state": "later"}) == ready
+    assert worker_status({"state": "failed", "error": "E: x", "retryIn": 5}, age=2) == \
+        Status(State.FAILED, "E: x", 3)
+
+
+def test_a_database_made_before_states_gets_them_and_its_workers_count_as_ready(postgres):
+    url = postgres.new_database()
+
+    async def scenario() -> Any:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await schema.ensure(conn, schema_sql())
+            await conn.execute("ALTER TABLE jobqueue_workers DROP COLUMN states")  # as before
+            await conn.execute("INSERT INTO jobqueue_workers (name, kinds, heartbeat) VALUES "
+                               "('old-1', '{\"message\": 1}', extract(epoch FROM now()))")
+            await schema.ensure(conn, schema_sql())  # a replica or worker of now starts
+            cursor = await conn.execute("SELECT kinds, states FROM jobqueue_workers")
+            return await cursor.fetchall()
+
+    ((kinds, states),) = asyncio.run(scenario())
+    assert kinds == {"message": 1} and states == {}
+    assert worker_status(states.get("message")) == Status(State.READY)
