@@ -101,10 +101,10 @@ def file_refused(kinds: dict[str, JobKind]) -> Callable[[dict[str, str]], str | 
 
 async def room_for_file(request: Request, fields: dict[str, str],
                         idempotency_key: str | None) -> Exception | None:
-    """QueueFull (503) when the queue of the kind named before the file is full already (or
-    SetupFailed, when the kind's setup failed): the client hears it before sending the file,
-    not after (only a look; the submit decides). A
-    retry with the Idempotency-Key of a job already accepted is let in: it gets that job back."""
+    """QueueFull (503) when the queue of the kind named before the file is full already, or
+    SetupFailed when the kind's setup failed: the client hears it before sending the file, not
+    after (only a look; the submit decides). A retry with the Idempotency-Key of a job already
+    accepted is let in: it gets that job back."""
     kind = request.app.state.kinds.get(fields.get("jobType", ""))
     if kind is None:
         return None
