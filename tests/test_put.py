@@ -171,7 +171,8 @@ def test_health_and_root(client):
     health = client.get("/health").json()
     assert health["status"] == "ok"
     assert set(health["queues"]) == {"message", "pdf2image", "video"}
-    assert health["queues"]["message"] == {"workers": 4, "busy": 0, "queued": 0, "capacity": 64}
+    assert health["queues"]["message"] == {"workers": 4, "busy": 0, "queued": 0, "capacity": 64,
+                                           "state": "ready"}
     assert health["queues"]["video"]["capacity"] == 10
     assert "/docs" in client.get("/").json()["docs"]
 

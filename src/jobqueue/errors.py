@@ -124,6 +124,19 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class SetupFailed(Exception):
+    """The kind's `setup` failed in every process that would run its jobs: a new job of it
+    would only wait. `error` is the setup's (its type and message); setup is tried again in
+    `retry_after` seconds."""
+
+    def __init__(self, kind: str, error: str, retry_after: int):
+        super().__init__(f"{kind} jobs cannot run now: the kind's setup failed ({error}); it is "
+                         f"tried again in {retry_after} s, retry then.")
+        self.kind = kind
+        self.error = error
+        self.retry_after = retry_after
+
+
 class ShuttingDown(Exception):
     """The server is stopping and takes no new jobs. Answered with the message and the
     `retry_after` of api/shutdown.py's `shutting_down`, which knows when it will be back."""
@@ -155,6 +168,7 @@ CATEGORIES: list[tuple[type[BaseException], str]] = [
     (QueueFull, "queue_full"),
     (ShuttingDown, "shutting_down"),
     (Unavailable, "unavailable"),
+    (SetupFailed, "setup_failed"),
     (MalformedRequest, "malformed"),
     (UploadTooSlow, "too_slow"),
     (NotAuthenticated, "not_authenticated"),
@@ -178,6 +192,7 @@ HTTP_STATUS: dict[str, int] = {
     "queue_full": 503,
     "shutting_down": 503,
     "unavailable": 503,
+    "setup_failed": 503,
     "malformed": 400,
     "too_slow": 408,
     "not_authenticated": 401,

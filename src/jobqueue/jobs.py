@@ -160,8 +160,10 @@ class JobKind:
     queue_size: int = 10
     # How long `POST /put` waits for a job of this kind, from its submission (seconds).
     timeout: float = 60.0
-    # setup(settings) runs once per process that serves the kind, before its first job; what
-    # it returns is each job's `resource` (a model, a client). teardown(resource) at shutdown.
+    # setup(settings) runs once per process that runs the kind's jobs, on a thread of its own
+    # as it starts (tried again while it raises; its jobs wait meanwhile, resources.py); what
+    # it returns is each job's `resource` (a model, a client). teardown(resource) at shutdown,
+    # once the kind's workers have stopped.
     setup: Callable[[Settings], Any] | None = None
     teardown: Callable[[Any], None] | None = None
     # Run queued jobs in batches (see Batch); None: one job per call.

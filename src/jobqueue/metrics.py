@@ -107,6 +107,9 @@ class Metrics:
         self.capacity = Gauge("jobqueue_queue_capacity", "Jobs that may wait (the kind's "
                               "JOBQUEUE_<KIND>_QUEUE_SIZE); past it, 503", queue_labels,
                               registry=registry)
+        self.kind_ready = Gauge("jobqueue_kind_ready", "1 when the kind's resource (its setup) "
+                                "is ready, 0 while it loads or after it failed", queue_labels,
+                                registry=registry)
         self.worker_processes = Gauge(
             "jobqueue_worker_processes", "Live worker processes of the distributed mode (from "
             "their heartbeats)", ["scope"], registry=registry)
@@ -141,11 +144,13 @@ class Metrics:
             self.workers.labels(kind, scope).set(figures.get("workers", 0))
             if "capacity" in figures:
                 self.capacity.labels(kind, scope).set(figures["capacity"])
+            if "state" in figures:
+                self.kind_ready.labels(kind, scope).set(int(figures["state"] == "ready"))
 
     def forget_cluster_queues(self) -> None:
         """Drop the scope="cluster" series (the engine cannot be read); scope="process" ones
         are a worker's own and stay."""
-        for gauge in (self.waiting, self.running, self.workers, self.capacity):
+        for gauge in (self.waiting, self.running, self.workers, self.capacity, self.kind_ready):
             for kind in self.kinds:
                 gauge.remove(kind, "cluster")
         self.worker_processes.remove("cluster")

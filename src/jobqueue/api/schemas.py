@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -92,11 +92,25 @@ class JobList(CamelModel):
                              "from JOBQUEUE_PUBLIC_URL); null on the last page")
 
 
+KindState = Literal["ready", "loading", "failed"]
+
+
 class QueueStats(CamelModel):
     workers: int
     busy: int
     queued: int
     capacity: int
+    state: KindState = Field("ready", description="The kind's resource (its `setup`): ready; "
+                             "loading (its jobs wait in the queue meanwhile); failed (new jobs "
+                             "get 503 while its setup is tried again). Distributed mode: ready "
+                             "if any live worker has it ready, else loading if any loads it")
+    error: str | None = Field(None, examples=["OSError: model.bin not found"],
+                              description="Only when failed: the setup's error, type and message")
+
+
+class KindStatus(CamelModel):
+    state: KindState
+    error: str | None = Field(None, description="Only when failed")
 
 
 class WorkerProcess(CamelModel):
@@ -107,17 +121,23 @@ class WorkerProcess(CamelModel):
     metrics: str | None = Field(None, examples=["http://127.0.0.1:40113/metrics"],
                                 description="Where Prometheus scrapes its own metrics "
                                             "(JOBQUEUE_WORKER_METRICS_PORT)")
+    states: dict[str, KindStatus] = Field(
+        default_factory=dict, examples=[{"pdf2image": {"state": "ready"},
+                                         "video": {"state": "loading"}}],
+        description="Its resource of each kind it runs (the kind's `setup` in this process)")
 
 
 class Health(CamelModel):
-    status: str = Field(examples=["ok"], description="ok; draining (HTTP 503) while the server "
-                        "shuts down; unavailable (HTTP 503) while a dependency is down")
+    status: str = Field(examples=["ok"], description="ok; degraded (still HTTP 200) while a "
+                        "kind's setup has failed (its `state` says failed, the other kinds "
+                        "work); draining (HTTP 503) while the server shuts down; unavailable "
+                        "(HTTP 503) while a dependency is down")
     dependencies: dict[str, str] | None = Field(None, description="Only when unavailable: "
                                                 "what is down, and why")
     queues: dict[str, QueueStats] = Field(examples=[{
-        "message": {"workers": 1, "busy": 1, "queued": 3, "capacity": 10},
-        "pdf2image": {"workers": 2, "busy": 0, "queued": 0, "capacity": 20},
-        "video": {"workers": 1, "busy": 0, "queued": 0, "capacity": 10},
+        "message": {"workers": 1, "busy": 1, "queued": 3, "capacity": 10, "state": "ready"},
+        "pdf2image": {"workers": 2, "busy": 0, "queued": 0, "capacity": 20, "state": "ready"},
+        "video": {"workers": 1, "busy": 0, "queued": 0, "capacity": 10, "state": "ready"},
     }])
     worker_processes: list[WorkerProcess] | None = Field(
         None, description="Distributed mode only: the worker processes whose heartbeat is "
@@ -150,8 +170,8 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         422: "Bad options, unknown jobType, or input the job kind cannot process.",
         429: "Rate limit exceeded; see Retry-After.",
         500: "The job failed unexpectedly; the detail names the job id.",
-        503: "The kind's queue is full, too many uploads or streams are open, or the server is "
-             "shutting down; see Retry-After.",
+        503: "The kind's queue is full or its setup failed, too many uploads or streams are "
+             "open, or the server is shutting down; see Retry-After.",
         504: "The job did not finish within its kind's timeout and was cancelled.",
         507: "The server's disk is full.",
     }

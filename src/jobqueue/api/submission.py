@@ -25,6 +25,7 @@ from jobqueue.errors import (
     BadInput,
     MalformedRequest,
     QueueFull,
+    SetupFailed,
     TooLarge,
     Unavailable,
     UnsupportedInput,
@@ -100,15 +101,16 @@ def file_refused(kinds: dict[str, JobKind]) -> Callable[[dict[str, str]], str | 
 
 async def room_for_file(request: Request, fields: dict[str, str],
                         idempotency_key: str | None) -> Exception | None:
-    """QueueFull (503) when the queue of the kind named before the file is full already: the
-    client hears it before sending the file, not after (only a look; the submit decides). A
-    retry with the Idempotency-Key of a job already accepted is let in: it gets that job back."""
+    """QueueFull (503) when the queue of the kind named before the file is full already, or
+    SetupFailed when the kind's setup failed: the client hears it before sending the file, not
+    after (only a look; the submit decides). A retry with the Idempotency-Key of a job already
+    accepted is let in: it gets that job back."""
     kind = request.app.state.kinds.get(fields.get("jobType", ""))
     if kind is None:
         return None
     try:
         await request.app.state.engine.check_room(kind.name, owner(request), idempotency_key)
-    except QueueFull as full:  # counted as refused where it is answered (api/problems.py)
+    except (QueueFull, SetupFailed) as full:  # counted where it is answered (api/problems.py)
         return full
     except Unavailable as error:  # the database is down: the submit could not take it either
         return error

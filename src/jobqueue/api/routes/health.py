@@ -36,4 +36,8 @@ async def health(request: Request, response: Response) -> Health:
     if request.app.state.draining:
         response.status_code = 503
         return Health(status="draining", queues=queues, worker_processes=processes)
-    return Health(status="ok", queues=queues, worker_processes=processes)
+    # A kind whose setup failed: 200 all the same, so a load balancer keeps sending the other
+    # kinds' jobs (that kind's get 503 naming it).
+    failed = any(queue.get("state") == "failed" for queue in queues.values())
+    return Health(status="degraded" if failed else "ok", queues=queues,
+                  worker_processes=processes)

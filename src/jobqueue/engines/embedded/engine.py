@@ -24,13 +24,14 @@ from pydantic import BaseModel, ValidationError
 from jobqueue import lifecycle
 from jobqueue.engines.base import NewJob, retry_after
 from jobqueue.engines.embedded.feed import Feed, PendingChanges
-from jobqueue.errors import QueueFull, ShuttingDown
+from jobqueue.errors import QueueFull, SetupFailed, ShuttingDown
 from jobqueue.files import jobfiles
 from jobqueue.files.store import FileStore, LocalFiles
 from jobqueue.jobs import FINISHED, JobContext, JobKind, JobStatus
 from jobqueue.lifecycle import Ending
 from jobqueue.metrics import Metrics, Outcome, outcome
 from jobqueue.records import JobRecord, JobStore, Origin, SqliteJobStore
+from jobqueue.resources import Resource
 from jobqueue.rollup import MinuteFigures
 from jobqueue.settings import KindLimits, Settings
 
@@ -232,15 +233,18 @@ class Job:
 
 
 class WorkerPool:
-    """One job kind's bounded queue and the threads that take jobs from it."""
+    """One job kind's bounded queue and the threads that take jobs from it, once the kind's
+    resource (its `setup`) is ready."""
 
     # A job still running this long after its timeout has a handler that ignores cancels: its
     # thread is given up on and a new one takes its place, so the pool keeps its workers.
     abandon_after = 10.0
 
     def __init__(self, kind: JobKind, limits: KindLimits, store: JobStore, metrics: Metrics,
-                 max_run_seconds: float = 3600):
+                 max_run_seconds: float = 3600, resource: Resource | None = None):
         self.kind = kind
+        # What its setup made, for every job of it; its threads take no job until it is ready.
+        self.resource = resource or Resource(kind, None)
         self.limits = limits
         self.store = store
         self.metrics = metrics
@@ -260,6 +264,7 @@ class WorkerPool:
         self.on_queue_moved: Callable[[list[Job]], None] = lambda jobs: None
 
     def start(self) -> None:
+        self.resource.start()  # on a thread of its own: the server answers meanwhile
         for number in range(1, self.limits.workers + 1):
             self._start_thread(f"{self.kind.name}-worker-{number}")
 
@@ -315,6 +320,7 @@ class WorkerPool:
         }
 
     def check_room(self) -> None:
+        self.resource.check()  # a kind whose setup failed takes no new job (503)
         if self.queue.qsize() >= self.limits.queue_size:
             raise QueueFull(self.kind.name, self.limits.queue_size, self.retry_after())
 
@@ -322,6 +328,7 @@ class WorkerPool:
         """Queue a job without ever blocking; QueueFull when there is no room."""
         if self.closed:
             raise ShuttingDown
+        self.resource.check()
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -379,8 +386,10 @@ class WorkerPool:
 
     def stop(self) -> None:
         """Stop the threads. Queued jobs stay queued in the store and running ones are told to
-        stop and left as they were, so both run again after a restart."""
+        stop and left as they were, so both run again after a restart. Then the kind's
+        teardown."""
         self.closed = True
+        self.resource.close()  # threads still waiting for it stop waiting
         while True:
             try:
                 self.queue.get_nowait()
@@ -400,10 +409,13 @@ class WorkerPool:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("%s did not stop within %.0f s", thread.name, JOIN_SECONDS)
+        self.resource.teardown()
 
     def _serve(self) -> None:
         worker_name = threading.current_thread().name
         while True:
+            if not self.resource.wait_ready():  # until then, its jobs wait in the queue
+                return  # shutting down
             job = self.queue.get()
             if job is None:
                 return
@@ -430,6 +442,7 @@ class WorkerPool:
 
     def _run(self, job: Job) -> None:
         log.debug("job %s: %s started on %s", job.id, self.kind.name, job.worker_name)
+        job.context.resource = self.resource.value
         ending = lifecycle.run(self.kind, job.context)
         if job.timed_out:  # whatever the handler made of being stopped
             ending = self._at_deadline(job)
@@ -460,7 +473,7 @@ class EmbeddedEngine:
         self.store: JobStore = store or SqliteJobStore(settings.job_db)
         self.pools = {
             name: WorkerPool(kind, settings.limits(kind), self.store, self.metrics,
-                             settings.job_max_seconds)
+                             settings.job_max_seconds, Resource(kind, settings))
             for name, kind in kinds.items()
         }
         self._active: dict[str, Job] = {}  # jobs not finished yet, by id
@@ -543,7 +556,7 @@ class EmbeddedEngine:
         self.store.save(record)  # before the queue, so a worker's update comes after it
         try:
             self.pools[job.kind.name].submit(job)
-        except (QueueFull, ShuttingDown):
+        except (QueueFull, SetupFailed, ShuttingDown):
             self.store.delete(job.id)
             await self._remove_upload(new)
             raise
@@ -571,7 +584,7 @@ class EmbeddedEngine:
                          idempotency_key: str | None = None) -> None:
         try:
             self.pools[kind].check_room()
-        except QueueFull:  # only then is the key worth a look in the store
+        except (QueueFull, SetupFailed):  # only then is the key worth a look in the store
             if not (idempotency_key and self.store.find_idempotent(owner, idempotency_key)):
                 raise
 
@@ -643,8 +656,10 @@ class EmbeddedEngine:
         finally:
             self._feed.unlisten(listener)
 
-    async def stats(self) -> dict[str, dict[str, int]]:
-        return {name: pool.stats() for name, pool in self.pools.items()}
+    async def stats(self) -> dict[str, dict[str, int | str]]:
+        # Each kind's state too: its resource ready, loading or failed (with the error).
+        return {name: {**pool.stats(), **pool.resource.status().shown()}
+                for name, pool in self.pools.items()}
 
     async def throughput(self, owner: str, since: float) -> list[MinuteFigures]:
         return await asyncio.to_thread(self.store.throughput, owner, since)

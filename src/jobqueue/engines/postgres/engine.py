@@ -38,12 +38,13 @@ from jobqueue.engines.base import NewJob, retry_after
 from jobqueue.engines.postgres import schema, timeouts
 from jobqueue.engines.postgres.runner import STALLED_SECONDS, Runner, make_app, task_name
 from jobqueue.engines.postgres.schema import QUERIES
-from jobqueue.errors import QueueFull, ShuttingDown, Unavailable
+from jobqueue.errors import QueueFull, SetupFailed, ShuttingDown, Unavailable
 from jobqueue.files import jobfiles, make_file_store
 from jobqueue.files.store import STORE_UPLOADS_AT_ONCE, FileStore
 from jobqueue.jobs import FINISHED, JobKind, JobStatus
 from jobqueue.metrics import Metrics, Outcome
 from jobqueue.records import JobRecord, Origin, list_query
+from jobqueue.resources import State, Status
 from jobqueue.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -270,7 +271,7 @@ class PostgresEngine:
         try:
             async with self._db() as conn:
                 await self._check_room(conn, kind)
-        except QueueFull:  # only then is the key worth a look in the database
+        except (QueueFull, SetupFailed):  # only then is the key worth a look in the database
             if await self._earlier(owner, idempotency_key) is None:
                 raise
 
@@ -286,12 +287,19 @@ class PostgresEngine:
         return rows[0] if rows else None
 
     async def _check_room(self, conn: psycopg.AsyncConnection, kind: str) -> None:
+        """SetupFailed when every live worker of the kind failed to set it up; QueueFull at
+        its capacity."""
+        slots, states = await self._live_workers(conn)
+        status = cluster_status(states.get(kind, []))
+        if status.state is State.FAILED:
+            raise status.refusal(kind)
         capacity = self.settings.limits(self.kinds[kind]).queue_size
         cursor = await conn.execute(QUERIES["count_queued"], (kind,))
         if (await cursor.fetchone())[0] >= capacity:
-            raise QueueFull(kind, capacity, await self._retry_after(conn, kind))
+            raise QueueFull(kind, capacity, await self._retry_after(conn, kind,
+                                                                    slots.get(kind, 0)))
 
-    async def _retry_after(self, conn: psycopg.AsyncConnection, kind: str) -> int:
+    async def _retry_after(self, conn: psycopg.AsyncConnection, kind: str, workers: int) -> int:
         """Seconds until a slot is likely to free: the first running job's expected end, from
         the last 20 jobs' mean run time (base.retry_after)."""
         cursor = await conn.execute(QUERIES["recent_run_seconds"], (kind,))
@@ -299,8 +307,7 @@ class PostgresEngine:
         now = time.time()
         cursor = await conn.execute(QUERIES["running_started_at"], (kind,))
         elapsed = [now - started for (started,) in await cursor.fetchall()]
-        workers = (await self._live_workers(conn)).get(kind, 0) or 1
-        return retry_after(average, elapsed, workers)
+        return retry_after(average, elapsed, workers or 1)
 
     async def get(self, job_id: str) -> JobRecord | None:
         async with self._db() as conn:
@@ -420,16 +427,18 @@ class PostgresEngine:
         finally:
             self._feeds.discard(listener)
 
-    async def stats(self) -> dict[str, dict[str, int]]:
-        """Cluster-wide: jobs waiting and running, and the live workers' slots, per kind."""
+    async def stats(self) -> dict[str, dict[str, int | str]]:
+        """Cluster-wide: jobs waiting and running, the live workers' slots, and the state of
+        their resources of it (cluster_status), per kind."""
         async with self._db() as conn:
             cursor = await conn.execute(QUERIES["count_unfinished"])
             counts = {(kind, status): count for kind, status, count in await cursor.fetchall()}
-            workers = await self._live_workers(conn)
+            workers, states = await self._live_workers(conn)
         return {name: {"workers": workers.get(name, 0),
                        "busy": counts.get((name, "running"), 0),
                        "queued": counts.get((name, "queued"), 0),
-                       "capacity": self.settings.limits(self.kinds[name]).queue_size}
+                       "capacity": self.settings.limits(self.kinds[name]).queue_size,
+                       **cluster_status(states.get(name, [])).shown()}
                 for name in self.kinds}
 
     async def throughput(self, owner: str, since: float) -> list[rollup.MinuteFigures]:
@@ -443,16 +452,25 @@ class PostgresEngine:
                                         (time.time() - STALLED_SECONDS,))
             rows = await cursor.fetchall()
         return [{"name": name, "kinds": kinds, "lastSeen": round(time.time() - beat, 1),
-                 "metrics": metrics} for name, kinds, beat, metrics in rows]
+                 "metrics": metrics,
+                 "states": {kind: worker_status(states.get(kind)).shown() for kind in kinds}}
+                for name, kinds, beat, metrics, states in rows]
 
-    async def _live_workers(self, conn: psycopg.AsyncConnection) -> dict[str, int]:
-        cursor = await conn.execute(QUERIES["live_worker_kinds"],
-                                    (time.time() - STALLED_SECONDS,))
+    async def _live_workers(self, conn: psycopg.AsyncConnection
+                            ) -> tuple[dict[str, int], dict[str, list[Status]]]:
+        """Per kind: the live worker processes' slots, and each one's state of its resource
+        (the retry of a failed one counted from now)."""
+        now = time.time()
+        cursor = await conn.execute(QUERIES["live_worker_kinds"], (now - STALLED_SECONDS,))
         workers: dict[str, int] = {}
-        for (kinds,) in await cursor.fetchall():
+        states: dict[str, list[Status]] = {}
+        for kinds, beats, beat in await cursor.fetchall():
+            # The heartbeat's age by this replica's clock, within what a live one can be.
+            age = min(max(now - beat, 0.0), STALLED_SECONDS)
             for name, count in kinds.items():
                 workers[name] = workers.get(name, 0) + int(count)
-        return workers
+                states.setdefault(name, []).append(worker_status(beats.get(name), age))
+        return workers, states
 
     async def list(self, status: str | None, job_type: str | None, limit: int, offset: int,
                    owner: str) -> list[JobRecord]:
@@ -582,6 +600,34 @@ class _PostgresListener:
             async with self.engine._db() as conn:
                 records = await schema.fetch(conn, QUERIES["select_summaries"], (changed,))
         return records, removed
+
+
+def worker_status(beat: dict[str, Any] | None, age: float = 0.0) -> Status:
+    """A kind's state as a worker's heartbeat (`age` seconds ago) told it; ready when it told
+    none (a worker of before states were told)."""
+    if not beat:
+        return Status(State.READY)
+    try:
+        state = State(beat.get("state"))
+    except ValueError:  # a state of a later version: nothing this replica knows is wrong
+        return Status(State.READY)
+    if state is not State.FAILED:
+        return Status(state)
+    retry_in = max(0.0, float(beat.get("retryIn") or 0) - age)
+    return Status(state, str(beat.get("error") or "setup failed"), retry_in)
+
+
+def cluster_status(workers: list[Status]) -> Status:
+    """A kind's state across the live workers that serve it: ready if any has it ready, else
+    loading if any loads it, else failed (the first one's error, the soonest retry). With no
+    live worker, ready: nothing is loading or failed (`workers: 0` says nobody runs it)."""
+    states = {status.state for status in workers}
+    if not workers or State.READY in states:
+        return Status(State.READY)
+    if State.LOADING in states:
+        return Status(State.LOADING)
+    return Status(State.FAILED, workers[0].error,
+                  min(status.retry_in or 0.0 for status in workers))
 
 
 def _procrastinate_schema() -> str:

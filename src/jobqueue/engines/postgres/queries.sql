@@ -126,19 +126,23 @@ SELECT id FROM jobqueue_jobs WHERE id = ANY(%s) AND cancelled_as IS NOT NULL
 
 -- live_workers --
 -- The worker processes that beat since a time: for the dashboard.
-SELECT name, kinds, heartbeat, metrics FROM jobqueue_workers WHERE heartbeat > %s ORDER BY name
+SELECT name, kinds, heartbeat, metrics, states FROM jobqueue_workers WHERE heartbeat > %s
+ORDER BY name
 
 -- live_worker_kinds --
--- The slots per kind of each worker process that beat since a time.
-SELECT kinds FROM jobqueue_workers WHERE heartbeat > %s
+-- The slots per kind of each worker process that beat since a time, the state of its resource
+-- of each (its setup's) and when it beat.
+SELECT kinds, states, heartbeat FROM jobqueue_workers WHERE heartbeat > %s ORDER BY name
 
 -- heartbeat --
 -- By the database's clock, which stranded_jobs reads too: a worker whose own clock runs late
--- never looks dead (parameters: name, slots per kind, where its metrics are).
-INSERT INTO jobqueue_workers (name, kinds, heartbeat, metrics)
-VALUES (%s, %s, extract(epoch FROM clock_timestamp()), %s)
+-- never looks dead (parameters: name, slots per kind, where its metrics are, the state of its
+-- resource of each kind).
+INSERT INTO jobqueue_workers (name, kinds, heartbeat, metrics, states)
+VALUES (%s, %s, extract(epoch FROM clock_timestamp()), %s, %s)
 ON CONFLICT (name) DO UPDATE
-SET kinds = excluded.kinds, heartbeat = excluded.heartbeat, metrics = excluded.metrics
+SET kinds = excluded.kinds, heartbeat = excluded.heartbeat, metrics = excluded.metrics,
+    states = excluded.states
 
 -- forget_worker --
 DELETE FROM jobqueue_workers WHERE name = %s

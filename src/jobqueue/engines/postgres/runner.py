@@ -12,6 +12,11 @@ cancels the task here: its child processes are killed at once. A worker SIGTERMe
 jobs JOBQUEUE_SHUTDOWN_GRACE, then aborts and queues them again. A worker that dies (`kill -9`)
 stops its heartbeat; every runner looks for jobs of dead workers and queues them again
 (procrastinate does not by itself). Only the run that claimed a job last may write its end.
+
+A kind with a `setup` gets its resource made once in this process, on a thread, as the runner
+starts (resources.py); its procrastinate worker starts only once it is ready, so its jobs wait
+in the queue meanwhile (another worker that has it ready takes them). The heartbeat carries
+each kind's state, which the replicas show in /health and refuse new jobs by.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from jobqueue.jobs import JobContext, JobKind, JobStatus, Output
 from jobqueue.lifecycle import Ending
 from jobqueue.metrics import Metrics, Outcome, outcome
 from jobqueue.records import JobRecord
+from jobqueue.resources import Resource
 from jobqueue.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -197,6 +203,12 @@ class Runner:
         self.app = app or make_app(kinds)
         self.running: dict[str, Run] = {}
         self.limits = {name: settings.limits(kind) for name, kind in kinds.items()}
+        # Each kind's resource (its setup) in this process; its worker waits for it (`_ready`).
+        self.resources = {name: Resource(kind, settings, self._resource_changed)
+                          for name, kind in kinds.items()}
+        self._ready = {name: asyncio.Event() for name in kinds}
+        self._beat_now = asyncio.Event()  # a state changed: the heartbeat tells it at once
+        self._loop: asyncio.AbstractEventLoop | None = None
         concurrency = sum(limits.workers for limits in self.limits.values())
         self.executor = ThreadPoolExecutor(concurrency + 1, thread_name_prefix="job")
         self._workers: list[asyncio.Task] = []
@@ -208,6 +220,10 @@ class Runner:
         self._db_failed_at = float("-inf")
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for resource in self.resources.values():  # setups on threads of their own, first
+            resource.start()
+        self._resources_changed()
         if self.files.remote:
             await asyncio.to_thread(clear_dead_scratch, self.settings.out_dir)
         if self._app_opened:
@@ -235,8 +251,10 @@ class Runner:
 
     async def stop(self) -> None:
         """Stop taking jobs; running ones get JOBQUEUE_SHUTDOWN_GRACE, then are aborted and
-        queued again. Then stop beating: this worker is gone."""
+        queued again. Then stop beating: this worker is gone. Then each kind's teardown."""
         self.close_intake()
+        for resource in self.resources.values():
+            resource.close()
         await asyncio.gather(*self._workers, return_exceptions=True)
         for task in self._side:
             task.cancel()
@@ -245,6 +263,8 @@ class Runner:
             async with self.pool.connection() as conn:
                 await conn.execute(QUERIES["forget_worker"], (self.name,))
         self.executor.shutdown(wait=False)
+        await asyncio.gather(*(asyncio.to_thread(resource.teardown)
+                               for resource in self.resources.values()))
         if self._app_opened:
             await self.app.close_async()
         if self.files.remote and not self.running:  # every job requeued or ended by now
@@ -257,8 +277,24 @@ class Runner:
 
     # ---- procrastinate's side ----
 
+    def _resource_changed(self) -> None:
+        """From a setup thread: a kind's resource is ready, or failed."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._resources_changed)
+
+    def _resources_changed(self) -> None:
+        """On the loop: start the workers of the kinds now ready, and beat now."""
+        for name, resource in self.resources.items():
+            if resource.ready:
+                self._ready[name].set()
+            self.metrics.kind_ready.labels(name, "process").set(int(resource.ready))
+        self._beat_now.set()
+
     async def _work(self, kind: str) -> None:
-        """One procrastinate worker for `kind`; started again after a database outage."""
+        """One procrastinate worker for `kind`, once its resource is ready; started again
+        after a database outage."""
+        await self._ready[kind].wait()  # meanwhile its jobs wait in the queue
         while True:
             try:
                 await self.app.run_worker_async(
@@ -282,14 +318,19 @@ class Runner:
     async def _heartbeat(self) -> None:
         kinds = Jsonb({name: self.limits[name].workers for name in self.kinds})
         while True:
+            self._beat_now.clear()
+            states = Jsonb({name: resource.status().beat()
+                            for name, resource in self.resources.items()})
             try:
                 async with self.pool.connection() as conn:
-                    await conn.execute(QUERIES["heartbeat"], (self.name, kinds, self.metrics_url))
+                    await conn.execute(QUERIES["heartbeat"],
+                                       (self.name, kinds, self.metrics_url, states))
                     await conn.execute(QUERIES["forget_dead_workers"],
                                        (time.time() - 10 * STALLED_SECONDS,))
             except Exception:
                 self._db_failed_at = time.monotonic()
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+            with contextlib.suppress(TimeoutError):  # or at once when a kind's state changed
+                await asyncio.wait_for(self._beat_now.wait(), HEARTBEAT_SECONDS)
 
     async def _rescue(self) -> None:
         """Give the jobs that would otherwise never end their way to an end: those running on
@@ -417,7 +458,8 @@ class Runner:
         context = JobContext(job_id, options,
                              Path(record.input_path) if record.input_path else kind.sample,
                              jobfiles.job_dir(self.files.out_dir, job_id), self.settings,
-                             on_progress=lambda _: loop.call_soon_threadsafe(changed.set))
+                             on_progress=lambda _: loop.call_soon_threadsafe(changed.set),
+                             resource=self.resources[record.job_type].value)
         run = Run(record, context)
         self.running[job_id] = run
         self.metrics.job_started(record.job_type, record.created_at, record.started_at)

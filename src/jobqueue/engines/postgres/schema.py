@@ -3,11 +3,13 @@
 `jobqueue_jobs` holds the job records (the same fields as the embedded engine's SQLite table,
 and what a cancel said it was, for the worker's metrics); a record and its procrastinate job
 are written in one transaction. `jobqueue_workers` holds a heartbeat per worker process, with
-the kinds it serves, how many of each at once and where its metrics are: the cluster's live
-workers, for /health and the dashboard. `jobqueue_minutes` counts the jobs that ran to an end
-per owner, kind, minute and run time (rollup.py), for the dashboard's chart. Every change of a
-record is announced with NOTIFY (queries.sql's `notify`), in the transaction that makes it. The
-tables are made in schema.sql; every query on them is in queries.sql, by name (sql.py).
+the kinds it serves, how many of each at once, the state of its resource of each (the kind's
+setup: ready, loading, failed) and where its metrics are: the cluster's live workers, for
+/health, the dashboard and the refusal of a kind no worker could set up. `jobqueue_minutes`
+counts the jobs that ran to an end per owner, kind, minute and run time (rollup.py), for the
+dashboard's chart. Every change of a record is announced with NOTIFY (queries.sql's `notify`),
+in the transaction that makes it. The tables are made in schema.sql; every query on them is in
+queries.sql, by name (sql.py).
 """
 
 from __future__ import annotations

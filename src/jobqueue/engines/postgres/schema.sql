@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS jobqueue_workers (
     name text PRIMARY KEY,
     kinds jsonb NOT NULL,
     heartbeat double precision NOT NULL,
-    metrics text
+    metrics text,
+    states jsonb NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS jobqueue_minutes (
     owner TEXT NOT NULL,
@@ -59,3 +60,6 @@ INSERT INTO jobqueue_store VALUES ('id', gen_random_uuid()::text),
 -- Columns added since the first tables were made.
 ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS cancelled_as text;
 ALTER TABLE jobqueue_workers ADD COLUMN IF NOT EXISTS metrics text;
+-- Each kind's resource in the worker ({"<kind>": {"state", "error", "retryIn"}}); a worker of
+-- before it writes none, its kinds count as ready.
+ALTER TABLE jobqueue_workers ADD COLUMN IF NOT EXISTS states jsonb NOT NULL DEFAULT '{}';
