@@ -289,8 +289,40 @@ def test_the_kind_declares_setup_and_batch():
     assert kind.handler is jobqueue_digits.recognize
 
 
-NEEDS_SETUP_AND_BATCH = pytest.mark.xfail(
-    strict=False, reason="needs JobKind(setup=…) and JobKind(batch=…) in the engines")
+def right_answers(answers: list[httpx.Response], digits: list[tuple[int, bytes]]) -> list[dict]:
+    """The answers' data, each a 200 (at least 90% of them with the right digit)."""
+    assert all(answer.status_code == 200 for answer in answers), \
+        [answer.text for answer in answers if answer.status_code != 200][:3]
+    results = [answer.json()["data"]["result"]["data"] for answer in answers]
+    right = sum(result["digit"] == digit for result, (digit, _) in zip(results, digits,
+                                                                          strict=True))
+    assert right >= 0.9 * len(digits), results
+    return results
+
+
+def test_without_batching_the_model_is_set_up_once_in_the_server(tmp_path, monkeypatch, dataset):
+    monkeypatch.setenv("DIGITS_BATCH_SIZE", "1")  # read by the kind when the server imports it
+    with run_server(tmp_path, kinds="digits") as server:
+        digits = ten_digits(dataset) * 3
+        results = right_answers(put_digits(server, [content for _, content in digits], 4),
+                                digits)
+        assert {(r["setupPid"], r["setupCount"], r["batchSize"]) for r in results} == \
+            {(server.process.pid, 1, 1)}
+        assert "not a jobqueue setting" not in server.log()
+
+
+def test_a_distributed_worker_sets_the_model_up_once(tmp_path, postgres, monkeypatch, dataset):
+    monkeypatch.setenv("DIGITS_BATCH_SIZE", "1")
+    with deploy("postgres", tmp_path, postgres, kinds="digits") as cluster:
+        digits = ten_digits(dataset)
+        results = right_answers(put_digits(cluster.server, [content for _, content in digits],
+                                           4), digits)
+        # In the worker process, not in the API replica that answered.
+        assert {(r["setupPid"], r["setupCount"]) for r in results} == \
+            {(cluster.workers[0].pid, 1)}
+
+
+NEEDS_BATCH = pytest.mark.xfail(strict=False, reason="needs JobKind(batch=…) in the engines")
 
 
 @pytest.fixture(scope="module")
@@ -310,23 +342,18 @@ def put_digits(server, files: list[bytes], threads: int = 16) -> list[httpx.Resp
         return list(pool.map(put, files))
 
 
-@NEEDS_SETUP_AND_BATCH
+@NEEDS_BATCH
 def test_setup_runs_once_and_batches_form_under_16_concurrent_puts(digits_server, dataset):
     digits = ten_digits(dataset) * 12
-    answers = put_digits(digits_server, [content for _, content in digits])
-    assert all(answer.status_code == 200 for answer in answers), \
-        [answer.text for answer in answers if answer.status_code != 200][:3]
-    results = [answer.json()["data"]["result"]["data"] for answer in answers]
+    results = right_answers(put_digits(digits_server, [content for _, content in digits]),
+                            digits)
     # One setup, in the server's process, for every job.
     assert {(result["setupPid"], result["setupCount"]) for result in results} == \
         {(digits_server.process.pid, 1)}
     assert max(result["batchSize"] for result in results) > 1, "no batch formed"
-    right = sum(result["digit"] == digit for result, (digit, _) in zip(results, digits,
-                                                                          strict=True))
-    assert right >= 0.9 * len(digits)
 
 
-@NEEDS_SETUP_AND_BATCH
+@NEEDS_BATCH
 def test_an_unreadable_image_fails_only_its_own_job(digits_server, dataset):
     broken = corrupt_png()
     files = [content for _, good in ten_digits(dataset) for content in (good, broken)] * 4
