@@ -32,8 +32,8 @@ def test_the_store_benchmark_runs():
     assert "| save + flush |" in result.stdout
 
 
-@pytest.mark.xfail(strict=False, reason="needs JobKind(setup=…) and JobKind(batch=…) in the "
-                                        "engines; then into run.py --smoke with the others")
+@pytest.mark.xfail(strict=False, reason="needs JobKind(batch=…) in the engines; then into "
+                                        "run.py --smoke with the others")
 def test_the_digits_benchmark_runs():
     result = subprocess.run([sys.executable, "bench/digits.py", "--smoke"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
