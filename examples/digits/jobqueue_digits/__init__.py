@@ -7,7 +7,7 @@ and its `pyproject.toml` declares it as the entry point `digits` of the group
 
 - `setup` (`train`) fits a random forest of 200 trees on `sklearn.datasets.load_digits()`
   (1797 images of 8x8 pixels on a 0-16 scale, shipped with scikit-learn: nothing is
-  downloaded) in about half a second, a second more for importing scikit-learn; its return
+  downloaded) in under a second, and another to import scikit-learn; its return
   value is every job's `job.resource`.
 - `batch`: the worker hands the handler up to `DIGITS_BATCH_SIZE` (32) queued jobs at once,
   and the handler predicts all of them in one `predict_proba` call. The forest's predict
