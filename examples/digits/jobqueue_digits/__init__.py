@@ -47,9 +47,11 @@ from jobqueue import (
 )
 
 HERE = Path(__file__).resolve().parent
-BATCH_SIZE = int(os.environ.get("DIGITS_BATCH_SIZE", 32))
-if BATCH_SIZE < 1:
-    raise ValueError(f"DIGITS_BATCH_SIZE={BATCH_SIZE}: at least 1 (1 turns batching off)")
+_batch_text = os.environ.get("DIGITS_BATCH_SIZE", "").strip() or "32"
+if not _batch_text.isdigit() or int(_batch_text) < 1:
+    raise ValueError(f"DIGITS_BATCH_SIZE={_batch_text!r}: a whole number of at least 1 (1 "
+                     "turns batching off)")
+BATCH_SIZE = int(_batch_text)
 MAX_WAIT_SECONDS = 0.01
 # A digit needs few pixels; a bigger image is refused before it is decoded.
 MAX_PIXELS = 4_000_000

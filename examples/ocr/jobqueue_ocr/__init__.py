@@ -33,10 +33,22 @@ from jobqueue import (
 )
 
 HERE = Path(__file__).resolve().parent
-# This kind's own limits. Not JOBQUEUE_* variables: those are jobqueue's settings, and the
-# server warns about any it does not know.
-MAX_PIXELS = int(os.environ.get("OCR_MAX_PIXELS", 50_000_000))
-MEMORY_MB = int(os.environ.get("OCR_MAX_MB", 1024))
+
+
+def _limit(name: str, default: int) -> int:
+    """A positive whole number from the variable `name`, else `default`."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name}={text!r}: a whole number of at least 1")
+    return int(text)
+
+
+# This kind's own limits, read as the server imports it. Not JOBQUEUE_* variables: those are
+# jobqueue's settings, and the server warns about any it does not know.
+MAX_PIXELS = _limit("OCR_MAX_PIXELS", 50_000_000)
+MEMORY_MB = _limit("OCR_MAX_MB", 1024)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -137,21 +149,23 @@ def recognize(job: JobContext) -> Output:
         raise ProcessFailed("tesseract", error.returncode, error.stderr_tail) from None
     text_path, words_path = target.with_suffix(".txt"), target.with_suffix(".tsv")
     text = text_path.read_text(encoding="utf-8", errors="replace").rstrip("\f\n")
-    lines = read_lines(words_path)
+    words = read_words(words_path)
     job.set_progress(1, 1, "images")
-    confidences = [line["confidence"] for line in lines]
+    confidences = [confidence for line in words for _, confidence in line]
     return Output(
         data={"text": text, "lang": options.lang, "psm": options.psm,
               "width": width, "height": height,
-              "confidence": round(sum(confidences) / len(confidences), 1) if lines else None,
-              "lines": lines},
+              "confidence": mean(confidences) if confidences else None,
+              "lines": [{"text": " ".join(word for word, _ in line),
+                         "confidence": mean([confidence for _, confidence in line])}
+                        for line in words]},
         files=[text_path, words_path],
     )
 
 
-def read_lines(path: Path) -> list[dict]:
-    """Each line tesseract found, in its order: its words' text and their mean confidence
-    (0-100), from tesseract's TSV (one row a word, level 5)."""
+def read_words(path: Path) -> list[list[tuple[str, float]]]:
+    """The words of each line tesseract found, in its order, with their confidence (0-100):
+    tesseract's TSV, one row a word at level 5."""
     lines: dict[tuple[str, str, str, str], list[tuple[str, float]]] = {}
     with open(path, encoding="utf-8", errors="replace", newline="") as file:
         for row in csv.DictReader(file, delimiter="\t", quoting=csv.QUOTE_NONE):
@@ -164,9 +178,11 @@ def read_lines(path: Path) -> list[dict]:
                 continue
             key = (row["page_num"], row["block_num"], row["par_num"], row["line_num"])
             lines.setdefault(key, []).append((word, confidence))
-    return [{"text": " ".join(word for word, _ in words),
-             "confidence": round(sum(c for _, c in words) / len(words), 1)}
-            for words in lines.values()]
+    return list(lines.values())
+
+
+def mean(values: list[float]) -> float:
+    return round(sum(values) / len(values), 1)
 
 
 KIND = JobKind(
