@@ -33,6 +33,10 @@ DATA = ROOT / "data"
 # Modules of job kinds the tests serve by import path (JOBQUEUE_KINDS=module:ATTRIBUTE): on
 # the PYTHONPATH of every server and worker a test starts.
 TEST_KINDS = ROOT / "tests" / "kinds"
+# The example kinds' packages: installed into the venv (make examples) for their entry points,
+# and imported from this checkout wherever that install points (a venv shared by checkouts).
+EXAMPLES = [ROOT / "examples" / "ocr", ROOT / "examples" / "digits"]
+KINDS_PATH = os.pathsep.join(str(path) for path in [TEST_KINDS, *EXAMPLES])
 STARTUP_SECONDS = 20
 
 
@@ -128,7 +132,7 @@ def run_server(tmp_path: Path, **settings: object) -> Iterator[Server]:
     """Start `python src/main.py` on a free loopback port with JOBQUEUE_* settings."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     # No shutdown grace unless a test asks for one: stopping a test server should not wait.
-    env = {**os.environ, "PYTHONPATH": str(TEST_KINDS), "JOBQUEUE_OUT_DIR": str(tmp_path / "out"),
+    env = {**os.environ, "PYTHONPATH": KINDS_PATH, "JOBQUEUE_OUT_DIR": str(tmp_path / "out"),
            "JOBQUEUE_RATE_LIMIT": "100000/minute", "JOBQUEUE_SHUTDOWN_GRACE": "0"}
     env.update({f"JOBQUEUE_{key.upper()}": str(value) for key, value in settings.items()})
     for attempt in range(3):

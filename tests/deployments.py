@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import TEST_KINDS, Server, free_port, run_server
+from conftest import KINDS_PATH, Server, free_port, run_server
 from jobqueue.local import cluster
 from jobqueue.local.postgres import LocalPostgres
 
@@ -23,7 +23,7 @@ ENGINES = ["embedded", "postgres"]
 
 def settings_env(out_dir: Path, settings: dict[str, object]) -> dict[str, str]:
     """The environment run_server gives a test server, for replicas and workers too."""
-    env = {**os.environ, "PYTHONPATH": str(TEST_KINDS),
+    env = {**os.environ, "PYTHONPATH": KINDS_PATH,
            "JOBQUEUE_OUT_DIR": str(out_dir), "JOBQUEUE_RATE_LIMIT": "100000/minute",
            "JOBQUEUE_SHUTDOWN_GRACE": "0"}
     env.update({f"JOBQUEUE_{key.upper()}": str(value) for key, value in settings.items()})

@@ -12,6 +12,7 @@ import os
 import random
 import struct
 import zlib
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import httpx
@@ -19,19 +20,20 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+import jobqueue_digits  # from this checkout: pyproject.toml's pythonpath
+import jobqueue_ocr
 from conftest import ROOT, eventually, run_server, wait_finished
 from deployments import deploy
 from jobqueue import BadInput, JobContext, UnsupportedInput
 
-try:
-    import jobqueue_digits
-    import jobqueue_ocr
-except ModuleNotFoundError as error:  # pragma: no cover - a venv made without make
-    raise ImportError(f"{error.name} is not installed: run make examples (or pip install -e "
-                      "examples/ocr -e examples/digits into this venv)") from error
+POINTS = {point.name: point.value for point in entry_points(group="jobqueue.kinds")}
+if not {"ocr", "digits"} <= set(POINTS):  # a venv made without make
+    raise ImportError("The example kinds are not installed in this venv: run make examples "
+                      "(or pip install --no-deps -e examples/ocr -e examples/digits)")
 
 
-def test_the_examples_are_the_installed_packages_of_this_checkout():
+def test_the_examples_are_installed_and_imported_from_this_checkout():
+    assert (POINTS["ocr"], POINTS["digits"]) == ("jobqueue_ocr:KIND", "jobqueue_digits:KIND")
     for module, folder in ((jobqueue_ocr, "ocr"), (jobqueue_digits, "digits")):
         assert Path(module.__file__).resolve().is_relative_to(ROOT / "examples" / folder), \
             f"{module.__name__} is imported from {module.__file__}, not from this checkout"
