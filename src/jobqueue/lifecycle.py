@@ -173,8 +173,8 @@ def failed(job_id: str, error: BaseException, traceback: bool = True) -> Ending:
         return Ending(FAILED, error=DiskFull(job_id))
     if traceback:
         log.error("job %s: failed", job_id, exc_info=error)
-    else:
-        log.error("job %s: failed with its batch: %r", job_id, error)
+    else:  # its batch's error, logged with its traceback once
+        log.info("job %s: failed with its batch: %r", job_id, error)
     return Ending(FAILED, error=error)
 
 
@@ -218,8 +218,8 @@ def run_batch(kind: JobKind, contexts: Sequence[JobContext],
             if not isinstance(answers, (list, tuple)) or len(answers) != len(jobs):
                 got = (f"{len(answers)} answers" if isinstance(answers, (list, tuple))
                        else f"a {type(answers).__name__}")
-                raise KindError(f"the {kind.name} kind's batch handler answered {got} for a "
-                                f"batch of {len(jobs)} jobs (it must answer a list of one "
+                raise KindError(f"the {kind.name} kind's batch handler returned {got} for a "
+                                f"batch of {len(jobs)} jobs (it must return a list of one "
                                 "Output or exception per job, in their order)")
         except BaseException as error:  # every job of the call ends with it
             ids = ", ".join(context.id for context in jobs)

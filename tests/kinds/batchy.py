@@ -4,8 +4,9 @@ public API only, as a user's kind would be.
 The handler takes a batch of jobs and answers, in each job's place, its text with the batch's
 id, size and the job's index in it, in a file of the job's own too; or what the job's `answer`
 asks for: an exception of its own (`too_large`, `crash`), the whole call raising (`raise`), or
-one answer too few (`short`). A job with a `gate` holds its batch until that file exists, so a
-test decides when a batch may end; each job's progress says when its batch's call has begun.
+one answer too few (`short`); a job cancelled meanwhile is skipped, as a handler should. A job
+with a `gate` holds its batch until that file exists, so a test decides when a batch may end;
+each job's progress says when its batch's call has begun.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from jobqueue import Batch, JobContext, JobKind, Output, TooLarge
+from jobqueue import Batch, JobCancelled, JobContext, JobKind, Output, TooLarge
 
 # How often a gated batch looks for its gate file.
 GATE_POLL_SECONDS = 0.02
@@ -42,7 +43,9 @@ def answer_batch(jobs: list[JobContext]) -> list[Output | Exception]:
         raise RuntimeError("the batchy kind's handler failed for its whole batch")
     answers: list[Output | Exception] = []
     for index, job in enumerate(jobs):
-        if job.options.answer == "too_large":
+        if job.cancel_requested.is_set():  # it has ended; its answer would be dropped
+            answers.append(JobCancelled(job.id))
+        elif job.options.answer == "too_large":
             answers.append(TooLarge(f"{job.options.text!r} is too large for batchy"))
         elif job.options.answer == "crash":
             answers.append(RuntimeError(f"batchy crashed on {job.options.text!r}"))
@@ -62,3 +65,7 @@ GATED = JobKind(name="gated", description="A batch of up to 4, held by a gate fi
 QUICK = JobKind(name="quick", description="Batches of up to 8 on two workers.",
                 options=BatchyOptions, handler=answer_batch, workers=2, queue_size=32,
                 timeout=30, batch=Batch(max_size=8, max_wait=1.0))
+# A /put of it is stopped at 1 s; a batch of two waits up to 2 s for its second job.
+BRIEF = JobKind(name="brief", description="A /put timeout of 1 s.", options=BatchyOptions,
+                handler=answer_batch, workers=1, queue_size=5, timeout=1.0,
+                batch=Batch(max_size=2, max_wait=2.0))

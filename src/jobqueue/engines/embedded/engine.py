@@ -84,6 +84,8 @@ class Job:
     timed_out: bool = False
     # What the first cancel said it was (a client's, a deadline, a shutdown): its outcome.
     cancelled_as: Outcome | None = None
+    # While the handler of its batch runs: its files are tidied only after that returns.
+    batch_running: bool = False
     # Called from whichever thread finishes the job, before the loop side hears of it.
     on_finish: Callable[[Job], None] | None = None
     # The record stored as it ended: what its waiters get, without making it again.
@@ -499,15 +501,19 @@ class WorkerPool:
         unless it ended before the batch did (a cancel, its deadline: its answer is dropped)."""
         with self._lock:
             self.batches[threading.current_thread().name] = jobs
+        for job in jobs:
+            job.batch_running = True
         log.debug("jobs %s: a batch of %d %s jobs started on %s",
                   ", ".join(job.id for job in jobs), len(jobs), self.kind.name,
                   jobs[0].worker_name)
         endings = lifecycle.run_batch(
             self.kind, [job.context for job in jobs],
             on_call=lambda size: self.metrics.batch_called(self.kind.name, size))
+        for job in jobs:
+            job.batch_running = False
         for job, ending in zip(jobs, endings):
             if job.status.finished or not self._end(job, ending):
-                tidy_files(job)  # what its handler wrote after its end goes too
+                tidy_files(job)  # it ended before its batch: its files go now
 
     def _run(self, job: Job) -> None:
         log.debug("job %s: %s started on %s", job.id, self.kind.name, job.worker_name)
@@ -794,7 +800,8 @@ class EmbeddedEngine:
         if job.rerun_after_restart:
             log.info("job %s: stopped by shutdown; it runs again after a restart", job.id)
             return
-        tidy_files(job)
+        if not job.batch_running:  # else once its batch has returned: it may write on
+            tidy_files(job)
         if job.refused:
             self.store.delete(job.id)
             return
@@ -851,8 +858,8 @@ class EmbeddedEngine:
 
 def tidy_files(job: Job) -> None:
     """Leave an ended job the files its end keeps (lifecycle.files_after); a refused one
-    none. Done as it ends, and again for a job that ended before its batch did, once the
-    batch's handler (which may have written on meanwhile) has returned."""
+    none. Done as it ends; for a job that ended before its batch did, once the batch's
+    handler (which may write on into its folder meanwhile) has returned."""
     if job.rerun_after_restart:
         return  # left as it was: its partial output is discarded when it runs again
     keep = lifecycle.Keep.NOTHING if job.refused else lifecycle.files_after(job.status,
