@@ -196,3 +196,38 @@ def test_a_put_timeout_ends_its_job_as_a_deadline_and_its_batch_runs_on(deployme
     assert posted["status"] == "succeeded" and posted["result"]["data"]["size"] == 2
     eventually(lambda: sum(value(scrape(source), "jobqueue_jobs_total", kind="brief",
                                  outcome="deadline") for source in sources) == deadlines + 1)
+
+
+def test_a_job_cancelled_while_it_waits_is_left_out_of_the_batch(client, tmp_path):
+    gate = tmp_path / "gate"
+    hold(client, gate)
+    jobs = [submit(client, "gated", text=f"job-{number}") for number in range(5)]
+    eventually(lambda: queued(client, "gated") == 5)
+    # A distributed worker has fetched it already: it waits, unclaimed, for a batch.
+    assert client.delete(f"/jobs/{jobs[1]}").status_code == 200
+    eventually(lambda: job(client, jobs[1])["status"] == "cancelled")
+    gate.touch()
+    ended = [wait_finished(client, job_id) for job_id in jobs]
+    assert ended[1]["status"] == "cancelled" and ended[1]["attempt"] == 0
+    others = [record["result"]["data"] for number, record in enumerate(ended) if number != 1]
+    assert [(data["size"], data["index"]) for data in others] == [(4, 0), (4, 1), (4, 2), (4, 3)]
+
+
+def test_a_stopping_worker_gives_back_the_jobs_waiting_for_its_batches(deployment, client,
+                                                                       tmp_path):
+    if deployment.engine != "postgres":
+        pytest.skip("worker processes are the distributed mode's")
+    gate = tmp_path / "gate"
+    blocker = hold(client, gate)
+    jobs = [submit(client, "gated", text=f"job-{number}") for number in range(3)]
+    eventually(lambda: queued(client, "gated") == 3)  # all three wait in the worker's batcher
+    (worker,) = deployment.workers
+    worker.terminate()  # no shutdown grace: the running batch is stopped and queued again
+    assert worker.wait(30) == 0
+    assert job(client, blocker)["status"] == "queued"
+    gate.touch()
+    deployment.start_worker()
+    ended = [wait_finished(client, job_id) for job_id in [blocker, *jobs]]
+    assert [record["status"] for record in ended] == ["succeeded"] * 4
+    # The blocker ran twice; the others were given back unclaimed, and ran once.
+    assert [record["attempt"] for record in ended] == [2, 1, 1, 1]
