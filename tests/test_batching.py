@@ -5,7 +5,8 @@ the handler once for them; each job keeps its own record, answer, failure, cance
 The kinds are tests/kinds/batchy.py's. A batch is made to form deterministically: a first job
 holds its batch (its gate file does not exist yet) until the test sees the next jobs queued,
 then those form the next batch, already waiting when the worker comes for them (max_wait only
-covers a distributed worker fetching its last one). Nothing here waits for a time."""
+covers a distributed worker fetching its last one). Nothing here waits for a time. The first
+tests run lifecycle.run_batch, which both engines use, in this process."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import BaseModel
 
 from conftest import eventually, scrape, value, wait_finished
 from deployments import ENGINES, Deployment, deploy
+from jobqueue import lifecycle
+from jobqueue.errors import BadInput, JobCancelled, KindError, user_message
+from jobqueue.jobs import Batch, JobContext, JobKind, JobStatus, Output
 
 KINDS = "batchy:GATED,batchy:QUICK,batchy:BRIEF"
 IN_BATCH = "in its batch"  # the progress unit a job shows once its batch's call has begun
@@ -85,6 +90,52 @@ def batches_counted(sources: list[str], kind: str) -> tuple[float, float]:
     scrapes = [scrape(source) for source in sources]
     return (sum(value(s, "jobqueue_batch_size_count", kind=kind) for s in scrapes),
             sum(value(s, "jobqueue_batch_size_sum", kind=kind) for s in scrapes))
+
+
+class NoOptions(BaseModel):
+    pass
+
+
+def contexts(tmp_path: Path, count: int) -> list[JobContext]:
+    return [JobContext(f"job-{number}", NoOptions(), None, tmp_path / f"job-{number}", None)
+            for number in range(count)]
+
+
+def test_each_answer_ends_its_own_job_by_the_ladder(tmp_path):
+    called, sizes = [], []
+
+    def handler(jobs: list[JobContext]) -> list:
+        called.append([job.id for job in jobs])
+        return [Output({"n": 1}), None, BadInput("no"), JobCancelled(jobs[3].id),
+                RuntimeError("bug")]
+
+    def prepare(job: JobContext) -> None:
+        if job.id == "job-6":
+            raise BadInput("its input could not be fetched")
+
+    kind = JobKind("b", "", NoOptions, handler, writes_files=False, batch=Batch(8))
+    jobs = contexts(tmp_path, 7)
+    jobs[5].cancel()  # cancelled before the call: left out of it
+    endings = lifecycle.run_batch(kind, jobs, prepare, on_call=sizes.append)
+    assert called == [[f"job-{number}" for number in range(5)]] and sizes == [5]
+    assert [ending.status for ending in endings] == [
+        JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.FAILED, JobStatus.CANCELLED,
+        JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.FAILED]
+    assert endings[0].result == {"data": {"n": 1}, "files": []}
+    assert isinstance(endings[1].error, KindError)  # None is no answer
+    assert "answered a NoneType for it" in user_message(endings[1].error, "job-1")
+    assert [ending.error_category for ending in endings[2:5]] == ["bad_input", None, "internal"]
+    assert str(endings[6].error) == "its input could not be fetched"
+
+
+@pytest.mark.parametrize("answer", [None, [Output({})], (Output({}),) * 3])
+def test_an_answer_that_is_no_list_of_one_per_job_fails_them_all(tmp_path, answer):
+    kind = JobKind("b", "", NoOptions, lambda jobs: answer, writes_files=False,
+                   batch=Batch(8))
+    endings = lifecycle.run_batch(kind, contexts(tmp_path, 2))
+    assert {ending.status for ending in endings} == {JobStatus.FAILED}
+    assert all(isinstance(ending.error, KindError) for ending in endings)
+    assert "the b kind's batch handler returned" in user_message(endings[0].error, "job-0")
 
 
 def test_concurrent_puts_form_batches_and_each_gets_its_own_answer(deployment, client):

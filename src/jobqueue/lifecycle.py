@@ -171,8 +171,9 @@ def failed(job_id: str, error: BaseException, traceback: bool = True) -> Ending:
     if _disk_full(error):
         log.error("job %s: the disk is full: %s", job_id, error)
         return Ending(FAILED, error=DiskFull(job_id))
-    if traceback:
-        log.error("job %s: failed", job_id, exc_info=error)
+    if traceback:  # a KindError's says nothing more than its message
+        log.error("job %s: failed: %s", job_id, error,
+                  exc_info=None if isinstance(error, KindError) else error)
     else:  # its batch's error, logged with its traceback once
         log.info("job %s: failed with its batch: %r", job_id, error)
     return Ending(FAILED, error=error)
@@ -225,24 +226,24 @@ def run_batch(kind: JobKind, contexts: Sequence[JobContext],
             ids = ", ".join(context.id for context in jobs)
             if not isinstance(error, (JobCancelled, BadInput)) and not _disk_full(error):
                 log.error("a batch of %d %s jobs failed (%s): %s", len(jobs), kind.name, ids,
-                          error, exc_info=error)
+                          error, exc_info=None if isinstance(error, KindError) else error)
             for index in called:
                 endings[index] = failed(contexts[index].id, error, traceback=False)
         else:
             for index, answer in zip(called, answers):
-                endings[index] = _answered(contexts[index], answer, keep)
+                endings[index] = _answered(kind, contexts[index], answer, keep)
     return endings  # type: ignore[return-value]  # every place is filled
 
 
-def _answered(context: JobContext, answer: Any,
+def _answered(kind: JobKind, context: JobContext, answer: Any,
               keep: Callable[[JobContext, Output], None] | None) -> Ending:
     """How a job of a batch ends by its answer (the place of `run`'s handler return)."""
     try:
         if isinstance(answer, BaseException):
             raise answer
         if not isinstance(answer, Output):
-            raise KindError(f"the {context.id} job's answer is a {type(answer).__name__}, not "
-                            "an Output or an exception")
+            raise KindError(f"the {kind.name} kind's batch handler answered a "
+                            f"{type(answer).__name__} for it, not an Output or an exception")
         context.raise_if_cancelled()
         if keep is not None and answer.files:
             keep(context, answer)
