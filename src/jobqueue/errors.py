@@ -113,6 +113,12 @@ class JobCancelled(Exception):
     """Raised inside a handler when its job was cancelled; the worker stops the job quietly."""
 
 
+class KindError(Exception):
+    """A kind's handler broke its side of the interface (a batch answered with the wrong
+    number of results): a crash of the kind (category "internal"), whose record says what,
+    since the message holds nothing of the server's insides."""
+
+
 class QueueFull(Exception):
     """The kind's queue is at capacity; the client should retry after `retry_after` seconds."""
 
@@ -216,6 +222,8 @@ def user_message(error: BaseException | None, job_id: str) -> str | None:
     never the inside of a bug."""
     if error is None:
         return None
+    if isinstance(error, KindError):
+        return f"Job {job_id} failed with an internal error: {error}."
     if category_of(error) == "internal":
         return f"Job {job_id} failed with an internal error; the server log has the details."
     return str(error) if not is_disk_full(error) else str(DiskFull(job_id))

@@ -10,14 +10,15 @@ attempt that is no longer the job's) or a second end change nothing. The engines
 (a `Job` under a lock in the embedded one, a row in PostgreSQL guarded by the same rules in its
 statements) and ask this module what each event does; neither decides an outcome itself.
 
-`run` is the ladder from a handler's run to its `Ending`; `at_deadline` is how a job stopped at
-its run-time limit ends; `files_after` says which of a job's files stay once it has ended.
+`run` is the ladder from a handler's run to its `Ending`, `run_batch` the same for a batched
+kind's handler and its jobs; `at_deadline` is how a job stopped at its run-time limit ends;
+`files_after` says which of a job's files stay once it has ended.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -26,6 +27,7 @@ from jobqueue.errors import (
     BadInput,
     DiskFull,
     JobCancelled,
+    KindError,
     TimedOut,
     Unavailable,
     category_of,
@@ -79,14 +81,20 @@ class AtCancel(Enum):
 
     ENDS_NOW = "ends now"  # queued: cancelled at once, its queue slot given back
     STOPS_RUN = "stops its run"  # running: its children are killed, its run ends cancelled
+    # Running in a batch: it ends now (cancelled, or at its deadline as `at_deadline` says),
+    # its context is told (its children are killed), and its answer is dropped when the batch
+    # returns; the batch runs on for its other jobs.
+    LEAVES_BATCH = "leaves its batch"
     NOTHING = "nothing"  # ended already: a late or second cancel changes nothing
 
 
-def at_cancel(status: JobStatus) -> AtCancel:
+def at_cancel(status: JobStatus, batched: bool = False) -> AtCancel:
+    """What a cancel (a client's, a deadline, a shutdown) does; `batched`: the job runs in a
+    batch (its kind has `batch`), whose shared run a cancel of one job must not stop."""
     if status in ENDS_AT_CANCEL:
         return AtCancel.ENDS_NOW
     if status in STOPS_AT_CANCEL:
-        return AtCancel.STOPS_RUN
+        return AtCancel.LEAVES_BATCH if batched else AtCancel.STOPS_RUN
     return AtCancel.NOTHING
 
 
@@ -135,8 +143,8 @@ def run(kind: JobKind, context: JobContext, prepare: Callable[[], None] | None =
     The ladder: a handler that returns succeeds, unless a cancel came meanwhile; a cancel
     (JobCancelled) cancels; BadInput (TooLarge, UnsupportedInput) fails with its message; a
     full disk fails naming the disk; anything else fails as an internal error, its traceback
-    logged. A deadline or a shutdown is the engine's to apply on top (`at_deadline`,
-    `after_interrupted_run`)."""
+    logged (`failed`). A deadline or a shutdown is the engine's to apply on top
+    (`at_deadline`, `after_interrupted_run`)."""
     try:
         if kind.writes_files:
             jobfiles.make_job_dir(context.out_dir)
@@ -146,18 +154,102 @@ def run(kind: JobKind, context: JobContext, prepare: Callable[[], None] | None =
         context.raise_if_cancelled()
         if keep is not None and output.files:
             keep(output)
-    except JobCancelled:
-        return Ending(CANCELLED)
-    except BadInput as error:
-        log.info("job %s: bad input: %s", context.id, error)
-        return Ending(FAILED, error=error)
     except BaseException as error:  # a job's failure must never end its worker
-        if isinstance(error, DiskFull) or is_disk_full(error):
-            log.error("job %s: the disk is full: %s", context.id, error)
-            return Ending(FAILED, error=DiskFull(context.id))
-        log.exception("job %s: failed", context.id)
-        return Ending(FAILED, error=error)
+        return failed(context.id, error)
     return Ending(SUCCEEDED, output)
+
+
+def failed(job_id: str, error: BaseException, traceback: bool = True) -> Ending:
+    """The ladder's rungs below success: how a job whose run raised `error` (or whose batch
+    answered it in the job's place) ends. `traceback`: log it (a batch's own error is logged
+    once, not once per job)."""
+    if isinstance(error, JobCancelled):
+        return Ending(CANCELLED)
+    if isinstance(error, BadInput):
+        log.info("job %s: bad input: %s", job_id, error)
+        return Ending(FAILED, error=error)
+    if _disk_full(error):
+        log.error("job %s: the disk is full: %s", job_id, error)
+        return Ending(FAILED, error=DiskFull(job_id))
+    if traceback:  # a KindError's says nothing more than its message
+        log.error("job %s: failed: %s", job_id, error,
+                  exc_info=None if isinstance(error, KindError) else error)
+    else:  # its batch's error, logged with its traceback once
+        log.info("job %s: failed with its batch: %r", job_id, error)
+    return Ending(FAILED, error=error)
+
+
+def _disk_full(error: BaseException) -> bool:
+    return isinstance(error, DiskFull) or is_disk_full(error)
+
+
+def run_batch(kind: JobKind, contexts: Sequence[JobContext],
+              prepare: Callable[[JobContext], None] | None = None,
+              keep: Callable[[JobContext, Output], None] | None = None,
+              on_call: Callable[[int], None] | None = None) -> list[Ending]:
+    """Run a batched kind's handler once for these jobs (started, in their queue's order) on
+    this thread; how each ended, in the same order. Per job, `run`'s ladder: `prepare(job)`
+    first (a job whose prepare fails, or that was cancelled by then, is left out of the call
+    and ends by the ladder), then one call of the handler for all the others (`on_call(n)`
+    just before it); its answer in a job's place decides that job: an `Output` succeeds
+    (unless the job was cancelled meanwhile; `keep(job, output)` after), an exception ends it
+    as the same exception raised by a single job's handler would. The handler raising ends
+    every job of the call with its exception; an answer that is no list of one `Output` or
+    exception per job fails them all as a crash of the kind (KindError)."""
+    endings: list[Ending | None] = [None] * len(contexts)
+    called: list[int] = []
+    for index, context in enumerate(contexts):
+        try:
+            context.raise_if_cancelled()
+            if kind.writes_files:
+                jobfiles.make_job_dir(context.out_dir)
+            if prepare is not None:
+                prepare(context)
+            context.raise_if_cancelled()
+        except BaseException as error:
+            endings[index] = failed(context.id, error)
+        else:
+            called.append(index)
+    if called:
+        jobs = [contexts[index] for index in called]
+        if on_call is not None:
+            on_call(len(jobs))
+        try:
+            answers = kind.handler(jobs)
+            if not isinstance(answers, (list, tuple)) or len(answers) != len(jobs):
+                got = (f"{len(answers)} answers" if isinstance(answers, (list, tuple))
+                       else f"a {type(answers).__name__}")
+                raise KindError(f"the {kind.name} kind's batch handler returned {got} for a "
+                                f"batch of {len(jobs)} jobs (it must return a list of one "
+                                "Output or exception per job, in their order)")
+        except BaseException as error:  # every job of the call ends with it
+            ids = ", ".join(context.id for context in jobs)
+            if not isinstance(error, (JobCancelled, BadInput)) and not _disk_full(error):
+                log.error("a batch of %d %s jobs failed (%s): %s", len(jobs), kind.name, ids,
+                          error, exc_info=None if isinstance(error, KindError) else error)
+            for index in called:
+                endings[index] = failed(contexts[index].id, error, traceback=False)
+        else:
+            for index, answer in zip(called, answers):
+                endings[index] = _answered(kind, contexts[index], answer, keep)
+    return endings  # type: ignore[return-value]  # every place is filled
+
+
+def _answered(kind: JobKind, context: JobContext, answer: Any,
+              keep: Callable[[JobContext, Output], None] | None) -> Ending:
+    """How a job of a batch ends by its answer (the place of `run`'s handler return)."""
+    try:
+        if isinstance(answer, BaseException):
+            raise answer
+        if not isinstance(answer, Output):
+            raise KindError(f"the {kind.name} kind's batch handler answered a "
+                            f"{type(answer).__name__} for it, not an Output or an exception")
+        context.raise_if_cancelled()
+        if keep is not None and answer.files:
+            keep(context, answer)
+    except BaseException as error:
+        return failed(context.id, error)
+    return Ending(SUCCEEDED, answer)
 
 
 def deadline(origin: Origin, created_at: float, started_at: float, put_timeout: float,

@@ -16,7 +16,7 @@ import ipaddress
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from enum import Enum
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -32,7 +32,7 @@ from prometheus_client import (
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from jobqueue.errors import TimedOut, category_of
-from jobqueue.jobs import JobStatus
+from jobqueue.jobs import JobKind, JobStatus
 
 if TYPE_CHECKING:  # a worker process never loads Starlette
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,6 +46,8 @@ JOB_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
 # A method outside these is labelled "other": a client's made-up methods must not each make
 # a series of their own (the label sets are all kept in memory).
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+# Jobs per call of a batched kind's handler (jobs.Batch.max_size is 32 by default).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TIMED_OUT = category_of(TimedOut())
 
@@ -77,7 +79,7 @@ def outcome(status: str, error_kind: str | None, cancelled_as: str | None) -> Ou
 class Metrics:
     """One process's metrics, in a registry of its own (never the global one)."""
 
-    def __init__(self, kinds: Iterable[str]):
+    def __init__(self, kinds: Iterable[str] | Mapping[str, JobKind]):
         self.kinds = list(kinds)
         self.registry = registry = CollectorRegistry()
         self.jobs = Counter("jobqueue_jobs", "Jobs that ended in this process, by outcome",
@@ -88,6 +90,9 @@ class Metrics:
         self.run_seconds = Histogram(
             "jobqueue_job_run_seconds", "Seconds a job ran, from its start to its end",
             ["kind"], buckets=JOB_BUCKETS, registry=registry)
+        self.batch_size = Histogram(
+            "jobqueue_batch_size", "Jobs in each call of a batched kind's handler",
+            ["kind"], buckets=BATCH_BUCKETS, registry=registry)
         self.rate_limited = Counter(
             "jobqueue_rate_limited", "Requests answered 429: over JOBQUEUE_RATE_LIMIT "
             "(limit=submit), or locked out after wrong API keys (limit=wrong_key)", ["limit"],
@@ -121,6 +126,10 @@ class Metrics:
                 self.jobs.labels(kind, ending.value)
             self.queue_seconds.labels(kind)
             self.run_seconds.labels(kind)
+        if isinstance(kinds, Mapping):  # the batched kinds' series too, when they are known
+            for name, kind in kinds.items():
+                if kind.batch is not None:
+                    self.batch_size.labels(name)
         for limit in ("submit", "wrong_key"):
             self.rate_limited.labels(limit)
 
@@ -132,6 +141,10 @@ class Metrics:
         self.jobs.labels(kind, ending.value).inc()
         if started_at is not None and finished_at is not None:
             self.run_seconds.labels(kind).observe(max(0.0, finished_at - started_at))
+
+    def batch_called(self, kind: str, size: int) -> None:
+        """A batched kind's handler was called for `size` jobs."""
+        self.batch_size.labels(kind).observe(size)
 
     def refused(self, kind: str) -> None:
         self.jobs.labels(kind, Outcome.REFUSED.value).inc()

@@ -20,7 +20,7 @@ import logging
 import signal
 
 from jobqueue.engines.postgres import timeouts
-from jobqueue.engines.postgres.runner import Runner
+from jobqueue.engines.postgres.runner import Runner, connections
 from jobqueue.errors import CannotStart
 from jobqueue.jobs import JobKind
 from jobqueue.kinds import load_kinds
@@ -46,8 +46,8 @@ async def serve(settings: Settings, kinds: dict[str, JobKind]) -> None:
     # (timeouts.py); a wait for a free connection of POOL_TIMEOUT_SECONDS, then the caller
     # retries (a held job end keeps trying).
     pool = timeouts.Pool(settings.database_url.get_secret_value(), min_size=1,
-                         max_size=sum(settings.limits(kind).workers for kind in kinds.values()) + 6,
-                         open=False, timeout=POOL_TIMEOUT_SECONDS)
+                         max_size=connections(settings, kinds), open=False,
+                         timeout=POOL_TIMEOUT_SECONDS)
     await pool.open(wait=False)
     runner = Runner(settings, kinds, pool, metrics)
     runner.metrics_url = metrics_url

@@ -85,6 +85,8 @@ class Job:
     timed_out: bool = False
     # What the first cancel said it was (a client's, a deadline, a shutdown): its outcome.
     cancelled_as: Outcome | None = None
+    # While the handler of its batch runs: its files are tidied only after that returns.
+    batch_running: bool = False
     # Called from whichever thread finishes the job, before the loop side hears of it.
     on_finish: Callable[[Job], None] | None = None
     # The record stored as it ended: what its waiters get, without making it again.
@@ -139,14 +141,19 @@ class Job:
         self._finished()
         return True
 
-    def cancel(self) -> JobStatus:
+    def cancel(self, ending: Ending | None = None) -> JobStatus:
         """Ask the job to stop: a queued job ends now, a running one has its child processes
-        killed and it stops at its handler's next check. Returns the status it found."""
+        killed and it stops at its handler's next check; one running in a batch ends now, as
+        `ending` says (default: cancelled). Returns the status it found."""
         self.context.cancel()
         with self._lock:
             found = self.status
-            ended_here = (lifecycle.at_cancel(found) is lifecycle.AtCancel.ENDS_NOW
-                          and self._finish_locked(Ending(JobStatus.CANCELLED)))
+            at_cancel = lifecycle.at_cancel(found, batched=self.kind.batch is not None)
+            if at_cancel is lifecycle.AtCancel.ENDS_NOW:
+                ending = Ending(JobStatus.CANCELLED)
+            ended_here = (at_cancel in (lifecycle.AtCancel.ENDS_NOW,
+                                        lifecycle.AtCancel.LEAVES_BATCH)
+                          and self._finish_locked(ending or Ending(JobStatus.CANCELLED)))
         if ended_here:
             self._finished()
         return found
@@ -254,6 +261,8 @@ class WorkerPool:
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=limits.queue_size)
         self.threads: list[threading.Thread] = []
         self.running: set[Job] = set()
+        # A batched kind's batch on each thread (by its name), while its handler runs.
+        self.batches: dict[str, list[Job]] = {}
         # Threads whose job hung past its timeout: they exit if their handler ever returns.
         self.abandoned: set[threading.Thread] = set()
         self.closed = False
@@ -278,6 +287,7 @@ class WorkerPool:
         now = time.time()
         with self._lock:
             running = list(self.running)
+            batches = list(self.batches.values())
         for job in running:
             over = now - job.deadline if job.deadline else -1
             if over < 0 or job.status.finished:
@@ -286,23 +296,35 @@ class WorkerPool:
                 job.timed_out = True
                 log.warning("job %s: past its deadline; stopping it", job.id)
                 job.cancelled_as = job.cancelled_as or Outcome.DEADLINE
-                job.cancel()  # kills its child processes; the handler stops at its next check
+                # Kills its child processes; the handler stops at its next check (a job of a
+                # batch ends now).
+                job.cancel(self._at_deadline(job))
             elif over > self.abandon_after:
-                self._abandon(job)
+                self._abandon([job])
+        for jobs in batches:
+            # Every job of the batch has ended (cancels, deadlines), and its handler still
+            # runs past the last of their deadlines: it ignores cancels, as a single job's may.
+            last = max(job.deadline or now for job in jobs)
+            if now - last > self.abandon_after and all(job.status.finished for job in jobs):
+                self._abandon(jobs)
 
-    def _abandon(self, job: Job) -> None:
+    def _abandon(self, jobs: list[Job]) -> None:
+        """Give up on the thread that runs `jobs` (one job, or a batch)."""
         with self._lock:
-            thread = next((t for t in self.threads if t.name == job.worker_name), None)
-            if (thread is None or job not in self.running or self.closed
+            thread = next((t for t in self.threads if t.name == jobs[0].worker_name), None)
+            if (thread is None or jobs[0] not in self.running or self.closed
                     or len(self.abandoned) >= MAX_ABANDONED_THREADS):
                 return
             self.abandoned.add(thread)
             self.threads.remove(thread)
-            self.running.discard(job)
+            self.running.difference_update(jobs)
+            self.batches.pop(thread.name, None)
             self._start_thread(f"{thread.name}+")
         log.error("job %s: its handler ignored the cancel for %g s; %s is given up on and a "
-                  "new thread takes its place", job.id, self.abandon_after, thread.name)
-        job.finish(self._at_deadline(job))
+                  "new thread takes its place", ", ".join(job.id for job in jobs),
+                  self.abandon_after, thread.name)
+        for job in jobs:
+            job.finish(self._at_deadline(job))
 
     def _at_deadline(self, job: Job) -> Ending:
         return lifecycle.at_deadline(job.id, job.origin, self.max_run_seconds)
@@ -419,31 +441,100 @@ class WorkerPool:
             job = self.queue.get()
             if job is None:
                 return
-            with self._lock:  # so stop() sees every job that has started
-                if self.closed or not job.start(worker_name):
-                    continue  # cancelled while it waited, or left for after a restart
-                job.deadline = lifecycle.deadline(job.origin, job.created_at, job.started_at,
-                                                  self.limits.timeout, self.max_run_seconds)
-                self.running.add(job)
-            self.metrics.job_started(self.kind.name, job.created_at, job.started_at)
-            self._tell_waiting_jobs()
-            try:
-                self.store.save(job.record())  # so GET /jobs?status=running finds it
-                self._run(job)
-            except BaseException as error:  # only a bug gets here; the thread keeps serving
-                log.exception("job %s: engine error", job.id)
-                job.finish(Ending(JobStatus.FAILED, error=error))
+            if self.kind.batch is None:
+                jobs, last = ([job] if self._start(job, worker_name) else []), False
+            else:
+                jobs, last = self._take_batch(job, worker_name)
+            if jobs:
+                try:
+                    if self.kind.batch is None:
+                        self._run(jobs[0])
+                    else:
+                        self._run_batch(jobs)
+                except BaseException as error:  # only a bug gets here; the thread keeps serving
+                    log.exception("job %s: engine error", ", ".join(job.id for job in jobs))
+                    for job in jobs:
+                        job.finish(Ending(JobStatus.FAILED, error=error))
+                with self._lock:
+                    self.running.difference_update(jobs)
+                    if self.batches.get(worker_name) is jobs:
+                        del self.batches[worker_name]
+                    given_up = threading.current_thread() in self.abandoned
+                    self.abandoned.discard(threading.current_thread())
+                if given_up:
+                    return  # a replacement serves the queue now
+            if last:
+                return  # stop() sent this thread its end while it gathered a batch
+
+    def _start(self, job: Job, worker_name: str) -> bool:
+        """Start a job taken from the queue; False when it was cancelled while it waited, or
+        is left for after a restart."""
+        with self._lock:  # so stop() sees every job that has started
+            if self.closed or not job.start(worker_name):
+                return False
+            job.deadline = lifecycle.deadline(job.origin, job.created_at, job.started_at,
+                                              self.limits.timeout, self.max_run_seconds)
+            self.running.add(job)
+        self.metrics.job_started(self.kind.name, job.created_at, job.started_at)
+        self._tell_waiting_jobs()
+        try:
+            self.store.save(job.record())  # so GET /jobs?status=running finds it
+        except BaseException as error:  # only a bug gets here; the thread keeps serving
+            log.exception("job %s: engine error", job.id)
+            job.finish(Ending(JobStatus.FAILED, error=error))
             with self._lock:
                 self.running.discard(job)
-                given_up = threading.current_thread() in self.abandoned
-                self.abandoned.discard(threading.current_thread())
-            if given_up:
-                return  # a replacement serves the queue now
+            return False
+        return True
+
+    def _take_batch(self, first: Job, worker_name: str) -> tuple[list[Job], bool]:
+        """A batch: `first` (taken from the queue as it came) and up to max_size - 1 more
+        jobs queued within max_wait from then, each started as it is taken (one cancelled
+        while it waited is left out). Also whether stop() sent this thread its end meanwhile."""
+        batch = self.kind.batch
+        jobs = [first] if self._start(first, worker_name) else []
+        if not jobs:
+            return [], False
+        until = time.monotonic() + batch.max_wait
+        while len(jobs) < batch.max_size:
+            left = until - time.monotonic()
+            try:  # those queued already, even past max_wait; then the next until it is up
+                job = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            if self._start(job, worker_name):
+                jobs.append(job)
+        return jobs, False
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """One call of the batched kind's handler for `jobs`; each ends as its answer says,
+        unless it ended before the batch did (a cancel, its deadline: its answer is dropped)."""
+        with self._lock:
+            self.batches[threading.current_thread().name] = jobs
+        for job in jobs:
+            job.batch_running = True
+            job.context.resource = self.resource.value
+        log.debug("jobs %s: a batch of %d %s jobs started on %s",
+                  ", ".join(job.id for job in jobs), len(jobs), self.kind.name,
+                  jobs[0].worker_name)
+        endings = lifecycle.run_batch(
+            self.kind, [job.context for job in jobs],
+            on_call=lambda size: self.metrics.batch_called(self.kind.name, size))
+        for job in jobs:
+            job.batch_running = False
+        for job, ending in zip(jobs, endings):
+            if job.status.finished or not self._end(job, ending):
+                tidy_files(job)  # it ended before its batch: its files go now
 
     def _run(self, job: Job) -> None:
         log.debug("job %s: %s started on %s", job.id, self.kind.name, job.worker_name)
         job.context.resource = self.resource.value
-        ending = lifecycle.run(self.kind, job.context)
+        self._end(job, lifecycle.run(self.kind, job.context))
+
+    def _end(self, job: Job, ending: Ending) -> bool:
+        """End a job its handler has run for; False when it had ended already."""
         if job.timed_out:  # whatever the handler made of being stopped
             ending = self._at_deadline(job)
         seconds = time.time() - job.started_at
@@ -453,7 +544,7 @@ class WorkerPool:
         quiet = ending.status is JobStatus.SUCCEEDED and job.origin is Origin.PUT
         level = logging.DEBUG if quiet else logging.INFO
         log.log(level, "job %s: %s after %.3f s", job.id, ending.status.value, seconds)
-        job.finish(ending)
+        return job.finish(ending)
 
 
 class EmbeddedEngine:
@@ -725,19 +816,11 @@ class EmbeddedEngine:
         if job.rerun_after_restart:
             log.info("job %s: stopped by shutdown; it runs again after a restart", job.id)
             return
+        if not job.batch_running:  # else once its batch has returned: it may write on
+            tidy_files(job)
         if job.refused:
-            jobfiles.remove_job_dir(self.out_dir, job.id)
             self.store.delete(job.id)
             return
-        keep = lifecycle.files_after(job.status, job.origin)
-        if keep is lifecycle.Keep.NOTHING:
-            jobfiles.remove_job_dir(self.out_dir, job.id)
-        elif keep is lifecycle.Keep.INPUT:
-            try:
-                jobfiles.discard_output(job.out_dir)
-            except OSError as error:  # its end is recorded all the same
-                log.warning("job %s: its partial output could not be removed: %s", job.id,
-                            error)
         record = job.record()
         self.store.save(record, ended=True)
         job.ended_record = record
@@ -787,6 +870,23 @@ class EmbeddedEngine:
         self.pools[kind.name].requeue(job)
         self._track(job)
         log.info("job %s: %s queued again after a restart", job.id, kind.name)
+
+
+def tidy_files(job: Job) -> None:
+    """Leave an ended job the files its end keeps (lifecycle.files_after); a refused one
+    none. Done as it ends; for a job that ended before its batch did, once the batch's
+    handler (which may write on into its folder meanwhile) has returned."""
+    if job.rerun_after_restart:
+        return  # left as it was: its partial output is discarded when it runs again
+    keep = lifecycle.Keep.NOTHING if job.refused else lifecycle.files_after(job.status,
+                                                                            job.origin)
+    if keep is lifecycle.Keep.NOTHING:
+        jobfiles.remove_job_dir(job.files_root, job.id)
+    elif keep is lifecycle.Keep.INPUT:
+        try:
+            jobfiles.discard_output(job.out_dir)
+        except OSError as error:  # its end is recorded all the same
+            log.warning("job %s: its partial output could not be removed: %s", job.id, error)
 
 
 class _FeedOf:

@@ -166,7 +166,9 @@ WHERE j.job_type = ANY(%(kinds)s) AND (
         WHERE p.id = j.procrastinate_id AND p.status IN ('todo', 'doing'))))
 
 -- lock_stranded --
--- A stranded job, if still as it was found (parameters: id, procrastinate id, statuses).
+-- A stranded job, if still as it was found (parameters: id, procrastinate id, statuses); or a
+-- job fetched for a batch and let go before its claim, if still queued on that procrastinate
+-- job.
 SELECT * FROM jobqueue_jobs
 WHERE id = %s AND procrastinate_id IS NOT DISTINCT FROM %s AND status = ANY(%s) FOR UPDATE
 

@@ -17,6 +17,10 @@ A kind with a `setup` gets its resource made once in this process, on a thread, 
 starts (resources.py); its procrastinate worker starts only once it is ready, so its jobs wait
 in the queue meanwhile (another worker that has it ready takes them). The heartbeat carries
 each kind's state, which the replicas show in /health and refuse new jobs by.
+
+A batched kind (`JobKind.batch`) gets workers × max_size procrastinate slots: each job fetched
+waits in the kind's `Batcher` (its record still queued) until one of the kind's `workers`
+batch formers takes it into a batch; then it is claimed, and ends, as any job is.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +75,9 @@ PROGRESS_SECONDS = 0.25
 RETRY_SECONDS = 1.0
 # With object storage, each worker process runs its jobs in out/scratch-<host>-<pid>/.
 SCRATCH_PREFIX = "scratch-"
+# The database connections a batched kind adds to a worker's pool, at most: its jobs hold one
+# only for a statement or two each (their claim, progress, end), so they take turns.
+BATCH_CONNECTIONS = 8
 
 
 def task_name(kind: str) -> str:
@@ -95,6 +103,23 @@ def schema_sql() -> str:
     return SchemaManager.get_schema()
 
 
+def slots(kind: JobKind, workers: int) -> int:
+    """The procrastinate slots of a kind in one worker process: its workers; a batched kind's
+    jobs wait for their batch in slots of their own, up to max_size for each worker."""
+    return workers * kind.batch.max_size if kind.batch is not None else workers
+
+
+def connections(settings: Settings, kinds: dict[str, JobKind]) -> int:
+    """The size of a worker process's pool of database connections: one for each job that runs
+    at once, at most BATCH_CONNECTIONS more for each batched kind, and a few for the side tasks
+    (heartbeats, rescues, the watch of cancels, procrastinate's listeners)."""
+    total = 6
+    for kind in kinds.values():
+        workers = settings.limits(kind).workers
+        total += workers + min(slots(kind, workers) - workers, BATCH_CONNECTIONS)
+    return total
+
+
 @dataclass(eq=False)
 class Run:
     """One run of a job in this process: its record as claimed, its handler's context, and
@@ -106,6 +131,15 @@ class Run:
     timed_out: bool = False
     # Since when it has waited for the object store (time.monotonic()), while it does.
     store_down_since: float | None = None
+    # Set, beside the context's cancel, when the watch of cancels stops it (a batch's job
+    # then ends at once).
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    # A batch's job that ended before its batch did (a cancel, its deadline): its files are
+    # tidied once the batch's handler has returned (`batch_done`), which may write on.
+    left_batch: bool = False
+    batch_done: bool = False
+    # Its end as written: its status, and whether this run owned the end.
+    ended: tuple[JobStatus, bool] | None = None
 
     @property
     def id(self) -> str:
@@ -115,20 +149,35 @@ class Run:
 def run_handler(kind: JobKind, run: Run, files: FileStore) -> Ending:
     """On a thread: fetch the job's input, run the kind's handler, keep its outputs; and how
     it ended (lifecycle.run)."""
+    return lifecycle.run(kind, run.context, lambda: prepare(kind, run, files),
+                         lambda output: keep(run, files, output))
+
+
+def run_batch_handler(kind: JobKind, runs: list[Run], files: FileStore,
+                      on_call: Callable[[int], None]) -> list[Ending]:
+    """On a thread: the same for a batch, each job's input fetched and outputs kept on its
+    own, one call of the handler for them all; how each ended (lifecycle.run_batch)."""
+    by_id = {run.id: run for run in runs}
+    return lifecycle.run_batch(
+        kind, [run.context for run in runs],
+        lambda context: prepare(kind, by_id[context.id], files),
+        lambda context, output: keep(by_id[context.id], files, output), on_call)
+
+
+def prepare(kind: JobKind, run: Run, files: FileStore) -> None:
+    """Before the handler: clear what a dead run of the job left, fetch its input."""
     context, record = run.context, run.record
+    if kind.writes_files:
+        jobfiles.discard_output(context.out_dir)  # what a dead run of this job left
+    if record.input_path:
+        context.input_path = until_stored(run, lambda: files.fetch_input(
+            run.id, record.input_path, context.raise_if_cancelled))
 
-    def prepare() -> None:
-        if kind.writes_files:
-            jobfiles.discard_output(context.out_dir)  # what a dead run of this job left
-        if record.input_path:
-            context.input_path = until_stored(run, lambda: files.fetch_input(
-                run.id, record.input_path, context.raise_if_cancelled))
 
-    def keep(output: Output) -> None:
-        until_stored(run, lambda: files.publish(record, output.files,
-                                                context.raise_if_cancelled))
-
-    return lifecycle.run(kind, context, prepare, keep)
+def keep(run: Run, files: FileStore, output: Output) -> None:
+    """After a success: publish the job's outputs."""
+    until_stored(run, lambda: files.publish(run.record, output.files,
+                                            run.context.raise_if_cancelled))
 
 
 def clear_dead_scratch(out_dir: Path) -> None:
@@ -180,6 +229,95 @@ async def whole(work: Any) -> Any:
     return result
 
 
+@dataclass(eq=False)
+class Seat:
+    """A batched kind's job that procrastinate handed this process, from its wait for a batch
+    to its end."""
+
+    job_id: str
+    # True once a batch takes it (its run_job claims it then), False when this process closes
+    # (it is given back); cancelled when it was aborted while it waited.
+    admitted: asyncio.Future[bool]
+    # Its Run once claimed; None when it will not join (cancelled meanwhile, or aborted).
+    joined: asyncio.Future[Run | None]
+    # Its batch's answer in its place.
+    ending: asyncio.Future[Ending]
+
+
+class Batcher:
+    """A batched kind in this process: `workers` formers, each taking the first job waiting,
+    then up to max_size - 1 more that come within max_wait from then, and calling the handler
+    once for those that were claimed (`call`); so at most `workers` batches run at once."""
+
+    def __init__(self, kind: JobKind, workers: int,
+                 call: Callable[[list[Run]], Awaitable[list[Ending]]]):
+        self.kind = kind
+        self.workers = workers
+        self.call = call
+        self.waiting: deque[Seat] = deque()
+        self.arrived = asyncio.Event()
+        self.closed = False
+
+    def seat(self, job_id: str) -> Seat:
+        """A job fetched for this kind: it waits for a batch to take it."""
+        loop = asyncio.get_running_loop()
+        seat = Seat(job_id, loop.create_future(), loop.create_future(), loop.create_future())
+        if self.closed:
+            seat.admitted.set_result(False)
+        else:
+            self.waiting.append(seat)
+            self.arrived.set()
+        return seat
+
+    def close(self) -> None:
+        """Take no more jobs into batches: those waiting are given back (they wait for another
+        worker); batches formed run on."""
+        self.closed = True
+        while self.waiting:
+            seat = self.waiting.popleft()
+            if not seat.admitted.done():
+                seat.admitted.set_result(False)
+
+    async def form(self) -> None:
+        """One former: a batch at a time, for as long as the process runs."""
+        loop = asyncio.get_running_loop()
+        size, wait = self.kind.batch.max_size, self.kind.batch.max_wait
+        while True:
+            seats = [await self._take(None)]
+            until = loop.time() + wait
+            while len(seats) < size and (seat := await self._take(until)) is not None:
+                seats.append(seat)
+            joined = [(seat, await seat.joined) for seat in seats]
+            joined = [(seat, run) for seat, run in joined if run is not None]
+            if not joined:
+                continue
+            try:
+                endings = await self.call([run for _, run in joined])
+            except Exception as error:  # only a bug gets here; the former keeps forming
+                log.exception("a batch of %s jobs failed to run", self.kind.name)
+                endings = [Ending(JobStatus.FAILED, error=error)] * len(joined)
+            for (seat, _), ending in zip(joined, endings):
+                if not seat.ending.done():
+                    seat.ending.set_result(ending)
+
+    async def _take(self, until: float | None) -> Seat | None:
+        """The next job waiting, admitted into a batch (its run_job claims it now); with
+        `until` (the loop's clock), None when none came by then."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while self.waiting:
+                seat = self.waiting.popleft()
+                if not seat.admitted.done():  # else aborted while it waited
+                    seat.admitted.set_result(True)
+                    return seat
+            self.arrived.clear()
+            left = None if until is None else until - loop.time()
+            if left is not None and left <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), left)
+
+
 class Runner:
     """procrastinate workers for `kinds` in this process, sharing `pool`."""
 
@@ -211,6 +349,8 @@ class Runner:
         self._loop: asyncio.AbstractEventLoop | None = None
         concurrency = sum(limits.workers for limits in self.limits.values())
         self.executor = ThreadPoolExecutor(concurrency + 1, thread_name_prefix="job")
+        self.batchers = {name: Batcher(kind, self.limits[name].workers, self._batch_caller(kind))
+                         for name, kind in kinds.items() if kind.batch is not None}
         self._workers: list[asyncio.Task] = []
         self._side: list[asyncio.Task] = []
         self._app_opened = app is None
@@ -233,6 +373,9 @@ class Runner:
         self._side = [asyncio.create_task(self._heartbeat(), name="heartbeat"),
                       asyncio.create_task(self._rescue(), name="rescue stranded jobs"),
                       asyncio.create_task(self._watch_cancels(), name="watch cancels")]
+        self._side += [asyncio.create_task(batcher.form(), name=f"batches of {name}")
+                       for name, batcher in self.batchers.items()
+                       for _ in range(batcher.workers)]
         self._workers = [asyncio.create_task(self._work(name), name=f"worker {name}")
                          for name in self.kinds]
         for name in self.kinds:  # this process's own slots; the replicas show the cluster's
@@ -242,9 +385,12 @@ class Runner:
                  {name: self.limits[name].workers for name in self.kinds})
 
     def close_intake(self) -> None:
-        """Take no more jobs: the procrastinate workers stop, giving running jobs the grace."""
+        """Take no more jobs: the procrastinate workers stop, giving running jobs the grace;
+        jobs waiting for a batch are given back."""
         for worker in self._workers:
             worker.cancel()
+        for batcher in self.batchers.values():
+            batcher.close()
 
     def busy(self) -> bool:
         return bool(self.running)
@@ -299,7 +445,7 @@ class Runner:
             try:
                 await self.app.run_worker_async(
                     queues=[kind], name=f"{self.name}-{kind}",
-                    concurrency=self.limits[kind].workers,
+                    concurrency=slots(self.kinds[kind], self.limits[kind].workers),
                     wait=True, install_signal_handlers=False, listen_notify=True,
                     fetch_job_polling_interval=FETCH_POLL_SECONDS,
                     abort_job_polling_interval=ABORT_POLL_SECONDS,
@@ -384,6 +530,7 @@ class Runner:
                         if job and not job.context.cancel_requested.is_set():
                             log.info("job %s: cancelled; stopping it", job_id)
                             job.context.cancel()
+                            job.stopped.set()
 
     async def _rescue_one(self, procrastinate_id: int | None, job_id: str | None = None,
                           only_queued: bool = False) -> None:
@@ -440,6 +587,11 @@ class Runner:
     # ---- a job ----
 
     async def run_job(self, task_context: ProcrastinateContext, job_id: str) -> None:
+        seat = None
+        if (batcher := self.batchers.get(task_context.job.queue)) is not None:
+            seat = await self._wait_for_batch(batcher, task_context, job_id)
+            if seat is None:
+                return  # given back before its claim: cancelled, or queued again
         # Whole or not at all: an abort cutting a claim short would leave the record queued
         # with its procrastinate job gone (the rescue would find it, later).
         claim = asyncio.ensure_future(self._claim(job_id, task_context.job.id))
@@ -450,6 +602,8 @@ class Runner:
                 await whole(self._release(record, task_context.abort_reason()))
             raise
         if record is None:
+            if seat is not None:
+                seat.joined.set_result(None)
             return  # cancelled or deleted meanwhile
         kind = self.kinds[record.job_type]
         options = kind.options.model_validate(record.options)
@@ -467,6 +621,14 @@ class Runner:
         running.inc()
         pusher = asyncio.create_task(self._push_progress(run, changed))
         log.info("job %s: %s started on %s", job_id, record.job_type, self.name)
+        if seat is not None:  # its batch runs the handler
+            try:
+                await self._run_in_batch(run, seat, task_context)
+            finally:
+                pusher.cancel()
+                running.dec()
+                self.running.pop(job_id, None)
+            return
         handler = loop.run_in_executor(self.executor, run_handler, kind, run, self.files)
         try:
             stop_at = lifecycle.deadline(record.origin, record.created_at, record.started_at,
@@ -501,6 +663,116 @@ class Runner:
             pusher.cancel()
             running.dec()
             self.running.pop(job_id, None)
+
+    # ---- a job of a batched kind ----
+
+    async def _wait_for_batch(self, batcher: Batcher, task_context: ProcrastinateContext,
+                              job_id: str) -> Seat | None:
+        """Wait, unclaimed (its record queued), until a batch takes the job: its seat. None
+        when it was given back instead: this process closes, or procrastinate aborted it."""
+        seat = batcher.seat(job_id)
+        # Whatever ends this run before it joins its batch, the batch does not wait for it.
+        asyncio.current_task().add_done_callback(
+            lambda _: seat.joined.done() or seat.joined.set_result(None))
+        try:
+            admitted = await asyncio.shield(seat.admitted)
+        except asyncio.CancelledError:  # aborted while it waited: a cancel, or a shutdown
+            seat.admitted.cancel()
+            if not seat.joined.done():  # taken into a batch just now: it goes without it
+                seat.joined.set_result(None)
+            await whole(self._give_back(job_id, task_context.job.id))
+            raise
+        if not admitted:
+            await whole(self._give_back(job_id, task_context.job.id))
+            return None
+        return seat
+
+    async def _give_back(self, job_id: str, procrastinate_id: int | None) -> None:
+        """A job fetched for a batch and let go before its claim (its record still queued on
+        this procrastinate job): one a cancel asked to stop ends cancelled, as a queued job
+        does at its cancel; any other is queued again with a procrastinate job of its own."""
+        cancelled = None
+        async with self.pool.connection() as conn, conn.transaction():
+            async with conn.cursor(row_factory=dict_row) as cursor:
+                await cursor.execute(QUERIES["lock_stranded"],
+                                     (job_id, procrastinate_id, [JobStatus.QUEUED.value]))
+                found = await cursor.fetchall()
+            for row in found:
+                record = schema.from_row(row)
+                if row["cancelled_as"] is not None:
+                    await conn.execute(QUERIES["end_cancelled"], (time.time(), job_id))
+                    await schema.notify(conn, job_id, record.owner)
+                    cancelled = (record, row["cancelled_as"])
+                else:
+                    await self._queue_again(conn, record)
+        if cancelled:
+            log.info("job %s: cancelled before it started", job_id)
+            self._count_cancelled(*cancelled)
+            with contextlib.suppress(Unavailable):  # the orphan sweeps get them later
+                await asyncio.to_thread(self.files.remove, job_id)
+        elif found:
+            log.info("job %s: given back before its batch started; queued again", job_id)
+
+    def _batch_caller(self, kind: JobKind) -> Callable[[list[Run]], Awaitable[list[Ending]]]:
+        async def call(runs: list[Run]) -> list[Ending]:
+            """One call of the handler for a batch, on a thread; then the files of its jobs
+            that ended before it did go as their ends said."""
+            try:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self.executor, run_batch_handler, kind, runs, self.files,
+                    lambda size: self.metrics.batch_called(kind.name, size))
+            finally:
+                for run in runs:
+                    run.batch_done = True
+                for run in [run for run in runs if run.left_batch and run.ended is not None]:
+                    status, owned = run.ended  # ended already: its files were left for now
+                    with contextlib.suppress(Exception):  # the sweeps find what is left
+                        await asyncio.to_thread(self._tidy, run, status, None, owned)
+
+        return call
+
+    async def _run_in_batch(self, run: Run, seat: Seat, task_context: ProcrastinateContext
+                            ) -> None:
+        """A claimed job joins its batch and ends as its answer there says; a cancel or its
+        deadline ends it at once, its answer dropped when the batch returns, the batch running
+        on for the others (lifecycle.AtCancel.LEAVES_BATCH); a shutdown waits for its batch
+        to end, as a single job's for its handler, then queues it again."""
+        record, context = run.record, run.context
+        seat.joined.set_result(run)
+        stop_at = lifecycle.deadline(record.origin, record.created_at, record.started_at,
+                                     self.limits[record.job_type].timeout,
+                                     self.settings.job_max_seconds)
+        stopped = asyncio.ensure_future(run.stopped.wait())
+        try:
+            await asyncio.wait([seat.ending, stopped], timeout=max(0.0, stop_at - time.time()),
+                               return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # procrastinate's abort: a cancel, or a shutdown
+            context.cancel()
+            if lifecycle.after_interrupted_run(
+                    task_context.abort_reason() != AbortReason.SHUTDOWN) is JobStatus.QUEUED:
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(seat.ending)
+                await asyncio.shield(self._requeue(run))
+            else:
+                run.left_batch = not seat.ending.done()
+                await asyncio.shield(self._finish(run, Ending(JobStatus.CANCELLED)))
+            raise
+        finally:
+            stopped.cancel()
+        if seat.ending.done():
+            ending = seat.ending.result()
+        elif run.stopped.is_set():  # the watch of cancels saw a cancel
+            run.left_batch = True
+            ending = Ending(JobStatus.CANCELLED)
+        else:  # its deadline: JOBQUEUE_JOB_MAX_SECONDS, a /put's timeout
+            run.left_batch, run.timed_out = True, True
+            context.cancel()
+            down = run.store_down_since
+            ending = lifecycle.at_deadline(run.id, record.origin, self.settings.job_max_seconds,
+                                           time.monotonic() - down if down is not None else None)
+        await whole(self._finish(run, ending))
+
+    # ---- a job's claim and end ----
 
     async def _claim(self, job_id: str, procrastinate_id: int | None) -> JobRecord | None:
         """The record, now running here; None when it is gone, ended, or was cancelled while
@@ -590,12 +862,14 @@ class Runner:
                 log.warning("job %s: could not record its end (%s); trying again", run.id,
                             db_error)
                 await asyncio.sleep(RETRY_SECONDS)
+        run.ended = (status, bool(ended))
         if ended:
             cancelled_as = ended[0] or (Outcome.DEADLINE.value if run.timed_out else None)
             self.metrics.job_ended(record.job_type, outcome(status.value, error_kind, cancelled_as),
                                    record.started_at, finished_at)
         try:
-            await asyncio.to_thread(self._tidy, run, status, result, bool(ended))
+            if not run.left_batch or run.batch_done:  # else after its batch: it may write on
+                await asyncio.to_thread(self._tidy, run, status, result, bool(ended))
         except Exception:  # the end is recorded; a file left over is the sweeps' to find
             log.exception("job %s: tidying its files failed", run.id)
         log.info("job %s: %s after %.3f s", run.id, status.value,
