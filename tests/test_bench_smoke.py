@@ -6,8 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from conftest import ROOT
 
 
@@ -32,8 +30,6 @@ def test_the_store_benchmark_runs():
     assert "| save + flush |" in result.stdout
 
 
-@pytest.mark.xfail(strict=False, reason="needs JobKind(batch=…) in the engines; then into "
-                                        "run.py --smoke with the others")
 def test_the_digits_benchmark_runs():
     result = subprocess.run([sys.executable, "bench/digits.py", "--smoke"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)

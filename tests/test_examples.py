@@ -324,7 +324,6 @@ def test_a_distributed_worker_sets_the_model_up_once(tmp_path, postgres, monkeyp
             {(cluster.workers[0].pid, 1)}
 
 
-NEEDS_BATCH = pytest.mark.xfail(strict=False, reason="needs JobKind(batch=…) in the engines")
 
 
 @pytest.fixture(scope="module")
@@ -344,7 +343,6 @@ def put_digits(server, files: list[bytes], threads: int = 16) -> list[httpx.Resp
         return list(pool.map(put, files))
 
 
-@NEEDS_BATCH
 def test_setup_runs_once_and_batches_form_under_16_concurrent_puts(digits_server, dataset):
     digits = ten_digits(dataset) * 12
     results = right_answers(put_digits(digits_server, [content for _, content in digits]),
@@ -355,7 +353,6 @@ def test_setup_runs_once_and_batches_form_under_16_concurrent_puts(digits_server
     assert max(result["batchSize"] for result in results) > 1, "no batch formed"
 
 
-@NEEDS_BATCH
 def test_an_unreadable_image_fails_only_its_own_job(digits_server, dataset):
     broken = corrupt_png()
     files = [content for _, good in ten_digits(dataset) for content in (good, broken)] * 4
