@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, TEST_KINDS, run_server
 from deployments import deploy
 from jobqueue.errors import CannotStart
-from jobqueue.kinds import DEFAULT_KINDS, load_kinds
+from jobqueue.kinds import DEFAULT_KINDS, kind_names, load_kinds
 from jobqueue.settings import Settings, kind_variables, unknown_variables
 
 
@@ -120,3 +120,18 @@ def test_a_distributed_worker_runs_a_kind_from_an_import_path(tmp_path, postgres
         assert answer.status_code == 200, answer.text
         assert answer.json()["data"]["result"]["data"] == {"echo": "far"}
         assert list(client.get("/").json()["jobTypes"]) == ["echo", "message"]
+
+
+def test_a_kind_whose_limit_would_be_a_setting_is_refused(monkeypatch):
+    monkeypatch.syspath_prepend(str(TEST_KINDS))
+    echo = importlib.import_module("echo")
+    monkeypatch.setattr(echo, "HEADER", dataclasses.replace(echo.KIND, name="header"),
+                        raising=False)
+    with pytest.raises(CannotStart, match="whose limit JOBQUEUE_HEADER_TIMEOUT is a setting"):
+        load_kinds("echo:HEADER")
+
+
+def test_the_typo_guard_knows_kinds_by_their_names_whatever_their_entries(monkeypatch):
+    monkeypatch.syspath_prepend(str(TEST_KINDS))
+    # Spaces, an import path (the kind it names is `echo`), one this process cannot load.
+    assert kind_names(" message , echo:SECOND,elsewhere.kinds:OCR") == ["message", "echo", "ocr"]

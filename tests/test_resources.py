@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,7 +141,9 @@ def test_a_replica_started_with_workers_sets_up_its_kinds_and_one_without_none(p
 def test_jobs_wait_while_their_kind_loads_and_run_once_it_is_ready(request, engine, tmp_path):
     with serving(request, engine, tmp_path, f"message,{SLOW}", slow_timeout=1) as deployment:
         with deployment.client() as client:
-            # The server answers while the setup waits, and says the kind is loading.
+            # The server answers while the setup waits, and says the kind is loading (once a
+            # distributed worker's first heartbeat has said so).
+            eventually(lambda: state_is(client, "slow", "loading"))
             health = client.get("/health")
             assert health.status_code == 200 and health.json()["status"] == "ok"
             assert health.json()["queues"]["slow"]["state"] == "loading"
@@ -334,3 +337,21 @@ def test_a_database_made_before_states_gets_them_and_its_workers_count_as_ready(
     ((kinds, states),) = asyncio.run(scenario())
     assert kinds == {"message": 1} and states == {}
     assert worker_status(states.get("message")) == Status(State.READY)
+
+
+def test_no_teardown_while_a_handler_still_runs(tmp_path):
+    """A handler that ignores its cancel still holds the resource when the embedded server
+    stops (it gives up waiting for its thread): freeing the resource under the handler could
+    crash it, so the teardown is skipped, and logged. (A distributed worker waits for its
+    stopped handlers before its teardowns.)"""
+    with deploy("embedded", tmp_path, kinds="message,resourceful:STUBBORN") as deployment:
+        with deployment.client() as client:
+            submit(client, "stubborn")
+            eventually(lambda: files(deployment).joinpath("stubborn-started").exists())
+        process = deployment.server.process
+        process.send_signal(signal.SIGINT)
+        eventually(lambda: "the stubborn teardown is skipped"
+                   in deployment.server.log_path.read_text())
+        files(deployment).joinpath("release-stubborn").write_text("")
+        process.wait(60)
+    assert not files(deployment).joinpath("teardown-stubborn").exists()

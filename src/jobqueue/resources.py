@@ -70,9 +70,15 @@ class Status:
         return {**self.shown(), "retryIn": round(self.retry_in, 3)}
 
 
+# /health is open to anyone: the message is cut there (the log has it all).
+MAX_ERROR_CHARS = 300
+
+
 def describe(error: BaseException) -> str:
-    """An error as its kind's status names it: its type and message."""
-    message = str(error).strip()
+    """An error as its kind's status names it: its type and message, cut short."""
+    message = " ".join(str(error).split())
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[:MAX_ERROR_CHARS - 1] + "…"
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 

@@ -23,7 +23,7 @@ from jobqueue.engines.postgres import timeouts
 from jobqueue.engines.postgres.runner import Runner, connections
 from jobqueue.errors import CannotStart
 from jobqueue.jobs import JobKind
-from jobqueue.kinds import load_kinds
+from jobqueue.kinds import kind_names, load_kinds
 from jobqueue.metrics import Metrics, serve_worker_metrics
 from jobqueue.settings import Settings, unknown_variables
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     except (CannotStart, ValueError) as error:
         raise SystemExit(f"cannot start: {error}") from None
     # The replicas' kinds count as known: a worker may run fewer of them.
-    for warning in unknown_variables([*kinds, *settings.kinds.split(",")]):
+    for warning in unknown_variables([*kinds, *kind_names(settings.kinds)]):
         log.warning("%s", warning)
     asyncio.run(serve(settings, kinds))
 

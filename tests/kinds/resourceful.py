@@ -9,6 +9,8 @@ there, and create the files the setups wait for.
 - SLOW (`slow`): its setup waits until the file `release` appears.
 - FLAKY (`flaky`): its setup waits until `go` appears, then fails (OSError) until `fixed`
   appears; every try is a line in `tries`.
+- STUBBORN (`stubborn`): its handler ignores its cancel until `release-stubborn` appears; its
+  teardown writes `teardown-stubborn`.
 """
 
 from __future__ import annotations
@@ -99,3 +101,20 @@ SLOW = JobKind(name="slow", description="Its setup waits for a file.", options=O
 FLAKY = JobKind(name="flaky", description="Its setup fails until a file appears.",
                 options=Options, handler=answer_resource, writes_files=False, queue_size=5,
                 timeout=30, setup=flaky_setup)
+
+
+def stubborn(job: JobContext) -> Output:
+    """Ignores its cancel: runs until the test lets it go (`release-stubborn`)."""
+    here = job.resource
+    (here / "stubborn-started").write_text(job.id)
+    wait_for(here / "release-stubborn")
+    return Output(data={})
+
+
+def stubborn_teardown(here: Path) -> None:
+    (here / "teardown-stubborn").write_text("torn down")
+
+
+STUBBORN = JobKind(name="stubborn", description="Ignores cancels; torn down at shutdown.",
+                   options=Options, handler=stubborn, writes_files=False, timeout=30,
+                   setup=folder, teardown=stubborn_teardown)

@@ -19,6 +19,7 @@ from types import ModuleType
 
 from jobqueue.errors import CannotStart
 from jobqueue.jobs import JobKind
+from jobqueue.settings import PREFIX, Settings, kind_variables
 
 BUILT_IN = {
     "message": "jobqueue.kinds.message",
@@ -47,6 +48,19 @@ def load_kinds(names: str) -> dict[str, JobKind]:
         raise CannotStart("JOBQUEUE_KINDS names no kind: list at least one, e.g. "
                           f"{DEFAULT_KINDS}")
     return kinds
+
+
+def kind_names(names: str) -> list[str]:
+    """The names of a JOBQUEUE_KINDS list's kinds, as far as this process can load them (a
+    worker may lack the packages of kinds it does not run): for the typo guard only."""
+    found = []
+    for entry in (part.strip() for part in names.split(",")):
+        if entry:
+            try:
+                found.append(load_kind(entry).name)
+            except CannotStart:
+                found.append(re.split(r"[.:]", entry)[-1].lower())
+    return found
 
 
 def load_kind(entry: str) -> JobKind:
@@ -88,6 +102,12 @@ def load_kind(entry: str) -> JobKind:
         raise CannotStart(f"JOBQUEUE_KINDS: the kind from {entry!r} is named {found.name!r}; a "
                           "kind's name is 1 to 40 lower-case letters, digits and underscores, "
                           "starting with a letter")
+    # A kind named `header` would share JOBQUEUE_HEADER_TIMEOUT with the server's setting.
+    taken = [variable for variable in kind_variables(found.name).values()
+             if variable.removeprefix(PREFIX).lower() in Settings.model_fields]
+    if taken:
+        raise CannotStart(f"JOBQUEUE_KINDS: the kind from {entry!r} is named {found.name!r}, "
+                          f"whose limit {taken[0]} is a setting of the server's own; rename it")
     return found
 
 

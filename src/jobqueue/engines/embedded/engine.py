@@ -431,6 +431,13 @@ class WorkerPool:
             thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
                 log.warning("%s did not stop within %.0f s", thread.name, JOIN_SECONDS)
+        with self._lock:
+            handling = [thread for thread in [*self.threads, *self.abandoned]
+                        if thread.is_alive()]
+        if handling:  # a handler still runs: freeing its resource under it could crash it
+            log.warning("the %s teardown is skipped: %s still run its handler", self.kind.name,
+                        ", ".join(thread.name for thread in handling))
+            return
         self.resource.teardown()
 
     def _serve(self) -> None:

@@ -409,6 +409,7 @@ class Runner:
             async with self.pool.connection() as conn:
                 await conn.execute(QUERIES["forget_worker"], (self.name,))
         self.executor.shutdown(wait=False)
+        # No handler holds a resource now: each job's run waited for its handler to return.
         await asyncio.gather(*(asyncio.to_thread(resource.teardown)
                                for resource in self.resources.values()))
         if self._app_opened:
