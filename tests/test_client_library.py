@@ -29,6 +29,7 @@ from jobqueue.client import (
     Retry,
     Unreachable,
 )
+from jobqueue.client.wire import file_name
 from media import make_clip, png_size
 
 # ---- both clients, one test body -----------------------------------------------------------
@@ -104,6 +105,7 @@ def connect(request):
         made.append(api)
         return api
 
+    make.flavour = request.param
     yield make
     for api in made:
         api.close()
@@ -382,11 +384,34 @@ def test_past_the_caps_the_503_is_raised(busy, full_queue, connect):
         assert exhausted.value.status == 503 and exhausted.value.attempts == 1
         assert "queue is full" in exhausted.value.detail and isinstance(exhausted.value, Refused)
     assert retries == []
-    # Some retries, then no time left for the next wait.
+    # Some retries, then no time left for the next wait. The server's Retry-After grows with
+    # its running job's age (soon past 2.5 s: no retry at all), so it is cut to 1 s here.
+    transport = (ShortRetryAfter if connect.flavour == "sync" else AsyncShortRetryAfter)()
     with pytest.raises(RetriesExhausted) as exhausted:
-        connect(busy, on_retry=retries.append, max_retry_seconds=2.5).put("message")
+        connect(busy, on_retry=retries.append, max_retry_seconds=2.5,
+                transport=transport).put("message")
+    assert len(retries) >= 1, "no retry happened"
     assert exhausted.value.attempts == len(retries) + 1
-    assert all(retry.status == 503 for retry in retries)
+    assert all(retry.status == 503 and retry.method == "POST" and retry.wait == 1
+               and "queue is full" in retry.detail for retry in retries)
+
+
+def short_retry_after(response: httpx.Response) -> httpx.Response:
+    if response.status_code == 503:
+        response.headers["Retry-After"] = "1"
+    return response
+
+
+class ShortRetryAfter(httpx.HTTPTransport):
+    """The server's answers, a 503's Retry-After cut to 1 s."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return short_retry_after(super().handle_request(request))
+
+
+class AsyncShortRetryAfter(httpx.AsyncHTTPTransport):
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return short_retry_after(await super().handle_async_request(request))
 
 
 def test_wait_asks_for_the_job_when_no_event_stream_is_free(tmp_path, connect):
@@ -469,6 +494,100 @@ def test_a_put_is_not_sent_again_once_it_may_have_reached_the_server():
     client = Client("http://jobs.test", transport=transport, network_retries=2,
                     on_retry=lambda retry: None)
     assert client.jobs() == []
+
+
+FAILED_JOB = {"id": "j9", "jobType": "video", "status": "failed", "attempt": 1,
+              "error": "The object store is unavailable; retry later."}
+
+
+def test_a_put_whose_job_ran_is_never_sent_again(connect):
+    """A /put whose job ran and ended Unavailable is answered 503 with its Location: the job
+    exists (and ran), so the answer is its end, JobFailed, not a busy server to wait out."""
+    puts: list[httpx.Request] = []
+    retries: list[Retry] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path == "/put":
+            puts.append(request)
+            if len(puts) == 1:
+                return httpx.Response(503, json={"detail": FAILED_JOB["error"]},
+                                      headers={"Location": "http://jobs.test/jobs/j9",
+                                               "Retry-After": "0"})
+            return httpx.Response(200, json={"data": {"id": "j10", "result": {"data": {}}}})
+        if request.method == "GET" and request.url.path == "/jobs/j9":
+            return httpx.Response(200, json=FAILED_JOB)
+        return httpx.Response(404, json={"detail": "no such route"})
+
+    client = connect("http://jobs.test", transport=httpx.MockTransport(handle),
+                     on_retry=retries.append)
+    with pytest.raises(JobFailed) as failed:
+        client.put("video", b"an upload", width=320)
+    assert len(puts) == 1, "the /put was sent again"
+    assert retries == []
+    assert type(failed.value) is JobFailed and failed.value.job.id == "j9"
+    assert failed.value.job.error == FAILED_JOB["error"]
+
+
+def file_links(*links: str) -> Result:
+    return Result("j1", {}, list(links))
+
+
+def serving_files() -> httpx.MockTransport:
+    """Every GET answered with its own path as the file; the requests are in .requests."""
+    sent: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, content=request.url.path.encode())
+
+    transport = httpx.MockTransport(handle)
+    transport.requests = sent
+    return transport
+
+
+def test_download_sends_the_api_key_to_the_servers_origin_only(connect, tmp_path):
+    links = ["/jobs/j1/files/page-001.png",
+             "http://jobs.test:80/jobs/j1/files/page-002.png",  # the same origin
+             "https://cdn.test/j1/page-003.png",  # another host
+             "http://jobs.test:8080/j1/page-004.png",  # another port
+             "https://jobs.test/j1/page-005.png",  # another scheme
+             "http://evil.jobs.test/j1/page-006.png"]
+    transport = serving_files()
+    client = connect("http://jobs.test", api_key="secret", transport=transport)
+    saved = client.download(file_links(*links), tmp_path)
+    assert [path.name for path in saved] == [f"page-00{n}.png" for n in range(1, 7)]
+    assert [request.headers.get("X-API-Key") for request in transport.requests] == [
+        "secret", "secret", None, None, None, None]
+    assert saved[2].read_bytes() == b"/j1/page-003.png"
+
+
+@pytest.mark.parametrize("links, name", [
+    (("/jobs/j1/files/out.png", "https://cdn.test/elsewhere/out.png"), "out.png"),
+    (("/jobs/j1/files/page-001.png", "/jobs/j1/files/C:page-002.png"), "C:page-002.png"),
+])
+def test_download_writes_nothing_when_a_name_is_unusable(connect, tmp_path, links, name):
+    """Two links of one name would overwrite each other; a name the folder cannot take is
+    refused: either before any file is fetched or written."""
+    transport = serving_files()
+    client = connect("http://jobs.test", transport=transport)
+    with pytest.raises(ClientError, match=name):
+        client.download(file_links(*links), tmp_path / "out")
+    assert transport.requests == [] and not (tmp_path / "out").exists()
+
+
+def test_file_name_keeps_the_servers_names_and_refuses_the_rest():
+    for link, name in [("/jobs/j1/files/page-001.png", "page-001.png"),
+                       ("http://jobs.test/jobs/j1/files/output.mp4", "output.mp4"),
+                       ("/prefix/jobs/j1/files/text.txt", "text.txt"),
+                       ("/jobs/j1/files/page%20one.png", "page one.png")]:
+        assert file_name(link) == name
+    for link in ["/jobs/j1/files/a:b.png", "/jobs/j1/files/C%3Aevil.png",
+                 "/jobs/j1/files/x%00.png", "/jobs/j1/files/..%5Cx.png",
+                 "/jobs/j1/files/a%5Cb.png", "/jobs/j1/files/a%2Fb.png",
+                 "/jobs/j1/files/..", "/jobs/j1/files/%2E%2E", "/jobs/j1/files/.hidden",
+                 "/jobs/j1/files/a..b", "/jobs/j1/files/tab%09.png", ""]:
+        with pytest.raises(ClientError, match="unusable file name"):
+            file_name(link)
 
 
 def test_the_library_imports_nothing_of_the_server():

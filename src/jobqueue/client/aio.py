@@ -32,9 +32,10 @@ from jobqueue.client.wire import (
     Upload,
     check,
     ended,
-    file_name,
+    file_names,
     headers_for,
     job_id,
+    keep_key_at_home,
     make_key,
     not_downloadable,
 )
@@ -190,8 +191,8 @@ class AsyncClient:
             files = current.result.files
         folder = Path(folder)
         saved = []
-        for url in files:
-            target = folder / file_name(url)
+        for url, name in file_names(files):  # all checked before anything is written
+            target = folder / name
             folder.mkdir(parents=True, exist_ok=True)
             await self._save(url, target)
             saved.append(target)
@@ -201,7 +202,8 @@ class AsyncClient:
 
     async def _save(self, url: str, target: Path) -> None:
         # A link is resolved against the server's address as a browser would, so a server
-        # mounted under a prefix (whose links carry it) is not given it twice.
+        # mounted under a prefix (whose links carry it) is not given it twice. The API key
+        # goes only to the server's own origin (_send).
         absolute = str(self._http.base_url.join(url))
         part = target.with_name(target.name + ".part")
         attempts = Attempts(self._policy, "GET", absolute)
@@ -278,12 +280,15 @@ class AsyncClient:
         """Send a request, retrying as Attempts says. `resendable`: the request may be sent
         again after a network error even when it may have reached the server (GET, and
         POST /jobs with its Idempotency-Key); otherwise only when it never got there. An
-        error answer is returned read, even when streamed."""
+        error answer is returned read, even when streamed; one with a Location is never
+        sent again (Attempts.after_refusal). The API key is sent to the server's origin
+        only."""
         attempts = Attempts(self._policy, method, str(self._http.base_url.join(url)), key)
         while True:
             with ExitStack() as files:
                 built = self._http.build_request(method, url, **request,
                                                  **(body.open(files) if body else {}))
+                keep_key_at_home(built, self._http.base_url)
                 attempts.sending()
                 try:
                     response = await self._http.send(built, stream=stream)

@@ -51,8 +51,26 @@ def make_key(given: str | None) -> str:
     return given if given is not None else str(uuid.uuid4())
 
 
+API_KEY_HEADER = "X-API-Key"
+
+
 def headers_for(api_key: str | None) -> dict[str, str]:
-    return {"X-API-Key": api_key} if api_key else {}
+    return {API_KEY_HEADER: api_key} if api_key else {}
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """A URL's scheme, host and port (the default port made explicit)."""
+    return url.scheme, url.host, url.port or DEFAULT_PORTS.get(url.scheme)
+
+
+def keep_key_at_home(request: httpx.Request, base_url: httpx.URL) -> None:
+    """Take the API key off a request to anywhere but the server's own origin (an output
+    file's absolute link may name another host)."""
+    if origin(request.url) != origin(base_url):
+        request.headers.pop(API_KEY_HEADER, None)
 
 
 # ---- request bodies ----
@@ -163,8 +181,11 @@ class Attempts:
 
     def after_refusal(self, response: httpx.Response) -> Retry | None:
         """What to do about an answer: None to take it as it is, a Retry to wait and resend;
-        RetriesExhausted when it is a 503 or 429 the caps do not let be waited out."""
-        if response.status_code not in RETRY_STATUSES:
+        RetriesExhausted when it is a 503 or 429 the caps do not let be waited out. An answer
+        with a Location is never retried: it names a job that exists (a /put whose job ran
+        and ended, Unavailable too, is its status with the job's Location), so sending the
+        request again would run that job again."""
+        if response.status_code not in RETRY_STATUSES or "Location" in response.headers:
             return None
         asked = retry_after(response)
         wait = DEFAULT_RETRY_AFTER if asked is None else asked
@@ -204,11 +225,29 @@ def check(response: httpx.Response, *ok: int) -> httpx.Response:
 
 def file_name(url: str) -> str:
     """The name to save an output file's link under: its last path segment, refused when it
-    could step out of the folder."""
+    could step out of the folder or mean something else than a plain name to a file system
+    (a slash or backslash, `..`, a leading dot, a colon: a Windows drive or stream, a
+    control character such as NUL)."""
     name = unquote(PurePosixPath(urlsplit(url).path).name)
-    if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
+    if (not name or name.startswith(".") or ".." in name
+            or any(char in name for char in "/\\:") or any(ord(char) < 32 for char in name)):
         raise ClientError(f"the server sent an unusable file name in {url!r}")
     return name
+
+
+def file_names(urls: list[str]) -> list[tuple[str, str]]:
+    """Each output file's link with the name it is saved under (file_name), checked all
+    before anything is written: ClientError for an unusable name, or for two links of one
+    name (compared without case, as a Windows or macOS folder does), which would overwrite
+    each other."""
+    named = [(url, file_name(url)) for url in urls]
+    seen: dict[str, str] = {}
+    for url, name in named:
+        if name.casefold() in seen:
+            raise ClientError(f"the server sent two files named {name!r}: "
+                              f"{seen[name.casefold()]!r} and {url!r}")
+        seen[name.casefold()] = url
+    return named
 
 
 # How often wait() asks for the job when it cannot follow its event stream: from the first
