@@ -472,7 +472,12 @@ PROGRESS = re.compile(r"━|\d+:\d\d:\d\d$")
 
 
 def check_console(block: Block, docs: Docs) -> None:
-    folder = docs.workdir()
+    check_console_at(block, docs.url, docs.workdir(), child_env(docs.url, COLUMNS="100"))
+
+
+def check_console_at(block: Block, url: str, folder: Path, env: dict[str, str]) -> None:
+    """Each `$ ` command of a console block, run in `folder` against the server at `url`,
+    prints the lines shown below it."""
     sessions: list[tuple[str, list[str]]] = []
     for line in block.text.splitlines():
         if line.startswith("$ "):
@@ -481,10 +486,9 @@ def check_console(block: Block, docs: Docs) -> None:
             assert sessions, f"{block}: output before any `$ ` command"
             sessions[-1][1].append(line)
     for command, expected in sessions:
-        script = localize(command, docs.url, None)
+        script = localize(command, url, None)
         result = subprocess.run(["bash", "-c", script], cwd=folder, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, timeout=180,
-                                env=child_env(docs.url, COLUMNS="100"))
+                                stderr=subprocess.STDOUT, text=True, timeout=180, env=env)
         got = [line.rstrip() for line in result.stdout.splitlines()]
         got = [line for line in got if line and not PROGRESS.search(line)]
         wanted = [line for line in expected if not PROGRESS.search(line)]

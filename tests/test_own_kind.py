@@ -14,7 +14,7 @@ from pathlib import Path
 from conftest import ROOT, free_port
 from jobqueue.local import cluster
 from jobqueue.settings import Settings, kind_variables
-from test_docs import BLOCKS, Block, localize, pattern_of
+from test_docs import BLOCKS, Block, check_console_at
 from venvs import pip_install, user_venv
 
 PAGE = ROOT / "docs" / "kinds.md"
@@ -83,7 +83,7 @@ def test_the_walkthrough_serves_the_new_kind(tmp_path):
                         run(block, line, cwd, env)
             else:
                 assert url is not None, f"{block}: output before `jobqueue serve`"
-                check_console(block, url, cwd, env)
+                check_console_at(block, url, cwd, env)
         assert server is not None, "the page starts no server"
     finally:
         if server is not None:
@@ -116,20 +116,3 @@ def serve(block: Block, assignments: str, cwd: Path, env: dict[str, str],
         cluster.stop([process], 15, signal.SIGINT)
         raise
     return process, url
-
-
-def check_console(block: Block, url: str, cwd: Path, env: dict[str, str]) -> None:
-    sessions: list[tuple[str, list[str]]] = []
-    for line in block.text.splitlines():
-        if line.startswith("$ "):
-            sessions.append((line[2:], []))
-        else:
-            assert sessions, f"{block}: output before any `$ ` command"
-            sessions[-1][1].append(line)
-    for command, expected in sessions:
-        got = [line for line in run(block, localize(command, url, None), cwd, env).splitlines()
-               if line.strip()]
-        patterns = [pattern_of(line) for line in expected]
-        assert len(got) == len(patterns) and all(
-            pattern.fullmatch(line) for pattern, line in zip(patterns, got)), \
-            f"{block}: `{command}` printed\n" + "\n".join(got) + "\nnot\n" + "\n".join(expected)
