@@ -723,7 +723,7 @@ def test_embedded_lifecycle(tmp_path):
 
     Lifecycle.make_harness = staticmethod(make)
     run_state_machine_as_test(Lifecycle, settings=settings(
-        max_examples=60, stateful_step_count=40, **BOUNDS))
+        max_examples=40, stateful_step_count=40, **BOUNDS))
 
 
 def test_embedded_lifecycle_batched(tmp_path):
@@ -732,7 +732,7 @@ def test_embedded_lifecycle_batched(tmp_path):
 
     BatchedLifecycle.make_harness = staticmethod(make)
     run_state_machine_as_test(BatchedLifecycle, settings=settings(
-        max_examples=30, stateful_step_count=40, **BOUNDS))
+        max_examples=20, stateful_step_count=40, **BOUNDS))
 
 
 @pytest.fixture
@@ -756,7 +756,7 @@ def test_postgres_lifecycle(postgres, tmp_path, quick_rescue):
 
     PostgresLifecycle.make_harness = staticmethod(make)
     run_state_machine_as_test(PostgresLifecycle, settings=settings(
-        max_examples=8, stateful_step_count=25, **BOUNDS))
+        max_examples=6, stateful_step_count=25, **BOUNDS))
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -767,4 +767,4 @@ def test_postgres_lifecycle_batched(postgres, tmp_path, quick_rescue):
 
     BatchedPostgresLifecycle.make_harness = staticmethod(make)
     run_state_machine_as_test(BatchedPostgresLifecycle, settings=settings(
-        max_examples=6, stateful_step_count=25, **BOUNDS))
+        max_examples=4, stateful_step_count=25, **BOUNDS))
