@@ -732,7 +732,7 @@ def test_embedded_lifecycle_batched(tmp_path):
 
     BatchedLifecycle.make_harness = staticmethod(make)
     run_state_machine_as_test(BatchedLifecycle, settings=settings(
-        max_examples=20, stateful_step_count=40, **BOUNDS))
+        max_examples=12, stateful_step_count=40, **BOUNDS))
 
 
 @pytest.fixture
@@ -767,4 +767,4 @@ def test_postgres_lifecycle_batched(postgres, tmp_path, quick_rescue):
 
     BatchedPostgresLifecycle.make_harness = staticmethod(make)
     run_state_machine_as_test(BatchedPostgresLifecycle, settings=settings(
-        max_examples=4, stateful_step_count=25, **BOUNDS))
+        max_examples=3, stateful_step_count=25, **BOUNDS))

@@ -220,6 +220,14 @@ class Job:
         with self._lock:
             return self._record_locked()
 
+    def save_started(self, store: JobStore) -> None:
+        """Save the job as started, unless it has ended already: under its lock, so an end
+        that comes meanwhile (a batched job's cancel ends it at once) is saved after this,
+        never before (the store keeps the last change)."""
+        with self._lock:
+            if not self.status.finished:
+                store.save(self._record_locked())
+
     def _record_locked(self) -> JobRecord:
         ending = self.ending
         return JobRecord(
@@ -485,7 +493,7 @@ class WorkerPool:
         self.metrics.job_started(self.kind.name, job.created_at, job.started_at)
         self._tell_waiting_jobs()
         try:
-            self.store.save(job.record())  # so GET /jobs?status=running finds it
+            job.save_started(self.store)  # so GET /jobs?status=running finds it
         except BaseException as error:  # only a bug gets here; the thread keeps serving
             log.exception("job %s: engine error", job.id)
             job.finish(Ending(JobStatus.FAILED, error=error))

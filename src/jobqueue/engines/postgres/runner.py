@@ -757,6 +757,7 @@ class Runner:
             else:
                 run.left_batch = not seat.ending.done()
                 await asyncio.shield(self._finish(run, Ending(JobStatus.CANCELLED)))
+                await self._hold_slot(run, seat)
             raise
         finally:
             stopped.cancel()
@@ -772,6 +773,23 @@ class Runner:
             ending = lifecycle.at_deadline(run.id, record.origin, self.settings.job_max_seconds,
                                            time.monotonic() - down if down is not None else None)
         await whole(self._finish(run, ending))
+        await self._hold_slot(run, seat)
+
+    @staticmethod
+    async def _hold_slot(run: Run, seat: Seat) -> None:
+        """A job that left its batch (a cancel, its deadline) keeps its procrastinate slot until
+        the batch returns, as a single job's run keeps its slot until its handler returns:
+        else jobs fetched into the freed slot would wait behind the batch that still runs
+        (and a shutdown would tear its resource down under it)."""
+        if not run.left_batch:
+            return
+        while not seat.ending.done():
+            try:
+                await asyncio.shield(seat.ending)
+            except asyncio.CancelledError:  # an abort, a shutdown: the batch still runs
+                continue
+            except Exception:  # the batch's own error: its jobs have their ends already
+                return
 
     # ---- a job's claim and end ----
 
