@@ -95,11 +95,20 @@ def test_the_default_is_the_three_built_ins_with_their_limits():
             for kind in kinds.values()] == [(1, 5), (2, 60), (1, 300)]
 
 
-def test_two_kinds_of_one_name_are_refused(monkeypatch):
+@pytest.fixture
+def echo_kind(monkeypatch):
+    """Adds a variant of tests/kinds/echo.py's kind to that module, as `echo:<ATTRIBUTE>`."""
     monkeypatch.syspath_prepend(str(TEST_KINDS))
     echo = importlib.import_module("echo")
-    monkeypatch.setattr(echo, "OTHER", dataclasses.replace(echo.KIND, description="another"),
-                        raising=False)
+
+    def add(attribute: str, **changes: str) -> None:
+        monkeypatch.setattr(echo, attribute, dataclasses.replace(echo.KIND, **changes),
+                            raising=False)
+    return add
+
+
+def test_two_kinds_of_one_name_are_refused(echo_kind):
+    echo_kind("OTHER", description="another")
     with pytest.raises(CannotStart, match="two kinds are named 'echo'"):
         load_kinds("echo:KIND,echo:OTHER")
     assert list(load_kinds("echo:KIND,echo:SECOND")) == ["echo"]  # the same kind twice
@@ -122,11 +131,8 @@ def test_a_distributed_worker_runs_a_kind_from_an_import_path(tmp_path, postgres
         assert list(client.get("/").json()["jobTypes"]) == ["echo", "message"]
 
 
-def test_a_kind_whose_limit_would_be_a_setting_is_refused(monkeypatch):
-    monkeypatch.syspath_prepend(str(TEST_KINDS))
-    echo = importlib.import_module("echo")
-    monkeypatch.setattr(echo, "HEADER", dataclasses.replace(echo.KIND, name="header"),
-                        raising=False)
+def test_a_kind_whose_limit_would_be_a_setting_is_refused(echo_kind):
+    echo_kind("HEADER", name="header")
     with pytest.raises(CannotStart, match="whose limit JOBQUEUE_HEADER_TIMEOUT is a setting"):
         load_kinds("echo:HEADER")
 
