@@ -3,7 +3,7 @@
 What a job kind uses, and all it imports from jobqueue (kept stable; see docs/kinds.md):
 
     from jobqueue import JobKind, JobContext, Output, BadInput, TooLarge, UnsupportedInput, \\
-        Batch, run_child
+        Batch, Retry, RetryLater, run_child
 
 Each name is imported when it is first asked for, so `import jobqueue.client` on a client
 machine loads none of the server's settings.
@@ -15,8 +15,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from jobqueue.errors import BadInput, JobCancelled, TooLarge, UnsupportedInput
-    from jobqueue.jobs import Batch, JobContext, JobKind, Output, Progress
+    from jobqueue.errors import BadInput, JobCancelled, RetryLater, TooLarge, UnsupportedInput
+    from jobqueue.jobs import Batch, JobContext, JobKind, Output, Progress, Retry
     from jobqueue.processes import ChildSlots, OutputTooLarge, ProcessFailed
     from jobqueue.processes import output as child_output
     from jobqueue.processes import popen as start_child
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 _PUBLIC = {
     "BadInput": ("jobqueue.errors", "BadInput"),
     "JobCancelled": ("jobqueue.errors", "JobCancelled"),
+    "RetryLater": ("jobqueue.errors", "RetryLater"),
     "TooLarge": ("jobqueue.errors", "TooLarge"),
     "UnsupportedInput": ("jobqueue.errors", "UnsupportedInput"),
     "Batch": ("jobqueue.jobs", "Batch"),
@@ -35,6 +36,7 @@ _PUBLIC = {
     "JobKind": ("jobqueue.jobs", "JobKind"),
     "Output": ("jobqueue.jobs", "Output"),
     "Progress": ("jobqueue.jobs", "Progress"),
+    "Retry": ("jobqueue.jobs", "Retry"),
     "ChildSlots": ("jobqueue.processes", "ChildSlots"),
     "OutputTooLarge": ("jobqueue.processes", "OutputTooLarge"),
     "ProcessFailed": ("jobqueue.processes", "ProcessFailed"),
@@ -55,6 +57,8 @@ __all__ = [
     "OutputTooLarge",
     "ProcessFailed",
     "Progress",
+    "Retry",
+    "RetryLater",
     "Settings",
     "TooLarge",
     "UnsupportedInput",

@@ -11,6 +11,7 @@ alone turns them into answers (status, `{"detail": message}`, Retry-After and th
 from __future__ import annotations
 
 import errno
+import math
 
 
 class BadInput(Exception):
@@ -113,6 +114,17 @@ class JobCancelled(Exception):
     """Raised inside a handler when its job was cancelled; the worker stops the job quietly."""
 
 
+class RetryLater(Exception):
+    """Raised by a handler: this attempt failed, run the job again in `after` seconds (a rate
+    limit upstream, a resource busy). Counts as an attempt of the kind's Retry (three in all
+    without one); once they are used up the job fails with `reason`."""
+
+    def __init__(self, after: float = 1.0, reason: str = ""):
+        super().__init__(reason or f"asked to be retried in {after:g} s")
+        self.after = max(0.0, float(after))
+        self.reason = reason
+
+
 class KindError(Exception):
     """A kind's handler broke its side of the interface (a batch answered with the wrong
     number of results): a crash of the kind (category "internal"), whose record says what,
@@ -128,6 +140,37 @@ class QueueFull(Exception):
         )
         self.kind = kind
         self.retry_after = retry_after
+
+
+class TooManyQueued(Exception):
+    """One owner (API key, or client address) has JOBQUEUE_MAX_QUEUED_PER_KEY jobs of a kind
+    waiting already; other owners still get in."""
+
+    def __init__(self, kind: str, cap: int, retry_after: int):
+        super().__init__(f"You have {cap} {kind} jobs waiting already, the most one API key may "
+                         f"have (JOBQUEUE_MAX_QUEUED_PER_KEY); retry in {retry_after} s, once "
+                         "one of them has started.")
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+class WouldTimeOut(Exception):
+    """A /put job would start only after its kind's timeout (the jobs ahead of it × their
+    recent median run time ÷ the live workers): refused at once rather than left to end in
+    504."""
+
+    def __init__(self, kind: str, estimate: float, timeout: float):
+        self.retry_after = max(1, math.ceil(estimate))
+        super().__init__(f"A {kind} job sent now would start in about {estimate:.0f} s, after "
+                         f"the {timeout:g} s /put waits (JOBQUEUE_{kind.upper()}_TIMEOUT); "
+                         f"retry in {self.retry_after} s, or use POST /jobs.")
+        self.kind = kind
+        self.estimate = estimate
+
+
+class Gone(Exception):
+    """What the request needs existed once and has been removed for good (a failed job's
+    upload, for a retry)."""
 
 
 class SetupFailed(Exception):
@@ -172,6 +215,10 @@ CATEGORIES: list[tuple[type[BaseException], str]] = [
     (BadInput, "bad_input"),
     (DiskFull, "disk_full"),
     (QueueFull, "queue_full"),
+    (WouldTimeOut, "would_time_out"),
+    (TooManyQueued, "too_many_queued"),
+    (Gone, "gone"),
+    (RetryLater, "retry_later"),
     (ShuttingDown, "shutting_down"),
     (Unavailable, "unavailable"),
     (SetupFailed, "setup_failed"),
@@ -196,6 +243,10 @@ HTTP_STATUS: dict[str, int] = {
     "bad_input": 422,
     "disk_full": 507,
     "queue_full": 503,
+    "would_time_out": 503,
+    "too_many_queued": 429,
+    "gone": 410,
+    "retry_later": 503,
     "shutting_down": 503,
     "unavailable": 503,
     "setup_failed": 503,

@@ -133,11 +133,34 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class Retry:
+    """Run a failed job again, up to `attempts` runs in all: the n-th retry waits `backoff`
+    × 2^(n-1) seconds, at most `max_backoff`, with `jitter` a random part of that (so retries
+    of many jobs spread out). Only errors of the `on` types are retried (any error by
+    default); BadInput (TooLarge, UnsupportedInput), a cancel, a deadline and a shutdown
+    never are. A handler may also raise `RetryLater(after=…)` to pick the wait itself."""
+
+    attempts: int = 3
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+    jitter: bool = True
+    on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError(f"Retry(attempts={self.attempts}, backoff={self.backoff}, "
+                             f"max_backoff={self.max_backoff}): attempts is at least 1, the "
+                             "back-offs at least 0")
+        if isinstance(self.on, type):  # Retry(on=TimeoutError): one type
+            object.__setattr__(self, "on", (self.on,))
+
+
+@dataclass(frozen=True)
 class JobKind:
     """One kind of work: a name (the `jobType`), its options and the handler that runs it.
 
-    `workers`, `queue_size` and `timeout` are the kind's defaults for its
-    JOBQUEUE_<NAME>_WORKERS, _QUEUE_SIZE and _TIMEOUT settings.
+    `workers`, `queue_size`, `timeout` and `retry.attempts - 1` are the kind's defaults for
+    its JOBQUEUE_<NAME>_WORKERS, _QUEUE_SIZE, _TIMEOUT and _RETRIES settings.
     """
 
     name: str
@@ -168,3 +191,6 @@ class JobKind:
     teardown: Callable[[Any], None] | None = None
     # Run queued jobs in batches (see Batch); None: one job per call.
     batch: Batch | None = None
+    # Run a failed job again (see Retry); None: a failure is final (JOBQUEUE_<NAME>_RETRIES
+    # may still ask for retries).
+    retry: Retry | None = None

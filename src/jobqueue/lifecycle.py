@@ -1,14 +1,21 @@
 """A job's lifecycle: every transition and every rule attached to one, for both engines.
 
     submit ──> queued ──start──> running ──end──> succeeded | failed | cancelled
-                 │  ^                │
-                 │  └───requeue──────┤   (a shutdown, a dead worker: it runs again)
+                 │  ^ ^              │                            │
+                 │  │ └──requeue─────┤  (a shutdown, a dead worker: it runs again)
+                 │  └────retry───────┘  (a failed attempt its kind's Retry runs again, later)
+                 │  ^─────────────── POST /jobs/{id}/retry ───────┘ (a failed job, by hand)
                  └──cancel──> cancelled <──cancel (stops the run; its end says cancelled)
 
-An ended job never changes again: a late cancel, a second DELETE, an end of a stale run (an
+An ended job never changes again (but for a client's explicit retry of a failed one): a late
+cancel, a second DELETE, an end of a stale run (an
 attempt that is no longer the job's) or a second end change nothing. The engines keep the state
 (a `Job` under a lock in the embedded one, a row in PostgreSQL guarded by the same rules in its
 statements) and ask this module what each event does; neither decides an outcome itself.
+
+Which queued job starts next: the highest `priority` first, then the lowest `fair_round`
+(owners take turns), then the first to come (`dispatch_order`). A failed attempt runs again
+as `retry_in` says; a queued job's start is estimated by `estimated_start`.
 
 `run` is the ladder from a handler's run to its `Ending`, `run_batch` the same for a batched
 kind's handler and its jobs; `at_deadline` is how a job stopped at its run-time limit ends;
@@ -18,6 +25,7 @@ kind's handler and its jobs; `at_deadline` is how a job stopped at its run-time 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -28,6 +36,7 @@ from jobqueue.errors import (
     DiskFull,
     JobCancelled,
     KindError,
+    RetryLater,
     TimedOut,
     Unavailable,
     category_of,
@@ -35,7 +44,7 @@ from jobqueue.errors import (
     user_message,
 )
 from jobqueue.files import jobfiles
-from jobqueue.jobs import JobContext, JobKind, JobStatus, Output
+from jobqueue.jobs import JobContext, JobKind, JobStatus, Output, Retry
 from jobqueue.records import Origin
 
 log = logging.getLogger(__name__)
@@ -59,6 +68,12 @@ ENDS_AT_CANCEL = frozenset({QUEUED})
 STOPS_AT_CANCEL = frozenset({RUNNING})
 # Any end: a run's or a cancel's.
 CAN_END = RUN_ENDS_FROM | ENDS_AT_CANCEL
+
+
+# A client's retry (POST /jobs/{id}/retry) takes a failed job back to queued; a /put job's
+# client that stops waiting (Prefer: respond-async) hands over a job not ended yet.
+CAN_RETRY = frozenset({FAILED})
+CAN_HAND_OVER = frozenset({QUEUED, RUNNING})
 
 
 def can_start(status: JobStatus) -> bool:
@@ -295,3 +310,96 @@ def files_after(status: JobStatus, origin: Origin) -> Keep:
     if status is FAILED:
         return Keep.INPUT
     return Keep.ALL
+
+
+# ---- which job starts next ----
+
+def fair_round(lowest_queued: int | None, owners_last: int | None) -> int:
+    """A new queued job's round, given the lowest round among the queued jobs of its kind and
+    priority (None: none queued) and the highest among its owner's queued and running ones
+    (None: none). Jobs are dispatched by round, so an owner with one job gets in ahead of
+    another's backlog: key A's twenty jobs take rounds 1…20, key B's one then takes the
+    round before the lowest still queued and starts next; an owner already in the queue
+    takes the round after its last."""
+    lowest = 1 if lowest_queued is None else lowest_queued
+    return max(lowest - 1, (owners_last or 0) + 1)
+
+
+def dispatch_order(priority: int, round_: int, seq: int) -> tuple[int, int, int]:
+    """The sort key of a queued job: higher priority first, then lower round, then the
+    order of submission (`seq`)."""
+    return (-priority, round_, seq)
+
+
+# ---- retries ----
+
+# Never run again, whatever the kind's Retry says: the input's fault (BadInput, TooLarge,
+# UnsupportedInput, TimedOut: the deadline), a cancel (a client's, a shutdown's), a full disk.
+NEVER_RETRIED = (BadInput, JobCancelled, DiskFull)
+# The attempts a RetryLater gets on a kind without a Retry of its own.
+RETRY_LATER_ATTEMPTS = 3
+
+
+def retry_policy(kind: JobKind, retries: int) -> Retry | None:
+    """The kind's Retry with JOBQUEUE_<NAME>_RETRIES (`retries`) applied; None: no retries."""
+    if retries <= 0:
+        return None
+    base = kind.retry or Retry()
+    return Retry(retries + 1, base.backoff, base.max_backoff, base.jitter, base.on)
+
+
+def max_attempts(kind: JobKind, retries: int) -> int:
+    policy = retry_policy(kind, retries)
+    return policy.attempts if policy is not None else 1
+
+
+def retry_in(ending: Ending, policy: Retry | None, failures: int, origin: Origin,
+             created_at: float, put_timeout: float, now: float, stopped: bool = False,
+             rng: random.Random | None = None) -> float | None:
+    """Seconds until a failed attempt runs again, or None when the failure is final.
+    `failures`: the failed attempts before this one; `stopped`: a deadline or a shutdown
+    stopped this run (never retried). A /put job is retried only if its next attempt starts
+    within its client's wait (`put_timeout` from `created_at`)."""
+    error = ending.error
+    if ending.status is not FAILED or error is None or stopped:
+        return None
+    if isinstance(error, NEVER_RETRIED) or _disk_full(error):
+        return None
+    if isinstance(error, RetryLater):
+        attempts = policy.attempts if policy is not None else RETRY_LATER_ATTEMPTS
+        delay = error.after
+    else:
+        if policy is None or not isinstance(error, policy.on):
+            return None
+        attempts = policy.attempts
+        delay = min(policy.max_backoff, policy.backoff * 2 ** failures)
+        if policy.jitter:  # half of it at least: a retry never comes at once by chance
+            delay = (rng or random).uniform(delay / 2, delay)
+    if failures + 1 >= attempts:
+        return None
+    if origin is Origin.PUT and now + delay >= created_at + put_timeout:
+        return None
+    return delay
+
+
+def earlier_error(attempt: int, message: str | None, finished_at: float) -> dict[str, Any]:
+    """What a job keeps of a failed attempt, in its `earlier_errors`."""
+    return {"attempt": attempt, "error": message or "failed", "finishedAt": finished_at}
+
+
+# ---- how long a queued job waits ----
+
+# Estimates start once a kind has this many finished runs to take a median of.
+ESTIMATE_AFTER = 20
+
+
+def estimated_start(ahead: int, median_seconds: float | None, finished: int, workers: int,
+                    busy: int) -> float | None:
+    """Seconds until a queued job likely starts: the jobs ahead of it × the kind's recent
+    median run time ÷ its live workers; 0 while a worker is free; None before the kind has
+    ESTIMATE_AFTER finished runs (or has no live worker)."""
+    if finished < ESTIMATE_AFTER or median_seconds is None or workers <= 0:
+        return None
+    if busy < workers:
+        return 0.0
+    return ahead * median_seconds / workers

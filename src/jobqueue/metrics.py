@@ -61,6 +61,7 @@ class Outcome(str, Enum):
     DEADLINE = "deadline"  # stopped at a deadline: a /put timeout (504), JOBQUEUE_JOB_MAX_SECONDS
     SHUTDOWN = "shutdown"  # a /put job the server's shutdown ended (its client got 503)
     REFUSED = "refused"  # never accepted: 503, the kind's queue was full
+    RETRIED = "retried"  # an attempt failed and the job waits for its next one (not an end)
 
 
 def outcome(status: str, error_kind: str | None, cancelled_as: str | None) -> Outcome:

@@ -41,8 +41,12 @@ ADDED_COLUMNS = {
     "error_kind": ("add_error_kind", None),
     "attempt": ("add_attempt", "backfill_attempt"),
     "idempotency_key": ("add_idempotency_key", None),
+    "priority": ("add_priority", None),
+    "fair_round": ("add_fair_round", None),
+    "next_attempt_at": ("add_next_attempt_at", None),
+    "earlier_errors": ("add_earlier_errors", None),
 }
-JSON_COLUMNS = ("options", "progress", "result")
+JSON_COLUMNS = ("options", "progress", "result", "earlier_errors")
 # After a failed commit (a full disk), the writer tries again this much later, twice as late
 # after each further failure up to RETRY_MAX_SECONDS: a disk with room again is used within
 # seconds, and a disk that stays full is not hammered every second meanwhile.
@@ -86,6 +90,14 @@ class JobRecord:
     owner: str = ""  # which API key submitted it (a hash of it), "" without API keys
     attempt: int = 0  # runs started; a run after a crash or a restart counts again
     idempotency_key: str | None = None  # POST /jobs' Idempotency-Key, per owner
+    priority: int = 0  # -10…10: higher runs first, within its kind
+    # Its place among its owner's queued jobs (lifecycle.fair_round): jobs of one kind and
+    # priority are dispatched by round, then as they came, so owners take turns.
+    fair_round: int = 0
+    # While it waits for its next attempt after a failure (a Retry): when that may start.
+    next_attempt_at: float | None = None
+    # The failed attempts before this one: [{"attempt", "error", "finishedAt"}] (epoch s).
+    earlier_errors: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.origin = Origin(self.origin)
@@ -461,5 +473,6 @@ class SqliteJobStore:
             for column in JSON_COLUMNS:
                 values[column] = json.loads(values[column]) if values[column] else None
             values["progress"] = values["progress"] or {}
+            values["earlier_errors"] = values["earlier_errors"] or []
             records.append(JobRecord(**values))
         return records

@@ -64,6 +64,18 @@ UPDATE jobs SET attempt = 1 WHERE started_at IS NOT NULL
 -- add_idempotency_key --
 ALTER TABLE jobs ADD COLUMN idempotency_key TEXT
 
+-- add_priority --
+ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0
+
+-- add_fair_round --
+ALTER TABLE jobs ADD COLUMN fair_round INTEGER NOT NULL DEFAULT 0
+
+-- add_next_attempt_at --
+ALTER TABLE jobs ADD COLUMN next_attempt_at REAL
+
+-- add_earlier_errors --
+ALTER TABLE jobs ADD COLUMN earlier_errors TEXT
+
 -- make_indexes --
 -- jobs_listing: a page of GET /jobs walks one owner's newest jobs and stops at the page's
 -- end, rather than sorting all of them (and summarizing each one's result) first.
@@ -82,8 +94,9 @@ SELECT name, value FROM store
 -- parameters are records._row(record), in records.COLUMNS' order.
 INSERT INTO jobs (id, job_type, status, options, input_path, created_at, started_at,
                   finished_at, worker_name, progress, error, error_kind, result, origin, owner,
-                  attempt, idempotency_key)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                  attempt, idempotency_key, priority, fair_round, next_attempt_at,
+                  earlier_errors)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(id) DO UPDATE SET
     job_type = excluded.job_type, status = excluded.status, options = excluded.options,
     input_path = excluded.input_path, created_at = excluded.created_at,
@@ -91,7 +104,9 @@ ON CONFLICT(id) DO UPDATE SET
     worker_name = excluded.worker_name, progress = excluded.progress, error = excluded.error,
     error_kind = excluded.error_kind, result = excluded.result, origin = excluded.origin,
     owner = excluded.owner, attempt = excluded.attempt,
-    idempotency_key = excluded.idempotency_key
+    idempotency_key = excluded.idempotency_key, priority = excluded.priority,
+    fair_round = excluded.fair_round, next_attempt_at = excluded.next_attempt_at,
+    earlier_errors = excluded.earlier_errors
 
 -- delete_job --
 DELETE FROM jobs WHERE id = ?
@@ -110,7 +125,8 @@ SELECT seq, id, job_type, status, '{}' AS options, input_path, created_at, start
        finished_at, worker_name, progress, error, error_kind,
        CASE WHEN json_type(result) = 'object'
             THEN json_object('files', json_extract(result, '$.files')) END AS result,
-       origin, owner, attempt, idempotency_key
+       origin, owner, attempt, idempotency_key, priority, fair_round, next_attempt_at,
+       earlier_errors
 FROM jobs WHERE owner = ? {filters}
 ORDER BY seq DESC LIMIT ? OFFSET ?
 

@@ -31,14 +31,17 @@ CLIENT_VARIABLES = {"JOBQUEUE_URL", "JOBQUEUE_API_KEY"}
 
 
 class KindLimits(BaseModel):
-    """How many threads serve a job kind, how many jobs may wait, and how long `/put` waits:
-    JOBQUEUE_<NAME>_WORKERS, _QUEUE_SIZE and _TIMEOUT, else what its JobKind declares."""
+    """How many threads serve a job kind, how many jobs may wait, how long `/put` waits and how
+    often a failed job runs again: JOBQUEUE_<NAME>_WORKERS, _QUEUE_SIZE, _TIMEOUT and
+    _RETRIES, else what its JobKind declares."""
 
     model_config = ConfigDict(frozen=True)
 
     workers: int = Field(1, ge=1)
     queue_size: int = Field(10, ge=1)
     timeout: float = Field(60.0, gt=0)
+    # Runs after the first that a failed job gets (its Retry's attempts - 1; 0: none).
+    retries: int = Field(0, ge=0, le=100)
 
 
 class KindDefaults(Protocol):
@@ -48,6 +51,7 @@ class KindDefaults(Protocol):
     workers: int
     queue_size: int
     timeout: float
+    retry: object | None  # a jobs.Retry, or None
 
 
 class Settings(BaseSettings):
@@ -70,6 +74,11 @@ class Settings(BaseSettings):
                        "package.module:ATTRIBUTE")
 
     job_max_seconds: float = Field(3600, gt=0, description="Longest a POST /jobs job may run")
+    max_queued_per_key: int = Field(0, ge=0, description="Jobs of one kind one API key (or "
+                                    "client address) may have waiting; past it 429. 0: no cap")
+    max_priority_per_key: SecretStr = Field(
+        SecretStr(""), description="Comma-separated key=max pairs: the highest priority each "
+        "API key may ask for (* for any other key); empty: 10 for everyone")
 
     pdf_max_pages: int = Field(500, ge=1, description="Longest PDF, in pages")
     video_max_seconds: float = Field(3600, gt=0, description="Longest video")
@@ -147,6 +156,17 @@ class Settings(BaseSettings):
                              f"not {value!r}")
         return value.rstrip("/")
 
+    @field_validator("max_priority_per_key")
+    @classmethod
+    def valid_priority_caps(cls, value: SecretStr) -> SecretStr:
+        priority_caps(value.get_secret_value())  # ValueError naming the bad pair
+        return value
+
+    def priority_cap(self, api_key: str | None) -> int:
+        """The highest priority `api_key` may ask for (JOBQUEUE_MAX_PRIORITY_PER_KEY)."""
+        caps = priority_caps(self.max_priority_per_key.get_secret_value())
+        return caps.get(api_key or "", caps.get("*", MAX_PRIORITY))
+
     @property
     def api_key_list(self) -> list[str]:
         keys = self.api_keys.get_secret_value().split(",")
@@ -176,9 +196,31 @@ class Settings(BaseSettings):
         return self._limits[kind.name]
 
 
+# The priorities a job may have (POST /jobs and /put's `priority`): higher runs first.
+MIN_PRIORITY, MAX_PRIORITY = -10, 10
+
+
+def priority_caps(text: str) -> dict[str, int]:
+    """JOBQUEUE_MAX_PRIORITY_PER_KEY's `key=max` pairs, by key (`*`: any other key)."""
+    caps = {}
+    for number, pair in enumerate((p.strip() for p in text.split(",") if p.strip()), 1):
+        key, _, cap = pair.rpartition("=")
+        try:
+            value = int(cap)
+        except ValueError:
+            value = None
+        if not key.strip() or value is None or not MIN_PRIORITY <= value <= MAX_PRIORITY:
+            raise ValueError(f"JOBQUEUE_MAX_PRIORITY_PER_KEY: pair {number} is not key=max with "
+                             f"max a whole number from {MIN_PRIORITY} to {MAX_PRIORITY}")
+        caps[key.strip()] = value
+    return caps
+
+
 def kind_limits(kind: KindDefaults, environ: Mapping[str, str]) -> KindLimits:
     names = kind_variables(kind.name)
-    values = {"workers": kind.workers, "queue_size": kind.queue_size, "timeout": kind.timeout}
+    retry = getattr(kind, "retry", None)
+    values = {"workers": kind.workers, "queue_size": kind.queue_size, "timeout": kind.timeout,
+              "retries": retry.attempts - 1 if retry is not None else 0}
     values.update({field: environ[name] for field, name in names.items() if name in environ})
     try:
         return KindLimits.model_validate(values)

@@ -53,6 +53,10 @@ class NewJob:
     origin: Origin
     owner: str = ""
     idempotency_key: str | None = None
+    priority: int = 0  # -10…10, higher first (settings.MIN_PRIORITY, MAX_PRIORITY)
+    # A /put with `Prefer: respond-async`: its client takes a hand-over (202) rather than a
+    # 504, so it is not refused for an estimated start past its kind's timeout.
+    respond_async: bool = False
 
 
 class RecordChanges(Protocol):
@@ -93,8 +97,11 @@ class JobEngine(Protocol):
 
     async def submit(self, job: NewJob, durable: bool) -> JobRecord:
         """Queue the job: its record, as accepted. With `durable`, the record is on disk
-        before this returns. QueueFull at capacity, ShuttingDown, Unavailable. With an
-        idempotency key the owner used before, the job submitted then, not a new one."""
+        before this returns. QueueFull at capacity, TooManyQueued past
+        JOBQUEUE_MAX_QUEUED_PER_KEY for its owner, WouldTimeOut for a /put job (not
+        respond_async) whose estimated start is past its kind's timeout, ShuttingDown,
+        Unavailable. With an idempotency key the owner used before, the job submitted then,
+        not a new one. Queued jobs start by lifecycle.dispatch_order."""
 
     async def check_room(self, kind: str, owner: str = "",
                          idempotency_key: str | None = None) -> None:
@@ -107,6 +114,21 @@ class JobEngine(Protocol):
 
     async def position(self, job_id: str) -> int | None:
         """1 for the next job of its kind to start; None when it is not waiting."""
+
+    async def estimated_start(self, job_id: str) -> float | None:
+        """Seconds until a queued job likely starts (lifecycle.estimated_start); None when it
+        is not queued or there is no estimate yet."""
+
+    async def hand_over(self, job_id: str) -> JobRecord | None:
+        """A /put job whose client stops waiting (Prefer: respond-async) becomes a kept job,
+        as if from POST /jobs: its files stay, its deadline is JOBQUEUE_JOB_MAX_SECONDS
+        from its start, a restart queues it again. Its record then, or None when it has ended
+        meanwhile (its client gets the end)."""
+
+    async def retry(self, job_id: str) -> JobRecord:
+        """Queue a failed job again as a new attempt, with its upload (POST /jobs/{id}/retry):
+        its record, queued, with the failed attempt in `earlier_errors`. Conflict (409) when
+        it has not failed, Gone (410) once its upload is gone, QueueFull."""
 
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         """The job's record once it has finished; TimeoutError after `timeout` seconds."""

@@ -29,7 +29,7 @@ from jobqueue.records import COLUMNS, JobRecord
 QUERIES = sql.load(__package__, "schema.sql", "queries.sql")
 # Taken while the schema is made, so replicas and workers starting together make it once.
 SCHEMA_LOCK = 7357_0001
-JSON_FIELDS = ("options", "progress", "result")
+JSON_FIELDS = ("options", "progress", "result", "earlier_errors")
 
 
 async def ensure(conn: AsyncConnection, procrastinate_schema: str) -> None:
@@ -52,6 +52,7 @@ def params(record: JobRecord) -> list[Any]:
 def from_row(row: dict[str, Any]) -> JobRecord:
     values = {column: row[column] for column in COLUMNS}
     values["progress"] = values["progress"] or {}
+    values["earlier_errors"] = values["earlier_errors"] or []
     return JobRecord(**values)
 
 

@@ -59,6 +59,11 @@ INSERT INTO jobqueue_store VALUES ('id', gen_random_uuid()::text),
     ('created_at', extract(epoch FROM clock_timestamp())::text) ON CONFLICT DO NOTHING;
 -- Columns added since the first tables were made.
 ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS cancelled_as text;
+-- Priorities, fair share and retries (records.JobRecord).
+ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS priority integer NOT NULL DEFAULT 0;
+ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS fair_round integer NOT NULL DEFAULT 0;
+ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS next_attempt_at double precision;
+ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS earlier_errors jsonb NOT NULL DEFAULT '[]';
 ALTER TABLE jobqueue_workers ADD COLUMN IF NOT EXISTS metrics text;
 -- Each kind's resource in the worker ({"<kind>": {"state", "error", "retryIn"}}); a worker of
 -- before it writes none, its kinds count as ready.
