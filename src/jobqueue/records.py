@@ -45,6 +45,7 @@ ADDED_COLUMNS = {
     "fair_round": ("add_fair_round", None),
     "next_attempt_at": ("add_next_attempt_at", None),
     "earlier_errors": ("add_earlier_errors", None),
+    "fair_key": ("add_fair_key", None),
 }
 JSON_COLUMNS = ("options", "progress", "result", "earlier_errors")
 # After a failed commit (a full disk), the writer tries again this much later, twice as late
@@ -98,6 +99,9 @@ class JobRecord:
     next_attempt_at: float | None = None
     # The failed attempts before this one: [{"attempt", "error", "finishedAt"}] (epoch s).
     earlier_errors: list[dict[str, Any]] = field(default_factory=list)
+    # Whose turn it takes in fair share: the API key's owner name, or the client's address on
+    # a server without keys (api/ratelimit.client_key).
+    fair_key: str = ""
 
     def __post_init__(self) -> None:
         self.origin = Origin(self.origin)

@@ -76,6 +76,9 @@ ALTER TABLE jobs ADD COLUMN next_attempt_at REAL
 -- add_earlier_errors --
 ALTER TABLE jobs ADD COLUMN earlier_errors TEXT
 
+-- add_fair_key --
+ALTER TABLE jobs ADD COLUMN fair_key TEXT NOT NULL DEFAULT ''
+
 -- make_indexes --
 -- jobs_listing: a page of GET /jobs walks one owner's newest jobs and stops at the page's
 -- end, rather than sorting all of them (and summarizing each one's result) first.
@@ -95,8 +98,8 @@ SELECT name, value FROM store
 INSERT INTO jobs (id, job_type, status, options, input_path, created_at, started_at,
                   finished_at, worker_name, progress, error, error_kind, result, origin, owner,
                   attempt, idempotency_key, priority, fair_round, next_attempt_at,
-                  earlier_errors)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                  earlier_errors, fair_key)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(id) DO UPDATE SET
     job_type = excluded.job_type, status = excluded.status, options = excluded.options,
     input_path = excluded.input_path, created_at = excluded.created_at,
@@ -106,7 +109,7 @@ ON CONFLICT(id) DO UPDATE SET
     owner = excluded.owner, attempt = excluded.attempt,
     idempotency_key = excluded.idempotency_key, priority = excluded.priority,
     fair_round = excluded.fair_round, next_attempt_at = excluded.next_attempt_at,
-    earlier_errors = excluded.earlier_errors
+    earlier_errors = excluded.earlier_errors, fair_key = excluded.fair_key
 
 -- delete_job --
 DELETE FROM jobs WHERE id = ?
@@ -126,7 +129,7 @@ SELECT seq, id, job_type, status, '{}' AS options, input_path, created_at, start
        CASE WHEN json_type(result) = 'object'
             THEN json_object('files', json_extract(result, '$.files')) END AS result,
        origin, owner, attempt, idempotency_key, priority, fair_round, next_attempt_at,
-       earlier_errors
+       earlier_errors, fair_key
 FROM jobs WHERE owner = ? {filters}
 ORDER BY seq DESC LIMIT ? OFFSET ?
 

@@ -56,7 +56,7 @@ async def answer_error(request: Request, exc: Exception) -> JSONResponse:
     answered = exc
     if isinstance(exc, errors.ShuttingDown):  # the engines' have no message: shutdown.py's has
         answered = shutting_down(request)
-    elif isinstance(exc, errors.QueueFull):
+    elif isinstance(exc, (errors.QueueFull, errors.TooManyQueued, errors.WouldTimeOut)):
         request.app.state.metrics.refused(exc.kind)
     if isinstance(exc, errors.JobFailed):
         status = errors.HTTP_STATUS.get(exc.error_kind, 500)

@@ -63,6 +63,12 @@ class ResultView(ResultSummary):
     data: dict[str, Any]
 
 
+class EarlierError(CamelModel):
+    attempt: int = Field(examples=[1])
+    error: str = Field(examples=["Job 0b8f…: the upstream service answered 503"])
+    finished_at: str = Field(examples=["2026-11-23T10:15:02.5+00:00"])
+
+
 class JobSummary(CamelModel):
     """A job as lists and the event feed show it: its result without its data."""
 
@@ -72,8 +78,21 @@ class JobSummary(CamelModel):
     attempt: int = Field(examples=[1], description="Runs started: 0 while it waits for its "
                          "first, 1 once it has started; a run again after a crash, a restart "
                          "or a stopped worker counts one more")
+    max_attempts: int = Field(1, examples=[3], description="Runs it may get: 1 + its kind's "
+                              "retries (JOBQUEUE_<NAME>_RETRIES)")
+    priority: int = Field(0, examples=[0], description="-10…10: higher runs first, within its "
+                          "kind")
     progress: ProgressView
     queue_position: int | None = Field(None, description="1 = next to start; only while queued")
+    estimated_start_seconds: float | None = Field(
+        None, examples=[12.5], description="Only while queued, once its kind has 20 finished "
+        "jobs: about when it starts (the jobs ahead × their recent median run time ÷ the live "
+        "workers; 0 while a worker is free)")
+    next_attempt_at: str | None = Field(None, description="Only while it waits for its next "
+                                        "attempt after a failure (its kind retries)")
+    earlier_errors: list[EarlierError] | None = Field(
+        None, description="The failed attempts before this one, oldest first; omitted when "
+        "there were none")
     created_at: str = Field(examples=["2026-11-23T10:15:00.123456+00:00"])
     started_at: str | None = None
     finished_at: str | None = None
@@ -163,15 +182,18 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         401: "No valid X-API-Key (only when the server has JOBQUEUE_API_KEYS).",
         404: "Unknown job or file.",
         408: "The body came in slower than JOBQUEUE_MIN_UPLOAD_KBPS.",
-        409: "The job has not succeeded (yet).",
+        409: "The job has not succeeded (yet); for a retry: it has not failed.",
+        410: "The job's upload is gone, so it cannot run again.",
         413: "The upload is too large, or the input is over a JOBQUEUE_*_MAX_* limit.",
         415: "The body is neither JSON nor multipart/form-data, or the upload is not the kind "
              "of file the job takes.",
         422: "Bad options, unknown jobType, or input the job kind cannot process.",
-        429: "Rate limit exceeded; see Retry-After.",
+        429: "Rate limit exceeded, or JOBQUEUE_MAX_QUEUED_PER_KEY of your jobs wait already; "
+             "see Retry-After.",
         500: "The job failed unexpectedly; the detail names the job id.",
-        503: "The kind's queue is full or its setup failed, too many uploads or streams are "
-             "open, or the server is shutting down; see Retry-After.",
+        503: "The kind's queue is full or its setup failed, a /put job would start only after "
+             "its timeout, too many uploads or streams are open, or the server is shutting "
+             "down; see Retry-After.",
         504: "The job did not finish within its kind's timeout and was cancelled.",
         507: "The server's disk is full.",
     }

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from jobqueue.api import uploads
-from jobqueue.api.access import owner
+from jobqueue.api.access import HEADER, owner
 from jobqueue.api.shutdown import refuse_while_draining
 from jobqueue.api.uploads import read_multipart
 from jobqueue.engines import JobEngine, NewJob
@@ -33,7 +33,7 @@ from jobqueue.errors import (
 from jobqueue.files import jobfiles
 from jobqueue.jobs import JobKind
 from jobqueue.records import JobRecord, Origin
-from jobqueue.settings import Settings
+from jobqueue.settings import MAX_PRIORITY, MIN_PRIORITY, Settings
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class Submission:
     kind: JobKind
     options: BaseModel
     upload: Path | None  # already stored in out/<job_id>/input/
+    priority: int = 0
 
 
 async def read_submission(request: Request, settings: Settings,
@@ -79,13 +80,32 @@ async def read_submission(request: Request, settings: Settings,
         except ClientDisconnect:
             raise MalformedRequest("The client closed the connection before its request body "
                                    "was complete.") from None
+        priority = parse_priority(fields, settings, request.headers.get(HEADER))
         kind, options = parse_options(kinds, fields)
         if upload is not None and kind.sample is None:
             raise BadInput(f"{kind.name} jobs take no file; send only the options.")
     except BaseException:
         jobfiles.remove_job_dir(settings.out_dir, job_id)
         raise
-    return Submission(job_id, kind, options, upload)
+    return Submission(job_id, kind, options, upload, priority)
+
+
+def parse_priority(fields: dict, settings: Settings, api_key: str | None) -> int:
+    """The `priority` field (JSON or a form field): a whole number from MIN_PRIORITY to
+    MAX_PRIORITY, at most what JOBQUEUE_MAX_PRIORITY_PER_KEY lets the caller's key ask for."""
+    value = fields.pop("priority", 0)
+    if isinstance(value, str):  # a form field
+        value = value.strip()
+        value = int(value) if value.lstrip("+-").isdigit() and len(value) < 4 else value
+    if isinstance(value, bool) or not isinstance(value, int) \
+            or not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise BadInput(f"priority must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY} "
+                       f"(higher runs first; default 0), not {str(value)[:40]!r}.")
+    cap = settings.priority_cap(api_key if settings.api_key_list else None)
+    if value > cap:
+        raise BadInput(f"priority {value} is more than this API key may ask for ({cap}, "
+                       "JOBQUEUE_MAX_PRIORITY_PER_KEY).")
+    return value
 
 
 def file_refused(kinds: dict[str, JobKind]) -> Callable[[dict[str, str]], str | None]:
@@ -183,7 +203,8 @@ async def read_json(request: Request, content_type: str, min_bytes_per_second: f
 
 async def start_job(engine: JobEngine, submission: Submission, origin: Origin,
                     check_input: bool = False, owner: str = "",
-                    idempotency_key: str | None = None) -> JobRecord:
+                    idempotency_key: str | None = None, fair_key: str = "",
+                    respond_async: bool = False) -> JobRecord:
     """Queue the job: its record as accepted (QueueFull: 503). With `check_input`, an upload
     of the wrong type is UnsupportedInput (415) and one over the server's limits TooLarge
     (413), before it is queued.
@@ -205,5 +226,8 @@ async def start_job(engine: JobEngine, submission: Submission, origin: Origin,
     return await engine.submit(NewJob(id=submission.job_id, kind=kind,
                                       options=submission.options, input_path=submission.upload,
                                       origin=origin, owner=owner,
-                                      idempotency_key=idempotency_key),
+                                      idempotency_key=idempotency_key,
+                                      priority=submission.priority,
+                                      fair_key=fair_key or owner,
+                                      respond_async=respond_async),
                                durable=origin is Origin.JOBS)

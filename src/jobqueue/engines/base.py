@@ -54,6 +54,7 @@ class NewJob:
     owner: str = ""
     idempotency_key: str | None = None
     priority: int = 0  # -10…10, higher first (settings.MIN_PRIORITY, MAX_PRIORITY)
+    fair_key: str = ""  # whose turn it takes in fair share (records.JobRecord.fair_key)
     # A /put with `Prefer: respond-async`: its client takes a hand-over (202) rather than a
     # 504, so it is not refused for an estimated start past its kind's timeout.
     respond_async: bool = False

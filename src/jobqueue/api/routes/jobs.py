@@ -15,13 +15,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse
 from starlette.types import Send
 
+from jobqueue import lifecycle
 from jobqueue.api.access import owner
 from jobqueue.api.downloads import file_response
-from jobqueue.api.ratelimit import limiter, submit_limit
+from jobqueue.api.prefer import APPLIED, preferences
+from jobqueue.api.ratelimit import client_key, limiter, submit_limit
 from jobqueue.api.routes import links
 from jobqueue.api.routes.put import REQUEST_EXAMPLES
 from jobqueue.api.schemas import (
     Accepted,
+    EarlierError,
     JobList,
     JobSummary,
     JobView,
@@ -80,13 +83,23 @@ async def job_summary(request: Request, record: JobRecord) -> JobSummary:
 async def _fields(request: Request, record: JobRecord) -> dict:
     engine: JobEngine = request.app.state.engine
     waiting = record.status == JobStatus.QUEUED.value
+    kind = request.app.state.kinds.get(record.job_type)
+    retries = request.app.state.settings.limits(kind).retries if kind else 0
+    estimate = await engine.estimated_start(record.id) if waiting else None
     return dict(
         id=record.id,
         job_type=record.job_type,
         status=record.status,
         attempt=record.attempt,
+        max_attempts=lifecycle.max_attempts(kind, retries) if kind else 1,
+        priority=record.priority,
         progress=ProgressView(**{"done": 0, "total": 0, "unit": "", **record.progress}),
         queue_position=await engine.position(record.id) if waiting else None,
+        estimated_start_seconds=round(estimate, 1) if estimate is not None else None,
+        next_attempt_at=_time(record.next_attempt_at) if waiting else None,
+        earlier_errors=[EarlierError(attempt=e["attempt"], error=e["error"],
+                                     finished_at=_time(e["finishedAt"]))
+                        for e in record.earlier_errors] or None,
         created_at=_time(record.created_at),
         started_at=_time(record.started_at),
         finished_at=_time(record.finished_at),
@@ -106,9 +119,13 @@ def _file_urls(request: Request, record: JobRecord) -> list[str]:
     description="Same body as `POST /put`. Answers at once with the job's id and links; "
                 "an upload of the wrong type is refused with 415 before it is queued. With an "
                 "`Idempotency-Key` header the caller used before, it answers the job submitted "
-                "then instead of queueing another.",
+                "then instead of queueing another. With `Prefer: wait=N`, waits up to N seconds "
+                "(at most the kind's timeout) and answers 200 with the ended job's status and "
+                "result if it ended by then.",
     response_model=Accepted,
-    responses=error_responses(400, 408, 413, 415, 422, 429, 503, 507),
+    responses={200: {"model": JobView, "description": "Prefer: wait=N, and the job ended "
+                     "within it: its status and result"},
+               **error_responses(400, 408, 413, 415, 422, 429, 503, 507)},
     openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
 )
 @limiter.limit(submit_limit)
@@ -116,19 +133,56 @@ async def submit_job(request: Request, response: Response,
                      idempotency_key: str | None = Header(
                          None, max_length=200,
                          description="Any string unique to this submission: a retry with the "
-                                     "same key gets the first job back")) -> Accepted:
-    submission = await read_submission(request, request.app.state.settings, idempotency_key)
-    record = await start_job(request.app.state.engine, submission, Origin.JOBS,
+                                     "same key gets the first job back")) -> Response:
+    engine: JobEngine = request.app.state.engine
+    settings = request.app.state.settings
+    submission = await read_submission(request, settings, idempotency_key)
+    record = await start_job(engine, submission, Origin.JOBS,
                              check_input=True, owner=owner(request),
-                             idempotency_key=idempotency_key)
-    url = links.link(request, f"/jobs/{record.id}")
-    response.headers["Location"] = url
+                             idempotency_key=idempotency_key, fair_key=client_key(request))
+    wait = preferences(request).wait
+    if wait:
+        timeout = settings.limits(request.app.state.kinds[record.job_type]).timeout
+        try:
+            ended = await engine.wait(record.id, min(wait, timeout))
+        except (TimeoutError, LookupError):  # still running (or deleted meanwhile): 202
+            pass
+        else:
+            view = await job_view(request, ended)
+            return JSONResponse(view.model_dump(mode="json", by_alias=True, exclude_none=True),
+                                headers={"Location": links.link(request, f"/jobs/{record.id}"),
+                                         APPLIED: f"wait={wait:g}"})
     # "queued" even if a worker picked it up meanwhile: that is what was accepted. A repeat
     # with an Idempotency-Key says where the first one is now.
     status = record.status if record.id != submission.job_id else JobStatus.QUEUED.value
+    return accepted(request, response, record, status)
+
+
+def accepted(request: Request, response: Response, record: JobRecord, status: str) -> Accepted:
+    """The 202 of a job queued: its id, status and links, and its Location."""
+    url = links.link(request, f"/jobs/{record.id}")
+    response.headers["Location"] = url
     return Accepted(id=record.id, job_type=record.job_type, status=status,
                     links=Links(self_=url, events=f"{url}/events", result=f"{url}/result",
                                 cancel=url))
+
+
+@router.post(
+    "/jobs/{job_id}/retry",
+    status_code=202,
+    summary="Run a failed job again",
+    description="A failed job runs again as a new attempt, with its upload (the dead-letter "
+                "path); its failure joins `earlierErrors`. 409 for a job that has not failed, "
+                "410 once its upload is gone (a failed /put job keeps none).",
+    response_model=Accepted,
+    responses=error_responses(404, 409, 410, 429, 503, 507),
+)
+@limiter.limit(submit_limit)
+async def retry_job(request: Request, response: Response,
+                    record: JobRecord = Depends(find_job)) -> Accepted:
+    engine: JobEngine = request.app.state.engine
+    queued = await engine.retry(record.id)
+    return accepted(request, response, queued, JobStatus.QUEUED.value)
 
 
 @router.get("/jobs", summary="List jobs, newest first: summaries, without the results' data",

@@ -11,7 +11,8 @@ from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
 from jobqueue.api.access import owner
-from jobqueue.api.ratelimit import limiter, submit_limit
+from jobqueue.api.prefer import APPLIED, preferences
+from jobqueue.api.ratelimit import client_key, limiter, submit_limit
 from jobqueue.api.routes import links
 from jobqueue.api.schemas import JobResult, PutData, PutResponse, error_responses
 from jobqueue.api.shutdown import shutting_down
@@ -87,27 +88,45 @@ def describe_kinds(app: FastAPI, kinds: dict[str, JobKind]) -> None:
     "/put",
     summary="Run a job and wait for its result",
     description="JSON runs a job on the bundled sample (or a message job); multipart/form-data "
-                "with a `file` field processes the upload. Waits at most the kind's timeout.",
+                "with a `file` field processes the upload. Waits at most the kind's timeout. "
+                "With `Prefer: respond-async, wait=N`, a job not ended after N seconds is "
+                "handed over: 202 with its status and Location, and it runs on as a POST /jobs "
+                "job would.",
     response_model=PutResponse,
-    responses=error_responses(400, 408, 409, 413, 415, 422, 429, 500, 503, 504, 507),
+    responses={202: {"description": "Prefer: respond-async, and the job had not ended within "
+                                    "its wait: the job's status (as GET /jobs/{id})"},
+               **error_responses(400, 408, 409, 413, 415, 422, 429, 500, 503, 504, 507)},
     openapi_extra=REQUEST_BODY,
 )
 @limiter.limit(submit_limit)
 async def put(request: Request) -> Response:
     engine: JobEngine = request.app.state.engine
     settings = request.app.state.settings
+    prefer = preferences(request)
     submission = await read_submission(request, settings)
-    record = await start_job(engine, submission, Origin.PUT, owner=owner(request))
+    record = await start_job(engine, submission, Origin.PUT, owner=owner(request),
+                             fair_key=client_key(request), respond_async=prefer.respond_async)
     timeout = settings.limits(request.app.state.kinds[record.job_type]).timeout
-    record = await wait_for_job(request, engine, record, timeout)
+    hand_over_after = min(prefer.wait or 0.0, timeout) if prefer.respond_async else None
+    record = await wait_for_job(request, engine, record, timeout, hand_over_after)
+    if record.status not in FINISHED:  # handed over: it runs on as a kept job
+        from jobqueue.api.routes.jobs import job_view  # jobs.py imports this module
+
+        view = await job_view(request, record)
+        return Response(view.model_dump_json(by_alias=True, exclude_none=True), status_code=202,
+                        media_type="application/json",
+                        headers={"Location": links.link(request, f"/jobs/{record.id}"),
+                                 APPLIED: "respond-async"})
     answer = PutResponse(data=PutData(id=record.id, result=job_result(request, record)))
     # Serialized here: a Response goes out as it is, where a model would be validated again.
     return Response(answer.model_dump_json(by_alias=True), media_type="application/json")
 
 
 async def wait_for_job(request: Request, engine: JobEngine, record: JobRecord,
-                       timeout: float) -> JobRecord:
-    """The job's final record; a timeout or a client that hangs up cancels the job."""
+                       timeout: float, hand_over_after: float | None = None) -> JobRecord:
+    """The job's final record; a timeout or a client that hangs up cancels the job. With
+    `hand_over_after` (Prefer: respond-async), a job not ended by then is handed over
+    (engine.hand_over) and its record, not ended, returned."""
     watcher: asyncio.Task | None = None
 
     def watch() -> None:
@@ -119,7 +138,17 @@ async def wait_for_job(request: Request, engine: JobEngine, record: JobRecord,
     start_watching = asyncio.get_running_loop().call_later(WATCH_AFTER_SECONDS, watch)
     final = None
     try:
-        final = await engine.wait(record.id, timeout)
+        if hand_over_after is not None:
+            try:
+                final = await engine.wait(record.id, hand_over_after)
+            except TimeoutError:
+                final = await engine.hand_over(record.id)
+                if final is None:  # it ended just now: its end is the answer
+                    final = await engine.wait(record.id, timeout)
+                else:
+                    return final
+        else:
+            final = await engine.wait(record.id, timeout)
     except TimeoutError:
         current = await engine.get(record.id) or record
         if current.status not in FINISHED:  # it may have finished just as the timeout fired

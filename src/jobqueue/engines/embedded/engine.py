@@ -10,24 +10,37 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import queue
+import math
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from jobqueue import lifecycle
-from jobqueue.engines.base import NewJob, retry_after
+from jobqueue.engines.base import RETRY_AFTER_MAX_SECONDS, NewJob, retry_after
 from jobqueue.engines.embedded.feed import Feed, PendingChanges
-from jobqueue.errors import QueueFull, SetupFailed, ShuttingDown
+from jobqueue.engines.embedded.waiting import JobQueue, round_for
+from jobqueue.errors import (
+    Conflict,
+    Gone,
+    NotFound,
+    QueueFull,
+    SetupFailed,
+    ShuttingDown,
+    TooManyQueued,
+    WouldTimeOut,
+)
 from jobqueue.files import jobfiles
 from jobqueue.files.store import FileStore, LocalFiles
-from jobqueue.jobs import FINISHED, JobContext, JobKind, JobStatus
+from jobqueue.jobs import FINISHED, JobContext, JobKind, JobStatus, Progress
 from jobqueue.lifecycle import Ending
 from jobqueue.metrics import Metrics, Outcome, outcome
 from jobqueue.records import JobRecord, JobStore, Origin, SqliteJobStore
@@ -44,6 +57,8 @@ WATCHDOG_SECONDS = 0.5
 # Threads given up on per pool before it stops replacing them: each one still holds memory,
 # and a handler that hangs this often needs fixing, not more threads.
 MAX_ABANDONED_THREADS = 4
+# The recent run times a pool keeps, for the median of its estimates (lifecycle.estimated_start).
+RECENT_RUNS = 50
 
 
 @dataclass(eq=False)  # compared and hashed by identity
@@ -75,6 +90,15 @@ class Job:
     settings: Settings | None = None
     idempotency_key: str | None = None
     attempt: int = 0
+    # Its place in its kind's queue (lifecycle.dispatch_order), set as it is queued.
+    priority: int = 0
+    fair_key: str = ""
+    fair_round: int = 0
+    seq: int = 0
+    # While it waits for its next attempt after a failure: when that may start; and the
+    # failed attempts before (lifecycle.earlier_error).
+    next_attempt_at: float | None = None
+    earlier_errors: list[dict[str, Any]] = field(default_factory=list)
     # Set when shutdown stops the job: it is left as it was, to run again after a restart.
     rerun_after_restart: bool = False
     # Its record could not be written (a full disk): refused (507), so it leaves no record,
@@ -130,6 +154,24 @@ class Job:
             self.started_at = time.time()
             self.worker_name = worker_name
             self.attempt = lifecycle.next_attempt(self.attempt)
+            self.next_attempt_at = None
+        self.changed()
+        return True
+
+    def queue_again(self, failure: dict[str, Any], next_attempt_at: float,
+                    store: JobStore) -> bool:
+        """A failed attempt its kind retries: back to queued until `next_attempt_at`, its
+        record saved (under the lock, so a next start's record comes after it). False when a
+        cancel came meanwhile: then it ends as its run did."""
+        with self._lock:
+            if self.status is not JobStatus.RUNNING or self.cancel_requested.is_set():
+                return False
+            self.status = JobStatus.QUEUED
+            self.started_at = self.worker_name = None
+            self.next_attempt_at = next_attempt_at
+            self.earlier_errors = [*self.earlier_errors, failure]
+            self.context.progress = Progress()
+            store.save(self._record_locked())
         self.changed()
         return True
 
@@ -244,6 +286,11 @@ class Job:
             owner=self.owner,
             attempt=self.attempt,
             idempotency_key=self.idempotency_key,
+            priority=self.priority,
+            fair_key=self.fair_key,
+            fair_round=self.fair_round,
+            next_attempt_at=self.next_attempt_at,
+            earlier_errors=self.earlier_errors,
         )
 
 
@@ -256,7 +303,8 @@ class WorkerPool:
     abandon_after = 10.0
 
     def __init__(self, kind: JobKind, limits: KindLimits, store: JobStore, metrics: Metrics,
-                 max_run_seconds: float = 3600, resource: Resource | None = None):
+                 max_run_seconds: float = 3600, resource: Resource | None = None,
+                 max_queued_per_key: int = 0):
         self.kind = kind
         # What its setup made, for every job of it; its threads take no job until it is ready.
         self.resource = resource or Resource(kind, None)
@@ -266,7 +314,10 @@ class WorkerPool:
         # How long a POST /jobs job may run; a /put job's deadline is its kind's timeout
         # (lifecycle.deadline).
         self.max_run_seconds = max_run_seconds
-        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=limits.queue_size)
+        self.queue = JobQueue(limits.queue_size)
+        # JOBQUEUE_MAX_QUEUED_PER_KEY: one owner's queued jobs of the kind, at most (0: any).
+        self.max_queued_per_key = max_queued_per_key
+        self.retry = lifecycle.retry_policy(kind, limits.retries)
         self.threads: list[threading.Thread] = []
         self.running: set[Job] = set()
         # A batched kind's batch on each thread (by its name), while its handler runs.
@@ -275,8 +326,10 @@ class WorkerPool:
         self.abandoned: set[threading.Thread] = set()
         self.closed = False
         self._lock = threading.Lock()
-        # Moving average of how long a job takes, for the Retry-After of a full queue.
+        # Moving average of how long a job takes, for the Retry-After of a full queue before
+        # there is an estimate; the recent run times, for the estimates' median.
         self._average_seconds = 1.0
+        self._recent_runs: deque[float] = deque(maxlen=RECENT_RUNS)
         # Called on the loop with the waiting jobs when the queue has moved (Engine sets it).
         self.on_queue_moved: Callable[[list[Job]], None] = lambda jobs: None
 
@@ -354,38 +407,68 @@ class WorkerPool:
         if self.queue.qsize() >= self.limits.queue_size:
             raise QueueFull(self.kind.name, self.limits.queue_size, self.retry_after())
 
-    def submit(self, job: Job) -> None:
-        """Queue a job without ever blocking; QueueFull when there is no room."""
+    def _check_owner(self, queued: list[Job], owner: str) -> None:
+        """TooManyQueued (429) when `owner` has JOBQUEUE_MAX_QUEUED_PER_KEY jobs waiting."""
+        cap = self.max_queued_per_key
+        if cap and sum(1 for job in queued if job.fair_key == owner) >= cap:
+            raise TooManyQueued(self.kind.name, cap, self.retry_after())
+
+    def submit(self, job: Job, respond_async: bool = True) -> None:
+        """Queue a job without ever blocking, in its place by priority and fair share:
+        QueueFull when there is no room, TooManyQueued past its owner's cap, WouldTimeOut for
+        a /put job (unless `respond_async`) whose estimated start is past the kind's timeout."""
         if self.closed:
             raise ShuttingDown
         self.resource.check()
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(self.kind.name, self.limits.queue_size, self.retry_after()) from None
+        running = self._running_now()
+
+        def place(queued: list[Job]) -> None:
+            if len(queued) >= self.limits.queue_size:
+                raise QueueFull(self.kind.name, self.limits.queue_size, self.retry_after())
+            self._check_owner(queued, job.fair_key)
+            job.fair_round = round_for(queued, running, job.fair_key, job.priority)
+            job.seq = self.queue.next_seq()
+            if job.origin is Origin.PUT and not respond_async:
+                ahead = sum(1 for other in queued if other.next_attempt_at is None and
+                            lifecycle.dispatch_order(other.priority, other.fair_round,
+                                                     other.seq) <
+                            lifecycle.dispatch_order(job.priority, job.fair_round, job.seq))
+                estimate = self.estimate(ahead, len(running))
+                if estimate is not None and estimate > self.limits.timeout:
+                    raise WouldTimeOut(self.kind.name, estimate, self.limits.timeout)
+
+        self.queue.put(job, place)
+
+    def _running_now(self) -> list[Job]:
+        with self._lock:
+            return [job for job in self.running if not job.status.finished]
 
     def requeue(self, job: Job) -> None:
-        """Queue a job recovered after a restart, even past capacity: it was accepted already."""
-        self._append(job)
-
-    def _append(self, item: Job | None) -> None:
-        # queue.Queue has no put that ignores maxsize; its mutex and deque are the way in.
-        with self.queue.mutex:
-            self.queue.queue.append(item)
-            self.queue.unfinished_tasks += 1
-            self.queue.not_empty.notify()
+        """Queue a job accepted before (recovered after a restart, retried), even past
+        capacity, in the order of its arrival now."""
+        job.seq = self.queue.next_seq()
+        self.queue.put(job, force=True)
 
     def position(self, job: Job) -> int | None:
         """1 for the next job to start; None when the job is not waiting."""
-        with self.queue.mutex:
-            try:
-                return self.queue.queue.index(job) + 1
-            except ValueError:
-                return None
+        return self.queue.position(job)
+
+    def estimate(self, ahead: int, busy: int | None = None) -> float | None:
+        """Seconds until a job with `ahead` jobs before it likely starts
+        (lifecycle.estimated_start), from the kind's recent run times."""
+        runs = list(self._recent_runs)
+        median = statistics.median(runs) if runs else None
+        if busy is None:
+            busy = len(self._running_now())
+        return lifecycle.estimated_start(ahead, median, len(runs), self.limits.workers, busy)
 
     def retry_after(self) -> int:
-        """Seconds until a queue slot is likely to free up: the first running job's expected
-        end (base.retry_after)."""
+        """Seconds a refused client should wait: the estimated start of a job sent now (the
+        whole queue ahead of it), else, before there is an estimate, the first running job's
+        expected end (base.retry_after)."""
+        estimate = self.estimate(self.queue.qsize())
+        if estimate is not None:
+            return max(1, min(RETRY_AFTER_MAX_SECONDS, math.ceil(estimate)))
         now = time.time()
         with self._lock:
             elapsed = [now - job.started_at for job in self.running
@@ -394,19 +477,13 @@ class WorkerPool:
 
     def discard(self, job: Job) -> None:
         """Take a cancelled job out of the queue so its slot is free at once."""
-        with self.queue.mutex:
-            try:
-                self.queue.queue.remove(job)
-            except ValueError:
-                return
-            self.queue.not_full.notify()
-        self._tell_waiting_jobs()
+        if self.queue.remove(job):
+            self._tell_waiting_jobs()
 
     def _tell_waiting_jobs(self) -> None:
         """The queue moved: event streams of waiting jobs show their new position (one wake-up
         of the loop for them all, and nothing to do when no stream watches)."""
-        with self.queue.mutex:
-            waiting = [job for job in self.queue.queue if job is not None]
+        waiting = self.queue.jobs()
         # Read off the loop, so it may be a moment old; a stream that starts reads the state.
         if any(job.streamed or job.watched() for job in waiting):
             try:
@@ -420,11 +497,7 @@ class WorkerPool:
         teardown."""
         self.closed = True
         self.resource.close()  # threads still waiting for it stop waiting
-        while True:
-            try:
-                self.queue.get_nowait()
-            except queue.Empty:
-                break
+        self.queue.close()  # every thread's next take is its end; the queued jobs stay stored
         with self._lock:
             running = list(self.running)
         for job in running:
@@ -432,8 +505,6 @@ class WorkerPool:
             if lifecycle.after_interrupted_run(asked_to_cancel) is JobStatus.QUEUED:
                 job.rerun_after_restart = True  # left as it was, to run again after a restart
             job.cancel()
-        for _ in self.threads:
-            self._append(None)  # past capacity if need be: put() could block forever
         deadline = time.monotonic() + JOIN_SECONDS
         for thread in self.threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -471,7 +542,9 @@ class WorkerPool:
                     for job in jobs:
                         job.finish(Ending(JobStatus.FAILED, error=error))
                 with self._lock:
-                    self.running.difference_update(jobs)
+                    # Not a job queued again for a retry that another thread runs by now.
+                    self.running.difference_update(
+                        job for job in jobs if job.worker_name in (worker_name, None))
                     if self.batches.get(worker_name) is jobs:
                         del self.batches[worker_name]
                     given_up = threading.current_thread() in self.abandoned
@@ -514,8 +587,8 @@ class WorkerPool:
         while len(jobs) < batch.max_size:
             left = until - time.monotonic()
             try:  # those queued already, even past max_wait; then the next until it is up
-                job = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
-            except queue.Empty:
+                job = self.queue.get(timeout=max(0.0, left))
+            except Empty:
                 break
             if job is None:
                 return jobs, True
@@ -543,6 +616,33 @@ class WorkerPool:
             if job.status.finished or not self._end(job, ending):
                 tidy_files(job)  # it ended before its batch: its files go now
 
+    def _retried(self, job: Job, ending: Ending, seconds: float) -> bool:
+        """Queue a failed attempt again, if the kind's Retry says so (lifecycle.retry_in)."""
+        now = time.time()
+        delay = lifecycle.retry_in(ending, self.retry, len(job.earlier_errors), job.origin,
+                                   job.created_at, self.limits.timeout, now,
+                                   stopped=job.cancel_requested.is_set())
+        if delay is None:
+            return False
+        if self.kind.writes_files:  # the next attempt starts from its upload alone
+            jobfiles.discard_output(job.out_dir)
+        failure = lifecycle.earlier_error(job.attempt, ending.error_message(job.id), now)
+        started_at = job.started_at
+        with self._lock:  # before it is queued: a thread may take it at once
+            self.running.discard(job)
+        if not job.queue_again(failure, now + delay, self.store):
+            with self._lock:
+                self.running.add(job)  # a cancel came: it ends as its run did
+            return False
+        running = self._running_now()
+        self.queue.put(job, lambda queued: setattr(job, "fair_round", round_for(
+            queued, running, job.fair_key, job.priority)), force=True)
+        self.metrics.job_ended(self.kind.name, Outcome.RETRIED, started_at, now)
+        log.info("job %s: attempt %d failed after %.3f s (%s); it runs again in %.1f s",
+                 job.id, job.attempt, seconds, failure["error"], delay)
+        self._tell_waiting_jobs()
+        return True
+
     def _run(self, job: Job) -> None:
         log.debug("job %s: %s started on %s", job.id, self.kind.name, job.worker_name)
         job.context.resource = self.resource.value
@@ -554,6 +654,10 @@ class WorkerPool:
             ending = self._at_deadline(job)
         seconds = time.time() - job.started_at
         self._average_seconds = 0.8 * self._average_seconds + 0.2 * seconds
+        if ending.status is not JobStatus.CANCELLED:
+            self._recent_runs.append(seconds)
+        if not job.timed_out and self._retried(job, ending, seconds):
+            return True
         # Logged before the waiters hear of it, so the line never holds up their answer. A
         # /put job that succeeded shows in the access log already (its 200).
         quiet = ending.status is JobStatus.SUCCEEDED and job.origin is Origin.PUT
@@ -579,7 +683,8 @@ class EmbeddedEngine:
         self.store: JobStore = store or SqliteJobStore(settings.job_db)
         self.pools = {
             name: WorkerPool(kind, settings.limits(kind), self.store, self.metrics,
-                             settings.job_max_seconds, Resource(kind, settings))
+                             settings.job_max_seconds, Resource(kind, settings),
+                             settings.max_queued_per_key)
             for name, kind in kinds.items()
         }
         self._active: dict[str, Job] = {}  # jobs not finished yet, by id
@@ -658,11 +763,17 @@ class EmbeddedEngine:
                 return earlier
         job = self._new_job(new.kind, new.options, new.id, new.input_path, new.origin,
                             new.owner, new.idempotency_key)
-        record = job.record()
-        self.store.save(record)  # before the queue, so a worker's update comes after it
+        job.priority, job.fair_key = new.priority, new.fair_key
+        pool = self.pools[job.kind.name]
         try:
-            self.pools[job.kind.name].submit(job)
-        except (QueueFull, SetupFailed, ShuttingDown):
+            pool.submit(job, respond_async=new.respond_async)
+            # Before a worker's update of it (the store keeps the last change): a job started
+            # this instant saves its start after this, under its lock.
+            with job._lock:
+                record = job._record_locked()
+                if job.status is JobStatus.QUEUED and job.started_at is None:
+                    self.store.save(record)
+        except (QueueFull, SetupFailed, ShuttingDown, TooManyQueued, WouldTimeOut):
             self.store.delete(job.id)
             await self._remove_upload(new)
             raise
@@ -690,7 +801,8 @@ class EmbeddedEngine:
                          idempotency_key: str | None = None) -> None:
         try:
             self.pools[kind].check_room()
-        except (QueueFull, SetupFailed):  # only then is the key worth a look in the store
+        # Only then is the key worth a look in the store.
+        except (QueueFull, SetupFailed):
             if not (idempotency_key and self.store.find_idempotent(owner, idempotency_key)):
                 raise
 
@@ -701,6 +813,71 @@ class EmbeddedEngine:
     async def position(self, job_id: str) -> int | None:
         job = self._active.get(job_id)
         return self.pools[job.kind.name].position(job) if job else None
+
+    async def estimated_start(self, job_id: str) -> float | None:
+        job = self._active.get(job_id)
+        if job is None or job.status is not JobStatus.QUEUED:
+            return None
+        pool = self.pools[job.kind.name]
+        position = pool.position(job)
+        if position is None:
+            return None
+        estimate = pool.estimate(position - 1)
+        if estimate is not None and job.next_attempt_at is not None:  # not before its retry
+            estimate = max(estimate, job.next_attempt_at - time.time())
+        return estimate
+
+    async def hand_over(self, job_id: str) -> JobRecord | None:
+        job = self._active.get(job_id)
+        if job is None:
+            return None
+        with job._lock:
+            if job.status not in lifecycle.CAN_HAND_OVER:
+                return None
+            if job.origin is Origin.PUT:
+                job.origin = Origin.JOBS
+                if job.started_at is not None:  # its run may now take JOBQUEUE_JOB_MAX_SECONDS
+                    job.deadline = lifecycle.deadline(
+                        Origin.JOBS, job.created_at, job.started_at,
+                        self.pools[job.kind.name].limits.timeout, self.settings.job_max_seconds)
+            record = job._record_locked()
+            self.store.save(record)
+        log.info("job %s: handed over to its client (Prefer: respond-async); it runs on",
+                 job.id)
+        await self.store.written()  # a kept job survives a restart
+        return record
+
+    async def retry(self, job_id: str) -> JobRecord:
+        record = self.store.get(job_id)
+        if record is None:
+            raise NotFound(f"There is no job {job_id!r}; it may have been deleted.")
+        if job_id in self._active or JobStatus(record.status) not in lifecycle.CAN_RETRY:
+            raise Conflict(f"Job {job_id} is {record.status}; only a failed job can be retried.")
+        kind = self.kinds.get(record.job_type)
+        if kind is None:
+            raise Conflict(f"Job {job_id} is of the kind {record.job_type}, which this server "
+                           "does not serve.")
+        input_path = Path(record.input_path) if record.input_path else None
+        if input_path is not None and not await asyncio.to_thread(input_path.exists):
+            raise Gone(f"The upload of job {job_id} has been removed (a failed /put job keeps "
+                       "none), so it cannot run again; submit it anew.")
+        job = self._new_job(kind, kind.options.model_validate(record.options), record.id,
+                            input_path, Origin.JOBS, record.owner, record.idempotency_key)
+        job.created_at, job.attempt = record.created_at, record.attempt
+        job.priority, job.fair_key = record.priority, record.fair_key
+        job.earlier_errors = [*record.earlier_errors, lifecycle.earlier_error(
+            record.attempt, record.error, record.finished_at or time.time())]
+        pool = self.pools[kind.name]
+        pool.submit(job)  # QueueFull, TooManyQueued, SetupFailed, ShuttingDown
+        with job._lock:
+            queued = job._record_locked()
+            if job.status is JobStatus.QUEUED and job.started_at is None:
+                self.store.save(queued)
+        self._track(job)
+        self._feed.job_changed(job)
+        log.info("job %s: retried by its client (attempt %d failed)", job.id, record.attempt)
+        await self.store.written()
+        return queued
 
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         job = self._active.get(job_id)
@@ -880,6 +1057,9 @@ class EmbeddedEngine:
                             Path(record.input_path) if record.input_path else None,
                             owner=record.owner, idempotency_key=record.idempotency_key)
         job.created_at, job.attempt = record.created_at, record.attempt
+        job.priority, job.fair_round = record.priority, record.fair_round
+        job.fair_key = record.fair_key
+        job.next_attempt_at, job.earlier_errors = record.next_attempt_at, record.earlier_errors
         jobfiles.discard_output(job.out_dir)
         self.store.save(job.record())
         self.pools[kind.name].requeue(job)

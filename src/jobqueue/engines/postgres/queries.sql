@@ -30,8 +30,9 @@ LISTEN jobqueue_jobs
 INSERT INTO jobqueue_jobs (id, job_type, status, options, input_path, created_at, started_at,
                            finished_at, worker_name, progress, error, error_kind, result,
                            origin, owner, attempt, idempotency_key, priority, fair_round,
-                           next_attempt_at, earlier_errors)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                           next_attempt_at, earlier_errors, fair_key)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
+        %s)
 
 -- set_procrastinate_id --
 -- The procrastinate job that is to run the record's job (parameters: its id, the job's).
@@ -67,7 +68,7 @@ SELECT id, job_type, status, '{}'::jsonb AS options, input_path, created_at, sta
        CASE WHEN jsonb_typeof(result) = 'object'
             THEN jsonb_build_object('files', result -> 'files') END AS result,
        origin, owner, attempt, idempotency_key, priority, fair_round, next_attempt_at,
-       earlier_errors
+       earlier_errors, fair_key
 FROM jobqueue_jobs WHERE owner = %s {filters}
 ORDER BY seq DESC LIMIT %s OFFSET %s
 
@@ -84,7 +85,7 @@ SELECT id, job_type, status, '{}'::jsonb AS options, input_path, created_at, sta
        CASE WHEN jsonb_typeof(result) = 'object'
             THEN jsonb_build_object('files', result -> 'files') END AS result,
        origin, owner, attempt, idempotency_key, priority, fair_round, next_attempt_at,
-       earlier_errors
+       earlier_errors, fair_key
 FROM jobqueue_jobs WHERE id = ANY(%s) ORDER BY seq
 
 -- lock_kind --

@@ -64,6 +64,7 @@ ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS priority integer NOT NULL DEF
 ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS fair_round integer NOT NULL DEFAULT 0;
 ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS next_attempt_at double precision;
 ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS earlier_errors jsonb NOT NULL DEFAULT '[]';
+ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS fair_key text NOT NULL DEFAULT '';
 ALTER TABLE jobqueue_workers ADD COLUMN IF NOT EXISTS metrics text;
 -- Each kind's resource in the worker ({"<kind>": {"state", "error", "retryIn"}}); a worker of
 -- before it writes none, its kinds count as ready.
