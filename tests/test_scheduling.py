@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import eventually, wait_finished
+from conftest import eventually, scrape, value, wait_finished
 from deployments import ENGINES, Deployment, deploy
 
 KINDS = "message,pdf2image,scheduling:GATE,scheduling:STEP,scheduling:BRISK"
@@ -137,7 +137,7 @@ def test_past_its_cap_a_key_gets_429_while_others_get_in(alpha, beta, tmp_path):
     assert wait_finished(beta, other)["status"] == "succeeded"
 
 
-def test_a_job_that_fails_twice_succeeds_on_its_third_attempt(alpha, tmp_path):
+def test_a_job_that_fails_twice_succeeds_on_its_third_attempt(alpha, deployment, tmp_path):
     job_id = submit(alpha, "step", fails=2, tally=str(tmp_path / "tally"), text="third")
     ended = wait_finished(alpha, job_id)
     assert ended["status"] == "succeeded", ended
@@ -145,6 +145,9 @@ def test_a_job_that_fails_twice_succeeds_on_its_third_attempt(alpha, tmp_path):
     assert [e["attempt"] for e in ended["earlierErrors"]] == [1, 2]
     assert "internal error" in ended["earlierErrors"][0]["error"]
     assert ended["result"]["data"]["attempt"] == 3
+    if deployment.engine == "embedded":  # a distributed worker counts its own (test_cluster)
+        samples = scrape(f"{deployment.server.url}/metrics")
+        assert value(samples, "jobqueue_jobs_total", kind="step", outcome="retried") >= 2
 
 
 def test_a_job_that_keeps_failing_fails_after_its_attempts(alpha, tmp_path):
