@@ -861,8 +861,13 @@ class EmbeddedEngine:
         if input_path is not None and not await asyncio.to_thread(input_path.exists):
             raise Gone(f"The upload of job {job_id} has been removed (a failed /put job keeps "
                        "none), so it cannot run again; submit it anew.")
-        job = self._new_job(kind, kind.options.model_validate(record.options), record.id,
-                            input_path, Origin.JOBS, record.owner, record.idempotency_key)
+        try:
+            options = kind.options.model_validate(record.options)
+        except ValidationError:
+            raise Conflict(f"Job {job_id}'s options are no longer valid for the {kind.name} "
+                           "kind; submit it anew.") from None
+        job = self._new_job(kind, options, record.id, input_path, Origin.JOBS, record.owner,
+                            record.idempotency_key)
         job.created_at, job.attempt = record.created_at, record.attempt
         job.priority, job.fair_key = record.priority, record.fair_key
         job.earlier_errors = [*record.earlier_errors, lifecycle.earlier_error(
