@@ -89,6 +89,9 @@ def test_a_summary_has_every_column_of_a_record(queries, name):
     ("release", lifecycle.RUN_ENDS_FROM),
     ("requeue_run", lifecycle.RUN_ENDS_FROM),
     ("end_run_cancelled", lifecycle.RUN_ENDS_FROM),
+    ("retry_attempt", lifecycle.RUN_ENDS_FROM),
+    ("retry_failed", lifecycle.CAN_RETRY),
+    ("hand_over", lifecycle.CAN_HAND_OVER),
 ])
 def test_the_distributed_transitions_leave_from_the_statuses_the_lifecycle_allows(name, allowed):
     """The lifecycle module owns which status each transition leaves from; the statements that

@@ -297,6 +297,18 @@ class ObjectFiles:
     def output_source(self, record: JobRecord, name: str) -> str | None:
         return self.link(record, name)  # ffmpeg reads it over HTTP
 
+    def has_input(self, record: JobRecord) -> bool:
+        key = record.input_path or ""
+        if not key.startswith(self._job(record.id) + "input/"):
+            return True  # no upload: the kind's bundled sample
+        try:
+            obstore.head(self.store, key)
+        except FileNotFoundError:  # obstore's "no such object"
+            return False
+        except StoreError as error:
+            raise unavailable(error) from None
+        return True
+
     def input_source(self, record: JobRecord) -> str | None:
         path = record.input_path or ""
         return self._sign(path) if path.startswith(self._job(record.id) + "input/") else None

@@ -92,6 +92,10 @@ class FileStore(Protocol):
     def keep_thumbnail(self, record: JobRecord, name: str, width: int, jpeg: bytes) -> None:
         """Keep a thumbnail for the next request (FileNotFoundError: the job is gone)."""
 
+    def has_input(self, record: JobRecord) -> bool:
+        """Whether the job's upload is still there, for a retry (the kind's sample, no
+        input_path, always is)."""
+
     def input_source(self, record: JobRecord) -> str | None:
         """Where ffmpeg can read a queued or running job's upload (a path or a URL)."""
 
@@ -191,6 +195,9 @@ class LocalFiles:
             os.replace(partial, cached)  # whole or not at all, for a request reading it
         finally:
             partial.unlink(missing_ok=True)
+
+    def has_input(self, record: JobRecord) -> bool:
+        return not record.input_path or Path(record.input_path).is_file()
 
     def input_source(self, record: JobRecord) -> str | None:
         if not record.input_path:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,14 +32,32 @@ from typing import Any
 import psycopg
 from procrastinate.exceptions import ConnectorException
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
 from jobqueue import lifecycle, rollup
-from jobqueue.engines.base import NewJob, retry_after
+from jobqueue.engines.base import RETRY_AFTER_MAX_SECONDS, NewJob, retry_after
 from jobqueue.engines.postgres import schema, timeouts
-from jobqueue.engines.postgres.runner import STALLED_SECONDS, Runner, make_app, task_name
+from jobqueue.engines.postgres.runner import (
+    STALLED_SECONDS,
+    Runner,
+    admission,
+    defer,
+    fair_round,
+    make_app,
+)
 from jobqueue.engines.postgres.schema import QUERIES
-from jobqueue.errors import QueueFull, SetupFailed, ShuttingDown, Unavailable
+from jobqueue.errors import (
+    Conflict,
+    Gone,
+    NotFound,
+    QueueFull,
+    SetupFailed,
+    ShuttingDown,
+    TooManyQueued,
+    Unavailable,
+    WouldTimeOut,
+)
 from jobqueue.files import jobfiles, make_file_store
 from jobqueue.files.store import STORE_UPLOADS_AT_ONCE, FileStore
 from jobqueue.jobs import FINISHED, JobKind, JobStatus
@@ -233,10 +252,14 @@ class PostgresEngine:
         record = JobRecord(id=new.id, job_type=new.kind.name, status=JobStatus.QUEUED.value,
                            options=new.options.model_dump(mode="json"), input_path=input_path,
                            created_at=time.time(), origin=new.origin, owner=new.owner,
-                           idempotency_key=new.idempotency_key)
+                           idempotency_key=new.idempotency_key, priority=new.priority,
+                           fair_key=new.fair_key)
+        # A /put whose client waits (not respond-async) is refused if it would start only
+        # after its kind's timeout.
+        by_estimate = new.origin is Origin.PUT and not new.respond_async
         while True:
             try:
-                earlier = await self._insert(record)
+                earlier = await self._insert(record, by_estimate)
                 break
             except psycopg.errors.UniqueViolation:  # the same idempotency key at once:
                 continue  # the other one is in now, and this finds it
@@ -248,22 +271,20 @@ class PostgresEngine:
         log.debug("job %s: %s queued", record.id, record.job_type)
         return record
 
-    async def _insert(self, record: JobRecord) -> JobRecord | None:
+    async def _insert(self, record: JobRecord, by_estimate: bool = False) -> JobRecord | None:
         """Write the record and its queue entry in one transaction; the earlier job instead
-        when the idempotency key was used before. QueueFull at the kind's capacity."""
+        when the idempotency key was used before. QueueFull at the kind's capacity,
+        TooManyQueued past its owner's cap; with `by_estimate`, WouldTimeOut when it would
+        start after its kind's timeout. Its fair round is set here (lifecycle.fair_round)."""
         kind = record.job_type
         async with self._db() as conn, conn.transaction():
             if earlier := await self._earlier(record.owner, record.idempotency_key, conn):
                 return earlier
             # One submit of a kind at a time, cluster-wide: the count is exact.
             await conn.execute(QUERIES["lock_kind"], (f"jobqueue:{kind}",))
-            await self._check_room(conn, kind)
+            await self._check_room(conn, kind, record, by_estimate)
             await conn.execute(QUERIES["insert_job"], schema.params(record))
-            task = self.app.tasks[task_name(kind)]
-            procrastinate_id = await task.configure(connection=conn).defer_async(
-                job_id=record.id)
-            await conn.execute(QUERIES["set_procrastinate_id"], (procrastinate_id, record.id))
-            await schema.notify(conn, record.id, record.owner)
+            await defer(self.app, conn, record)
         return None
 
     async def check_room(self, kind: str, owner: str = "",
@@ -286,22 +307,49 @@ class PostgresEngine:
         rows = await schema.fetch(conn, QUERIES["select_idempotent"], (owner, idempotency_key))
         return rows[0] if rows else None
 
-    async def _check_room(self, conn: psycopg.AsyncConnection, kind: str) -> None:
+    async def _check_room(self, conn: psycopg.AsyncConnection, kind: str,
+                          new: JobRecord | None = None, by_estimate: bool = False) -> None:
         """SetupFailed when every live worker of the kind failed to set it up; QueueFull at
-        its capacity."""
+        its capacity. For a job about to be queued (`new`, under the kind's lock): its fair
+        round (set on it), TooManyQueued at JOBQUEUE_MAX_QUEUED_PER_KEY of its owner's, and
+        with `by_estimate` WouldTimeOut when its estimated start is past its kind's timeout."""
         slots, states = await self._live_workers(conn)
         status = cluster_status(states.get(kind, []))
         if status.state is State.FAILED:
             raise status.refusal(kind)
-        capacity = self.settings.limits(self.kinds[kind]).queue_size
-        cursor = await conn.execute(QUERIES["count_queued"], (kind,))
-        if (await cursor.fetchone())[0] >= capacity:
-            raise QueueFull(kind, capacity, await self._retry_after(conn, kind,
-                                                                    slots.get(kind, 0)))
+        limits = self.settings.limits(self.kinds[kind])
+        workers = slots.get(kind, 0)
+        figures = await admission(conn, kind, new.priority if new else 0,
+                                  new.fair_key if new else "", new.id if new else "")
+        if figures["queued"] >= limits.queue_size:
+            raise QueueFull(kind, limits.queue_size,
+                            await self._retry_after(conn, kind, workers, figures))
+        if new is None:
+            return
+        cap = self.settings.max_queued_per_key
+        if cap and figures["owners_queued"] >= cap:
+            raise TooManyQueued(kind, cap, await self._retry_after(conn, kind, workers, figures))
+        new.fair_round = fair_round(figures)
+        # Only when there is an estimate and no worker is free does the count of the jobs
+        # ahead matter (lifecycle.estimated_start): else no second look.
+        if by_estimate and _estimate(figures, workers, 0) is not None and \
+                figures["running"] >= workers:
+            cursor = await conn.execute(QUERIES["count_ahead"], {
+                "kind": kind, "priority": new.priority, "round": new.fair_round,
+                "now": time.time()})
+            estimate = _estimate(figures, workers, (await cursor.fetchone())[0])
+            if estimate is not None and estimate > limits.timeout:
+                raise WouldTimeOut(kind, estimate, limits.timeout)
 
-    async def _retry_after(self, conn: psycopg.AsyncConnection, kind: str, workers: int) -> int:
-        """Seconds until a slot is likely to free: the first running job's expected end, from
+    async def _retry_after(self, conn: psycopg.AsyncConnection, kind: str, workers: int,
+                           figures: dict[str, Any]) -> int:
+        """Seconds a refused client should wait: the estimated start of a job sent now (every
+        queued job ahead of it), within 1 s and RETRY_AFTER_MAX_SECONDS; before there is an
+        estimate, until a slot is likely to free: the first running job's expected end, from
         the last 20 jobs' mean run time (base.retry_after)."""
+        estimate = _estimate(figures, workers, figures["queued"])
+        if estimate is not None:
+            return max(1, min(RETRY_AFTER_MAX_SECONDS, math.ceil(estimate)))
         cursor = await conn.execute(QUERIES["recent_run_seconds"], (kind,))
         average = (await cursor.fetchone())[0] or 1.0
         now = time.time()
@@ -316,9 +364,82 @@ class PostgresEngine:
 
     async def position(self, job_id: str) -> int | None:
         async with self._db() as conn:
-            cursor = await conn.execute(QUERIES["queue_position"], (job_id,))
+            cursor = await conn.execute(QUERIES["queue_position"],
+                                        {"id": job_id, "now": time.time()})
             count = (await cursor.fetchone())[0]
         return count or None
+
+    async def estimated_start(self, job_id: str) -> float | None:
+        now = time.time()
+        async with self._db() as conn:
+            rows = await schema.fetch(conn, QUERIES["select_job"], (job_id,))
+            if not rows or rows[0].status != JobStatus.QUEUED.value:
+                return None
+            record = rows[0]
+            cursor = await conn.execute(QUERIES["queue_position"], {"id": job_id, "now": now})
+            position = (await cursor.fetchone())[0]
+            if not position:
+                return None
+            figures = await admission(conn, record.job_type, record.priority, record.fair_key,
+                                      record.id)
+            slots, _ = await self._live_workers(conn)
+        # Its own row is left out of `figures`; the running count and the runs are all there.
+        estimate = _estimate(figures, slots.get(record.job_type, 0), position - 1)
+        if estimate is not None and record.next_attempt_at is not None:  # not before its retry
+            estimate = max(estimate, record.next_attempt_at - now)
+        return estimate
+
+    async def hand_over(self, job_id: str) -> JobRecord | None:
+        async with self._db() as conn, conn.transaction():
+            rows = await schema.fetch(conn, QUERIES["hand_over"], (job_id,))
+            for record in rows:
+                await schema.notify(conn, record.id, record.owner)
+        self._putting.discard(job_id)  # a shutdown no longer ends it: its client keeps it
+        if rows:
+            log.info("job %s: handed over to its client (Prefer: respond-async); it runs on",
+                     job_id)
+            return rows[0]
+        # Handed over already (a second request), or ended meanwhile (its client gets the end).
+        record = await self.get(job_id)
+        if record is not None and record.origin is Origin.JOBS and \
+                JobStatus(record.status) in lifecycle.CAN_HAND_OVER:
+            return record
+        return None
+
+    async def retry(self, job_id: str) -> JobRecord:
+        found = await self.get(job_id)
+        if found is None:
+            raise NotFound(f"There is no job {job_id!r}; it may have been deleted.")
+        kind = found.job_type
+        if kind not in self.kinds:
+            raise Conflict(f"Job {job_id} is of the kind {kind}, which this server does not "
+                           "serve.")
+        if JobStatus(found.status) not in lifecycle.CAN_RETRY:
+            raise Conflict(f"Job {job_id} is {found.status}; only a failed job can be retried.")
+        # A file store's look (object storage: a request) before any lock is taken; its
+        # upload never comes back once gone. The kind's sample (no input_path) is always there.
+        if not await asyncio.to_thread(self.files.has_input, found):
+            raise Gone(f"The upload of job {job_id} has been removed (a failed /put job keeps "
+                       "none), so it cannot run again; submit it anew.")
+        async with self._db() as conn, conn.transaction():
+            # As a submit: one of the kind at a time, cluster-wide, the counts exact.
+            await conn.execute(QUERIES["lock_kind"], (f"jobqueue:{kind}",))
+            rows = await schema.fetch(conn, QUERIES["select_job_for_update"], (job_id,))
+            if not rows:
+                raise NotFound(f"There is no job {job_id!r}; it may have been deleted.")
+            record = rows[0]
+            if JobStatus(record.status) not in lifecycle.CAN_RETRY:  # retried meanwhile
+                raise Conflict(f"Job {job_id} is {record.status}; only a failed job can be "
+                               "retried.")
+            await self._check_room(conn, kind, record)  # sets its new fair round
+            failure = lifecycle.earlier_error(record.attempt, record.error,
+                                              record.finished_at or time.time())
+            rows = await schema.fetch(conn, QUERIES["retry_failed"],
+                                      (Jsonb([failure]), record.fair_round, job_id))
+            queued = rows[0]
+            await defer(self.app, conn, queued)
+        log.info("job %s: retried by its client (attempt %d failed)", job_id, record.attempt)
+        return queued
 
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         loop = asyncio.get_running_loop()
@@ -600,6 +721,14 @@ class _PostgresListener:
             async with self.engine._db() as conn:
                 records = await schema.fetch(conn, QUERIES["select_summaries"], (changed,))
         return records, removed
+
+
+def _estimate(figures: dict[str, Any], workers: int, ahead: int) -> float | None:
+    """lifecycle.estimated_start for a job with `ahead` jobs before it, from a kind's
+    `admission` figures and its live worker slots."""
+    median = figures["median"]
+    return lifecycle.estimated_start(ahead, float(median) if median is not None else None,
+                                     figures["finished"], workers, figures["running"])
 
 
 def worker_status(beat: dict[str, Any] | None, age: float = 0.0) -> Status:

@@ -92,9 +92,6 @@ FROM jobqueue_jobs WHERE id = ANY(%s) ORDER BY seq
 -- One submit of a kind at a time, cluster-wide (parameter: 'jobqueue:<kind>').
 SELECT pg_advisory_xact_lock(hashtext(%s))
 
--- count_queued --
-SELECT count(*) FROM jobqueue_jobs WHERE job_type = %s AND status = 'queued'
-
 -- recent_run_seconds --
 -- The mean run time of a kind's last 20 succeeded jobs.
 SELECT avg(finished_at - started_at)
@@ -106,10 +103,57 @@ SELECT started_at FROM jobqueue_jobs
 WHERE job_type = %s AND status = 'running' AND started_at IS NOT NULL
 
 -- queue_position --
--- 1 for the next queued job of its kind to start; 0 when it is not queued.
+-- 1 for the next queued job of its kind to start; 0 when it is not queued (parameters: id,
+-- now): one plus the kind's queued jobs that may start now (not waiting for a retry's time)
+-- and come before it in lifecycle.dispatch_order (priority, then fair round, then arrival),
+-- as procrastinate fetches them (its priority encodes the first two:
+-- schema.procrastinate_priority).
 SELECT count(*) FROM jobqueue_jobs other, jobqueue_jobs job
-WHERE job.id = %s AND job.status = 'queued' AND other.job_type = job.job_type
-  AND other.status = 'queued' AND other.seq <= job.seq
+WHERE job.id = %(id)s AND job.status = 'queued'
+  AND other.job_type = job.job_type AND other.status = 'queued'
+  AND (other.id = job.id
+       OR (other.next_attempt_at IS NULL OR other.next_attempt_at <= %(now)s)
+          AND (other.priority > job.priority
+               OR other.priority = job.priority AND (other.fair_round < job.fair_round
+                   OR other.fair_round = job.fair_round AND other.seq < job.seq)))
+
+-- admission --
+-- What a submit (or a retry) of a kind is decided by, in one look (parameters: kind,
+-- priority, fair_key, id): the kind's queued and running jobs, the owner's (fair key's)
+-- queued ones (JOBQUEUE_MAX_QUEUED_PER_KEY), what lifecycle.fair_round takes (the lowest
+-- round queued at this priority, the owner's highest queued or running at it; the job itself
+-- left out, as a retried one is still running), and what lifecycle.estimated_start takes:
+-- the median run time of the kind's last 50 jobs that ran to an end, and how many those are.
+WITH live AS (SELECT status, priority, fair_round, fair_key FROM jobqueue_jobs
+              WHERE job_type = %(kind)s AND status IN ('queued', 'running') AND id <> %(id)s),
+-- The last 50 of each end, then the last 50 of both: each its own walk down the index
+-- (job_type, status, seq), never a sort of every job the kind ever ran.
+ends AS ((SELECT seq, finished_at - started_at AS seconds FROM jobqueue_jobs
+          WHERE job_type = %(kind)s AND status = 'succeeded' AND started_at IS NOT NULL
+          ORDER BY seq DESC LIMIT 50)
+         UNION ALL
+         (SELECT seq, finished_at - started_at AS seconds FROM jobqueue_jobs
+          WHERE job_type = %(kind)s AND status = 'failed' AND started_at IS NOT NULL
+          ORDER BY seq DESC LIMIT 50)),
+recent AS (SELECT seconds FROM ends ORDER BY seq DESC LIMIT 50)
+SELECT count(*) FILTER (WHERE status = 'queued') AS queued,
+       count(*) FILTER (WHERE status = 'running') AS running,
+       count(*) FILTER (WHERE status = 'queued' AND fair_key = %(fair_key)s) AS owners_queued,
+       min(fair_round) FILTER (WHERE status = 'queued' AND priority = %(priority)s)
+           AS lowest_round,
+       max(fair_round) FILTER (WHERE fair_key = %(fair_key)s AND priority = %(priority)s)
+           AS owners_last,
+       (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY seconds) FROM recent) AS median,
+       (SELECT count(*) FROM recent) AS finished
+FROM live
+
+-- count_ahead --
+-- The queued jobs of a kind that may start now and would start before a new job of this
+-- priority and round (parameters: kind, priority, round, now): every one there came earlier.
+SELECT count(*) FROM jobqueue_jobs
+WHERE job_type = %(kind)s AND status = 'queued'
+  AND (next_attempt_at IS NULL OR next_attempt_at <= %(now)s)
+  AND (priority > %(priority)s OR priority = %(priority)s AND fair_round <= %(round)s)
 
 -- count_unfinished --
 SELECT job_type, status, count(*) FROM jobqueue_jobs
@@ -200,10 +244,10 @@ RETURNING *
 
 -- claim --
 -- A run starts, if the record's own procrastinate job runs it (parameters: started_at, the
--- worker's name, id, procrastinate id).
+-- worker's name, id, procrastinate id). A retry's wait is over once it starts.
 UPDATE jobqueue_jobs SET status = 'running', started_at = %s, worker_name = %s,
                          attempt = attempt + 1, progress = '{}', error = NULL,
-                         error_kind = NULL, result = NULL
+                         error_kind = NULL, result = NULL, next_attempt_at = NULL
 WHERE id = %s AND status IN ('queued', 'running') AND procrastinate_id IS NOT DISTINCT FROM %s
 RETURNING *
 
@@ -226,11 +270,48 @@ UPDATE jobqueue_jobs SET progress = %s WHERE id = %s AND attempt = %s AND status
 
 -- finish --
 -- A run's end, if it is still the job's latest (parameters: status, finished_at, progress,
--- error, error_kind, result, id, attempt); returns what a cancel said it was, if one did.
+-- error, error_kind, result, id, attempt); returns what a cancel said it was, if one did,
+-- and the origin as it is now (a /put job's client may have handed it over meanwhile: its
+-- files then stay as a POST /jobs job's do, lifecycle.files_after).
 UPDATE jobqueue_jobs SET status = %s, finished_at = %s, progress = %s, error = %s,
                          error_kind = %s, result = %s
 WHERE id = %s AND attempt = %s AND status = 'running'
-RETURNING cancelled_as
+RETURNING cancelled_as, origin
+
+-- retry_attempt --
+-- A failed attempt its kind retries (lifecycle.retry_in), if it is still the job's latest
+-- run and no cancel asked it to stop (then it ends as its run did): queued again, to start
+-- no sooner than next_attempt_at, the failure kept with the others, in a new fair round
+-- (parameters: next_attempt_at, the failure as a JSON array of one, fair_round, id,
+-- attempt).
+UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, worker_name = NULL,
+                         progress = '{}', error = NULL, error_kind = NULL, result = NULL,
+                         next_attempt_at = %s, earlier_errors = earlier_errors || %s,
+                         fair_round = %s
+WHERE id = %s AND attempt = %s AND status = 'running' AND cancelled_as IS NULL
+RETURNING *
+
+-- retry_failed --
+-- A client's retry of a failed job (POST /jobs/{id}/retry): queued again as a kept job, its
+-- failure kept with the earlier ones, in a new fair round; a cancel asked of its last run is
+-- forgotten (parameters: the failure as a JSON array of one, fair_round, id).
+UPDATE jobqueue_jobs SET status = 'queued', origin = 'jobs', started_at = NULL,
+                         finished_at = NULL, worker_name = NULL, progress = '{}', error = NULL,
+                         error_kind = NULL, result = NULL, next_attempt_at = NULL,
+                         earlier_errors = earlier_errors || %s, fair_round = %s,
+                         cancelled_as = NULL
+WHERE id = %s AND status = 'failed'
+RETURNING *
+
+-- hand_over --
+-- A /put job whose client stops waiting (Prefer: respond-async) becomes a POST /jobs one,
+-- if it has not ended (lifecycle.CAN_HAND_OVER).
+UPDATE jobqueue_jobs SET origin = 'jobs'
+WHERE id = %s AND status IN ('queued', 'running') AND origin = 'put'
+RETURNING *
+
+-- select_origin --
+SELECT origin FROM jobqueue_jobs WHERE id = %s
 
 -- requeue_run --
 -- A run stopped by its worker's shutdown gives its job back (parameters: id, attempt).

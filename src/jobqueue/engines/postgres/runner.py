@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ from jobqueue.files import FileStore, jobfiles, make_file_store
 from jobqueue.jobs import JobContext, JobKind, JobStatus, Output
 from jobqueue.lifecycle import Ending
 from jobqueue.metrics import Metrics, Outcome, outcome
-from jobqueue.records import JobRecord
+from jobqueue.records import JobRecord, Origin
 from jobqueue.resources import Resource
 from jobqueue.settings import Settings
 
@@ -101,6 +102,36 @@ def make_app(kinds: Iterable[str]) -> procrastinate.App:
 
 def schema_sql() -> str:
     return SchemaManager.get_schema()
+
+
+async def defer(app: procrastinate.App, conn: AsyncConnection, record: JobRecord) -> None:
+    """Give a queued record a procrastinate job of its own (within `conn`'s transaction), in
+    its place in lifecycle.dispatch_order (schema.procrastinate_priority) and, when it waits
+    for a retry (next_attempt_at), fetched no sooner than then; and tell the replicas."""
+    options: dict[str, Any] = {"connection": conn, "priority": schema.procrastinate_priority(
+        record.priority, record.fair_round)}
+    if record.next_attempt_at is not None and record.next_attempt_at > time.time():
+        options["schedule_at"] = datetime.fromtimestamp(record.next_attempt_at, UTC)
+    task = app.tasks[task_name(record.job_type)]
+    procrastinate_id = await task.configure(**options).defer_async(job_id=record.id)
+    await conn.execute(QUERIES["set_procrastinate_id"], (procrastinate_id, record.id))
+    await schema.notify(conn, record.id, record.owner)
+
+
+async def admission(conn: AsyncConnection, kind: str, priority: int, fair_key: str,
+                    job_id: str) -> dict[str, Any]:
+    """What a submit or a retry of a kind is decided by (queries.sql's `admission`): its
+    queued and running jobs, the owner's queued ones, the rounds lifecycle.fair_round takes,
+    the recent median run time and how many runs it is of."""
+    async with conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(QUERIES["admission"], {
+            "kind": kind, "priority": priority, "fair_key": fair_key, "id": job_id})
+        return await cursor.fetchone()
+
+
+def fair_round(figures: dict[str, Any]) -> int:
+    """A queued job's round from its kind's `admission` figures."""
+    return lifecycle.fair_round(figures["lowest_round"], figures["owners_last"])
 
 
 def slots(kind: JobKind, workers: int) -> int:
@@ -632,12 +663,18 @@ class Runner:
             return
         handler = loop.run_in_executor(self.executor, run_handler, kind, run, self.files)
         try:
-            stop_at = lifecycle.deadline(record.origin, record.created_at, record.started_at,
-                                         self.limits[record.job_type].timeout,
-                                         self.settings.job_max_seconds)
+            stop_at = self._deadline(record)
             try:
-                ending = await asyncio.wait_for(asyncio.shield(handler),
-                                                max(0.0, stop_at - time.time()))
+                while True:
+                    try:
+                        ending = await asyncio.wait_for(asyncio.shield(handler),
+                                                        max(0.0, stop_at - time.time()))
+                        break
+                    except TimeoutError:
+                        # A /put job handed over meanwhile runs on, to its new deadline.
+                        if (later := await self._handed_over(run)) is None:
+                            raise
+                        stop_at = later
             except TimeoutError:  # its deadline: JOBQUEUE_JOB_MAX_SECONDS, a /put's timeout
                 run.timed_out = True
                 context.cancel()
@@ -740,13 +777,19 @@ class Runner:
         to end, as a single job's for its handler, then queues it again."""
         record, context = run.record, run.context
         seat.joined.set_result(run)
-        stop_at = lifecycle.deadline(record.origin, record.created_at, record.started_at,
-                                     self.limits[record.job_type].timeout,
-                                     self.settings.job_max_seconds)
+        stop_at = self._deadline(record)
         stopped = asyncio.ensure_future(run.stopped.wait())
         try:
-            await asyncio.wait([seat.ending, stopped], timeout=max(0.0, stop_at - time.time()),
-                               return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                await asyncio.wait([seat.ending, stopped],
+                                   timeout=max(0.0, stop_at - time.time()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if seat.ending.done() or run.stopped.is_set():
+                    break
+                # Its deadline; a /put job handed over meanwhile runs on, to its new one.
+                if (later := await self._handed_over(run)) is None:
+                    break
+                stop_at = later
         except asyncio.CancelledError:  # procrastinate's abort: a cancel, or a shutdown
             context.cancel()
             if lifecycle.after_interrupted_run(
@@ -774,6 +817,33 @@ class Runner:
                                            time.monotonic() - down if down is not None else None)
         await whole(self._finish(run, ending))
         await self._hold_slot(run, seat)
+
+    def _deadline(self, record: JobRecord) -> float:
+        """When a run of the job is stopped (lifecycle.deadline), by its origin now."""
+        return lifecycle.deadline(record.origin, record.created_at, record.started_at,
+                                  self.limits[record.job_type].timeout,
+                                  self.settings.job_max_seconds)
+
+    async def _handed_over(self, run: Run) -> float | None:
+        """At a /put job's deadline: its new deadline if its client handed it over meanwhile
+        (engine.hand_over: it is a POST /jobs job now), else None (it stops). While the
+        database cannot be read, it is asked again a little later."""
+        record = run.record
+        if record.origin is not Origin.PUT:
+            return None
+        try:
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(QUERIES["select_origin"], (run.id,))
+                row = await cursor.fetchone()
+        except Exception as error:  # stopping a job its client may have kept would lose it
+            log.warning("job %s: could not read whether it was handed over (%s); asking again",
+                        run.id, error)
+            return time.time() + RETRY_SECONDS
+        if row is None or Origin(row[0]) is not Origin.JOBS:
+            return None
+        record.origin = Origin.JOBS
+        log.info("job %s: handed over by its client; it runs on", run.id)
+        return self._deadline(record)
 
     @staticmethod
     async def _hold_slot(run: Run, seat: Seat) -> None:
@@ -856,7 +926,10 @@ class Runner:
 
     async def _finish(self, run: Run, ending: Ending) -> None:
         """Write how the job ended; only the run that claimed it last may. An outage of the
-        database holds the end until the database is back."""
+        database holds the end until the database is back. A failed attempt its kind retries
+        is queued again instead (`_retried`)."""
+        if await self._retried(run, ending):
+            return
         record, status = run.record, ending.status
         result, error_kind = ending.result, ending.error_category
         finished_at = time.time()
@@ -871,6 +944,7 @@ class Runner:
                          run.id, record.attempt))
                     ended = await cursor.fetchone()  # None: a later run owns the job now
                     if ended:
+                        record.origin = Origin(ended[1])  # handed over meanwhile, maybe
                         await schema.notify(conn, run.id, record.owner)
                         minute = rollup.key(record.owner, record.job_type, status.value,
                                             record.started_at, finished_at)
@@ -894,10 +968,66 @@ class Runner:
         log.info("job %s: %s after %.3f s", run.id, status.value,
                  finished_at - (record.started_at or finished_at))
 
+    async def _retried(self, run: Run, ending: Ending) -> bool:
+        """A failed attempt its kind's Retry (or a RetryLater) runs again: queued, in a new
+        fair round, with a procrastinate job fetched no sooner than its delay; the failure
+        kept in earlier_errors; its partial output discarded, its upload kept. Only an end
+        the handler gave: never one after a deadline, a cancel or a shutdown
+        (lifecycle.retry_in's `stopped`). False when the failure is final, or a cancel or a
+        later run of the job came meanwhile (it then ends as its run did)."""
+        record, name = run.record, run.record.job_type
+        limits = self.limits[name]
+        now = time.time()
+        delay = lifecycle.retry_in(
+            ending, lifecycle.retry_policy(self.kinds[name], limits.retries),
+            len(record.earlier_errors), record.origin, record.created_at, limits.timeout, now,
+            stopped=run.timed_out or run.context.cancel_requested.is_set())
+        if delay is None:
+            return False
+        failure = lifecycle.earlier_error(record.attempt, ending.error_message(run.id), now)
+        while True:
+            try:
+                async with self.pool.connection() as conn, conn.transaction():
+                    # Its round as a submit's is found: under the kind's lock, the count exact.
+                    await conn.execute(QUERIES["lock_kind"], (f"jobqueue:{name}",))
+                    figures = await admission(conn, name, record.priority, record.fair_key,
+                                              record.id)
+                    rows = await schema.fetch(conn, QUERIES["retry_attempt"], (
+                        now + delay, Jsonb([failure]), fair_round(figures), run.id,
+                        record.attempt))
+                    for queued in rows:
+                        await defer(self.app, conn, queued)
+                break
+            except Exception as db_error:
+                log.warning("job %s: could not queue its retry (%s); trying again", run.id,
+                            db_error)
+                await asyncio.sleep(RETRY_SECONDS)
+        if not rows:
+            return False
+        run.ended = (JobStatus.QUEUED, True)
+        self.metrics.job_ended(name, Outcome.RETRIED, record.started_at, now)
+        try:  # the next attempt starts from its upload alone
+            if not run.left_batch or run.batch_done:
+                await asyncio.to_thread(self._tidy_retried, run)
+        except Exception:  # its next run's prepare discards what is left
+            log.exception("job %s: tidying its files failed", run.id)
+        log.info("job %s: attempt %d failed (%s); retried in %.1f s", run.id, record.attempt,
+                 failure["error"], delay)
+        return True
+
+    def _tidy_retried(self, run: Run) -> None:
+        """The files of a failed attempt that runs again: its partial output goes, its upload
+        stays (with object storage, in the store: this was scratch)."""
+        if self.files.remote:
+            jobfiles.remove_job_dir(self.files.out_dir, run.id)
+        elif self.kinds[run.record.job_type].writes_files:
+            jobfiles.discard_output(run.context.out_dir)
+
     def _tidy(self, run: Run, status: JobStatus, result: dict | None, ended: bool) -> None:
         """The files of a run that ended. Only the run that owns the job touches what is
         kept: a run given up on (its worker stopped beating) that ends later clears its own
-        scratch and nothing else."""
+        scratch and nothing else. The record's origin is the one its end found (`finish`):
+        a /put job handed over keeps its files as a POST /jobs one."""
         record = run.record
         keep = lifecycle.files_after(status, record.origin)
         if ended and keep is lifecycle.Keep.NOTHING:
@@ -914,11 +1044,9 @@ class Runner:
             jobfiles.discard_output(run.context.out_dir)  # goes, its upload stays
 
     async def _queue_again(self, conn: AsyncConnection, record: JobRecord) -> None:
-        """Give a job set back to queued (within `conn`'s transaction) a procrastinate job."""
-        task = self.app.tasks[task_name(record.job_type)]
-        procrastinate_id = await task.configure(connection=conn).defer_async(job_id=record.id)
-        await conn.execute(QUERIES["set_procrastinate_id"], (procrastinate_id, record.id))
-        await schema.notify(conn, record.id, record.owner)
+        """Give a job set back to queued (within `conn`'s transaction) a procrastinate job:
+        in the place its priority and round gave it at its submit (or its retry's wait)."""
+        await defer(self.app, conn, record)
 
     async def _requeue(self, run: Run) -> None:
         """A shutdown stopped the job: queue it again (with a procrastinate job of its own)."""

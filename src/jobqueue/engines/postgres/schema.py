@@ -30,6 +30,20 @@ QUERIES = sql.load(__package__, "schema.sql", "queries.sql")
 # Taken while the schema is made, so replicas and workers starting together make it once.
 SCHEMA_LOCK = 7357_0001
 JSON_FIELDS = ("options", "progress", "result", "earlier_errors")
+# procrastinate fetches a queue's jobs by `priority DESC, id ASC`; a job's priority there
+# encodes its place in lifecycle.dispatch_order (procrastinate_priority). The rounds it can
+# tell apart, either side of zero: far more than any queue holds.
+ROUND_SPAN = 100_000_000
+ROUND_LIMIT = ROUND_SPAN // 2 - 1
+
+
+def procrastinate_priority(priority: int, fair_round: int) -> int:
+    """The procrastinate priority that makes its fetch order lifecycle.dispatch_order: higher
+    priority first, then the lower fair round (then the earlier procrastinate job, which is
+    near enough the earlier submission). Within int4, the column's type: the priority is
+    -10…10 (settings.MIN_PRIORITY, MAX_PRIORITY), so at most about ±1.05e9; a round past
+    ±ROUND_LIMIT (never in practice) counts as that limit."""
+    return priority * ROUND_SPAN - max(-ROUND_LIMIT, min(ROUND_LIMIT, fair_round))
 
 
 async def ensure(conn: AsyncConnection, procrastinate_schema: str) -> None:
