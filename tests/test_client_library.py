@@ -474,8 +474,9 @@ def test_429_and_503_are_retried_with_the_same_key_and_retry_after_honoured():
     with Client("http://jobs.test", transport=transport, on_retry=retries.append) as client:
         job = client.submit("message", seconds=1)
     assert job.id == "j1" and job.links.url == "/jobs/j1"
+    # A Retry-After of 0 (or a date passed) is waited 0.1 s, not a busy loop.
     assert [(r.status, r.retry_after, r.wait) for r in retries] == [
-        (429, 0, 0), (503, 0, 0), (503, None, 1)]
+        (429, 0, 0.1), (503, 0, 0.1), (503, None, 1)]
     keys = {request.headers["Idempotency-Key"] for request in transport.requests}
     assert len(transport.requests) == 4 and len(keys) == 1
     assert json.loads(transport.requests[0].content) == {"seconds": 1, "jobType": "message"}

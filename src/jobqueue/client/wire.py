@@ -31,6 +31,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 503})
 # A 503 or 429 without a Retry-After is sent again after this long.
 DEFAULT_RETRY_AFTER = 1.0
+# The shortest wait before a 503 or 429 is sent again, whatever its Retry-After says (0, or a
+# date already passed): never a busy loop.
+MIN_RETRY_WAIT = 0.1
 # Waits between resends after a network error: 0.5 s, 1 s, 2 s, ... at most this.
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 8.0
 # Network errors that mean the request never reached the server, so that even a request
@@ -155,9 +158,10 @@ class Policy:
 class Attempts:
     """The retries of one call: when to wait and send again, and when to give up.
 
-    A 503 or 429 is waited out for as long as its Retry-After says (never less), unless that
-    is longer than `max_retry_wait` or would end past `max_retry_seconds` from the call's
-    start: then RetriesExhausted. A network error is retried `network_retries` times in a row
+    A 503 or 429 is waited out for as long as its Retry-After says (never less, and at least
+    MIN_RETRY_WAIT: a Retry-After of 0 makes no busy loop), unless that is longer than
+    `max_retry_wait` or would end past `max_retry_seconds` from the call's start: then
+    RetriesExhausted. A network error is retried `network_retries` times in a row
     at most, 0.5 s, 1 s, 2 s … apart, and only when sending again is safe (`resendable`):
     otherwise, or past the caps, Unreachable."""
 
@@ -188,7 +192,7 @@ class Attempts:
         if response.status_code not in RETRY_STATUSES or "Location" in response.headers:
             return None
         asked = retry_after(response)
-        wait = DEFAULT_RETRY_AFTER if asked is None else asked
+        wait = DEFAULT_RETRY_AFTER if asked is None else max(MIN_RETRY_WAIT, asked)
         refusal = Refused.of(response)
         if wait > self.policy.max_retry_wait or not self._fits(wait):
             raise RetriesExhausted(refusal.status, refusal.detail, response, self.attempts)
