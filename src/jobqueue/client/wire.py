@@ -4,6 +4,7 @@ their bookkeeping, and reading answers."""
 from __future__ import annotations
 
 import email.utils
+import math
 import os
 import time
 import uuid
@@ -43,6 +44,15 @@ NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 # An upload: a path, the bytes themselves, or an open binary file.
 Upload = Union[str, "os.PathLike[str]", bytes, IO[bytes]]
 JobRef = Union[Job, str]
+
+
+def body_options(options: Mapping[str, Any], priority: int | None) -> dict[str, Any]:
+    """A job's fields: the kind's options, and `priority` when one is asked for."""
+    if priority is None:
+        return dict(options)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority must be an integer (-10 to 10): {priority!r}")
+    return {**options, "priority": priority}
 
 
 def job_id(job: JobRef) -> str:
@@ -125,6 +135,43 @@ class Body:
             upload = stack.enter_context(path.open("rb"))
             name = path.name
         return {"data": data, "files": {"file": (name, upload, "application/octet-stream")}}
+
+
+# ---- Prefer (RFC 7240) ----
+
+PREFER_HEADER = "Prefer"
+
+
+def seconds_text(seconds: float, name: str) -> str:
+    """A number of seconds as a Prefer header's `wait=` takes it (a whole number as one);
+    ValueError for a negative or endless one, naming the argument."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
+            or not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{name} must be a number of seconds, 0 or more: {seconds!r}")
+    return str(int(seconds)) if float(seconds).is_integer() else repr(float(seconds))
+
+
+def prefer_wait(seconds: float | None) -> dict[str, str]:
+    """POST /jobs' header for `submit(wait=N)`: `Prefer: wait=N` (none without a wait)."""
+    if seconds is None:
+        return {}
+    return {PREFER_HEADER: f"wait={seconds_text(seconds, 'wait')}"}
+
+
+def prefer_async(seconds: float | None) -> dict[str, str]:
+    """POST /put's header for `put(respond_async_after=N)`: `Prefer: respond-async, wait=N`."""
+    if seconds is None:
+        return {}
+    return {PREFER_HEADER: f"respond-async, wait={seconds_text(seconds, 'respond_async_after')}"}
+
+
+def request_timeout(base: httpx.Timeout, seconds: float | None) -> httpx.Timeout:
+    """The timeout of a request the server may hold `seconds` (Prefer: wait): the client's,
+    its read longer by that much."""
+    if seconds is None or base.read is None:
+        return base
+    return httpx.Timeout(connect=base.connect, read=base.read + seconds, write=base.write,
+                         pool=base.pool)
 
 
 # ---- retries ----
