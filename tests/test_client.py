@@ -192,3 +192,47 @@ def test_one_command_serves_runs_a_worker_and_is_the_client(tmp_path):
         assert listed.returncode == 0, listed.stderr
     finally:
         cluster.stop([process], 15, signal.SIGINT)
+
+
+# ---- no server: the new flags' parsing and the status lines ---------------------------------
+
+def test_submit_wait_takes_an_optional_number_of_seconds(tmp_path, monkeypatch):
+    from jobqueue.cli import parser, split_options
+
+    def parsed(*argv: str):
+        args, options = split_options(["submit", *argv])
+        return parser().parse_args(args), options
+
+    args, options = parsed("--type", "message", "--wait", "5", "--data", "x", "--priority", "3")
+    assert (args.wait, args.wait_seconds, args.priority, options) == (True, 5, 3, {"data": "x"})
+    assert parsed("--type", "message", "--wait=2.5")[0].wait_seconds == 2.5
+    args, _ = parsed("--wait", "a.pdf", "--type", "pdf2image")  # a FILE after a bare --wait
+    assert (args.wait, args.wait_seconds, args.files) == (True, None, [Path("a.pdf")])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "7").write_bytes(b"%PDF-")  # a file named like a number is a FILE
+    args, _ = parsed("--type", "pdf2image", "--wait", "7")
+    assert (args.wait_seconds, args.files) == (None, [Path("7")])
+    args, _ = parsed("--type", "message")
+    assert (args.wait, args.wait_seconds, args.priority) == (False, None, None)
+
+
+def test_status_lines_tell_attempts_retries_and_the_estimated_start():
+    from datetime import datetime, timezone
+
+    from jobqueue.cli import status_lines
+    from jobqueue.client import Job
+
+    now = datetime(2026, 12, 7, 17, 0, 0, tzinfo=timezone.utc)
+    job = Job.from_json({
+        "id": "j1", "jobType": "message", "status": "queued", "attempt": 1, "maxAttempts": 3,
+        "queuePosition": 2, "estimatedStartSeconds": 4.5,
+        "nextAttemptAt": "2026-12-07T17:00:10+00:00",
+        "earlierErrors": [{"attempt": 1, "error": "OSError: flaky",
+                           "finishedAt": "2026-12-07T16:59:59+00:00"}]})
+    assert status_lines(job, now) == [
+        "attempt 1 of 3", "next attempt at 2026-12-07T17:00:10+00:00 (in 10 s)",
+        "attempt 1 failed at 2026-12-07T16:59:59+00:00: OSError: flaky",
+        "estimated start in 4.5 s, position 2"]
+    # A server without these fields: nothing more than the JSON.
+    assert status_lines(Job.from_json({"id": "j2", "jobType": "message",
+                                       "status": "queued"}), now) == []

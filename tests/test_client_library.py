@@ -4,6 +4,7 @@ through AsyncClient; and its retry rules against a mock transport."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from jobqueue.client import (
     AsyncClient,
     Client,
     ClientError,
+    EarlierError,
     Event,
     Job,
     JobCancelled,
@@ -474,8 +476,9 @@ def test_429_and_503_are_retried_with_the_same_key_and_retry_after_honoured():
     with Client("http://jobs.test", transport=transport, on_retry=retries.append) as client:
         job = client.submit("message", seconds=1)
     assert job.id == "j1" and job.links.url == "/jobs/j1"
+    # A Retry-After of 0 (or a date passed) is waited 0.1 s, not a busy loop.
     assert [(r.status, r.retry_after, r.wait) for r in retries] == [
-        (429, 0, 0), (503, 0, 0), (503, None, 1)]
+        (429, 0, 0.1), (503, 0, 0.1), (503, None, 1)]
     keys = {request.headers["Idempotency-Key"] for request in transport.requests}
     assert len(transport.requests) == 4 and len(keys) == 1
     assert json.loads(transport.requests[0].content) == {"seconds": 1, "jobType": "message"}
@@ -603,3 +606,139 @@ def test_the_library_imports_nothing_of_the_server():
                           timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# ---- priorities, retries and Prefer, on a mock transport (no server needed) ------------------
+
+RETRYING_JOB = {
+    "id": "j2", "jobType": "message", "status": "queued", "attempt": 2, "maxAttempts": 3,
+    "priority": 5, "queuePosition": 1, "estimatedStartSeconds": 0,
+    "nextAttemptAt": "2026-12-07T17:00:02+00:00",
+    "earlierErrors": [{"attempt": 1, "error": "ConnectionError: flaky",
+                       "finishedAt": "2026-12-07T17:00:00+00:00"},
+                      {"attempt": 2, "error": "ConnectionError: flakier",
+                       "finishedAt": "2026-12-07T17:00:01.5+00:00"}],
+    "progress": {"done": 0, "total": 0, "unit": ""}, "createdAt": "2026-12-07T16:59:59+00:00"}
+
+
+def test_a_job_reads_the_retry_and_priority_fields():
+    job = Job.from_json(RETRYING_JOB)
+    assert (job.attempt, job.max_attempts, job.priority) == (2, 3, 5)
+    assert job.next_attempt_at.isoformat() == "2026-12-07T17:00:02+00:00"
+    assert job.estimated_start_seconds == 0 and job.queue_position == 1
+    utc = datetime.timezone.utc
+    assert job.earlier_errors == (
+        EarlierError(1, "ConnectionError: flaky", datetime.datetime(2026, 12, 7, 17, tzinfo=utc)),
+        EarlierError(2, "ConnectionError: flakier",
+                     datetime.datetime(2026, 12, 7, 17, 0, 1, 500000, tzinfo=utc)))
+    assert not job.finished  # waiting for its next attempt: queued
+
+
+def test_a_job_from_a_server_without_the_new_fields():
+    old = Job.from_json({"id": "j3", "jobType": "message", "status": "queued"})
+    assert old.priority == 0 and old.max_attempts is None and old.next_attempt_at is None
+    assert old.earlier_errors == () and old.estimated_start_seconds is None
+    # `estimatedStartSeconds` is omitted when there is no estimate; present, it is a number.
+    assert Job.from_json({**ACCEPTED, "estimatedStartSeconds": 12.5}).estimated_start_seconds \
+        == 12.5
+
+
+def recording(handle):
+    """A mock transport calling `handle(request)`; the requests it got are in .requests."""
+    sent: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return handle(request)
+
+    transport = httpx.MockTransport(record)
+    transport.requests = sent
+    return transport
+
+
+FINISHED_JOB = {"id": "j1", "jobType": "message", "status": "succeeded", "attempt": 1,
+                "priority": 3, "progress": {"done": 1, "total": 1, "unit": "seconds"},
+                "result": {"data": {"message": "hi"}, "files": []}}
+
+
+def test_submit_sends_priority_and_prefer_wait(connect):
+    transport = recording(lambda request: httpx.Response(
+        200, json=FINISHED_JOB, headers={"Preference-Applied": "wait=5"}))
+    client = connect("http://jobs.test", transport=transport)
+    job = client.submit("message", data="hi", priority=3, wait=5)
+    assert job.succeeded and job.result.data == {"message": "hi"} and job.priority == 3
+    assert job.links is None  # a finished job's status, not the Accepted body
+    sent = transport.requests[0]
+    assert sent.headers["Prefer"] == "wait=5" and sent.headers["Idempotency-Key"]
+    assert json.loads(sent.content) == {"data": "hi", "priority": 3, "jobType": "message"}
+    # A fraction of a second is sent as it is; no wait, no Prefer; a file: a form field.
+    client.submit("message", wait=0.5)
+    assert transport.requests[1].headers["Prefer"] == "wait=0.5"
+    client.submit("pdf2image", b"%PDF-1.4 ...", priority=-2)
+    assert "Prefer" not in transport.requests[2].headers
+    assert b'name="priority"\r\n\r\n-2\r\n' in transport.requests[2].read()
+
+
+def test_submit_with_wait_returns_a_failed_job_and_a_202_as_before(connect):
+    failed = {**FINISHED_JOB, "status": "failed", "result": None, "error": "ValueError: no"}
+    answers_ = [httpx.Response(200, json=failed), httpx.Response(202, json=ACCEPTED)]
+    client = connect("http://jobs.test", transport=recording(lambda r: answers_.pop(0)))
+    job = client.submit("message", wait=1)
+    assert job.status == "failed" and job.error == "ValueError: no"  # returned, not raised
+    job = client.submit("message", wait=1)  # not ended within the wait
+    assert job.status == "queued" and job.links.url == "/jobs/j1"
+
+
+def test_bad_priority_and_wait_are_refused_before_sending(connect):
+    transport = recording(lambda request: httpx.Response(202, json=ACCEPTED))
+    client = connect("http://jobs.test", transport=transport)
+    for arguments in ({"priority": 1.5}, {"priority": True}, {"priority": "5"},
+                      {"wait": -1}, {"wait": float("inf")}):
+        with pytest.raises(ValueError):
+            client.submit("message", **arguments)
+    with pytest.raises(ValueError, match="respond_async_after"):
+        client.put("message", respond_async_after=float("nan"))
+    assert transport.requests == []
+
+
+def test_put_respond_async_returns_a_job_to_wait_for(connect):
+    running = {**RETRYING_JOB, "id": "j4", "status": "running", "attempt": 1}
+    del running["nextAttemptAt"], running["earlierErrors"], running["estimatedStartSeconds"]
+    transport = recording(lambda request: httpx.Response(
+        202, json=running, headers={"Location": "/jobs/j4",
+                                    "Preference-Applied": "respond-async"}))
+    client = connect("http://jobs.test", transport=transport)
+    job = client.put("message", data="slow", priority=1, respond_async_after=2)
+    assert isinstance(job, Job) and job.id == "j4" and job.status == "running"
+    sent = transport.requests[0]
+    assert sent.url.path == "/put" and sent.headers["Prefer"] == "respond-async, wait=2"
+    assert json.loads(sent.content)["priority"] == 1
+    assert len(transport.requests) == 1  # a 202 is an answer, not retried
+
+
+def test_put_without_respond_async_keeps_its_result_and_its_504(connect):
+    puts = [httpx.Response(200, json={"data": {"id": "j5", "result": {"data": {}}}}),
+            httpx.Response(504, json={"detail": "Job j6 ... did not finish within 5 s"})]
+    transport = recording(lambda request: puts.pop(0))
+    client = connect("http://jobs.test", transport=transport)
+    assert isinstance(client.put("message"), Result)
+    assert "Prefer" not in transport.requests[0].headers
+    with pytest.raises(Refused) as timed_out:
+        client.put("message")
+    assert timed_out.value.status == 504
+
+
+def test_retry_posts_to_the_jobs_retry_route(connect):
+    outcomes = {"j1": httpx.Response(202, json=ACCEPTED, headers={"Location": "/jobs/j1"}),
+                "j7": httpx.Response(409, json={"detail": "Job j7 has not failed"}),
+                "j8": httpx.Response(410, json={"detail": "Job j8's upload is gone"})}
+    transport = recording(lambda request: outcomes[request.url.path.split("/")[2]])
+    client = connect("http://jobs.test", transport=transport)
+    job = client.retry(Job.from_json({**FAILED_JOB, "id": "j1"}))
+    assert job.status == "queued" and job.links.events == "/jobs/j1/events"
+    assert (transport.requests[0].method, transport.requests[0].url.path) == (
+        "POST", "/jobs/j1/retry")
+    for ident, status in (("j7", 409), ("j8", 410)):
+        with pytest.raises(Refused) as refused:
+            client.retry(ident)
+        assert refused.value.status == status

@@ -15,9 +15,11 @@ import asyncio
 import contextvars
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from rich.console import Console
@@ -57,6 +59,7 @@ class Submission:
     label: str
     job: Job | None = None
     error: str | None = None
+    waited: float | None = None  # submit --wait N: the server held the answer this long
 
 
 async def follow(client: AsyncClient, job_id: str, progress: Progress, task: TaskID,
@@ -93,6 +96,10 @@ def report(item: Submission, files: list[Path] | None) -> bool:
         reason = f": {job.error}" if job.error else ""
         err.print(f"[red]✘ {item.label}: {job.id} {job.status}{reason}", highlight=False)
         return False
+    if item.waited is not None:  # --wait N: not ended within it
+        out.print(f"{job.id}  {item.label}  {job.status} after {item.waited:g} s",
+                  highlight=False)
+        return True
     out.print(f"{job.id}  {item.label}", highlight=False)  # submitted, not waited for
     return True
 
@@ -117,7 +124,9 @@ async def run_submit(client: AsyncClient, args: argparse.Namespace,
             raise ClientError(f"no such file: {path}")
     items = [Submission(path, path.name) for path in args.files] or [
         Submission(None, f"{args.type} (no file)")]
-    wait = args.wait or args.out is not None
+    # --wait: follow every job to its end; --wait N: the server holds each answer up to N s
+    # (Prefer: wait=N) and the job is shown as that left it.
+    wait = (args.wait and args.wait_seconds is None) or args.out is not None
     folders = output_folders(items, args.out or Path("."))
     downloaded: dict[int, list[Path]] = {}
     slots = asyncio.Semaphore(args.parallel)
@@ -130,8 +139,11 @@ async def run_submit(client: AsyncClient, args: argparse.Namespace,
                 try:
                     # The library sends an Idempotency-Key and keeps it across its retries:
                     # a retry after a lost answer gets this job back, never a second one.
-                    item.job = await client.submit(args.type, item.path, **options)
+                    item.job = await client.submit(args.type, item.path,
+                                                   priority=args.priority,
+                                                   wait=args.wait_seconds, **options)
                     if not wait:
+                        item.waited = args.wait_seconds
                         return
                     item.job = await follow(client, item.job.id, progress, task, item.label)
                     if item.job.succeeded and args.out is not None:
@@ -180,7 +192,36 @@ async def run_download(client: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def run_status(client: AsyncClient, args: argparse.Namespace) -> int:
-    out.print_json(data=(await client.get(args.id)).raw)
+    """The job as JSON on stdout; its attempts, retries and estimated start, when the server
+    tells them, as lines on stderr (so the JSON stays the output)."""
+    job = await client.get(args.id)
+    out.print_json(data=job.raw)
+    for line in status_lines(job, datetime.now(timezone.utc)):
+        err.print(line, highlight=False)
+    return 0
+
+
+def status_lines(job: Job, now: datetime) -> list[str]:
+    lines = []
+    if job.max_attempts is not None:
+        lines.append(f"attempt {job.attempt} of {job.max_attempts}")
+    if job.next_attempt_at is not None:
+        due = (job.next_attempt_at - now).total_seconds()
+        lines.append(f"next attempt at {job.next_attempt_at.isoformat()} "
+                     f"(in {max(0.0, due):.0f} s)")
+    for earlier in job.earlier_errors:
+        when = f" at {earlier.finished_at.isoformat()}" if earlier.finished_at else ""
+        lines.append(f"attempt {earlier.attempt} failed{when}: {earlier.error}")
+    if job.status == "queued" and job.estimated_start_seconds is not None:
+        place = f", position {job.queue_position}" if job.queue_position else ""
+        lines.append(f"estimated start in {job.estimated_start_seconds:g} s{place}")
+    return lines
+
+
+async def run_retry(client: AsyncClient, args: argparse.Namespace) -> int:
+    """POST /jobs/{id}/retry: a failed job runs again, on its upload."""
+    job = await client.retry(args.id)
+    out.print(f"{job.id} {job.status}", highlight=False)
     return 0
 
 
@@ -220,10 +261,12 @@ def age(seconds: float) -> str:
 # ---- command line ----
 
 # The flags of `submit` itself; any other --name after `submit` is a job option.
-SUBMIT_FLAGS = {"--type", "--wait", "--out", "--parallel", "--retry-for", "--help", "--url",
-                "--api-key"}
+SUBMIT_FLAGS = {"--type", "--wait", "--out", "--parallel", "--retry-for", "--priority", "--help",
+                "--url", "--api-key"}
 # Names a job option cannot have: the library's own arguments of submit().
-NOT_OPTIONS = {"file", "idempotency_key"}
+NOT_OPTIONS = {"file", "idempotency_key", "wait", "priority"}
+# `submit --wait N`: a number of seconds (a FILE of that name aside).
+SECONDS = re.compile(r"\d+(\.\d*)?|\.\d+")
 # Commands that are programs of their own, given the rest of the command line.
 PROGRAMS = {"serve": "run the server (jobqueue serve --help: its flags)",
             "worker": "run a worker process of the distributed mode (jobqueue worker --help)"}
@@ -239,6 +282,11 @@ def split_options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     while rest:
         arg = rest.pop(0)
         name, equals, value = arg.partition("=")
+        if name == "--wait":  # --wait, or --wait N / --wait=N: see parser()
+            if not equals and rest and SECONDS.fullmatch(rest[0]) and not Path(rest[0]).exists():
+                value, equals = rest.pop(0), "="
+            kept.extend(["--wait", f"--wait-seconds={value}"] if equals else ["--wait"])
+            continue
         if not arg.startswith("--") or name in SUBMIT_FLAGS or arg == "--":
             kept.append(arg)
             continue
@@ -270,7 +318,14 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("files", nargs="*", type=Path, metavar="FILE")
     submit.add_argument("--type", required=True, help="job kind: message, pdf2image, video …")
     submit.add_argument("--wait", action="store_true",
-                        help="follow each job with a progress bar until it has finished")
+                        help="follow each job with a progress bar until it has finished; "
+                             "--wait N: have the server answer once the job has ended or N "
+                             "seconds have passed (Prefer: wait=N), and print how it ended or "
+                             "its id")
+    # --wait N arrives here (split_options): a number of seconds for Prefer: wait.
+    submit.add_argument("--wait-seconds", type=float, help=argparse.SUPPRESS)
+    submit.add_argument("--priority", type=int, metavar="N",
+                        help="-10 to 10 (default 0): higher runs first within the kind")
     submit.add_argument("--out", type=Path,
                         help="download each job's files into OUT/<file stem>/ (implies --wait)")
     submit.add_argument("--parallel", type=int, default=4,
@@ -278,7 +333,10 @@ def parser() -> argparse.ArgumentParser:
     submit.add_argument("--retry-for", type=float, default=600, metavar="SECONDS",
                         help="keep retrying a 503 or 429 this long (default %(default)s)")
 
-    for name, text in (("status", "show a job as JSON"), ("cancel", "cancel or delete a job")):
+    for name, text in (("status", "show a job as JSON (its attempts and estimated start on "
+                                  "stderr)"),
+                       ("cancel", "cancel or delete a job"),
+                       ("retry", "run a failed job again, on its upload")):
         commands.add_parser(name, help=text).add_argument("id")
     wait = commands.add_parser("wait", help="follow a job until it has finished")
     wait.add_argument("id")
@@ -296,7 +354,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"wait": run_wait, "download": run_download, "status": run_status,
-            "cancel": run_cancel, "list": run_list}
+            "cancel": run_cancel, "retry": run_retry, "list": run_list}
 
 
 async def run(args: argparse.Namespace, options: dict[str, str]) -> int:
@@ -339,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         parser().error(f"{args.command} comes first: jobqueue {args.command} [its flags]")
     if args.command == "submit" and args.parallel < 1:
         parser().error("--parallel must be at least 1")
+    if args.command == "submit" and args.wait_seconds is not None and not (
+            0 <= args.wait_seconds < float("inf")):
+        parser().error("--wait N must be a number of seconds, 0 or more")
     return asyncio.run(run(args, options))
 
 

@@ -22,12 +22,22 @@ from jobqueue.client.errors import (
     RetriesExhausted,
     Unreachable,
 )
-from jobqueue.client.models import FINISHED, Event, Job, Links, Progress, Result, Retry
+from jobqueue.client.models import (
+    FINISHED,
+    EarlierError,
+    Event,
+    Job,
+    Links,
+    Progress,
+    Result,
+    Retry,
+)
 from jobqueue.client.sync import Client
 from jobqueue.client.wire import DEFAULT_URL
 
 __all__ = [
-    "DEFAULT_URL", "FINISHED", "AsyncClient", "Client", "ClientError", "Event", "Job",
+    "DEFAULT_URL", "FINISHED", "AsyncClient", "Client", "ClientError", "EarlierError", "Event",
+    "Job",
     "JobCancelled", "JobFailed", "Links", "Progress", "Refused", "Result", "Retry",
     "RetriesExhausted", "Unreachable",
 ]

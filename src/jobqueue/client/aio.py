@@ -30,6 +30,7 @@ from jobqueue.client.wire import (
     JobRef,
     Policy,
     Upload,
+    body_options,
     check,
     ended,
     file_names,
@@ -38,6 +39,9 @@ from jobqueue.client.wire import (
     keep_key_at_home,
     make_key,
     not_downloadable,
+    prefer_async,
+    prefer_wait,
+    request_timeout,
 )
 
 
@@ -77,17 +81,27 @@ class AsyncClient:
 
     # ---- jobs ----
 
-    async def put(self, job_type: str = "message", file: Upload | None = None,
-            **options: Any) -> Result:
+    async def put(self, job_type: str = "message", file: Upload | None = None, *,
+            priority: int | None = None, respond_async_after: float | None = None,
+            **options: Any) -> Result | Job:
         """POST /put: run a job and wait for its result. `file` is the input (a path, bytes or
         an open binary file; None: the kind's sample, or none for message); `options` are the
-        kind's (dpi=150, width=1280, seconds=2, data="hi"). JobFailed when the job ran and
-        failed (on a server that names the job in its answer), Refused for any other error."""
-        body = Body(job_type, file, options)
+        kind's (dpi=150, width=1280, seconds=2, data="hi"); `priority` (-10 to 10) runs it
+        before the kind's lower ones. JobFailed when the job ran and failed (on a server that
+        names the job in its answer), Refused for any other error.
+
+        `respond_async_after=N` sends `Prefer: respond-async, wait=N`: a job not ended after N
+        seconds is answered 202 and returned as a Job (queued or running, kept like one of
+        submit(): wait() for it, download() its files); one that ended sooner is its Result
+        (or error) as without it."""
+        body = Body(job_type, file, body_options(options, priority))
         response = await self._send("POST", "/put", body=body, resendable=False,
+                                    headers=prefer_async(respond_async_after),
                                     timeout=self._waiting)
         if response.status_code == 200:
             return Result.from_put(response.json())
+        if response.status_code == 202 and respond_async_after is not None:
+            return Job.from_json(response.json())  # running on: a kept job
         raise await self._put_error(response)
 
     async def _put_error(self, response: httpx.Response) -> Exception:
@@ -103,13 +117,29 @@ class AsyncClient:
         return refused
 
     async def submit(self, job_type: str = "message", file: Upload | None = None, *,
-               idempotency_key: str | None = None, **options: Any) -> Job:
+               idempotency_key: str | None = None, priority: int | None = None,
+               wait: float | None = None, **options: Any) -> Job:
         """POST /jobs: queue a job and return it at once (status queued, with its links).
         Every submit carries an Idempotency-Key (`idempotency_key`, else a new uuid4) and its
-        retries the same one, so a retried submit never makes a second job."""
+        retries the same one, so a retried submit never makes a second job. `priority` (-10 to
+        10) runs it before the kind's lower ones.
+
+        `wait=N` sends `Prefer: wait=N`: the server holds the answer up to N seconds (at most
+        the kind's timeout) and a job that ended meanwhile comes back finished, with its result
+        or error, and without links; a failed or cancelled one is returned too, not raised
+        (wait() raises). One that has not ended comes back as without `wait`."""
         key = make_key(idempotency_key)
-        response = await self._send("POST", "/jobs", body=Body(job_type, file, options),
-                                    headers={"Idempotency-Key": key}, key=key)
+        response = await self._send("POST", "/jobs",
+                                    body=Body(job_type, file, body_options(options, priority)),
+                                    headers={"Idempotency-Key": key, **prefer_wait(wait)},
+                                    timeout=request_timeout(self._timeout, wait), key=key)
+        return Job.from_json(check(response, 200, 202).json())
+
+    async def retry(self, job: JobRef) -> Job:
+        """POST /jobs/{id}/retry: run a failed job again, on its upload, as a new attempt; the
+        job, queued, with its links. Refused 409 for a job that has not failed, 410 once its
+        upload is gone (JOBQUEUE_RESULT_TTL), 404 for an unknown one."""
+        response = await self._send("POST", f"/jobs/{job_id(job)}/retry", resendable=False)
         return Job.from_json(check(response, 202).json())
 
     async def get(self, job: JobRef) -> Job:

@@ -86,13 +86,31 @@ class Links:
 
 
 @dataclass(frozen=True)
+class EarlierError:
+    """A failed attempt of a job that was retried (the wire's `earlierErrors` items): its
+    number (from 1), its error and when it ended."""
+
+    attempt: int
+    error: str
+    finished_at: datetime | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EarlierError:
+        return cls(data.get("attempt", 0), data.get("error") or "",
+                   _time(data.get("finishedAt")))
+
+
+@dataclass(frozen=True)
 class Job:
     """A job as the server last described it.
 
     `status` is one of queued, running, succeeded, failed, cancelled. `error` is set when it
     failed, `result` when it succeeded, `queue_position` while it is queued (1: next), `links`
     only on what `submit()` returns. `attempt` counts the runs started (0 while it waits for its
-    first)."""
+    first), `max_attempts` how many its kind's retries allow; a job waiting for its next
+    attempt is queued with `next_attempt_at`, and `earlier_errors` are its failed attempts.
+    `estimated_start_seconds` is the server's estimate while it is queued (None when there is
+    none). A field a server does not send keeps its default (`priority` 0)."""
 
     id: str
     job_type: str
@@ -100,6 +118,11 @@ class Job:
     attempt: int = 0
     progress: Progress = field(default_factory=Progress)
     queue_position: int | None = None
+    priority: int = 0
+    max_attempts: int | None = None
+    next_attempt_at: datetime | None = None
+    earlier_errors: tuple[EarlierError, ...] = ()
+    estimated_start_seconds: float | None = None
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -122,7 +145,12 @@ class Job:
         return cls(
             id=data["id"], job_type=data["jobType"], status=data["status"],
             attempt=data.get("attempt", 0), progress=Progress.from_json(data.get("progress")),
-            queue_position=data.get("queuePosition"), created_at=_time(data.get("createdAt")),
+            queue_position=data.get("queuePosition"), priority=data.get("priority") or 0,
+            max_attempts=data.get("maxAttempts"), next_attempt_at=_time(data.get("nextAttemptAt")),
+            earlier_errors=tuple(EarlierError.from_json(item)
+                                 for item in data.get("earlierErrors") or ()),
+            estimated_start_seconds=data.get("estimatedStartSeconds"),
+            created_at=_time(data.get("createdAt")),
             started_at=_time(data.get("startedAt")), finished_at=_time(data.get("finishedAt")),
             error=data.get("error"),
             result=Result.from_json(data["id"], result) if result is not None else None,

@@ -4,6 +4,7 @@ their bookkeeping, and reading answers."""
 from __future__ import annotations
 
 import email.utils
+import math
 import os
 import time
 import uuid
@@ -31,6 +32,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 503})
 # A 503 or 429 without a Retry-After is sent again after this long.
 DEFAULT_RETRY_AFTER = 1.0
+# The shortest wait before a 503 or 429 is sent again, whatever its Retry-After says (0, or a
+# date already passed): never a busy loop.
+MIN_RETRY_WAIT = 0.1
 # Waits between resends after a network error: 0.5 s, 1 s, 2 s, ... at most this.
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 8.0
 # Network errors that mean the request never reached the server, so that even a request
@@ -40,6 +44,15 @@ NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 # An upload: a path, the bytes themselves, or an open binary file.
 Upload = Union[str, "os.PathLike[str]", bytes, IO[bytes]]
 JobRef = Union[Job, str]
+
+
+def body_options(options: Mapping[str, Any], priority: int | None) -> dict[str, Any]:
+    """A job's fields: the kind's options, and `priority` when one is asked for."""
+    if priority is None:
+        return dict(options)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority must be an integer (-10 to 10): {priority!r}")
+    return {**options, "priority": priority}
 
 
 def job_id(job: JobRef) -> str:
@@ -124,6 +137,43 @@ class Body:
         return {"data": data, "files": {"file": (name, upload, "application/octet-stream")}}
 
 
+# ---- Prefer (RFC 7240) ----
+
+PREFER_HEADER = "Prefer"
+
+
+def seconds_text(seconds: float, name: str) -> str:
+    """A number of seconds as a Prefer header's `wait=` takes it (a whole number as one);
+    ValueError for a negative or endless one, naming the argument."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
+            or not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{name} must be a number of seconds, 0 or more: {seconds!r}")
+    return str(int(seconds)) if float(seconds).is_integer() else repr(float(seconds))
+
+
+def prefer_wait(seconds: float | None) -> dict[str, str]:
+    """POST /jobs' header for `submit(wait=N)`: `Prefer: wait=N` (none without a wait)."""
+    if seconds is None:
+        return {}
+    return {PREFER_HEADER: f"wait={seconds_text(seconds, 'wait')}"}
+
+
+def prefer_async(seconds: float | None) -> dict[str, str]:
+    """POST /put's header for `put(respond_async_after=N)`: `Prefer: respond-async, wait=N`."""
+    if seconds is None:
+        return {}
+    return {PREFER_HEADER: f"respond-async, wait={seconds_text(seconds, 'respond_async_after')}"}
+
+
+def request_timeout(base: httpx.Timeout, seconds: float | None) -> httpx.Timeout:
+    """The timeout of a request the server may hold `seconds` (Prefer: wait): the client's,
+    its read longer by that much."""
+    if seconds is None or base.read is None:
+        return base
+    return httpx.Timeout(connect=base.connect, read=base.read + seconds, write=base.write,
+                         pool=base.pool)
+
+
 # ---- retries ----
 
 def retry_after(response: httpx.Response) -> float | None:
@@ -155,9 +205,10 @@ class Policy:
 class Attempts:
     """The retries of one call: when to wait and send again, and when to give up.
 
-    A 503 or 429 is waited out for as long as its Retry-After says (never less), unless that
-    is longer than `max_retry_wait` or would end past `max_retry_seconds` from the call's
-    start: then RetriesExhausted. A network error is retried `network_retries` times in a row
+    A 503 or 429 is waited out for as long as its Retry-After says (never less, and at least
+    MIN_RETRY_WAIT: a Retry-After of 0 makes no busy loop), unless that is longer than
+    `max_retry_wait` or would end past `max_retry_seconds` from the call's start: then
+    RetriesExhausted. A network error is retried `network_retries` times in a row
     at most, 0.5 s, 1 s, 2 s … apart, and only when sending again is safe (`resendable`):
     otherwise, or past the caps, Unreachable."""
 
@@ -188,7 +239,7 @@ class Attempts:
         if response.status_code not in RETRY_STATUSES or "Location" in response.headers:
             return None
         asked = retry_after(response)
-        wait = DEFAULT_RETRY_AFTER if asked is None else asked
+        wait = DEFAULT_RETRY_AFTER if asked is None else max(MIN_RETRY_WAIT, asked)
         refusal = Refused.of(response)
         if wait > self.policy.max_retry_wait or not self._fits(wait):
             raise RetriesExhausted(refusal.status, refusal.detail, response, self.attempts)
