@@ -217,3 +217,42 @@ class Throughput(CamelModel):
     minutes: int = Field(examples=[60])
     kinds: dict[str, list[MinuteView]] = Field(
         description="Per job kind, the minutes in which some of its jobs finished, oldest first")
+
+
+# The request body of /put and POST /jobs as OpenAPI shows it (the kinds served fill in
+# jobType's values: routes/put.describe_kinds).
+REQUEST_EXAMPLES = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "jobType": {"type": "string", "default": "message"},
+                "data": {"type": "string"},
+                "seconds": {"type": "number", "default": 3},
+                "dpi": {"type": "integer", "default": 200},
+                "width": {"type": "integer"},
+                "height": {"type": "integer"},
+            },
+        },
+        "examples": {
+            "message": {"value": {"data": "hello xdata team"}},
+            "pdf2image": {"summary": "Convert the bundled sample PDF",
+                          "value": {"data": "sample", "jobType": "pdf2image", "dpi": 100}},
+            "video": {"summary": "Resize the bundled sample video",
+                      "value": {"jobType": "video", "width": 320}},
+        },
+    },
+    "multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "file": {"type": "string", "format": "binary"},
+                "jobType": {"type": "string"},
+                "dpi": {"type": "integer"},
+                "width": {"type": "integer"},
+                "height": {"type": "integer"},
+            },
+            "required": ["file", "jobType"],
+        },
+    },
+}

@@ -21,8 +21,8 @@ from jobqueue.api.downloads import file_response
 from jobqueue.api.prefer import APPLIED, preferences
 from jobqueue.api.ratelimit import client_key, limiter, submit_limit
 from jobqueue.api.routes import links
-from jobqueue.api.routes.put import REQUEST_EXAMPLES
 from jobqueue.api.schemas import (
+    REQUEST_EXAMPLES,
     Accepted,
     EarlierError,
     JobList,

@@ -14,7 +14,14 @@ from jobqueue.api.access import owner
 from jobqueue.api.prefer import APPLIED, preferences
 from jobqueue.api.ratelimit import client_key, limiter, submit_limit
 from jobqueue.api.routes import links
-from jobqueue.api.schemas import JobResult, PutData, PutResponse, error_responses
+from jobqueue.api.routes.jobs import job_view
+from jobqueue.api.schemas import (
+    REQUEST_EXAMPLES,
+    JobResult,
+    PutData,
+    PutResponse,
+    error_responses,
+)
 from jobqueue.api.shutdown import shutting_down
 from jobqueue.api.submission import read_submission, start_job
 from jobqueue.engines import JobEngine
@@ -27,42 +34,6 @@ router = APIRouter(tags=["jobs"])
 
 # How long a job runs before its client's leaving is watched for (then it is cancelled).
 WATCH_AFTER_SECONDS = 0.1
-
-REQUEST_EXAMPLES = {
-    "application/json": {
-        "schema": {
-            "type": "object",
-            "properties": {
-                "jobType": {"type": "string", "default": "message"},
-                "data": {"type": "string"},
-                "seconds": {"type": "number", "default": 3},
-                "dpi": {"type": "integer", "default": 200},
-                "width": {"type": "integer"},
-                "height": {"type": "integer"},
-            },
-        },
-        "examples": {
-            "message": {"value": {"data": "hello xdata team"}},
-            "pdf2image": {"summary": "Convert the bundled sample PDF",
-                          "value": {"data": "sample", "jobType": "pdf2image", "dpi": 100}},
-            "video": {"summary": "Resize the bundled sample video",
-                      "value": {"jobType": "video", "width": 320}},
-        },
-    },
-    "multipart/form-data": {
-        "schema": {
-            "type": "object",
-            "properties": {
-                "file": {"type": "string", "format": "binary"},
-                "jobType": {"type": "string"},
-                "dpi": {"type": "integer"},
-                "width": {"type": "integer"},
-                "height": {"type": "integer"},
-            },
-            "required": ["file", "jobType"],
-        },
-    },
-}
 
 # The served kinds' names are filled in by describe_kinds.
 REQUEST_BODY = {"requestBody": {"required": False, "content": REQUEST_EXAMPLES}}
@@ -110,8 +81,6 @@ async def put(request: Request) -> Response:
     hand_over_after = min(prefer.wait or 0.0, timeout) if prefer.respond_async else None
     record = await wait_for_job(request, engine, record, timeout, hand_over_after)
     if record.status not in FINISHED:  # handed over: it runs on as a kept job
-        from jobqueue.api.routes.jobs import job_view  # jobs.py imports this module
-
         view = await job_view(request, record)
         return Response(view.model_dump_json(by_alias=True, exclude_none=True), status_code=202,
                         media_type="application/json",
