@@ -122,6 +122,19 @@ def test_an_owner_with_one_job_gets_in_ahead_of_anothers_backlog(deployment, cli
     assert order[2:] == backlog[1:]
 
 
+def test_a_higher_priority_starts_before_jobs_queued_earlier(deployment, client):
+    gate = tag()
+    first = submit(client, "gated", gate=gate)
+    eventually(lambda: client.get(f"/jobs/{first}").json()["status"] == "running")
+    plain = [first, *(submit(client, "gated", gate=gate) for _ in range(3))]
+    urgent = submit(client, "gated", gate=gate, priority=5)
+    assert client.get(f"/jobs/{urgent}").json()["priority"] == 5
+    open_gate(deployment, gate)
+    ended = {job_id: wait_finished(client, job_id) for job_id in [*plain, urgent]}
+    order = sorted(ended, key=lambda job_id: ended[job_id]["startedAt"])
+    assert order == [plain[0], urgent, *plain[1:]]
+
+
 def test_an_owner_past_the_cap_is_refused_while_others_get_in(deployment, client):
     gate = tag()
     first = submit(client, "gated", gate=gate)
