@@ -160,7 +160,7 @@ def test_one_command_serves_runs_a_worker_and_is_the_client(tmp_path):
     helped = subprocess.run([*JOBQUEUE, "--help"], cwd=tmp_path, env=cli_env(),
                             capture_output=True, text=True, timeout=30)
     assert helped.returncode == 0
-    assert "{submit,status,cancel,wait,download,list,serve,worker}" in helped.stdout
+    assert "{submit,status,cancel,retry,wait,download,list,serve,worker}" in helped.stdout
     for program, flag in (("serve", "--with-workers"), ("worker", "--kinds")):
         usage = subprocess.run([*JOBQUEUE, program, "--help"], cwd=tmp_path, env=cli_env(),
                                capture_output=True, text=True, timeout=30)
