@@ -10,6 +10,7 @@ time."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -221,6 +222,22 @@ def test_put_with_respond_async_hands_its_job_over(alpha, tmp_path):
     assert wait_finished(alpha, job_id)["status"] == "succeeded"
     download = alpha.get(f"/jobs/{job_id}/result")
     assert download.status_code == 200 and download.content == b"kept"
+
+
+def test_a_handed_over_put_job_runs_past_the_put_timeout(alpha, tmp_path):
+    """brisk's /put waits 1 s: its job, handed over, is a kept job whose deadline is
+    JOBQUEUE_JOB_MAX_SECONDS from its start, so it is still running once that 1 s is long
+    past (a wait for its record to be older than that: a bound, not a figure)."""
+    gate = tmp_path / "gate"
+    answer = alpha.post("/put", json={"jobType": "brisk", "gate": str(gate)},
+                        headers={"Prefer": "respond-async, wait=0.1"})
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["id"]
+    created = datetime.fromisoformat(job(alpha, job_id)["createdAt"]).timestamp()
+    eventually(lambda: time.time() > created + 3)
+    assert job(alpha, job_id)["status"] == "running"
+    gate.touch()
+    assert wait_finished(alpha, job_id)["status"] == "succeeded"
 
 
 def test_put_without_prefer_still_answers_its_result(alpha):
