@@ -18,6 +18,7 @@ import overhead
 import pdf
 import responsiveness
 import scaling
+import scheduling
 import streams
 import upload
 import video
@@ -60,13 +61,14 @@ def main() -> None:
                 lambda: upload.run(1, megabytes=8),
                 lambda: scaling.run(1, jobs=4, seconds=0.1, workers=(1, 2)),
                 lambda: objectstore.run(1, pdf=sample, seconds=2, big_mb=4,
-                                          pages_count=8)]
+                                          pages_count=8),
+                lambda: scheduling.run(1, flood=20, seconds=1)]
     else:
         plan = [lambda: pdf.run(args.runs), lambda: video.run(max(args.runs, 7)),
                 lambda: overhead.run(args.runs), lambda: responsiveness.run(args.runs),
                 lambda: streams.run(args.runs), lambda: upload.run(args.runs),
                 lambda: scaling.run(args.runs), lambda: objectstore.run(args.runs),
-                lambda: digits.run(args.runs)]
+                lambda: digits.run(args.runs), lambda: scheduling.run(args.runs)]
     results = []
     for benchmark in plan:
         started = time.monotonic()

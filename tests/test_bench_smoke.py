@@ -17,7 +17,8 @@ def test_every_benchmark_runs_on_tiny_input():
     for heading in ("pdf: 4 ×", "naive peer", "pdf ratio", "video:", "connections (wrk)",
                     "server CPU ms per request",
                     "responsiveness:", "streams:", "upload memory:", "scaling:",
-                    "objectstore:", "S3 client"):
+                    "objectstore:", "S3 client", "scheduling: fair share",
+                    "scheduling: retries", "B's wait, fair share / plain FIFO"):
         assert heading in report, heading
     assert "| answer | 415 |" in report, "the upload benchmark streamed its whole body"
     assert (ROOT / "bench" / "results" / "smoke.png").stat().st_size > 1000
