@@ -102,7 +102,7 @@ def test_higher_priority_starts_first_and_equal_keeps_its_order(alpha, tmp_path)
         blocker, high, high_too, plain, low]
 
 
-@pytest.mark.parametrize("priority", [11, -11, "high", 2.5, True])
+@pytest.mark.parametrize("priority", [11, -11, "high", 2.5, True, "²", "+-5", "99"])
 def test_a_priority_out_of_range_is_422(alpha, priority):
     answer = alpha.post("/jobs", json={"jobType": "step", "priority": priority})
     assert answer.status_code == 422

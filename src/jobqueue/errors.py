@@ -120,8 +120,10 @@ class RetryLater(Exception):
     without one); once they are used up the job fails with `reason`."""
 
     def __init__(self, after: float = 1.0, reason: str = ""):
-        super().__init__(reason or f"asked to be retried in {after:g} s")
-        self.after = max(0.0, float(after))
+        after = float(after)
+        # At most a day (a wait past threading's limits would break the worker that waits).
+        self.after = min(max(0.0, after), 86400.0) if math.isfinite(after) else 86400.0
+        super().__init__(reason or f"asked to be retried in {self.after:g} s")
         self.reason = reason
 
 

@@ -45,7 +45,7 @@ from jobqueue.errors import (
 )
 from jobqueue.files import jobfiles
 from jobqueue.jobs import JobContext, JobKind, JobStatus, Output, Retry
-from jobqueue.records import Origin
+from jobqueue.records import JobRecord, Origin
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +380,15 @@ def retry_in(ending: Ending, policy: Retry | None, failures: int, origin: Origin
     if origin is Origin.PUT and now + delay >= created_at + put_timeout:
         return None
     return delay
+
+
+def upload_gone(record: JobRecord, kind: JobKind) -> bool:
+    """Whether a failed job's upload is gone by the rules (files_after): a failed /put job
+    keeps none, so a client's retry of it is refused (410) even while its folder is still
+    being removed."""
+    own_upload = record.input_path is not None and (
+        kind.sample is None or record.input_path != str(kind.sample))
+    return own_upload and files_after(FAILED, record.origin) is Keep.NOTHING
 
 
 def earlier_error(attempt: int, message: str | None, finished_at: float) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,7 @@ def parse_priority(fields: dict, settings: Settings, api_key: str | None) -> int
     value = fields.pop("priority", 0)
     if isinstance(value, str):  # a form field
         value = value.strip()
-        value = int(value) if value.lstrip("+-").isdigit() and len(value) < 4 else value
+        value = int(value) if re.fullmatch(r"[+-]?[0-9]{1,2}", value) else value
     if isinstance(value, bool) or not isinstance(value, int) \
             or not MIN_PRIORITY <= value <= MAX_PRIORITY:
         raise BadInput(f"priority must be a whole number from {MIN_PRIORITY} to {MAX_PRIORITY} "

@@ -143,8 +143,9 @@ async def submit_job(request: Request, response: Response,
     wait = preferences(request).wait
     if wait:
         timeout = settings.limits(request.app.state.kinds[record.job_type]).timeout
+        wait = min(wait, timeout)
         try:
-            ended = await engine.wait(record.id, min(wait, timeout))
+            ended = await engine.wait(record.id, wait)
         except (TimeoutError, LookupError):  # still running (or deleted meanwhile): 202
             pass
         else:

@@ -621,7 +621,7 @@ class WorkerPool:
         now = time.time()
         delay = lifecycle.retry_in(ending, self.retry, len(job.earlier_errors), job.origin,
                                    job.created_at, self.limits.timeout, now,
-                                   stopped=job.cancel_requested.is_set())
+                                   stopped=job.cancel_requested.is_set() or self.closed)
         if delay is None:
             return False
         if self.kind.writes_files:  # the next attempt starts from its upload alone
@@ -688,6 +688,7 @@ class EmbeddedEngine:
             for name, kind in kinds.items()
         }
         self._active: dict[str, Job] = {}  # jobs not finished yet, by id
+        self._retrying: set[str] = set()  # failed jobs a client's retry is queueing again
         self.storing: frozenset[str] = frozenset()  # an upload stays where it was written
         self._feed = Feed()
         for pool in self.pools.values():
@@ -832,7 +833,8 @@ class EmbeddedEngine:
         if job is None:
             return None
         with job._lock:
-            if job.status not in lifecycle.CAN_HAND_OVER:
+            if job.status not in lifecycle.CAN_HAND_OVER or job.timed_out \
+                    or job.cancel_requested.is_set():  # being stopped: its end is the answer
                 return None
             if job.origin is Origin.PUT:
                 job.origin = Origin.JOBS
@@ -851,14 +853,25 @@ class EmbeddedEngine:
         record = self.store.get(job_id)
         if record is None:
             raise NotFound(f"There is no job {job_id!r}; it may have been deleted.")
-        if job_id in self._active or JobStatus(record.status) not in lifecycle.CAN_RETRY:
-            raise Conflict(f"Job {job_id} is {record.status}; only a failed job can be retried.")
+        if job_id in self._active or job_id in self._retrying \
+                or JobStatus(record.status) not in lifecycle.CAN_RETRY:
+            status = "being retried" if job_id in self._retrying else record.status
+            raise Conflict(f"Job {job_id} is {status}; only a failed job can be retried.")
+        self._retrying.add(job_id)  # two retries at once: one runs it, the other gets 409
+        try:
+            return await self._retry(record)
+        finally:
+            self._retrying.discard(job_id)
+
+    async def _retry(self, record: JobRecord) -> JobRecord:
+        job_id = record.id
         kind = self.kinds.get(record.job_type)
         if kind is None:
             raise Conflict(f"Job {job_id} is of the kind {record.job_type}, which this server "
                            "does not serve.")
         input_path = Path(record.input_path) if record.input_path else None
-        if input_path is not None and not await asyncio.to_thread(input_path.exists):
+        if lifecycle.upload_gone(record, kind) or (
+                input_path is not None and not await asyncio.to_thread(input_path.exists)):
             raise Gone(f"The upload of job {job_id} has been removed (a failed /put job keeps "
                        "none), so it cannot run again; submit it anew.")
         try:

@@ -53,7 +53,9 @@ class JobQueue:
             if not force and len(self._jobs) >= self.capacity:
                 return False
             self._jobs.append(job)
-            self._changed.notify()
+            # Every taker: one gathering a batch may leave with its batch and another must
+            # wait for the next job due (a retry's time) instead.
+            self._changed.notify_all()
             return True
 
     def get(self, timeout: float | None = None) -> Waiting | None:

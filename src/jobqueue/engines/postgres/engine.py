@@ -418,7 +418,8 @@ class PostgresEngine:
             raise Conflict(f"Job {job_id} is {found.status}; only a failed job can be retried.")
         # A file store's look (object storage: a request) before any lock is taken; its
         # upload never comes back once gone. The kind's sample (no input_path) is always there.
-        if not await asyncio.to_thread(self.files.has_input, found):
+        if lifecycle.upload_gone(found, self.kinds[kind]) or \
+                not await asyncio.to_thread(self.files.has_input, found):
             raise Gone(f"The upload of job {job_id} has been removed (a failed /put job keeps "
                        "none), so it cannot run again; submit it anew.")
         async with self._db() as conn, conn.transaction():
