@@ -53,9 +53,7 @@ class JobQueue:
             if not force and len(self._jobs) >= self.capacity:
                 return False
             self._jobs.append(job)
-            # Every taker: one gathering a batch may leave with its batch and another must
-            # wait for the next job due (a retry's time) instead.
-            self._changed.notify_all()
+            self._changed.notify()  # the taker waiting longest (it passes the word on)
             return True
 
     def get(self, timeout: float | None = None) -> Waiting | None:
@@ -72,6 +70,7 @@ class JobQueue:
                 if ready:
                     job = min(ready, key=_order)
                     self._jobs.remove(job)
+                    self._pass_on()
                     return job
                 # Until the first retry is due, a new job, or the timeout.
                 due = min((job.next_attempt_at for job in self._jobs), default=None)
@@ -79,9 +78,17 @@ class JobQueue:
                 if until is not None:
                     left = until - time.monotonic()
                     if left <= 0:
+                        self._pass_on()
                         raise queue.Empty
                     wait = left if wait is None else min(wait, left)
                 self._changed.wait(wait)
+
+    def _pass_on(self) -> None:
+        """A taker leaves (with a job, or at its timeout, as one gathering a batch does) while
+        jobs remain: the next waiting taker looks at them (one due later, a retry's, included),
+        so no job waits for a put that may never come."""
+        if self._jobs:
+            self._changed.notify()
 
     def remove(self, job: Waiting) -> bool:
         with self._changed:
