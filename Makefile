@@ -102,6 +102,8 @@ test: dev-setup
 	$(VENV)/bin/ruff check src tests bench data examples
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# dev-setup brings wrk and redis-server (the databases target) too: bench/peers.py starts a
+# redis-server of its own for the Celery and arq peers, and makes their venvs in bench/.cache.
 bench: dev-setup
 	cd bench && ../$(PY) run.py $(BENCH_ARGS)
 

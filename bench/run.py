@@ -16,6 +16,7 @@ import digits
 import objectstore
 import overhead
 import pdf
+import peers
 import responsiveness
 import scaling
 import scheduling
@@ -62,13 +63,15 @@ def main() -> None:
                 lambda: scaling.run(1, jobs=4, seconds=0.1, workers=(1, 2)),
                 lambda: objectstore.run(1, pdf=sample, seconds=2, big_mb=4,
                                           pages_count=8),
-                lambda: scheduling.run(1, flood=20, seconds=1)]
+                lambda: scheduling.run(1, flood=20, seconds=1),
+                lambda: peers.run(1, seconds=1, smoke=True)]
     else:
         plan = [lambda: pdf.run(args.runs), lambda: video.run(max(args.runs, 7)),
                 lambda: overhead.run(args.runs), lambda: responsiveness.run(args.runs),
                 lambda: streams.run(args.runs), lambda: upload.run(args.runs),
                 lambda: scaling.run(args.runs), lambda: objectstore.run(args.runs),
-                lambda: digits.run(args.runs), lambda: scheduling.run(args.runs)]
+                lambda: digits.run(args.runs), lambda: scheduling.run(args.runs),
+                lambda: peers.run(args.runs)]
     results = []
     for benchmark in plan:
         started = time.monotonic()
