@@ -19,8 +19,10 @@ loopback port (the apps are in bench/peers/):
 Celery and arq run in venvs of the bench's own (bench/.cache/peers-venv-celery and -arq, made
 on first use from bench/requirements-peers-*.txt: the two need redis-py versions that cannot
 share one), and Redis is started here (`redis-server --save '' --appendonly no`, on loopback)
-and stopped at the end. Every peer is up for the whole run; the rounds go through them in
-turn, so a slow spell of the machine hits them all.
+and stopped at the end. Each peer runs alone: started, measured and stopped before the next one
+starts (an idle peer is not idle: arq's worker polls Redis every 10 ms), `runs` rounds through
+all of them. The last column of the table is the machine's busy time over 1 s with the peer up
+and idle, just after its warm-up (a noisy reading: anything else on the VM shows in it).
 
 wrk runs one thread on the same two cores as the servers: each run reads wrk's own CPU time
 (it is never the bottleneck while it stays well under one core) and the whole machine's busy
