@@ -10,12 +10,10 @@ which every API replica of the distributed mode reports alike (take `max` over r
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import ipaddress
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -35,7 +33,7 @@ from jobqueue.errors import TimedOut, category_of
 from jobqueue.jobs import JobKind, JobStatus
 
 if TYPE_CHECKING:  # a worker process never loads Starlette
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    pass
 
 # No `_created` series beside each counter and histogram: they double the scrape for a
 # timestamp Prometheus does not use.
@@ -168,51 +166,6 @@ class Metrics:
             for kind in self.kinds:
                 gauge.remove(kind, "cluster")
         self.worker_processes.remove("cluster")
-
-
-class RequestTimer:
-    """Pure ASGI middleware: each request's time to its answer's head, by route template
-    (`/jobs/{job_id}`, never the id itself: one series per route, not per job); a path that
-    matches no route is "unmatched"."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        observed = False
-
-        def observe(status: int) -> None:
-            nonlocal observed
-            observed = True
-            # FastAPI's routes note themselves in the scope; a mount (/static) its prefix;
-            # Starlette's own routes (/docs, /openapi.json) only their endpoint, and they
-            # take no parameters, so their path is their template.
-            route = scope.get("route")
-            name = (getattr(route, "path", None) or scope.get("root_path")
-                    or (scope["path"] if "endpoint" in scope else "unmatched"))
-            method = scope["method"] if scope["method"] in METHODS else "other"
-            self.metrics.http_seconds.labels(method, name, str(status)).observe(
-                time.perf_counter() - started)
-
-        async def timed_send(message: Message) -> None:
-            if message["type"] == "http.response.start" and not observed:
-                observe(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, timed_send)
-        except asyncio.CancelledError:
-            if not observed:  # stopped before any answer (a shutdown): nginx's "client
-                observe(499)  # closed request", no error of the server's
-            raise
-        finally:
-            if not observed:  # ended with no answer at all: the server answers 500
-                observe(500)
 
 
 def loopback(host: str) -> bool:

@@ -61,7 +61,9 @@ class Status:
 
     def shown(self) -> dict[str, str]:
         """For a queue entry of /health: its state, and the error when failed."""
-        return {"state": self.state.value, **({"error": self.error} if self.error else {})}
+        if self.error:
+            return {"state": self.state.value, "error": self.error}
+        return {"state": self.state.value}
 
     def beat(self) -> dict[str, Any]:
         """For a worker's heartbeat (engines/postgres): the same, and when it tries again."""
@@ -69,6 +71,9 @@ class Status:
             return self.shown()
         return {**self.shown(), "retryIn": round(self.retry_in, 3)}
 
+
+# The status of a resource that is ready or loading, made once.
+SETTLED = {State.READY: Status(State.READY), State.LOADING: Status(State.LOADING)}
 
 # /health is open to anyone: the message is cut there (the log has it all).
 MAX_ERROR_CHARS = 300
@@ -116,9 +121,12 @@ class Resource:
         return self._state is State.READY
 
     def status(self) -> Status:
+        state = self._state  # read once: /health asks on every call, without the lock
+        if state is not State.FAILED:
+            return SETTLED[state]
         with self._changed:
             if self._state is not State.FAILED:
-                return Status(self._state)
+                return SETTLED[self._state]
             return Status(self._state, self._error, max(0.0, self._next_try - time.monotonic()))
 
     def start(self) -> None:

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
                             http=http_protocol(settings.header_timeout),
+                            # api/edge.py writes the access log (JOBQUEUE_ACCESS_LOG)
+                            access_log=False,
                             # X-Forwarded-For only from JOBQUEUE_TRUSTED_PROXIES: uvicorn
                             # would believe any local client, which could then pose as many.
                             proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None)

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     max_uploads: int = Field(16, ge=1, description="Multipart uploads at once")
     min_upload_kbps: float = Field(16, ge=0, description="Slowest body, in KB/s over 30 s")
     header_timeout: float = Field(10, gt=0, description="Seconds a request's headers may take")
+    access_log: Literal["jobs", "all", "off"] = Field(
+        "jobs", description="jobs: a line per request that submits, changes or deletes a job, "
+        "and per error answer; all: a line per request; off: none")
     trusted_proxies: str = Field("", description="Comma-separated addresses whose "
                                  "X-Forwarded-For is believed; empty: nobody's")
 

@@ -8,14 +8,14 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 
 from jobqueue import errors
 from jobqueue.api import access, problems, ratelimit
-from jobqueue.api.disconnects import GoneClients
-from jobqueue.api.headers import SecurityHeaders
+from jobqueue.api.edge import Edge
 from jobqueue.api.routes import (
     dashboard,
     events,
@@ -33,18 +33,43 @@ from jobqueue.engines import make_engine
 from jobqueue.files import retention
 from jobqueue.jobs import JobKind
 from jobqueue.kinds import load_kinds
-from jobqueue.metrics import Metrics, RequestTimer
+from jobqueue.metrics import Metrics
 from jobqueue.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 class JobQueueApp(FastAPI):
-    """FastAPI, with the request timer outside Starlette's error middleware: an error's
-    answer (500, or 507 for a full disk) is timed with the status the client got."""
+    """FastAPI, with api/edge.py outside Starlette's error middleware: an error's answer (500,
+    or 507 for a full disk) is timed and logged with the status the client got."""
 
     def build_middleware_stack(self):  # noqa: ANN201 - Starlette's ASGIApp
-        return RequestTimer(super().build_middleware_stack(), self.state.metrics)
+        return Edge(super().build_middleware_stack(), self.state.metrics,
+                    self.state.settings.access_log)
+
+
+# What include_flat copies of each route, beside its path, endpoint, dependencies, responses.
+ROUTE_FIELDS = ("response_model", "status_code", "tags", "summary", "description",
+                "response_description", "deprecated", "methods", "operation_id",
+                "response_model_include", "response_model_exclude", "response_model_by_alias",
+                "response_model_exclude_unset", "response_model_exclude_defaults",
+                "response_model_exclude_none", "include_in_schema", "response_class", "name",
+                "callbacks", "openapi_extra")
+
+
+def include_flat(app: FastAPI, router: APIRouter, dependencies: list | None = None,
+                 responses: dict | None = None) -> None:
+    """The router's routes as routes of the app itself. FastAPI's include_router (0.165)
+    keeps each router as a branch that every request walks, setting and restoring scope keys
+    per route, and walks the chosen one twice: ten branches cost a no-op /put as much as the
+    rest of FastAPI. Copied routes are matched one by one, as in a single-file app."""
+    for route in router.routes:
+        if not isinstance(route, APIRoute):
+            raise TypeError(f"include_flat copies APIRoutes only, not {route!r}")
+        app.router.add_api_route(
+            route.path, route.endpoint, dependencies=[*(dependencies or []), *route.dependencies],
+            responses={**(responses or {}), **route.responses},
+            **{field: getattr(route, field) for field in ROUTE_FIELDS})
 
 
 def create_app(settings: Settings | None = None, with_workers: bool = True,
@@ -102,19 +127,17 @@ def create_app(settings: Settings | None = None, with_workers: bool = True,
     ratelimit.configure(app, settings.rate_limit,
                         settings.rate_limit_storage.get_secret_value())
     problems.install(app)  # errors.py's errors and the rest as HTTP answers
-    app.include_router(health.router)
-    app.include_router(metrics.router)  # its own token, never an API key or a rate limit
-    app.include_router(dashboard.router)  # the page asks for a key itself
+    include_flat(app, health.router)
+    include_flat(app, metrics.router)  # its own token, never an API key or a rate limit
+    include_flat(app, dashboard.router)  # the page asks for a key itself
     # 401 without a valid key when keys are set; without keys every caller is the same owner,
     # and the routes skip the dependency altogether.
     keyed = [Depends(access.require_key)] if settings.api_key_list else []
     for router in (put.router, jobs.router, files.router, preview.router, events.router,
                    throughput.router, access.router):
-        app.include_router(router, dependencies=keyed, responses=error_responses(401, 429)
-                           if settings.api_key_list else None)
+        include_flat(app, router, keyed,
+                     error_responses(401, 429) if settings.api_key_list else None)
     put.describe_kinds(app, kinds)
-    app.add_middleware(SecurityHeaders)
-    app.add_middleware(GoneClients)
     if settings.cors_origin_list:  # off unless JOBQUEUE_CORS_ORIGINS names the origins
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origin_list,

@@ -1,4 +1,5 @@
-"""Security headers: `nosniff` on every response, a Content-Security-Policy on HTML pages.
+"""Security headers, which api/edge.py adds: `nosniff` on every response, a
+Content-Security-Policy on HTML pages.
 
 The dashboard has no inline script or style, so its policy allows only the server's own files.
 FastAPI's /docs and /redoc pages load Swagger UI / ReDoc from a CDN and start it with one inline
@@ -33,50 +34,43 @@ def docs_policy(html: bytes) -> str:
     return DOCS_POLICY.format(CDN=CDN, hashes=hashes)
 
 
-class SecurityHeaders:
-    """Pure ASGI middleware (no buffering of other responses, so streams stay streams)."""
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+PAGE_HEADERS = [(b"content-security-policy", PAGE_POLICY.encode()), (b"x-frame-options", b"DENY"),
+                (b"referrer-policy", b"no-referrer")]
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+def add_security_headers(start: Message) -> None:
+    """`nosniff` on an answer's head (`http.response.start`), and the page policy on an HTML
+    page that has no policy of its own yet (the docs pages get theirs from send_docs_page)."""
+    headers = start["headers"] = list(start.get("headers", ()))
+    html = has_policy = False
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            html = value.startswith(b"text/html")
+        elif name.lower() == b"content-security-policy":
+            has_policy = True
+    headers.append(NOSNIFF)
+    if html and not has_policy:
+        headers.extend(PAGE_HEADERS)
+
+
+async def send_docs_page(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Hold the (small) docs page until its scripts are known, then send it with them."""
+    start: Message | None = None
+    body = b""
+
+    async def hold(message: Message) -> None:
+        nonlocal start, body
+        if message["type"] == "http.response.start":
+            start = message
             return
-        if scope["path"] in DOCS_PATHS:
-            await self._docs(scope, receive, send)
+        body += message.get("body", b"")
+        if message.get("more_body"):
             return
+        headers = MutableHeaders(scope=start)
+        headers["Content-Security-Policy"] = docs_policy(body)
+        headers["X-Frame-Options"] = "DENY"
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
 
-        async def add_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                headers["X-Content-Type-Options"] = "nosniff"
-                if headers.get("content-type", "").startswith("text/html"):
-                    headers["Content-Security-Policy"] = PAGE_POLICY
-                    headers["X-Frame-Options"] = "DENY"
-                    headers["Referrer-Policy"] = "no-referrer"
-            await send(message)
-
-        await self.app(scope, receive, add_headers)
-
-    async def _docs(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Hold the (small) docs page until its scripts are known, then send it with them."""
-        start: Message | None = None
-        body = b""
-
-        async def hold(message: Message) -> None:
-            nonlocal start, body
-            if message["type"] == "http.response.start":
-                start = message
-                return
-            body += message.get("body", b"")
-            if message.get("more_body"):
-                return
-            headers = MutableHeaders(scope=start)
-            headers["X-Content-Type-Options"] = "nosniff"
-            headers["Content-Security-Policy"] = docs_policy(body)
-            headers["X-Frame-Options"] = "DENY"
-            await send(start)
-            await send({"type": "http.response.body", "body": body})
-
-        await self.app(scope, receive, hold)
+    await app(scope, receive, hold)

@@ -1,7 +1,6 @@
-"""Per-client rate limit on job submission, through slowapi.
-
-slowapi's decorator needs its Limiter when the routes are defined, before `create_app` has
-settings, so the limiter is module-level and `configure` gives it the app's limit and storage.
+"""Per-client rate limit on job submission, through slowapi's pieces: the routes call
+`check_submission`, which counts with the `limits` strategy slowapi is built on and raises
+slowapi's RateLimitExceeded; `configure` gives it the app's limit and storage.
 
 The counters live in this process unless JOBQUEUE_RATE_LIMIT_STORAGE names a shared storage
 (redis://...): then every API replica counts against the same limit, the wrong-key lockout of
@@ -11,19 +10,16 @@ api/access.py included. While that storage cannot be reached, each replica count
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import threading
 import time
 
-import slowapi.wrappers
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from limits import RateLimitItem, parse_many, storage, strategies
-from slowapi import Limiter
 from slowapi.errors import RateLimitExceeded
 from slowapi.util import get_remote_address
+from slowapi.wrappers import Limit
 
 log = logging.getLogger(__name__)
 
@@ -57,26 +53,6 @@ class MemoryCounts(storage.MemoryStorage):
             self.timer.start()
 
 
-# No rate-limit headers on answers within the limit (slowapi would add Retry-After even to a
-# 202); a 429 gets them from rate_limited below.
-limiter = Limiter(key_func=client_key, headers_enabled=False)
-_submit_limit = "60/minute"
-
-
-def submit_limit() -> str:
-    """The limit on job submissions per client (`JOBQUEUE_RATE_LIMIT`); slowapi asks per request."""
-    return _submit_limit
-
-
-# slowapi looks, on every request, at the signatures of the key function and of a callable
-# limit (does it take the request?), and parses the limit string again: a signature kept on
-# the function and a cache of parsed strings answer that at once. The parsed limits are only
-# iterated, never changed.
-client_key.__signature__ = inspect.signature(client_key)  # type: ignore[attr-defined]
-submit_limit.__signature__ = inspect.signature(submit_limit)  # type: ignore[attr-defined]
-slowapi.wrappers.parse_many = functools.lru_cache(maxsize=16)(parse_many)
-
-
 class Counter:
     """A fixed-window counter in the configured storage, counting in this process while that
     storage cannot be reached (the wrong-key lockout uses it)."""
@@ -107,6 +83,25 @@ class Counter:
 
 
 wrong_keys = Counter()
+# Job submissions per client, per route (`/put`, POST /jobs and a retry count apart).
+submissions = Counter()
+_submit_limits: tuple[RateLimitItem, ...] = tuple(parse_many("60/minute"))
+
+
+def check_submission(request: Request, route: str) -> None:
+    """Count a submission against JOBQUEUE_RATE_LIMIT: RateLimitExceeded (429) past it.
+
+    slowapi's decorator did this on every call by parsing the limit string again and
+    inspecting the signatures of the endpoint and of the key function, about a tenth of a
+    no-op /put's time on the event loop. The limit is parsed once (`configure`) and counted
+    here through the same `limits` strategy slowapi uses, with slowapi's exception."""
+    key = client_key(request)
+    for item in _submit_limits:
+        if not submissions.hit(item, key, route):
+            request.state.view_rate_limit = (item, (key, route))
+            raise RateLimitExceeded(Limit(item, client_key, route, per_method=False,
+                                          methods=None, error_message=None, exempt_when=None,
+                                          cost=1, override_defaults=False))
 
 
 def _shared_storage(uri: str) -> storage.Storage:
@@ -117,22 +112,13 @@ def _shared_storage(uri: str) -> storage.Storage:
 
 
 def configure(app: FastAPI, rate_limit: str, storage_uri: str = "") -> None:
-    global _submit_limit
-    _submit_limit = rate_limit
-    if storage_uri:
-        # slowapi takes its storage when the Limiter is made, at import: hand it the shared one
-        # (and its in-memory fallback) here. Pinned slowapi 0.1.10's attribute names.
-        shared = _shared_storage(storage_uri)
-        limiter._storage = shared
-        limiter._limiter = strategies.FixedWindowRateLimiter(shared)
-        limiter._in_memory_fallback_enabled = True
-        limiter._fallback_storage = MemoryCounts()
-        limiter._fallback_limiter = strategies.FixedWindowRateLimiter(limiter._fallback_storage)
-        wrong_keys.shared = strategies.FixedWindowRateLimiter(shared)
-    else:  # a fresh count for each app
-        limiter._storage = MemoryCounts()
-        limiter._limiter = strategies.FixedWindowRateLimiter(limiter._storage)
-    app.state.limiter = limiter
+    global _submit_limits
+    _submit_limits = tuple(parse_many(rate_limit))
+    shared = (strategies.FixedWindowRateLimiter(_shared_storage(storage_uri))
+              if storage_uri else None)
+    for counter in (submissions, wrong_keys):  # a fresh count for each app
+        counter.local = strategies.FixedWindowRateLimiter(MemoryCounts())
+        counter.shared, counter.down_until = shared, 0.0
     app.add_exception_handler(RateLimitExceeded, rate_limited)
 
 
@@ -147,7 +133,7 @@ def rate_limited(request: Request, exc: RateLimitExceeded) -> JSONResponse:
     # Retry-After and X-RateLimit-Limit/-Remaining/-Reset, as slowapi's own headers say them.
     limit, keys = request.state.view_rate_limit
     try:
-        reset_at, remaining = limiter.limiter.get_window_stats(limit, *keys)
+        reset_at, remaining = submissions.get_window_stats(limit, *keys)
     except Exception:  # the shared storage went away just now
         reset_at, remaining = time.time() + limit.get_expiry(), 0
     response.headers["Retry-After"] = str(max(1, int(reset_at + 1 - time.time())))

@@ -19,7 +19,7 @@ from jobqueue import lifecycle
 from jobqueue.api.access import owner
 from jobqueue.api.downloads import file_response
 from jobqueue.api.prefer import APPLIED, preferences
-from jobqueue.api.ratelimit import client_key, limiter, submit_limit
+from jobqueue.api.ratelimit import check_submission, client_key
 from jobqueue.api.routes import links
 from jobqueue.api.schemas import (
     REQUEST_EXAMPLES,
@@ -128,12 +128,12 @@ def _file_urls(request: Request, record: JobRecord) -> list[str]:
                **error_responses(400, 408, 413, 415, 422, 429, 503, 507)},
     openapi_extra={"requestBody": {"required": False, "content": REQUEST_EXAMPLES}},
 )
-@limiter.limit(submit_limit)
 async def submit_job(request: Request, response: Response,
                      idempotency_key: str | None = Header(
                          None, max_length=200,
                          description="Any string unique to this submission: a retry with the "
                                      "same key gets the first job back")) -> Response:
+    check_submission(request, "jobs")
     engine: JobEngine = request.app.state.engine
     settings = request.app.state.settings
     submission = await read_submission(request, settings, idempotency_key)
@@ -178,9 +178,9 @@ def accepted(request: Request, response: Response, record: JobRecord, status: st
     response_model=Accepted,
     responses=error_responses(404, 409, 410, 429, 503, 507),
 )
-@limiter.limit(submit_limit)
 async def retry_job(request: Request, response: Response,
                     record: JobRecord = Depends(find_job)) -> Accepted:
+    check_submission(request, "retry")
     engine: JobEngine = request.app.state.engine
     queued = await engine.retry(record.id)
     return accepted(request, response, queued, JobStatus.QUEUED.value)

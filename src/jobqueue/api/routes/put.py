@@ -12,7 +12,7 @@ from fastapi.routing import APIRoute
 
 from jobqueue.api.access import owner
 from jobqueue.api.prefer import APPLIED, preferences
-from jobqueue.api.ratelimit import client_key, limiter, submit_limit
+from jobqueue.api.ratelimit import check_submission, client_key
 from jobqueue.api.routes import links
 from jobqueue.api.routes.jobs import job_view
 from jobqueue.api.schemas import (
@@ -69,8 +69,8 @@ def describe_kinds(app: FastAPI, kinds: dict[str, JobKind]) -> None:
                **error_responses(400, 408, 409, 413, 415, 422, 429, 500, 503, 504, 507)},
     openapi_extra=REQUEST_BODY,
 )
-@limiter.limit(submit_limit)
 async def put(request: Request) -> Response:
+    check_submission(request, "put")
     engine: JobEngine = request.app.state.engine
     settings = request.app.state.settings
     prefer = preferences(request)

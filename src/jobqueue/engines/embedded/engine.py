@@ -959,8 +959,11 @@ class EmbeddedEngine:
 
     async def stats(self) -> dict[str, dict[str, int | str]]:
         # Each kind's state too: its resource ready, loading or failed (with the error).
-        return {name: {**pool.stats(), **pool.resource.status().shown()}
-                for name, pool in self.pools.items()}
+        stats = {}
+        for name, pool in self.pools.items():
+            stats[name] = figures = pool.stats()
+            figures.update(pool.resource.status().shown())
+        return stats
 
     async def throughput(self, owner: str, since: float) -> list[MinuteFigures]:
         return await asyncio.to_thread(self.store.throughput, owner, since)
