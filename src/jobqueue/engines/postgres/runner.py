@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -116,6 +117,19 @@ async def defer(app: procrastinate.App, conn: AsyncConnection, record: JobRecord
     procrastinate_id = await task.configure(**options).defer_async(job_id=record.id)
     await conn.execute(QUERIES["set_procrastinate_id"], (procrastinate_id, record.id))
     await schema.notify(conn, record.id, record.owner)
+
+
+async def insert_queued(app: procrastinate.App, conn: AsyncConnection,
+                        record: JobRecord) -> None:
+    """A new queued record, its procrastinate job (as `defer` makes it, never scheduled
+    later: a new job waits for no retry) and the replicas' notification, in one statement
+    within `conn`'s transaction (queries.sql's `insert_queued`)."""
+    task = app.tasks[task_name(record.job_type)]
+    payload = json.dumps({"id": record.id, "owner": record.owner, "removed": False,
+                          "status": JobStatus.QUEUED.value})
+    await conn.execute(QUERIES["insert_queued"], (
+        task.queue, task.name, schema.procrastinate_priority(record.priority, record.fair_round),
+        Jsonb({"job_id": record.id}), *schema.params(record), payload))
 
 
 async def admission(conn: AsyncConnection, kind: str, priority: int, fair_key: str,
