@@ -96,7 +96,7 @@ def test_two_workers_rescuing_one_stranded_job_queue_it_again_once(postgres, tmp
 
     KINDS = load_kinds(DEFAULT_KINDS)
     from jobqueue.metrics import Metrics
-    from jobqueue.records import JobRecord, Origin
+    from jobqueue.records import COLUMNS, JobRecord, Origin
     from jobqueue.settings import Settings
 
     url = postgres.new_database()
@@ -115,7 +115,9 @@ def test_two_workers_rescuing_one_stranded_job_queue_it_again_once(postgres, tmp
                                options={"data": "x", "seconds": 0}, input_path=None,
                                created_at=time.time(), origin=Origin.JOBS)
             async with pool.connection() as conn, conn.transaction():
-                await conn.execute(schema.QUERIES["insert_job"], schema.params(record))
+                await conn.execute(
+                    f"INSERT INTO jobqueue_jobs ({', '.join(COLUMNS)}) "
+                    f"VALUES ({', '.join(['%s'] * len(COLUMNS))})", schema.params(record))
                 await conn.execute("UPDATE jobqueue_jobs SET worker_name = 'dead', "
                                    "attempt = 1, procrastinate_id = NULL WHERE id = %s",
                                    (job_id,))
@@ -168,3 +170,48 @@ def test_procrastinate_s_wrapped_connection_errors_are_503_not_500(postgres, tmp
             await engine.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_worker_takes_a_new_job_by_its_notify_with_polling_off(postgres, tmp_path,
+                                                                  monkeypatch):
+    """A job reaches an idle worker by procrastinate's LISTEN/NOTIFY (the insert trigger of
+    runner.insert_queued's job), not by its poll: with the poll an hour apart, a /put job
+    submitted once the worker idles still ends within seconds, and the wait for its end (the
+    end-only subscriber, which skips the queued and running notifications) sees it."""
+    import uuid as uuid_module
+
+    from jobqueue.engines.base import NewJob
+    from jobqueue.engines.postgres import runner
+    from jobqueue.engines.postgres.engine import PostgresEngine
+    from jobqueue.kinds import DEFAULT_KINDS, load_kinds
+    from jobqueue.metrics import Metrics
+    from jobqueue.records import Origin
+    from jobqueue.settings import Settings
+
+    monkeypatch.setattr(runner, "FETCH_POLL_SECONDS", 3600.0)
+    kinds = load_kinds(DEFAULT_KINDS)
+    settings = Settings(database_url=postgres.new_database(), out_dir=tmp_path / "out")
+    kind = kinds["message"]
+
+    async def scenario() -> list[float]:
+        engine = PostgresEngine(settings, kinds, Metrics(list(kinds)), with_workers=True)
+        await engine.start()
+        try:
+            await asyncio.sleep(1.0)  # the worker has fetched nothing and waits
+            took = []
+            for _ in range(3):
+                new = NewJob(id=str(uuid_module.uuid4()), kind=kind,
+                             options=kind.options.model_validate({"data": "x", "seconds": 0}),
+                             input_path=None, origin=Origin.PUT)
+                started = time.monotonic()
+                await engine.submit(new, durable=False)
+                record = await engine.wait(new.id, 10)
+                assert record.status == "succeeded", record
+                took.append(time.monotonic() - started)
+                await asyncio.sleep(0.5)  # idle again between jobs
+            return took
+        finally:
+            await engine.stop()
+
+    took = asyncio.run(scenario())
+    assert max(took) < 5, took

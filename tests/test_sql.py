@@ -62,13 +62,20 @@ def test_every_query_asked_for_is_in_its_file_and_every_one_there_is_used(name):
     assert unused == set()
 
 
-@pytest.mark.parametrize("queries, name", [(records.QUERIES, "save_job"),
-                                           (schema.QUERIES, "insert_job")])
-def test_a_records_insert_names_its_columns_in_the_order_of_its_parameters(queries, name):
-    columns = re.match(r"INSERT INTO \w+ \(([^)]*)\)", queries[name])[1]
+def test_a_records_insert_names_its_columns_in_the_order_of_its_parameters():
+    columns = re.match(r"INSERT INTO \w+ \(([^)]*)\)", records.QUERIES["save_job"])[1]
     assert [column.strip() for column in columns.split(",")] == records.COLUMNS
-    assert queries[name].count("%s" if queries is schema.QUERIES else "?") == \
-        len(records.COLUMNS)
+    assert records.QUERIES["save_job"].count("?") == len(records.COLUMNS)
+
+
+def test_the_distributed_insert_names_its_columns_in_the_order_of_its_parameters():
+    """insert_queued: the procrastinate job's four parameters, the record's columns, then its
+    procrastinate id (from the job it defers), then the notify payload."""
+    query = schema.QUERIES["insert_queued"]
+    columns = re.search(r"INSERT INTO \w+ \(([^)]*)\)", query)[1]
+    assert [column.strip() for column in columns.split(",")] == \
+        records.COLUMNS + ["procrastinate_id"]
+    assert query.count("%s") == 4 + len(records.COLUMNS) + 1
 
 
 @pytest.mark.parametrize("queries, name", [(records.QUERIES, "list_jobs"),

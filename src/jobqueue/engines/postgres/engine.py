@@ -44,6 +44,7 @@ from jobqueue.engines.postgres.runner import (
     admission,
     defer,
     fair_round,
+    insert_queued,
     make_app,
 )
 from jobqueue.engines.postgres.schema import QUERIES
@@ -67,6 +68,9 @@ from jobqueue.resources import State, Status
 from jobqueue.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# What a notification's status says is no end yet (schema.notify).
+UNFINISHED = {JobStatus.QUEUED.value, JobStatus.RUNNING.value}
 
 # Waiting for a free connection (or a new one); then the pool's check of it (CHECK_SECONDS).
 # Once a call found the database away, the next ones wait only DOWN_POOL_TIMEOUT_SECONDS until
@@ -276,15 +280,13 @@ class PostgresEngine:
         when the idempotency key was used before. QueueFull at the kind's capacity,
         TooManyQueued past its owner's cap; with `by_estimate`, WouldTimeOut when it would
         start after its kind's timeout. Its fair round is set here (lifecycle.fair_round)."""
-        kind = record.job_type
-        async with self._db() as conn, conn.transaction():
+        # Pipelined: the kind's lock goes out with the admission look and the insert with
+        # the commit, so the lock is held for two round trips (`_check_room`).
+        async with self._db() as conn, conn.pipeline(), conn.transaction():
             if earlier := await self._earlier(record.owner, record.idempotency_key, conn):
                 return earlier
-            # One submit of a kind at a time, cluster-wide: the count is exact.
-            await conn.execute(QUERIES["lock_kind"], (f"jobqueue:{kind}",))
-            await self._check_room(conn, kind, record, by_estimate)
-            await conn.execute(QUERIES["insert_job"], schema.params(record))
-            await defer(self.app, conn, record)
+            await self._check_room(conn, record.job_type, record, by_estimate)
+            await insert_queued(self.app, conn, record)
         return None
 
     async def check_room(self, kind: str, owner: str = "",
@@ -319,6 +321,12 @@ class PostgresEngine:
             raise status.refusal(kind)
         limits = self.settings.limits(self.kinds[kind])
         workers = slots.get(kind, 0)
+        if new is not None:
+            # One submit of a kind at a time, cluster-wide: the count is exact. Taken only
+            # now (the workers' states need no lock); in a pipeline it is sent with the
+            # admission look, which the server runs once it holds the lock (so its snapshot
+            # has every submit before it).
+            await conn.execute(QUERIES["lock_kind"], (f"jobqueue:{kind}",))
         figures = await admission(conn, kind, new.priority if new else 0,
                                   new.fair_key if new else "", new.id if new else "")
         if figures["queued"] >= limits.queue_size:
@@ -445,7 +453,7 @@ class PostgresEngine:
     async def wait(self, job_id: str, timeout: float) -> JobRecord:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        async with self._subscribed(job_id) as changed:
+        async with self._subscribed(job_id, ends_only=True) as changed:
             try:
                 while True:
                     record = await self.get(job_id)
@@ -646,8 +654,12 @@ class PostgresEngine:
     # ---- notifications ----
 
     @contextlib.asynccontextmanager
-    async def _subscribed(self, job_id: str) -> AsyncIterator[asyncio.Event]:
-        changed = asyncio.Event()
+    async def _subscribed(self, job_id: str, ends_only: bool = False
+                          ) -> AsyncIterator[asyncio.Event]:
+        """An event set when the job changes; with `ends_only`, not for a change whose
+        notification says the job is still queued or running (a wait for its end then reads
+        the record only when it may have ended)."""
+        changed = _EndWaiter() if ends_only else asyncio.Event()
         self._waiters.setdefault(job_id, set()).add(changed)
         try:
             yield changed
@@ -681,8 +693,10 @@ class PostgresEngine:
                 await asyncio.sleep(1.0)
 
     def _dispatch(self, change: dict[str, Any]) -> None:
+        unfinished = change.get("status") in UNFINISHED
         for changed in self._waiters.get(change["id"], ()):
-            changed.set()
+            if not (unfinished and isinstance(changed, _EndWaiter)):
+                changed.set()
         for listener in self._feeds:
             listener.note(change)
 
@@ -690,6 +704,10 @@ class PostgresEngine:
         for waiters in self._waiters.values():
             for changed in waiters:
                 changed.set()
+
+
+class _EndWaiter(asyncio.Event):
+    """A subscriber to a job's end only (`_subscribed`)."""
 
 
 class _PostgresListener:

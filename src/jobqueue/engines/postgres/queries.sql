@@ -25,14 +25,27 @@ SELECT pg_notify('jobqueue_jobs', %s)
 -- listen --
 LISTEN jobqueue_jobs
 
--- insert_job --
--- A new record; the parameters are schema.params(record), in records.COLUMNS' order.
-INSERT INTO jobqueue_jobs (id, job_type, status, options, input_path, created_at, started_at,
-                           finished_at, worker_name, progress, error, error_kind, result,
-                           origin, owner, attempt, idempotency_key, priority, fair_round,
-                           next_attempt_at, earlier_errors, fair_key)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
-        %s)
+-- insert_queued --
+-- A new queued record with its procrastinate job, and the replicas told, in one statement
+-- (a submit holds its kind's lock until it commits: each round trip less under it is more
+-- submits a second). The procrastinate job is what runner.defer's defer_async makes (a row
+-- of procrastinate_defer_jobs_v1, whose insert trigger wakes the workers): parameters its
+-- queue, task name, priority and args; then schema.params(record), records.COLUMNS in order
+-- (procrastinate_id comes from the deferred job); then the notify payload.
+WITH deferred AS (
+    SELECT unnest(procrastinate_defer_jobs_v1(ARRAY[
+        ROW(%s, %s, %s, NULL, NULL, %s, NULL)::procrastinate_job_to_defer_v1])) AS id),
+inserted AS (
+    INSERT INTO jobqueue_jobs (id, job_type, status, options, input_path, created_at,
+                               started_at, finished_at, worker_name, progress, error,
+                               error_kind, result, origin, owner, attempt, idempotency_key,
+                               priority, fair_round, next_attempt_at, earlier_errors, fair_key,
+                               procrastinate_id)
+    SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
+           %s, %s, deferred.id
+    FROM deferred
+    RETURNING id)
+SELECT pg_notify('jobqueue_jobs', %s) FROM inserted
 
 -- set_procrastinate_id --
 -- The procrastinate job that is to run the record's job (parameters: its id, the job's).

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -118,6 +119,19 @@ async def defer(app: procrastinate.App, conn: AsyncConnection, record: JobRecord
     await schema.notify(conn, record.id, record.owner)
 
 
+async def insert_queued(app: procrastinate.App, conn: AsyncConnection,
+                        record: JobRecord) -> None:
+    """A new queued record, its procrastinate job (as `defer` makes it, never scheduled
+    later: a new job waits for no retry) and the replicas' notification, in one statement
+    within `conn`'s transaction (queries.sql's `insert_queued`)."""
+    task = app.tasks[task_name(record.job_type)]
+    payload = json.dumps({"id": record.id, "owner": record.owner, "removed": False,
+                          "status": JobStatus.QUEUED.value})
+    await conn.execute(QUERIES["insert_queued"], (
+        task.queue, task.name, schema.procrastinate_priority(record.priority, record.fair_round),
+        Jsonb({"job_id": record.id}), *schema.params(record), payload))
+
+
 async def admission(conn: AsyncConnection, kind: str, priority: int, fair_key: str,
                     job_id: str) -> dict[str, Any]:
     """What a submit or a retry of a kind is decided by (queries.sql's `admission`): its
@@ -171,6 +185,8 @@ class Run:
     batch_done: bool = False
     # Its end as written: its status, and whether this run owned the end.
     ended: tuple[JobStatus, bool] | None = None
+    # Its handler's run on the executor (a single job's; None in a batch).
+    handler: asyncio.Future | None = None
 
     @property
     def id(self) -> str:
@@ -662,6 +678,7 @@ class Runner:
                 self.running.pop(job_id, None)
             return
         handler = loop.run_in_executor(self.executor, run_handler, kind, run, self.files)
+        run.handler = handler
         try:
             stop_at = self._deadline(record)
             try:
@@ -870,15 +887,24 @@ class Runner:
         record's own procrastinate job may claim it: a stale or duplicate one never takes a
         job over from its run."""
         now = time.time()
-        async with self.pool.connection() as conn, conn.transaction():
-            async with conn.cursor(row_factory=dict_row) as cursor:
-                await cursor.execute(QUERIES["claim_cancelled"], (now, job_id, procrastinate_id))
-                found = await cursor.fetchall()
-            cancelled = [schema.from_row(row) for row in found]
-            rows = [] if cancelled else await schema.fetch(
-                conn, QUERIES["claim"], (now, self.name, job_id, procrastinate_id))
-            for record in cancelled + rows:
-                await schema.notify(conn, record.id, record.owner)
+        # Both updates in one round trip (a pipeline), the notify with the commit: after a
+        # cancelled one, the claim finds no queued or running record, as if it had not been
+        # sent.
+        async with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
+            async with conn.cursor(row_factory=dict_row) as cancelling, \
+                    conn.cursor(row_factory=dict_row) as claiming:
+                await cancelling.execute(QUERIES["claim_cancelled"],
+                                         (now, job_id, procrastinate_id))
+                await claiming.execute(QUERIES["claim"],
+                                       (now, self.name, job_id, procrastinate_id))
+                found = await cancelling.fetchall()
+                rows = [schema.from_row(row) for row in await claiming.fetchall()]
+                cancelled = [schema.from_row(row) for row in found]
+                for record in cancelled:
+                    await schema.notify(conn, record.id, record.owner)
+                for record in rows:  # the waiting replicas need not read it again
+                    await schema.notify(conn, record.id, record.owner,
+                                        status=JobStatus.RUNNING)
         if cancelled:
             log.info("job %s: cancelled before it started", job_id)
             self._count_cancelled(cancelled[0], found[0]["cancelled_as"])
@@ -916,6 +942,8 @@ class Runner:
         while True:
             await changed.wait()
             changed.clear()
+            if run.handler is not None and run.handler.done():
+                return  # its end writes the last progress with it: one transaction less
             with contextlib.suppress(Exception):  # progress may be lost; the end may not
                 async with self.pool.connection() as conn, conn.transaction():
                     await conn.execute(
@@ -935,7 +963,9 @@ class Runner:
         finished_at = time.time()
         while True:
             try:
-                async with self.pool.connection() as conn, conn.transaction():
+                # Pipelined: the notify and the rollup's row go with the commit.
+                async with self.pool.connection() as conn, conn.pipeline(), \
+                        conn.transaction():
                     cursor = await conn.execute(
                         QUERIES["finish"],
                         (status.value, finished_at, Jsonb(run.context.progress.as_dict()),

@@ -23,6 +23,7 @@ from psycopg.types.json import Jsonb
 
 from jobqueue import sql
 from jobqueue.errors import Unavailable
+from jobqueue.jobs import JobStatus
 from jobqueue.records import COLUMNS, JobRecord
 
 # Every statement the engine sends, by name: the tables in schema.sql, the rest in queries.sql.
@@ -57,7 +58,7 @@ async def ensure(conn: AsyncConnection, procrastinate_schema: str) -> None:
 
 
 def params(record: JobRecord) -> list[Any]:
-    """The record as insert_job's parameters."""
+    """The record as insert_queued's parameters: records.COLUMNS, in order."""
     return [Jsonb(getattr(record, column)) if column in JSON_FIELDS
             else record.origin.value if column == "origin"
             else getattr(record, column) for column in COLUMNS]
@@ -76,9 +77,15 @@ async def fetch(conn: AsyncConnection, sql: str, args: tuple = ()) -> list[JobRe
         return [from_row(row) for row in await cursor.fetchall()]
 
 
-async def notify(conn: AsyncConnection, job_id: str, owner: str, removed: bool = False) -> None:
-    """Tell every replica the job changed (sent when the transaction commits)."""
-    payload = json.dumps({"id": job_id, "owner": owner, "removed": removed})
+async def notify(conn: AsyncConnection, job_id: str, owner: str, removed: bool = False,
+                 status: JobStatus | None = None) -> None:
+    """Tell every replica the job changed (sent when the transaction commits). A `status`
+    that is not an end lets a replica waiting for the job's end skip reading it (only where
+    the sender knows it for sure: without one, the waiter reads the record)."""
+    change: dict[str, Any] = {"id": job_id, "owner": owner, "removed": removed}
+    if status is not None:
+        change["status"] = status.value
+    payload = json.dumps(change)
     await conn.execute(QUERIES["notify"], (payload,))
 
 

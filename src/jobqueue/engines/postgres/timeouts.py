@@ -7,7 +7,10 @@ and cancelling an asyncio task only makes psycopg send a cancel request, which w
 10 s in psycopg 3.3). So each use of a connection has a client-side deadline of its own: when it
 passes, the connection's socket is shut down, the query fails at once with OperationalError,
 and the pool, which sees a broken connection, throws it away instead of lending it again. The
-pool's check of an idle connection has the same bound.
+pool's check of an idle connection has the same bound. A connection given back less than
+FRESH_SECONDS ago is lent unchecked: it just worked, and a check is a round trip of its own
+(one in three of a tiny job's); if it broke meanwhile, its first use fails as a check would
+have, and the pool throws it away then.
 
 psycopg_pool's reconnection back-off doubles (1, 2, 4, 8, 16 s...), so after an outage of a
 minute the first new connection could come a minute after the server is back; here it is
@@ -19,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 
 import psycopg
@@ -30,6 +35,8 @@ from psycopg_pool.base import AttemptWithBackoff
 CONNECT_SECONDS = 2
 # The pool's check of an idle connection before lending it.
 CHECK_SECONDS = 1.0
+# A connection given back to the pool this recently is lent again without a check.
+FRESH_SECONDS = 1.0
 RECONNECT_DELAY_MAX_SECONDS = 1.0
 # TCP keepalives: a peer that vanished (a host down, a cable cut) is noticed within ~15 s even
 # on a connection that waits for nothing, such as the one that LISTENs.
@@ -102,10 +109,21 @@ class Pool(AsyncConnectionPool):
     capped."""
 
     def __init__(self, url: str, statement_seconds: float | None = None, **kwargs):
-        super().__init__(conninfo(url, statement_seconds), check=self._bounded_check, **kwargs)
+        # When each connection was last given back in a good state (the pool's reset runs
+        # then, on an idle connection only).
+        self._given_back: weakref.WeakKeyDictionary[psycopg.AsyncConnection, float] = \
+            weakref.WeakKeyDictionary()
+        super().__init__(conninfo(url, statement_seconds), check=self._bounded_check,
+                         reset=self._note_given_back, **kwargs)
 
-    @staticmethod
-    async def _bounded_check(conn: psycopg.AsyncConnection) -> None:
+    async def _note_given_back(self, conn: psycopg.AsyncConnection) -> None:
+        self._given_back[conn] = time.monotonic()
+
+    async def _bounded_check(self, conn: psycopg.AsyncConnection) -> None:
+        given_back = self._given_back.pop(conn, None)
+        if given_back is not None and time.monotonic() - given_back < FRESH_SECONDS \
+                and not conn.broken:
+            return
         with deadline(conn, CHECK_SECONDS):
             await AsyncConnectionPool.check_connection(conn)
 
