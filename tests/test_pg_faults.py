@@ -193,25 +193,22 @@ def test_a_worker_takes_a_new_job_by_its_notify_with_polling_off(postgres, tmp_p
     settings = Settings(database_url=postgres.new_database(), out_dir=tmp_path / "out")
     kind = kinds["message"]
 
-    async def scenario() -> list[float]:
+    async def scenario() -> None:
         engine = PostgresEngine(settings, kinds, Metrics(list(kinds)), with_workers=True)
         await engine.start()
         try:
             await asyncio.sleep(1.0)  # the worker has fetched nothing and waits
-            took = []
             for _ in range(3):
                 new = NewJob(id=str(uuid_module.uuid4()), kind=kind,
                              options=kind.options.model_validate({"data": "x", "seconds": 0}),
                              input_path=None, origin=Origin.PUT)
-                started = time.monotonic()
                 await engine.submit(new, durable=False)
-                record = await engine.wait(new.id, 10)
+                # With the poll an hour apart, only the NOTIFY can start it within the wait
+                # (a TimeoutError otherwise): a state waited for, not a time asserted.
+                record = await engine.wait(new.id, 120)
                 assert record.status == "succeeded", record
-                took.append(time.monotonic() - started)
                 await asyncio.sleep(0.5)  # idle again between jobs
-            return took
         finally:
             await engine.stop()
 
-    took = asyncio.run(scenario())
-    assert max(took) < 5, took
+    asyncio.run(scenario())
