@@ -98,10 +98,11 @@ def test_pdf_and_video_through_the_store_with_separate_folders(postgres, seaweed
         stored = keys(store, job["id"])
         assert f"jobs/{job['id']}/input/my_scan.pdf" in stored
         assert {f"jobs/{job['id']}/attempt-1/{name}" for name in pages} <= stored
-        assert f"jobs/{job['id']}/manifest.json" in stored
+        # The job's own manifest is written once the record says it succeeded: just after.
+        eventually(lambda: f"jobs/{job['id']}/manifest.json" in keys(store, job["id"]))
         # Neither machine keeps the job's files: the replica's upload went to the store, the
-        # worker's scratch folder went once its outputs were published.
-        assert job_folders(cluster.out_dir) == [] and job_folders(worker_out) == []
+        # worker's scratch folder went once the record said the job succeeded.
+        eventually(lambda: job_folders(cluster.out_dir) == [] == job_folders(worker_out))
 
         first = client.get(f"/jobs/{job['id']}/files/{pages[0]}")
         assert first.status_code == 200 and first.content.startswith(b"\x89PNG")
@@ -151,7 +152,7 @@ def test_pdf_and_video_through_the_store_with_separate_folders(postgres, seaweed
         stored_jobs = {path.split("/")[1] for path in (meta["path"] for batch in obstore.list(
             store, prefix="jobs/") for meta in batch)}
         assert stored_jobs == {job["id"], clip["id"], *twins}
-        assert job_folders(cluster.out_dir) == [] and job_folders(worker_out) == []
+        eventually(lambda: job_folders(cluster.out_dir) == [] == job_folders(worker_out))
 
         assert client.delete(f"/jobs/{job['id']}").status_code == 200
         assert keys(store, job["id"]) == set()
