@@ -327,10 +327,12 @@ RETURNING *
 SELECT origin FROM jobqueue_jobs WHERE id = %s
 
 -- requeue_run --
--- A run stopped by its worker's shutdown gives its job back (parameters: id, attempt).
+-- A run stopped by its worker's shutdown gives its job back, unless a cancel asked it to stop
+-- (its abort may not have reached the worker before the shutdown's did): that one ends as
+-- cancelled instead, lifecycle.after_interrupted_run (parameters: id, attempt).
 UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, worker_name = NULL,
-                         progress = '{}', cancelled_as = NULL
-WHERE id = %s AND attempt = %s AND status = 'running'
+                         progress = '{}'
+WHERE id = %s AND attempt = %s AND status = 'running' AND cancelled_as IS NULL
 RETURNING *
 
 -- add_minutes --

@@ -1079,13 +1079,18 @@ class Runner:
         await defer(self.app, conn, record)
 
     async def _requeue(self, run: Run) -> None:
-        """A shutdown stopped the job: queue it again (with a procrastinate job of its own)."""
+        """A shutdown stopped the job: queue it again (with a procrastinate job of its own).
+        A job a cancel asked to stop meanwhile ends as cancelled instead: the shutdown's
+        abort can come before the cancel's does, and a job queued again would run again."""
         record = run.record
         async with self.pool.connection() as conn, conn.transaction():
             rows = await schema.fetch(
                 conn, QUERIES["requeue_run"], (run.id, record.attempt))
             if rows:
                 await self._queue_again(conn, record)
+        if not rows:  # cancelled (or no longer this run's job: then its end writes nothing)
+            await self._finish(run, Ending(lifecycle.after_interrupted_run(True)))
+            return
         if self.files.remote:  # it runs again from the store's copy, wherever it runs
             await asyncio.to_thread(jobfiles.remove_job_dir, self.files.out_dir, run.id)
         log.info("job %s: stopped by the worker's shutdown; queued again", run.id)
