@@ -19,6 +19,7 @@ import asyncio
 import logging
 import signal
 
+from jobqueue import tracing
 from jobqueue.engines.postgres import timeouts
 from jobqueue.engines.postgres.runner import Runner, connections
 from jobqueue.errors import CannotStart
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("JOBQUEUE_DATABASE_URL is not set: a worker takes its jobs from PostgreSQL")
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Its spans continue the traces of the requests that submitted its jobs (tracing.py).
+    tracing.setup("jobqueue-worker")
     try:
         kinds = load_kinds(args.kinds)
         for kind in kinds.values():
