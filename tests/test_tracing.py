@@ -21,7 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from conftest import ROOT, eventually, free_port, run_server, wait_finished
+from conftest import DATA, ROOT, eventually, free_port, run_server, wait_finished
 from deployments import deploy
 from jobqueue import tracing
 
@@ -172,6 +172,20 @@ def test_one_trace_from_the_request_to_the_render_children_embedded(tmp_path, re
         assert f"traceId={trace_id}" in end, end
         access = [line for line in lines if "jobqueue.access" in line and "POST /jobs" in line]
         assert access and f"traceId={trace_id}" in access[0], access
+
+
+def test_an_uploads_check_is_in_the_requests_span(tmp_path, receiver):
+    with run_server(tmp_path, env=receiver.env()) as server, server.client() as client, \
+            (DATA / "sample.pdf").open("rb") as pdf:
+        answer = client.post("/jobs", data={"jobType": "pdf2image", "dpi": "50"},
+                             files={"file": ("scan.pdf", pdf, "application/pdf")})
+        assert answer.status_code == 202, answer.text
+        job_id = answer.json()["id"]
+        assert wait_finished(client, job_id, 120)["status"] == "succeeded"
+        spans = job_trace(receiver, job_id)
+    [request], [run] = spans["POST /jobs"], spans["job.run"]
+    parents = {span.parent_id for span in spans["child pdfinfo"]}
+    assert parents == {request.span_id, run.span_id}  # the check's, then the run's own
 
 
 def test_a_worker_process_continues_the_requests_trace(tmp_path, postgres, receiver):
