@@ -620,7 +620,8 @@ class WorkerPool:
         for job, ending, trace in zip(jobs, endings, traces):
             if job.status.finished or not self._end(job, ending):
                 tidy_files(job)  # it ended before its batch: its files go now
-            trace.end(*run_outcome(job))
+            if trace is not tracing.NO_TRACE:
+                trace.end(*run_outcome(job))
 
     def _retried(self, job: Job, ending: Ending, seconds: float) -> bool:
         """Queue a failed attempt again, if the kind's Retry says so (lifecycle.retry_in)."""
@@ -651,11 +652,14 @@ class WorkerPool:
 
     def _run(self, job: Job) -> None:
         trace = self._trace(job)
-        with trace.active():  # the children it runs and the lines it logs are in its span
-            log.debug("job %s: %s started on %s", job.id, self.kind.name, job.worker_name)
-            job.context.resource = self.resource.value
-            self._end(job, lifecycle.run(self.kind, job.context))
-        trace.end(*run_outcome(job))
+        try:
+            with trace.active():  # the children it runs and the lines it logs are in its span
+                log.debug("job %s: %s started on %s", job.id, self.kind.name, job.worker_name)
+                job.context.resource = self.resource.value
+                self._end(job, lifecycle.run(self.kind, job.context))
+        finally:
+            if trace is not tracing.NO_TRACE:  # nothing to work out while tracing is off
+                trace.end(*run_outcome(job))
 
     def _trace(self, job: Job) -> tracing.JobTrace | tracing._NoTrace:
         return tracing.start_job(self.kind.name, job.id, job.attempt, job.traceparent,
