@@ -293,3 +293,41 @@ def test_the_span_names_of_children():
     assert tracing.program_name([sys.executable, "-I", str(Path("kinds/pdfrender.py")),
                                  "in.pdf"]) == "pdfrender.py"
     assert tracing.program_name([sys.executable, "-c", "print(1)"]) == Path(sys.executable).name
+
+
+@pytest.mark.parametrize("engine", ["embedded", "postgres"])
+def test_each_attempt_has_its_spans_in_the_first_requests_trace(engine, request, tmp_path,
+                                                                receiver):
+    """A job retried after a failed attempt, single and batched: a queue and a run span per
+    attempt, all under the span of the request that submitted it."""
+    postgres = request.getfixturevalue("postgres") if engine == "postgres" else None
+    with deploy(engine, tmp_path, postgres, env=receiver.env(),
+                kinds="flaky:FLAKY,flaky:BATCHED") as deployment, deployment.client() as client:
+        ids = {}
+        for kind in ("flaky", "flakybatch"):
+            answer = client.post("/jobs", json={"jobType": kind, "tag": kind, "fail_times": 1})
+            assert answer.status_code == 202, answer.text
+            ids[kind] = answer.json()["id"]
+        for kind, job_id in ids.items():
+            job = wait_finished(client, job_id)
+            assert job["status"] == "succeeded" and job["attempt"] == 2, job
+        for kind, job_id in ids.items():
+            def runs(job_id: str = job_id) -> list[Span]:
+                return sorted((s for s in receiver.named("job.run")
+                               if s.attributes.get(tracing.JOB_ID) == job_id),
+                              key=lambda s: s.attributes[tracing.ATTEMPT])
+
+            eventually(lambda: len(runs()) == 2, 60)
+            first, second = runs()
+            assert [first.attributes[tracing.OUTCOME], second.attributes[tracing.OUTCOME]] == \
+                ["retried", "succeeded"]
+            assert [first.attributes[tracing.ATTEMPT], second.attributes[tracing.ATTEMPT]] == \
+                [1, 2]
+            assert first.attributes[tracing.KIND] == kind
+            eventually(lambda: any(s.name == "POST /jobs" and s.trace_id == first.trace_id
+                                   for s in list(receiver.spans)), 30)
+            [submit] = [s for s in receiver.named("POST /jobs") if s.trace_id == first.trace_id]
+            assert first.parent_id == second.parent_id == submit.span_id
+            queues = [s for s in receiver.named("job.queue")
+                      if s.attributes.get(tracing.JOB_ID) == job_id]
+            assert len(queues) == 2 and {s.parent_id for s in queues} == {submit.span_id}
