@@ -331,3 +331,15 @@ def test_each_attempt_has_its_spans_in_the_first_requests_trace(engine, request,
             queues = [s for s in receiver.named("job.queue")
                       if s.attributes.get(tracing.JOB_ID) == job_id]
             assert len(queues) == 2 and {s.parent_id for s in queues} == {submit.span_id}
+
+
+def test_a_server_sends_the_spans_it_holds_as_it_stops(tmp_path, receiver):
+    # A batch delay of ten minutes: nothing goes out before the server stops.
+    with run_server(tmp_path, env=receiver.env(OTEL_BSP_SCHEDULE_DELAY="600000")) as server, \
+            server.client() as client:
+        answer = client.post("/jobs", json={"data": "hello", "seconds": 0})
+        assert answer.status_code == 202, answer.text
+        job_id = answer.json()["id"]
+        assert wait_finished(client, job_id)["status"] == "succeeded"
+    assert [s.attributes[tracing.OUTCOME] for s in receiver.named("job.run")
+            if s.attributes.get(tracing.JOB_ID) == job_id] == ["succeeded"]
