@@ -12,8 +12,9 @@ from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.errors import ServerErrorMiddleware
 
-from jobqueue import errors
+from jobqueue import errors, tracing
 from jobqueue.api import access, problems, ratelimit
 from jobqueue.api.edge import Edge
 from jobqueue.api.routes import (
@@ -44,8 +45,23 @@ class JobQueueApp(FastAPI):
     or 507 for a full disk) is timed and logged with the status the client got."""
 
     def build_middleware_stack(self):  # noqa: ANN201 - Starlette's ASGIApp
-        return Edge(super().build_middleware_stack(), self.state.metrics,
+        edge = Edge(super().build_middleware_stack(), self.state.metrics,
                     self.state.settings.access_log)
+        if getattr(self.state, "traced", False):
+            # The FastAPI instrumentation takes the outer ServerErrorMiddleware of the stack
+            # apart to put its span around what is inside it: given one around Edge, the
+            # request's span covers Edge too, so the access log line carries its trace id.
+            return ServerErrorMiddleware(edge)
+        return edge
+
+
+def instrument(app: JobQueueApp) -> None:
+    """A span per request (OpenTelemetry's FastAPI instrumentation), while tracing is on."""
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    app.state.traced = True
+    # No span per ASGI message: an upload or an event stream would make thousands.
+    FastAPIInstrumentor.instrument_app(app, exclude_spans=["receive", "send"])
 
 
 # What include_flat copies of each route, beside its path, endpoint, dependencies, responses.
@@ -146,4 +162,7 @@ def create_app(settings: Settings | None = None, with_workers: bool = True,
             expose_headers=["Location", "Retry-After", "X-RateLimit-Limit",
                             "X-RateLimit-Remaining", "X-RateLimit-Reset"])
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
+    # Only with OTEL_* asking for traces: otherwise no middleware, no cost per request.
+    if tracing.setup("jobqueue"):
+        instrument(app)
     return app

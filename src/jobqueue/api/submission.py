@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
+from jobqueue import tracing
 from jobqueue.api import uploads
 from jobqueue.api.access import HEADER, owner
 from jobqueue.api.shutdown import refuse_while_draining
@@ -230,5 +231,6 @@ async def start_job(engine: JobEngine, submission: Submission, origin: Origin,
                                       idempotency_key=idempotency_key,
                                       priority=submission.priority,
                                       fair_key=fair_key or owner,
-                                      respond_async=respond_async),
+                                      respond_async=respond_async,
+                                      traceparent=tracing.traceparent()),
                                durable=origin is Origin.JOBS)

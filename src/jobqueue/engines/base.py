@@ -58,6 +58,9 @@ class NewJob:
     # A /put with `Prefer: respond-async`: its client takes a hand-over (202) rather than a
     # 504, so it is not refused for an estimated start past its kind's timeout.
     respond_async: bool = False
+    # The submitting request's W3C traceparent while tracing is on (tracing.py), kept with the
+    # job so that its spans continue the request's trace.
+    traceparent: str | None = None
 
 
 class RecordChanges(Protocol):

@@ -257,7 +257,7 @@ class PostgresEngine:
                            options=new.options.model_dump(mode="json"), input_path=input_path,
                            created_at=time.time(), origin=new.origin, owner=new.owner,
                            idempotency_key=new.idempotency_key, priority=new.priority,
-                           fair_key=new.fair_key)
+                           fair_key=new.fair_key, traceparent=new.traceparent)
         # A /put whose client waits (not respond-async) is refused if it would start only
         # after its kind's timeout.
         by_estimate = new.origin is Origin.PUT and not new.respond_async

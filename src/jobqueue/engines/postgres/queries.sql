@@ -40,9 +40,9 @@ inserted AS (
                                started_at, finished_at, worker_name, progress, error,
                                error_kind, result, origin, owner, attempt, idempotency_key,
                                priority, fair_round, next_attempt_at, earlier_errors, fair_key,
-                               procrastinate_id)
+                               traceparent, procrastinate_id)
     SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
-           %s, %s, deferred.id
+           %s, %s, %s, deferred.id
     FROM deferred
     RETURNING id)
 SELECT pg_notify('jobqueue_jobs', %s) FROM inserted
@@ -81,7 +81,7 @@ SELECT id, job_type, status, '{}'::jsonb AS options, input_path, created_at, sta
        CASE WHEN jsonb_typeof(result) = 'object'
             THEN jsonb_build_object('files', result -> 'files') END AS result,
        origin, owner, attempt, idempotency_key, priority, fair_round, next_attempt_at,
-       earlier_errors, fair_key
+       earlier_errors, fair_key, traceparent
 FROM jobqueue_jobs WHERE owner = %s {filters}
 ORDER BY seq DESC LIMIT %s OFFSET %s
 
@@ -98,7 +98,7 @@ SELECT id, job_type, status, '{}'::jsonb AS options, input_path, created_at, sta
        CASE WHEN jsonb_typeof(result) = 'object'
             THEN jsonb_build_object('files', result -> 'files') END AS result,
        origin, owner, attempt, idempotency_key, priority, fair_round, next_attempt_at,
-       earlier_errors, fair_key
+       earlier_errors, fair_key, traceparent
 FROM jobqueue_jobs WHERE id = ANY(%s) ORDER BY seq
 
 -- lock_kind --
