@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from jobqueue import errors
 from jobqueue.api import access, problems, ratelimit
-from jobqueue.api.edge import Edge
+from jobqueue.api.edge import Edge, GoneClients
 from jobqueue.api.routes import (
     dashboard,
     events,
@@ -152,6 +152,7 @@ def create_app(settings: Settings | None = None, with_workers: bool = True,
         include_flat(app, router, keyed,
                      error_responses(401, 429) if settings.api_key_list else None)
     put.describe_kinds(app, kinds)
+    app.add_middleware(GoneClients)  # inside Starlette's error middleware: see api/edge.py
     if settings.cors_origin_list:  # off unless JOBQUEUE_CORS_ORIGINS names the origins
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origin_list,
