@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI
+from fastapi.datastructures import Default
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
@@ -16,7 +17,7 @@ from starlette.middleware.errors import ServerErrorMiddleware
 
 from jobqueue import errors, tracing
 from jobqueue.api import access, problems, ratelimit
-from jobqueue.api.edge import Edge
+from jobqueue.api.edge import Edge, GoneClients
 from jobqueue.api.routes import (
     dashboard,
     events,
@@ -64,13 +65,18 @@ def instrument(app: JobQueueApp) -> None:
     FastAPIInstrumentor.instrument_app(app, exclude_spans=["receive", "send"])
 
 
-# What include_flat copies of each route, beside its path, endpoint, dependencies, responses.
-ROUTE_FIELDS = ("response_model", "status_code", "tags", "summary", "description",
-                "response_description", "deprecated", "methods", "operation_id",
-                "response_model_include", "response_model_exclude", "response_model_by_alias",
+# What include_flat copies of each route as it is, beside its path, endpoint, dependencies,
+# responses and response model. The route's router already folded its own defaults into these
+# (response class, unique id function, strict content type, body size limit), as FastAPI's
+# include_router does; add_api_route folds in the app's and sets the app as the provider of
+# dependency overrides.
+ROUTE_FIELDS = ("status_code", "tags", "summary", "description", "response_description",
+                "deprecated", "methods", "operation_id", "response_model_include",
+                "response_model_exclude", "response_model_by_alias",
                 "response_model_exclude_unset", "response_model_exclude_defaults",
                 "response_model_exclude_none", "include_in_schema", "response_class", "name",
-                "callbacks", "openapi_extra")
+                "callbacks", "openapi_extra", "generate_unique_id_function",
+                "strict_content_type", "max_body_size")
 
 
 def include_flat(app: FastAPI, router: APIRouter, dependencies: list | None = None,
@@ -79,12 +85,20 @@ def include_flat(app: FastAPI, router: APIRouter, dependencies: list | None = No
     keeps each router as a branch that every request walks, setting and restoring scope keys
     per route, and walks the chosen one twice: ten branches cost a no-op /put as much as the
     rest of FastAPI. Copied routes are matched one by one, as in a single-file app."""
+    if router.on_startup or router.on_shutdown:
+        raise TypeError("include_flat copies routes only, not a router's event handlers")
     for route in router.routes:
         if not isinstance(route, APIRoute):
             raise TypeError(f"include_flat copies APIRoutes only, not {route!r}")
+        form_limits = {**router.form_limits, **route.form_limits}  # the router's, in the scope
         app.router.add_api_route(
             route.path, route.endpoint, dependencies=[*(dependencies or []), *route.dependencies],
             responses={**(responses or {}), **route.responses},
+            # A stream's item type (an SSE route's `data` schema, its items' serialization)
+            # is only ever inferred from the endpoint's return annotation, when no response
+            # model was given: given one, even None, the copy would have none.
+            response_model=Default(None) if route.stream_item_type else route.response_model,
+            route_class_override=type(route), form_limits=form_limits or None,
             **{field: getattr(route, field) for field in ROUTE_FIELDS})
 
 
@@ -154,6 +168,7 @@ def create_app(settings: Settings | None = None, with_workers: bool = True,
         include_flat(app, router, keyed,
                      error_responses(401, 429) if settings.api_key_list else None)
     put.describe_kinds(app, kinds)
+    app.add_middleware(GoneClients)  # inside Starlette's error middleware: see api/edge.py
     if settings.cors_origin_list:  # off unless JOBQUEUE_CORS_ORIGINS names the origins
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origin_list,

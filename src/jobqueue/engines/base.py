@@ -166,7 +166,9 @@ class JobEngine(Protocol):
 
     async def worker_processes(self) -> list[dict] | None:
         """The live worker processes, from their heartbeats: name, slots per kind, seconds since
-        the last beat. None when the workers are threads of this process (embedded)."""
+        the last beat, its metrics URL (left out when it has none), its states. As /health
+        answers them: no None values. None when the workers are threads of this process
+        (embedded)."""
 
     async def health(self) -> dict[str, str]:
         """Each dependency the engine needs: "ok", or what is wrong with it."""
