@@ -20,6 +20,7 @@ a /put, which for a retried job includes its two back-offs (0.01 s + 0.02 s).
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 import shutil
 import statistics
@@ -118,6 +119,10 @@ def fair_share(runs: int, flood: int) -> tuple[str, dict]:
                   "fair_ratio": ratio}
 
 
+def per(part: float, whole: float) -> float:
+    return part / whole if whole else math.nan
+
+
 def retries(runs: int, seconds: float) -> tuple[str, dict]:
     fails = {"at once": 0, "retried": 2}
     env = {"PYTHONPATH": os.pathsep.join(
@@ -149,8 +154,9 @@ def retries(runs: int, seconds: float) -> tuple[str, dict]:
                   for connections, runs_ in by_connections.items()}
            for name, by_connections in samples.items()}
     at_once, retried = med["at once"], med["retried"]
-    ratio = retried[CONNECTIONS]["rps"] / at_once[CONNECTIONS]["rps"]
-    extra_wall = 1 / retried[CONNECTIONS]["rps"] - 1 / at_once[CONNECTIONS]["rps"]
+    # A short run on a loaded machine (the smoke's second) may finish no retried job: nan.
+    ratio = per(retried[CONNECTIONS]["rps"], at_once[CONNECTIONS]["rps"])
+    extra_wall = per(1, retried[CONNECTIONS]["rps"]) - per(1, at_once[CONNECTIONS]["rps"])
     extra_cpu = retried[CONNECTIONS]["cpu_ms"] - at_once[CONNECTIONS]["cpu_ms"]
     extra_p50 = retried[1]["p50"] - at_once[1]["p50"]
     rows = [[f"{name}: `fails: {fails[name]}`", f"{med[name][CONNECTIONS]['rps']:.0f}",
