@@ -22,6 +22,7 @@ from jobqueue.metrics import Outcome
 from jobqueue.records import JobRecord, Origin
 from jobqueue.rollup import MinuteFigures
 from jobqueue.settings import Settings
+from jobqueue.webhooks import Attempted, Delivery
 
 # Retry-After of a full queue stays within this: a client is told to come back within
 # minutes, and may then be told again.
@@ -58,6 +59,8 @@ class NewJob:
     # A /put with `Prefer: respond-async`: its client takes a hand-over (202) rather than a
     # 504, so it is not refused for an estimated start past its kind's timeout.
     respond_async: bool = False
+    # Where its status document is POSTed when it ends (webhooks.py); None: nowhere.
+    callback_url: str | None = None
 
 
 class RecordChanges(Protocol):
@@ -167,6 +170,18 @@ class JobEngine(Protocol):
 
     async def health(self) -> dict[str, str]:
         """Each dependency the engine needs: "ok", or what is wrong with it."""
+
+    # ---- completion webhooks (webhooks.py: the rules; the engine stores and claims) ----
+
+    async def claim_deliveries(self, limit: int, lease: float) -> list[Delivery]:
+        """Up to `limit` webhook deliveries due now, each claimed for `lease` seconds so that
+        no other process makes the same attempt."""
+
+    async def delivery_done(self, delivery: Delivery, attempted: Attempted) -> None:
+        """An attempt's outcome; the claim let go."""
+
+    async def callback(self, job_id: str) -> dict | None:
+        """The job's delivery (url, status, attempts, last_error, ended_at), or None."""
 
     # ---- for the retention sweeps (files/retention.py) ----
 
