@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import logging
 import os
@@ -176,9 +178,7 @@ class Settings(BaseSettings):
     @classmethod
     def valid_webhook_secret(cls, value: SecretStr) -> SecretStr:
         if value.get_secret_value():
-            from jobqueue.webhooks import secret_bytes
-
-            secret_bytes(value.get_secret_value())  # ValueError saying what is wrong
+            webhook_key(value.get_secret_value())  # ValueError saying what is wrong
         return value
 
     @field_validator("webhook_urls")
@@ -259,6 +259,22 @@ def priority_caps(text: str) -> dict[str, int]:
                              f"max a whole number from {MIN_PRIORITY} to {MAX_PRIORITY}")
         caps[key.strip()] = value
     return caps
+
+
+def webhook_key(secret: str) -> bytes:
+    """JOBQUEUE_WEBHOOK_SECRET's key: `whsec_` + base64 of at least 16 bytes (as
+    standardwebhooks and Svix make them); ValueError otherwise."""
+    if not secret.startswith("whsec_"):
+        raise ValueError("JOBQUEUE_WEBHOOK_SECRET must be whsec_ followed by base64, such as "
+                         "python -c \"import base64, secrets; print('whsec_' + "
+                         "base64.b64encode(secrets.token_bytes(32)).decode())\"")
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("JOBQUEUE_WEBHOOK_SECRET: what follows whsec_ is not base64") from None
+    if len(key) < 16:
+        raise ValueError("JOBQUEUE_WEBHOOK_SECRET: the key is shorter than 16 bytes")
+    return key
 
 
 def webhook_urls(text: str) -> dict[str, str]:

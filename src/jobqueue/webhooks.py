@@ -33,8 +33,6 @@ them (`DeliveryStore`: SQLite's `deliveries` table in the embedded engine,
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import ipaddress
 import json
 import logging
@@ -71,7 +69,6 @@ MAX_URL_LENGTH = 2000
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 
-SECRET_PREFIX = "whsec_"
 # Cloud metadata services (AWS, GCP, Azure: 169.254.169.254, link-local anyway; AWS's IPv6
 # one; Alibaba's), refused by name even where the other rules would let them through.
 METADATA_ADDRESSES = frozenset(ipaddress.ip_address(address) for address in (
@@ -222,22 +219,6 @@ async def checked_address(url: str, allow_hosts: list[str]) -> str:
                                "addresses only (JOBQUEUE_WEBHOOK_ALLOW_HOSTS lets named "
                                "hosts through).")
     return str(addresses[0])
-
-
-def secret_bytes(secret: str) -> bytes:
-    """JOBQUEUE_WEBHOOK_SECRET's key: `whsec_` + base64 of at least 16 bytes (as
-    standardwebhooks and Svix make them); ValueError otherwise."""
-    if not secret.startswith(SECRET_PREFIX):
-        raise ValueError("JOBQUEUE_WEBHOOK_SECRET must be whsec_ followed by base64, such as "
-                         "python -c \"import base64, secrets; print('whsec_' + "
-                         "base64.b64encode(secrets.token_bytes(32)).decode())\"")
-    try:
-        key = base64.b64decode(secret[len(SECRET_PREFIX):], validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("JOBQUEUE_WEBHOOK_SECRET: what follows whsec_ is not base64") from None
-    if len(key) < 16:
-        raise ValueError("JOBQUEUE_WEBHOOK_SECRET: the key is shorter than 16 bytes")
-    return key
 
 
 def signed_headers(secret: str, msg_id: str, body: str, now: float) -> dict[str, str]:
