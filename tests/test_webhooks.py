@@ -5,6 +5,7 @@ is pending, and the refusals (no server-side request forgery), on both engines w
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import sqlite3
 import threading
@@ -20,6 +21,8 @@ from standardwebhooks import Webhook
 
 from conftest import eventually, free_port, run_server, scrape, value
 from deployments import ENGINES, deploy
+from jobqueue import webhooks
+from jobqueue.client import Callback, Client
 
 SECRET = "whsec_" + base64.b64encode(b"jobqueue test webhook secret 32b").decode()
 # The tests' receiver listens on loopback: only this setting lets a callback go there.
@@ -141,7 +144,8 @@ def test_a_pending_delivery_survives_a_restart(engine, request, tmp_path):
         hook.then = 200  # the receiver is back while the server is down
         with deploy(engine, tmp_path, database_url=database, **ALLOW) as after, \
                 after.client() as client:
-            callback = wait_callback(client, job["id"], "delivered")
+            # Within a claim's lease (30 s) at most, should the stop have cut an attempt short.
+            callback = wait_callback(client, job["id"], "delivered", seconds=60)
             assert callback["attempts"] >= 2
         requests = hook.got()
         assert len({r["headers"]["webhook-id"] for r in requests}) == 1
@@ -229,11 +233,28 @@ def test_put_respond_async_and_the_keys_default_url(tmp_path):
 
 
 def test_the_delivered_body_is_the_status_document(tmp_path):
+    """The body is GET /jobs/{id}'s answer but for its `callback`; the client library shows
+    the delivery (a callbackUrl passed as an option)."""
     with receiver() as hook, run_server(tmp_path, **ALLOW) as server, \
-            server.client() as client:
-        job = submit(client, callbackUrl=hook.url)
-        wait_callback(client, job["id"], "delivered")
-        shown = client.get(f"/jobs/{job['id']}").json()
+            Client(server.url) as library:
+        job = library.submit("message", data="by the library", seconds=0, callbackUrl=hook.url)
+        with server.client() as client:
+            wait_callback(client, job.id, "delivered")
+            shown = client.get(f"/jobs/{job.id}").json()
         delivered = json.loads(hook.got()[0]["body"])
-        shown.pop("callback")
+        assert shown.pop("callback") == {"status": "delivered", "attempts": 1}
         assert delivered == shown
+        assert library.get(job.id).callback == Callback("delivered", 1, None)
+
+
+def test_the_address_rules():
+    """webhooks.refusal: every non-public address is refused, public ones are not."""
+    for address in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
+                    "169.254.1.1", "100.64.0.1", "0.0.0.0", "224.0.0.1", "240.0.0.1",
+                    "255.255.255.255", "::1", "::", "fe80::1", "fc00::1", "fd00:ec2::254",
+                    "ff02::1", "::ffff:10.0.0.1", "100.100.100.200", "198.18.0.1"]:
+        assert webhooks.refusal(ipaddress.ip_address(address)) is not None, address
+    for address in ["93.184.215.14", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"]:
+        assert webhooks.refusal(ipaddress.ip_address(address)) is None, address
+    assert webhooks.next_delay(1) == 1 and webhooks.next_delay(3) == 4
+    assert webhooks.next_delay(40) == webhooks.MAX_DELAY_SECONDS

@@ -254,6 +254,7 @@ class Deliverer:
                                          timeout=TIMEOUT_SECONDS)
 
     async def run(self) -> None:
+        failing = ""  # the last look's error: logged once, not every second
         try:
             while True:
                 due: list[Delivery] = []
@@ -262,7 +263,13 @@ class Deliverer:
                     try:
                         due = await self.store.claim_deliveries(free, LEASE_SECONDS)
                     except Exception as error:  # the database is down: the next look tries
-                        log.warning("could not look for webhook deliveries: %s", error)
+                        if str(error) != failing:
+                            log.warning("could not look for webhook deliveries: %s", error)
+                        failing = str(error)
+                    else:
+                        if failing:
+                            log.info("webhook deliveries are looked for again")
+                        failing = ""
                 for delivery in due:
                     task = asyncio.create_task(self._attempt(delivery))
                     self._tasks.add(task)
