@@ -258,3 +258,15 @@ def test_the_address_rules():
         assert webhooks.refusal(ipaddress.ip_address(address)) is None, address
     assert webhooks.next_delay(1) == 1 and webhooks.next_delay(3) == 4
     assert webhooks.next_delay(40) == webhooks.MAX_DELAY_SECONDS
+
+
+def test_a_cancelled_job_is_told_too(tmp_path):
+    """Every end is delivered: a DELETE of a running job ends it cancelled, and its status
+    document says so."""
+    with receiver() as hook, run_server(tmp_path, **ALLOW) as server, \
+            server.client() as client:
+        job = submit(client, seconds=30, callbackUrl=hook.url)
+        eventually(lambda: client.get(f"/jobs/{job['id']}").json()["status"] == "running")
+        assert client.delete(f"/jobs/{job['id']}").json()["status"] == "cancelled"
+        wait_callback(client, job["id"], "delivered")
+        assert verified(hook.got()[0])["status"] == "cancelled"
