@@ -108,6 +108,9 @@ class DeliveryStore(Protocol):
         """Store an attempt's outcome and let go of the claim (only if the delivery is still
         of that same end)."""
 
+    async def release_delivery(self, delivery: Delivery) -> None:
+        """Let go of the claim of an attempt that was not made to its end."""
+
     async def callback(self, job_id: str) -> dict[str, Any] | None:
         """The job's delivery row (url, status, attempts, last_error, ended_at), or None."""
 
@@ -247,7 +250,7 @@ class Deliverer:
         self.retry_hours = retry_hours
         self.allow_hosts = allow_hosts
         self.count = count  # metrics: an attempt's outcome (delivered, retried, failed)
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[asyncio.Task, Delivery] = {}  # the attempts under way
         # No proxies from the environment: a proxy would connect wherever the name resolves
         # to, past the address checked here. No redirects: a 3xx is a failed attempt.
         self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False,
@@ -272,14 +275,23 @@ class Deliverer:
                         failing = ""
                 for delivery in due:
                     task = asyncio.create_task(self._attempt(delivery))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    self._tasks[task] = delivery
+                    task.add_done_callback(lambda done: self._tasks.pop(done, None))
                 if len(due) < free or free <= 0:
                     await asyncio.sleep(POLL_SECONDS)
         finally:
+            cut = list(self._tasks.values())
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            # Attempts cut short by the shutdown are due again at once (a receiver may get
+            # one twice), not only once their claim runs out.
+            for delivery in cut:
+                try:
+                    await asyncio.wait_for(self.store.release_delivery(delivery), 2)
+                except Exception as error:  # the claim runs out by itself
+                    log.info("job %s: webhook claim left to run out: %s", delivery.job_id,
+                             error)
             await self._client.aclose()
 
     async def _attempt(self, delivery: Delivery) -> None:

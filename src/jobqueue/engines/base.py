@@ -180,6 +180,9 @@ class JobEngine(Protocol):
     async def delivery_done(self, delivery: Delivery, attempted: Attempted) -> None:
         """An attempt's outcome; the claim let go."""
 
+    async def release_delivery(self, delivery: Delivery) -> None:
+        """Let go of the claim of an attempt cut short (a shutdown)."""
+
     async def callback(self, job_id: str) -> dict | None:
         """The job's delivery (url, status, attempts, last_error, ended_at), or None."""
 

@@ -995,6 +995,9 @@ class EmbeddedEngine:
                                 attempted.status, attempted.attempts, attempted.last_error,
                                 attempted.next_at, attempted.payload)
 
+    async def release_delivery(self, delivery: Delivery) -> None:
+        pass  # no claim outlives this process's run: its start clears them all
+
     async def callback(self, job_id: str) -> dict | None:
         return self.store.delivery(job_id)  # one row by its key, on the reader
 

@@ -545,6 +545,11 @@ class PostgresEngine:
                 attempted.status, attempted.attempts, attempted.last_error, attempted.next_at,
                 attempted.payload, delivery.job_id, delivery.ended_at))
 
+    async def release_delivery(self, delivery: Delivery) -> None:
+        async with self._db() as conn:
+            await conn.execute(QUERIES["release_delivery"],
+                               (delivery.job_id, delivery.ended_at))
+
     async def callback(self, job_id: str) -> dict | None:
         async with self._db() as conn, conn.cursor(row_factory=dict_row) as cursor:
             await cursor.execute(QUERIES["select_delivery"], (job_id,))

@@ -405,3 +405,8 @@ WHERE job_id = %s AND ended_at IS NOT DISTINCT FROM %s
 
 -- select_delivery --
 SELECT url, status, attempts, last_error, ended_at FROM jobqueue_deliveries WHERE job_id = %s
+
+-- release_delivery --
+-- An attempt cut short by a shutdown is due again (parameters: id, ended_at).
+UPDATE jobqueue_deliveries SET claimed_until = NULL
+WHERE job_id = %s AND ended_at IS NOT DISTINCT FROM %s
