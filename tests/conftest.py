@@ -128,12 +128,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def run_server(tmp_path: Path, **settings: object) -> Iterator[Server]:
-    """Start `python src/main.py` on a free loopback port with JOBQUEUE_* settings."""
+def run_server(tmp_path: Path, env: dict[str, str] | None = None,
+               **settings: object) -> Iterator[Server]:
+    """Start `python src/main.py` on a free loopback port with JOBQUEUE_* settings, and
+    `env`'s other variables (OTEL_*) on top of this process's environment."""
     tmp_path.mkdir(parents=True, exist_ok=True)
+    extra = env or {}
     # No shutdown grace unless a test asks for one: stopping a test server should not wait.
     env = {**os.environ, "PYTHONPATH": KINDS_PATH, "JOBQUEUE_OUT_DIR": str(tmp_path / "out"),
-           "JOBQUEUE_RATE_LIMIT": "100000/minute", "JOBQUEUE_SHUTDOWN_GRACE": "0"}
+           "JOBQUEUE_RATE_LIMIT": "100000/minute", "JOBQUEUE_SHUTDOWN_GRACE": "0", **extra}
     env.update({f"JOBQUEUE_{key.upper()}": str(value) for key, value in settings.items()})
     for attempt in range(3):
         server = _start_server(tmp_path, env)

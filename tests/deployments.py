@@ -21,11 +21,13 @@ from jobqueue.local.postgres import LocalPostgres
 ENGINES = ["embedded", "postgres"]
 
 
-def settings_env(out_dir: Path, settings: dict[str, object]) -> dict[str, str]:
-    """The environment run_server gives a test server, for replicas and workers too."""
+def settings_env(out_dir: Path, settings: dict[str, object],
+                 extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment run_server gives a test server, for replicas and workers too; `extra`:
+    other variables (OTEL_*)."""
     env = {**os.environ, "PYTHONPATH": KINDS_PATH,
            "JOBQUEUE_OUT_DIR": str(out_dir), "JOBQUEUE_RATE_LIMIT": "100000/minute",
-           "JOBQUEUE_SHUTDOWN_GRACE": "0"}
+           "JOBQUEUE_SHUTDOWN_GRACE": "0", **(extra or {})}
     env.update({f"JOBQUEUE_{key.upper()}": str(value) for key, value in settings.items()})
     return env
 
@@ -106,17 +108,19 @@ def children_of(parent: int, name: str) -> list[int]:
 @contextmanager
 def deploy(engine: str, folder: Path, postgres: LocalPostgres | None = None,
            database_url: str | None = None, replicas: int = 1, workers: int = 1,
-           worker_kinds: list[str] | None = None, **settings: object) -> Iterator[Deployment]:
+           worker_kinds: list[str] | None = None, env: dict[str, str] | None = None,
+           **settings: object) -> Iterator[Deployment]:
     """The embedded server, or `replicas` API replicas and `workers` worker processes sharing
-    one out/ folder and a database (`database_url`, or a new one on `postgres`)."""
+    one out/ folder and a database (`database_url`, or a new one on `postgres`); `env`: other
+    variables than JOBQUEUE_* settings for every process (OTEL_*)."""
     folder.mkdir(parents=True, exist_ok=True)
     if engine == "embedded":
-        with run_server(folder, **settings) as server:
+        with run_server(folder, env, **settings) as server:
             yield Deployment(engine, [server], folder)
         return
     url = database_url or postgres.new_database()
-    env = settings_env(folder / "out", {**settings, "database_url": url})
-    deployment = Deployment(engine, [], folder, env)
+    deployment = Deployment(engine, [], folder,
+                            settings_env(folder / "out", {**settings, "database_url": url}, env))
     try:
         # Workers first: the first replica to start makes the schema either way.
         for _ in range(workers):

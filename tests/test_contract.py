@@ -104,6 +104,7 @@ def test_health_and_the_event_feed_count_the_workers(deployment, second):
     if deployment.engine == "postgres":  # the worker processes, from their heartbeats
         (process,) = health["workerProcesses"]
         assert process["kinds"]["message"] == 1 and process["lastSeen"] < 60
+        assert process["metrics"].startswith("http://"), "a worker process has its own port"
         assert "event: workers" in events
     else:
         assert "workerProcesses" not in health and "event: workers" not in events

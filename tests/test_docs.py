@@ -21,8 +21,9 @@
   argparse, a diagram's paths, settings and kinds against the code, object keys against
   files/objects.py, a layout against the files (every package module must be listed).
 
-Every `JOBQUEUE_*` name in any block must be a setting (or one the client reads). A block with
-any other info string fails, naming its file and line.
+Every `JOBQUEUE_*` name in any block must be a setting (or one the client reads), every
+`OTEL_*` name one the OpenTelemetry SDK reads. A block with any other info string fails, naming
+its file and line.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import opentelemetry.environment_variables as otel_api_variables
+import opentelemetry.sdk.environment_variables as otel_sdk_variables
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -69,6 +72,9 @@ SETTINGS = {f"JOBQUEUE_{name.upper()}" for name in Settings.model_fields} | {
 CLIENT_VARIABLES = set(re.findall(r'environ\.get\("(JOBQUEUE_\w+)"',
                                   (PACKAGE / "cli.py").read_text()))
 FENCE = re.compile(r"^(\s*)```(.*)$")
+# The standard variables the OpenTelemetry API and SDK read (docs/monitoring.md#traces).
+OTEL_VARIABLES = {value for module in (otel_api_variables, otel_sdk_variables)
+                  for name, value in vars(module).items() if name.startswith("OTEL_")}
 
 
 @dataclass
@@ -204,6 +210,8 @@ def check_environment(block: Block, assignments: dict[str, str]) -> None:
             field = name.removeprefix("JOBQUEUE_").lower()
             if field in Settings.model_fields:
                 values[field] = value
+        elif name.startswith("OTEL_"):
+            assert name in OTEL_VARIABLES, f"{block}: {name} is no OpenTelemetry SDK variable"
         else:
             assert name.startswith("AWS_"), f"{block}: what reads {name}?"
     try:

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from jobqueue.engines import NewJob
 from jobqueue.engines.embedded.engine import EmbeddedEngine
 from jobqueue.errors import QueueFull
-from jobqueue.files import retention
+from jobqueue.files import jobfiles, retention
 from jobqueue.files.jobfiles import job_dir, make_job_dir, new_job_id
 from jobqueue.jobs import JobContext, JobKind, JobStatus, Output
 from jobqueue.records import QUERIES, JobRecord, Origin, SqliteJobStore, list_query
@@ -311,3 +311,42 @@ def test_a_job_deleted_while_its_end_is_being_recorded_stays_deleted(tmp_path):
         assert engine.store.get(job_id) is None
 
     run_engine(tmp_path, scenario)
+
+
+def test_a_forked_child_draws_job_ids_of_its_own_even_with_the_pool_locked_at_the_fork():
+    """new_job_id pools the random source behind a lock: a child forked while another thread
+    held it gets a lock of its own (the held one would never be let go there), and an empty
+    pool, so its ids are not the parent's next ones."""
+    new_job_id()  # the pool is full now
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with jobfiles._random_lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    reader, writer = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: one id through the pipe, and out
+            try:
+                os.write(writer, new_job_id().encode())
+            finally:
+                os._exit(0)
+    finally:
+        release.set()
+        holder.join(5)
+        os.close(writer)
+    deadline = time.monotonic() + 10
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the child waits for the lock its parent's thread held")
+        time.sleep(0.01)
+    with os.fdopen(reader) as pipe:
+        child_id = pipe.read()
+    assert jobfiles.is_job_id(child_id) and child_id != new_job_id()

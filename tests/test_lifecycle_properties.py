@@ -768,3 +768,38 @@ def test_postgres_lifecycle_batched(postgres, tmp_path, quick_rescue):
     BatchedPostgresLifecycle.make_harness = staticmethod(make)
     run_state_machine_as_test(BatchedPostgresLifecycle, settings=settings(
         max_examples=3, stateful_step_count=25, **BOUNDS))
+
+
+def test_postgres_a_cancel_that_a_shutdown_overtakes_still_ends_the_job(postgres, tmp_path,
+                                                                       quick_rescue,
+                                                                       monkeypatch):
+    """A cancel written to the database whose abort has not reached the worker yet (here it
+    never does: neither procrastinate's abort nor the watch of cancels looks), then the
+    worker's shutdown aborts the run: the job ends as cancelled, not queued to run again (the
+    lifecycle machine's outage-then-cancel found it: the outage stopped procrastinate's
+    worker just after the cancel)."""
+    from jobqueue.engines.postgres import runner
+
+    monkeypatch.setattr(runner, "ABORT_POLL_SECONDS", 3600.0)
+    control = Control()
+    harness = PostgresHarness(tmp_path, control, Metrics([KIND]), postgres.new_database())
+    try:
+        job_id = jobfiles.new_job_id()
+        harness.call("submit", NewJob(id=job_id, kind=harness.engine.kinds[KIND],
+                                      options=StepOptions(), input_path=None,
+                                      origin=Origin.JOBS), True)
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while not control.live(job_id):
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(POLL_SECONDS)
+        with psycopg.connect(harness.url, autocommit=True) as conn:  # the cancel, no abort
+            conn.execute("UPDATE jobqueue_jobs SET cancelled_as = 'cancelled' WHERE id = %s",
+                         (job_id,))
+        harness.restart()
+        while (record := harness.call("get", job_id)).status != "cancelled":
+            assert time.monotonic() < deadline, f"the cancel was lost: {record}"
+            time.sleep(POLL_SECONDS)
+        assert control.entries[job_id] == 1 and not control.live(job_id)
+    finally:
+        control.finish()
+        harness.close()

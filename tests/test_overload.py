@@ -105,6 +105,22 @@ def test_rate_limit_answers_429_with_headers(tmp_path):
         assert client.get("/health").status_code == 200, "only job submission is limited"
 
 
+def test_rate_limit_counts_each_jobs_retries_apart(tmp_path):
+    """As slowapi counted by URL: each job's POST /jobs/{id}/retry has a budget of its own,
+    and none of them is /put's or POST /jobs'. A retry counts whatever its answer (here 409,
+    for jobs that succeeded), as a submission does."""
+    with run_server(tmp_path, rate_limit="2/minute") as server, server.client() as client:
+        first, second = (client.post("/jobs", json={"data": "x", "seconds": 0}).json()["id"]
+                         for _ in range(2))
+        assert client.post("/jobs", json={"seconds": 0}).status_code == 429
+        for _ in range(2):
+            assert client.post(f"/jobs/{first}/retry").status_code == 409
+        limited = client.post(f"/jobs/{first}/retry")
+        assert limited.status_code == 429 and limited.headers["X-RateLimit-Limit"] == "2"
+        assert client.post(f"/jobs/{second}/retry").status_code == 409, "its own budget"
+        assert client.post("/put", json={"seconds": 0}).status_code == 200, "/put's own"
+
+
 def test_ctrl_c_stops_running_jobs_and_leaves_no_ffmpeg(tmp_path):
     with run_server(tmp_path, video_timeout=60) as server:
         def put_slow_video() -> int:

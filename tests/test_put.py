@@ -187,6 +187,17 @@ def test_docs_give_every_route_a_summary_and_put_examples(client):
     assert {"503", "504", "429", "422"} <= set(put["responses"])
 
 
+def test_docs_give_a_job_event_stream_its_item_schema(client):
+    # The routes are copied into the app (api/app.py's include_flat); the copy must infer the
+    # stream's item type from the endpoint as the original did, or `data` is just a string.
+    spec = client.get("/openapi.json").json()
+    stream = spec["paths"]["/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    item = stream["text/event-stream"]["itemSchema"]
+    assert item["required"] == ["data"]
+    assert item["properties"]["data"]["contentMediaType"] == "application/json"
+    assert item["properties"]["data"]["contentSchema"]["type"] == "object"
+
+
 def test_malformed_bodies_are_4xx_never_5xx(client):
     cases = {
         "NaN": (b'{"seconds": NaN}', "application/json"),

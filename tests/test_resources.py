@@ -132,6 +132,11 @@ def test_a_replica_started_with_workers_sets_up_its_kinds_and_one_without_none(p
         with deployment.client(0) as client:  # the replica without workers
             eventually(lambda: state_is(client, "counted", "ready"))
             answer = succeeded(client, submit(client, "counted"))
+            # The replica's workers have no metrics port of their own (its /metrics has
+            # them): left out, not null, as the Health model documents.
+            health = client.get("/health")
+            (worker,) = health.json()["workerProcesses"]
+            assert "metrics" not in worker and "null" not in health.text, health.text
     assert answer["pid"] == process.pid and answer["setups"] == 1
     assert files(deployment).joinpath("setups").read_text().split() == [str(process.pid)]
     assert files(deployment).joinpath(f"teardown-{process.pid}").read_text() == "1"

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from jobqueue import logs
 from jobqueue.errors import (
     BadInput,
     DiskFull,
@@ -160,6 +161,8 @@ def run(kind: JobKind, context: JobContext, prepare: Callable[[], None] | None =
     full disk fails naming the disk; anything else fails as an internal error, its traceback
     logged (`failed`). A deadline or a shutdown is the engine's to apply on top
     (`at_deadline`, `after_interrupted_run`)."""
+    # What the handler logs is about this job (logs.py gives its JSON lines the jobId).
+    token = logs.current_job.set(context.id)
     try:
         if kind.writes_files:
             jobfiles.make_job_dir(context.out_dir)
@@ -171,6 +174,8 @@ def run(kind: JobKind, context: JobContext, prepare: Callable[[], None] | None =
             keep(output)
     except BaseException as error:  # a job's failure must never end its worker
         return failed(context.id, error)
+    finally:
+        logs.current_job.reset(token)
     return Ending(SUCCEEDED, output)
 
 

@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from jobqueue import tracing
 from jobqueue.errors import BadInput, DiskFull
 from jobqueue.jobs import JobContext
 
@@ -83,8 +84,13 @@ def output(args: Sequence[str], timeout: float, memory_mb: float | None = None,
     """Run a short command that belongs to no job (a check before queueing) and capture its
     output, at most `max_bytes` of it (OutputTooLarge past that) and the tail of its stderr;
     subprocess.TimeoutExpired past `timeout`. The child is killed and reaped either way."""
+    span = tracing.start_child(args)  # a request's check of its upload is in its trace
     with tempfile.TemporaryFile() as stderr:
-        process = popen(args, memory_mb, stdout=subprocess.PIPE, stderr=stderr)
+        try:
+            process = popen(args, memory_mb, stdout=subprocess.PIPE, stderr=stderr)
+        except BaseException:
+            tracing.end_child(span, None, None)
+            raise
         chunks, size = [], 0
         deadline = time.monotonic() + timeout
         try:
@@ -109,6 +115,7 @@ def output(args: Sequence[str], timeout: float, memory_mb: float | None = None,
                 process.kill()
             process.wait()
             process.stdout.close()
+            tracing.end_child(span, process.pid, process.returncode)
         stderr.seek(0)
         tail = stderr.read()[-STDERR_TAIL_BYTES:]
     return subprocess.CompletedProcess(args, process.returncode, b"".join(chunks), tail)
@@ -123,6 +130,8 @@ class _Child:
     partial: bytearray = field(default_factory=bytearray)
     # Inside a line longer than MAX_LINE_BYTES: dropped up to its end.
     skipping: bool = False
+    # Its span while tracing is on (tracing.start_child), ended as it is reaped.
+    span: Any = None
 
 
 class ChildSlots:
@@ -228,13 +237,15 @@ def run_many(job: JobContext, commands: Iterable[list[str]], slots: ChildSlots |
 def _start(job: JobContext, index: int, args: list[str], memory_mb: float | None) -> _Child:
     # stderr goes to a file, not a pipe, so a chatty process can never block on a full pipe.
     stderr = tempfile.TemporaryFile()
+    span = tracing.start_child(args)  # a child of the job's run span, current on this thread
     try:
         process = popen(args, memory_mb, stdout=subprocess.PIPE, stderr=stderr)
     except BaseException:
         stderr.close()
+        tracing.end_child(span, None, None)
         raise
     job.attach_process(process)  # kills it at once if the job was cancelled meanwhile
-    return _Child(index, Path(args[0]).name, process, stderr)
+    return _Child(index, Path(args[0]).name, process, stderr, span=span)
 
 
 def _read_lines(child: _Child, on_line: Callable[[int, str], None] | None) -> bool:
@@ -270,3 +281,4 @@ def _reap(job: JobContext, child: _Child) -> None:
     finally:
         job.detach_process(child.process)
         child.process.stdout.close()
+        tracing.end_child(child.span, child.process.pid, child.process.returncode)

@@ -46,6 +46,7 @@ ADDED_COLUMNS = {
     "next_attempt_at": ("add_next_attempt_at", None),
     "earlier_errors": ("add_earlier_errors", None),
     "fair_key": ("add_fair_key", None),
+    "traceparent": ("add_traceparent", None),
 }
 JSON_COLUMNS = ("options", "progress", "result", "earlier_errors")
 # After a failed commit (a full disk), the writer tries again this much later, twice as late
@@ -102,6 +103,9 @@ class JobRecord:
     # Whose turn it takes in fair share: the API key's owner name, or the client's address on
     # a server without keys (api/ratelimit.client_key).
     fair_key: str = ""
+    # The W3C traceparent of the request that submitted it, while tracing is on (tracing.py):
+    # its queue and run spans, wherever it runs, continue that request's trace.
+    traceparent: str | None = None
 
     def __post_init__(self) -> None:
         self.origin = Origin(self.origin)

@@ -79,6 +79,9 @@ ALTER TABLE jobs ADD COLUMN earlier_errors TEXT
 -- add_fair_key --
 ALTER TABLE jobs ADD COLUMN fair_key TEXT NOT NULL DEFAULT ''
 
+-- add_traceparent --
+ALTER TABLE jobs ADD COLUMN traceparent TEXT
+
 -- make_indexes --
 -- jobs_listing: a page of GET /jobs walks one owner's newest jobs and stops at the page's
 -- end, rather than sorting all of them (and summarizing each one's result) first.
@@ -98,8 +101,8 @@ SELECT name, value FROM store
 INSERT INTO jobs (id, job_type, status, options, input_path, created_at, started_at,
                   finished_at, worker_name, progress, error, error_kind, result, origin, owner,
                   attempt, idempotency_key, priority, fair_round, next_attempt_at,
-                  earlier_errors, fair_key)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                  earlier_errors, fair_key, traceparent)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(id) DO UPDATE SET
     job_type = excluded.job_type, status = excluded.status, options = excluded.options,
     input_path = excluded.input_path, created_at = excluded.created_at,
@@ -109,7 +112,8 @@ ON CONFLICT(id) DO UPDATE SET
     owner = excluded.owner, attempt = excluded.attempt,
     idempotency_key = excluded.idempotency_key, priority = excluded.priority,
     fair_round = excluded.fair_round, next_attempt_at = excluded.next_attempt_at,
-    earlier_errors = excluded.earlier_errors, fair_key = excluded.fair_key
+    earlier_errors = excluded.earlier_errors, fair_key = excluded.fair_key,
+    traceparent = excluded.traceparent
 
 -- delete_job --
 DELETE FROM jobs WHERE id = ?
@@ -129,7 +133,7 @@ SELECT seq, id, job_type, status, '{}' AS options, input_path, created_at, start
        CASE WHEN json_type(result) = 'object'
             THEN json_object('files', json_extract(result, '$.files')) END AS result,
        origin, owner, attempt, idempotency_key, priority, fair_round, next_attempt_at,
-       earlier_errors, fair_key
+       earlier_errors, fair_key, traceparent
 FROM jobs WHERE owner = ? {filters}
 ORDER BY seq DESC LIMIT ? OFFSET ?
 

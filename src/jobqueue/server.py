@@ -8,6 +8,7 @@ import logging
 
 import uvicorn
 
+from jobqueue import logs
 from jobqueue.api.app import create_app
 from jobqueue.api.connections import http_protocol
 from jobqueue.api.shutdown import GracefulServer, stop_leftovers
@@ -38,8 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings.model_copy(update={"host": args.host, "port": args.port,
                                            "kinds": args.kinds})
 
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_format)
     if settings.database_url.get_secret_value() and "db_path" in settings.model_fields_set:
         logging.getLogger(__name__).warning(
             "JOBQUEUE_DB_PATH is ignored: JOBQUEUE_DATABASE_URL keeps the job records")
@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
                             http=http_protocol(settings.header_timeout),
                             # api/edge.py writes the access log (JOBQUEUE_ACCESS_LOG)
                             access_log=False,
+                            # JSON lines: uvicorn's own loggers go through the root's handler
+                            # (logs.configure) instead of the plain lines of its own config.
+                            **({"log_config": None} if settings.log_format == "json" else {}),
                             # X-Forwarded-For only from JOBQUEUE_TRUSTED_PROXIES: uvicorn
                             # would believe any local client, which could then pose as many.
                             proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None)

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     access_log: Literal["jobs", "all", "off"] = Field(
         "jobs", description="jobs: a line per request that submits, changes or deletes a job, "
         "and per error answer; all: a line per request; off: none")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: plain lines; json: one JSON object a line (time, level, "
+        "logger, message, jobId, traceId and spanId when there are any)")
     trusted_proxies: str = Field("", description="Comma-separated addresses whose "
                                  "X-Forwarded-For is believed; empty: nobody's")
 

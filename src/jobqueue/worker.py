@@ -19,6 +19,7 @@ import asyncio
 import logging
 import signal
 
+from jobqueue import logs, tracing
 from jobqueue.engines.postgres import timeouts
 from jobqueue.engines.postgres.runner import Runner, connections
 from jobqueue.errors import CannotStart
@@ -88,8 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not settings.database_url.get_secret_value():
         parser.error("JOBQUEUE_DATABASE_URL is not set: a worker takes its jobs from PostgreSQL")
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_format)
+    # Its spans continue the traces of the requests that submitted its jobs (tracing.py).
+    tracing.setup("jobqueue-worker")
     try:
         kinds = load_kinds(args.kinds)
         for kind in kinds.values():

@@ -10,13 +10,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI
+from fastapi.datastructures import Default
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.errors import ServerErrorMiddleware
 
-from jobqueue import errors, webhooks
+from jobqueue import errors, tracing, webhooks
 from jobqueue.api import access, problems, ratelimit
-from jobqueue.api.edge import Edge
+from jobqueue.api.edge import Edge, GoneClients
 from jobqueue.api.routes import (
     dashboard,
     events,
@@ -45,17 +47,37 @@ class JobQueueApp(FastAPI):
     or 507 for a full disk) is timed and logged with the status the client got."""
 
     def build_middleware_stack(self):  # noqa: ANN201 - Starlette's ASGIApp
-        return Edge(super().build_middleware_stack(), self.state.metrics,
+        edge = Edge(super().build_middleware_stack(), self.state.metrics,
                     self.state.settings.access_log)
+        if getattr(self.state, "traced", False):
+            # The FastAPI instrumentation takes the outer ServerErrorMiddleware of the stack
+            # apart to put its span around what is inside it: given one around Edge, the
+            # request's span covers Edge too, so the access log line carries its trace id.
+            return ServerErrorMiddleware(edge)
+        return edge
 
 
-# What include_flat copies of each route, beside its path, endpoint, dependencies, responses.
-ROUTE_FIELDS = ("response_model", "status_code", "tags", "summary", "description",
-                "response_description", "deprecated", "methods", "operation_id",
-                "response_model_include", "response_model_exclude", "response_model_by_alias",
+def instrument(app: JobQueueApp) -> None:
+    """A span per request (OpenTelemetry's FastAPI instrumentation), while tracing is on."""
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    app.state.traced = True
+    # No span per ASGI message: an upload or an event stream would make thousands.
+    FastAPIInstrumentor.instrument_app(app, exclude_spans=["receive", "send"])
+
+
+# What include_flat copies of each route as it is, beside its path, endpoint, dependencies,
+# responses and response model. The route's router already folded its own defaults into these
+# (response class, unique id function, strict content type, body size limit), as FastAPI's
+# include_router does; add_api_route folds in the app's and sets the app as the provider of
+# dependency overrides.
+ROUTE_FIELDS = ("status_code", "tags", "summary", "description", "response_description",
+                "deprecated", "methods", "operation_id", "response_model_include",
+                "response_model_exclude", "response_model_by_alias",
                 "response_model_exclude_unset", "response_model_exclude_defaults",
                 "response_model_exclude_none", "include_in_schema", "response_class", "name",
-                "callbacks", "openapi_extra")
+                "callbacks", "openapi_extra", "generate_unique_id_function",
+                "strict_content_type", "max_body_size")
 
 
 def include_flat(app: FastAPI, router: APIRouter, dependencies: list | None = None,
@@ -64,12 +86,20 @@ def include_flat(app: FastAPI, router: APIRouter, dependencies: list | None = No
     keeps each router as a branch that every request walks, setting and restoring scope keys
     per route, and walks the chosen one twice: ten branches cost a no-op /put as much as the
     rest of FastAPI. Copied routes are matched one by one, as in a single-file app."""
+    if router.on_startup or router.on_shutdown:
+        raise TypeError("include_flat copies routes only, not a router's event handlers")
     for route in router.routes:
         if not isinstance(route, APIRoute):
             raise TypeError(f"include_flat copies APIRoutes only, not {route!r}")
+        form_limits = {**router.form_limits, **route.form_limits}  # the router's, in the scope
         app.router.add_api_route(
             route.path, route.endpoint, dependencies=[*(dependencies or []), *route.dependencies],
             responses={**(responses or {}), **route.responses},
+            # A stream's item type (an SSE route's `data` schema, its items' serialization)
+            # is only ever inferred from the endpoint's return annotation, when no response
+            # model was given: given one, even None, the copy would have none.
+            response_model=Default(None) if route.stream_item_type else route.response_model,
+            route_class_override=type(route), form_limits=form_limits or None,
             **{field: getattr(route, field) for field in ROUTE_FIELDS})
 
 
@@ -147,6 +177,7 @@ def create_app(settings: Settings | None = None, with_workers: bool = True,
         include_flat(app, router, keyed,
                      error_responses(401, 429) if settings.api_key_list else None)
     put.describe_kinds(app, kinds)
+    app.add_middleware(GoneClients)  # inside Starlette's error middleware: see api/edge.py
     if settings.cors_origin_list:  # off unless JOBQUEUE_CORS_ORIGINS names the origins
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origin_list,
@@ -155,4 +186,7 @@ def create_app(settings: Settings | None = None, with_workers: bool = True,
             expose_headers=["Location", "Retry-After", "X-RateLimit-Limit",
                             "X-RateLimit-Remaining", "X-RateLimit-Reset"])
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
+    # Only with OTEL_* asking for traces: otherwise no middleware, no cost per request.
+    if tracing.setup("jobqueue"):
+        instrument(app)
     return app

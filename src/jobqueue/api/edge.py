@@ -1,12 +1,12 @@
 """The one middleware around the whole app: each request is timed for the metrics, gets the
-security headers, may leave an access-log line, and a client that left mid-stream is not a
-server error.
+security headers and may leave an access-log line; and, inside Starlette's error middleware,
+GoneClients: a client that left mid-stream is not a server error.
 
 They were four middlewares, each wrapping `send` in a closure of its own; on a tiny request
 (`GET /health`, a no-op `/put`) those layers and uvicorn's access line were a third of the
 server's time. Here one `send` wrapper does all of it, outside Starlette's error middleware so
 an error's answer (500, or 507 for a full disk) is timed and logged with the status the client
-got.
+got. GoneClients wraps no `send`: it reads in the scope whether Edge has sent an answer's head.
 
 The access log (`JOBQUEUE_ACCESS_LOG`):
 - `jobs` (the default): a line for each request that submits, changes or deletes a job (any
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 AccessLog = Literal["jobs", "all", "off"]
 READS = frozenset({"GET", "HEAD", "OPTIONS"})
+# The scope key Edge sets once an answer's head is sent (its status), for GoneClients.
+ANSWERED = "jobqueue.answered"
 
 
 class Edge:
@@ -57,24 +59,16 @@ class Edge:
         async def edge_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start" and not status:
-                status = message["status"]
+                scope[ANSWERED] = status = message["status"]
                 add_security_headers(message)
                 self._observe(scope, status, started)
             await send(message)
 
         try:
-            try:
-                if scope["path"] in DOCS_PATHS:
-                    await send_docs_page(self.app, scope, receive, edge_send)
-                else:
-                    await self.app(scope, receive, edge_send)
-            except* (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                # FastAPI's Server-Sent Events keep-alive task can still be sending when the
-                # client's stream is closed (fastapi discussion #15725). Once the answer has
-                # started nobody is left to answer, so it ends here, not as a traceback.
-                if not status:
-                    raise
-                log.debug("client left %s while it streamed", scope.get("path"))
+            if scope["path"] in DOCS_PATHS:
+                await send_docs_page(self.app, scope, receive, edge_send)
+            else:
+                await self.app(scope, receive, edge_send)
         except asyncio.CancelledError:
             if not status:  # stopped before any answer (a shutdown): nginx's "client closed
                 status = 499  # request", no error of the server's
@@ -109,3 +103,26 @@ class Edge:
             access_log.info('%s:%s - "%s %s HTTP/%s" %d %.1f ms',
                             *(scope.get("client") or ("-", "-")), method, scope["path"],
                             scope.get("http_version", "1.1"), status, seconds * 1000)
+
+
+class GoneClients:
+    """A client that leaves in the middle of a stream is not a server error.
+
+    FastAPI's Server-Sent Events keep-alive task can still be sending when the client's stream
+    is closed, and then raises anyio.BrokenResourceError out of the request (fastapi
+    discussion #15725). Once the answer has started there is nobody left to answer, so it ends
+    here. Inside Starlette's error middleware (app.add_middleware), so the app's 500 handler
+    never sees it: outside, it would log it as an unhandled error, traceback and all, before
+    it got here. Under Edge, which notes the answer's start in the scope; without Edge every
+    such error goes on to the error middleware, as with no GoneClients at all."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except* (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            if not scope.get(ANSWERED):
+                raise
+            log.debug("client left %s while it streamed", scope.get("path"))

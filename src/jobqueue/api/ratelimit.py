@@ -83,19 +83,24 @@ class Counter:
 
 
 wrong_keys = Counter()
-# Job submissions per client, per route (`/put`, POST /jobs and a retry count apart).
+# Job submissions per client and URL, as slowapi counted them (its key_style "url"): `/put` and
+# POST /jobs each, and each job's POST /jobs/{id}/retry apart from every other job's.
 submissions = Counter()
 _submit_limits: tuple[RateLimitItem, ...] = tuple(parse_many("60/minute"))
 
 
-def check_submission(request: Request, route: str) -> None:
-    """Count a submission against JOBQUEUE_RATE_LIMIT: RateLimitExceeded (429) past it.
+def check_submission(request: Request) -> None:
+    """Count a submission against JOBQUEUE_RATE_LIMIT, per client and URL path:
+    RateLimitExceeded (429) past it.
 
     slowapi's decorator did this on every call by parsing the limit string again and
     inspecting the signatures of the endpoint and of the key function, about a tenth of a
     no-op /put's time on the event loop. The limit is parsed once (`configure`) and counted
-    here through the same `limits` strategy slowapi uses, with slowapi's exception."""
+    here through the same `limits` strategy slowapi uses, under the same path it counted by
+    (the scope's, so each job's retry URL has a budget of its own), with slowapi's
+    exception."""
     key = client_key(request)
+    route = request.scope["path"]
     for item in _submit_limits:
         if not submissions.hit(item, key, route):
             request.state.view_rate_limit = (item, (key, route))

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
-from jobqueue import webhooks
+from jobqueue import tracing, webhooks
 from jobqueue.api import uploads
 from jobqueue.api.access import HEADER, owner
 from jobqueue.api.shutdown import refuse_while_draining
@@ -263,5 +263,6 @@ async def start_job(engine: JobEngine, submission: Submission, origin: Origin,
                                       priority=submission.priority,
                                       fair_key=fair_key or owner,
                                       respond_async=respond_async,
+                                      traceparent=tracing.traceparent(),
                                       callback_url=submission.callback_url),
                                durable=origin is Origin.JOBS)

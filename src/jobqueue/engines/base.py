@@ -59,6 +59,9 @@ class NewJob:
     # A /put with `Prefer: respond-async`: its client takes a hand-over (202) rather than a
     # 504, so it is not refused for an estimated start past its kind's timeout.
     respond_async: bool = False
+    # The submitting request's W3C traceparent while tracing is on (tracing.py), kept with the
+    # job so that its spans continue the request's trace.
+    traceparent: str | None = None
     # Where its status document is POSTed when it ends (webhooks.py); None: nowhere.
     callback_url: str | None = None
 
@@ -166,7 +169,9 @@ class JobEngine(Protocol):
 
     async def worker_processes(self) -> list[dict] | None:
         """The live worker processes, from their heartbeats: name, slots per kind, seconds since
-        the last beat. None when the workers are threads of this process (embedded)."""
+        the last beat, its metrics URL (left out when it has none), its states. As /health
+        answers them: no None values. None when the workers are threads of this process
+        (embedded)."""
 
     async def health(self) -> dict[str, str]:
         """Each dependency the engine needs: "ok", or what is wrong with it."""

@@ -36,7 +36,18 @@ MAX_NAME_LENGTH = 120
 RANDOM_IDS = 256
 _random_ids: list[bytes] = []
 _random_lock = threading.Lock()
-os.register_at_fork(after_in_child=_random_ids.clear)  # a forked child draws its own
+
+
+def _after_fork_in_child() -> None:
+    """A forked child draws ids of its own (the parent's pool would give both the same ones),
+    with a new lock: one another thread of the parent held at the fork stays held in the
+    child, where that thread does not exist to let it go."""
+    global _random_lock
+    _random_lock = threading.Lock()
+    _random_ids.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def new_job_id() -> str:

@@ -37,6 +37,7 @@ import httpx
 
 from jobqueue.local.postgres import LocalPostgres, free_port
 from jobqueue.local.seaweedfs import LocalSeaweed
+from jobqueue.logs import configure as configure_logging
 from jobqueue.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=Path(".cluster"),
                         help="PostgreSQL's data, the shared out/ and the logs")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    configure_logging(Settings().log_format, "%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     folder = args.folder.resolve()
     logs = folder / "logs"

@@ -149,7 +149,7 @@ async def submit_job(request: Request, response: Response,
                          None, max_length=200,
                          description="Any string unique to this submission: a retry with the "
                                      "same key gets the first job back")) -> Response:
-    check_submission(request, "jobs")
+    check_submission(request)
     engine: JobEngine = request.app.state.engine
     settings = request.app.state.settings
     submission = await read_submission(request, settings, idempotency_key)
@@ -196,7 +196,7 @@ def accepted(request: Request, response: Response, record: JobRecord, status: st
 )
 async def retry_job(request: Request, response: Response,
                     record: JobRecord = Depends(find_job)) -> Accepted:
-    check_submission(request, "retry")
+    check_submission(request)
     engine: JobEngine = request.app.state.engine
     queued = await engine.retry(record.id)
     return accepted(request, response, queued, JobStatus.QUEUED.value)

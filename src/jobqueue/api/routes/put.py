@@ -70,7 +70,7 @@ def describe_kinds(app: FastAPI, kinds: dict[str, JobKind]) -> None:
     openapi_extra=REQUEST_BODY,
 )
 async def put(request: Request) -> Response:
-    check_submission(request, "put")
+    check_submission(request)
     engine: JobEngine = request.app.state.engine
     settings = request.app.state.settings
     prefer = preferences(request)

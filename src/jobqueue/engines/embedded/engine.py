@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from jobqueue import lifecycle
+from jobqueue import lifecycle, tracing
 from jobqueue.engines.base import RETRY_AFTER_MAX_SECONDS, NewJob, retry_after
 from jobqueue.engines.embedded.feed import Feed, PendingChanges
 from jobqueue.engines.embedded.waiting import JobQueue, round_for
@@ -100,6 +100,8 @@ class Job:
     # failed attempts before (lifecycle.earlier_error).
     next_attempt_at: float | None = None
     earlier_errors: list[dict[str, Any]] = field(default_factory=list)
+    # The submitting request's traceparent (tracing.py): its spans continue that trace.
+    traceparent: str | None = None
     # Set when shutdown stops the job: it is left as it was, to run again after a restart.
     rerun_after_restart: bool = False
     # Its record could not be written (a full disk): refused (507), so it leaves no record,
@@ -292,6 +294,7 @@ class Job:
             fair_round=self.fair_round,
             next_attempt_at=self.next_attempt_at,
             earlier_errors=self.earlier_errors,
+            traceparent=self.traceparent,
         )
 
 
@@ -602,6 +605,8 @@ class WorkerPool:
         unless it ended before the batch did (a cancel, its deadline: its answer is dropped)."""
         with self._lock:
             self.batches[threading.current_thread().name] = jobs
+        # A span each; none is current while the handler runs for them all.
+        traces = [self._trace(job) for job in jobs]
         for job in jobs:
             job.batch_running = True
             job.context.resource = self.resource.value
@@ -613,9 +618,11 @@ class WorkerPool:
             on_call=lambda size: self.metrics.batch_called(self.kind.name, size))
         for job in jobs:
             job.batch_running = False
-        for job, ending in zip(jobs, endings):
+        for job, ending, trace in zip(jobs, endings, traces):
             if job.status.finished or not self._end(job, ending):
                 tidy_files(job)  # it ended before its batch: its files go now
+            if trace is not tracing.NO_TRACE:
+                trace.end(*run_outcome(job))
 
     def _retried(self, job: Job, ending: Ending, seconds: float) -> bool:
         """Queue a failed attempt again, if the kind's Retry says so (lifecycle.retry_in)."""
@@ -645,9 +652,19 @@ class WorkerPool:
         return True
 
     def _run(self, job: Job) -> None:
-        log.debug("job %s: %s started on %s", job.id, self.kind.name, job.worker_name)
-        job.context.resource = self.resource.value
-        self._end(job, lifecycle.run(self.kind, job.context))
+        trace = self._trace(job)
+        try:
+            with trace.active():  # the children it runs and the lines it logs are in its span
+                log.debug("job %s: %s started on %s", job.id, self.kind.name, job.worker_name)
+                job.context.resource = self.resource.value
+                self._end(job, lifecycle.run(self.kind, job.context))
+        finally:
+            if trace is not tracing.NO_TRACE:  # nothing to work out while tracing is off
+                trace.end(*run_outcome(job))
+
+    def _trace(self, job: Job) -> tracing.JobTrace | tracing._NoTrace:
+        return tracing.start_job(self.kind.name, job.id, job.attempt, job.traceparent,
+                                 job.created_at, job.started_at)
 
     def _end(self, job: Job, ending: Ending) -> bool:
         """End a job its handler has run for; False when it had ended already."""
@@ -767,6 +784,7 @@ class EmbeddedEngine:
         job = self._new_job(new.kind, new.options, new.id, new.input_path, new.origin,
                             new.owner, new.idempotency_key)
         job.priority, job.fair_key = new.priority, new.fair_key
+        job.traceparent = new.traceparent
         pool = self.pools[job.kind.name]
         try:
             pool.submit(job, respond_async=new.respond_async)
@@ -887,6 +905,7 @@ class EmbeddedEngine:
                             record.idempotency_key)
         job.created_at, job.attempt = record.created_at, record.attempt
         job.priority, job.fair_key = record.priority, record.fair_key
+        job.traceparent = record.traceparent  # its trace goes on from the first submission
         job.earlier_errors = [*record.earlier_errors, lifecycle.earlier_error(
             record.attempt, record.error, record.finished_at or time.time())]
         pool = self.pools[kind.name]
@@ -1100,13 +1119,24 @@ class EmbeddedEngine:
                             owner=record.owner, idempotency_key=record.idempotency_key)
         job.created_at, job.attempt = record.created_at, record.attempt
         job.priority, job.fair_round = record.priority, record.fair_round
-        job.fair_key = record.fair_key
+        job.fair_key, job.traceparent = record.fair_key, record.traceparent
         job.next_attempt_at, job.earlier_errors = record.next_attempt_at, record.earlier_errors
         jobfiles.discard_output(job.out_dir)
         self.store.save(job.record())
         self.pools[kind.name].requeue(job)
         self._track(job)
         log.info("job %s: %s queued again after a restart", job.id, kind.name)
+
+
+def run_outcome(job: Job) -> tuple[str, str | None]:
+    """A run's outcome as jobqueue_jobs_total counts it (`retried` when it waits for its next
+    attempt), and its error's message, for its span."""
+    if not job.status.finished:
+        return Outcome.RETRIED.value, None
+    ending = job.ending
+    error_kind = ending.error_category if ending else None
+    message = ending.error_message(job.id) if ending and ending.error else None
+    return outcome(job.status.value, error_kind, job.cancelled_as).value, message
 
 
 def tidy_files(job: Job) -> None:

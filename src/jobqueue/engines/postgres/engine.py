@@ -259,7 +259,7 @@ class PostgresEngine:
                            options=new.options.model_dump(mode="json"), input_path=input_path,
                            created_at=time.time(), origin=new.origin, owner=new.owner,
                            idempotency_key=new.idempotency_key, priority=new.priority,
-                           fair_key=new.fair_key)
+                           fair_key=new.fair_key, traceparent=new.traceparent)
         # A /put whose client waits (not respond-async) is refused if it would start only
         # after its kind's timeout.
         by_estimate = new.origin is Origin.PUT and not new.respond_async
@@ -613,10 +613,14 @@ class PostgresEngine:
             cursor = await conn.execute(QUERIES["live_workers"],
                                         (time.time() - STALLED_SECONDS,))
             rows = await cursor.fetchall()
-        return [{"name": name, "kinds": kinds, "lastSeen": round(time.time() - beat, 1),
-                 "metrics": metrics,
-                 "states": {kind: worker_status(states.get(kind)).shown() for kind in kinds}}
-                for name, kinds, beat, metrics, states in rows]
+        processes = []
+        for name, kinds, beat, metrics, states in rows:
+            process = {"name": name, "kinds": kinds, "lastSeen": round(time.time() - beat, 1)}
+            if metrics is not None:  # a replica's workers (--with-workers) have no port
+                process["metrics"] = metrics  # of their own: left out, as /health leaves None
+            process["states"] = {kind: worker_status(states.get(kind)).shown() for kind in kinds}
+            processes.append(process)
+        return processes
 
     async def _live_workers(self, conn: psycopg.AsyncConnection
                             ) -> tuple[dict[str, int], dict[str, list[Status]]]:

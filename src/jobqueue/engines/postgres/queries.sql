@@ -40,9 +40,9 @@ inserted AS (
                                started_at, finished_at, worker_name, progress, error,
                                error_kind, result, origin, owner, attempt, idempotency_key,
                                priority, fair_round, next_attempt_at, earlier_errors, fair_key,
-                               procrastinate_id)
+                               traceparent, procrastinate_id)
     SELECT %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
-           %s, %s, deferred.id
+           %s, %s, %s, deferred.id
     FROM deferred
     RETURNING id)
 SELECT pg_notify('jobqueue_jobs', %s) FROM inserted
@@ -81,7 +81,7 @@ SELECT id, job_type, status, '{}'::jsonb AS options, input_path, created_at, sta
        CASE WHEN jsonb_typeof(result) = 'object'
             THEN jsonb_build_object('files', result -> 'files') END AS result,
        origin, owner, attempt, idempotency_key, priority, fair_round, next_attempt_at,
-       earlier_errors, fair_key
+       earlier_errors, fair_key, traceparent
 FROM jobqueue_jobs WHERE owner = %s {filters}
 ORDER BY seq DESC LIMIT %s OFFSET %s
 
@@ -98,7 +98,7 @@ SELECT id, job_type, status, '{}'::jsonb AS options, input_path, created_at, sta
        CASE WHEN jsonb_typeof(result) = 'object'
             THEN jsonb_build_object('files', result -> 'files') END AS result,
        origin, owner, attempt, idempotency_key, priority, fair_round, next_attempt_at,
-       earlier_errors, fair_key
+       earlier_errors, fair_key, traceparent
 FROM jobqueue_jobs WHERE id = ANY(%s) ORDER BY seq
 
 -- lock_kind --
@@ -327,10 +327,12 @@ RETURNING *
 SELECT origin FROM jobqueue_jobs WHERE id = %s
 
 -- requeue_run --
--- A run stopped by its worker's shutdown gives its job back (parameters: id, attempt).
+-- A run stopped by its worker's shutdown gives its job back, unless a cancel asked it to stop
+-- (its abort may not have reached the worker before the shutdown's did): that one ends as
+-- cancelled instead, lifecycle.after_interrupted_run (parameters: id, attempt).
 UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, worker_name = NULL,
-                         progress = '{}', cancelled_as = NULL
-WHERE id = %s AND attempt = %s AND status = 'running'
+                         progress = '{}'
+WHERE id = %s AND attempt = %s AND status = 'running' AND cancelled_as IS NULL
 RETURNING *
 
 -- add_minutes --

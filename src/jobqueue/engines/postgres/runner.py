@@ -51,7 +51,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from jobqueue import lifecycle, rollup
+from jobqueue import lifecycle, rollup, tracing
 from jobqueue.engines.postgres import schema
 from jobqueue.engines.postgres.schema import QUERIES
 from jobqueue.errors import JobCancelled, Unavailable
@@ -187,6 +187,11 @@ class Run:
     ended: tuple[JobStatus, bool] | None = None
     # Its handler's run on the executor (a single job's; None in a batch).
     handler: asyncio.Future | None = None
+    # Its spans (tracing.py), in the trace of the request that submitted it; and how the run
+    # ended for its span: an outcome as jobqueue_jobs_total counts it (`retried`, or
+    # `requeued` after this worker's shutdown), and its error's message.
+    trace: Any = tracing.NO_TRACE
+    outcome: tuple[str, str | None] = ("interrupted", None)
 
     @property
     def id(self) -> str:
@@ -196,8 +201,9 @@ class Run:
 def run_handler(kind: JobKind, run: Run, files: FileStore) -> Ending:
     """On a thread: fetch the job's input, run the kind's handler, keep its outputs; and how
     it ended (lifecycle.run)."""
-    return lifecycle.run(kind, run.context, lambda: prepare(kind, run, files),
-                         lambda output: keep(run, files, output))
+    with run.trace.active():  # an executor's thread has no context of the task's
+        return lifecycle.run(kind, run.context, lambda: prepare(kind, run, files),
+                             lambda output: keep(run, files, output))
 
 
 def run_batch_handler(kind: JobKind, runs: list[Run], files: FileStore,
@@ -663,6 +669,19 @@ class Runner:
                              on_progress=lambda _: loop.call_soon_threadsafe(changed.set),
                              resource=self.resources[record.job_type].value)
         run = Run(record, context)
+        run.trace = tracing.start_job(record.job_type, job_id, record.attempt,
+                                      record.traceparent, record.created_at, record.started_at)
+        try:
+            with run.trace.active():  # this task's lines are in the run's span
+                await self._run_claimed(run, kind, seat, task_context, changed)
+        finally:
+            run.trace.end(*run.outcome)
+
+    async def _run_claimed(self, run: Run, kind: JobKind, seat: Seat | None,
+                           task_context: ProcrastinateContext, changed: asyncio.Event) -> None:
+        """A claimed job's run, from its start to its end (or its requeue)."""
+        job_id, record, context = run.id, run.record, run.context
+        loop = asyncio.get_running_loop()
         self.running[job_id] = run
         self.metrics.job_started(record.job_type, record.created_at, record.started_at)
         running = self.metrics.running.labels(record.job_type, "process")
@@ -988,8 +1007,11 @@ class Runner:
         run.ended = (status, bool(ended))
         if ended:
             cancelled_as = ended[0] or (Outcome.DEADLINE.value if run.timed_out else None)
-            self.metrics.job_ended(record.job_type, outcome(status.value, error_kind, cancelled_as),
-                                   record.started_at, finished_at)
+            ran = outcome(status.value, error_kind, cancelled_as)
+            self.metrics.job_ended(record.job_type, ran, record.started_at, finished_at)
+            run.outcome = (ran.value, ending.error_message(run.id) if ending.error else None)
+        else:  # a later run of the job owns its end
+            run.outcome = ("stale", None)
         try:
             if not run.left_batch or run.batch_done:  # else after its batch: it may write on
                 await asyncio.to_thread(self._tidy, run, status, result, bool(ended))
@@ -1035,6 +1057,7 @@ class Runner:
         if not rows:
             return False
         run.ended = (JobStatus.QUEUED, True)
+        run.outcome = (Outcome.RETRIED.value, failure["error"])
         self.metrics.job_ended(name, Outcome.RETRIED, record.started_at, now)
         try:  # the next attempt starts from its upload alone
             if not run.left_batch or run.batch_done:
@@ -1079,13 +1102,19 @@ class Runner:
         await defer(self.app, conn, record)
 
     async def _requeue(self, run: Run) -> None:
-        """A shutdown stopped the job: queue it again (with a procrastinate job of its own)."""
+        """A shutdown stopped the job: queue it again (with a procrastinate job of its own).
+        A job a cancel asked to stop meanwhile ends as cancelled instead: the shutdown's
+        abort can come before the cancel's does, and a job queued again would run again."""
         record = run.record
         async with self.pool.connection() as conn, conn.transaction():
             rows = await schema.fetch(
                 conn, QUERIES["requeue_run"], (run.id, record.attempt))
             if rows:
                 await self._queue_again(conn, record)
+        if not rows:  # cancelled (or no longer this run's job: then its end writes nothing)
+            await self._finish(run, Ending(lifecycle.after_interrupted_run(True)))
+            return
         if self.files.remote:  # it runs again from the store's copy, wherever it runs
             await asyncio.to_thread(jobfiles.remove_job_dir, self.files.out_dir, run.id)
+        run.outcome = ("requeued", None)
         log.info("job %s: stopped by the worker's shutdown; queued again", run.id)

@@ -65,6 +65,8 @@ ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS fair_round integer NOT NULL D
 ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS next_attempt_at double precision;
 ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS earlier_errors jsonb NOT NULL DEFAULT '[]';
 ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS fair_key text NOT NULL DEFAULT '';
+-- The submitting request's W3C traceparent (tracing.py), for the worker's spans.
+ALTER TABLE jobqueue_jobs ADD COLUMN IF NOT EXISTS traceparent text;
 ALTER TABLE jobqueue_workers ADD COLUMN IF NOT EXISTS metrics text;
 -- Each kind's resource in the worker ({"<kind>": {"state", "error", "retryIn"}}); a worker of
 -- before it writes none, its kinds count as ready.

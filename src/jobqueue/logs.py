@@ -1,0 +1,80 @@
+"""Logging of the server, a worker process and the local launcher, set up in one place
+(`configure`): plain lines (JOBQUEUE_LOG_FORMAT=text, the default) or one JSON object a line
+(json: time, level, logger, message, and jobId, traceId, spanId when there are any).
+
+A line about a job carries its id: text lines say `job <id>: …` already, and a JSON line has it
+as jobId, taken from the line's `extra={"jobId": …}`, else from a message that starts
+`job %s` (the convention of every such line here), else from the job whose handler runs on
+this thread (`current_job`, set by lifecycle.run). While tracing is on (tracing.py), a line
+logged inside a span carries the span's trace and span ids (text: at its end).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import time
+from typing import Literal
+
+from jobqueue import tracing
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LogFormat = Literal["text", "json"]
+
+# The job whose handler runs in this context (a worker thread, between its start and end).
+current_job: contextvars.ContextVar[str | None] = contextvars.ContextVar("jobqueue_job",
+                                                                         default=None)
+
+
+def job_id_of(record: logging.LogRecord) -> str | None:
+    """The id of the job a line is about, if it is about one."""
+    job_id = getattr(record, "jobId", None)
+    if job_id:
+        return str(job_id)
+    if isinstance(record.msg, str) and record.msg.startswith("job %s") \
+            and isinstance(record.args, tuple) and record.args:
+        return str(record.args[0])
+    return current_job.get()
+
+
+class TextFormatter(logging.Formatter):
+    """The plain line, with the current span's ids at its end while tracing is on."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        line = super().formatMessage(record)
+        if (ids := tracing.current_ids()) is not None:
+            line += f" traceId={ids[0]} spanId={ids[1]}"
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line, for log collectors that parse rather than grep."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if (job_id := job_id_of(record)) is not None:
+            entry["jobId"] = job_id
+        if (ids := tracing.current_ids()) is not None:
+            entry["traceId"], entry["spanId"] = ids
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure(log_format: LogFormat = "text", text_format: str = TEXT_FORMAT) -> None:
+    """The root logger at INFO, to stderr, as `log_format` says (`text_format`: the plain
+    line's layout). As logging.basicConfig, it leaves a logger set up already alone."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(text_format))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    if log_format == "json":
+        logging.captureWarnings(True)  # a warnings.warn line is JSON too
