@@ -100,6 +100,10 @@ class Metrics:
             "jobqueue_http_request_duration_seconds", "Seconds from a request's arrival to the "
             "start of its answer (streams and downloads: to their head)",
             ["method", "route", "status"], buckets=HTTP_BUCKETS, registry=registry)
+        self.webhook_deliveries = Counter(
+            "jobqueue_webhook_deliveries", "Webhook delivery attempts this process made, by "
+            "outcome: delivered (a 2xx), retried (failed, tried again later), failed (failed, "
+            "and given up: JOBQUEUE_WEBHOOK_RETRY_HOURS)", ["outcome"], registry=registry)
         queue_labels = ["kind", "scope"]
         self.waiting = Gauge("jobqueue_jobs_waiting", "Jobs queued, not started",
                              queue_labels, registry=registry)
@@ -131,6 +135,8 @@ class Metrics:
                     self.batch_size.labels(name)
         for limit in ("submit", "wrong_key"):
             self.rate_limited.labels(limit)
+        for delivery in ("delivered", "retried", "failed"):
+            self.webhook_deliveries.labels(delivery)
 
     def job_started(self, kind: str, created_at: float, started_at: float) -> None:
         self.queue_seconds.labels(kind).observe(max(0.0, started_at - created_at))
@@ -144,6 +150,10 @@ class Metrics:
     def batch_called(self, kind: str, size: int) -> None:
         """A batched kind's handler was called for `size` jobs."""
         self.batch_size.labels(kind).observe(size)
+
+    def webhook_attempted(self, outcome: str) -> None:
+        """A webhook delivery attempt ended: delivered, retried or failed (webhooks.py)."""
+        self.webhook_deliveries.labels(outcome).inc()
 
     def refused(self, kind: str) -> None:
         self.jobs.labels(kind, Outcome.REFUSED.value).inc()

@@ -173,6 +173,19 @@ class JobStore(Protocol):
     async def written(self) -> None:
         """Until every change made so far is durable."""
 
+    def add_callback(self, job_id: str, owner: str, url: str) -> None:
+        """The job's callback URL (webhooks.py), kept until the job is deleted."""
+
+    def claim_deliveries(self, now: float, limit: int, lease: float) -> list[dict[str, Any]]:
+        """Webhook deliveries due now, each claimed for `lease` seconds."""
+
+    def delivery_done(self, job_id: str, ended_at: float, status: str, attempts: int,
+                      last_error: str | None, next_at: float | None, payload: str) -> None: ...
+
+    def delivery(self, job_id: str) -> dict[str, Any] | None: ...
+
+    def release_deliveries(self) -> None: ...
+
     def close(self) -> None: ...
 
     # Made once with the store and kept with it: each job folder is marked with it, so that a
@@ -211,6 +224,7 @@ class SqliteJobStore:
                             self._db.execute(QUERIES[backfill])
                         self._db.execute("COMMIT")
                 self._db.executescript(QUERIES["make_indexes"])
+                self._db.executescript(QUERIES["make_deliveries"])
                 self._db.executemany(QUERIES["note_store"],
                                      [("id", new_store_id()), ("created_at", str(time.time()))])
                 made = dict(self._db.execute(QUERIES["store_made"]).fetchall())
@@ -238,6 +252,9 @@ class SqliteJobStore:
         self._writing: dict[str, _Change] = {}  # taken by the writer, not committed yet
         # Jobs that ran to an end, to add to the rollup with the pending changes.
         self._ended: Counter[rollup.Key] = Counter()
+        # Callback URLs of new jobs (webhooks.py), written with the pending changes:
+        # (id, owner, url).
+        self._callbacks: list[tuple[str, str, str]] = []
         self._noted = 0  # changes noted so far
         self._written = 0  # of those, committed
         self._error: Exception | None = None  # why the last commit failed, if it did
@@ -275,7 +292,17 @@ class SqliteJobStore:
         self._note(record.id, _Change(record, _row(record)), ended_key)
 
     def delete(self, job_id: str) -> None:
+        """Forget the job, and its webhook delivery with it."""
         self._note(job_id, _Change(None))
+
+    def add_callback(self, job_id: str, owner: str, url: str) -> None:
+        """The job's callback URL (webhooks.py), written in the same commit as its record
+        saved before this (none if the job is deleted first)."""
+        with self._changed:
+            if not self._pending:
+                self._changed.notify()
+            self._callbacks.append((job_id, owner, url))
+            self._noted += 1
 
     def _note(self, job_id: str, change: _Change, ended: rollup.Key | None = None) -> None:
         with self._changed:
@@ -321,9 +348,9 @@ class SqliteJobStore:
         retry = RETRY_SECONDS
         while True:
             with self._changed:
-                while not self._pending and not self._closing:
+                while not (self._pending or self._callbacks) and not self._closing:
                     self._changed.wait()
-                if not self._pending:
+                if not (self._pending or self._callbacks):
                     return  # closing, and everything is written
                 deadline = time.monotonic() + BATCH_SECONDS
                 while not (self._hurry or self._closing):
@@ -335,9 +362,10 @@ class SqliteJobStore:
                 # Still visible to get() while it is being committed.
                 batch, self._pending, self._writing = self._pending, {}, self._pending
                 ended, self._ended = self._ended, Counter()
+                callbacks, self._callbacks = self._callbacks, []
                 target = self._noted
             try:
-                self._commit(batch, ended)
+                self._commit(batch, ended, callbacks)
             except Exception as error:  # the writer must outlive any one failed commit
                 log.error("could not write %d job records to %s (trying again in %g s): %s",
                           len(batch), self.location, retry, error)
@@ -348,6 +376,7 @@ class SqliteJobStore:
                     self._error = error
                     self._pending = {**batch, **self._pending}  # newer changes win
                     self._ended.update(ended)
+                    self._callbacks = [*callbacks, *self._callbacks]
                     self._writing = {}
                     self._changed.notify_all()
                     ready = self._ready_waiters()
@@ -391,15 +420,20 @@ class SqliteJobStore:
             except RuntimeError:  # its loop is closed: nobody waits any more
                 pass
 
-    def _commit(self, batch: dict[str, _Change], ended: Counter[rollup.Key]) -> None:
+    def _commit(self, batch: dict[str, _Change], ended: Counter[rollup.Key],
+                callbacks: list[tuple[str, str, str]] = ()) -> None:
         with self._lock:
             self._db.execute("BEGIN")
             try:
                 for job_id, change in batch.items():
                     if change.record is None:
                         self._db.execute(QUERIES["delete_job"], (job_id,))
+                        self._db.execute(QUERIES["delete_delivery"], (job_id,))
                     else:
                         self._db.execute(QUERIES["save_job"], change.row or _row(change.record))
+                self._db.executemany(QUERIES["add_delivery"],
+                                     [(job_id, owner, url, job_id)
+                                      for job_id, owner, url in callbacks])
                 self._db.executemany(QUERIES["add_minutes"],
                                      [(*key, jobs) for key, jobs in ended.items()])
                 self._db.execute("COMMIT")
@@ -469,6 +503,38 @@ class SqliteJobStore:
     def forget_minutes_before(self, timestamp: float) -> None:
         with self._lock:
             self._db.execute(QUERIES["forget_minutes"], (timestamp,))
+
+    # ---- webhook deliveries (webhooks.py); call off the event loop ----
+
+    def claim_deliveries(self, now: float, limit: int, lease: float) -> list[dict[str, Any]]:
+        """Deliveries due now, each claimed for `lease` seconds (webhooks.DeliveryStore)."""
+        self.flush(raise_error=False)  # the ends noted so far, to find them
+        with self._lock:
+            rows = self._db.execute(QUERIES["claim_deliveries"],
+                                    {"now": now, "limit": limit, "until": now + lease})
+            return [dict(row) for row in rows.fetchall()]
+
+    def delivery_done(self, job_id: str, ended_at: float, status: str, attempts: int,
+                      last_error: str | None, next_at: float | None, payload: str) -> None:
+        with self._lock:
+            self._db.execute(QUERIES["delivery_done"], (status, attempts, last_error, next_at,
+                                                        payload, job_id, ended_at))
+
+    def delivery(self, job_id: str) -> dict[str, Any] | None:
+        """The job's delivery row, if it has a callback URL."""
+        with self._changed:
+            noted = next((c for c in self._callbacks if c[0] == job_id), None)
+        if noted is not None:  # not written yet
+            return {"url": noted[2], "status": "pending", "attempts": 0, "last_error": None,
+                    "ended_at": None}
+        with self._read_lock:
+            row = self._reader.execute(QUERIES["select_delivery"], (job_id,)).fetchone()
+        return dict(row) if row else None
+
+    def release_deliveries(self) -> None:
+        """No claim is live as the only process that uses the store starts."""
+        with self._lock:
+            self._db.execute(QUERIES["release_deliveries"])
 
     def _query(self, sql: str, params: tuple = (), flush: bool = True) -> list[JobRecord]:
         if flush:

@@ -168,3 +168,64 @@ DELETE FROM job_minutes WHERE minute < ?
 -- shrink_log --
 -- Give the write-ahead log's space back to the disk.
 PRAGMA wal_checkpoint(TRUNCATE)
+
+-- make_deliveries --
+-- Completion webhooks (webhooks.py): a row per job with a callback URL, made with the job's
+-- first record and deleted with the job. `ended_at` is the job end its event is of (the job's
+-- finished_at then); `claimed_until` keeps a delivery's attempt to one delivery loop.
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL DEFAULT '',
+    url TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    ended_at REAL,
+    next_at REAL,
+    claimed_until REAL,
+    payload TEXT
+);
+
+-- add_delivery --
+-- A job's callback URL, if its record is there (parameters: id, owner, url, id).
+INSERT OR IGNORE INTO deliveries (job_id, owner, url)
+SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?)
+
+-- delete_delivery --
+DELETE FROM deliveries WHERE job_id = ?
+
+-- claim_deliveries --
+-- Deliveries due now, claimed until a time (parameters: now, limit, until): a job that ended
+-- at another time than its delivery's event starts a new event (attempts from 0, its body
+-- made anew); a pending one whose next attempt is due is tried again.
+UPDATE deliveries AS d
+SET claimed_until = :until,
+    status = CASE WHEN d.ended_at IS j.finished_at THEN d.status ELSE 'pending' END,
+    attempts = CASE WHEN d.ended_at IS j.finished_at THEN d.attempts ELSE 0 END,
+    last_error = CASE WHEN d.ended_at IS j.finished_at THEN d.last_error END,
+    payload = CASE WHEN d.ended_at IS j.finished_at THEN d.payload END,
+    next_at = CASE WHEN d.ended_at IS j.finished_at THEN d.next_at END,
+    ended_at = j.finished_at
+FROM jobs AS j
+WHERE j.id = d.job_id AND d.job_id IN (
+    SELECT due.job_id FROM deliveries AS due JOIN jobs AS job ON job.id = due.job_id
+    WHERE job.status IN ('succeeded', 'failed', 'cancelled') AND job.finished_at IS NOT NULL
+      AND (due.claimed_until IS NULL OR due.claimed_until < :now)
+      AND (due.ended_at IS NOT job.finished_at
+           OR (due.status = 'pending' AND due.next_at <= :now))
+    ORDER BY due.next_at LIMIT :limit)
+RETURNING job_id, url, attempts, ended_at, payload
+
+-- delivery_done --
+-- An attempt's outcome, and its claim let go, if the delivery is still of that end
+-- (parameters: status, attempts, last_error, next_at, payload, id, ended_at).
+UPDATE deliveries SET status = ?, attempts = ?, last_error = ?, next_at = ?, payload = ?,
+                      claimed_until = NULL
+WHERE job_id = ? AND ended_at IS ?
+
+-- select_delivery --
+SELECT url, status, attempts, last_error, ended_at FROM deliveries WHERE job_id = ?
+
+-- release_deliveries --
+-- At an embedded server's start: no other process claims here, so no claim is live.
+UPDATE deliveries SET claimed_until = NULL WHERE claimed_until IS NOT NULL

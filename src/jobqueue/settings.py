@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import logging
 import os
@@ -121,6 +123,19 @@ class Settings(BaseSettings):
                             "https://jobs.example.com: links in answers are absolute from it; "
                             "empty: links are paths (never from the request's Host header)")
 
+    webhook_secret: SecretStr = Field(
+        SecretStr(""), description="whsec_ + base64: the key webhook deliveries are signed "
+        "with (Standard Webhooks); callbacks need it")
+    webhook_urls: SecretStr = Field(
+        SecretStr(""), description="Comma-separated key=url pairs: where each API key's jobs "
+        "POST their status document when they end, unless a job names its own callbackUrl "
+        "(* for any other key, or for every job without API keys)")
+    webhook_retry_hours: float = Field(24, gt=0, description="Hours after a job's end its "
+                                       "webhook delivery is retried before it has failed")
+    webhook_allow_hosts: str = Field("", description="Comma-separated host names a callback "
+                                     "may go to even though they resolve to a loopback, "
+                                     "private or other non-public address")
+
     pdf_engine: Literal["pdfium", "poppler"] = "pdfium"
     pdf_max_pixels: int = Field(100_000_000, ge=1,
                                 description="Largest page to render, in pixels at its dpi")
@@ -161,6 +176,33 @@ class Settings(BaseSettings):
                              "(with a path if the server is behind a prefix), without a query: "
                              f"not {value!r}")
         return value.rstrip("/")
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def valid_webhook_secret(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value():
+            webhook_key(value.get_secret_value())  # ValueError saying what is wrong
+        return value
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def valid_webhook_urls(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        webhook_urls(value.get_secret_value())  # ValueError naming the bad pair
+        if value.get_secret_value().strip() and not info.data.get(
+                "webhook_secret", SecretStr("")).get_secret_value():
+            raise ValueError("JOBQUEUE_WEBHOOK_URLS needs JOBQUEUE_WEBHOOK_SECRET, the key "
+                             "deliveries are signed with")
+        return value
+
+    def webhook_url_for(self, api_key: str | None) -> str | None:
+        """The default callback URL of `api_key`'s jobs (JOBQUEUE_WEBHOOK_URLS), if any."""
+        urls = webhook_urls(self.webhook_urls.get_secret_value())
+        return urls.get(api_key or "", urls.get("*")) or None
+
+    @property
+    def webhook_allow_host_list(self) -> list[str]:
+        return [host.strip().lower().strip("[]") for host in self.webhook_allow_hosts.split(",")
+                if host.strip()]
 
     @field_validator("max_priority_per_key")
     @classmethod
@@ -220,6 +262,36 @@ def priority_caps(text: str) -> dict[str, int]:
                              f"max a whole number from {MIN_PRIORITY} to {MAX_PRIORITY}")
         caps[key.strip()] = value
     return caps
+
+
+def webhook_key(secret: str) -> bytes:
+    """JOBQUEUE_WEBHOOK_SECRET's key: `whsec_` + base64 of at least 16 bytes (as
+    standardwebhooks and Svix make them); ValueError otherwise."""
+    if not secret.startswith("whsec_"):
+        raise ValueError("JOBQUEUE_WEBHOOK_SECRET must be whsec_ followed by base64, such as "
+                         "python -c \"import base64, secrets; print('whsec_' + "
+                         "base64.b64encode(secrets.token_bytes(32)).decode())\"")
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("JOBQUEUE_WEBHOOK_SECRET: what follows whsec_ is not base64") from None
+    if len(key) < 16:
+        raise ValueError("JOBQUEUE_WEBHOOK_SECRET: the key is shorter than 16 bytes")
+    return key
+
+
+def webhook_urls(text: str) -> dict[str, str]:
+    """JOBQUEUE_WEBHOOK_URLS's `key=url` pairs, by API key (`*`: any other key); the key ends
+    at the first `=`."""
+    urls = {}
+    for number, pair in enumerate((p.strip() for p in text.split(",") if p.strip()), 1):
+        key, _, url = pair.partition("=")
+        parts = urlsplit(url.strip())
+        if not key.strip() or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"JOBQUEUE_WEBHOOK_URLS: pair {number} is not key=url with an "
+                             "http:// or https:// URL")
+        urls[key.strip()] = url.strip()
+    return urls
 
 
 def kind_limits(kind: KindDefaults, environ: Mapping[str, str]) -> KindLimits:

@@ -4,6 +4,7 @@ and routes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.errors import ServerErrorMiddleware
 
-from jobqueue import errors, tracing
+from jobqueue import errors, tracing, webhooks
 from jobqueue.api import access, problems, ratelimit
 from jobqueue.api.edge import Edge, GoneClients
 from jobqueue.api.routes import (
@@ -135,8 +136,16 @@ def create_app(settings: Settings | None = None, with_workers: bool = True,
             log.warning("the sweep of leftover job folders failed at start: %s", error)
         sweeper = asyncio.create_task(retention.sweep_forever(engine, settings,
                                                               app.state.uploads.holders))
+        # Completion webhooks: every process that answers HTTP delivers (webhooks.py).
+        deliverer = asyncio.create_task(webhooks.Deliverer(
+            engine, lambda record: jobs.status_document(app, record),
+            settings.webhook_secret.get_secret_value(), settings.webhook_retry_hours,
+            settings.webhook_allow_host_list, app.state.metrics.webhook_attempted).run())
         yield
         sweeper.cancel()
+        deliverer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await deliverer
         await engine.stop()
         log.info("workers stopped")
 

@@ -101,8 +101,21 @@ class JobSummary(CamelModel):
                                          "URLs; GET /jobs/{id} has the data too")
 
 
+class CallbackView(CamelModel):
+    status: Literal["pending", "delivered", "failed"] = Field(
+        examples=["delivered"], description="pending: to be sent once the job ends, or being "
+        "retried; delivered: a 2xx answer; failed: no 2xx answer within "
+        "JOBQUEUE_WEBHOOK_RETRY_HOURS of the job's end")
+    attempts: int = Field(examples=[1], description="Attempts made for the job's last end")
+    last_error: str | None = Field(None, examples=["HTTP 500"],
+                                   description="Why the last attempt failed, if it did")
+
+
 class JobView(JobSummary):
     result: ResultView | None = Field(None, description="Only when succeeded")
+    callback: CallbackView | None = Field(
+        None, description="Only for a job with a callbackUrl (or its API key's "
+        "JOBQUEUE_WEBHOOK_URLS): the delivery of its status document when it ends")
 
 
 class JobList(CamelModel):
@@ -219,6 +232,13 @@ class Throughput(CamelModel):
         description="Per job kind, the minutes in which some of its jobs finished, oldest first")
 
 
+CALLBACK_URL = {
+    "type": "string", "maxLength": 2000, "examples": ["https://example.com/hooks/jobqueue"],
+    "description": "POST /jobs, or /put with Prefer: respond-async: where the job's status "
+                   "document is POSTed when it ends (Standard Webhooks, signed with "
+                   "JOBQUEUE_WEBHOOK_SECRET). http(s) to a public address only (422 "
+                   "otherwise); empty: none, not even the API key's JOBQUEUE_WEBHOOK_URLS"}
+
 # The request body of /put and POST /jobs as OpenAPI shows it (the kinds served fill in
 # jobType's values: routes/put.describe_kinds).
 REQUEST_EXAMPLES = {
@@ -232,6 +252,7 @@ REQUEST_EXAMPLES = {
                 "dpi": {"type": "integer", "default": 200},
                 "width": {"type": "integer"},
                 "height": {"type": "integer"},
+                "callbackUrl": CALLBACK_URL,
             },
         },
         "examples": {
@@ -251,6 +272,7 @@ REQUEST_EXAMPLES = {
                 "dpi": {"type": "integer"},
                 "width": {"type": "integer"},
                 "height": {"type": "integer"},
+                "callbackUrl": CALLBACK_URL,
             },
             "required": ["file", "jobType"],
         },

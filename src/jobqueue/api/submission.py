@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
-from jobqueue import tracing
+from jobqueue import tracing, webhooks
 from jobqueue.api import uploads
 from jobqueue.api.access import HEADER, owner
 from jobqueue.api.shutdown import refuse_while_draining
@@ -50,13 +50,17 @@ class Submission:
     options: BaseModel
     upload: Path | None  # already stored in out/<job_id>/input/
     priority: int = 0
+    callback_url: str | None = None  # where its status document goes when it ends
 
 
 async def read_submission(request: Request, settings: Settings,
-                          idempotency_key: str | None = None) -> Submission:
+                          idempotency_key: str | None = None,
+                          callbacks: bool = True) -> Submission:
     """Parse `{"jobType": ..., <options>}` from a JSON body, or from multipart fields with the
     upload streamed into the new job's folder (removed again if anything is wrong).
-    `idempotency_key`: the route's (POST /jobs): a full queue lets in a retry of its job."""
+    `idempotency_key`: the route's (POST /jobs): a full queue lets in a retry of its job.
+    `callbacks`: whether the job may have a `callbackUrl` (a /put only with Prefer:
+    respond-async)."""
     refuse_while_draining(request)
     kinds = request.app.state.kinds
     job_id = jobfiles.new_job_id()
@@ -83,13 +87,40 @@ async def read_submission(request: Request, settings: Settings,
             raise MalformedRequest("The client closed the connection before its request body "
                                    "was complete.") from None
         priority = parse_priority(fields, settings, request.headers.get(HEADER))
+        callback_url = await parse_callback(fields, settings, request.headers.get(HEADER),
+                                            callbacks)
         kind, options = parse_options(kinds, fields)
         if upload is not None and kind.sample is None:
             raise BadInput(f"{kind.name} jobs take no file; send only the options.")
     except BaseException:
         jobfiles.remove_job_dir(settings.out_dir, job_id)
         raise
-    return Submission(job_id, kind, options, upload, priority)
+    return Submission(job_id, kind, options, upload, priority, callback_url)
+
+
+async def parse_callback(fields: dict, settings: Settings, api_key: str | None,
+                         allowed: bool) -> str | None:
+    """The `callbackUrl` field (webhooks.py), checked (no server-side request forgery:
+    webhooks.checked_address); without one, the API key's JOBQUEUE_WEBHOOK_URLS default; an
+    empty one: none. A /put that waits for its answer (no Prefer: respond-async) takes none."""
+    given = "callbackUrl" in fields
+    url = fields.pop("callbackUrl", None)
+    if isinstance(url, str):
+        url = url.strip()
+    if given and not url and url is not None:
+        return None  # "": no callback, not even the key's default
+    if url is None:
+        if not allowed or given:
+            return None
+        return settings.webhook_url_for(api_key if settings.api_key_list else None)
+    if not allowed:
+        raise BadInput("callbackUrl is for jobs that are not waited for: POST /jobs, or /put "
+                       "with Prefer: respond-async.")
+    if not settings.webhook_secret.get_secret_value():
+        raise BadInput("callbackUrl needs the server to sign its deliveries, and "
+                       "JOBQUEUE_WEBHOOK_SECRET is not set.")
+    await webhooks.checked_address(url, settings.webhook_allow_host_list)  # BadInput: 422
+    return url
 
 
 def parse_priority(fields: dict, settings: Settings, api_key: str | None) -> int:
@@ -232,5 +263,6 @@ async def start_job(engine: JobEngine, submission: Submission, origin: Origin,
                                       priority=submission.priority,
                                       fair_key=fair_key or owner,
                                       respond_async=respond_async,
-                                      traceparent=tracing.traceparent()),
+                                      traceparent=tracing.traceparent(),
+                                      callback_url=submission.callback_url),
                                durable=origin is Origin.JOBS)

@@ -24,6 +24,7 @@ from jobqueue.client.errors import (
 )
 from jobqueue.client.models import (
     FINISHED,
+    Callback,
     EarlierError,
     Event,
     Job,
@@ -36,8 +37,8 @@ from jobqueue.client.sync import Client
 from jobqueue.client.wire import DEFAULT_URL
 
 __all__ = [
-    "DEFAULT_URL", "FINISHED", "AsyncClient", "Client", "ClientError", "EarlierError", "Event",
-    "Job",
-    "JobCancelled", "JobFailed", "Links", "Progress", "Refused", "Result", "Retry",
+    "DEFAULT_URL", "FINISHED", "AsyncClient", "Callback", "Client", "ClientError",
+    "EarlierError", "Event", "Job", "JobCancelled", "JobFailed", "Links", "Progress", "Refused",
+    "Result", "Retry",
     "RetriesExhausted", "Unreachable",
 ]

@@ -101,6 +101,20 @@ class EarlierError:
 
 
 @dataclass(frozen=True)
+class Callback:
+    """The delivery of a job's completion webhook (the wire's `callback`): `status` pending,
+    delivered or failed, the attempts made for its last end, and why the last one failed."""
+
+    status: str
+    attempts: int = 0
+    last_error: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Callback:
+        return cls(data.get("status") or "", data.get("attempts", 0), data.get("lastError"))
+
+
+@dataclass(frozen=True)
 class Job:
     """A job as the server last described it.
 
@@ -110,7 +124,8 @@ class Job:
     first), `max_attempts` how many its kind's retries allow; a job waiting for its next
     attempt is queued with `next_attempt_at`, and `earlier_errors` are its failed attempts.
     `estimated_start_seconds` is the server's estimate while it is queued (None when there is
-    none). A field a server does not send keeps its default (`priority` 0)."""
+    none). `callback`: the delivery of its completion webhook, for a job with a callbackUrl.
+    A field a server does not send keeps its default (`priority` 0)."""
 
     id: str
     job_type: str
@@ -129,6 +144,7 @@ class Job:
     error: str | None = None
     result: Result | None = None
     links: Links | None = None
+    callback: Callback | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -154,7 +170,9 @@ class Job:
             started_at=_time(data.get("startedAt")), finished_at=_time(data.get("finishedAt")),
             error=data.get("error"),
             result=Result.from_json(data["id"], result) if result is not None else None,
-            links=Links.from_json(data["links"]) if data.get("links") else None, raw=data)
+            links=Links.from_json(data["links"]) if data.get("links") else None,
+            callback=Callback.from_json(data["callback"]) if data.get("callback") else None,
+            raw=data)
 
 
 @dataclass(frozen=True)

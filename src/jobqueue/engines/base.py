@@ -22,6 +22,7 @@ from jobqueue.metrics import Outcome
 from jobqueue.records import JobRecord, Origin
 from jobqueue.rollup import MinuteFigures
 from jobqueue.settings import Settings
+from jobqueue.webhooks import Attempted, Delivery
 
 # Retry-After of a full queue stays within this: a client is told to come back within
 # minutes, and may then be told again.
@@ -61,6 +62,8 @@ class NewJob:
     # The submitting request's W3C traceparent while tracing is on (tracing.py), kept with the
     # job so that its spans continue the request's trace.
     traceparent: str | None = None
+    # Where its status document is POSTed when it ends (webhooks.py); None: nowhere.
+    callback_url: str | None = None
 
 
 class RecordChanges(Protocol):
@@ -172,6 +175,21 @@ class JobEngine(Protocol):
 
     async def health(self) -> dict[str, str]:
         """Each dependency the engine needs: "ok", or what is wrong with it."""
+
+    # ---- completion webhooks (webhooks.py: the rules; the engine stores and claims) ----
+
+    async def claim_deliveries(self, limit: int, lease: float) -> list[Delivery]:
+        """Up to `limit` webhook deliveries due now, each claimed for `lease` seconds so that
+        no other process makes the same attempt."""
+
+    async def delivery_done(self, delivery: Delivery, attempted: Attempted) -> None:
+        """An attempt's outcome; the claim let go."""
+
+    async def release_delivery(self, delivery: Delivery) -> None:
+        """Let go of the claim of an attempt cut short (a shutdown)."""
+
+    async def callback(self, job_id: str) -> dict | None:
+        """The job's delivery (url, status, attempts, last_error, ended_at), or None."""
 
     # ---- for the retention sweeps (files/retention.py) ----
 

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.sse import EventSourceResponse
 from starlette.types import Send
 
-from jobqueue import lifecycle
+from jobqueue import lifecycle, webhooks
 from jobqueue.api.access import owner
 from jobqueue.api.downloads import file_response
 from jobqueue.api.prefer import APPLIED, preferences
@@ -24,6 +24,7 @@ from jobqueue.api.routes import links
 from jobqueue.api.schemas import (
     REQUEST_EXAMPLES,
     Accepted,
+    CallbackView,
     EarlierError,
     JobList,
     JobSummary,
@@ -63,13 +64,28 @@ def _time(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, UTC).isoformat() if timestamp else None
 
 
-async def job_view(request: Request, record: JobRecord) -> JobView:
-    """The whole job, its result's data included."""
+async def job_view(request: Request, record: JobRecord, with_callback: bool = True) -> JobView:
+    """The whole job, its result's data included; its webhook delivery too, if it has one
+    (`with_callback`)."""
     view = JobView(**await _fields(request, record))
     if record.status == JobStatus.SUCCEEDED.value and record.result:
         view.result = ResultView(data=record.result.get("data") or {},
                                  files=_file_urls(request, record))
+    if with_callback:
+        engine: JobEngine = request.app.state.engine
+        shown = webhooks.shown(await engine.callback(record.id), record)
+        view.callback = CallbackView(**shown) if shown else None
     return view
+
+
+async def status_document(app: FastAPI, record: JobRecord) -> dict:
+    """What a webhook delivers (webhooks.Deliverer): the job's status document as GET
+    /jobs/{id} answers it, without its `callback` (the delivery it is the body of). Links as
+    in any answer: paths, or absolute from JOBQUEUE_PUBLIC_URL."""
+    request = Request({"type": "http", "app": app, "method": "GET", "path": "/",
+                       "root_path": "", "headers": [], "query_string": b""})
+    view = await job_view(request, record, with_callback=False)
+    return view.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 async def job_summary(request: Request, record: JobRecord) -> JobSummary:

@@ -74,7 +74,7 @@ async def put(request: Request) -> Response:
     engine: JobEngine = request.app.state.engine
     settings = request.app.state.settings
     prefer = preferences(request)
-    submission = await read_submission(request, settings)
+    submission = await read_submission(request, settings, callbacks=prefer.respond_async)
     record = await start_job(engine, submission, Origin.PUT, owner=owner(request),
                              fair_key=client_key(request), respond_async=prefer.respond_async)
     timeout = settings.limits(request.app.state.kinds[record.job_type]).timeout

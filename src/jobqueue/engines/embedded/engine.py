@@ -47,6 +47,7 @@ from jobqueue.records import JobRecord, JobStore, Origin, SqliteJobStore
 from jobqueue.resources import Resource
 from jobqueue.rollup import MinuteFigures
 from jobqueue.settings import KindLimits, Settings
+from jobqueue.webhooks import Attempted, Delivery
 
 log = logging.getLogger(__name__)
 
@@ -718,6 +719,7 @@ class EmbeddedEngine:
     async def start(self) -> None:
         """Queue again what a previous run accepted but did not finish, then start the threads."""
         jobfiles.claim_out_dir(self.out_dir, self.store.store_id)
+        self.store.release_deliveries()  # claims of a run before this one
         for record in self.store.unfinished():
             self._recover(record)
         for pool in self.pools.values():
@@ -792,6 +794,8 @@ class EmbeddedEngine:
                 record = job._record_locked()
                 if job.status is JobStatus.QUEUED and job.started_at is None:
                     self.store.save(record)
+            if new.callback_url:  # in the same commit as its record
+                self.store.add_callback(job.id, job.owner, new.callback_url)
         except (QueueFull, SetupFailed, ShuttingDown, TooManyQueued, WouldTimeOut):
             self.store.delete(job.id)
             await self._remove_upload(new)
@@ -998,6 +1002,23 @@ class EmbeddedEngine:
         # Live progress for the jobs not finished yet.
         return [_summary(self._active[r.id].record()) if r.id in self._active else r
                 for r in records]
+
+    # ---- the facade: completion webhooks (webhooks.py) ----
+
+    async def claim_deliveries(self, limit: int, lease: float) -> list[Delivery]:
+        rows = await asyncio.to_thread(self.store.claim_deliveries, time.time(), limit, lease)
+        return [Delivery(**row) for row in rows]
+
+    async def delivery_done(self, delivery: Delivery, attempted: Attempted) -> None:
+        await asyncio.to_thread(self.store.delivery_done, delivery.job_id, delivery.ended_at,
+                                attempted.status, attempted.attempts, attempted.last_error,
+                                attempted.next_at, attempted.payload)
+
+    async def release_delivery(self, delivery: Delivery) -> None:
+        pass  # no claim outlives this process's run: its start clears them all
+
+    async def callback(self, job_id: str) -> dict | None:
+        return self.store.delivery(job_id)  # one row by its key, on the reader
 
     # ---- the facade: for the retention sweeps ----
 

@@ -32,6 +32,7 @@ from typing import Any
 import psycopg
 from procrastinate.exceptions import ConnectorException
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
@@ -66,6 +67,7 @@ from jobqueue.metrics import Metrics, Outcome
 from jobqueue.records import JobRecord, Origin, list_query
 from jobqueue.resources import State, Status
 from jobqueue.settings import Settings
+from jobqueue.webhooks import Attempted, Delivery
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +265,7 @@ class PostgresEngine:
         by_estimate = new.origin is Origin.PUT and not new.respond_async
         while True:
             try:
-                earlier = await self._insert(record, by_estimate)
+                earlier = await self._insert(record, by_estimate, new.callback_url)
                 break
             except psycopg.errors.UniqueViolation:  # the same idempotency key at once:
                 continue  # the other one is in now, and this finds it
@@ -275,7 +277,8 @@ class PostgresEngine:
         log.debug("job %s: %s queued", record.id, record.job_type)
         return record
 
-    async def _insert(self, record: JobRecord, by_estimate: bool = False) -> JobRecord | None:
+    async def _insert(self, record: JobRecord, by_estimate: bool = False,
+                      callback_url: str | None = None) -> JobRecord | None:
         """Write the record and its queue entry in one transaction; the earlier job instead
         when the idempotency key was used before. QueueFull at the kind's capacity,
         TooManyQueued past its owner's cap; with `by_estimate`, WouldTimeOut when it would
@@ -287,6 +290,9 @@ class PostgresEngine:
                 return earlier
             await self._check_room(conn, record.job_type, record, by_estimate)
             await insert_queued(self.app, conn, record)
+            if callback_url:  # webhooks.py; deleted with the record (ON DELETE CASCADE)
+                await conn.execute(QUERIES["insert_delivery"],
+                                   (record.id, record.owner, callback_url))
         return None
 
     async def check_room(self, kind: str, owner: str = "",
@@ -522,6 +528,32 @@ class PostgresEngine:
             if row:
                 await schema.notify(conn, job_id, row[0], removed=True)
         await asyncio.to_thread(self._remove_files, job_id)
+
+    # ---- completion webhooks (webhooks.py) ----
+
+    async def claim_deliveries(self, limit: int, lease: float) -> list[Delivery]:
+        now = time.time()
+        async with self._db() as conn, conn.transaction():
+            async with conn.cursor(row_factory=dict_row) as cursor:
+                await cursor.execute(QUERIES["claim_deliveries"],
+                                     {"now": now, "limit": limit, "until": now + lease})
+                return [Delivery(**row) for row in await cursor.fetchall()]
+
+    async def delivery_done(self, delivery: Delivery, attempted: Attempted) -> None:
+        async with self._db() as conn:
+            await conn.execute(QUERIES["delivery_done"], (
+                attempted.status, attempted.attempts, attempted.last_error, attempted.next_at,
+                attempted.payload, delivery.job_id, delivery.ended_at))
+
+    async def release_delivery(self, delivery: Delivery) -> None:
+        async with self._db() as conn:
+            await conn.execute(QUERIES["release_delivery"],
+                               (delivery.job_id, delivery.ended_at))
+
+    async def callback(self, job_id: str) -> dict | None:
+        async with self._db() as conn, conn.cursor(row_factory=dict_row) as cursor:
+            await cursor.execute(QUERIES["select_delivery"], (job_id,))
+            return await cursor.fetchone()
 
     def _remove_files(self, job_id: str) -> None:
         """A job's files, wherever they are. With the object store down, the objects stay

@@ -361,3 +361,54 @@ SELECT id FROM jobqueue_jobs WHERE id = ANY(%s)
 -- expired_jobs --
 -- The jobs that finished before a time.
 SELECT id FROM jobqueue_jobs WHERE finished_at < %s
+
+-- insert_delivery --
+-- A new job's callback URL (webhooks.py), in its submit's transaction (parameters: id, owner,
+-- url).
+INSERT INTO jobqueue_deliveries (job_id, owner, url) VALUES (%s, %s, %s)
+ON CONFLICT (job_id) DO NOTHING
+
+-- claim_deliveries --
+-- Deliveries due now, each claimed until a time by this process alone (parameters: now,
+-- limit, until): rows another process is claiming are skipped, and one it has claimed is not
+-- due. A job that ended at another time than its delivery's event starts a new event
+-- (attempts from 0, its body made anew); a pending one whose next attempt is due is tried
+-- again.
+WITH due AS (
+    SELECT d.job_id, j.finished_at
+    FROM jobqueue_deliveries d JOIN jobqueue_jobs j ON j.id = d.job_id
+    WHERE j.status IN ('succeeded', 'failed', 'cancelled') AND j.finished_at IS NOT NULL
+      AND (d.claimed_until IS NULL OR d.claimed_until < %(now)s)
+      AND (d.ended_at IS DISTINCT FROM j.finished_at
+           OR (d.status = 'pending' AND d.next_at <= %(now)s))
+    ORDER BY d.next_at NULLS FIRST
+    LIMIT %(limit)s
+    FOR UPDATE OF d SKIP LOCKED)
+UPDATE jobqueue_deliveries d
+SET claimed_until = %(until)s,
+    status = CASE WHEN d.ended_at IS NOT DISTINCT FROM due.finished_at THEN d.status
+                  ELSE 'pending' END,
+    attempts = CASE WHEN d.ended_at IS NOT DISTINCT FROM due.finished_at THEN d.attempts
+                    ELSE 0 END,
+    last_error = CASE WHEN d.ended_at IS NOT DISTINCT FROM due.finished_at THEN d.last_error
+                 END,
+    payload = CASE WHEN d.ended_at IS NOT DISTINCT FROM due.finished_at THEN d.payload END,
+    next_at = CASE WHEN d.ended_at IS NOT DISTINCT FROM due.finished_at THEN d.next_at END,
+    ended_at = due.finished_at
+FROM due WHERE d.job_id = due.job_id
+RETURNING d.job_id, d.url, d.attempts, d.ended_at, d.payload
+
+-- delivery_done --
+-- An attempt's outcome, and its claim let go, if the delivery is still of that end
+-- (parameters: status, attempts, last_error, next_at, payload, id, ended_at).
+UPDATE jobqueue_deliveries SET status = %s, attempts = %s, last_error = %s, next_at = %s,
+                               payload = %s, claimed_until = NULL
+WHERE job_id = %s AND ended_at IS NOT DISTINCT FROM %s
+
+-- select_delivery --
+SELECT url, status, attempts, last_error, ended_at FROM jobqueue_deliveries WHERE job_id = %s
+
+-- release_delivery --
+-- An attempt cut short by a shutdown is due again (parameters: id, ended_at).
+UPDATE jobqueue_deliveries SET claimed_until = NULL
+WHERE job_id = %s AND ended_at IS NOT DISTINCT FROM %s

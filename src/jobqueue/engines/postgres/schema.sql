@@ -71,3 +71,18 @@ ALTER TABLE jobqueue_workers ADD COLUMN IF NOT EXISTS metrics text;
 -- Each kind's resource in the worker ({"<kind>": {"state", "error", "retryIn"}}); a worker of
 -- before it writes none, its kinds count as ready.
 ALTER TABLE jobqueue_workers ADD COLUMN IF NOT EXISTS states jsonb NOT NULL DEFAULT '{}';
+-- Completion webhooks (webhooks.py): a row per job with a callback URL, written in the job's
+-- submit transaction and deleted with the job. `ended_at` is the job end its event is of;
+-- `claimed_until` keeps each attempt to one process (claim_deliveries).
+CREATE TABLE IF NOT EXISTS jobqueue_deliveries (
+    job_id text PRIMARY KEY REFERENCES jobqueue_jobs (id) ON DELETE CASCADE,
+    owner text NOT NULL DEFAULT '',
+    url text NOT NULL,
+    status text NOT NULL DEFAULT 'pending',
+    attempts integer NOT NULL DEFAULT 0,
+    last_error text,
+    ended_at double precision,
+    next_at double precision,
+    claimed_until double precision,
+    payload text
+);
