@@ -174,6 +174,28 @@ def test_one_trace_from_the_request_to_the_render_children_embedded(tmp_path, re
         assert access and f"traceId={trace_id}" in access[0], access
 
 
+def test_a_child_a_kind_starts_itself_has_its_span(tmp_path, receiver):
+    """The video kind starts ffprobe on its input itself (start_child) beside ffmpeg
+    (run_child), then probes the output (run_child): all three are children of the run's
+    span, the probe it started itself ended once the kind reaped it."""
+    with run_server(tmp_path, env=receiver.env()) as server, server.client() as client, \
+            (DATA / "sample.mp4").open("rb") as video:
+        answer = client.post("/jobs", data={"jobType": "video", "width": "64"},
+                             files={"file": ("clip.mp4", video, "video/mp4")})
+        assert answer.status_code == 202, answer.text
+        job_id = answer.json()["id"]
+        assert wait_finished(client, job_id, 120)["status"] == "succeeded"
+
+        def under_run() -> list:
+            spans = job_trace(receiver, job_id)
+            [run] = spans["job.run"]
+            return [span for span in spans.get("child ffprobe", []) + spans["child ffmpeg"]
+                    if span.parent_id == run.span_id]
+        # (The upload's check before queueing runs an ffprobe of its own, under the request.)
+        eventually(lambda: len(under_run()) == 3, 30)
+    assert all(span.attributes["process.exit.code"] == 0 for span in under_run())
+
+
 def test_an_uploads_check_is_in_the_requests_span(tmp_path, receiver):
     with run_server(tmp_path, env=receiver.env()) as server, server.client() as client, \
             (DATA / "sample.pdf").open("rb") as pdf:

@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from jobqueue.errors import BadInput, JobCancelled, RetryLater, TooLarge, UnsupportedInput
     from jobqueue.jobs import Batch, JobContext, JobKind, Output, Progress, Retry
-    from jobqueue.processes import ChildSlots, OutputTooLarge, ProcessFailed
+    from jobqueue.processes import ChildSlots, OutputTooLarge, ProcessFailed, start_child
     from jobqueue.processes import output as child_output
-    from jobqueue.processes import popen as start_child
     from jobqueue.processes import run as run_child
     from jobqueue.processes import run_many as run_children
     from jobqueue.settings import Settings
@@ -41,7 +40,7 @@ _PUBLIC = {
     "OutputTooLarge": ("jobqueue.processes", "OutputTooLarge"),
     "ProcessFailed": ("jobqueue.processes", "ProcessFailed"),
     "child_output": ("jobqueue.processes", "output"),
-    "start_child": ("jobqueue.processes", "popen"),
+    "start_child": ("jobqueue.processes", "start_child"),
     "run_child": ("jobqueue.processes", "run"),
     "run_children": ("jobqueue.processes", "run_many"),
     "Settings": ("jobqueue.settings", "Settings"),

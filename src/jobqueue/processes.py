@@ -70,6 +70,44 @@ def popen(args: Sequence[str], memory_mb: float | None = None, **kwargs) -> subp
     return subprocess.Popen(guarded(args, memory_mb), stdin=subprocess.DEVNULL, **kwargs)
 
 
+class _TracedPopen(subprocess.Popen):
+    """A child a kind started itself (start_child) and reaps itself: its span ends once a
+    wait or poll (communicate waits) sees it exit."""
+
+    span: Any = None
+
+    def poll(self) -> int | None:
+        code = super().poll()
+        self._reaped()
+        return code
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = super().wait(timeout)
+        self._reaped()
+        return code
+
+    def _reaped(self) -> None:
+        if self.returncode is not None and self.span is not None:
+            span, self.span = self.span, None
+            tracing.end_child(span, self.pid, self.returncode)
+
+
+def start_child(args: Sequence[str], memory_mb: float | None = None,
+                **kwargs) -> subprocess.Popen:
+    """`popen` for a kind's own use (jobqueue.start_child): while tracing is on, the child has
+    a span under the job's run, as run_child's do."""
+    span = tracing.start_child(args)
+    if span is None:
+        return popen(args, memory_mb, **kwargs)
+    try:
+        process = _TracedPopen(guarded(args, memory_mb), stdin=subprocess.DEVNULL, **kwargs)
+    except BaseException:
+        tracing.end_child(span, None, None)
+        raise
+    process.span = span
+    return process
+
+
 class OutputTooLarge(BadInput):
     """A check's program printed more than `output` keeps: what it reads about the file
     (a PDF's title, a video's tags) is too large to be a document's own."""
