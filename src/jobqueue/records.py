@@ -255,6 +255,11 @@ class SqliteJobStore:
         # Callback URLs of new jobs (webhooks.py), written with the pending changes:
         # (id, owner, url).
         self._callbacks: list[tuple[str, str, str]] = []
+        # Taken by the writer, not committed yet; and those whose job had no row when they
+        # were (a worker started the job before its submit saved it: its row comes with the
+        # start's save, in a later batch).
+        self._writing_callbacks: list[tuple[str, str, str]] = []
+        self._unplaced: list[tuple[str, str, str]] = []
         self._noted = 0  # changes noted so far
         self._written = 0  # of those, committed
         self._error: Exception | None = None  # why the last commit failed, if it did
@@ -293,6 +298,8 @@ class SqliteJobStore:
 
     def delete(self, job_id: str) -> None:
         """Forget the job, and its webhook delivery with it."""
+        with self._changed:
+            self._unplaced = [c for c in self._unplaced if c[0] != job_id]
         self._note(job_id, _Change(None))
 
     def add_callback(self, job_id: str, owner: str, url: str) -> None:
@@ -362,10 +369,12 @@ class SqliteJobStore:
                 # Still visible to get() while it is being committed.
                 batch, self._pending, self._writing = self._pending, {}, self._pending
                 ended, self._ended = self._ended, Counter()
-                callbacks, self._callbacks = self._callbacks, []
+                callbacks = [*self._unplaced, *self._callbacks]
+                self._callbacks, self._unplaced = [], []
+                self._writing_callbacks = callbacks
                 target = self._noted
             try:
-                self._commit(batch, ended, callbacks)
+                unplaced = self._commit(batch, ended, callbacks)
             except Exception as error:  # the writer must outlive any one failed commit
                 log.error("could not write %d job records to %s (trying again in %g s): %s",
                           len(batch), self.location, retry, error)
@@ -377,7 +386,7 @@ class SqliteJobStore:
                     self._pending = {**batch, **self._pending}  # newer changes win
                     self._ended.update(ended)
                     self._callbacks = [*callbacks, *self._callbacks]
-                    self._writing = {}
+                    self._writing, self._writing_callbacks = {}, []
                     self._changed.notify_all()
                     ready = self._ready_waiters()
                 self._tell(ready, error)
@@ -391,7 +400,11 @@ class SqliteJobStore:
             retry = RETRY_SECONDS
             with self._changed:
                 self._written = target
-                self._writing = {}
+                self._writing, self._writing_callbacks = {}, []
+                # Kept for the batch that writes their job's row; one deleted meanwhile goes.
+                deleted = {job_id for job_id, change in self._pending.items()
+                           if change.record is None}
+                self._unplaced = [c for c in unplaced if c[0] not in deleted]
                 self._error = None
                 self._changed.notify_all()
                 ready = self._ready_waiters()
@@ -421,7 +434,9 @@ class SqliteJobStore:
                 pass
 
     def _commit(self, batch: dict[str, _Change], ended: Counter[rollup.Key],
-                callbacks: list[tuple[str, str, str]] = ()) -> None:
+                callbacks: list[tuple[str, str, str]] = ()) -> list[tuple[str, str, str]]:
+        """Write a batch; the callbacks whose job has no row yet (to write later)."""
+        unplaced = []
         with self._lock:
             self._db.execute("BEGIN")
             try:
@@ -431,12 +446,19 @@ class SqliteJobStore:
                         self._db.execute(QUERIES["delete_delivery"], (job_id,))
                     else:
                         self._db.execute(QUERIES["save_job"], change.row or _row(change.record))
-                self._db.executemany(QUERIES["add_delivery"],
-                                     [(job_id, owner, url, job_id)
-                                      for job_id, owner, url in callbacks])
+                for job_id, owner, url in callbacks:
+                    change = batch.get(job_id)
+                    if change is not None and change.record is None:
+                        continue  # deleted before its row was ever written
+                    if change is None and not self._db.execute(QUERIES["job_exists"],
+                                                               (job_id,)).fetchone():
+                        unplaced.append((job_id, owner, url))
+                        continue
+                    self._db.execute(QUERIES["add_delivery"], (job_id, owner, url))
                 self._db.executemany(QUERIES["add_minutes"],
                                      [(*key, jobs) for key, jobs in ended.items()])
                 self._db.execute("COMMIT")
+                return unplaced
             except BaseException:
                 # A failed COMMIT (a full disk) may have ended the transaction already; a
                 # ROLLBACK then fails too, and its error would hide the one that matters.
@@ -523,7 +545,8 @@ class SqliteJobStore:
     def delivery(self, job_id: str) -> dict[str, Any] | None:
         """The job's delivery row, if it has a callback URL."""
         with self._changed:
-            noted = next((c for c in self._callbacks if c[0] == job_id), None)
+            noted = next((c for c in (*self._callbacks, *self._writing_callbacks,
+                                      *self._unplaced) if c[0] == job_id), None)
         if noted is not None:  # not written yet
             return {"url": noted[2], "status": "pending", "attempts": 0, "last_error": None,
                     "ended_at": None}

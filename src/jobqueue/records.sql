@@ -187,9 +187,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 
 -- add_delivery --
--- A job's callback URL, if its record is there (parameters: id, owner, url, id).
-INSERT OR IGNORE INTO deliveries (job_id, owner, url)
-SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?)
+-- A job's callback URL, in the commit that has its record (parameters: id, owner, url).
+INSERT OR IGNORE INTO deliveries (job_id, owner, url) VALUES (?, ?, ?)
+
+-- job_exists --
+SELECT 1 FROM jobs WHERE id = ?
 
 -- delete_delivery --
 DELETE FROM deliveries WHERE job_id = ?
@@ -197,7 +199,8 @@ DELETE FROM deliveries WHERE job_id = ?
 -- claim_deliveries --
 -- Deliveries due now, claimed until a time (parameters: now, limit, until): a job that ended
 -- at another time than its delivery's event starts a new event (attempts from 0, its body
--- made anew); a pending one whose next attempt is due is tried again.
+-- made anew); a pending one whose next attempt is due (or whose attempt was cut
+-- short: no next_at, its claim run out) is tried again.
 UPDATE deliveries AS d
 SET claimed_until = :until,
     status = CASE WHEN d.ended_at IS j.finished_at THEN d.status ELSE 'pending' END,
@@ -212,7 +215,7 @@ WHERE j.id = d.job_id AND d.job_id IN (
     WHERE job.status IN ('succeeded', 'failed', 'cancelled') AND job.finished_at IS NOT NULL
       AND (due.claimed_until IS NULL OR due.claimed_until < :now)
       AND (due.ended_at IS NOT job.finished_at
-           OR (due.status = 'pending' AND due.next_at <= :now))
+           OR (due.status = 'pending' AND (due.next_at IS NULL OR due.next_at <= :now)))
     ORDER BY due.next_at LIMIT :limit)
 RETURNING job_id, url, attempts, ended_at, payload
 

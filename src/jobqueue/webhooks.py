@@ -33,6 +33,8 @@ them (`DeliveryStore`: SQLite's `deliveries` table in the embedded engine,
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import ipaddress
 import json
 import logging
@@ -72,7 +74,12 @@ PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 # Cloud metadata services (AWS, GCP, Azure: 169.254.169.254, link-local anyway; AWS's IPv6
 # one; Alibaba's), refused by name even where the other rules would let them through.
 METADATA_ADDRESSES = frozenset(ipaddress.ip_address(address) for address in (
-    "169.254.169.254", "fd00:ec2::254", "100.100.100.200", "169.254.170.2"))
+    "169.254.169.254", "fd00:ec2::254", "100.100.100.200", "169.254.170.2",
+    "168.63.129.16"))  # the last: Azure's WireServer, a public address
+# Host names are resolved on threads of their own, so that slow DNS answers (a resolver's
+# time-outs outlast RESOLVE_SECONDS) never hold up the loop's default executor, which the
+# server's other blocking calls use.
+_resolver = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="webhook-dns")
 
 
 @dataclass(frozen=True)
@@ -157,8 +164,18 @@ def shown(row: dict[str, Any] | None, record: JobRecord) -> dict[str, Any] | Non
 
 def refusal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     """Why a callback may not go to this address, or None for a public one."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv4 address inside an IPv6 one (::ffff:127.0.0.1, 6to4's 2002:7f00:1::,
+        # Teredo's) is judged as that IPv4 address.
+        embedded = address.ipv4_mapped or address.sixtofour or \
+            (address.teredo[1] if address.teredo else None)
+        if embedded is not None:
+            if (why := refusal(embedded)) is not None:
+                return why
+            if address.ipv4_mapped is not None:
+                return None
+        if address.is_site_local:
+            return "a site-local address"
     if address in METADATA_ADDRESSES:
         return "a cloud metadata address"
     for test, what in (("is_loopback", "a loopback address"),
@@ -185,9 +202,14 @@ def parse_url(url: object) -> tuple[str, int]:
     except ValueError:
         parts, port = None, None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
-            or parts.username is not None or any(c.isspace() for c in url):
+            or parts.username is not None or any(c.isspace() or not c.isprintable()
+                                                 for c in url):
         raise BadInput(f"callbackUrl must be an http:// or https:// URL (without user or "
                        f"password), not {url[:100]!r}.")
+    try:  # what the delivery's client makes of it (IDNA 2008 for the host, for one)
+        httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as error:
+        raise BadInput(f"callbackUrl is not a URL the server can send to ({error}).") from None
     return parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
@@ -205,8 +227,9 @@ async def checked_address(url: str, allow_hosts: list[str]) -> str:
     else:
         loop = asyncio.get_running_loop()
         try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), RESOLVE_SECONDS)
+            infos = await asyncio.wait_for(loop.run_in_executor(
+                _resolver, lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)),
+                RESOLVE_SECONDS)
         except (OSError, TimeoutError, UnicodeError) as error:
             raise BadInput(f"callbackUrl's host {host!r} cannot be resolved "
                            f"({error or 'no answer'}).") from None
@@ -253,8 +276,11 @@ class Deliverer:
         self._tasks: dict[asyncio.Task, Delivery] = {}  # the attempts under way
         # No proxies from the environment: a proxy would connect wherever the name resolves
         # to, past the address checked here. No redirects: a 3xx is a failed attempt.
+        # No connection kept open: one to an address checked for one host name must not carry
+        # another host's delivery (a shared front end routes by the name it was opened for).
         self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False,
-                                         timeout=TIMEOUT_SECONDS)
+                                         timeout=TIMEOUT_SECONDS,
+                                         limits=httpx.Limits(max_keepalive_connections=0))
 
     async def run(self) -> None:
         failing = ""  # the last look's error: logged once, not every second
@@ -299,8 +325,12 @@ class Deliverer:
             await self._try(delivery)
         except asyncio.CancelledError:
             raise
-        except Exception:  # the claim runs out, and the attempt is made again
+        except Exception as error:  # a failed attempt all the same: retried, then given up
             log.exception("job %s: webhook delivery failed unexpectedly", delivery.job_id)
+            with contextlib.suppress(Exception):  # else its claim runs out: tried again
+                await self.store.delivery_done(delivery, after_attempt(
+                    delivery, f"{type(error).__name__}: {error}"[:300], delivery.payload or "",
+                    self.retry_hours, time.time()))
 
     async def _try(self, delivery: Delivery) -> None:
         job_id = delivery.job_id
@@ -309,6 +339,11 @@ class Deliverer:
             record = await self.store.get(job_id)
             if record is None:
                 return  # deleted meanwhile: its delivery went with it
+            if record.finished_at != delivery.ended_at:
+                # Retried (POST /jobs/{id}/retry) since that end: its body would not be that
+                # end's. The next look starts the new end's event, once there is one.
+                await self.store.release_delivery(delivery)
+                return
             payload = json.dumps(await self.document(record), separators=(",", ":"))
         error = await self.post(delivery.url, webhook_id(job_id, delivery.ended_at), payload)
         attempted = after_attempt(delivery, error, payload, self.retry_hours, time.time())
@@ -338,11 +373,15 @@ class Deliverer:
         pinned = target.copy_with(host=address)
         headers = {**signed_headers(self.secret, msg_id, payload, time.time()),
                    "host": host_header, "user-agent": "jobqueue-webhooks"}
-        extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+        extensions = {"sni_hostname": target.raw_host.decode("ascii")} \
+            if target.scheme == "https" else {}
         try:
             async with asyncio.timeout(TIMEOUT_SECONDS):
-                answer = await self._client.post(pinned, content=payload.encode(),
-                                                 headers=headers, extensions=extensions)
+                # Its status is all an answer is read for: a body, however large, is not.
+                async with self._client.stream("POST", pinned, content=payload.encode(),
+                                               headers=headers,
+                                               extensions=extensions) as answer:
+                    pass
         except TimeoutError:
             return f"no answer within {TIMEOUT_SECONDS:g} s"
         except httpx.TimeoutException:

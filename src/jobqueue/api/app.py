@@ -136,16 +136,19 @@ def create_app(settings: Settings | None = None, with_workers: bool = True,
             log.warning("the sweep of leftover job folders failed at start: %s", error)
         sweeper = asyncio.create_task(retention.sweep_forever(engine, settings,
                                                               app.state.uploads.holders))
-        # Completion webhooks: every process that answers HTTP delivers (webhooks.py).
+        # Completion webhooks: every process that answers HTTP delivers (webhooks.py); with
+        # no secret to sign them, nothing (and no look for deliveries costs anything).
         deliverer = asyncio.create_task(webhooks.Deliverer(
             engine, lambda record: jobs.status_document(app, record),
             settings.webhook_secret.get_secret_value(), settings.webhook_retry_hours,
-            settings.webhook_allow_host_list, app.state.metrics.webhook_attempted).run())
+            settings.webhook_allow_host_list, app.state.metrics.webhook_attempted).run()) \
+            if settings.webhook_secret.get_secret_value() else None
         yield
         sweeper.cancel()
-        deliverer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await deliverer
+        if deliverer is not None:
+            deliverer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await deliverer
         await engine.stop()
         log.info("workers stopped")
 

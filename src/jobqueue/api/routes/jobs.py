@@ -71,7 +71,9 @@ async def job_view(request: Request, record: JobRecord, with_callback: bool = Tr
     if record.status == JobStatus.SUCCEEDED.value and record.result:
         view.result = ResultView(data=record.result.get("data") or {},
                                  files=_file_urls(request, record))
-    if with_callback:
+    # Only a server with a secret has deliveries to show (webhooks.py): the others skip the
+    # look, a query of its own in the distributed mode.
+    if with_callback and request.app.state.settings.webhook_secret.get_secret_value():
         engine: JobEngine = request.app.state.engine
         shown = webhooks.shown(await engine.callback(record.id), record)
         view.callback = CallbackView(**shown) if shown else None

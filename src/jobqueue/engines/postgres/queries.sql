@@ -372,15 +372,15 @@ ON CONFLICT (job_id) DO NOTHING
 -- Deliveries due now, each claimed until a time by this process alone (parameters: now,
 -- limit, until): rows another process is claiming are skipped, and one it has claimed is not
 -- due. A job that ended at another time than its delivery's event starts a new event
--- (attempts from 0, its body made anew); a pending one whose next attempt is due is tried
--- again.
+-- (attempts from 0, its body made anew); a pending one whose next attempt is due (or whose
+-- attempt was cut short: no next_at, its claim run out) is tried again.
 WITH due AS (
     SELECT d.job_id, j.finished_at
     FROM jobqueue_deliveries d JOIN jobqueue_jobs j ON j.id = d.job_id
     WHERE j.status IN ('succeeded', 'failed', 'cancelled') AND j.finished_at IS NOT NULL
       AND (d.claimed_until IS NULL OR d.claimed_until < %(now)s)
       AND (d.ended_at IS DISTINCT FROM j.finished_at
-           OR (d.status = 'pending' AND d.next_at <= %(now)s))
+           OR (d.status = 'pending' AND (d.next_at IS NULL OR d.next_at <= %(now)s)))
     ORDER BY d.next_at NULLS FIRST
     LIMIT %(limit)s
     FOR UPDATE OF d SKIP LOCKED)
