@@ -282,8 +282,9 @@ def test_a_url_the_client_cannot_send_to_is_422(tmp_path):
         with pytest.raises(webhooks.BadInput):
             webhooks.parse_url(url)
     with run_server(tmp_path, **ALLOW) as server, server.client() as client:
-        answer = client.post("/jobs", json={"data": "hi", "callbackUrl": "http://8.8.8.8/\x7f"})
-        assert answer.status_code == 422 and "callbackUrl" in answer.json()["detail"]
+        for url in ["http://8.8.8.8/\x7f", 0, False, [], {"url": "http://8.8.8.8/"}]:
+            answer = client.post("/jobs", json={"data": "hi", "callbackUrl": url})
+            assert answer.status_code == 422 and "callbackUrl" in answer.json()["detail"], url
 
 
 def test_the_store_keeps_a_callback_until_its_jobs_row_is_written(tmp_path):

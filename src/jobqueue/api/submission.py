@@ -107,7 +107,10 @@ async def parse_callback(fields: dict, settings: Settings, api_key: str | None,
     url = fields.pop("callbackUrl", None)
     if isinstance(url, str):
         url = url.strip()
-    if given and not url and url is not None:
+    elif url is not None:  # a JSON number, boolean, list: no URL, and no opt-out either
+        raise BadInput('callbackUrl must be a string: an http:// or https:// URL, or "" for '
+                       "none.")
+    if given and url == "":
         return None  # "": no callback, not even the key's default
     if url is None:
         if not allowed or given:
