@@ -326,5 +326,10 @@ def test_an_attempt_cut_short_is_due_again_once_its_claim_runs_out(tmp_path):
         assert store.claim_deliveries(now + 29, 16, 30) == []  # still claimed
         [again] = store.claim_deliveries(now + 31, 16, 30)
         assert (again["job_id"], again["attempts"]) == ("job", 0)
+        # The first claim's late note counts no more: the second claim's does.
+        for claim, status in ((claimed, "pending"), (again, "delivered")):
+            store.delivery_done("job", claim["ended_at"], "delivered", 1, None, None, "{}",
+                                claim["claimed_until"])
+            assert store.delivery("job")["status"] == status
     finally:
         store.close()

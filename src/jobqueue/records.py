@@ -180,7 +180,12 @@ class JobStore(Protocol):
         """Webhook deliveries due now, each claimed for `lease` seconds."""
 
     def delivery_done(self, job_id: str, ended_at: float, status: str, attempts: int,
-                      last_error: str | None, next_at: float | None, payload: str) -> None: ...
+                      last_error: str | None, next_at: float | None, payload: str,
+                      claimed_until: float | None = None) -> None:
+        """An attempt's outcome, if the claim (`claimed_until`) is still the one made."""
+
+    def release_delivery(self, job_id: str, ended_at: float,
+                         claimed_until: float | None) -> None: ...
 
     def delivery(self, job_id: str) -> dict[str, Any] | None: ...
 
@@ -537,10 +542,17 @@ class SqliteJobStore:
             return [dict(row) for row in rows.fetchall()]
 
     def delivery_done(self, job_id: str, ended_at: float, status: str, attempts: int,
-                      last_error: str | None, next_at: float | None, payload: str) -> None:
+                      last_error: str | None, next_at: float | None, payload: str,
+                      claimed_until: float | None = None) -> None:
         with self._lock:
             self._db.execute(QUERIES["delivery_done"], (status, attempts, last_error, next_at,
-                                                        payload, job_id, ended_at))
+                                                        payload, job_id, ended_at,
+                                                        claimed_until))
+
+    def release_delivery(self, job_id: str, ended_at: float,
+                         claimed_until: float | None) -> None:
+        with self._lock:
+            self._db.execute(QUERIES["release_delivery"], (job_id, ended_at, claimed_until))
 
     def delivery(self, job_id: str) -> dict[str, Any] | None:
         """The job's delivery row, if it has a callback URL."""

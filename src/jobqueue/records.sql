@@ -217,14 +217,20 @@ WHERE j.id = d.job_id AND d.job_id IN (
       AND (due.ended_at IS NOT job.finished_at
            OR (due.status = 'pending' AND (due.next_at IS NULL OR due.next_at <= :now)))
     ORDER BY due.next_at LIMIT :limit)
-RETURNING job_id, url, attempts, ended_at, payload
+RETURNING job_id, url, attempts, ended_at, payload, claimed_until
 
 -- delivery_done --
--- An attempt's outcome, and its claim let go, if the delivery is still of that end
--- (parameters: status, attempts, last_error, next_at, payload, id, ended_at).
+-- An attempt's outcome, and its claim let go, if the delivery is still of that end and the
+-- claim still this one (parameters: status, attempts, last_error, next_at, payload, id,
+-- ended_at, claimed_until).
 UPDATE deliveries SET status = ?, attempts = ?, last_error = ?, next_at = ?, payload = ?,
                       claimed_until = NULL
-WHERE job_id = ? AND ended_at IS ?
+WHERE job_id = ? AND ended_at IS ? AND claimed_until IS ?
+
+-- release_delivery --
+-- A claim let go without an attempt (parameters: id, ended_at, claimed_until).
+UPDATE deliveries SET claimed_until = NULL
+WHERE job_id = ? AND ended_at IS ? AND claimed_until IS ?
 
 -- select_delivery --
 SELECT url, status, attempts, last_error, ended_at FROM deliveries WHERE job_id = ?

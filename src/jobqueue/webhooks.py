@@ -91,6 +91,9 @@ class Delivery:
     attempts: int  # made so far for this event
     ended_at: float  # the job's finished_at: which end this event is
     payload: str | None  # the body, once made (the first attempt makes it)
+    # Until when this process holds the claim: its note of the attempt counts only while
+    # it still does (another process may have claimed it since, had this one stalled).
+    claimed_until: float | None = None
 
 
 @dataclass(frozen=True)

@@ -1012,10 +1012,12 @@ class EmbeddedEngine:
     async def delivery_done(self, delivery: Delivery, attempted: Attempted) -> None:
         await asyncio.to_thread(self.store.delivery_done, delivery.job_id, delivery.ended_at,
                                 attempted.status, attempted.attempts, attempted.last_error,
-                                attempted.next_at, attempted.payload)
+                                attempted.next_at, attempted.payload, delivery.claimed_until)
 
     async def release_delivery(self, delivery: Delivery) -> None:
-        pass  # no claim outlives this process's run: its start clears them all
+        # (A stop's cut attempts need none: the next start clears every claim.)
+        await asyncio.to_thread(self.store.release_delivery, delivery.job_id,
+                                delivery.ended_at, delivery.claimed_until)
 
     async def callback(self, job_id: str) -> dict | None:
         return self.store.delivery(job_id)  # one row by its key, on the reader

@@ -543,12 +543,12 @@ class PostgresEngine:
         async with self._db() as conn:
             await conn.execute(QUERIES["delivery_done"], (
                 attempted.status, attempted.attempts, attempted.last_error, attempted.next_at,
-                attempted.payload, delivery.job_id, delivery.ended_at))
+                attempted.payload, delivery.job_id, delivery.ended_at, delivery.claimed_until))
 
     async def release_delivery(self, delivery: Delivery) -> None:
         async with self._db() as conn:
             await conn.execute(QUERIES["release_delivery"],
-                               (delivery.job_id, delivery.ended_at))
+                               (delivery.job_id, delivery.ended_at, delivery.claimed_until))
 
     async def callback(self, job_id: str) -> dict | None:
         async with self._db() as conn, conn.cursor(row_factory=dict_row) as cursor:

@@ -396,19 +396,21 @@ SET claimed_until = %(until)s,
     next_at = CASE WHEN d.ended_at IS NOT DISTINCT FROM due.finished_at THEN d.next_at END,
     ended_at = due.finished_at
 FROM due WHERE d.job_id = due.job_id
-RETURNING d.job_id, d.url, d.attempts, d.ended_at, d.payload
+RETURNING d.job_id, d.url, d.attempts, d.ended_at, d.payload, d.claimed_until
 
 -- delivery_done --
 -- An attempt's outcome, and its claim let go, if the delivery is still of that end
--- (parameters: status, attempts, last_error, next_at, payload, id, ended_at).
+-- and the claim still this one (parameters: status, attempts, last_error, next_at, payload,
+-- id, ended_at, claimed_until).
 UPDATE jobqueue_deliveries SET status = %s, attempts = %s, last_error = %s, next_at = %s,
                                payload = %s, claimed_until = NULL
-WHERE job_id = %s AND ended_at IS NOT DISTINCT FROM %s
+WHERE job_id = %s AND ended_at IS NOT DISTINCT FROM %s AND claimed_until = %s
 
 -- select_delivery --
 SELECT url, status, attempts, last_error, ended_at FROM jobqueue_deliveries WHERE job_id = %s
 
 -- release_delivery --
--- An attempt cut short by a shutdown is due again (parameters: id, ended_at).
+-- An attempt cut short by a shutdown (or not made) is due again (parameters: id, ended_at,
+-- claimed_until).
 UPDATE jobqueue_deliveries SET claimed_until = NULL
-WHERE job_id = %s AND ended_at IS NOT DISTINCT FROM %s
+WHERE job_id = %s AND ended_at IS NOT DISTINCT FROM %s AND claimed_until = %s
