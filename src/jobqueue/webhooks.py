@@ -104,7 +104,7 @@ class Attempted:
     attempts: int
     last_error: str | None
     next_at: float | None
-    payload: str
+    payload: str | None  # None: not made yet (the next attempt makes it)
 
 
 class DeliveryStore(Protocol):
@@ -139,8 +139,8 @@ def next_delay(attempts: int) -> float:
     return min(MAX_DELAY_SECONDS, FIRST_DELAY_SECONDS * 2 ** max(0, attempts - 1))
 
 
-def after_attempt(delivery: Delivery, error: str | None, payload: str, retry_hours: float,
-                  now: float) -> Attempted:
+def after_attempt(delivery: Delivery, error: str | None, payload: str | None,
+                  retry_hours: float, now: float) -> Attempted:
     """The delivery after an attempt that failed with `error` (None: delivered): tried again
     after next_delay, unless that is past JOBQUEUE_WEBHOOK_RETRY_HOURS from the job's end."""
     attempts = delivery.attempts + 1
@@ -332,7 +332,8 @@ class Deliverer:
             log.exception("job %s: webhook delivery failed unexpectedly", delivery.job_id)
             with contextlib.suppress(Exception):  # else its claim runs out: tried again
                 await self.store.delivery_done(delivery, after_attempt(
-                    delivery, f"{type(error).__name__}: {error}"[:300], delivery.payload or "",
+                    delivery, f"{type(error).__name__}: {error}"[:300],
+                    delivery.payload,  # None: the next attempt makes the body anew
                     self.retry_hours, time.time()))
 
     async def _try(self, delivery: Delivery) -> None:
