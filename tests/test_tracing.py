@@ -174,17 +174,23 @@ def test_one_trace_from_the_request_to_the_render_children_embedded(tmp_path, re
         assert access and f"traceId={trace_id}" in access[0], access
 
 
+def upload_and_wait(client, fields: dict, sample: str, media_type: str) -> str:
+    """POST /jobs with a sample file of data/; the job's id once it succeeded."""
+    with (DATA / sample).open("rb") as file:
+        answer = client.post("/jobs", data=fields, files={"file": (sample, file, media_type)})
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["id"]
+    assert wait_finished(client, job_id, 120)["status"] == "succeeded"
+    return job_id
+
+
 def test_a_child_a_kind_starts_itself_has_its_span(tmp_path, receiver):
     """The video kind starts ffprobe on its input itself (start_child) beside ffmpeg
     (run_child), then probes the output (run_child): all three are children of the run's
     span, the probe it started itself ended once the kind reaped it."""
-    with run_server(tmp_path, env=receiver.env()) as server, server.client() as client, \
-            (DATA / "sample.mp4").open("rb") as video:
-        answer = client.post("/jobs", data={"jobType": "video", "width": "64"},
-                             files={"file": ("clip.mp4", video, "video/mp4")})
-        assert answer.status_code == 202, answer.text
-        job_id = answer.json()["id"]
-        assert wait_finished(client, job_id, 120)["status"] == "succeeded"
+    with run_server(tmp_path, env=receiver.env()) as server, server.client() as client:
+        job_id = upload_and_wait(client, {"jobType": "video", "width": "64"},
+                                 "sample.mp4", "video/mp4")
 
         def under_run() -> list:
             spans = job_trace(receiver, job_id)
@@ -197,13 +203,9 @@ def test_a_child_a_kind_starts_itself_has_its_span(tmp_path, receiver):
 
 
 def test_an_uploads_check_is_in_the_requests_span(tmp_path, receiver):
-    with run_server(tmp_path, env=receiver.env()) as server, server.client() as client, \
-            (DATA / "sample.pdf").open("rb") as pdf:
-        answer = client.post("/jobs", data={"jobType": "pdf2image", "dpi": "50"},
-                             files={"file": ("scan.pdf", pdf, "application/pdf")})
-        assert answer.status_code == 202, answer.text
-        job_id = answer.json()["id"]
-        assert wait_finished(client, job_id, 120)["status"] == "succeeded"
+    with run_server(tmp_path, env=receiver.env()) as server, server.client() as client:
+        job_id = upload_and_wait(client, {"jobType": "pdf2image", "dpi": "50"},
+                                 "sample.pdf", "application/pdf")
         spans = job_trace(receiver, job_id)
     [request], [run] = spans["POST /jobs"], spans["job.run"]
     parents = {span.parent_id for span in spans["child pdfinfo"]}
