@@ -41,6 +41,20 @@ def job_id_of(record: logging.LogRecord) -> str | None:
 class TextFormatter(logging.Formatter):
     """The plain line, with the current span's ids at its end while tracing is on."""
 
+    _second: int | None = None
+    _second_text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        # One strftime a second, not one a line: a busy server writes hundreds a second.
+        second = int(record.created)
+        if second != self._second:
+            self._second_text = time.strftime(self.default_time_format,
+                                              self.converter(record.created))
+            self._second = second
+        return self.default_msec_format % (self._second_text, record.msecs)
+
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         line = super().formatMessage(record)
         if (ids := tracing.current_ids()) is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
+import typing
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,8 +17,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.responses import Response
 
-from jobqueue import errors, tracing, webhooks
+from jobqueue import errors, heap, tracing, webhooks
 from jobqueue.api import access, problems, ratelimit
 from jobqueue.api.edge import Edge, GoneClients
 from jobqueue.api.routes import (
@@ -80,6 +83,31 @@ ROUTE_FIELDS = ("status_code", "tags", "summary", "description", "response_descr
                 "strict_content_type", "max_body_size")
 
 
+class DirectRoute(APIRoute):
+    """An APIRoute whose endpoint takes the request alone and returns its Response is handed
+    the request as it is: FastAPI's request handler would look for parameters, solve the
+    route's (no) dependencies and check for a body it does not read, about a tenth of a
+    `GET /health`. Any other endpoint (parameters, dependencies such as the API key's)
+    gets FastAPI's handler, as an APIRoute does."""
+
+    def get_route_handler(self):  # noqa: ANN201 - FastAPI's handler type
+        if takes_request_alone(self):
+            return self.endpoint
+        return super().get_route_handler()
+
+
+def takes_request_alone(route: APIRoute) -> bool:
+    dependant, endpoint = route.dependant, route.endpoint
+    if not (inspect.iscoroutinefunction(endpoint) and dependant.request_param_name
+            and len(inspect.signature(endpoint).parameters) == 1):
+        return False
+    if any((dependant.path_params, dependant.query_params, dependant.header_params,
+            dependant.cookie_params, dependant.body_params, dependant.dependencies)):
+        return False
+    answer = typing.get_type_hints(endpoint).get("return")
+    return isinstance(answer, type) and issubclass(answer, Response)
+
+
 def include_flat(app: FastAPI, router: APIRouter, dependencies: list | None = None,
                  responses: dict | None = None) -> None:
     """The router's routes as routes of the app itself. FastAPI's include_router (0.165)
@@ -99,7 +127,8 @@ def include_flat(app: FastAPI, router: APIRouter, dependencies: list | None = No
             # is only ever inferred from the endpoint's return annotation, when no response
             # model was given: given one, even None, the copy would have none.
             response_model=Default(None) if route.stream_item_type else route.response_model,
-            route_class_override=type(route), form_limits=form_limits or None,
+            route_class_override=DirectRoute if type(route) is APIRoute else type(route),
+            form_limits=form_limits or None,
             **{field: getattr(route, field) for field in ROUTE_FIELDS})
 
 
@@ -143,6 +172,7 @@ def create_app(settings: Settings | None = None, with_workers: bool = True,
             settings.webhook_secret.get_secret_value(), settings.webhook_retry_hours,
             settings.webhook_allow_host_list, app.state.metrics.webhook_attempted).run()) \
             if settings.webhook_secret.get_secret_value() else None
+        heap.settle()  # started: what lives as long as the process is out of the GC's way
         yield
         sweeper.cancel()
         if deliverer is not None:
@@ -157,6 +187,10 @@ def create_app(settings: Settings | None = None, with_workers: bool = True,
         summary="Slow work behind HTTP: bounded queues per job kind, served by worker threads.",
         version="0.1.0",
         lifespan=lifespan,
+        # Spans come from OpenTelemetry's FastAPI instrumentation (`instrument`, tracing.py)
+        # and only while tracing is on. FastAPI's own telemetry (0.165) would otherwise ask
+        # the global providers on every request whether they are set up.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.kinds = kinds

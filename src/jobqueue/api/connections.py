@@ -48,6 +48,9 @@ class _Transport:
     def __init__(self, transport: asyncio.Transport, protocol: LimitedProtocol):
         self._transport = transport
         self._protocol = protocol
+        # Those of every answer, bound once rather than looked up through __getattr__.
+        self.write = transport.write
+        self.get_extra_info = transport.get_extra_info
 
     def close(self) -> None:
         self._protocol.close()

@@ -200,6 +200,11 @@ def _finite(text: str) -> float:
     return value
 
 
+# Made once: json.loads with these arguments makes a decoder on every call (as json.loads
+# does, the body's encoding is detected and a lone surrogate let through, then refused).
+DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite)
+
+
 def json_too_large() -> TooLarge:
     return TooLarge(f"The JSON body is larger than {MAX_JSON_BYTES // 1024} KB; send files as "
                     "multipart/form-data.")
@@ -219,7 +224,7 @@ async def read_json(request: Request, content_type: str, min_bytes_per_second: f
     if len(body) > MAX_JSON_BYTES:
         raise json_too_large()
     try:
-        fields = (json.loads(body, parse_constant=_reject_constant, parse_float=_finite)
+        fields = (DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
                   if body.strip() else {})
     except (ValueError, RecursionError) as error:
         if content_type and not content_type.startswith("application/json"):
@@ -230,7 +235,8 @@ async def read_json(request: Request, content_type: str, min_bytes_per_second: f
     if not isinstance(fields, dict):
         raise BadInput('The JSON body must be an object, such as {"data": "hello"}.')
     try:
-        json.dumps(fields, ensure_ascii=False).encode()
+        if b"\\u" in body or not body.isascii():  # else it has no lone surrogate
+            json.dumps(fields, ensure_ascii=False).encode()
     except UnicodeEncodeError:  # "\ud800": JSON allows it, nothing downstream can store it
         raise BadInput("The JSON body has text that is not valid Unicode (a lone surrogate "
                        "escape such as \\ud800).") from None
