@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import functools
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -217,8 +218,7 @@ class Settings(BaseSettings):
 
     @property
     def api_key_list(self) -> list[str]:
-        keys = self.api_keys.get_secret_value().split(",")
-        return [key.strip() for key in keys if key.strip()]
+        return list(_key_list(self.api_keys.get_secret_value()))
 
     @property
     def trusted_proxy_list(self) -> list[str]:
@@ -239,15 +239,24 @@ class Settings(BaseSettings):
         """A kind's JOBQUEUE_<NAME>_WORKERS, _QUEUE_SIZE and _TIMEOUT, else its defaults.
 
         ValueError naming the variable for a value that is not a number in range."""
-        if kind.name not in self._limits:
-            self._limits[kind.name] = kind_limits(kind, os.environ)
-        return self._limits[kind.name]
+        made = self._limits  # a private attribute: each read goes through __getattr__
+        limits = made.get(kind.name)
+        if limits is None:
+            limits = made[kind.name] = kind_limits(kind, os.environ)
+        return limits
+
+
+@functools.lru_cache(maxsize=8)
+def _key_list(text: str) -> tuple[str, ...]:
+    return tuple(key.strip() for key in text.split(",") if key.strip())
 
 
 # The priorities a job may have (POST /jobs and /put's `priority`): higher runs first.
 MIN_PRIORITY, MAX_PRIORITY = -10, 10
 
 
+# Parsed once per value, not on every submission that asks (read them, never change them).
+@functools.lru_cache(maxsize=8)
 def priority_caps(text: str) -> dict[str, int]:
     """JOBQUEUE_MAX_PRIORITY_PER_KEY's `key=max` pairs, by key (`*`: any other key)."""
     caps = {}
@@ -280,6 +289,7 @@ def webhook_key(secret: str) -> bytes:
     return key
 
 
+@functools.lru_cache(maxsize=8)
 def webhook_urls(text: str) -> dict[str, str]:
     """JOBQUEUE_WEBHOOK_URLS's `key=url` pairs, by API key (`*`: any other key); the key ends
     at the first `=`."""

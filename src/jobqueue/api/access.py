@@ -106,7 +106,9 @@ async def require_key(request: Request, header: str | None = Security(api_key_he
 
 def owner(request: Request) -> str:
     """The owner name `require_key` found for this request."""
-    return getattr(request.state, "owner", "")
+    # request.state keeps its attributes in the scope's "state" (as uvicorn passes it): read
+    # there, a missing owner is no AttributeError raised and caught on every request.
+    return (request.scope.get("state") or {}).get("owner", "")
 
 
 router = APIRouter(tags=["server"])

@@ -33,7 +33,7 @@ RETRY_STORAGE_SECONDS = 5.0
 def client_key(request: Request) -> str:
     """Whom a limit counts: the API key when the server has keys (`require_key` ran before
     this), otherwise the client's address."""
-    owner = getattr(request.state, "owner", "")
+    owner = (request.scope.get("state") or {}).get("owner", "")  # access.owner (it imports us)
     return f"key:{owner}" if owner else get_remote_address(request)
 
 

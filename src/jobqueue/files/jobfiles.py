@@ -12,7 +12,6 @@ import re
 import shutil
 import threading
 import unicodedata
-import uuid
 from pathlib import Path
 
 from jobqueue.errors import CannotStart
@@ -51,20 +50,25 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def new_job_id() -> str:
-    """A uuid4 from the operating system's random source, as uuid.uuid4() makes it."""
+    """A uuid4 from the operating system's random source, as uuid.uuid4() makes it (its
+    version and variant bits set, in its canonical text), without making a UUID object."""
     with _random_lock:
         if not _random_ids:
             pool = os.urandom(16 * RANDOM_IDS)
             _random_ids.extend(pool[i:i + 16] for i in range(0, len(pool), 16))
-        random = _random_ids.pop()
-    return str(uuid.UUID(bytes=random, version=4))
+        random = bytearray(_random_ids.pop())
+    random[6] = random[6] & 0x0F | 0x40  # version 4
+    random[8] = random[8] & 0x3F | 0x80  # the RFC 4122 variant
+    digits = random.hex()
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+# A UUID in its canonical text (what str(uuid.UUID(...)) gives): lowercase, with dashes.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def is_job_id(text: str) -> bool:
-    try:
-        return str(uuid.UUID(text)) == text
-    except ValueError:
-        return False
+    return isinstance(text, str) and _CANONICAL_UUID.fullmatch(text) is not None
 
 
 def safe_name(name: str, default: str = "upload") -> str:
