@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # The request line and header fields of one request, together.
 MAX_HEAD_BYTES = 64 * 1024
+# A write at most this large waits for the next one of the same moment (_Transport).
+HOLD_BYTES = 16 * 1024
 # A lingering close reads and drops at most this much, for at most this long.
 LINGER_BYTES = 64 * 1024 * 1024
 LINGER_SECONDS = 10.0
@@ -43,14 +45,40 @@ HEAD_TOO_LARGE = json.dumps({
 
 class _Transport:
     """The connection's transport as uvicorn sees it: closing it may linger first (see
-    `LimitedProtocol.close`), and it counts as closing while it lingers."""
+    `LimitedProtocol.close`), and it counts as closing while it lingers.
+
+    A small write is held back until the next one or the end of the event loop's current
+    round, whichever comes first: uvicorn writes an answer's head and its body apart, and each
+    write was a system call of its own (a fifth of a `GET /health`'s time); now one answer is
+    one."""
 
     def __init__(self, transport: asyncio.Transport, protocol: LimitedProtocol):
         self._transport = transport
         self._protocol = protocol
-        # Those of every answer, bound once rather than looked up through __getattr__.
-        self.write = transport.write
+        self._held = b""
+        self._flush_scheduled = False
+        # Bound once rather than looked up through __getattr__ on every answer.
         self.get_extra_info = transport.get_extra_info
+
+    def write(self, data: bytes) -> None:
+        if self._held:
+            data, self._held = self._held + data, b""
+        if len(data) > HOLD_BYTES:
+            self._transport.write(data)
+            return
+        self._held = bytes(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._protocol.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what is held back now (before the connection is closed or written to
+        directly)."""
+        self._flush_scheduled = False
+        if self._held:
+            data, self._held = self._held, b""
+            if not self._transport.is_closing():
+                self._transport.write(data)
 
     def close(self) -> None:
         self._protocol.close()
@@ -150,6 +178,7 @@ class LimitedProtocol(HttpToolsProtocol):
         requests; lingers on one whose request has not all come in yet."""
         if self.lingering or self._raw.is_closing():
             return
+        self.transport.flush()
         if not (self._in_message or self._head_bytes) or not self._raw.can_write_eof():
             self._raw.close()
             return
@@ -161,6 +190,7 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def close_now(self) -> None:
         if not self._raw.is_closing():
+            self.transport.flush()
             self._raw.close()
 
     def _head_too_large(self) -> None:
@@ -176,6 +206,7 @@ class LimitedProtocol(HttpToolsProtocol):
             head += [name, b": ", value, b"\r\n"]
         head += [b"content-type: application/json\r\n",
                  b"content-length: %d\r\n" % len(HEAD_TOO_LARGE), b"connection: close\r\n\r\n"]
+        self.transport.flush()  # whatever an answer before it left held back goes first
         self._raw.write(b"".join(head) + HEAD_TOO_LARGE)
         self._in_message = True  # what follows is the rest of the head: linger over it
         self.close()
