@@ -86,8 +86,10 @@ async def put(request: Request) -> Response:
                         media_type="application/json",
                         headers={"Location": links.link(request, f"/jobs/{record.id}"),
                                  APPLIED: "respond-async"})
-    answer = PutResponse(data=PutData(id=record.id, result=job_result(request, record)))
-    # Serialized here: a Response goes out as it is, where a model would be validated again.
+    # Made without validation (what goes in is the server's own, of the right types) and
+    # serialized here: a Response goes out as it is, where a model would be validated again.
+    answer = PutResponse.model_construct(data=PutData.model_construct(
+        id=record.id, result=job_result(request, record)))
     return Response(answer.model_dump_json(by_alias=True), media_type="application/json")
 
 
@@ -177,7 +179,7 @@ def raise_for_failure(record: JobRecord) -> None:
 
 def job_result(request: Request, record: JobRecord) -> JobResult:
     result = record.result or {}
-    return JobResult(
+    return JobResult.model_construct(
         worker_name=record.worker_name or "",
         dequeue_elapsed_ms=round((record.started_at - record.created_at) * 1000, 3),
         process_elapsed_ms=round((record.finished_at - record.started_at) * 1000, 3),

@@ -334,6 +334,9 @@ class WorkerPool:
         # there is an estimate; the recent run times, for the estimates' median.
         self._average_seconds = 1.0
         self._recent_runs: deque[float] = deque(maxlen=RECENT_RUNS)
+        # How many runs were added, and (at that count) how many are kept and their median.
+        self._runs_added = 0
+        self._median: tuple[int, int, float | None] = (0, 0, None)
         # Called on the loop with the waiting jobs when the queue has moved (Engine sets it).
         self.on_queue_moved: Callable[[list[Job]], None] = lambda jobs: None
 
@@ -460,11 +463,15 @@ class WorkerPool:
     def estimate(self, ahead: int, busy: int | None = None) -> float | None:
         """Seconds until a job with `ahead` jobs before it likely starts
         (lifecycle.estimated_start), from the kind's recent run times."""
-        runs = list(self._recent_runs)
-        median = statistics.median(runs) if runs else None
+        # Every /put asks, and only a run's end changes it: made again only then.
+        version, finished, median = self._median
+        if version != self._runs_added:
+            version, runs = self._runs_added, list(self._recent_runs)
+            finished, median = len(runs), statistics.median(runs) if runs else None
+            self._median = (version, finished, median)
         if busy is None:
             busy = len(self._running_now())
-        return lifecycle.estimated_start(ahead, median, len(runs), self.limits.workers, busy)
+        return lifecycle.estimated_start(ahead, median, finished, self.limits.workers, busy)
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: the estimated start of a job sent now (the
@@ -674,6 +681,7 @@ class WorkerPool:
         self._average_seconds = 0.8 * self._average_seconds + 0.2 * seconds
         if ending.status is not JobStatus.CANCELLED:
             self._recent_runs.append(seconds)
+            self._runs_added += 1
         if not job.timed_out and self._retried(job, ending, seconds):
             return True
         # Logged before the waiters hear of it, so the line never holds up their answer. A
@@ -706,6 +714,7 @@ class EmbeddedEngine:
             for name, kind in kinds.items()
         }
         self._active: dict[str, Job] = {}  # jobs not finished yet, by id
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one it serves, once known
         self._retrying: set[str] = set()  # failed jobs a client's retry is queueing again
         self.storing: frozenset[str] = frozenset()  # an upload stays where it was written
         self._feed = Feed()
@@ -1050,7 +1059,9 @@ class EmbeddedEngine:
                  input_path: Path | None = None, origin: Origin = Origin.JOBS, owner: str = "",
                  idempotency_key: str | None = None) -> Job:
         """A job not yet queued; call from the event loop."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # asked once: each call makes a system call (getpid, Python 3.11)
+            loop = self._loop = asyncio.get_running_loop()
         job = Job(id=job_id, kind=kind, options=options, files_root=self.out_dir,
                   input_path=input_path or kind.sample, loop=loop, done=loop.create_future(),
                   origin=origin, owner=owner, settings=self.settings,
