@@ -28,6 +28,7 @@ from prometheus_client import (
     make_wsgi_app,
 )
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.metrics import MetricWrapperBase
 
 from jobqueue.errors import TimedOut, category_of
 from jobqueue.jobs import JobKind, JobStatus
@@ -80,6 +81,7 @@ class Metrics:
 
     def __init__(self, kinds: Iterable[str] | Mapping[str, JobKind]):
         self.kinds = list(kinds)
+        self._children: dict[tuple, MetricWrapperBase] = {}  # _child's
         self.registry = registry = CollectorRegistry()
         self.jobs = Counter("jobqueue_jobs", "Jobs that ended in this process, by outcome",
                             ["kind", "outcome"], registry=registry)
@@ -138,14 +140,23 @@ class Metrics:
         for delivery in ("delivered", "retried", "failed"):
             self.webhook_deliveries.labels(delivery)
 
+    def _child(self, metric: MetricWrapperBase, *labels: str) -> MetricWrapperBase:
+        """`metric.labels(*labels)`, looked up once: labels() takes a lock and checks its
+        arguments on every call, and each job's start and end ask."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def job_started(self, kind: str, created_at: float, started_at: float) -> None:
-        self.queue_seconds.labels(kind).observe(max(0.0, started_at - created_at))
+        self._child(self.queue_seconds, kind).observe(max(0.0, started_at - created_at))
 
     def job_ended(self, kind: str, ending: Outcome, started_at: float | None,
                   finished_at: float | None) -> None:
-        self.jobs.labels(kind, ending.value).inc()
+        self._child(self.jobs, kind, ending.value).inc()
         if started_at is not None and finished_at is not None:
-            self.run_seconds.labels(kind).observe(max(0.0, finished_at - started_at))
+            self._child(self.run_seconds, kind).observe(max(0.0, finished_at - started_at))
 
     def batch_called(self, kind: str, size: int) -> None:
         """A batched kind's handler was called for `size` jobs."""

@@ -14,6 +14,7 @@ import math
 import statistics
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -137,8 +138,16 @@ class Job:
     def context(self) -> JobContext:
         """What its handler gets; its progress wakes whoever watches the job. Made on the loop
         as the job is (`_new_job`), before any thread may ask for it."""
+        # The job by a weak reference: the context's hook holding the job that holds the
+        # context made every job a reference cycle, freed only by the garbage collector.
+        job = weakref.ref(self)
+
+        def changed(_: Progress) -> None:
+            if (alive := job()) is not None:
+                alive.changed()
+
         return JobContext(self.id, self.options, self.input_path, self.out_dir, self.settings,
-                          on_progress=lambda _: self.changed())
+                          on_progress=changed)
 
     @property
     def cancel_requested(self) -> threading.Event:
