@@ -445,12 +445,16 @@ class SqliteJobStore:
         with self._lock:
             self._db.execute("BEGIN")
             try:
+                # One change per job in a batch, so deletes and saves need no order between
+                # them; the saves go in one executemany, not a call and a lookup each.
+                saves = []
                 for job_id, change in batch.items():
                     if change.record is None:
                         self._db.execute(QUERIES["delete_job"], (job_id,))
                         self._db.execute(QUERIES["delete_delivery"], (job_id,))
                     else:
-                        self._db.execute(QUERIES["save_job"], change.row or _row(change.record))
+                        saves.append(change.row or _row(change.record))
+                self._db.executemany(QUERIES["save_job"], saves)
                 for job_id, owner, url in callbacks:
                     change = batch.get(job_id)
                     if change is not None and change.record is None:
