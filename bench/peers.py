@@ -337,8 +337,9 @@ def report(targets: list[Target], runs: int, seconds: float, smoke: bool) -> dic
              "them. wrk (one thread) used at most "
              f"{wrk_max:.2f} of a core in any run, so it is not the bottleneck: each server's "
              "interpreter is (one process, so about one core, with its worker processes, "
-             "Redis or PostgreSQL on the other). jobqueue runs as shipped: uvicorn's access "
-             "log on (to /dev/null here), which the peers have off.")
+             "Redis or PostgreSQL on the other). jobqueue runs as shipped: its access log "
+             "writes a line per job (JOBQUEUE_ACCESS_LOG=jobs, to /dev/null here); the peers "
+             "write none (uvicorn's access log off, Celery's worker at WARNING).")
     if smoke:
         text += ("\n\nSmoke run: only the rows that need nothing extra (bare, to_thread, "
                  "jobqueue embedded); arq, Celery and jobqueue distributed are skipped.")
