@@ -12,12 +12,14 @@ import json
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 from httpx_sse import connect_sse
 from starlette.requests import Request
 
 from conftest import run_server
+from jobqueue.api.connections import HOLD_BYTES, _Transport
 from jobqueue.api.problems import internal_error
 
 
@@ -284,3 +286,53 @@ def test_a_refusal_before_the_body_is_read_reaches_a_client_still_sending_it(tmp
             assert "1024 KB" in json.loads(answer)["detail"]
         with server.client() as client:
             assert client.get("/health").status_code == 200
+
+
+class RecordingTransport:
+    """What the event loop's transport was asked to write, write by write."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name: str, default=None):
+        return default
+
+
+def test_an_answers_head_and_body_go_out_in_one_write():
+    async def scenario() -> None:
+        raw = RecordingTransport()
+        transport = _Transport(raw, SimpleNamespace(loop=asyncio.get_running_loop()))
+        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")  # as uvicorn writes a head, then its body
+        transport.write(b'{"status": "ok"}')
+        assert raw.writes == [], "held until the loop's round ends"
+        await asyncio.sleep(0)
+        assert raw.writes == [b'HTTP/1.1 200 OK\r\n\r\n{"status": "ok"}']
+
+        transport.write(b"data: 1\n\n")  # an event of a stream: out by the round's end
+        await asyncio.sleep(0)
+        assert raw.writes[-1] == b"data: 1\n\n"
+
+        big = b"x" * (HOLD_BYTES + 1)
+        transport.write(b"head")
+        transport.write(big)  # a large write goes at once, the held one before it
+        assert raw.writes[-1] == b"head" + big
+
+        transport.write(b"last words")
+        transport.flush()  # what the protocol does before it closes the connection
+        assert raw.writes[-1] == b"last words"
+        await asyncio.sleep(0)
+        assert raw.writes.count(b"last words") == 1, "flushed once, not again by the round"
+
+        raw.closing = True
+        transport.write(b"to a closed connection")
+        await asyncio.sleep(0)
+        assert raw.writes[-1] == b"last words", "nothing is written to a closed transport"
+
+    asyncio.run(scenario())

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import os
 import sqlite3
 import threading
 import time
+import uuid
+import weakref
 from pathlib import Path
 
 import pytest
@@ -350,3 +353,38 @@ def test_a_forked_child_draws_job_ids_of_its_own_even_with_the_pool_locked_at_th
     with os.fdopen(reader) as pipe:
         child_id = pipe.read()
     assert jobfiles.is_job_id(child_id) and child_id != new_job_id()
+
+
+def test_job_ids_are_canonical_uuid4s_and_only_those_pass_as_ids():
+    for _ in range(2000):
+        job_id = new_job_id()
+        parsed = uuid.UUID(job_id)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert str(parsed) == job_id and jobfiles.is_job_id(job_id)
+    some = str(uuid.uuid4())
+    for text in (some.upper(), "{" + some + "}", some.replace("-", ""), some + "\n",
+                 "urn:uuid:" + some, "../" + some[3:], "", None):
+        assert not jobfiles.is_job_id(text), text
+
+
+def test_an_ended_job_is_freed_as_its_last_reference_goes_not_by_the_collector(tmp_path):
+    """A job (its context, its lock, its future) that was a reference cycle waited for the
+    garbage collector: every tiny job cost it time. Now dropping the last reference frees it."""
+    async def scenario(engine: EmbeddedEngine) -> None:
+        job_id = await submit(engine, "ok")
+        job = engine._active[job_id]
+        job.context.set_progress(1, 2, "steps")  # the context's hook reaches the job
+        await engine.wait(job_id, 5)
+        pool = engine.pools["ok"]
+        await until(lambda: asyncio.sleep(0, job_id not in engine._active
+                                          and job not in pool.running))
+        gone = weakref.ref(job)
+        context = weakref.ref(job.context)
+        del job
+        gc.disable()
+        try:
+            assert gone() is None and context() is None, gc.get_referrers(gone())[:3]
+        finally:
+            gc.enable()
+
+    run_engine(tmp_path, scenario)

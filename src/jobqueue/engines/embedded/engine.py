@@ -571,6 +571,7 @@ class WorkerPool:
                     self.abandoned.discard(threading.current_thread())
                 if given_up:
                     return  # a replacement serves the queue now
+            job = jobs = None  # an ended job (its output) is not kept until the next one comes
             if last:
                 return  # stop() sent this thread its end while it gathered a batch
 
