@@ -11,10 +11,12 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from fastapi import HTTPException
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from conftest import DATA
+from jobqueue.api.app import DirectRoute, create_app, takes_request_alone
 from jobqueue.api.routes import put
 from jobqueue.records import JobRecord, Origin
 from media import pdf_page_points, png_size, probe_streams
@@ -198,6 +200,33 @@ def test_docs_give_a_job_event_stream_its_item_schema(client):
     assert item["properties"]["data"]["contentSchema"]["type"] == "object"
 
 
+async def answer_alone(request: Request) -> JSONResponse:
+    return JSONResponse({})
+
+
+async def answer_a_dict(request: Request) -> dict:
+    return {}
+
+
+async def answer_with_a_parameter(request: Request, job_id: str) -> JSONResponse:
+    return JSONResponse({})
+
+
+def test_an_endpoint_taking_the_request_alone_is_called_directly_and_others_through_fastapi():
+    app = FastAPI()
+    app.router.route_class = DirectRoute
+    app.add_api_route("/alone", answer_alone)
+    app.add_api_route("/dict", answer_a_dict)
+    app.add_api_route("/param/{job_id}", answer_with_a_parameter)
+    app.add_api_route("/keyed", answer_alone, dependencies=[Depends(lambda: None)])
+    direct = {route.path: route.get_route_handler() is route.endpoint
+              for route in app.routes if isinstance(route, DirectRoute)}
+    assert direct == {"/alone": True, "/dict": False, "/param/{job_id}": False, "/keyed": False}
+    served = {route.path for route in create_app().routes
+              if isinstance(route, DirectRoute) and takes_request_alone(route)}
+    assert {"/put", "/health"} <= served
+
+
 def test_malformed_bodies_are_4xx_never_5xx(client):
     cases = {
         "NaN": (b'{"seconds": NaN}', "application/json"),
@@ -205,6 +234,8 @@ def test_malformed_bodies_are_4xx_never_5xx(client):
         "a list": (b"[1, 2]", "application/json"),
         "broken JSON": (b'{"data": ', "application/json"),
         "plain text": (b"hello", "text/plain"),
+        "a raw lone surrogate": (b'{"data": "\xed\xa0\x80"}', "application/json"),
+        "not UTF-8": (b'{"data": "\xff"}', "application/json"),
     }
     for name, (body, content_type) in cases.items():
         response = client.post("/put", content=body, headers={"Content-Type": content_type})
