@@ -19,6 +19,7 @@ from conftest import DATA
 from jobqueue.api.app import DirectRoute, create_app, takes_request_alone
 from jobqueue.api.routes import put
 from jobqueue.records import JobRecord, Origin
+from jobqueue.settings import Settings
 from media import pdf_page_points, png_size, probe_streams
 
 
@@ -212,7 +213,8 @@ async def answer_with_a_parameter(request: Request, job_id: str) -> JSONResponse
     return JSONResponse({})
 
 
-def test_an_endpoint_taking_the_request_alone_is_called_directly_and_others_through_fastapi():
+def test_an_endpoint_taking_the_request_alone_is_called_directly_and_others_through_fastapi(
+        tmp_path):
     app = FastAPI()
     app.router.route_class = DirectRoute
     app.add_api_route("/alone", answer_alone)
@@ -222,7 +224,7 @@ def test_an_endpoint_taking_the_request_alone_is_called_directly_and_others_thro
     direct = {route.path: route.get_route_handler() is route.endpoint
               for route in app.routes if isinstance(route, DirectRoute)}
     assert direct == {"/alone": True, "/dict": False, "/param/{job_id}": False, "/keyed": False}
-    served = {route.path for route in create_app().routes
+    served = {route.path for route in create_app(Settings(out_dir=tmp_path)).routes
               if isinstance(route, DirectRoute) and takes_request_alone(route)}
     assert {"/put", "/health"} <= served
 
