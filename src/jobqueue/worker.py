@@ -19,7 +19,7 @@ import asyncio
 import logging
 import signal
 
-from jobqueue import logs, tracing
+from jobqueue import heap, logs, tracing
 from jobqueue.engines.postgres import timeouts
 from jobqueue.engines.postgres.runner import Runner, connections
 from jobqueue.errors import CannotStart
@@ -71,6 +71,7 @@ async def serve(settings: Settings, kinds: dict[str, JobKind]) -> None:
         loop.add_signal_handler(sig, on_signal)
     try:
         await runner.start()
+        heap.settle()  # started: what lives as long as the process is out of the GC's way
         await stopping.wait()
         await runner.stop()
     finally:
