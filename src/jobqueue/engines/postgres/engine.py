@@ -125,6 +125,12 @@ class PostgresEngine:
         self._closed = False
         self._reached = True  # the last call's connection worked
         self._putting: set[str] = set()  # /put jobs this replica's clients wait for
+        # /put jobs submitted here whose wait has not begun: the listener's connection
+        # (`_generation`) when each was inserted, and the end a notification told before
+        # its wait began (None: read the record), so the wait need not read it first.
+        self._fresh: dict[str, int] = {}
+        self._early_ends: dict[str, dict[str, Any] | None] = {}
+        self._generation = 0
         self.storing: set[str] = set()
 
     # ---- life ----
@@ -263,12 +269,20 @@ class PostgresEngine:
         # A /put whose client waits (not respond-async) is refused if it would start only
         # after its kind's timeout.
         by_estimate = new.origin is Origin.PUT and not new.respond_async
-        while True:
-            try:
-                earlier = await self._insert(record, by_estimate, new.callback_url)
-                break
-            except psycopg.errors.UniqueViolation:  # the same idempotency key at once:
-                continue  # the other one is in now, and this finds it
+        if new.origin is Origin.PUT and self._listening:  # its end may come before its wait
+            self._fresh[record.id] = self._generation
+        try:
+            while True:
+                try:
+                    earlier = await self._insert(record, by_estimate, new.callback_url)
+                    break
+                except psycopg.errors.UniqueViolation:  # the same idempotency key at once:
+                    continue  # the other one is in now, and this finds it
+        except BaseException:
+            self._forget_fresh(record.id)
+            raise
+        if earlier is not None:
+            self._forget_fresh(record.id)
         if earlier is not None:  # a retry of a job already accepted: that one
             await asyncio.to_thread(self._remove_files, new.id)
             return earlier
@@ -461,20 +475,36 @@ class PostgresEngine:
         deadline = loop.time() + timeout
         async with self._subscribed(job_id, ends_only=True) as changed:
             try:
+                # A job this replica just queued needs no first read if the listener has
+                # listened since: an end told before this wait was kept for it (`_dispatch`).
+                # An end's notification carries the record when it fits: nothing to read.
+                fresh = self._fresh.pop(job_id, None) == self._generation and self._listening
+                early = self._early_ends.pop(job_id, _NOT_ENDED)
+                told = early if fresh else None
                 while True:
-                    record = await self.get(job_id)
-                    if record is None:
+                    if told is _NOT_ENDED:
+                        record = None  # queued, or running: no end yet
+                    elif told is not None:
+                        record = schema.from_row(told)
+                    elif (record := await self.get(job_id)) is None:
                         raise LookupError(job_id)
-                    if record.status in FINISHED:
+                    if record is not None and record.status in FINISHED:
                         return record
                     left = deadline - loop.time()
                     if left <= 0:
                         raise TimeoutError
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(changed.wait(), min(left, REFRESH_SECONDS))
+                    told = changed.record if changed.is_set() else None
                     changed.clear()
+                    changed.record = None
             finally:
                 self._putting.discard(job_id)
+                self._forget_fresh(job_id)
+
+    def _forget_fresh(self, job_id: str) -> None:
+        self._fresh.pop(job_id, None)
+        self._early_ends.pop(job_id, None)
 
     async def cancel(self, job_id: str, reason: str,
                      ending: Outcome = Outcome.CANCELLED) -> None:
@@ -682,7 +712,7 @@ class PostgresEngine:
     async def _sweep_db(self) -> AsyncIterator[psycopg.AsyncConnection]:
         """`_db` for a sweep's statements, bounded by SWEEP_STATEMENT_SECONDS and
         SWEEP_SECONDS rather than a request's few seconds."""
-        async with self._db(SWEEP_SECONDS) as conn:
+        async with self._db(SWEEP_SECONDS) as conn, conn.transaction():
             await conn.execute(QUERIES["sweep_statement_timeout"],
                                (str(int(SWEEP_STATEMENT_SECONDS * 1000)),))
             yield conn
@@ -715,6 +745,7 @@ class PostgresEngine:
                     with timeouts.deadline(conn, ANSWER_SECONDS):
                         await conn.execute(QUERIES["listen"])
                     self._listening = True
+                    self._generation += 1
                     self._wake_everyone()
                     async for notification in conn.notifies():
                         self._dispatch(json.loads(notification.payload))
@@ -725,25 +756,43 @@ class PostgresEngine:
                     log.warning("lost the database connection that listens for job changes "
                                 "(%s); connecting again", schema.unavailable(error))
                 self._listening = False
+                self._generation += 1
                 self._wake_everyone()
                 await asyncio.sleep(1.0)
 
     def _dispatch(self, change: dict[str, Any]) -> None:
         unfinished = change.get("status") in UNFINISHED
-        for changed in self._waiters.get(change["id"], ()):
-            if not (unfinished and isinstance(changed, _EndWaiter)):
-                changed.set()
+        waiters = self._waiters.get(change["id"], ())
+        for changed in waiters:
+            if isinstance(changed, _EndWaiter):
+                if unfinished:
+                    continue
+                changed.record = change.get("record")  # the latest change's, if it has one
+            changed.set()
+        if not unfinished and not waiters and change["id"] in self._fresh:
+            self._early_ends[change["id"]] = change.get("record")  # for its wait
         for listener in self._feeds:
             listener.note(change)
 
     def _wake_everyone(self) -> None:
         for waiters in self._waiters.values():
             for changed in waiters:
+                if isinstance(changed, _EndWaiter):
+                    changed.record = None  # notifications may have been missed: read it
                 changed.set()
 
 
 class _EndWaiter(asyncio.Event):
-    """A subscriber to a job's end only (`_subscribed`)."""
+    """A subscriber to a job's end only (`_subscribed`); `record` is the ended record the
+    notification that woke it carried (queries.sql's `finish`), if any."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record: dict[str, Any] | None = None
+
+
+# A wait's note that no end of its job was told before it began.
+_NOT_ENDED: Any = object()
 
 
 class _PostgresListener:

@@ -282,14 +282,38 @@ RETURNING cancelled_as
 UPDATE jobqueue_jobs SET progress = %s WHERE id = %s AND attempt = %s AND status = 'running'
 
 -- finish --
--- A run's end, if it is still the job's latest (parameters: status, finished_at, progress,
--- error, error_kind, result, id, attempt); returns what a cancel said it was, if one did,
--- and the origin as it is now (a /put job's client may have handed it over meanwhile: its
--- files then stay as a POST /jobs job's do, lifecycle.files_after).
-UPDATE jobqueue_jobs SET status = %s, finished_at = %s, progress = %s, error = %s,
-                         error_kind = %s, result = %s
-WHERE id = %s AND attempt = %s AND status = 'running'
-RETURNING cancelled_as, origin
+-- A run's end, if it is still the job's latest, in one statement (parameters by name: status,
+-- finished_at, progress, error, error_kind, result, id, attempt; procrastinate_id, the run's
+-- procrastinate job, deleted with it as procrastinate's finish_job(delete_job=True) would;
+-- and the rollup's row, minute and bucket, when `counted`). Returns what a cancel said it
+-- was, if one did, the origin as it is now (a /put job's client may have handed it over
+-- meanwhile: its files then stay as a POST /jobs job's do, lifecycle.files_after) and whether
+-- the procrastinate job was deleted here. The replicas are told with the end's status and,
+-- when it fits in a notification, the record itself (a /put waiter then reads nothing).
+WITH ended AS (
+    UPDATE jobqueue_jobs SET status = %(status)s, finished_at = %(finished_at)s,
+                             progress = %(progress)s, error = %(error)s,
+                             error_kind = %(error_kind)s, result = %(result)s
+    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+    RETURNING *),
+queue AS (
+    DELETE FROM procrastinate_jobs
+    WHERE id = %(procrastinate_id)s AND status IN ('todo', 'doing')
+      AND EXISTS (SELECT 1 FROM ended)
+    RETURNING id),
+minutes AS (
+    INSERT INTO jobqueue_minutes (owner, job_type, minute, bucket, jobs)
+    SELECT owner, job_type, %(minute)s, %(bucket)s, 1 FROM ended WHERE %(counted)s
+    ON CONFLICT (owner, job_type, minute, bucket)
+    DO UPDATE SET jobs = jobqueue_minutes.jobs + excluded.jobs),
+told AS (
+    SELECT ended.*, to_jsonb(ended) - 'seq' - 'cancelled_as' - 'procrastinate_id' AS record
+    FROM ended)
+SELECT cancelled_as, origin, EXISTS (SELECT 1 FROM queue) AS deleted,
+       pg_notify('jobqueue_jobs', jsonb_build_object(
+           'id', id, 'owner', owner, 'removed', false, 'status', status,
+           'record', CASE WHEN octet_length(record::text) <= 7000 THEN record END)::text)
+FROM told
 
 -- retry_attempt --
 -- A failed attempt its kind retries (lifecycle.retry_in), if it is still the job's latest
