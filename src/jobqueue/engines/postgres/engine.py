@@ -335,20 +335,25 @@ class PostgresEngine:
         its capacity. For a job about to be queued (`new`, under the kind's lock): its fair
         round (set on it), TooManyQueued at JOBQUEUE_MAX_QUEUED_PER_KEY of its owner's, and
         with `by_estimate` WouldTimeOut when its estimated start is past its kind's timeout."""
-        slots, states = await self._live_workers(conn)
+        now = time.time()
+        async with conn.cursor() as looking:
+            await looking.execute(QUERIES["live_worker_kinds"], (now - STALLED_SECONDS,))
+            if new is not None:
+                # One submit of a kind at a time, cluster-wide: the count is exact. In a
+                # pipeline (a submit's) the workers' look, the lock and the admission look go
+                # out together, one round trip; the server runs the admission look once it
+                # holds the lock, so its snapshot has every submit before it (the workers'
+                # states need no lock).
+                await conn.execute(QUERIES["lock_kind"], (f"jobqueue:{kind}",))
+            # (in a pipeline, fetching its answer syncs all three)
+            figures = await admission(conn, kind, new.priority if new else 0,
+                                      new.fair_key if new else "", new.id if new else "")
+            slots, states = _worker_figures(await looking.fetchall(), now)
         status = cluster_status(states.get(kind, []))
         if status.state is State.FAILED:
             raise status.refusal(kind)
         limits = self.settings.limits(self.kinds[kind])
         workers = slots.get(kind, 0)
-        if new is not None:
-            # One submit of a kind at a time, cluster-wide: the count is exact. Taken only
-            # now (the workers' states need no lock); in a pipeline it is sent with the
-            # admission look, which the server runs once it holds the lock (so its snapshot
-            # has every submit before it).
-            await conn.execute(QUERIES["lock_kind"], (f"jobqueue:{kind}",))
-        figures = await admission(conn, kind, new.priority if new else 0,
-                                  new.fair_key if new else "", new.id if new else "")
         if figures["queued"] >= limits.queue_size:
             raise QueueFull(kind, limits.queue_size,
                             await self._retry_after(conn, kind, workers, figures))
@@ -658,15 +663,7 @@ class PostgresEngine:
         (the retry of a failed one counted from now)."""
         now = time.time()
         cursor = await conn.execute(QUERIES["live_worker_kinds"], (now - STALLED_SECONDS,))
-        workers: dict[str, int] = {}
-        states: dict[str, list[Status]] = {}
-        for kinds, beats, beat in await cursor.fetchall():
-            # The heartbeat's age by this replica's clock, within what a live one can be.
-            age = min(max(now - beat, 0.0), STALLED_SECONDS)
-            for name, count in kinds.items():
-                workers[name] = workers.get(name, 0) + int(count)
-                states.setdefault(name, []).append(worker_status(beats.get(name), age))
-        return workers, states
+        return _worker_figures(await cursor.fetchall(), now)
 
     async def list(self, status: str | None, job_type: str | None, limit: int, offset: int,
                    owner: str) -> list[JobRecord]:
@@ -825,6 +822,20 @@ class _PostgresListener:
             async with self.engine._db() as conn:
                 records = await schema.fetch(conn, QUERIES["select_summaries"], (changed,))
         return records, removed
+
+
+def _worker_figures(rows: list[tuple], now: float
+                    ) -> tuple[dict[str, int], dict[str, list[Status]]]:
+    """`_live_workers` from the rows of `live_worker_kinds` read at `now`."""
+    workers: dict[str, int] = {}
+    states: dict[str, list[Status]] = {}
+    for kinds, beats, beat in rows:
+        # The heartbeat's age by this replica's clock, within what a live one can be.
+        age = min(max(now - beat, 0.0), STALLED_SECONDS)
+        for name, count in kinds.items():
+            workers[name] = workers.get(name, 0) + int(count)
+            states.setdefault(name, []).append(worker_status(beats.get(name), age))
+    return workers, states
 
 
 def _estimate(figures: dict[str, Any], workers: int, ahead: int) -> float | None:

@@ -248,21 +248,39 @@ UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, worker_name = NUL
 WHERE id = %s
 
 -- claim_cancelled --
--- A job cancelled while queued ends as it is taken (parameters: finished_at, id, the taker's
--- procrastinate id).
-UPDATE jobqueue_jobs SET status = 'cancelled', finished_at = %s
-WHERE id = %s AND status = 'queued' AND cancelled_as IS NOT NULL
-  AND procrastinate_id IS NOT DISTINCT FROM %s
+-- A job cancelled while queued ends as it is taken (parameters by name: now, id, the taker's
+-- procrastinate_id): a cancel that came as a worker took the job found no procrastinate job
+-- left to delete. A piece of `take`.
+UPDATE jobqueue_jobs SET status = 'cancelled', finished_at = %(now)s
+WHERE id = %(id)s AND status = 'queued' AND cancelled_as IS NOT NULL
+  AND procrastinate_id IS NOT DISTINCT FROM %(procrastinate_id)s
 RETURNING *
 
 -- claim --
--- A run starts, if the record's own procrastinate job runs it (parameters: started_at, the
--- worker's name, id, procrastinate id). A retry's wait is over once it starts.
-UPDATE jobqueue_jobs SET status = 'running', started_at = %s, worker_name = %s,
+-- A run starts, if the record's own procrastinate job runs it (parameters by name: now,
+-- worker, id, procrastinate_id); never a queued job a cancel asked to stop (claim_cancelled
+-- ends that one). A retry's wait is over once it starts. A piece of `take`.
+UPDATE jobqueue_jobs SET status = 'running', started_at = %(now)s, worker_name = %(worker)s,
                          attempt = attempt + 1, progress = '{}', error = NULL,
                          error_kind = NULL, result = NULL, next_attempt_at = NULL
-WHERE id = %s AND status IN ('queued', 'running') AND procrastinate_id IS NOT DISTINCT FROM %s
+WHERE id = %(id)s AND status IN ('queued', 'running')
+  AND NOT (status = 'queued' AND cancelled_as IS NOT NULL)
+  AND procrastinate_id IS NOT DISTINCT FROM %(procrastinate_id)s
 RETURNING *
+
+-- take --
+-- A worker takes a job: claim_cancelled's end or claim's start ({cancelled} and {started},
+-- filled in by runner.py), whichever applies (they update exclusive rows), in one statement
+-- and one round trip, the replicas told of either with the status it has now (a waiter for
+-- the end need not read a claimed one). Returns the record, with `claimed`: true for a run
+-- that starts, false for the cancelled end.
+WITH cancelled AS ({cancelled}),
+started AS ({started}),
+taken AS (SELECT false AS claimed, * FROM cancelled
+          UNION ALL SELECT true AS claimed, * FROM started)
+SELECT taken.*, pg_notify('jobqueue_jobs', jsonb_build_object(
+           'id', id, 'owner', owner, 'removed', false, 'status', status)::text)
+FROM taken
 
 -- release --
 -- A run aborted by a shutdown as it started gives its job back (parameters: id, attempt).

@@ -52,7 +52,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from jobqueue import lifecycle, rollup, tracing
+from jobqueue import lifecycle, rollup, sql, tracing
 from jobqueue.engines.postgres import schema
 from jobqueue.engines.postgres.schema import QUERIES
 from jobqueue.errors import JobCancelled, Unavailable
@@ -81,6 +81,11 @@ SCRATCH_PREFIX = "scratch-"
 # The database connections a batched kind adds to a worker's pool, at most: its jobs hold one
 # only for a statement or two each (their claim, progress, end), so they take turns.
 BATCH_CONNECTIONS = 8
+
+
+# A job's claim, or its end if a cancel asked for it while it was queued (queries.sql's `take`).
+TAKE = sql.fill(QUERIES["take"], cancelled=QUERIES["claim_cancelled"],
+                started=QUERIES["claim"])
 
 
 def task_name(kind: str) -> str:
@@ -959,28 +964,16 @@ class Runner:
         procrastinate job left to delete, and asked an abort that may never come). Only the
         record's own procrastinate job may claim it: a stale or duplicate one never takes a
         job over from its run."""
-        now = time.time()
-        # Both updates in one round trip (a pipeline), the notify with the commit: after a
-        # cancelled one, the claim finds no queued or running record, as if it had not been
-        # sent.
-        async with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
-            async with conn.cursor(row_factory=dict_row) as cancelling, \
-                    conn.cursor(row_factory=dict_row) as claiming:
-                await cancelling.execute(QUERIES["claim_cancelled"],
-                                         (now, job_id, procrastinate_id))
-                await claiming.execute(QUERIES["claim"],
-                                       (now, self.name, job_id, procrastinate_id))
-                found = await cancelling.fetchall()
-                rows = [schema.from_row(row) for row in await claiming.fetchall()]
-                cancelled = [schema.from_row(row) for row in found]
-                for record in cancelled:
-                    await schema.notify(conn, record.id, record.owner)
-                for record in rows:  # the waiting replicas need not read it again
-                    await schema.notify(conn, record.id, record.owner,
-                                        status=JobStatus.RUNNING)
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
+            await cursor.execute(TAKE, {"now": time.time(), "worker": self.name,
+                                        "id": job_id, "procrastinate_id": procrastinate_id})
+            found = await cursor.fetchall()
+        rows = [schema.from_row(row) for row in found if row["claimed"]]
+        cancelled = [(schema.from_row(row), row["cancelled_as"]) for row in found
+                     if not row["claimed"]]
         if cancelled:
             log.info("job %s: cancelled before it started", job_id)
-            self._count_cancelled(cancelled[0], found[0]["cancelled_as"])
+            self._count_cancelled(*cancelled[0])
             with contextlib.suppress(Unavailable):  # the orphan sweeps get them later
                 await asyncio.to_thread(self.files.remove, job_id)
         return rows[0] if rows else None
