@@ -1065,8 +1065,11 @@ class Runner:
                 await asyncio.to_thread(self._tidy, run, status, result, bool(ended))
         except Exception:  # the end is recorded; a file left over is the sweeps' to find
             log.exception("job %s: tidying its files failed", run.id)
-        log.info("job %s: %s after %.3f s", run.id, status.value,
-                 finished_at - (record.started_at or finished_at))
+        # As in the embedded engine: a /put job that succeeded shows in its replica's access
+        # log already (its 200).
+        quiet = status is JobStatus.SUCCEEDED and record.origin is Origin.PUT
+        log.log(logging.DEBUG if quiet else logging.INFO, "job %s: %s after %.3f s", run.id,
+                status.value, finished_at - (record.started_at or finished_at))
 
     async def _retried(self, run: Run, ending: Ending) -> bool:
         """A failed attempt its kind's Retry (or a RetryLater) runs again: queued, in a new
