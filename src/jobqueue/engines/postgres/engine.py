@@ -125,6 +125,12 @@ class PostgresEngine:
         self._closed = False
         self._reached = True  # the last call's connection worked
         self._putting: set[str] = set()  # /put jobs this replica's clients wait for
+        # /put jobs submitted here whose wait has not begun: the listener's connection
+        # (`_generation`) when each was inserted, and the end a notification told before
+        # its wait began (None: read the record), so the wait need not read it first.
+        self._fresh: dict[str, int] = {}
+        self._early_ends: dict[str, dict[str, Any] | None] = {}
+        self._generation = 0
         self.storing: set[str] = set()
 
     # ---- life ----
@@ -263,12 +269,20 @@ class PostgresEngine:
         # A /put whose client waits (not respond-async) is refused if it would start only
         # after its kind's timeout.
         by_estimate = new.origin is Origin.PUT and not new.respond_async
-        while True:
-            try:
-                earlier = await self._insert(record, by_estimate, new.callback_url)
-                break
-            except psycopg.errors.UniqueViolation:  # the same idempotency key at once:
-                continue  # the other one is in now, and this finds it
+        if new.origin is Origin.PUT and self._listening:  # its end may come before its wait
+            self._fresh[record.id] = self._generation
+        try:
+            while True:
+                try:
+                    earlier = await self._insert(record, by_estimate, new.callback_url)
+                    break
+                except psycopg.errors.UniqueViolation:  # the same idempotency key at once:
+                    continue  # the other one is in now, and this finds it
+        except BaseException:
+            self._forget_fresh(record.id)
+            raise
+        if earlier is not None:
+            self._forget_fresh(record.id)
         if earlier is not None:  # a retry of a job already accepted: that one
             await asyncio.to_thread(self._remove_files, new.id)
             return earlier
@@ -321,20 +335,25 @@ class PostgresEngine:
         its capacity. For a job about to be queued (`new`, under the kind's lock): its fair
         round (set on it), TooManyQueued at JOBQUEUE_MAX_QUEUED_PER_KEY of its owner's, and
         with `by_estimate` WouldTimeOut when its estimated start is past its kind's timeout."""
-        slots, states = await self._live_workers(conn)
+        now = time.time()
+        async with conn.cursor() as looking:
+            await looking.execute(QUERIES["live_worker_kinds"], (now - STALLED_SECONDS,))
+            if new is not None:
+                # One submit of a kind at a time, cluster-wide: the count is exact. In a
+                # pipeline (a submit's) the workers' look, the lock and the admission look go
+                # out together, one round trip; the server runs the admission look once it
+                # holds the lock, so its snapshot has every submit before it (the workers'
+                # states need no lock).
+                await conn.execute(QUERIES["lock_kind"], (f"jobqueue:{kind}",))
+            # (in a pipeline, fetching its answer syncs all three)
+            figures = await admission(conn, kind, new.priority if new else 0,
+                                      new.fair_key if new else "", new.id if new else "")
+            slots, states = _worker_figures(await looking.fetchall(), now)
         status = cluster_status(states.get(kind, []))
         if status.state is State.FAILED:
             raise status.refusal(kind)
         limits = self.settings.limits(self.kinds[kind])
         workers = slots.get(kind, 0)
-        if new is not None:
-            # One submit of a kind at a time, cluster-wide: the count is exact. Taken only
-            # now (the workers' states need no lock); in a pipeline it is sent with the
-            # admission look, which the server runs once it holds the lock (so its snapshot
-            # has every submit before it).
-            await conn.execute(QUERIES["lock_kind"], (f"jobqueue:{kind}",))
-        figures = await admission(conn, kind, new.priority if new else 0,
-                                  new.fair_key if new else "", new.id if new else "")
         if figures["queued"] >= limits.queue_size:
             raise QueueFull(kind, limits.queue_size,
                             await self._retry_after(conn, kind, workers, figures))
@@ -461,20 +480,36 @@ class PostgresEngine:
         deadline = loop.time() + timeout
         async with self._subscribed(job_id, ends_only=True) as changed:
             try:
+                # A job this replica just queued needs no first read if the listener has
+                # listened since: an end told before this wait was kept for it (`_dispatch`).
+                # An end's notification carries the record when it fits: nothing to read.
+                fresh = self._fresh.pop(job_id, None) == self._generation and self._listening
+                early = self._early_ends.pop(job_id, _NOT_ENDED)
+                told = early if fresh else None
                 while True:
-                    record = await self.get(job_id)
-                    if record is None:
+                    if told is _NOT_ENDED:
+                        record = None  # queued, or running: no end yet
+                    elif told is not None:
+                        record = schema.from_row(told)
+                    elif (record := await self.get(job_id)) is None:
                         raise LookupError(job_id)
-                    if record.status in FINISHED:
+                    if record is not None and record.status in FINISHED:
                         return record
                     left = deadline - loop.time()
                     if left <= 0:
                         raise TimeoutError
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(changed.wait(), min(left, REFRESH_SECONDS))
+                    told = changed.record if changed.is_set() else None
                     changed.clear()
+                    changed.record = None
             finally:
                 self._putting.discard(job_id)
+                self._forget_fresh(job_id)
+
+    def _forget_fresh(self, job_id: str) -> None:
+        self._fresh.pop(job_id, None)
+        self._early_ends.pop(job_id, None)
 
     async def cancel(self, job_id: str, reason: str,
                      ending: Outcome = Outcome.CANCELLED) -> None:
@@ -628,15 +663,7 @@ class PostgresEngine:
         (the retry of a failed one counted from now)."""
         now = time.time()
         cursor = await conn.execute(QUERIES["live_worker_kinds"], (now - STALLED_SECONDS,))
-        workers: dict[str, int] = {}
-        states: dict[str, list[Status]] = {}
-        for kinds, beats, beat in await cursor.fetchall():
-            # The heartbeat's age by this replica's clock, within what a live one can be.
-            age = min(max(now - beat, 0.0), STALLED_SECONDS)
-            for name, count in kinds.items():
-                workers[name] = workers.get(name, 0) + int(count)
-                states.setdefault(name, []).append(worker_status(beats.get(name), age))
-        return workers, states
+        return _worker_figures(await cursor.fetchall(), now)
 
     async def list(self, status: str | None, job_type: str | None, limit: int, offset: int,
                    owner: str) -> list[JobRecord]:
@@ -682,7 +709,7 @@ class PostgresEngine:
     async def _sweep_db(self) -> AsyncIterator[psycopg.AsyncConnection]:
         """`_db` for a sweep's statements, bounded by SWEEP_STATEMENT_SECONDS and
         SWEEP_SECONDS rather than a request's few seconds."""
-        async with self._db(SWEEP_SECONDS) as conn:
+        async with self._db(SWEEP_SECONDS) as conn, conn.transaction():
             await conn.execute(QUERIES["sweep_statement_timeout"],
                                (str(int(SWEEP_STATEMENT_SECONDS * 1000)),))
             yield conn
@@ -715,6 +742,7 @@ class PostgresEngine:
                     with timeouts.deadline(conn, ANSWER_SECONDS):
                         await conn.execute(QUERIES["listen"])
                     self._listening = True
+                    self._generation += 1
                     self._wake_everyone()
                     async for notification in conn.notifies():
                         self._dispatch(json.loads(notification.payload))
@@ -725,25 +753,43 @@ class PostgresEngine:
                     log.warning("lost the database connection that listens for job changes "
                                 "(%s); connecting again", schema.unavailable(error))
                 self._listening = False
+                self._generation += 1
                 self._wake_everyone()
                 await asyncio.sleep(1.0)
 
     def _dispatch(self, change: dict[str, Any]) -> None:
         unfinished = change.get("status") in UNFINISHED
-        for changed in self._waiters.get(change["id"], ()):
-            if not (unfinished and isinstance(changed, _EndWaiter)):
-                changed.set()
+        waiters = self._waiters.get(change["id"], ())
+        for changed in waiters:
+            if isinstance(changed, _EndWaiter):
+                if unfinished:
+                    continue
+                changed.record = change.get("record")  # the latest change's, if it has one
+            changed.set()
+        if not unfinished and not waiters and change["id"] in self._fresh:
+            self._early_ends[change["id"]] = change.get("record")  # for its wait
         for listener in self._feeds:
             listener.note(change)
 
     def _wake_everyone(self) -> None:
         for waiters in self._waiters.values():
             for changed in waiters:
+                if isinstance(changed, _EndWaiter):
+                    changed.record = None  # notifications may have been missed: read it
                 changed.set()
 
 
 class _EndWaiter(asyncio.Event):
-    """A subscriber to a job's end only (`_subscribed`)."""
+    """A subscriber to a job's end only (`_subscribed`); `record` is the ended record the
+    notification that woke it carried (queries.sql's `finish`), if any."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record: dict[str, Any] | None = None
+
+
+# A wait's note that no end of its job was told before it began.
+_NOT_ENDED: Any = object()
 
 
 class _PostgresListener:
@@ -776,6 +822,20 @@ class _PostgresListener:
             async with self.engine._db() as conn:
                 records = await schema.fetch(conn, QUERIES["select_summaries"], (changed,))
         return records, removed
+
+
+def _worker_figures(rows: list[tuple], now: float
+                    ) -> tuple[dict[str, int], dict[str, list[Status]]]:
+    """`_live_workers` from the rows of `live_worker_kinds` read at `now`."""
+    workers: dict[str, int] = {}
+    states: dict[str, list[Status]] = {}
+    for kinds, beats, beat in rows:
+        # The heartbeat's age by this replica's clock, within what a live one can be.
+        age = min(max(now - beat, 0.0), STALLED_SECONDS)
+        for name, count in kinds.items():
+            workers[name] = workers.get(name, 0) + int(count)
+            states.setdefault(name, []).append(worker_status(beats.get(name), age))
+    return workers, states
 
 
 def _estimate(figures: dict[str, Any], workers: int, ahead: int) -> float | None:

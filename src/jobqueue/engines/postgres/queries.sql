@@ -248,21 +248,39 @@ UPDATE jobqueue_jobs SET status = 'queued', started_at = NULL, worker_name = NUL
 WHERE id = %s
 
 -- claim_cancelled --
--- A job cancelled while queued ends as it is taken (parameters: finished_at, id, the taker's
--- procrastinate id).
-UPDATE jobqueue_jobs SET status = 'cancelled', finished_at = %s
-WHERE id = %s AND status = 'queued' AND cancelled_as IS NOT NULL
-  AND procrastinate_id IS NOT DISTINCT FROM %s
+-- A job cancelled while queued ends as it is taken (parameters by name: now, id, the taker's
+-- procrastinate_id): a cancel that came as a worker took the job found no procrastinate job
+-- left to delete. A piece of `take`.
+UPDATE jobqueue_jobs SET status = 'cancelled', finished_at = %(now)s
+WHERE id = %(id)s AND status = 'queued' AND cancelled_as IS NOT NULL
+  AND procrastinate_id IS NOT DISTINCT FROM %(procrastinate_id)s
 RETURNING *
 
 -- claim --
--- A run starts, if the record's own procrastinate job runs it (parameters: started_at, the
--- worker's name, id, procrastinate id). A retry's wait is over once it starts.
-UPDATE jobqueue_jobs SET status = 'running', started_at = %s, worker_name = %s,
+-- A run starts, if the record's own procrastinate job runs it (parameters by name: now,
+-- worker, id, procrastinate_id); never a queued job a cancel asked to stop (claim_cancelled
+-- ends that one). A retry's wait is over once it starts. A piece of `take`.
+UPDATE jobqueue_jobs SET status = 'running', started_at = %(now)s, worker_name = %(worker)s,
                          attempt = attempt + 1, progress = '{}', error = NULL,
                          error_kind = NULL, result = NULL, next_attempt_at = NULL
-WHERE id = %s AND status IN ('queued', 'running') AND procrastinate_id IS NOT DISTINCT FROM %s
+WHERE id = %(id)s AND status IN ('queued', 'running')
+  AND NOT (status = 'queued' AND cancelled_as IS NOT NULL)
+  AND procrastinate_id IS NOT DISTINCT FROM %(procrastinate_id)s
 RETURNING *
+
+-- take --
+-- A worker takes a job: claim_cancelled's end or claim's start ({cancelled} and {started},
+-- filled in by runner.py), whichever applies (they update exclusive rows), in one statement
+-- and one round trip, the replicas told of either with the status it has now (a waiter for
+-- the end need not read a claimed one). Returns the record, with `claimed`: true for a run
+-- that starts, false for the cancelled end.
+WITH cancelled AS ({cancelled}),
+started AS ({started}),
+taken AS (SELECT false AS claimed, * FROM cancelled
+          UNION ALL SELECT true AS claimed, * FROM started)
+SELECT taken.*, pg_notify('jobqueue_jobs', jsonb_build_object(
+           'id', id, 'owner', owner, 'removed', false, 'status', status)::text)
+FROM taken
 
 -- release --
 -- A run aborted by a shutdown as it started gives its job back (parameters: id, attempt).
@@ -282,14 +300,38 @@ RETURNING cancelled_as
 UPDATE jobqueue_jobs SET progress = %s WHERE id = %s AND attempt = %s AND status = 'running'
 
 -- finish --
--- A run's end, if it is still the job's latest (parameters: status, finished_at, progress,
--- error, error_kind, result, id, attempt); returns what a cancel said it was, if one did,
--- and the origin as it is now (a /put job's client may have handed it over meanwhile: its
--- files then stay as a POST /jobs job's do, lifecycle.files_after).
-UPDATE jobqueue_jobs SET status = %s, finished_at = %s, progress = %s, error = %s,
-                         error_kind = %s, result = %s
-WHERE id = %s AND attempt = %s AND status = 'running'
-RETURNING cancelled_as, origin
+-- A run's end, if it is still the job's latest, in one statement (parameters by name: status,
+-- finished_at, progress, error, error_kind, result, id, attempt; procrastinate_id, the run's
+-- procrastinate job, deleted with it as procrastinate's finish_job(delete_job=True) would;
+-- and the rollup's row, minute and bucket, when `counted`). Returns what a cancel said it
+-- was, if one did, the origin as it is now (a /put job's client may have handed it over
+-- meanwhile: its files then stay as a POST /jobs job's do, lifecycle.files_after) and whether
+-- the procrastinate job was deleted here. The replicas are told with the end's status and,
+-- when it fits in a notification, the record itself (a /put waiter then reads nothing).
+WITH ended AS (
+    UPDATE jobqueue_jobs SET status = %(status)s, finished_at = %(finished_at)s,
+                             progress = %(progress)s, error = %(error)s,
+                             error_kind = %(error_kind)s, result = %(result)s
+    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+    RETURNING *),
+queue AS (
+    DELETE FROM procrastinate_jobs
+    WHERE id = %(procrastinate_id)s AND status IN ('todo', 'doing')
+      AND EXISTS (SELECT 1 FROM ended)
+    RETURNING id),
+minutes AS (
+    INSERT INTO jobqueue_minutes (owner, job_type, minute, bucket, jobs)
+    SELECT owner, job_type, %(minute)s, %(bucket)s, 1 FROM ended WHERE %(counted)s
+    ON CONFLICT (owner, job_type, minute, bucket)
+    DO UPDATE SET jobs = jobqueue_minutes.jobs + excluded.jobs),
+told AS (
+    SELECT ended.*, to_jsonb(ended) - 'seq' - 'cancelled_as' - 'procrastinate_id' AS record
+    FROM ended)
+SELECT cancelled_as, origin, EXISTS (SELECT 1 FROM queue) AS deleted,
+       pg_notify('jobqueue_jobs', jsonb_build_object(
+           'id', id, 'owner', owner, 'removed', false, 'status', status,
+           'record', CASE WHEN octet_length(record::text) <= 7000 THEN record END)::text)
+FROM told
 
 -- retry_attempt --
 -- A failed attempt its kind retries (lifecycle.retry_in), if it is still the job's latest

@@ -45,13 +45,14 @@ import procrastinate
 import psycopg
 from procrastinate.job_context import AbortReason
 from procrastinate.job_context import JobContext as ProcrastinateContext
+from procrastinate.manager import JobManager
 from procrastinate.schema import SchemaManager
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from jobqueue import lifecycle, rollup, tracing
+from jobqueue import lifecycle, rollup, sql, tracing
 from jobqueue.engines.postgres import schema
 from jobqueue.engines.postgres.schema import QUERIES
 from jobqueue.errors import JobCancelled, Unavailable
@@ -82,6 +83,11 @@ SCRATCH_PREFIX = "scratch-"
 BATCH_CONNECTIONS = 8
 
 
+# A job's claim, or its end if a cancel asked for it while it was queued (queries.sql's `take`).
+TAKE = sql.fill(QUERIES["take"], cancelled=QUERIES["claim_cancelled"],
+                started=QUERIES["claim"])
+
+
 def task_name(kind: str) -> str:
     return f"jobqueue.{kind}"
 
@@ -93,12 +99,63 @@ def make_app(kinds: Iterable[str]) -> procrastinate.App:
     # runner's own lines say the same with the job id. Its warnings and errors still show.
     logging.getLogger("procrastinate").setLevel(logging.WARNING)
     app = procrastinate.App(connector=procrastinate.PsycopgConnector())
+    app.job_manager = Manager(app.connector)  # before the tasks, which keep it
     for name in kinds:
         async def run(context: ProcrastinateContext, job_id: str) -> None:
             await context.additional_context["runner"].run_job(context, job_id)
 
         app.task(name=task_name(name), queue=name, pass_context=True)(run)
     return app
+
+
+class Manager(JobManager):
+    """procrastinate's JobManager with two changes on a job's path through a worker:
+
+    - A fetch that finds nothing while a new job's notification came in fetches again.
+      procrastinate's worker clears its wake-up after every fetch, so a job committed while
+      a fetch ran (too late for its snapshot) would otherwise wait for the next poll
+      (FETCH_POLL_SECONDS).
+    - A job whose end the runner wrote together with the deletion of its procrastinate job
+      (queries.sql's `finish`) is not finished again by procrastinate's worker: that would
+      be a statement for nothing (and one that fails: the job is gone)."""
+
+    def __init__(self, connector: Any):
+        super().__init__(connector)
+        self._notified: dict[tuple[str, ...] | None, int] = {}
+        self._finished: set[int] = set()
+
+    def finished_here(self, procrastinate_id: int | None) -> None:
+        if procrastinate_id is not None:
+            self._finished.add(procrastinate_id)
+
+    async def listen_for_jobs(self, *, on_notification: Any,
+                              queues: Iterable[str] | None = None) -> None:
+        key = _queues_key(queues)
+
+        async def counted(*, channel: str, notification: Any) -> None:
+            if notification.get("type") == "job_inserted":
+                self._notified[key] = self._notified.get(key, 0) + 1
+            await on_notification(channel=channel, notification=notification)
+
+        await super().listen_for_jobs(on_notification=counted, queues=queues)
+
+    async def fetch_job(self, queues: Iterable[str] | None, worker_id: int) -> Any:
+        key = _queues_key(queues)
+        while True:
+            seen = self._notified.get(key, 0)
+            job = await super().fetch_job(queues, worker_id)
+            if job is not None or self._notified.get(key, 0) == seen:
+                return job
+
+    async def finish_job(self, job: Any, status: Any, delete_job: bool) -> None:
+        if job.id in self._finished:
+            self._finished.discard(job.id)
+            return
+        await super().finish_job(job, status, delete_job)
+
+
+def _queues_key(queues: Iterable[str] | None) -> tuple[str, ...] | None:
+    return None if queues is None else tuple(sorted(queues))
 
 
 def schema_sql() -> str:
@@ -192,6 +249,8 @@ class Run:
     # `requeued` after this worker's shutdown), and its error's message.
     trace: Any = tracing.NO_TRACE
     outcome: tuple[str, str | None] = ("interrupted", None)
+    # The procrastinate job that runs it: its end deletes that one too (`finish`).
+    procrastinate_id: int | None = None
 
     @property
     def id(self) -> str:
@@ -668,7 +727,7 @@ class Runner:
                              jobfiles.job_dir(self.files.out_dir, job_id), self.settings,
                              on_progress=lambda _: loop.call_soon_threadsafe(changed.set),
                              resource=self.resources[record.job_type].value)
-        run = Run(record, context)
+        run = Run(record, context, procrastinate_id=task_context.job.id)
         run.trace = tracing.start_job(record.job_type, job_id, record.attempt,
                                       record.traceparent, record.created_at, record.started_at)
         try:
@@ -905,28 +964,16 @@ class Runner:
         procrastinate job left to delete, and asked an abort that may never come). Only the
         record's own procrastinate job may claim it: a stale or duplicate one never takes a
         job over from its run."""
-        now = time.time()
-        # Both updates in one round trip (a pipeline), the notify with the commit: after a
-        # cancelled one, the claim finds no queued or running record, as if it had not been
-        # sent.
-        async with self.pool.connection() as conn, conn.pipeline(), conn.transaction():
-            async with conn.cursor(row_factory=dict_row) as cancelling, \
-                    conn.cursor(row_factory=dict_row) as claiming:
-                await cancelling.execute(QUERIES["claim_cancelled"],
-                                         (now, job_id, procrastinate_id))
-                await claiming.execute(QUERIES["claim"],
-                                       (now, self.name, job_id, procrastinate_id))
-                found = await cancelling.fetchall()
-                rows = [schema.from_row(row) for row in await claiming.fetchall()]
-                cancelled = [schema.from_row(row) for row in found]
-                for record in cancelled:
-                    await schema.notify(conn, record.id, record.owner)
-                for record in rows:  # the waiting replicas need not read it again
-                    await schema.notify(conn, record.id, record.owner,
-                                        status=JobStatus.RUNNING)
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
+            await cursor.execute(TAKE, {"now": time.time(), "worker": self.name,
+                                        "id": job_id, "procrastinate_id": procrastinate_id})
+            found = await cursor.fetchall()
+        rows = [schema.from_row(row) for row in found if row["claimed"]]
+        cancelled = [(schema.from_row(row), row["cancelled_as"]) for row in found
+                     if not row["claimed"]]
         if cancelled:
             log.info("job %s: cancelled before it started", job_id)
-            self._count_cancelled(cancelled[0], found[0]["cancelled_as"])
+            self._count_cancelled(*cancelled[0])
             with contextlib.suppress(Unavailable):  # the orphan sweeps get them later
                 await asyncio.to_thread(self.files.remove, job_id)
         return rows[0] if rows else None
@@ -980,30 +1027,31 @@ class Runner:
         record, status = run.record, ending.status
         result, error_kind = ending.result, ending.error_category
         finished_at = time.time()
+        minute = rollup.key(record.owner, record.job_type, status.value, record.started_at,
+                            finished_at)
+        params = {"status": status.value, "finished_at": finished_at,
+                  "progress": Jsonb(run.context.progress.as_dict()),
+                  "error": ending.error_message(run.id), "error_kind": error_kind,
+                  "result": Jsonb(result) if result is not None else None, "id": run.id,
+                  "attempt": record.attempt, "procrastinate_id": run.procrastinate_id,
+                  "counted": minute is not None,
+                  "minute": minute[2] if minute else 0, "bucket": minute[3] if minute else 0}
         while True:
             try:
-                # Pipelined: the notify and the rollup's row go with the commit.
-                async with self.pool.connection() as conn, conn.pipeline(), \
-                        conn.transaction():
-                    cursor = await conn.execute(
-                        QUERIES["finish"],
-                        (status.value, finished_at, Jsonb(run.context.progress.as_dict()),
-                         ending.error_message(run.id), error_kind,
-                         Jsonb(result) if result is not None else None,
-                         run.id, record.attempt))
+                # One statement, its own transaction: the end, the procrastinate job's, the
+                # rollup's row and the notify (queries.sql's `finish`).
+                async with self.pool.connection() as conn:
+                    cursor = await conn.execute(QUERIES["finish"], params)
                     ended = await cursor.fetchone()  # None: a later run owns the job now
-                    if ended:
-                        record.origin = Origin(ended[1])  # handed over meanwhile, maybe
-                        await schema.notify(conn, run.id, record.owner)
-                        minute = rollup.key(record.owner, record.job_type, status.value,
-                                            record.started_at, finished_at)
-                        if minute is not None:
-                            await conn.execute(QUERIES["add_minutes"], (*minute, 1))
                 break
             except Exception as db_error:
                 log.warning("job %s: could not record its end (%s); trying again", run.id,
                             db_error)
                 await asyncio.sleep(RETRY_SECONDS)
+        if ended:
+            record.origin = Origin(ended[1])  # handed over meanwhile, maybe
+            if ended[2]:  # procrastinate's own finish of it would find nothing
+                self.app.job_manager.finished_here(run.procrastinate_id)
         run.ended = (status, bool(ended))
         if ended:
             cancelled_as = ended[0] or (Outcome.DEADLINE.value if run.timed_out else None)
@@ -1017,8 +1065,11 @@ class Runner:
                 await asyncio.to_thread(self._tidy, run, status, result, bool(ended))
         except Exception:  # the end is recorded; a file left over is the sweeps' to find
             log.exception("job %s: tidying its files failed", run.id)
-        log.info("job %s: %s after %.3f s", run.id, status.value,
-                 finished_at - (record.started_at or finished_at))
+        # As in the embedded engine: a /put job that succeeded shows in its replica's access
+        # log already (its 200).
+        quiet = status is JobStatus.SUCCEEDED and record.origin is Origin.PUT
+        log.log(logging.DEBUG if quiet else logging.INFO, "job %s: %s after %.3f s", run.id,
+                status.value, finished_at - (record.started_at or finished_at))
 
     async def _retried(self, run: Run, ending: Ending) -> bool:
         """A failed attempt its kind's Retry (or a RetryLater) runs again: queued, in a new

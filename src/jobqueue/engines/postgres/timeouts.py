@@ -98,6 +98,10 @@ def deadline(conn: psycopg.AsyncConnection, seconds: float) -> Iterator[None]:
         raise _expired(seconds)
 
 
+async def _autocommit(conn: psycopg.AsyncConnection) -> None:
+    await conn.set_autocommit(True)
+
+
 class _Attempt(AttemptWithBackoff):
     def update_delay(self, now: float) -> None:
         super().update_delay(now)
@@ -105,16 +109,21 @@ class _Attempt(AttemptWithBackoff):
 
 
 class Pool(AsyncConnectionPool):
-    """An AsyncConnectionPool whose check is bounded and whose reconnection back-off is
-    capped."""
+    """An AsyncConnectionPool of autocommit connections whose check is bounded and whose
+    reconnection back-off is capped."""
 
     def __init__(self, url: str, statement_seconds: float | None = None, **kwargs):
         # When each connection was last given back in a good state (the pool's reset runs
         # then, on an idle connection only).
         self._given_back: weakref.WeakKeyDictionary[psycopg.AsyncConnection, float] = \
             weakref.WeakKeyDictionary()
+        # Autocommit: a single statement is one round trip, not three (psycopg's implicit
+        # BEGIN goes out alone, and the pool's COMMIT after); whatever must be atomic says
+        # so with `conn.transaction()`.
+        # (Set on each new connection, not as a connect argument: procrastinate's listener
+        # connects with the pool's arguments and autocommit of its own.)
         super().__init__(conninfo(url, statement_seconds), check=self._bounded_check,
-                         reset=self._note_given_back, **kwargs)
+                         reset=self._note_given_back, configure=_autocommit, **kwargs)
 
     async def _note_given_back(self, conn: psycopg.AsyncConnection) -> None:
         self._given_back[conn] = time.monotonic()
