@@ -377,7 +377,7 @@ def test_an_ended_job_is_freed_as_its_last_reference_goes_not_by_the_collector(t
         await engine.wait(job_id, 5)
         pool = engine.pools["ok"]
         await until(lambda: asyncio.sleep(0, job_id not in engine._active
-                                          and job not in pool.running))
+                                          and job_id not in {j.id for j in pool.running}))
         gone = weakref.ref(job)
         context = weakref.ref(job.context)
         del job
