@@ -26,10 +26,11 @@ from typing import Literal
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from jobqueue import logs
 from jobqueue.api.headers import DOCS_PATHS, add_security_headers, send_docs_page
 from jobqueue.metrics import METHODS, Metrics
 
-access_log = logging.getLogger("jobqueue.access")
+access_log = logging.getLogger(logs.ACCESS_LOGGER)
 log = logging.getLogger(__name__)
 
 AccessLog = Literal["jobs", "all", "off"]
