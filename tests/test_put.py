@@ -309,9 +309,12 @@ def test_a_put_job_stopped_at_its_deadline_before_the_wait_times_out_is_504():
         await asyncio.Event().wait()  # no disconnect
         return {}
 
-    request = Request({"type": "http", "app": SimpleNamespace(state=SimpleNamespace(
-        draining=False))}, receive)
+    async def wait() -> JobRecord:
+        request = Request({"type": "http", "app": SimpleNamespace(state=SimpleNamespace(
+            draining=False, loop=asyncio.get_running_loop()))}, receive)
+        return await put.wait_for_job(request, Engine(), stopped, 2.0)
+
     with pytest.raises(HTTPException) as answer:
-        asyncio.run(put.wait_for_job(request, Engine(), stopped, 2.0))
+        asyncio.run(wait())
     assert answer.value.status_code == 504
     assert "JOBQUEUE_MESSAGE_TIMEOUT" in answer.value.detail

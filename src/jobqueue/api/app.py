@@ -149,6 +149,8 @@ def create_app(settings: Settings | None = None, with_workers: bool = True,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The loop it serves on, for the routes: asking asyncio costs a system call (getpid).
+        app.state.loop = asyncio.get_running_loop()
         # The engine opens its store and starts its threads here, never at import time.
         try:
             engine = make_engine(settings, kinds, app.state.metrics, with_workers)

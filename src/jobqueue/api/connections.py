@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # The request line and header fields of one request, together.
 MAX_HEAD_BYTES = 64 * 1024
+# Set in a request's scope once its whole body is in (uploads.body then waits for nothing).
+BODY_RECEIVED = "jobqueue.body_received"
 # A write at most this large waits for the next one of the same moment (_Transport).
 HOLD_BYTES = 16 * 1024
 # A lingering close reads and drops at most this much, for at most this long.
@@ -152,6 +154,8 @@ class LimitedProtocol(HttpToolsProtocol):
         self._in_message = False
         self._in_head, self._head_bytes, self._ended_in_piece = True, 0, True
         super().on_message_complete()
+        if self.cycle is not None and not self.cycle.more_body:
+            self.cycle.scope[BODY_RECEIVED] = True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -16,6 +16,7 @@ from python_multipart.multipart import (
 )
 from starlette.requests import ClientDisconnect
 
+from jobqueue.api.connections import BODY_RECEIVED
 from jobqueue.errors import (
     ANSWERED,
     BadInput,
@@ -212,6 +213,16 @@ async def body(request: Request, min_bytes_per_second: float,
 
     It reads the ASGI messages itself: waiting for the next one can be given up at the end of a
     window and taken up again, which would end Starlette's `request.stream()` for good."""
+    if request.scope.get(BODY_RECEIVED):
+        # All of it came in with the head (a small JSON body does): it is there to be read,
+        # with no deadline to keep (each asked of asyncio costs system calls).
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        if message.get("body"):
+            yield message["body"]
+        if not message.get("more_body", False):
+            return
     loop = asyncio.get_running_loop()
     window_started, received = loop.time(), 0
     while True:

@@ -106,7 +106,7 @@ async def wait_for_job(request: Request, engine: JobEngine, record: JobRecord,
 
     # Most tiny jobs end before this and need no watcher task, which cost them a tenth of
     # their time on the event loop.
-    start_watching = asyncio.get_running_loop().call_later(WATCH_AFTER_SECONDS, watch)
+    start_watching = request.app.state.loop.call_later(WATCH_AFTER_SECONDS, watch)
     final = None
     try:
         if hand_over_after is not None:
