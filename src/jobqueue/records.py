@@ -108,7 +108,8 @@ class JobRecord:
     traceparent: str | None = None
 
     def __post_init__(self) -> None:
-        self.origin = Origin(self.origin)
+        if type(self.origin) is not Origin:  # a row's text; an engine's record has one already
+            self.origin = Origin(self.origin)
 
 
 COLUMNS = [column.name for column in fields(JobRecord)]
