@@ -100,10 +100,16 @@ class Edge:
         timer.observe(seconds)
         if self.access == "all" or (self.access == "jobs"
                                     and (status >= 400 or method not in READS)):
-            # Without the query string: the dashboard's image links carry an access token.
-            access_log.info('%s:%s - "%s %s HTTP/%s" %d %.1f ms',
-                            *(scope.get("client") or ("-", "-")), method, scope["path"],
-                            scope.get("http_version", "1.1"), status, seconds * 1000)
+            if access_log.isEnabledFor(logging.INFO):
+                # Without the query string: the dashboard's image links carry an access token.
+                # Made here rather than by .info(), which looks for its caller up the stack
+                # first (a line a job): every access line comes from this one place anyway.
+                access_log.handle(access_log.makeRecord(
+                    access_log.name, logging.INFO, __file__, 0,
+                    '%s:%s - "%s %s HTTP/%s" %d %.1f ms',
+                    (*(scope.get("client") or ("-", "-")), method, scope["path"],
+                     scope.get("http_version", "1.1"), status, seconds * 1000), None,
+                    "access"))
 
 
 class GoneClients:

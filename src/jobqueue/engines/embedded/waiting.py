@@ -65,10 +65,8 @@ class JobQueue:
                 if self._closed:
                     return None
                 now = time.time()
-                ready = [job for job in self._jobs
-                         if job.next_attempt_at is None or job.next_attempt_at <= now]
-                if ready:
-                    job = min(ready, key=_order)
+                job = _first(self._jobs, now)
+                if job is not None:
                     self._jobs.remove(job)
                     self._pass_on()
                     return job
@@ -132,6 +130,18 @@ class JobQueue:
         with self._changed:
             self._closed = True
             self._changed.notify_all()
+
+
+def _first(jobs: list[Waiting], now: float) -> Waiting | None:
+    """The ready job that comes first by dispatch order (one pass: every take looks)."""
+    first = first_key = None
+    for job in jobs:
+        if job.next_attempt_at is not None and job.next_attempt_at > now:
+            continue
+        key = _order(job)
+        if first is None or key < first_key:
+            first, first_key = job, key
+    return first
 
 
 def _order(job: Waiting) -> tuple[int, int, int]:
