@@ -95,6 +95,10 @@ SWEEP_STATEMENT_SECONDS = 20.0
 SWEEP_SECONDS = 30.0
 
 
+# At most this many /put jobs submitted here are remembered until their wait begins.
+MAX_FRESH = 10_000
+
+
 class PostgresEngine:
     """An API replica's `JobEngine`; with `with_workers`, it runs workers of every kind too."""
 
@@ -271,6 +275,9 @@ class PostgresEngine:
         by_estimate = new.origin is Origin.PUT and not new.respond_async
         if new.origin is Origin.PUT and self._listening:  # its end may come before its wait
             self._fresh[record.id] = self._generation
+            if len(self._fresh) > MAX_FRESH:  # waits that never came (a cancel in between):
+                # the oldest go; a wait that does come for one then reads the record
+                self._forget_fresh(next(iter(self._fresh)))
         try:
             while True:
                 try:
