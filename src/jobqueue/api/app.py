@@ -216,6 +216,11 @@ def create_app(settings: Settings | None = None, with_workers: bool = True,
         include_flat(app, router, keyed,
                      error_responses(401, 429) if settings.api_key_list else None)
     put.describe_kinds(app, kinds)
+    # FastAPI's own pages (/docs, /redoc, /openapi.json) after the API's routes: Starlette
+    # tries routes in order, and every /put and /health went past these four first. They are
+    # in no schema, so the API's description keeps its order.
+    own = [route for route in app.router.routes if not isinstance(route, APIRoute)]
+    app.router.routes[:] = [*(r for r in app.router.routes if isinstance(r, APIRoute)), *own]
     app.add_middleware(GoneClients)  # inside Starlette's error middleware: see api/edge.py
     if settings.cors_origin_list:  # off unless JOBQUEUE_CORS_ORIGINS names the origins
         app.add_middleware(
