@@ -238,6 +238,10 @@ def test_malformed_bodies_are_4xx_never_5xx(client):
         "plain text": (b"hello", "text/plain"),
         "a raw lone surrogate": (b'{"data": "\xed\xa0\x80"}', "application/json"),
         "not UTF-8": (b'{"data": "\xff"}', "application/json"),
+        # Without a BOM, UTF-16 and UTF-32 bytes of the escape never show "\u" side by side.
+        **{f"a lone surrogate escape in {encoding}":
+           ('{"data": "\\ud800"}'.encode(encoding), "application/json")
+           for encoding in ("utf-16-le", "utf-16-be", "utf-32-le", "utf-16")},
     }
     for name, (body, content_type) in cases.items():
         response = client.post("/put", content=body, headers={"Content-Type": content_type})

@@ -224,8 +224,8 @@ async def read_json(request: Request, content_type: str, min_bytes_per_second: f
     if len(body) > MAX_JSON_BYTES:
         raise json_too_large()
     try:
-        fields = (DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
-                  if body.strip() else {})
+        text = body.decode(json.detect_encoding(body), "surrogatepass")
+        fields = DECODER.decode(text) if body.strip() else {}
     except (ValueError, RecursionError) as error:
         if content_type and not content_type.startswith("application/json"):
             raise UnsupportedInput(f"Unsupported Content-Type {content_type!r}: send "
@@ -235,7 +235,9 @@ async def read_json(request: Request, content_type: str, min_bytes_per_second: f
     if not isinstance(fields, dict):
         raise BadInput('The JSON body must be an object, such as {"data": "hello"}.')
     try:
-        if b"\\u" in body or not body.isascii():  # else it has no lone surrogate
+        # Looked for in the text (a UTF-16 body's bytes never show a "\\u"): only an escape,
+        # or a character beyond ASCII, can be one.
+        if "\\u" in text or not text.isascii():
             json.dumps(fields, ensure_ascii=False).encode()
     except UnicodeEncodeError:  # "\ud800": JSON allows it, nothing downstream can store it
         raise BadInput("The JSON body has text that is not valid Unicode (a lone surrogate "
