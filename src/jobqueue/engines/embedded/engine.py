@@ -1154,7 +1154,8 @@ class EmbeddedEngine:
 async def _until_done(done: asyncio.Future[None], timeout: float) -> None:
     """Wait for `done` at most `timeout` seconds (TimeoutError), never cancelling it: other
     waiters may share it. What asyncio.wait_for(asyncio.shield(done)) does, with one future
-    and one timer rather than four futures and their callbacks: every /put waits so."""
+    and one timer rather than a shielding future, a waiter and their callbacks: every /put
+    waits so."""
     loop = done.get_loop()
     woken = loop.create_future()
 
