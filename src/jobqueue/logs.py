@@ -48,7 +48,8 @@ class TextFormatter(logging.Formatter):
     _second: int | None = None
     _second_text = ""
 
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+    def formatTime(self, record: logging.LogRecord,  # noqa: N802 - logging's name
+                   datefmt: str | None = None) -> str:
         if datefmt is not None:
             return super().formatTime(record, datefmt)
         # One strftime a second, not one a line: a busy server writes hundreds a second.
@@ -94,7 +95,7 @@ class StderrHandler(logging.StreamHandler):
     loop's thread cost a tiny `/put` about a sixth of its time (the thread gives the
     interpreter up for the call, and waits to get it back). Every other line goes out at once,
     and the access lines before it with it, so the order holds; at exit they are flushed too
-    (only a kill -9 loses the last FLUSH_SECONDS of them)."""
+    (only a kill -9 or a crash of the interpreter loses the last FLUSH_SECONDS of them)."""
 
     FLUSH_SECONDS = 0.1
 
